@@ -1,0 +1,110 @@
+"""Read-side API: runs, logs and checkpoints as pandas DataFrames."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+from .store import Run, Store, default_home
+
+_stores: dict = {}
+
+
+def get_store(store=None) -> Store:
+    """The Store for ``store`` (a Store, a path, or None for ``$FLOR_NB_HOME`` / ``./.flor``)."""
+    if isinstance(store, Store):
+        return store
+    home = str(store or default_home())
+    if home not in _stores:
+        _stores[home] = Store(home)
+    return _stores[home]
+
+
+def get_run(run, store=None) -> Run:
+    """The stored :class:`~flor_nb.store.Run` for ``NAME`` or ``NAME@VERSION``."""
+    return get_store(store).find_run(run)
+
+
+def runs(store=None) -> pd.DataFrame:
+    """One row per run version: name, version, status, started, duration, epochs, hyperparameters."""
+    st = get_store(store)
+    rows = []
+    for r in st.all_runs():
+        ckpts = st.checkpoints(r.id)
+        row = {
+            "name": r.name,
+            "version": r.version,
+            "status": r.status,
+            "started": datetime.fromtimestamp(r.started).replace(microsecond=0),
+            "duration_s": None if r.duration is None else round(r.duration, 2),
+            "epochs": r.epochs_completed,
+            "checkpoints": len(ckpts),
+            "cells": ", ".join(f"In[{c['count']}]" for c in r.deps),
+        }
+        row.update({f"arg.{k}": v for k, v in r.args.items()})
+        rows.append(row)
+    cols = ["name", "version", "status", "started", "duration_s", "epochs", "checkpoints", "cells"]
+    return pd.DataFrame(rows, columns=cols + sorted({c for row in rows for c in row} - set(cols)))
+
+
+def decode_value(text: str, store=None):
+    value = json.loads(text)
+    if isinstance(value, dict) and "__array__" in value:
+        path = get_store(store).home / value["__array__"]
+        return np.load(path) if path.exists() else value
+    return value
+
+
+def dataframe(*names, run=None, store=None) -> pd.DataFrame:
+    """Wide: one row per (name, version, epoch, step), one column per logged name.
+
+    Recorded and hindsight values sit together. ``run`` is ``NAME`` (all its
+    versions), ``NAME@VERSION``, or None (every run). ``step`` is empty for
+    epoch-level values.
+    """
+    st = get_store(store)
+    if run is None:
+        selected = st.all_runs()
+    elif "@" in str(run):
+        selected = [st.find_run(run)]
+    else:
+        st.find_run(run)  # raises with the known runs if the name is unknown
+        selected = [r for r in st.all_runs() if r.name == str(run)]
+    by_id = {r.id: r for r in selected}
+    rows: dict = {}
+    for r in st.logs(by_id, names=list(names) or None):
+        run_ = by_id[r["run_id"]]
+        key = (run_.name, run_.version, r["epoch"], r["step"])
+        rows.setdefault(key, {})[r["name"]] = decode_value(r["value"], st)
+    records = [{"name": k[0], "version": k[1], "epoch": k[2], "step": k[3], **v} for k, v in rows.items()]
+    value_cols = list(names) or sorted({c for rec in records for c in rec} - {"name", "version", "epoch", "step"})
+    frame = pd.DataFrame(records, columns=["name", "version", "epoch", "step", *value_cols])
+    for col in ("epoch", "step"):
+        frame[col] = frame[col].astype("Int64")
+    return frame.sort_values(["name", "version", "epoch", "step"], na_position="first", kind="stable").reset_index(drop=True)
+
+
+def checkpoints(run, store=None) -> pd.DataFrame:
+    """Which epoch boundaries of a run have checkpoints, and their size on disk."""
+    st = get_store(store)
+    r = st.find_run(run)
+    rows = [{"before_epoch": b, "bytes": c["bytes"], "path": c["path"]} for b, c in st.checkpoints(r.id).items()]
+    return pd.DataFrame(rows, columns=["before_epoch", "bytes", "path"])
+
+
+def replays(run, store=None) -> list[dict]:
+    """Every replay of a run: probe code, epochs, probes and fidelity verdict."""
+    st = get_store(store)
+    return st.replays(st.find_run(run).id)
+
+
+def summary(run: Run, store=None) -> str:
+    """One line after a record: name@version, epochs, checkpoints kept, store path."""
+    st = get_store(store)
+    ckpts = st.checkpoints(run.id)
+    size = sum(c["bytes"] for c in ckpts.values())
+    dur = f" in {run.duration:.1f}s" if run.duration is not None else ""
+    return (f"flor_nb: {run.status} {run.label}: {run.epochs_completed} epochs{dur}, "
+            f"{len(ckpts)} checkpoints ({size / 1e6:.1f} MB), store {st.home}")

@@ -1,0 +1,125 @@
+"""Where replay segments run. The planner hands tasks to an executor; executors are swappable.
+
+:class:`LocalExecutor` keeps a warm pool of worker processes started by a
+``forkserver`` that has already imported torch, so a second replay of the same
+run pays no process or import start-up. Any object with ``run(fn, tasks,
+on_event)`` and ``cancel()`` can take its place (a Dask or Ray client, say).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+import types
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+
+from .errors import FlorError, ReplayError
+
+
+class ReplayCancelled(FlorError):
+    """The replay was cancelled; finished segments are kept."""
+
+
+class LocalExecutor:
+    """Worker processes on this machine (``forkserver``, never ``fork``)."""
+
+    def __init__(self, workers: int, threads: int | None = None):
+        self.workers = workers
+        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "numpy", "flor_nb.worker"])
+        self._events = ctx.Queue()
+        from . import worker
+
+        self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker.init,
+                                         initargs=(self._events, self.threads))
+        self._cancelled = threading.Event()
+
+    def run(self, fn, tasks: list, on_event=None) -> list:
+        """Run ``fn(task)`` for each task; return results in task order."""
+        self._cancelled.clear()
+        with _no_main():
+            futures = {self._pool.submit(fn, t): i for i, t in enumerate(tasks)}
+        results: list = [None] * len(tasks)
+        stop = threading.Event()
+        pump = threading.Thread(target=self._pump, args=(on_event, stop), daemon=True)
+        pump.start()
+        try:
+            for fut in as_completed(futures):
+                try:
+                    results[futures[fut]] = fut.result()
+                except BrokenProcessPool:
+                    if self._cancelled.is_set():
+                        raise ReplayCancelled("Replay cancelled; no results from the unfinished segments.") from None
+                    raise ReplayError("A replay worker died (out of memory, or killed). Try fewer --workers.") from None
+        finally:
+            stop.set()
+            pump.join(timeout=2)
+        return results
+
+    def _pump(self, on_event, stop):
+        while not stop.is_set():
+            try:
+                event = self._events.get(timeout=0.05)
+            except (queue.Empty, OSError, EOFError):
+                continue
+            if on_event is not None:
+                try:
+                    on_event(event)
+                except Exception:  # noqa: BLE001 - a broken progress callback must not stop replay
+                    pass
+
+    def cancel(self):
+        """Stop the workers now; the pool is rebuilt on the next replay."""
+        self._cancelled.set()
+        for p in list(getattr(self._pool, "_processes", {}).values()):
+            p.terminate()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        _POOLS.pop((self.workers, self.threads), None)
+
+    def shutdown(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _no_main():
+    """Start workers without re-importing the caller's ``__main__``.
+
+    Replay ships cell sources, not pickled functions, so workers never need the
+    user's script or kernel module; importing a script without an
+    ``if __name__ == "__main__"`` guard would re-run it in every worker.
+    """
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
+_POOLS: dict = {}
+
+
+def local(workers: int) -> LocalExecutor:
+    """A warm executor for ``workers`` processes, created on first use and reused."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ex = _POOLS.get((workers, threads))
+    if ex is None:
+        ex = _POOLS[(workers, threads)] = LocalExecutor(workers, threads)
+    return ex
+
+
+@atexit.register
+def _shutdown_all():
+    for ex in list(_POOLS.values()):
+        try:
+            ex.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+    _POOLS.clear()

@@ -1,0 +1,121 @@
+"""The active session behind ``flor.log``, ``flor.arg`` and ``flor.loop``.
+
+Outside recording and replay the session is :class:`Idle`: ``log`` and ``arg``
+return their value (``arg`` also remembers it for the next record). A
+:class:`~flor_nb.record.Recorder` or :class:`~flor_nb.replay_worker.Replayer`
+replaces it for the duration of one cell.
+"""
+from __future__ import annotations
+
+import json
+import math
+from numbers import Number
+
+import numpy as np
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - torch is a dependency, but logging works without it
+    torch = None
+
+
+class Idle:
+    """No run active: values pass through; hyperparameters are remembered."""
+
+    def __init__(self):
+        self.args: dict = {}
+
+    def log(self, name, value):
+        return value
+
+    def arg(self, name, default):
+        self.args[name] = default
+        return default
+
+    def loop(self, name, iterable):
+        return iterable
+
+
+IDLE = Idle()
+_session = IDLE
+
+
+def active():
+    return _session
+
+
+def activate(session):
+    """Make ``session`` current; returns the previous one for :func:`deactivate`."""
+    global _session
+    previous, _session = _session, session
+    return previous
+
+
+def deactivate(previous):
+    global _session
+    _session = previous
+
+
+def log(name: str, value):
+    """Log ``value`` under ``name`` at the current epoch and step; return ``value``."""
+    return _session.log(name, value)
+
+
+def arg(name: str, default):
+    """A hyperparameter: recorded with the run; in replay, the recorded value."""
+    return _session.arg(name, default)
+
+
+def loop(name: str, iterable):
+    """Mark the epoch loop (``name="epoch"``) or the step loop (``"step"``)."""
+    return _session.loop(name, iterable)
+
+
+# -- value encoding ---------------------------------------------------------
+def scalarize(value):
+    """Turn 0-d tensors and numpy scalars into Python numbers now (the tensor may change later).
+
+    Returns the value to keep: a Python scalar, a numpy array copy, or the value itself.
+    """
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.numel() == 1 and value.dim() == 0:
+            return value.item()
+        return value.detach().cpu().numpy().copy()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.item() if value.ndim == 0 else value.copy()
+    return value
+
+
+def to_json(value) -> str:
+    return json.dumps(value, default=_fallback, allow_nan=True)
+
+
+def _fallback(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return repr(obj)
+
+
+def from_json(text: str):
+    return json.loads(text)
+
+
+def same(a, b) -> bool:
+    """Exact equality of logged values, with NaN equal to NaN."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def abs_diff(a, b) -> float | None:
+    if isinstance(a, Number) and isinstance(b, Number) and not isinstance(a, bool):
+        return abs(float(a) - float(b))
+    return None

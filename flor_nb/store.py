@@ -1,0 +1,290 @@
+"""The run store: one SQLite database (WAL) plus a folder of checkpoint files.
+
+Layout of a store folder (default ``.flor/`` in the working directory)::
+
+    flor.db               runs, logs, checkpoints, replays
+    checkpoints/<run>/    one file per epoch boundary (see checkpoint.py)
+    artifacts/<run>/      arrays logged with flor.log
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UnknownRunError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    epochs_completed INTEGER NOT NULL DEFAULT 0,
+    epochs_total INTEGER,
+    code TEXT NOT NULL,
+    deps TEXT NOT NULL DEFAULT '[]',
+    args TEXT NOT NULL DEFAULT '{}',
+    env TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL DEFAULT '{}',
+    timings TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS logs (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    name TEXT NOT NULL,
+    epoch INTEGER,
+    step INTEGER,
+    seq INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'recorded',
+    replay_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, kind, name, epoch);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    epoch INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    checksum TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (run_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS replays (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    code TEXT NOT NULL,
+    cells TEXT NOT NULL DEFAULT '{}',
+    epochs TEXT NOT NULL,
+    probes TEXT NOT NULL DEFAULT '[]',
+    started REAL NOT NULL,
+    duration REAL,
+    status TEXT NOT NULL,
+    fidelity TEXT NOT NULL DEFAULT '{}',
+    plan TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+def default_home() -> Path:
+    """The store folder: ``$FLOR_NB_HOME`` or ``./.flor``."""
+    return Path(os.environ.get("FLOR_NB_HOME") or Path.cwd() / ".flor")
+
+
+@dataclass
+class Run:
+    """One recorded run version, as stored."""
+
+    id: int
+    name: str
+    version: int
+    status: str
+    started: float
+    ended: float | None
+    epochs_completed: int
+    epochs_total: int | None
+    code: str
+    deps: list = field(default_factory=list)
+    args: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+
+_JSON_COLS = ("deps", "args", "env", "state", "timings")
+
+
+class Store:
+    """A store folder. Safe to open from several processes (SQLite WAL)."""
+
+    def __init__(self, home: str | os.PathLike | None = None):
+        self.home = Path(home) if home else default_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.home / "flor.db"
+        self._local = threading.local()
+        self.db.executescript(_SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    # -- connection ------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- runs ------------------------------------------------------------------
+    def create_run(self, name: str, code: str, **fields) -> Run:
+        with self._tx() as db:
+            row = db.execute("SELECT COALESCE(MAX(version), 0) FROM runs WHERE name=?", (name,)).fetchone()
+            version = row[0] + 1
+            cols = {"name": name, "version": version, "status": "running", "started": time.time(), "code": code}
+            for key, value in fields.items():
+                cols[key] = json.dumps(value) if key in _JSON_COLS else value
+            db.execute(
+                f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                tuple(cols.values()),
+            )
+        return self.find_run(f"{name}@{version}")
+
+    def update_run(self, run_id: int, **fields):
+        if not fields:
+            return
+        sets = ", ".join(f"{k}=?" for k in fields)
+        values = [json.dumps(v) if k in _JSON_COLS else v for k, v in fields.items()]
+        with self._tx() as db:
+            db.execute(f"UPDATE runs SET {sets} WHERE id=?", (*values, run_id))
+
+    def all_runs(self) -> list[Run]:
+        rows = self.db.execute("SELECT * FROM runs ORDER BY started, id").fetchall()
+        return [_to_run(r) for r in rows]
+
+    def find_run(self, spec) -> Run:
+        """Resolve ``NAME`` (latest version), ``NAME@VERSION`` or a Run."""
+        if isinstance(spec, Run):
+            spec = spec.label
+        name, _, version = str(spec).partition("@")
+        if version:
+            if not version.isdigit():
+                raise UnknownRunError(f"Bad run {spec!r}: write NAME or NAME@VERSION, e.g. digits@2.")
+            row = self.db.execute("SELECT * FROM runs WHERE name=? AND version=?", (name, int(version))).fetchone()
+        else:
+            row = self.db.execute(
+                "SELECT * FROM runs WHERE name=? ORDER BY version DESC LIMIT 1", (name,)
+            ).fetchone()
+        if row is None:
+            known = sorted({f"{r.name}@{r.version}" for r in self.all_runs()})
+            hint = ", ".join(known) if known else "none yet: record one with %%flor record --name NAME"
+            raise UnknownRunError(f"No run {spec!r} in {self.home}. Known runs: {hint}.")
+        return _to_run(row)
+
+    # -- logs ------------------------------------------------------------------
+    def add_logs(self, run_id: int, rows, kind: str = "recorded", replay_id: int | None = None):
+        """rows: iterable of (name, epoch, step, seq, json_value)."""
+        rows = [(run_id, n, e, s, q, v, kind, replay_id) for n, e, s, q, v in rows]
+        if rows:
+            with self._tx() as db:
+                db.executemany("INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def replace_hindsight(self, run_id: int, names, epochs, rows, replay_id: int):
+        """Store hindsight values, replacing earlier ones for the same names and epochs."""
+        rows = [(run_id, n, e, s, q, v, "hindsight", replay_id) for n, e, s, q, v in rows]
+        with self._tx() as db:
+            for name in names:
+                for epoch in epochs:
+                    db.execute(
+                        "DELETE FROM logs WHERE run_id=? AND kind='hindsight' AND name=? AND epoch IS ?",
+                        (run_id, name, epoch),
+                    )
+            db.executemany("INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def logs(self, run_ids=None, names=None, kind=None) -> list[sqlite3.Row]:
+        sql, params = "SELECT * FROM logs WHERE 1=1", []
+        if run_ids is not None:
+            run_ids = list(run_ids)
+            sql += f" AND run_id IN ({', '.join('?' * len(run_ids))})"
+            params += run_ids
+        if names:
+            sql += f" AND name IN ({', '.join('?' * len(names))})"
+            params += list(names)
+        if kind:
+            sql += " AND kind=?"
+            params.append(kind)
+        sql += " ORDER BY run_id, epoch IS NOT NULL, epoch, step IS NOT NULL, step, seq"
+        return self.db.execute(sql, params).fetchall()
+
+    # -- checkpoints -----------------------------------------------------------
+    def add_checkpoint(self, run_id, epoch, path, nbytes, checksum, digest):
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, epoch, str(path), nbytes, checksum, digest, time.time()),
+            )
+
+    def checkpoints(self, run_id) -> dict[int, sqlite3.Row]:
+        rows = self.db.execute("SELECT * FROM checkpoints WHERE run_id=? ORDER BY epoch", (run_id,))
+        return {r["epoch"]: r for r in rows}
+
+    def checkpoint_dir(self, run: Run) -> Path:
+        return self.home / "checkpoints" / f"{run.name}@{run.version}"
+
+    def artifact_dir(self, run_id: int) -> Path:
+        return self.home / "artifacts" / str(run_id)
+
+    # -- replays ---------------------------------------------------------------
+    def create_replay(self, run_id, code, cells, epochs, plan) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO replays (run_id, code, cells, epochs, started, status, plan) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, code, json.dumps(cells), json.dumps(epochs), time.time(), "running", json.dumps(plan)),
+            )
+            return cur.lastrowid
+
+    def finish_replay(self, replay_id, status, duration, probes, fidelity):
+        with self._tx() as db:
+            db.execute(
+                "UPDATE replays SET status=?, duration=?, probes=?, fidelity=? WHERE id=?",
+                (status, duration, json.dumps(probes), json.dumps(fidelity), replay_id),
+            )
+
+    def replays(self, run_id) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM replays WHERE run_id=? ORDER BY id", (run_id,)).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            for key in ("cells", "epochs", "probes", "fidelity", "plan"):
+                d[key] = json.loads(d[key])
+            out.append(d)
+        return out
+
+
+class _Transaction:
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, *_):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _to_run(row) -> Run:
+    d = dict(row)
+    for key in _JSON_COLS:
+        d[key] = json.loads(d[key]) if d[key] else ({} if key != "deps" else [])
+    return Run(**d)

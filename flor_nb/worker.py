@@ -1,0 +1,194 @@
+"""What runs inside a replay worker process: rebuild the namespace, restore, re-execute."""
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+import time
+import traceback
+import types
+
+from . import checkpoint, runtime, state
+from .cells import analyze, strip_shell
+from .errors import ReplayError
+from .instrument import RUNTIME, instrument
+
+# Keys whose divergence means training itself changed (variables are reported, not judged).
+SERIOUS = ("obj/", "grad/", "rng/")
+
+_events = None  # a multiprocessing queue set by the pool initializer
+
+
+def init(queue, threads):
+    global _events
+    _events = queue
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def emit(event: dict):
+    if _events is not None:
+        try:
+            _events.put_nowait(event)
+        except Exception:  # noqa: BLE001 - progress is best effort, never a failure
+            pass
+
+
+class _ReplayDone(BaseException):
+    """Raised out of the epoch loop after the segment's last epoch: skips the cell's tail."""
+
+
+class Replayer:
+    """The session inside a worker: logs go to a list; args return recorded values."""
+
+    def __init__(self, task: dict):
+        self.task = task
+        self.home = task["home"]
+        self.start, self.end = task["segment"]["start"], task["segment"]["end"]
+        self.args = task["args"]
+        self.epoch = None
+        self.step = None
+        self.rows: list = []
+        self.seq: dict = {}
+        self.setup = True
+        self.ns: dict = {}
+        self.scope = None
+        self.divergence: dict = {}
+        self.epoch_seconds: dict = {}
+        self.restore_seconds = 0.0
+        self._in_loop = False
+
+    def log(self, name, value):
+        if self.epoch is not None and not self.setup:
+            key = (name, self.epoch, self.step)
+            seq = self.seq.get(key, 0)
+            self.seq[key] = seq + 1
+            self.rows.append((name, self.epoch, self.step, seq, runtime.scalarize(value)))
+        return value
+
+    def arg(self, name, default):
+        return self.args.get(name, default)
+
+    def loop(self, name, iterable):
+        if self.setup:
+            return iterable
+        if name == "epoch" and not self._in_loop:
+            return self._epochs(iterable)
+        if name == "step":
+            return self._steps(iterable)
+        return iterable
+
+    def _steps(self, iterable):
+        try:
+            for i, item in enumerate(iterable):
+                self.step = i
+                yield item
+        finally:
+            self.step = None
+
+    def _epochs(self, iterable):
+        self._in_loop = True
+        for k, item in enumerate(iterable):
+            if k < self.start:
+                continue
+            if k > self.end:
+                break
+            if k == self.start:
+                t = time.perf_counter()
+                snap = checkpoint.read(os.path.join(self.home, self.task["checkpoints"][str(k)]))
+                state.restore(self.ns, snap)
+                self.restore_seconds = time.perf_counter() - t
+            self.epoch, self.step = k, None
+            t = time.perf_counter()
+            yield item
+            self.epoch_seconds[k] = time.perf_counter() - t
+            self._verify(k + 1)
+            emit({"replay": self.task["replay_id"], "epoch": k, "seconds": self.epoch_seconds[k]})
+        self.epoch = None
+        raise _ReplayDone
+
+    def _verify(self, boundary: int):
+        """Compare the live state after an epoch with the recorded checkpoint's digests."""
+        recorded = self.task["digests"].get(str(boundary))
+        if not recorded:
+            return
+        live = state.digest(state.capture(self.ns, self.scope))
+        differ = sorted(k for k, v in recorded.items() if k in live and live[k] != v)
+        missing = sorted(k for k in recorded if k not in live and k.startswith(SERIOUS))
+        if differ or missing:
+            self.divergence[boundary - 1] = {"differ": differ, "missing": missing}
+
+
+def run_segment(task: dict) -> dict:
+    """Replay one segment; returns logged rows, divergences and timings."""
+    import flor_nb
+
+    t0 = time.perf_counter()
+    rep = Replayer(task)
+    main = types.ModuleType("__main__")
+    saved_main = sys.modules.get("__main__")
+    sys.modules["__main__"] = main  # classes defined in cells unpickle as __main__.X, as recorded
+    ns = rep.ns = main.__dict__
+    ns["flor"] = ns[RUNTIME] = flor_nb
+    previous = runtime.activate(rep)
+    try:
+        for cell in task["cells"]:
+            src = strip_shell(cell["source"])
+            name = f"<cell In[{cell['count']}]>"
+            linecache.cache[name] = (len(src), None, src.splitlines(keepends=True), name)
+            try:
+                exec(compile(src, name, "exec"), ns)
+            except Exception as e:
+                raise ReplayError(
+                    f"Cell In[{cell['count']}] failed while rebuilding the namespace for replay: "
+                    f"{type(e).__name__}: {e}. Pass a fixed version with cells={{{cell['count']}: '...'}}.",
+                    _user_traceback(),
+                ) from None
+        setup_seconds = time.perf_counter() - t0
+        rep.setup = False
+        tree, _ = instrument(task["code"])
+        free, assigned = analyze(task["code"])
+        rep.scope = state.Scope(assigned=assigned, free=free, **task.get("scope", {}))
+        filename = f"<flor replay {task['label']}>"
+        linecache.cache[filename] = (len(task["code"]), None, task["code"].splitlines(keepends=True), filename)
+        try:
+            exec(compile(tree, filename, "exec"), ns)
+        except _ReplayDone:
+            pass
+        except ReplayError:
+            raise
+        except Exception as e:
+            where = f" in epoch {rep.epoch}" + (f", step {rep.step}" if rep.step is not None else "")
+            raise ReplayError(f"The replayed code raised {type(e).__name__}: {e}{where if rep.epoch is not None else ''}.",
+                              _user_traceback()) from None
+    finally:
+        runtime.deactivate(previous)
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
+    rows = []
+    from .record import save_array
+    from pathlib import Path
+
+    for name, epoch, step, seq, value in rep.rows:
+        if isinstance(value, __import__("numpy").ndarray):
+            value = save_array(Path(task["home"]) / "artifacts" / f"{task['run_id']}-h", Path(task["home"]),
+                               name, epoch, step, seq, value)
+        rows.append((name, epoch, step, seq, runtime.to_json(value)))
+    return {
+        "rows": rows,
+        "divergence": rep.divergence,
+        "segment": task["segment"],
+        "setup_seconds": setup_seconds,
+        "restore_seconds": rep.restore_seconds,
+        "epoch_seconds": rep.epoch_seconds,
+        "pid": os.getpid(),
+    }
+
+
+def _user_traceback() -> str:
+    """The traceback without flor_nb's own frames."""
+    etype, value, tb = sys.exc_info()
+    frames = [f for f in traceback.extract_tb(tb) if "flor_nb" not in f.filename.replace("\\", "/").split("/")[-2:-1]]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(etype, value)
+    return "Traceback (most recent call last):\n" + "".join(lines)
