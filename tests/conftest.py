@@ -1,0 +1,65 @@
+"""Shared fixtures: a fresh store per test and a small recorded run."""
+from __future__ import annotations
+
+import pytest
+
+import flor_nb as flor
+
+SETUP = '''
+import random
+import numpy as np
+import torch, torch.nn as nn, torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.manual_seed(0); np.random.seed(0); random.seed(0)
+X = torch.randn(192, 10); y = (X[:, 0] + X[:, 1] > 0).long()
+g = torch.Generator().manual_seed(1)
+loader = DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True, generator=g)
+model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2))
+opt = torch.optim.SGD(model.parameters(), lr=flor.arg("lr", 0.1), momentum=0.9)
+sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+def grad_norm(m):
+    return float(sum(p.grad.norm() ** 2 for p in m.parameters()) ** 0.5)
+def weight_norm(m):
+    return float(sum(p.detach().norm() ** 2 for p in m.parameters()) ** 0.5)
+'''
+
+TRAIN = '''
+history = []
+best = 0.0
+for epoch in range(EPOCHS):
+    model.train()
+    for xb, yb in loader:
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(); loss.backward()
+        opt.step()
+        flor.log("loss", loss.item())
+    sched.step()
+    model.eval()
+    acc = float((model(X).argmax(1) == y).float().mean()) + 0.0 * np.random.rand() + 0.0 * random.random()
+    history.append(acc)
+    best = max(best, acc)
+    flor.log("acc", acc)
+'''
+
+
+def setup_namespace(epochs=5):
+    ns = {"flor": flor, "EPOCHS": epochs}
+    exec(SETUP, ns)
+    return ns
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh store in a temp folder, also the default for the engine's API."""
+    home = tmp_path / ".flor"
+    monkeypatch.setenv("FLOR_NB_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    return flor.get_store(home)
+
+
+@pytest.fixture
+def recorded(store):
+    """A 5-epoch run 'small' recorded from a script namespace."""
+    ns = setup_namespace(5)
+    run = flor.record(TRAIN, name="small", namespace=ns, cells=[f"EPOCHS = 5\n{SETUP}"], store=store)
+    return run
