@@ -1,1 +1,26 @@
-"""placeholder"""
+"""IPython extension: ``%load_ext flor_nb`` registers ``%%flor`` / ``%flor`` and binds ``flor``."""
+from __future__ import annotations
+
+import flor_nb
+
+from .magics import FlorMagics
+from .tracker import CellTracker
+
+_trackers: dict = {}
+
+
+def load_ipython_extension(ip):
+    old = _trackers.pop(id(ip), None)
+    if old is not None:
+        old.unregister()
+    tracker = CellTracker(ip)
+    tracker.register()
+    _trackers[id(ip)] = tracker
+    ip.register_magics(FlorMagics(ip, tracker))
+    ip.user_ns["flor"] = flor_nb
+
+
+def unload_ipython_extension(ip):
+    tracker = _trackers.pop(id(ip), None)
+    if tracker is not None:
+        tracker.unregister()

@@ -106,9 +106,9 @@ def _no_main():
 _POOLS: dict = {}
 
 
-def local(workers: int) -> LocalExecutor:
-    """A warm executor for ``workers`` processes, created on first use and reused."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
+def local(workers: int, threads: int | None = None) -> LocalExecutor:
+    """A warm executor for ``workers`` processes of ``threads`` torch threads, created once and reused."""
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     ex = _POOLS.get((workers, threads))
     if ex is None:
         ex = _POOLS[(workers, threads)] = LocalExecutor(workers, threads)

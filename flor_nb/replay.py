@@ -31,7 +31,10 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         match[0]["source"] = source
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
     ckpts = store.checkpoints(run.id)
-    workers = workers or min(os.cpu_count() or 1, len(selected))
+    # Float reductions depend on the thread count: replay with the recorded one, so results are
+    # bit-exact, and by default start only as many workers as the cores allow at that count.
+    threads = int(run.env.get("threads") or 1)
+    workers = workers or max(1, min((os.cpu_count() or 1) // threads, len(selected)))
     segments = plan(selected, set(ckpts), workers, run.label)
     per_epoch = run.timings.get("epoch_seconds") or []
     mean = sum(per_epoch) / len(per_epoch) if per_epoch else None
@@ -44,6 +47,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "epochs": selected,
         "segments": segments,
         "workers": workers,
+        "threads": threads,
         "checkpoints": {str(b): r["path"] for b, r in ckpts.items()},
         "digests": {str(b): runtime.from_json(r["digest"]) for b, r in ckpts.items()},
         "estimate_seconds": None if mean is None else mean * run_epochs / max(workers, 1),
@@ -72,8 +76,11 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         "segment": seg.to_dict(), "checkpoints": p["checkpoints"], "digests": p["digests"],
         "scope": _scope_spec(run),
     } for seg in p["segments"]]
-    ex = executor or executors.local(p["workers"])
+    ex = executor or executors.local(p["workers"], p["threads"])
     started = time.perf_counter()
+    if on_event is not None:
+        on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
+                  "epochs_to_run": p["epochs_to_run"], "workers": p["workers"]})
     try:
         results = ex.run(run_segment, tasks, on_event)
     except BaseException:
@@ -158,7 +165,7 @@ def verdict_text(fidelity: dict) -> str:
         keys = sorted({k for ks in fidelity["state_diverged"].values() for k in ks})
         out += (f". Training state differs from the recording after epoch(s) {epochs} ({', '.join(keys[:5])}): "
                 "a probe changed training (it mutated the model, optimizer or consumed random numbers). "
-                "Make the probe read-only, e.g. wrap it in torch.no_grad() and avoid RNG calls.")
+                "Make the probe read-only, e.g. wrap it in torch.no_grad() and avoid RNG calls")
     return out + "."
 
 

@@ -1,0 +1,123 @@
+"""The ``%%flor`` / ``%flor`` magics: parse the line, call the engine, show the result."""
+from __future__ import annotations
+
+import shlex
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import MagicArgumentParser
+from IPython.display import Image, display
+
+import flor_nb
+from flor_nb.errors import FlorError
+
+USAGE = """\
+%%flor record [--name NAME] [--state a,b|+a,+b] [--store PATH]   record the training cell below
+%%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
+%flor runs                                                       list recorded runs
+%flor ui [RUN]                                                   open the replay panel
+%flor report RUN [--out PATH] [--html]                           write a notebook (and HTML) report
+RUN is NAME (latest version) or NAME@VERSION; SPEC is 3, 2-5 or 1,4,7-9 (0-based epochs).
+"""
+
+
+def _parser(prog):
+    p = MagicArgumentParser(prog=f"%flor {prog}", add_help=False)
+    p.add_argument("--store", default=None, help="store folder (default $FLOR_NB_HOME or ./.flor)")
+    return p
+
+
+_RECORD = _parser("record")
+_RECORD.add_argument("--name", default="run")
+_RECORD.add_argument("--state", default=None)
+_RECORD.add_argument("--no-progress", action="store_true")
+_REPLAY = _parser("replay")
+_REPLAY.add_argument("run")
+_REPLAY.add_argument("--epochs", default=None)
+_REPLAY.add_argument("--workers", type=int, default=None)
+_REPLAY.add_argument("--no-progress", action="store_true")
+_REPORT = _parser("report")
+_REPORT.add_argument("run")
+_REPORT.add_argument("--out", default=None)
+_REPORT.add_argument("--html", action="store_true")
+_UI = _parser("ui")
+_UI.add_argument("run", nargs="?", default=None)
+_RUNS = _parser("runs")
+
+
+@magics_class
+class FlorMagics(Magics):
+    def __init__(self, shell, tracker):
+        super().__init__(shell)
+        self.tracker = tracker
+
+    @line_cell_magic
+    def flor(self, line, cell=None):
+        """Hindsight logging: record a training cell, replay it with probes, report.
+
+        %%flor record [--name NAME] [--state a,b|+a,+b] [--store PATH]
+        %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]
+        %flor runs | %flor ui [RUN] | %flor report RUN [--out PATH] [--html]
+        """
+        words = shlex.split(line)
+        if not words:
+            raise UsageError(USAGE)
+        command, rest = words[0], words[1:]
+        handler = getattr(self, f"_{command}", None)
+        if handler is None:
+            raise UsageError(f"Unknown %flor command {command!r}.\n{USAGE}")
+        if command in ("record", "replay") and cell is None:
+            raise UsageError(f"%%flor {command} is a cell magic: put it on the first line of the training cell.")
+        try:
+            return handler(rest, cell)
+        except FlorError as e:
+            raise UsageError(str(e)) from None
+
+    def _record(self, words, cell):
+        a = _RECORD.parse_args(words)
+        history = list(self.tracker.cells)  # post_run_cell has not run for this cell yet
+        run = flor_nb.record(
+            self.shell.transform_cell(cell), name=a.name, namespace=self.shell.user_ns, history=history,
+            state_spec=a.state, store=a.store, progress=not a.no_progress,
+        )
+        print(flor_nb.api.summary(run, a.store))
+
+    def _replay(self, words, cell):
+        a = _REPLAY.parse_args(words)
+        bar = None
+        if not a.no_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=f"replay {a.run}", unit="epoch")
+
+        def progress(event):
+            if "plan" in event:
+                bar.reset(total=event["epochs_to_run"])
+            else:
+                bar.update(1)
+
+        try:
+            df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, workers=a.workers,
+                                store=a.store, on_event=progress if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        print(df.attrs["verdict"])
+        png = flor_nb.plots.probe_png(df)
+        if png is not None:
+            display(Image(png))
+        return df
+
+    def _runs(self, words, cell):
+        a = _RUNS.parse_args(words)
+        return flor_nb.runs(a.store)
+
+    def _ui(self, words, cell):
+        a = _UI.parse_args(words)
+        return flor_nb.ui(a.run)
+
+    def _report(self, words, cell):
+        a = _REPORT.parse_args(words)
+        path = flor_nb.report(a.run, path=a.out, html=a.html, store=a.store)
+        print(f"flor_nb: report written to {path}" + (f" and {path.with_suffix('.html')}" if a.html else ""))
+        return None

@@ -1,0 +1,61 @@
+"""Keep every executed cell with the names it actually bound in the user namespace."""
+from __future__ import annotations
+
+from flor_nb.cells import Cell, analyze
+
+_IGNORED = {"_", "__", "___", "_i", "_ii", "_iii", "_oh", "_dh", "_ih", "In", "Out", "exit", "quit", "get_ipython"}
+
+
+def _ignored(name: str) -> bool:
+    return name in _IGNORED or (name.startswith("_i") and name[2:].isdigit()) or (
+        name.startswith("_") and name[1:].isdigit())
+
+
+class CellTracker:
+    """IPython ``pre_run_cell`` / ``post_run_cell`` hooks that diff the namespace around each cell.
+
+    Text analysis alone misses names bound by a helper that declares ``global``
+    or by ``from m import *``; comparing object ids before and after catches them.
+    """
+
+    def __init__(self, ip):
+        self.ip = ip
+        self.cells: list[Cell] = []
+        self._before: dict = {}
+        # Cells run before %load_ext: their text is all we have.
+        for count, raw in enumerate(ip.user_ns.get("_ih", [])[1:], start=1):
+            self.cells.append(self._cell(count, raw, set()))
+
+    def _cell(self, count, raw, bound) -> Cell:
+        try:
+            source = self.ip.transform_cell(raw)
+        except Exception:  # noqa: BLE001 - a cell IPython cannot transform is not a dependency
+            source = ""
+        try:
+            _, assigned = analyze(source)
+        except SyntaxError:
+            assigned = set()
+        return Cell(count, source, {n for n in bound | assigned if not _ignored(n)})
+
+    def pre_run_cell(self, info):
+        self._before = {k: id(v) for k, v in self.ip.user_ns.items()}
+
+    def post_run_cell(self, result):
+        ns, before = self.ip.user_ns, self._before
+        bound = {k for k, v in ns.items() if before.get(k) != id(v)}
+        raw = result.info.raw_cell if result.info is not None else ""
+        count = result.execution_count or len(self.cells) + 1
+        if self.cells and self.cells[-1].count == count:
+            self.cells.pop()  # the %load_ext cell, seeded from the history before its hooks ran
+        self.cells.append(self._cell(count, raw, bound))
+
+    def register(self):
+        self.ip.events.register("pre_run_cell", self.pre_run_cell)
+        self.ip.events.register("post_run_cell", self.post_run_cell)
+
+    def unregister(self):
+        for name, fn in (("pre_run_cell", self.pre_run_cell), ("post_run_cell", self.post_run_cell)):
+            try:
+                self.ip.events.unregister(name, fn)
+            except ValueError:
+                pass

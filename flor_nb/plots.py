@@ -1,0 +1,32 @@
+"""Matplotlib figures of replay results, rendered to PNG bytes (no pyplot state, no backend change)."""
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+
+def probe_png(frame: pd.DataFrame) -> bytes | None:
+    """One panel per probe: per-step values over the replayed epochs, or one point per epoch."""
+    probes = [p for p in frame.attrs.get("probes", []) if p in frame and pd.api.types.is_numeric_dtype(frame[p])]
+    if not probes:
+        return None
+    fig = Figure(figsize=(6.5, 2.6 * len(probes)), layout="constrained")
+    axes = fig.subplots(len(probes), 1, squeeze=False)[:, 0]
+    for ax, name in zip(axes, probes):
+        rows = frame.dropna(subset=[name])
+        if rows["step"].notna().any():
+            for epoch, part in rows.groupby("epoch"):
+                ax.plot(part["step"].astype(float), part[name], marker=".", lw=1, label=f"epoch {epoch}")
+            ax.set_xlabel("step")
+            ax.legend(fontsize="small")
+        else:
+            ax.plot(rows["epoch"], rows[name], marker="o")
+            ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} (hindsight, {frame.attrs.get('run', '')})")
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
