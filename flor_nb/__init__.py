@@ -3,7 +3,7 @@
 Record a training cell, then later add log statements (probes) and replay only
 the epochs you need from checkpoints, with a check that the replay is faithful.
 """
-from . import plots
+from . import plots  # noqa: F401 - flor_nb.plots for the magics and widgets
 from .api import checkpoints, dataframe, get_run, get_store, replays, runs
 from .errors import FlorError
 from .record import record
@@ -20,7 +20,7 @@ __all__ = [
 
 def report(run, path=None, html=False, store=None):
     """Write a standalone notebook report of ``run`` (and HTML with ``html=True``); return its path."""
-    from .report import report as _report
+    from .reporting import report as _report
 
     return _report(run, path=path, html=html, store=store)
 
@@ -37,3 +37,9 @@ def load_ipython_extension(ip):
     import importlib
 
     importlib.import_module("flor_nb.extension").load_ipython_extension(ip)
+
+
+def unload_ipython_extension(ip):
+    import importlib
+
+    importlib.import_module("flor_nb.extension").unload_ipython_extension(ip)

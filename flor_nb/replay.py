@@ -9,7 +9,6 @@ import pandas as pd
 
 from . import executor as executors
 from . import runtime
-from .cells import strip_shell
 from .errors import FlorError
 from .instrument import instrument, parse
 from .plan import parse_epochs, plan

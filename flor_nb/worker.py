@@ -58,6 +58,7 @@ class Replayer:
         self.epoch_seconds: dict = {}
         self.restore_seconds = 0.0
         self._in_loop = False
+        self.last_step = None  # survives the step loop's cleanup, for error messages
 
     def log(self, name, value):
         if self.epoch is not None and not self.setup:
@@ -82,8 +83,9 @@ class Replayer:
     def _steps(self, iterable):
         try:
             for i, item in enumerate(iterable):
-                self.step = i
+                self.step = self.last_step = i
                 yield item
+            self.last_step = None  # the loop ended normally: later errors are not "in a step"
         finally:
             self.step = None
 
@@ -99,7 +101,7 @@ class Replayer:
                 snap = checkpoint.read(os.path.join(self.home, self.task["checkpoints"][str(k)]))
                 state.restore(self.ns, snap)
                 self.restore_seconds = time.perf_counter() - t
-            self.epoch, self.step = k, None
+            self.epoch, self.step, self.last_step = k, None, None
             t = time.perf_counter()
             yield item
             self.epoch_seconds[k] = time.perf_counter() - t
@@ -159,7 +161,7 @@ def run_segment(task: dict) -> dict:
         except ReplayError:
             raise
         except Exception as e:
-            where = f" in epoch {rep.epoch}" + (f", step {rep.step}" if rep.step is not None else "")
+            where = f" in epoch {rep.epoch}" + (f", step {rep.last_step}" if rep.last_step is not None else "")
             raise ReplayError(f"The replayed code raised {type(e).__name__}: {e}{where if rep.epoch is not None else ''}.",
                               _user_traceback()) from None
     finally:

@@ -76,7 +76,7 @@ def test_report_notebook_holds_the_run(history):
     assert set(plots) == {f"figure(RUN, {m!r}, store=STORE)" for m in ("acc", "loss", "gn")}
     assert all(_png_size(b64)[0] > 300 for b64 in plots.values())
 
-    # Importing flor_nb.report rebinds the package attribute; flor.report must stay callable.
+    # flor.report stays callable after its module is imported.
     again = flor.report("small@1", path=history.home.parent / "again")
     assert again.name == "again.ipynb" and again.exists()
 

@@ -14,8 +14,6 @@ import difflib
 import html
 import io
 import re
-import sys
-import types
 from datetime import datetime
 from pathlib import Path
 
@@ -249,7 +247,7 @@ class _Builder:
                 "Outputs are embedded; run all cells to rebuild them from the store.",
                 "", "Sections: Summary, Code, Metrics, Checkpoints.")
         self.code("import flor_nb as flor\n"
-                  "from flor_nb.report import checkpoint_table, figure, metric_summary, run_summary\n\n"
+                  "from flor_nb.reporting import checkpoint_table, figure, metric_summary, run_summary\n\n"
                   f"STORE = {str(st.home.resolve())!r}  # the run store this report reads\n"
                   f"RUN = {self.spec!r}\n"
                   "logs = flor.dataframe(run=RUN, store=STORE)", hidden=True)
@@ -435,13 +433,3 @@ def _diff(a: str, b: str, name_a: str, name_b: str) -> str:
 def _mpl(text: str) -> str:
     """Matplotlib reads $...$ as math; show user text literally."""
     return str(text).replace("$", r"\$")
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this module rebinds ``flor_nb.report`` (the function) to the module; keep it callable."""
-
-    def __call__(self, run, path=None, html=False, store=None):
-        return report(run, path=path, html=html, store=store)
-
-
-sys.modules[__name__].__class__ = _CallableModule

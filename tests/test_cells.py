@@ -1,0 +1,65 @@
+"""Dependency cells: found from what each cell bound, never the training cells."""
+from __future__ import annotations
+
+from flor_nb.cells import Cell, analyze, dependencies, strip_shell
+from flor_nb.instrument import instrument
+
+
+def deps(history, target):
+    return [c.count for c in dependencies(history, target)]
+
+
+def test_reads_before_writes():
+    free, bound = analyze("best = 0\nfor e in range(N):\n    acc = f(e)\n    best = max(best, acc)\n    total += 1\n")
+    assert free == {"N", "f", "total"}
+    assert {"best", "acc", "e", "total"} <= bound
+
+
+def test_function_globals_count_as_reads():
+    free, _ = analyze("def evaluate(m):\n    return acc(m(X_val), y_val)\nflor.log('a', evaluate(model))\n")
+    assert {"acc", "X_val", "y_val", "model"} <= free and "m" not in free
+
+
+def test_global_helper_and_star_import_use_runtime_bindings():
+    history = [
+        Cell(1, "import torch\n", {"torch"}),
+        Cell(2, "from mylib import *\n", {"make_loader"}),  # bound at runtime, invisible in the text
+        Cell(3, "def setup():\n    global model\n    model = torch.nn.Linear(2, 2)\n", {"setup"}),
+        Cell(4, "setup()\n", {"model"}),
+        Cell(5, "loader = make_loader()\n", {"loader"}),
+        Cell(6, "unrelated = 1\n", {"unrelated"}),
+    ]
+    target = "for epoch in range(3):\n    for xb in loader:\n        model(xb)\n"
+    assert deps(history, target) == [1, 2, 3, 4, 5]
+
+
+def test_training_cells_are_never_rerun():
+    history = [
+        Cell(1, "import torch\nmodel = torch.nn.Linear(2, 2)\nopt = torch.optim.SGD(model.parameters(), 0.1)\n"),
+        Cell(2, "model.to('cpu')\n"),  # changes the model outside any loop: needed
+        Cell(3, "for epoch in range(100):\n    opt.step()\nmodel.eval()\n"),  # an hour of training: never
+        Cell(4, "get_ipython().run_cell_magic('flor', 'record', 'for e in range(2):\\n    pass')\n", {"e"}),
+    ]
+    target = "for epoch in range(3):\n    opt.step()\n    model.train()\n"
+    assert deps(history, target) == [1, 2]
+
+
+def test_redefinition_uses_the_latest_cell():
+    history = [
+        Cell(1, "lr = 0.1\n"),
+        Cell(2, "lr = 0.01\n"),
+    ]
+    assert deps(history, "for e in range(2):\n    print(lr)\n") == [2]
+
+
+def test_strip_shell_drops_magics_only():
+    src = "get_ipython().run_line_magic('matplotlib', 'inline')\nx = 1\nfiles = get_ipython().getoutput('ls')\n"
+    assert strip_shell(src).strip() == "x = 1"
+
+
+def test_loops_found_and_explicit_markers():
+    _, loops = instrument("h = []\nfor e in range(3):\n    for b in data:\n        pass\n")
+    assert (loops.epoch_line, loops.step_line, loops.epoch_explicit) == (2, 3, False)
+    _, loops = instrument("with ctx:\n    for e in flor.loop('epoch', range(3)):\n        for _ in range(2):\n"
+                          "            for b in flor.loop('step', data):\n                pass\n")
+    assert (loops.epoch_line, loops.step_line, loops.epoch_explicit, loops.step_explicit) == (2, 4, True, True)

@@ -1,0 +1,127 @@
+"""Bad input gets a clear, actionable error; faults mid-record keep completed epochs replayable."""
+from __future__ import annotations
+
+import errno
+import pickle
+
+import pytest
+
+import flor_nb as flor
+from conftest import SETUP, TRAIN, setup_namespace
+from flor_nb import checkpoint, errors
+
+
+def test_no_loop(store):
+    with pytest.raises(errors.NoLoopError, match="no for loop"):
+        flor.record("x = 1\nflor.log('x', x)\n", name="noloop", namespace={"flor": flor}, store=store)
+    assert flor.runs(store).empty  # nothing half-created
+
+
+def test_unknown_run_lists_known(recorded, store):
+    with pytest.raises(errors.UnknownRunError, match=r"Known runs: small@1"):
+        flor.replay("nope", store=store)
+    with pytest.raises(errors.UnknownRunError, match=r"small@9"):
+        flor.replay("small@9", store=store)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("1-x", "Bad epoch spec"),
+    ("4-2", "first epoch must not exceed"),
+    ("7", "out of range: small@1 completed epochs 0-4"),
+    ("2,5", "Epoch 5 is out of range"),
+])
+def test_bad_epochs(recorded, store, spec, match):
+    with pytest.raises(errors.EpochSpecError, match=match):
+        flor.replay("small", epochs=spec, store=store)
+
+
+def test_probe_syntax_error_points_at_line(recorded, store):
+    bad = TRAIN.replace("        opt.step()\n", "        flor.log('gn', grad_norm(model)\n        opt.step()\n")
+    with pytest.raises(errors.ProbeSyntaxError) as info:
+        flor.replay("small", code=bad, epochs=[1], store=store)
+    assert info.value.lineno == bad.splitlines().index("        flor.log('gn', grad_norm(model)") + 1
+    assert "line" in str(info.value) and "flor.log('gn'" in str(info.value)
+
+
+def test_user_error_in_replay_shows_traceback(recorded, store):
+    bad = TRAIN.replace("        opt.step()\n", "        flor.log('gn', undefined_name)\n        opt.step()\n")
+    with pytest.raises(errors.ReplayError) as info:
+        flor.replay("small", code=bad, epochs=[1], store=store)
+    text = str(info.value)
+    assert "NameError" in text and "undefined_name" in text and "epoch 1, step 0" in text
+    assert "<flor replay small@1>" in text
+
+
+def test_errors_survive_pickling():
+    for e in [errors.FlorError("a"), errors.ProbeSyntaxError("bad", 3, "x("), errors.ReplayError("m", "tb"),
+              errors.EpochSpecError("e"), errors.NoCheckpointError("n"), errors.UnknownRunError("u")]:
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e)
+
+
+def _record(store, code, name, epochs=5):
+    ns = setup_namespace(epochs)
+    return flor.record(code, name=name, namespace=ns, cells=[f"EPOCHS = {epochs}\n{SETUP}"], store=store)
+
+
+@pytest.mark.parametrize("exc,status", [(KeyboardInterrupt, "interrupted"), (ValueError, "failed")])
+def test_interrupt_mid_record_keeps_completed_epochs(store, exc, status):
+    code = TRAIN.replace("    sched.step()\n", f"    if epoch == 3:\n        raise {exc.__name__}('stop')\n    sched.step()\n")
+    with pytest.raises(exc):
+        _record(store, code, "cut")
+    run = flor.get_run("cut", store=store)
+    assert run.status == status and run.epochs_completed == 3
+    assert status in flor.runs(store)["status"].tolist()
+    df = flor.replay("cut", code=code, epochs="0-2", store=store)
+    assert df.attrs["fidelity"]["faithful"] and df.attrs["fidelity"]["metrics"]["acc"]["compared"] == 3
+    with pytest.raises(errors.EpochSpecError, match="completed epochs 0-2"):
+        flor.replay("cut", epochs=3, store=store)
+
+
+def test_full_disk_keeps_training_and_earlier_checkpoints(store, monkeypatch):
+    real = checkpoint.write
+    calls = []
+
+    def write(path, data):
+        calls.append(path)
+        if len(calls) > 3:  # boundaries 0, 1, 2 fit; then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(checkpoint, "write", write)
+    with pytest.warns(UserWarning, match="checkpoints stopped"):
+        run = _record(store, TRAIN, "full")
+    monkeypatch.setattr(checkpoint, "write", real)
+    assert run.status == "finished" and run.epochs_completed == 5
+    assert sorted(store.checkpoints(run.id)) == [0, 1, 2]
+    df = flor.replay("full", epochs=4, store=store)  # runs epochs 2-4 from checkpoint 2
+    assert df.attrs["fidelity"]["faithful"]
+    assert df.attrs["fidelity"]["timings"][0]["segment"] == {"start": 2, "end": 4, "keep": [4]}
+
+
+def test_no_checkpoint_at_all(store, monkeypatch):
+    def write(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write", write)
+    with pytest.warns(UserWarning):
+        _record(store, TRAIN, "nockpt", epochs=2)
+    with pytest.raises(errors.NoCheckpointError, match="No checkpoint at or before epoch 1"):
+        flor.replay("nockpt", epochs=1, store=store)
+
+
+def test_corrupt_checkpoint_is_reported(recorded, store):
+    path = store.home / store.checkpoints(recorded.id)[2]["path"]
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(errors.ReplayError, match="damaged"):
+        flor.replay("small", epochs=2, store=store)
+
+
+def test_break_completes_the_epoch(store):
+    code = TRAIN + "    if epoch == 2:\n        break\n"
+    run = _record(store, code, "early")
+    assert run.status == "finished" and run.epochs_completed == 3
+    assert sorted(store.checkpoints(run.id)) == [0, 1, 2, 3]
+    assert flor.replay("early", epochs=2, store=store).attrs["fidelity"]["faithful"]
