@@ -74,7 +74,7 @@ class Recorder:
         if total is not None:
             self.store.update_run(self.run.id, epochs_total=total)
         if self.progress is not None:
-            self.progress.reset(total=total)
+            self.progress = self.progress(total)  # a factory until the epoch count is known
         self.checkpoint(0)
         for k, item in enumerate(iterable):
             self.epoch, self.step = k, None
@@ -96,8 +96,8 @@ class Recorder:
         self.completed = k + 1
         self.store.update_run(self.run.id, epochs_completed=self.completed)
         if self.progress is not None:
+            self.progress.set_postfix(self.latest(k), refresh=False)
             self.progress.update(1)
-            self.progress.set_postfix(self.latest(k), refresh=True)
 
     def latest(self, k) -> dict:
         """The last value of each scalar logged at epoch ``k`` (for the progress bar)."""
@@ -174,7 +174,7 @@ class Recorder:
                 "checkpoint_bytes": self.checkpoint_bytes,
             },
         )
-        if self.progress is not None:
+        if self.progress is not None and not callable(self.progress):
             self.progress.close()
 
 
@@ -251,7 +251,7 @@ def record(
     run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=dict(runtime.IDLE.args), env=environment())
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
-    bar = _progress_bar(run) if progress else None
+    bar = (lambda total: _progress_bar(run, total)) if progress else None
     recorder = Recorder(store, run, ns, scope, bar)
     previous = runtime.activate(recorder)
     try:
@@ -267,7 +267,7 @@ def record(
     return store.find_run(run.label)
 
 
-def _progress_bar(run):
+def _progress_bar(run, total):
     from tqdm.auto import tqdm
 
-    return tqdm(desc=run.label, unit="epoch", leave=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=run.label, unit="epoch", leave=True, dynamic_ncols=True)

@@ -213,7 +213,11 @@ def to_html(nb) -> str:
 
     # The lab template loads require.js, MathJax and mermaid from a CDN; the report needs none of them.
     offline = ("{%- extends 'index.html.j2' -%}\n{% block html_head_js %}{% endblock %}\n"
-               "{% block html_head_js_mathjax %}{% endblock %}\n{% block html_head_js_mermaidjs %}{% endblock %}\n")
+               "{% block html_head_js_mathjax %}{% endblock %}\n{% block html_head_js_mermaidjs %}{% endblock %}\n"
+               # Plots get alternative text (the stock template has none, and nbconvert warns about it).
+               "{% block data_png scoped %}<div class=\"jp-RenderedImage jp-OutputArea-output {{ extra_class }}\">"
+               "<img src=\"data:image/png;base64,{{ output.data['image/png'] | escape_html }}\" "
+               "alt=\"{{ output.metadata.get('alt', 'flor_nb plot') | escape_html }}\"></div>{% endblock data_png %}\n")
     exporter = HTMLExporter(extra_loaders=[DictLoader({"flor_report.html.j2": offline})],
                             template_file="flor_report.html.j2")
     body, _ = exporter.from_notebook_node(nb)
