@@ -87,11 +87,12 @@ def dataframe(*names, run=None, store=None) -> pd.DataFrame:
 
 
 def checkpoints(run, store=None) -> pd.DataFrame:
-    """Which epoch boundaries of a run have checkpoints, and their size on disk."""
+    """A run's checkpoints: the epoch each was taken in (-1: before the loop), where in it
+    (``start``, ``step`` at the step loop's exit, ``end``), bytes new on disk and bytes of the whole state."""
     st = get_store(store)
     r = st.find_run(run)
-    rows = [{"before_epoch": b, "bytes": c["bytes"], "path": c["path"]} for b, c in st.checkpoints(r.id).items()]
-    return pd.DataFrame(rows, columns=["before_epoch", "bytes", "path"])
+    cols = ["epoch", "kind", "bytes", "logical_bytes", "path"]
+    return pd.DataFrame([{c: row[c] for c in cols} for row in st.checkpoints(r.id).values()], columns=cols)
 
 
 def replays(run, store=None) -> list[dict]:

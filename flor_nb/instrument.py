@@ -77,9 +77,8 @@ def _wrap(loop: ast.For, kind: str):
     loop.iter = ast.copy_location(call, loop.iter)
 
 
-def instrument(source: str, what: str = "cell") -> tuple[ast.Module, Loops]:
-    """Return the cell's AST with its loops wrapped, and where they are."""
-    tree = parse(source, what)
+def _find(tree: ast.Module, what: str):
+    """(epoch loop, step loop or None, epoch explicit, step explicit)."""
     all_fors = list(_fors(tree.body, into_loops=True))
     epoch = next((f for f in all_fors if _loop_marker(f.iter) == "epoch"), None)
     explicit = epoch is not None
@@ -96,12 +95,46 @@ def instrument(source: str, what: str = "cell") -> tuple[ast.Module, Loops]:
     step_explicit = step is not None
     if step is None:
         step = inner[0] if inner else None
+    return epoch, step, explicit, step_explicit
+
+
+def instrument(source: str, what: str = "cell") -> tuple[ast.Module, Loops]:
+    """Return the cell's AST with its loops wrapped, and where they are."""
+    tree = parse(source, what)
+    epoch, step, explicit, step_explicit = _find(tree, what)
     if not explicit:
         _wrap(epoch, "epoch")
     if step is not None and not step_explicit:
         _wrap(step, "step")
     ast.fix_missing_locations(tree)
     return tree, Loops(epoch.lineno, step.lineno if step else None, explicit, step_explicit)
+
+
+def changes(recorded: str, edited: str) -> dict:
+    """Where the edit touches the epoch body: ``step`` (the step loop), ``pre`` (before it).
+
+    ``pre`` is also true when code before the step loop logs anything: its values need
+    the true state at the epoch start, so such an epoch cannot be replayed on its own.
+    """
+    tree = parse(edited, "replayed cell")
+    epoch, step, _, _ = _find(tree, "replayed cell")
+    if step is None:
+        return {"step": True, "pre": True}
+    lines = set()
+    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
+    for op, _, _, j1, j2 in sm.get_opcodes():
+        if op != "equal":
+            lines.update(range(j1 + 1, j2 + 1) if j2 > j1 else (j1, j1 + 1))
+    body_start = epoch.body[0].lineno
+    pre_stmts = [s for s in epoch.body if s.end_lineno < step.lineno]
+    logs_before = any(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "log"
+        for s in pre_stmts for n in ast.walk(s)
+    )
+    return {
+        "step": any(step.lineno <= ln <= step.end_lineno for ln in lines),
+        "pre": logs_before or any(body_start <= ln < step.lineno for ln in lines),
+    }
 
 
 def probe_diff(recorded: str, edited: str) -> str:

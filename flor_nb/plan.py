@@ -1,10 +1,23 @@
-"""Which epochs to replay, and from which checkpoints, split into segments for workers."""
+"""Which epochs to replay, from which checkpoints, and where the step loop can be skipped.
+
+Checkpoints are taken in epoch ``e`` either at the step loop's exit (kind
+``step``), at the epoch end (``end``), or before the loop (``start``, e=-1).
+A *segment* is a run of consecutive epochs on one worker. Each epoch in it
+runs ``full``, or ``skip``: the step loop is replaced by restoring that epoch's
+``step`` checkpoint, so only the code around it runs (Flor's SkipBlock). An
+epoch may be skipped when it has a ``step`` checkpoint and the probes do not
+touch the step loop; if they also leave the code before the step loop alone,
+it needs no earlier state at all (an *independent* epoch).
+"""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .errors import EpochSpecError, NoCheckpointError
+
+FULL, SKIP = "full", "skip"
+_COST = {FULL: 1.0, SKIP: 0.1}  # relative cost of an epoch, for splitting work across workers
 
 
 def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
@@ -40,55 +53,95 @@ def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
 
 @dataclass
 class Segment:
-    """Restore checkpoint ``start`` (the state before epoch ``start``), then run ``start..end``."""
+    """Run epochs ``first..last``; restore checkpoint ``restore`` before ``first`` (None: no restore)."""
 
-    start: int
-    end: int
+    first: int
+    last: int
     keep: list[int]
+    restore: int | None
+    modes: dict = field(default_factory=dict)
 
-    @property
-    def epochs(self) -> list[int]:
-        return list(range(self.start, self.end + 1))
+    def cost(self) -> float:
+        return sum(_COST[m] for m in self.modes.values())
 
     def to_dict(self):
-        return asdict(self)
+        d = asdict(self)
+        d["modes"] = {str(k): v for k, v in self.modes.items()}
+        return d
 
 
-def plan(epochs: list[int], checkpoints: set[int], workers: int, label: str = "the run") -> list[Segment]:
-    """Group epochs into segments that each start at a checkpoint; split to use ``workers``."""
+def plan(epochs, ckpts: dict, workers: int = 1, step_changed: bool = True, pre_changed: bool = True,
+         label: str = "the run") -> list[Segment]:
+    """Segments that replay ``epochs`` given checkpoints ``{epoch: kind}``.
+
+    ``step_changed``: the edited code changes the step loop (its kept epochs run in full).
+    ``pre_changed``: it changes or logs in the epoch body before the step loop (needs true state there).
+    """
+    steps = {e for e, kind in ckpts.items() if kind == "step"}
+
+    def mode(e, kept):
+        return SKIP if e in steps and not (kept and step_changed) else FULL
+
     segments: list[Segment] = []
     for k in epochs:
-        base = max((b for b in checkpoints if b <= k), default=None)
-        if base is None:
-            have = ", ".join(map(str, sorted(checkpoints))) or "none"
+        prev = segments[-1] if segments else None
+        if mode(k, True) == SKIP and not pre_changed:
+            if prev is not None and prev.last == k - 1:
+                _extend(prev, k, mode)
+            else:
+                segments.append(Segment(k, k, [k], None, {k: SKIP}))
+            continue
+        j = max((e for e in ckpts if e < k), default=None)
+        if j is None:
+            have = ", ".join(map(str, sorted(ckpts))) or "none"
             raise NoCheckpointError(
-                f"No checkpoint at or before epoch {k} in {label} (checkpoints before epochs: {have}). "
-                "Record the run again; checkpoints are written at every epoch boundary by default."
+                f"No checkpoint before epoch {k} in {label} (checkpoints taken in epochs: {have}). "
+                "Replay later epochs, or record again with room on disk."
             )
-        last = segments[-1] if segments else None
-        if last is not None and base <= last.end + 1:
-            last.end = k  # continue the live run: cheaper than restoring
-            last.keep.append(k)
+        if prev is not None and prev.last >= j:
+            _extend(prev, k, mode)
         else:
-            segments.append(Segment(base, k, [k]))
-    return _split(segments, checkpoints, workers)
+            segments.append(_start(j, k, ckpts, mode))
+    return _split(segments, ckpts, workers, mode)
 
 
-def _split(segments: list[Segment], checkpoints: set[int], workers: int) -> list[Segment]:
-    """Cut the longest segments at checkpoints until there is one per worker (or no cut is left)."""
+def _extend(seg: Segment, k: int, mode):
+    for m in range(seg.last + 1, k + 1):
+        seg.modes[m] = mode(m, m == k)
+    seg.last = k
+    seg.keep.append(k)
+
+
+def _start(j: int, k: int, ckpts: dict, mode) -> Segment:
+    """A segment from checkpoint j (taken in epoch j) to kept epoch k."""
+    if ckpts[j] == "step":  # run epoch j's tail from its step-exit checkpoint, then on
+        seg = Segment(j, k, [k], None, {j: SKIP})
+    else:  # 'start' (j = -1) or 'end': restore, then start at the next epoch
+        seg = Segment(j + 1, k, [k], j, {})
+    for m in range(max(seg.first, j + 1), k + 1):
+        seg.modes[m] = mode(m, m == k)
+    return seg
+
+
+def _split(segments: list[Segment], ckpts: dict, workers: int, mode) -> list[Segment]:
+    """Cut the costliest segment where a checkpoint allows, while that lowers the largest cost."""
     segments = list(segments)
     while len(segments) < workers:
-        segments.sort(key=lambda s: s.end - s.start, reverse=True)
-        seg = segments[0]
-        mid = (seg.start + seg.end + 1) / 2
-        cuts = [b for b in checkpoints if seg.start < b <= seg.end and any(k >= b for k in seg.keep)
-                and any(k < b for k in seg.keep)]
-        if not cuts:
+        segments.sort(key=Segment.cost, reverse=True)
+        seg, best = segments[0], None
+        for k2 in seg.keep[1:]:
+            j = max(e for e in ckpts if e < k2)
+            right = _start(j, k2, ckpts, mode)
+            for k3 in seg.keep[seg.keep.index(k2) + 1:]:
+                _extend(right, k3, mode)
+            left_keep = [k for k in seg.keep if k < k2]
+            left = Segment(seg.first, left_keep[-1], left_keep, seg.restore,
+                           {m: v for m, v in seg.modes.items() if m <= left_keep[-1]})
+            worst = max(left.cost(), right.cost())
+            if worst < seg.cost() and (best is None or worst < best[0]):
+                best = (worst, left, right)
+        if best is None:
             break
-        cut = min(cuts, key=lambda b: abs(b - mid))
-        left = Segment(seg.start, cut - 1, [k for k in seg.keep if k < cut])
-        right_start = cut
-        right = Segment(right_start, seg.end, [k for k in seg.keep if k >= cut])
-        segments[0:1] = [left, right]
-    segments.sort(key=lambda s: s.start)
+        segments[0:1] = [best[1], best[2]]
+    segments.sort(key=lambda s: s.first)
     return segments

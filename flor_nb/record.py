@@ -1,8 +1,8 @@
 """Record a training cell: run it with logging and a checkpoint at every epoch boundary."""
 from __future__ import annotations
 
-import errno
 import linecache
+import math
 import os
 import platform
 import sys
@@ -17,33 +17,46 @@ from . import checkpoint, runtime, state
 from .cells import Cell, analyze, dependencies
 from .instrument import RUNTIME, instrument
 from .store import Run, Store
+from .writer import Writer
 
 
 class Recorder:
-    """The session while a cell records: buffers logs, checkpoints at epoch ends."""
+    """The session while a cell records.
 
-    def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None):
+    ``flor.log`` only appends to a list; at each epoch end the rows go to a
+    background writer. Checkpoints are snapshots copied in memory on the
+    training thread (the only blocking part) and written by the writer. A
+    snapshot is taken at the step loop's exit (so replay can skip the step loop
+    for probes after it) or, for a cell without one, at the epoch end; how often
+    is set by the overhead budget, measured as training goes.
+    """
+
+    def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02):
         self.store, self.run, self.ns, self.scope = store, run, ns, scope
+        self.overhead = overhead
         self.epoch = None
         self.step = None
         self.rows: list = []
         self.args: dict = {}
         self.completed = 0
+        self.progress = progress
+        self.writer = Writer()
         self.epoch_seconds: list[float] = []
-        self.checkpoint_seconds: list[float] = []
-        self.checkpoint_bytes = 0
-        self.checkpoints_kept = 0
-        self.checkpoint_error = None
+        self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
+        self.checkpointed: list[int] = []
         self.skipped: dict = {}
         self.objects: dict = {}
-        self.progress = progress
-        self._left_at = None  # (epoch, snapshot) when the loop was left by break/exception
+        self.checkpoint_error = None
+        self._step_exits = 0
+        self._step_snap = None
+        self._left_epoch = None  # (epoch, seconds, step snapshot, end snapshot) when left by break/exception
         self._in_loop = False
         self._done = False
-        self._art_dir = store.artifact_dir(run.id)
         self._seq: dict = {}
+        self._last_ckpt = -1
+        self._latest: dict = {}
 
-    # -- the API ---------------------------------------------------------------
+    # -- the API (hot path: keep it tiny) ----------------------------------------
     def log(self, name, value):
         self.rows.append((name, self.epoch, self.step, runtime.scalarize(value)))
         return value
@@ -56,7 +69,7 @@ class Recorder:
     def loop(self, name, iterable):
         if name == "epoch" and not self._in_loop:
             return self._epochs(iterable)
-        if name == "step":
+        if name == "step" and self.epoch is not None:
             return self._steps(iterable)
         return iterable
 
@@ -65,8 +78,12 @@ class Recorder:
             for i, item in enumerate(iterable):
                 self.step = i
                 yield item
-        finally:
+        except GeneratorExit:  # `break` out of the step loop (or an exception): the state right here
             self.step = None
+            self._at_step_exit()
+            raise
+        self.step = None
+        self._at_step_exit()
 
     def _epochs(self, iterable):
         self._in_loop = True
@@ -75,85 +92,122 @@ class Recorder:
             self.store.update_run(self.run.id, epochs_total=total)
         if self.progress is not None:
             self.progress = self.progress(total)  # a factory until the epoch count is known
-        self.checkpoint(0)
+        self._checkpoint(-1, "start", self._snapshot())
         for k, item in enumerate(iterable):
-            self.epoch, self.step = k, None
+            self.epoch, self.step, self._step_exits, self._step_snap = k, None, 0, None
             start = time.perf_counter()
             try:
                 yield item
-            except GeneratorExit:  # break, or an exception in the body: decided in finish()
+            except GeneratorExit:  # break, or an exception in the body: finish() decides
                 if not self._done:
-                    self._left_at = (k, state.capture(self.ns, self.scope), time.perf_counter() - start)
+                    end = self._snapshot() if self._due(k) else None
+                    self._left_epoch = (k, time.perf_counter() - start, self._step_snap, end)
                 raise
-            self.end_epoch(k, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            end = self._snapshot() if self._due(k) and not self._step_exit_ok() else None
+            self._end_epoch(k, seconds, self._step_snap, end)
         self.epoch = None
 
-    # -- epoch boundary --------------------------------------------------------
-    def end_epoch(self, k, seconds, snap=None):
-        self.epoch_seconds.append(seconds)
-        self.flush()
-        self.checkpoint(k + 1, snap)
-        self.completed = k + 1
-        self.store.update_run(self.run.id, epochs_completed=self.completed)
-        if self.progress is not None:
-            self.progress.set_postfix(self.latest(k), refresh=False)
-            self.progress.update(1)
-
-    def latest(self, k) -> dict:
-        """The last value of each scalar logged at epoch ``k`` (for the progress bar)."""
-        out = {}
-        for name, epoch, _, value in self._flushed_tail:
-            if epoch == k and isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[name] = f"{value:.4g}"
-        return out
-
-    def checkpoint(self, boundary: int, snap=None):
+    # -- checkpoints -------------------------------------------------------------
+    def _due(self, k) -> bool:
+        """Checkpoint epoch k? Every epoch while affordable; else every ceil(C / (budget * t)) epochs."""
         if self.checkpoint_error:
-            return
+            return False
+        if not self.epoch_seconds or not self.snapshot_seconds:
+            return True
+        t = sorted(self.epoch_seconds)[len(self.epoch_seconds) // 2]
+        c = sorted(self.snapshot_seconds[-5:])[len(self.snapshot_seconds[-5:]) // 2]
+        period = max(1, math.ceil(c / (self.overhead * max(t, 1e-9))))
+        return k - self._last_ckpt >= period
+
+    def _step_exit_ok(self) -> bool:
+        return self._step_exits == 1 and self._step_snap is not None
+
+    def _at_step_exit(self):
+        self._step_exits += 1
+        if self._step_exits == 1 and self._due(self.epoch):
+            self._step_snap = self._snapshot()
+        else:
+            self._step_snap = None  # the step loop ran twice: only an epoch-end checkpoint is exact
+
+    def _snapshot(self):
         start = time.perf_counter()
-        snap = snap or state.capture(self.ns, self.scope)
-        self.skipped.update(snap["skipped"])
-        digests = state.digest(snap)
-        data = checkpoint.encode(snap, digests)
-        rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{boundary:05d}.ckpt"
-        try:
-            checksum = checkpoint.write(self.store.home / rel, data)
-        except OSError as e:
-            # A full disk must not kill training: keep going, say so, replay uses earlier checkpoints.
-            self.checkpoint_error = f"checkpoints stopped at boundary {boundary}: {e}"
-            warnings.warn(f"flor_nb: {self.checkpoint_error}. Free space, then record again.", stacklevel=2)
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                warnings.warn(f"flor_nb: unexpected error writing a checkpoint: {e!r}", stacklevel=2)
+        snap = state.capture(self.ns, self.scope)
+        return snap, time.perf_counter() - start
+
+    def _checkpoint(self, epoch: int, kind: str, taken, end_digests=None, extra_seconds=0.0):
+        if taken is None or self.checkpoint_error:
             return
-        self.store.add_checkpoint(self.run.id, boundary, rel, len(data), checksum, runtime.to_json(digests))
-        self.checkpoint_bytes += len(data)
-        self.checkpoints_kept += 1
-        self.checkpoint_seconds.append(time.perf_counter() - start)
+        snap, copy_seconds = taken
+        copy_seconds += extra_seconds
+        self.skipped.update(snap["skipped"])
         if not self.objects:
             self.objects = {k.partition("/")[2]: k.partition("/")[0] for k in snap["tensors"] if k.startswith("obj/")}
+        waited = self.writer.submit_checkpoint(self._persist, epoch, kind, snap, end_digests)
+        self.snapshot_seconds.append(copy_seconds + waited)
+        self._last_ckpt = epoch
+        self._check_writer()
 
-    _flushed_tail: list = []
+    def _persist(self, epoch, kind, snap, end_digests):
+        """On the writer thread: blobs and file, then the index row."""
+        rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.ckpt"
+        info = checkpoint.write(self.store.home, rel, snap)
+        self.store.add_checkpoint(self.run.id, epoch, kind, rel, info["bytes"], info["logical_bytes"],
+                                  info["checksum"], runtime.to_json(info["digests"]),
+                                  None if end_digests is None else runtime.to_json(end_digests))
+        self.checkpointed.append(epoch)
 
-    def flush(self):
+    def _check_writer(self):
+        """Surface a failed write once: a full disk stops checkpoints, never training."""
+        if self.writer.errors and not self.checkpoint_error:
+            e = self.writer.errors[0]
+            self.checkpoint_error = f"checkpoints stopped after epoch {max(self.checkpointed, default=-1)}: {e}"
+            warnings.warn(f"flor_nb: {self.checkpoint_error}. Completed epochs stay replayable from earlier "
+                          "checkpoints; free space, then record again.", stacklevel=3)
+
+    # -- epoch boundary ----------------------------------------------------------
+    def _end_epoch(self, k, seconds, step_snap, end_snap):
+        self.epoch_seconds.append(seconds)
+        if self._step_exit_ok() and step_snap is not None:
+            # Also hash (not copy) the state at the epoch end: replay checks the code after the
+            # step loop against it, so a probe there that changes training is caught.
+            start = time.perf_counter()
+            end = checkpoint.digests(state.capture(self.ns, self.scope, copy=False))
+            self._checkpoint(k, "step", step_snap, end, time.perf_counter() - start)
+        elif end_snap is not None:
+            self._checkpoint(k, "end", end_snap)
         rows, self.rows = self.rows, []
-        self._flushed_tail = rows[-50:]
+        self.completed = k + 1
+        self.writer.submit(self._write_logs, rows, k + 1)
+        self._latest = {n: v for n, e, _, v in rows[-64:] if e == k and isinstance(v, (int, float))}
+        if self.progress is not None and not callable(self.progress):
+            self.progress.set_postfix({n: f"{v:.4g}" for n, v in self._latest.items()}, refresh=False)
+            self.progress.update(1)
+
+    def _write_logs(self, rows, completed=None):
         encoded = []
         for name, epoch, step, value in rows:
             key = (name, epoch, step)
             seq = self._seq.get(key, 0)
             self._seq[key] = seq + 1
             if isinstance(value, np.ndarray):
-                value = save_array(self._art_dir, self.store.home, name, epoch, step, seq, value)
+                value = save_array(self.store.artifact_dir(self.run.id), self.store.home, name, epoch, step, seq, value)
             encoded.append((name, epoch, step, seq, runtime.to_json(value)))
         self.store.add_logs(self.run.id, encoded)
+        if completed is not None:
+            self.store.update_run(self.run.id, epochs_completed=completed)
 
-    # -- end of the cell -------------------------------------------------------
+    # -- end of the cell ---------------------------------------------------------
     def finish(self, status: str, error: str | None = None):
         self._done = True
-        if self._left_at is not None and status == "finished":
-            k, snap, seconds = self._left_at  # the loop ended with `break` in epoch k
-            self.end_epoch(k, seconds, snap)
-        self.flush()
+        if self._left_epoch is not None and status == "finished":
+            k, seconds, step_snap, end_snap = self._left_epoch  # the loop ended with `break` in epoch k
+            self._step_snap = step_snap
+            self._end_epoch(k, seconds, step_snap, end_snap)
+        rows, self.rows = self.rows, []
+        self.writer.submit(self._write_logs, rows)
+        self.writer.close()  # everything submitted is on disk before the run is closed
+        self._check_writer()
         args = {**runtime.IDLE.args, **self.args}
         self.store.update_run(
             self.run.id,
@@ -170,8 +224,9 @@ class Recorder:
             },
             timings={
                 "epoch_seconds": self.epoch_seconds,
-                "checkpoint_seconds": self.checkpoint_seconds,
-                "checkpoint_bytes": self.checkpoint_bytes,
+                "snapshot_seconds": self.snapshot_seconds,
+                "writer_seconds": self.writer.busy_seconds,
+                "overhead_budget": self.overhead,
             },
         )
         if self.progress is not None and not callable(self.progress):
@@ -223,6 +278,7 @@ def record(
     state_spec: str | None = None,
     store: Store | str | None = None,
     progress: bool = False,
+    overhead: float = 0.02,
 ) -> Run:
     """Run ``code`` (a training cell) in ``namespace``, recording logs and checkpoints.
 
@@ -234,6 +290,7 @@ def record(
     history : executed cells (the extension tracks them); the ones ``code`` needs are kept.
     cells : for scripts, the sources that rebuild the namespace on replay, in order.
     state_spec : ``"a,b"`` narrows the checkpointed names, ``"+a,+b"`` adds to them.
+    overhead : checkpoint time budget as a fraction of training time (every epoch while it fits).
     """
     from . import api
 
@@ -252,7 +309,7 @@ def record(
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     bar = (lambda total: _progress_bar(run, total)) if progress else None
-    recorder = Recorder(store, run, ns, scope, bar)
+    recorder = Recorder(store, run, ns, scope, bar, overhead)
     previous = runtime.activate(recorder)
     try:
         exec(compile(tree, filename, "exec"), ns)

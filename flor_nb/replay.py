@@ -10,14 +10,14 @@ import pandas as pd
 from . import executor as executors
 from . import runtime
 from .errors import FlorError
-from .instrument import instrument, parse
+from .instrument import changes, instrument, parse
 from .plan import parse_epochs, plan
 from .store import Run, Store
 from .worker import SERIOUS, run_segment
 
 
 def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None) -> dict:
-    """Validate a replay request and plan it, without running anything (the widget's estimate)."""
+    """Validate and plan a replay without running it: what will run, where, and an estimate."""
     code = run.code if code is None else code
     instrument(code, what="replayed cell")  # syntax errors and missing loops, pointed at their line
     deps = [dict(c) for c in run.deps]
@@ -30,15 +30,23 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         match[0]["source"] = source
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
     ckpts = store.checkpoints(run.id)
+    kinds = {e: r["kind"] for e, r in ckpts.items()}
+    touched = changes(run.code, code)
+    if cells:  # an edited helper may run inside the step loop
+        touched["step"] = True
     # Float reductions depend on the thread count: replay with the recorded one, so results are
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
-    workers = workers or max(1, min((os.cpu_count() or 1) // threads, len(selected)))
-    segments = plan(selected, set(ckpts), workers, run.label)
+    max_workers = workers or max(1, (os.cpu_count() or 1) // threads)
+    segments = plan(selected, kinds, max_workers, touched["step"], touched["pre"], run.label)
+    workers = min(max_workers, len(segments))
     per_epoch = run.timings.get("epoch_seconds") or []
     mean = sum(per_epoch) / len(per_epoch) if per_epoch else None
-    run_epochs = sum(len(s.epochs) for s in segments)
-    workers = min(workers, len(segments))
+    costs = sorted((s.cost() for s in segments), reverse=True)
+    load = [0.0] * workers
+    for c in costs:  # greedy: what the slowest worker will do
+        load[load.index(min(load))] += c
+    skipped = sum(m == "skip" for s in segments for m in s.modes.values())
     return {
         "code": code,
         "cells": deps,
@@ -47,10 +55,15 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "segments": segments,
         "workers": workers,
         "threads": threads,
-        "checkpoints": {str(b): r["path"] for b, r in ckpts.items()},
-        "digests": {str(b): runtime.from_json(r["digest"]) for b, r in ckpts.items()},
-        "estimate_seconds": None if mean is None else mean * run_epochs / max(workers, 1),
-        "epochs_to_run": run_epochs,
+        "touched": touched,
+        "kinds": {str(e): k for e, k in kinds.items()},
+        "checkpoints": {str(e): r["path"] for e, r in ckpts.items()},
+        "digests": {str(e): runtime.from_json(r["digest"]) for e, r in ckpts.items()},
+        "end_digests": {str(e): runtime.from_json(r["end_digest"]) for e, r in ckpts.items() if r["end_digest"]},
+        "epochs_to_run": sum(len(s.modes) for s in segments),
+        "epochs_skipping_steps": skipped,
+        "estimate_seconds": None if mean is None else mean * max(load),
+        "summary": _describe(selected, segments, workers, touched),
     }
 
 
@@ -68,11 +81,13 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     run = store.find_run(run)
     p = prepare(store, run, code, epochs, cells, workers)
     replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"],
-                                    {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"]})
+                                    {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"],
+                                     "summary": p["summary"]})
     tasks = [{
         "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
         "code": p["code"], "cells": p["cells"], "args": run.args,
-        "segment": seg.to_dict(), "checkpoints": p["checkpoints"], "digests": p["digests"],
+        "segment": seg.to_dict(), "checkpoints": p["checkpoints"], "digests": p["digests"], "kinds": p["kinds"],
+        "end_digests": p["end_digests"],
         "scope": _scope_spec(run),
     } for seg in p["segments"]]
     ex = executor or executors.local(p["workers"], p["threads"])
@@ -87,18 +102,29 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         raise
     duration = time.perf_counter() - started
     rows = [r for res in results for r in res["rows"]]
-    ran = sorted({e for res in results for e in range(res["segment"]["start"], res["segment"]["end"] + 1)})
+    modes = {int(e): m for res in results for e, m in res["modes"].items()}
     recorded = store.logs([run.id], kind="recorded")
     recorded_names = {r["name"] for r in recorded}
-    fidelity = check(recorded, rows, ran, results)
+    fidelity = check(recorded, rows, modes, results)
     probes = sorted({r[0] for r in rows} - recorded_names)
     keep = [r for r in rows if r[0] in probes]
-    store.replace_hindsight(run.id, probes, ran, keep, replay_id)
+    store.replace_hindsight(run.id, probes, sorted(modes), keep, replay_id)
     fidelity["seconds"] = duration
     fidelity["timings"] = [{k: res[k] for k in ("segment", "setup_seconds", "restore_seconds", "epoch_seconds", "pid")}
                            for res in results]
+    fidelity["plan"] = p["summary"]
+    fidelity["modes"] = modes
     store.finish_replay(replay_id, "finished", duration, probes, fidelity)
     return result_frame(run, recorded, rows, probes, p["epochs"], fidelity)
+
+
+
+def _describe(selected, segments, workers, touched) -> str:
+    full = sum(m == "full" for s in segments for m in s.modes.values())
+    skip = sum(m == "skip" for s in segments for m in s.modes.values())
+    why = ("the probes change the step loop" if touched["step"] else "the probes sit outside the step loop")
+    return (f"replay {len(selected)} epoch(s) as {len(segments)} segment(s) on {workers} worker(s): "
+            f"{full} epoch(s) in full, {skip} with the step loop skipped ({why})")
 
 
 def _scope_spec(run: Run) -> dict:
@@ -106,11 +132,13 @@ def _scope_spec(run: Run) -> dict:
     return {"only": set(spec["only"]) if spec.get("only") else None, "extra": set(spec.get("extra") or ())}
 
 
-def check(recorded, rows, ran, results) -> dict:
-    """Compare recorded metrics with their re-computed values, per metric; and the state digests."""
-    ran_set = set(ran)
+def check(recorded, rows, modes: dict, results) -> dict:
+    """Compare recorded metrics with their re-computed values, per metric; and the state digests.
+
+    ``modes`` maps each kept epoch to how it ran: a ``skip`` epoch recomputes no step-level value.
+    """
     want = {(r["name"], r["epoch"], r["step"], r["seq"]): runtime.from_json(r["value"])
-            for r in recorded if r["epoch"] in ran_set}
+            for r in recorded if r["epoch"] in modes and (r["step"] is None or modes[r["epoch"]] == "full")}
     got = {(n, e, s, q): runtime.from_json(v) for n, e, s, q, v in rows}
     metrics = {}
     by_name = defaultdict(list)
@@ -143,7 +171,7 @@ def check(recorded, rows, ran, results) -> dict:
     faithful = all(m["verdict"] == "exact" for m in metrics.values() if m["verdict"] != "missing") and not state_changed
     return {"faithful": faithful, "metrics": metrics, "state_diverged": state_changed,
             "variables_differ": {e: [k for k in d["differ"] if k.startswith("var/")] for e, d in divergence.items()},
-            "epochs": ran}
+            "epochs": sorted(modes)}
 
 
 def verdict_text(fidelity: dict) -> str:

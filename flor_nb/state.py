@@ -15,8 +15,6 @@ attributes (a DataLoader's generator, ``trainer.model``).
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import pickle
 import random
 import types
@@ -150,18 +148,22 @@ def resolve(ns: dict, path: str):
     return obj
 
 
-def capture(ns: dict, scope: Scope) -> dict:
-    """Copy everything needed to resume from here into a snapshot dict."""
+def capture(ns: dict, scope: Scope, copy: bool = True) -> dict:
+    """Copy everything needed to resume from here into a snapshot dict.
+
+    ``copy=False`` leaves tensors aliasing the live ones: only for hashing right away.
+    """
+    dup = _copy if copy else (lambda tree: tree)
     objects, variables = discover(ns, scope)
     tensors, python, skipped = {}, {}, {}
     for path, kind in objects.items():
         obj = resolve(ns, path)
         if kind == "module":
-            tensors[f"obj/{path}"] = _copy(obj.state_dict())
-            tensors[f"grad/{path}"] = {n: p.grad.detach().clone() for n, p in obj.named_parameters() if p.grad is not None}
+            tensors[f"obj/{path}"] = dup(obj.state_dict())
+            tensors[f"grad/{path}"] = dup({n: p.grad for n, p in obj.named_parameters() if p.grad is not None})
             python[f"train/{path}"] = [m.training for m in obj.modules()]
         elif kind in ("optimizer", "stateful"):
-            tensors[f"obj/{path}"] = _copy(obj.state_dict())
+            tensors[f"obj/{path}"] = dup(obj.state_dict())
         elif kind == "torch_generator":
             tensors[f"obj/{path}"] = obj.get_state()
         elif kind == "np_generator":
@@ -171,7 +173,7 @@ def capture(ns: dict, scope: Scope) -> dict:
     for name in variables:
         value = ns[name]
         if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-            tensors[f"var/{name}"] = value.detach().clone()
+            tensors[f"var/{name}"] = dup(value)
             continue
         try:
             python[f"var/{name}"] = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -234,38 +236,3 @@ def restore(ns: dict, snap: dict):
     torch.set_rng_state(tensors["rng/torch"])
     np.random.set_state(python["rng/numpy"])
     random.setstate(python["rng/random"])
-
-
-def digest(snap: dict) -> dict[str, str]:
-    """A short content hash per snapshot entry, to tell where a replay diverged."""
-    out = {}
-    for key, value in snap["tensors"].items():
-        h = hashlib.blake2b(digest_size=8)
-        _hash_tree(h, value)
-        out[key] = h.hexdigest()
-    for key, value in snap["python"].items():
-        if key.startswith("var/"):
-            out[key] = hashlib.blake2b(value, digest_size=8).hexdigest()
-    return out
-
-
-def _hash_tree(h, tree):
-    if isinstance(tree, torch.Tensor):
-        t = tree.detach().contiguous().cpu()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(tree, dict):
-        for k in sorted(tree, key=str):
-            h.update(str(k).encode())
-            _hash_tree(h, tree[k])
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            _hash_tree(h, v)
-    else:
-        h.update(repr(tree).encode())
-
-
-def tensors_bytes(snap: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(snap["tensors"], buf)
-    return buf.getvalue()

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UnknownRunError
+from .errors import FlorError, UnknownRunError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -53,11 +53,14 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, kind, name, epoch);
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id INTEGER NOT NULL REFERENCES runs(id),
-    epoch INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,          -- taken in this epoch; -1: before the epoch loop
+    kind TEXT NOT NULL,              -- 'start', 'step' (at the step loop's exit) or 'end' (epoch end)
     path TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,          -- bytes new on disk (unchanged tensors are shared)
+    logical_bytes INTEGER NOT NULL,  -- bytes of the whole state
     checksum TEXT NOT NULL,
     digest TEXT NOT NULL,
+    end_digest TEXT,                 -- for 'step' checkpoints: digests of the state at the epoch end
     created REAL NOT NULL,
     PRIMARY KEY (run_id, epoch)
 );
@@ -124,6 +127,10 @@ class Store:
         self._local = threading.local()
         self.db.executescript(_SCHEMA)
         self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        found = int(self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
+        if found != SCHEMA_VERSION:
+            raise FlorError(f"The store {self.home} has schema {found}; this flor_nb uses {SCHEMA_VERSION}. "
+                            "Use another store (FLOR_NB_HOME) or the flor_nb version that wrote it.")
 
     # -- connection ------------------------------------------------------------
     @property
@@ -227,11 +234,11 @@ class Store:
         return self.db.execute(sql, params).fetchall()
 
     # -- checkpoints -----------------------------------------------------------
-    def add_checkpoint(self, run_id, epoch, path, nbytes, checksum, digest):
+    def add_checkpoint(self, run_id, epoch, kind, path, nbytes, logical_bytes, checksum, digest, end_digest=None):
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, epoch, str(path), nbytes, checksum, digest, time.time()),
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, epoch, kind, str(path), nbytes, logical_bytes, checksum, digest, end_digest, time.time()),
             )
 
     def checkpoints(self, run_id) -> dict[int, sqlite3.Row]:

@@ -10,8 +10,9 @@ import types
 
 from . import checkpoint, runtime, state
 from .cells import analyze, strip_shell
-from .errors import ReplayError
+from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, instrument
+from .plan import FULL, SKIP
 
 # Keys whose divergence means training itself changed (variables are reported, not judged).
 SERIOUS = ("obj/", "grad/", "rng/")
@@ -22,7 +23,12 @@ _events = None  # a multiprocessing queue set by the pool initializer
 def init(queue, threads):
     global _events
     _events = queue
+    import warnings
+
     import torch
+
+    # A skipped step loop never calls opt.step(), so torch warns about the scheduler order; it is fine.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
     torch.set_num_threads(threads)
 
@@ -40,15 +46,20 @@ class _ReplayDone(BaseException):
 
 
 class Replayer:
-    """The session inside a worker: logs go to a list; args return recorded values."""
+    """The session inside a worker: logs of kept epochs go to a list; args return recorded values."""
 
     def __init__(self, task: dict):
         self.task = task
         self.home = task["home"]
-        self.start, self.end = task["segment"]["start"], task["segment"]["end"]
+        seg = task["segment"]
+        self.first, self.last, self.restore_at = seg["first"], seg["last"], seg["restore"]
+        self.modes = {int(k): v for k, v in seg["modes"].items()}
+        self.keep = set(seg["keep"])
+        self.kinds = {int(k): v for k, v in task["kinds"].items()}
         self.args = task["args"]
         self.epoch = None
         self.step = None
+        self.mode = None
         self.rows: list = []
         self.seq: dict = {}
         self.setup = True
@@ -61,7 +72,7 @@ class Replayer:
         self.last_step = None  # survives the step loop's cleanup, for error messages
 
     def log(self, name, value):
-        if self.epoch is not None and not self.setup:
+        if self.epoch in self.keep and not self.setup:
             key = (name, self.epoch, self.step)
             seq = self.seq.get(key, 0)
             self.seq[key] = seq + 1
@@ -76,9 +87,20 @@ class Replayer:
             return iterable
         if name == "epoch" and not self._in_loop:
             return self._epochs(iterable)
-        if name == "step":
-            return self._steps(iterable)
+        if name == "step" and self.epoch is not None:
+            return self._skipped() if self.mode == SKIP else self._steps(iterable)
         return iterable
+
+    def _restore(self, epoch: int):
+        t = time.perf_counter()
+        state.restore(self.ns, checkpoint.read(self.home, self.task["checkpoints"][str(epoch)]))
+        self.restore_seconds += time.perf_counter() - t
+
+    def _skipped(self):
+        """The step loop, memoized: put back the state it left, run none of it."""
+        self._restore(self.epoch)
+        return
+        yield  # a generator that yields nothing
 
     def _steps(self, iterable):
         try:
@@ -88,38 +110,46 @@ class Replayer:
             self.last_step = None  # the loop ended normally: later errors are not "in a step"
         finally:
             self.step = None
+        if self.kinds.get(self.epoch) == "step":
+            self._verify(self.epoch, self.task["digests"])
 
     def _epochs(self, iterable):
         self._in_loop = True
         for k, item in enumerate(iterable):
-            if k < self.start:
+            if k < self.first:
                 continue
-            if k > self.end:
+            if k > self.last:
                 break
-            if k == self.start:
-                t = time.perf_counter()
-                snap = checkpoint.read(os.path.join(self.home, self.task["checkpoints"][str(k)]))
-                state.restore(self.ns, snap)
-                self.restore_seconds = time.perf_counter() - t
-            self.epoch, self.step, self.last_step = k, None, None
+            self.epoch, self.step, self.last_step, self.mode = k, None, None, self.modes[k]
+            if k == self.first and self.restore_at is not None:
+                self._restore(self.restore_at)
+            elif k == self.first and self.mode == SKIP:
+                # No true state for this epoch's start: the state at its step-loop exit is the most
+                # plausible one for the code before the step loop (its values are not kept).
+                self._restore(k)
             t = time.perf_counter()
             yield item
             self.epoch_seconds[k] = time.perf_counter() - t
-            self._verify(k + 1)
-            emit({"replay": self.task["replay_id"], "epoch": k, "seconds": self.epoch_seconds[k]})
+            if self.mode == FULL and self.kinds.get(k) == "end":
+                self._verify(k, self.task["digests"])
+            else:
+                self._verify(k, self.task["end_digests"])
+            emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": self.epoch_seconds[k]})
         self.epoch = None
         raise _ReplayDone
 
-    def _verify(self, boundary: int):
-        """Compare the live state after an epoch with the recorded checkpoint's digests."""
-        recorded = self.task["digests"].get(str(boundary))
+    def _verify(self, epoch: int, digests: dict):
+        """Compare the live state with the digests recorded at the same point of the same epoch."""
+        recorded = digests.get(str(epoch))
         if not recorded:
             return
-        live = state.digest(state.capture(self.ns, self.scope))
+        live = checkpoint.digests(state.capture(self.ns, self.scope, copy=False))
         differ = sorted(k for k, v in recorded.items() if k in live and live[k] != v)
         missing = sorted(k for k in recorded if k not in live and k.startswith(SERIOUS))
         if differ or missing:
-            self.divergence[boundary - 1] = {"differ": differ, "missing": missing}
+            d = self.divergence.setdefault(epoch, {"differ": [], "missing": []})
+            d["differ"] = sorted(set(d["differ"]) | set(differ))
+            d["missing"] = sorted(set(d["missing"]) | set(missing))
 
 
 def run_segment(task: dict) -> dict:
@@ -158,7 +188,7 @@ def run_segment(task: dict) -> dict:
             exec(compile(tree, filename, "exec"), ns)
         except _ReplayDone:
             pass
-        except ReplayError:
+        except FlorError:  # ours (a damaged checkpoint, ...): already says what to do
             raise
         except Exception as e:
             where = f" in epoch {rep.epoch}" + (f", step {rep.last_step}" if rep.last_step is not None else "")
@@ -184,6 +214,7 @@ def run_segment(task: dict) -> dict:
         "setup_seconds": setup_seconds,
         "restore_seconds": rep.restore_seconds,
         "epoch_seconds": rep.epoch_seconds,
+        "modes": {k: rep.modes[k] for k in rep.keep},
         "pid": os.getpid(),
     }
 

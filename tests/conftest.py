@@ -59,7 +59,7 @@ def store(tmp_path, monkeypatch):
 
 @pytest.fixture
 def recorded(store):
-    """A 5-epoch run 'small' recorded from a script namespace."""
+    """A 5-epoch run 'small' recorded from a script namespace, with a checkpoint in every epoch."""
     ns = setup_namespace(5)
-    run = flor.record(TRAIN, name="small", namespace=ns, cells=[f"EPOCHS = 5\n{SETUP}"], store=store)
+    run = flor.record(TRAIN, name="small", namespace=ns, cells=[f"EPOCHS = 5\n{SETUP}"], store=store, overhead=1.0)
     return run

@@ -61,7 +61,8 @@ def test_errors_survive_pickling():
 
 def _record(store, code, name, epochs=5):
     ns = setup_namespace(epochs)
-    return flor.record(code, name=name, namespace=ns, cells=[f"EPOCHS = {epochs}\n{SETUP}"], store=store)
+    return flor.record(code, name=name, namespace=ns, cells=[f"EPOCHS = {epochs}\n{SETUP}"], store=store,
+                       overhead=1.0)
 
 
 @pytest.mark.parametrize("exc,status", [(KeyboardInterrupt, "interrupted"), (ValueError, "failed")])
@@ -82,31 +83,32 @@ def test_full_disk_keeps_training_and_earlier_checkpoints(store, monkeypatch):
     real = checkpoint.write
     calls = []
 
-    def write(path, data):
-        calls.append(path)
-        if len(calls) > 3:  # boundaries 0, 1, 2 fit; then the disk is full
+    def write(home, rel, snap):
+        calls.append(rel)
+        if len(calls) > 3:  # the checkpoints before the loop and in epochs 0 and 1 fit; then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
+        return real(home, rel, snap)
 
     monkeypatch.setattr(checkpoint, "write", write)
     with pytest.warns(UserWarning, match="checkpoints stopped"):
         run = _record(store, TRAIN, "full")
     monkeypatch.setattr(checkpoint, "write", real)
     assert run.status == "finished" and run.epochs_completed == 5
-    assert sorted(store.checkpoints(run.id)) == [0, 1, 2]
-    df = flor.replay("full", epochs=4, store=store)  # runs epochs 2-4 from checkpoint 2
+    assert sorted(store.checkpoints(run.id)) == [-1, 0, 1]
+    df = flor.replay("full", epochs=4, store=store)  # epoch 1's tail from its checkpoint, then epochs 2-4
     assert df.attrs["fidelity"]["faithful"]
-    assert df.attrs["fidelity"]["timings"][0]["segment"] == {"start": 2, "end": 4, "keep": [4]}
+    seg = df.attrs["fidelity"]["timings"][0]["segment"]
+    assert (seg["first"], seg["last"], seg["modes"]) == (1, 4, {"1": "skip", "2": "full", "3": "full", "4": "full"})
 
 
 def test_no_checkpoint_at_all(store, monkeypatch):
-    def write(path, data):
+    def write(home, rel, snap):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "write", write)
     with pytest.warns(UserWarning):
         _record(store, TRAIN, "nockpt", epochs=2)
-    with pytest.raises(errors.NoCheckpointError, match="No checkpoint at or before epoch 1"):
+    with pytest.raises(errors.NoCheckpointError, match="No checkpoint before epoch 1"):
         flor.replay("nockpt", epochs=1, store=store)
 
 
@@ -115,7 +117,7 @@ def test_corrupt_checkpoint_is_reported(recorded, store):
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(errors.ReplayError, match="damaged"):
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="damaged"):
         flor.replay("small", epochs=2, store=store)
 
 
@@ -123,5 +125,5 @@ def test_break_completes_the_epoch(store):
     code = TRAIN + "    if epoch == 2:\n        break\n"
     run = _record(store, code, "early")
     assert run.status == "finished" and run.epochs_completed == 3
-    assert sorted(store.checkpoints(run.id)) == [0, 1, 2, 3]
+    assert sorted(store.checkpoints(run.id)) == [-1, 0, 1, 2]
     assert flor.replay("early", epochs=2, store=store).attrs["fidelity"]["faithful"]

@@ -48,7 +48,7 @@ def _values(frame, names, epochs):
 def truth(store):
     """A run that had the probes from the start (same seeds): what replay must reproduce."""
     ns = setup_namespace(5)
-    run = flor.record(PROBED, name="truth", namespace=ns, cells=[f"EPOCHS = 5\n{SETUP}"], store=store)
+    run = flor.record(PROBED, name="truth", namespace=ns, cells=[f"EPOCHS = 5\n{SETUP}"], store=store, overhead=1.0)
     return flor.dataframe(*PROBES, run=run.label, store=store)
 
 
@@ -110,3 +110,32 @@ def test_edited_dependency_cell(recorded, store):
     df = flor.replay("small", code=code, epochs=[1], cells={cell["count"]: edited}, store=store)
     assert df.attrs["fidelity"]["faithful"]
     assert df["inner_probe"].dropna().tolist() == [1.0] * 6
+
+
+def test_sparse_checkpoints_still_exact(truth, store):
+    """A tiny overhead budget keeps only the first checkpoints; replay runs forward from them."""
+    ns = setup_namespace(5)
+    run = flor.record(TRAIN, name="sparse", namespace=ns, cells=[f"EPOCHS = 5\n{SETUP}"], store=store, overhead=1e-9)
+    assert sorted(store.checkpoints(run.id)) == [-1, 0]
+    df = flor.replay("sparse", code=PROBED, epochs="3-4", store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert _values(df, PROBES, {3, 4}) == _values(truth, PROBES, {3, 4})
+
+
+def test_epoch_level_probe_skips_the_step_loop(recorded, truth, store):
+    epoch_level = TRAIN + "    flor.log('wn', weight_norm(model))\n    flor.log('best', best)\n"
+    df = flor.replay("small", code=epoch_level, epochs="0-4", store=store)
+    fid = df.attrs["fidelity"]
+    assert set(fid["modes"].values()) == {"skip"} and "skipped" in fid["plan"]
+    assert fid["faithful"] and fid["metrics"]["acc"]["compared"] == 5
+    assert "loss" not in fid["metrics"]  # no step ran, so no step-level value to compare
+    assert _values(df, ["wn", "best"], set(range(5))) == _values(truth, ["wn", "best"], set(range(5)))
+
+
+def test_probe_before_the_step_loop_gets_the_true_epoch_start(recorded, truth, store):
+    code = TRAIN.replace("    model.train()\n", "    model.train()\n    flor.log('wn', weight_norm(model))\n")
+    df = flor.replay("small", code=code, epochs=[3], store=store)
+    seg = df.attrs["fidelity"]["timings"][0]["segment"]
+    assert seg["first"] == 2 and seg["modes"] == {"2": "skip", "3": "skip"}
+    start_of_3 = _values(truth, ["wn"], {2})[("wn", 2, None)]  # truth logs wn at the end of epoch 2
+    assert df.loc[df["epoch"] == 3, "wn"].dropna().tolist() == [start_of_3]

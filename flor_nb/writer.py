@@ -1,0 +1,55 @@
+"""A background thread that persists logs and checkpoints in order, off the training loop."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+
+class Writer:
+    """Runs submitted jobs one at a time, in order, on a daemon thread.
+
+    At most one checkpoint is in flight: :meth:`submit_checkpoint` blocks while
+    the previous one is still being written (bounded memory), and reports how
+    long it waited so the recorder can widen its checkpoint period.
+    """
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._slot = threading.Semaphore(1)
+        self.errors: list[BaseException] = []
+        self.busy_seconds = 0.0
+        self._thread = threading.Thread(target=self._loop, name="flor_nb-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args, release = job
+            start = time.perf_counter()
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - reported to the recorder, never lost
+                self.errors.append(e)
+            finally:
+                self.busy_seconds += time.perf_counter() - start
+                if release:
+                    self._slot.release()
+
+    def submit(self, fn, *args):
+        self._jobs.put((fn, args, False))
+
+    def submit_checkpoint(self, fn, *args) -> float:
+        """Queue a checkpoint write; returns the seconds spent waiting for the previous one."""
+        start = time.perf_counter()
+        self._slot.acquire()
+        waited = time.perf_counter() - start
+        self._jobs.put((fn, args, True))
+        return waited
+
+    def close(self):
+        """Wait until everything submitted is written."""
+        self._jobs.put(None)
+        self._thread.join()
