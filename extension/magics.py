@@ -102,6 +102,7 @@ class FlorMagics(Magics):
         finally:
             if bar is not None:
                 bar.close()
+        print(f"flor_nb: {df.attrs['fidelity']['plan']} in {df.attrs['fidelity']['seconds']:.1f}s")
         print(df.attrs["verdict"])
         png = flor_nb.plots.probe_png(df)
         if png is not None:

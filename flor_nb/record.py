@@ -58,7 +58,8 @@ class Recorder:
 
     # -- the API (hot path: keep it tiny) ----------------------------------------
     def log(self, name, value):
-        self.rows.append((name, self.epoch, self.step, runtime.scalarize(value)))
+        t = type(value)
+        self.rows.append((name, self.epoch, self.step, value if t is float or t is int else runtime.scalarize(value)))
         return value
 
     def arg(self, name, default):

