@@ -1,0 +1,40 @@
+"""`pip install .` (a real wheel) and `pip install -e .` both give flor_nb, flor_nb.extension, flor_nb.widgets."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHECK = ("import flor_nb, flor_nb.extension, flor_nb.widgets, sys; "
+         "print(flor_nb.__file__); print(flor_nb.extension.__file__); print(flor_nb.widgets.__file__); "
+         "print(callable(flor_nb.load_ipython_extension), callable(flor_nb.widgets.ui))")
+
+
+@pytest.mark.timeout(300)
+def test_wheel_install(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path / "dist")],
+                   check=True, cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("flor_nb-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for required in ("flor_nb/__init__.py", "flor_nb/extension/magics.py", "flor_nb/widgets/__init__.py"):
+        assert required in names
+    assert not any(n.startswith(("extension/", "widgets/", "tests/")) for n in names)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, check=True,
+                         cwd=tmp_path).stdout.split("\n")
+    assert all(line.startswith(str(site)) for line in out[:3]), out
+    assert out[3] == "True True"
+
+
+def test_editable_install_maps_the_folders():
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True,
+                         cwd="/").stdout.split("\n")
+    assert out[1] == str(ROOT / "extension" / "__init__.py") and out[2] == str(ROOT / "widgets" / "__init__.py")
