@@ -252,6 +252,8 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "pid": os.getpid(),
+        "host": platform.node(),
     }
     for mod in ("pandas", "sklearn", "flor_nb"):
         m = sys.modules.get(mod)

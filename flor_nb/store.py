@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sqlite3
 import threading
 import time
@@ -177,7 +178,7 @@ class Store:
 
     def all_runs(self) -> list[Run]:
         rows = self.db.execute("SELECT * FROM runs ORDER BY started, id").fetchall()
-        return [_to_run(r) for r in rows]
+        return [self._reap(_to_run(r)) for r in rows]
 
     def find_run(self, spec) -> Run:
         """Resolve ``NAME`` (latest version), ``NAME@VERSION`` or a Run."""
@@ -196,7 +197,16 @@ class Store:
             known = sorted({f"{r.name}@{r.version}" for r in self.all_runs()})
             hint = ", ".join(known) if known else "none yet: record one with %%flor record --name NAME"
             raise UnknownRunError(f"No run {spec!r} in {self.home}. Known runs: {hint}.")
-        return _to_run(row)
+        return self._reap(_to_run(row))
+
+    def _reap(self, run: Run) -> Run:
+        """A run left 'running' by a process that died (a kernel crash) is marked interrupted."""
+        pid, host = run.env.get("pid"), run.env.get("host")
+        if run.status != "running" or not pid or host != platform.node() or _alive(pid):
+            return run
+        self.update_run(run.id, status="interrupted", error="the recording process died")
+        run.status, run.error = "interrupted", "the recording process died"
+        return run
 
     # -- logs ------------------------------------------------------------------
     def add_logs(self, run_id: int, rows, kind: str = "recorded", replay_id: int | None = None):
@@ -288,6 +298,16 @@ class _Transaction:
 
     def __exit__(self, exc_type, *_):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _to_run(row) -> Run:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import pathlib
 import pickle
 
 import pytest
@@ -127,3 +128,25 @@ def test_break_completes_the_epoch(store):
     assert run.status == "finished" and run.epochs_completed == 3
     assert sorted(store.checkpoints(run.id)) == [-1, 0, 1, 2]
     assert flor.replay("early", epochs=2, store=store).attrs["fidelity"]["faithful"]
+
+
+def test_kernel_death_mid_record_keeps_completed_epochs(store, tmp_path):
+    """The process dies (no exception, no cleanup) in epoch 3: epochs already done stay replayable."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import os, sys\nsys.path.insert(0, %r)\nimport flor_nb as flor\n"
+        "from conftest import SETUP, TRAIN, setup_namespace\n"
+        "code = TRAIN.replace('    sched.step()\\n', '    if epoch == 3:\\n        import time; time.sleep(0.5); os._exit(3)\\n    sched.step()\\n')\n"
+        "ns = setup_namespace(6); ns['os'] = os\n"
+        "flor.record(code, name='died', namespace=ns, cells=['EPOCHS = 6\\n' + SETUP], store=%r, overhead=1.0)\n"
+        % (str(pathlib.Path(__file__).parent), str(store.home))
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path)
+    assert proc.returncode == 3
+    run = flor.get_run("died", store=store)
+    assert run.status == "interrupted" and run.epochs_completed == 3
+    df = flor.replay("died", epochs="0-2", store=store)
+    assert df.attrs["fidelity"]["faithful"] and df.attrs["fidelity"]["metrics"]["acc"]["compared"] == 3
