@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import inspect
 import json
 import os
 import re
@@ -43,7 +44,7 @@ class Probe:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Probe":
+    def from_dict(cls, d: dict) -> Probe:
         return cls(int(d["line"]), d["code"], d.get("preset", "code"), dict(d.get("params") or {}), d.get("indent"))
 
     @property
@@ -337,7 +338,7 @@ class Preset:
     key: str
     title: str
     template: str
-    where: str  # "backward", "epoch_end" or "before_loop": where it goes by default
+    where: str  # "backward", "step_start", "epoch_end" or "before_loop": where it goes by default
     params: tuple = ()  # parameter names the template uses
     note: str = ""
 
@@ -364,11 +365,14 @@ PRESETS = {p.key: p for p in [
            'flor.log("{name}", {optimizer}.param_groups[0]["lr"])',
            "epoch_end", ("name", "optimizer")),
     Preset("activation", "Activation mean/std (forward hook)",
-           'def _flor_hook_{slug}(module, inputs, output):\n'
-           '    flor.log("{name}.mean", output.detach().float().mean())\n'
-           '    flor.log("{name}.std", output.detach().float().std())\n'
-           '{model}.get_submodule("{module}").register_forward_hook(_flor_hook_{slug})',
-           "before_loop", ("name", "model", "module"), "registered once before the epoch loop; logs every forward call"),
+           'if not hasattr({model}.get_submodule("{module}"), "_flor_hook_{slug}"):  # once, at the first step\n'
+           '    def _flor_hook_{slug}(mod, inputs, output):\n'
+           '        flor.log("{name}.mean", output.detach().float().mean())\n'
+           '        flor.log("{name}.std", output.detach().float().std())\n'
+           '    {model}.get_submodule("{module}")._flor_hook_{slug} = (\n'
+           '        {model}.get_submodule("{module}").register_forward_hook(_flor_hook_{slug}))',
+           "step_start", ("name", "model", "module"),
+           "registers a forward hook at the first replayed step; logs every forward call of the module"),
     Preset("class_acc", "Per-class accuracy",
            'flor.log("{name}", {{int(c): float((pred[{labels} == c] == c).float().mean())\n'
            '                 for pred in [({outputs}).detach().argmax(1)] for c in {labels}.unique()}})',
@@ -393,7 +397,11 @@ def objects(run, store=None) -> dict[str, dict]:
     ckpts = st.checkpoints(run.id)
     if not ckpts:
         return {}
-    snap = checkpoint.read(st.home / ckpts[min(ckpts)]["path"])
+    rel = ckpts[min(ckpts)]["path"]
+    if len(inspect.signature(checkpoint.read).parameters) >= 2:
+        snap = checkpoint.read(st.home, rel)
+    else:  # checkpoint files of the first layout: read(path)
+        snap = checkpoint.read(st.home / rel)
     out = {}
     for key, value in snap["tensors"].items():
         kind, _, path = key.partition("/")
@@ -460,10 +468,19 @@ def _batch_names(code: str) -> tuple[str, str]:
     return "x", "y"
 
 
-def preset(run, key: str, params: dict | None = None, line: int | None = None, objs: dict | None = None) -> Probe:
-    """A :class:`Probe` from preset ``key`` with ``params`` filled in, at ``line`` or its default place."""
+def preset(run, key: str, params: dict | None = None, line: int | None = None, objs: dict | None = None,
+           store=None) -> Probe:
+    """A :class:`Probe` from preset ``key`` with ``params`` filled in, at ``line`` or its default place.
+
+    Parameters not given are guessed from the run (``objs``: :func:`objects`, read if None).
+    """
     if key not in PRESETS:
         raise FlorError(f"Unknown probe preset {key!r}. Presets: {', '.join(PRESETS)}.")
+    if objs is None:
+        try:
+            objs = objects(run, store)
+        except (FlorError, OSError, RuntimeError):
+            objs = {}
     p = PRESETS[key]
     values = {**preset_defaults(run, key, objs), **(params or {})}
     values["slug"] = re.sub(r"\W", "_", values.get("module") or "model") or "model"
@@ -475,7 +492,7 @@ def preset(run, key: str, params: dict | None = None, line: int | None = None, o
 
 
 def default_place(code: str, where: str) -> tuple[int, int | None]:
-    """(line, indent) a preset goes after: ``backward``, ``epoch_end`` or ``before_loop``.
+    """(line, indent) a preset goes after: ``backward``, ``step_start``, ``epoch_end`` or ``before_loop``.
 
     ``indent`` is None where the statement at the line decides it.
     """
@@ -485,7 +502,9 @@ def default_place(code: str, where: str) -> tuple[int, int | None]:
     lines = code.splitlines()
     if where == "before_loop":
         return epoch.lineno - 1, _indent_of(lines[epoch.lineno - 1])
-    if where == "backward":
+    if where == "step_start" and loops.step_line:
+        return _header_end(_loop_at(tree, loops.step_line)), None
+    if where in ("backward", "step_start"):
         for stmt, _ in _statements(tree):
             if not _is_block(stmt) and epoch.lineno < stmt.lineno <= epoch.end_lineno and ".backward(" in ast.unparse(stmt):
                 return stmt.end_lineno, None
@@ -576,43 +595,65 @@ def estimate(run, probes: list[Probe], epochs=None, workers=None, store=None) ->
     """What a replay of ``epochs`` with ``probes`` will do and how long it should take.
 
     Runs nothing. Returns :func:`flor_nb.replay.prepare`'s plan plus ``text``,
-    one paragraph for a person, and ``step_loop``: why the step loop is re-run.
+    one paragraph for a person, ``step_loop``: whether and why the step loop runs,
+    and ``order``: the epochs in the order the workers will report them.
     """
     from .api import get_store
     from .replay import prepare
 
     st = get_store(store)
-    code = edited_code(run, probes)
-    plan = prepare(st, run, code, epochs, None, workers)
-    inside = [p for p, yes in zip(probes, in_step_loop(run, probes)) if yes]
-    rec = {r["name"] for r in st.logs([run.id], kind="recorded") if r["step"] is not None}
-    _, loops = instrument(run.code)
-    if loops.step_line is None:
-        step = "the cell has no step loop"
-    elif inside:
-        step = (f"the step loop runs in full: probe{'s' if len(inside) > 1 else ''} "
-                f"{', '.join(p.title for p in inside)} log{'' if len(inside) > 1 else 's'} inside it")
-    elif rec:
-        step = (f"the step loop runs in full: your probes are epoch-level, but the steps rebuild the end-of-epoch "
-                f"state and re-check the recorded {', '.join(sorted(rec))}")
-    else:
-        step = "the step loop runs in full to rebuild the end-of-epoch state"
+    plan = prepare(st, run, edited_code(run, probes), epochs, None, workers)
     segs = plan["segments"]
-    seg_text = "; ".join(f"epochs {s.start}-{s.end} from the checkpoint before epoch {s.start}"
-                         if s.start != s.end else f"epoch {s.start} from its checkpoint" for s in segs)
-    extra = plan["epochs_to_run"] - len(plan["epochs"])
+    modes = {e: m for s in segs for e, m in s.modes.items()}
+    skipped = sorted(e for e, m in modes.items() if m == "skip")
+    full = sorted(e for e, m in modes.items() if m != "skip")
+    inside = [p.title for p, yes in zip(probes, in_step_loop(run, probes)) if yes]
+    if inside:
+        why = f"{', '.join(inside)} log{'s' if len(inside) == 1 else ''} inside it"
+    elif plan["touched"].get("step"):
+        why = "the probes change it"
+    else:
+        why = "there is no checkpoint at its exit to skip it"
+    kept = set(plan["epochs"])
+    full_kept = [e for e in full if e in kept]
+    full_lead = [e for e in full if e not in kept]
+    if skipped and not full:
+        step = ("skipped in every epoch: the probes sit outside it, so each epoch restores the state at the "
+                "step loop's exit and runs only the code after it")
+    else:
+        parts = []
+        if full_kept:
+            parts.append(f"runs in full in epoch{'s' if len(full_kept) > 1 else ''} {format_epochs(full_kept)} ({why})")
+        if full_lead:
+            parts.append(f"runs in full in epoch{'s' if len(full_lead) > 1 else ''} {format_epochs(full_lead)} "
+                         "on the way (no checkpoint at their step loop's exit)")
+        if skipped:
+            parts.append(f"is skipped in epoch{'s' if len(skipped) > 1 else ''} {format_epochs(skipped)} "
+                         "(restored from the state at the step loop's exit)")
+        step = "; ".join(parts)
+    where = "; ".join(_segment_text(s) for s in segs)
     secs = plan["estimate_seconds"]
     per = run.timings.get("epoch_seconds") or []
     when = ("no recorded epoch timings, so no time estimate" if secs is None else
-            f"about {format_seconds(secs)} of training ({format_seconds(sum(per) / len(per))} per recorded epoch"
-            f"{', split over ' + str(plan['workers']) + ' workers' if plan['workers'] > 1 else ''}), "
+            f"about {format_seconds(secs)} of training (a recorded epoch took {format_seconds(sum(per) / len(per))}), "
             "plus a few seconds to start the workers and re-run the setup cells")
-    text = (f"Replays {len(plan['epochs'])} epoch{'s' if len(plan['epochs']) != 1 else ''} "
-            f"({format_epochs(plan['epochs'])}) of {run.label} with {plan['workers']} "
-            f"worker{'s' if plan['workers'] != 1 else ''}: {seg_text}"
-            f"{f' ({extra} earlier epoch(s) re-run to reach them)' if extra else ''}. "
-            f"In each epoch {step}. Expect {when}.")
-    return {**plan, "text": text, "step_loop": step}
+    n = len(plan["epochs"])
+    extra = plan["epochs_to_run"] - n
+    text = (f"Replays {n} epoch{'s' if n != 1 else ''} ({format_epochs(plan['epochs'])}) of {run.label} with "
+            f"{plan['workers']} worker{'s' if plan['workers'] != 1 else ''}: {where}"
+            f"{f' ({extra} earlier epoch(s) re-run to reach them)' if extra > 0 else ''}. "
+            f"Step loop: {step}. Expect {when}.")
+    order = [e for s in segs for e in sorted(s.modes)]
+    return {**plan, "text": text, "step_loop": step, "order": order, "modes": modes}
+
+
+def _segment_text(seg) -> str:
+    span = f"epoch {seg.first}" if seg.first == seg.last else f"epochs {seg.first}-{seg.last}"
+    if seg.restore is None:
+        return f"{span} from the checkpoint at epoch {seg.first}'s step-loop exit"
+    if seg.restore < 0:
+        return f"{span} from the checkpoint before the first epoch"
+    return f"{span} from the checkpoint after epoch {seg.restore}"
 
 
 def format_seconds(s: float) -> str:
@@ -620,7 +661,7 @@ def format_seconds(s: float) -> str:
         return f"{s * 1000:.0f} ms" if s < 0.95 else "1 s"
     if s < 90:
         return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
-    m, sec = divmod(int(round(s)), 60)
+    m, sec = divmod(round(s), 60)
     return f"{m} min {sec:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 
 

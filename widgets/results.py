@@ -1,0 +1,183 @@
+"""Replay results: the fidelity verdict, the values table, the plots, and errors, as HTML and widgets."""
+from __future__ import annotations
+
+import math
+import traceback
+from numbers import Number
+
+import ipywidgets as W
+import pandas as pd
+from IPython.display import HTML, Image
+
+from flor_nb.errors import FlorError, ReplayError
+from flor_nb.probes import format_epochs
+
+from . import plots
+from .common import Callbacks, guarded, layout
+from .style import esc, section
+
+MAX_ROWS = 5000
+
+
+def cell(v) -> str:
+    """A short, readable form of one logged value."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, Number):
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+    if isinstance(v, dict):
+        if v and all(isinstance(h, dict) and "counts" in h for h in v.values()):
+            return f"histogram \u00d7 {len(v)} layers"
+        items = list(v.items())
+        body = ", ".join(f"{k}: {cell(x)}" for k, x in items[:6])
+        return "{" + body + (", \u2026" if len(items) > 6 else "") + "}"
+    if isinstance(v, (list, tuple)):
+        return f"[{len(v)} values]" if len(v) > 6 else "[" + ", ".join(cell(x) for x in v) + "]"
+    text = str(v)
+    return text if len(text) <= 60 else text[:57] + "\u2026"
+
+
+def sortable(frame: pd.DataFrame, column: str | None, ascending: bool = True) -> pd.DataFrame:
+    """``frame`` sorted by ``column`` (numbers by value, missing last); None keeps the replay order."""
+    if not column or column not in frame:
+        return frame
+    key = frame[column].map(lambda v: v if isinstance(v, Number) and not isinstance(v, bool) else float("nan"))
+    order = pd.to_numeric(key, errors="coerce").sort_values(ascending=ascending, na_position="last", kind="stable").index
+    return frame.loc[order]
+
+
+def table_html(frame: pd.DataFrame, probes=(), sort_by=None, ascending=True, rows="all") -> str:
+    """Every row of the result (up to MAX_ROWS) in a scrolling box, probe columns marked."""
+    view = frame
+    if rows == "epoch" and "step" in frame:
+        view = frame[frame["step"].isna()]
+    elif rows == "steps" and "step" in frame:
+        view = frame[frame["step"].notna()]
+    view = sortable(view, sort_by, ascending)
+    shown = view.head(MAX_ROWS)
+    head = "".join(f'<th class="{"probe" if c in probes else ""}" title="{"hindsight probe" if c in probes else ""}">'
+                   f"{esc(c)}</th>" for c in shown.columns)
+    body = []
+    for values in shown.itertuples(index=False, name=None):
+        tds = []
+        for v in values:
+            text = cell(v)
+            tds.append('<td class="na">-</td>' if text == "" else f"<td>{esc(text)}</td>")
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    note = (f'<div class="flor-muted">{len(view)} rows \u00d7 {len(view.columns)} columns'
+            + (f"; showing the first {MAX_ROWS} (all of them are in <code>panel.result</code>)" if len(view) > MAX_ROWS else "")
+            + "</div>")
+    return (f'<div class="flor-table-wrap"><table class="dataframe"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>{note}')
+
+
+def verdict_html(attrs: dict) -> str:
+    """The fidelity verdict: a banner, then one row per recorded metric."""
+    fid = attrs.get("fidelity") or {}
+    ok = bool(fid.get("faithful"))
+    rows = []
+    for name, m in (fid.get("metrics") or {}).items():
+        first = m.get("first_mismatch")
+        where = ""
+        if first:
+            step = "" if first.get("step") is None else f", step {first['step']}"
+            where = f"epoch {first['epoch']}{step}: recorded {cell(first['recorded'])}, replayed {cell(first['replayed'])}"
+        diff = "" if m["verdict"] == "exact" else cell(m.get("max_abs_diff"))
+        rows.append(f"<tr><td><b>{esc(name)}</b></td><td>{esc(m['verdict'])}</td><td>{m['exact']}/{m['compared']}</td>"
+                    f"<td>{esc(diff)}</td><td>{esc(where)}</td></tr>")
+    table = ("<table><tr><th>recorded metric</th><th>verdict</th><th>exact</th><th>max |diff|</th>"
+             f"<th>first mismatch</th></tr>{''.join(rows)}</table>") if rows else ""
+    secs = fid.get("seconds")
+    took = f" Replay took {secs:.1f} s." if isinstance(secs, (int, float)) else ""
+    icon = "\u2714" if ok else "\u26a0"
+    return (f'<div class="flor-verdict {"ok" if ok else "bad"}">{icon} {esc(attrs.get("verdict", ""))}{esc(took)}'
+            f"{table}</div>")
+
+
+def error_html(exc: BaseException, context: str = "") -> str:
+    """An error as the user should see it: the message, and the traceback of their code if any."""
+    if isinstance(exc, ReplayError):
+        message, tb = exc.args[0], exc.traceback_text
+    elif isinstance(exc, FlorError):
+        message, tb = str(exc), ""
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    head = f"<b>{esc(context)}</b> " if context else ""
+    pre = f"<pre>{esc(tb)}</pre>" if tb else ""
+    return f'<div class="flor-error">{head}{esc(message)}{pre}</div>'
+
+
+def python_snippet(frame) -> str:
+    """The replay as a ``flor.replay`` call, for a notebook cell or a script."""
+    code = (frame.attrs.get("code") or "").strip("\n")
+    body = f"'''{code}\n'''" if "'''" not in code else repr(code + "\n")
+    epochs = format_epochs(frame.attrs.get("epochs", []))
+    text = (f"import flor_nb as flor\ncode = {body}\n"
+            f'df = flor.replay("{frame.attrs.get("run", "")}", code=code, epochs="{epochs}")\n'
+            'print(df.attrs["verdict"])')
+    return ('<details><summary class="flor-muted">The same replay in Python</summary>'
+            f'<pre class="flor-code" style="padding:6px 10px">{esc(text)}</pre></details>')
+
+
+class ResultsView(W.VBox, Callbacks):
+    """The verdict, the values table (sortable, every row) and the plots of one result frame."""
+
+    def __init__(self, on_fail):
+        super().__init__()
+        self._fail = on_fail
+        self.frame = None
+        self.verdict = W.HTML()
+        self.sort_by = W.Dropdown(description="sort by", options=[("replay order", "")], layout=layout(width="260px"))
+        self.order = W.ToggleButtons(options=[("\u2191 asc", True), ("\u2193 desc", False)], value=True,
+                                     style={"button_width": "70px"})
+        self.rows = W.Dropdown(description="rows", options=[("all", "all"), ("epoch-level", "epoch"),
+                                                            ("steps", "steps")], layout=layout(width="200px"))
+        for w in (self.sort_by, self.order, self.rows):
+            w.observe(self._on_view, "value")
+        self.table_out = W.Output(layout=layout(width="100%"))
+        self.plots_out = W.Output(layout=layout(width="100%"))
+        self.snippet = W.HTML()
+        self.children = [
+            W.HTML(section("5", "Results", "hindsight values beside the recorded metrics")),
+            self.verdict,
+            W.HBox([self.sort_by, self.order, self.rows], layout=layout(flex_flow="row wrap", align_items="center")),
+            self.table_out, self.plots_out, self.snippet,
+        ]
+        self.add_class("flor-results")
+
+    def clear(self, message: str = ""):
+        self.frame = None
+        self.verdict.value = message
+        self.table_out.outputs = ()
+        self.plots_out.outputs = ()
+        self.snippet.value = ""
+
+    def show(self, frame, note: str = ""):
+        """Show a result frame (as :func:`flor_nb.replay` returns it)."""
+        self.frame = frame
+        head = f'<div class="flor-muted">{esc(note)}</div>' if note else ""
+        self.verdict.value = head + verdict_html(frame.attrs)
+        with self.quiet():
+            self.sort_by.options = [("replay order", "")] + [(c, c) for c in frame.columns]
+            self.sort_by.value = ""
+        self._render_table()
+        self.plots_out.outputs = ()
+        for _title, data in plots.results(frame, frame.attrs.get("probes", [])):
+            self.plots_out.append_display_data(Image(data=data, format="png"))
+        self.snippet.value = python_snippet(frame)
+
+    def _render_table(self):
+        if self.frame is None:
+            return
+        html = table_html(self.frame, self.frame.attrs.get("probes", []), self.sort_by.value or None,
+                          self.order.value, self.rows.value)
+        self.table_out.outputs = ()
+        self.table_out.append_display_data(HTML(html))
+
+    @guarded
+    def _on_view(self, change):
+        """Sort the table."""
+        self._render_table()
