@@ -59,6 +59,7 @@ class FlorMagics(Magics):
         %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]
         %flor runs | %flor ui [RUN] | %flor report RUN [--out PATH] [--html]
         """
+        __tracebackhide__ = True
         words = shlex.split(line)
         if not words:
             raise UsageError(USAGE)
@@ -74,6 +75,7 @@ class FlorMagics(Magics):
             raise UsageError(str(e)) from None
 
     def _record(self, words, cell):
+        __tracebackhide__ = True
         a = _RECORD.parse_args(words)
         history = list(self.tracker.cells)  # post_run_cell has not run for this cell yet
         run = flor_nb.record(

@@ -75,6 +75,7 @@ class Recorder:
         return iterable
 
     def _steps(self, iterable):
+        __tracebackhide__ = True
         try:
             for i, item in enumerate(iterable):
                 self.step = i
@@ -87,6 +88,7 @@ class Recorder:
         self._at_step_exit()
 
     def _epochs(self, iterable):
+        __tracebackhide__ = True
         self._in_loop = True
         total = len(iterable) if hasattr(iterable, "__len__") else None
         if total is not None:
@@ -297,6 +299,7 @@ def record(
     """
     from . import api
 
+    __tracebackhide__ = True  # IPython shows the user's frames, not ours
     store = api.get_store(store)
     tree, _ = instrument(code)
     if history is not None:
