@@ -13,6 +13,7 @@ from numbers import Number
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 PROBE = "#1f77b4"
 RECORDED = "#7f7f7f"
@@ -229,8 +230,12 @@ def compare(curves: dict[str, pd.DataFrame], max_metrics: int = 4) -> bytes:
             values = per_epoch(long, m) if m else pd.Series(dtype=float)
             if not values.empty:
                 ax.plot(values.index, values.values, "-o", ms=3, lw=1.4, color=COLORS[j % len(COLORS)], label=label)
-        ax.set_title(m or "no recorded metric", fontsize=9, loc="left")
+        steps_only = m is not None and all(
+            long[(long["name"] == m)]["step"].notna().all() for long in curves.values() if (long["name"] == m).any())
+        ax.set_title((m or "no recorded metric") + (" (mean over each epoch's steps)" if steps_only else ""),
+                     fontsize=9, loc="left")
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, frameon=False)
         _style(ax)
     fig.tight_layout()
