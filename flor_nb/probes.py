@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import inspect
 import json
 import os
 import re
@@ -397,11 +396,7 @@ def objects(run, store=None) -> dict[str, dict]:
     ckpts = st.checkpoints(run.id)
     if not ckpts:
         return {}
-    rel = ckpts[min(ckpts)]["path"]
-    if len(inspect.signature(checkpoint.read).parameters) >= 2:
-        snap = checkpoint.read(st.home, rel)
-    else:  # checkpoint files of the first layout: read(path)
-        snap = checkpoint.read(st.home / rel)
+    snap = checkpoint.read(st.home, ckpts[min(ckpts)]["path"])  # the first: state before the epoch loop
     out = {}
     for key, value in snap["tensors"].items():
         kind, _, path = key.partition("/")
