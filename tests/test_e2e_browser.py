@@ -212,7 +212,7 @@ def test_jupyterlab_panel_replays_two_epochs(server, browser, tmp_path):
         page.close()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_notebook7_panel_replays_two_epochs(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 3600})
     try:
