@@ -12,7 +12,7 @@ import flor_nb
 from flor_nb.errors import FlorError
 
 USAGE = """\
-%%flor record [--name NAME] [--state a,b|+a,+b] [--store PATH]   record the training cell below
+%%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
 %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
 %flor runs                                                       list recorded runs
 %flor ui [RUN]                                                   open the replay panel
@@ -30,6 +30,7 @@ def _parser(prog):
 _RECORD = _parser("record")
 _RECORD.add_argument("--name", default="run")
 _RECORD.add_argument("--state", default=None)
+_RECORD.add_argument("--overhead", type=float, default=0.02)
 _RECORD.add_argument("--no-progress", action="store_true")
 _REPLAY = _parser("replay")
 _REPLAY.add_argument("run")
@@ -55,7 +56,7 @@ class FlorMagics(Magics):
     def flor(self, line, cell=None):
         """Hindsight logging: record a training cell, replay it with probes, report.
 
-        %%flor record [--name NAME] [--state a,b|+a,+b] [--store PATH]
+        %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--store PATH]
         %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]
         %flor runs | %flor ui [RUN] | %flor report RUN [--out PATH] [--html]
         """
@@ -80,7 +81,7 @@ class FlorMagics(Magics):
         history = list(self.tracker.cells)  # post_run_cell has not run for this cell yet
         run = flor_nb.record(
             self.shell.transform_cell(cell), name=a.name, namespace=self.shell.user_ns, history=history,
-            state_spec=a.state, store=a.store, progress=not a.no_progress,
+            state_spec=a.state, store=a.store, progress=not a.no_progress, overhead=a.overhead,
         )
         print(flor_nb.api.summary(run, a.store))
 

@@ -15,14 +15,23 @@ import queue
 import sys
 import threading
 import types
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
 from .errors import FlorError, ReplayError
 
 
 class ReplayCancelled(FlorError):
-    """The replay was cancelled; finished segments are kept."""
+    """The replay was cancelled. ``results``: per task, its result if it finished, else None;
+    after :func:`flor_nb.replay` handled it, ``result`` is the frame of the finished epochs."""
+
+    def __init__(self, message, results=()):
+        super().__init__(message, list(results))
+        self.results = list(results)
+        self.result = None
+
+    def __str__(self):
+        return self.args[0]
 
 
 class LocalExecutor:
@@ -41,11 +50,18 @@ class LocalExecutor:
         self._cancelled = threading.Event()
 
     def run(self, fn, tasks: list, on_event=None) -> list:
-        """Run ``fn(task)`` for each task; return results in task order."""
-        self._cancelled.clear()
-        with _no_main():
-            futures = {self._pool.submit(fn, t): i for i, t in enumerate(tasks)}
+        """Run ``fn(task)`` for each task; return results in task order.
+
+        After :meth:`cancel`, raises :class:`ReplayCancelled` holding the results that finished.
+        """
         results: list = [None] * len(tasks)
+        if self._cancelled.is_set():
+            raise ReplayCancelled("Replay cancelled before it started.", results)
+        try:
+            with _no_main():
+                futures = {self._pool.submit(fn, t): i for i, t in enumerate(tasks)}
+        except RuntimeError:  # cancelled while submitting: the pool is shut down
+            raise ReplayCancelled("Replay cancelled before it started.", results) from None
         stop = threading.Event()
         pump = threading.Thread(target=self._pump, args=(on_event, stop), daemon=True)
         pump.start()
@@ -53,10 +69,11 @@ class LocalExecutor:
             for fut in as_completed(futures):
                 try:
                     results[futures[fut]] = fut.result()
-                except BrokenProcessPool:
+                except (BrokenProcessPool, CancelledError):
                     if self._cancelled.is_set():
-                        raise ReplayCancelled("Replay cancelled; no results from the unfinished segments.") from None
-                    raise ReplayError("A replay worker died (out of memory, or killed). Try fewer --workers.") from None
+                        raise ReplayCancelled("Replay cancelled; the segments that finished are kept.",
+                                              results) from None
+                    raise ReplayError("A replay worker died (out of memory, or killed). Try fewer workers.") from None
         finally:
             stop.set()
             pump.join(timeout=2)

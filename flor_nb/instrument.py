@@ -131,8 +131,12 @@ def changes(recorded: str, edited: str) -> dict:
         isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "log"
         for s in pre_stmts for n in ast.walk(s)
     )
+    edited_lines = edited.splitlines()
+    # A hook registered anywhere fires inside the step loop: the step loop must run.
+    hooks = any("register_" in edited_lines[ln - 1] and "hook" in edited_lines[ln - 1]
+                for ln in lines if 0 < ln <= len(edited_lines))
     return {
-        "step": any(step.lineno <= ln <= step.end_lineno for ln in lines),
+        "step": hooks or any(step.lineno <= ln <= step.end_lineno for ln in lines),
         "pre": logs_before or any(body_start <= ln < step.lineno for ln in lines),
     }
 

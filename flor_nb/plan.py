@@ -51,6 +51,21 @@ def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
     return sorted(epochs)
 
 
+def format_epochs(epochs, sep: str = ",") -> str:
+    """[1, 4, 7, 8, 9] -> '1,4,7-9' (what :func:`parse_epochs` reads)."""
+    parts, run = [], []
+    for e in sorted(epochs):
+        if run and e == run[-1] + 1:
+            run.append(e)
+            continue
+        if run:
+            parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [e]
+    if run:
+        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return sep.join(parts)
+
+
 @dataclass
 class Segment:
     """Run epochs ``first..last``; restore checkpoint ``restore`` before ``first`` (None: no restore)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from .cells import analyze
 from .errors import FlorError, ProbeSyntaxError
 from .instrument import instrument, parse
+from .plan import format_epochs
 
 # -- probes -----------------------------------------------------------------
 
@@ -658,21 +659,6 @@ def format_seconds(s: float) -> str:
         return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
     m, sec = divmod(round(s), 60)
     return f"{m} min {sec:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
-
-
-def format_epochs(epochs: list[int]) -> str:
-    """[1, 4, 7, 8, 9] -> '1,4,7-9' (the syntax :func:`flor_nb.plan.parse_epochs` reads)."""
-    parts, run = [], []
-    for e in sorted(epochs):
-        if run and e == run[-1] + 1:
-            run.append(e)
-            continue
-        if run:
-            parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-        run = [e]
-    if run:
-        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ",".join(parts)
 
 
 def last_result(run, store=None):

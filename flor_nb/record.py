@@ -295,7 +295,8 @@ def record(
     history : executed cells (the extension tracks them); the ones ``code`` needs are kept.
     cells : for scripts, the sources that rebuild the namespace on replay, in order.
     state_spec : ``"a,b"`` narrows the checkpointed names, ``"+a,+b"`` adds to them.
-    overhead : checkpoint time budget as a fraction of training time (every epoch while it fits).
+    overhead : checkpoint time budget as a fraction of training time (every epoch while it fits;
+        ``float("inf")``: every epoch, whatever it costs).
     """
     from . import api
 

@@ -95,8 +95,11 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     if on_event is not None:
         on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
                   "epochs_to_run": p["epochs_to_run"], "workers": p["workers"]})
+    cancelled = None
     try:
         results = ex.run(run_segment, tasks, on_event)
+    except executors.ReplayCancelled as e:
+        cancelled, results = e, [r for r in e.results if r is not None]
     except BaseException:
         store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {})
         raise
@@ -114,8 +117,13 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                            for res in results]
     fidelity["plan"] = p["summary"]
     fidelity["modes"] = modes
-    store.finish_replay(replay_id, "finished", duration, probes, fidelity)
-    return result_frame(run, recorded, rows, probes, p["epochs"], fidelity)
+    store.finish_replay(replay_id, "cancelled" if cancelled else "finished", duration, probes, fidelity)
+    frame = result_frame(run, recorded, rows, probes, sorted(modes) if cancelled else p["epochs"], fidelity)
+    if cancelled is not None:
+        frame.attrs["cancelled"] = True
+        cancelled.result = frame
+        raise cancelled
+    return frame
 
 
 

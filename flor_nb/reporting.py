@@ -23,6 +23,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 
 from .api import checkpoints, decode_value, get_store
 from .instrument import probe_diff
+from .plan import format_epochs
 from .replay import verdict_text
 from .store import Run, Store
 
@@ -92,7 +93,7 @@ def metric_summary(run, store=None) -> pd.DataFrame:
                 best_at = f"epoch {e}" + ("" if s is None else f" step {s}")
             rows.append({
                 "run": r.label, "metric": name, "source": logs[0]["kind"], "level": level,
-                "epochs": _ranges(sorted({e for e, _, _ in values if e is not None})),
+                "epochs": _format_epochs(sorted({e for e, _, _ in values if e is not None})),
                 "values": len(values), "final": final if isinstance(final, (int, float)) else _short(final),
                 "best": best, "goal": goal if best is not None else "", "best_at": best_at or "",
             })
@@ -101,7 +102,7 @@ def metric_summary(run, store=None) -> pd.DataFrame:
 
 
 def checkpoint_table(run, store=None) -> pd.DataFrame:
-    """``flor.checkpoints`` of each version, with a readable size; ``before_epoch`` k holds the state after k epochs."""
+    """``flor.checkpoints`` of each version, with a readable size (epoch -1: before the loop)."""
     frames = []
     for r in runs_of(run, store):
         frame = checkpoints(r.label, store=store)
@@ -142,7 +143,7 @@ def figure(run, metric, store=None) -> Plot:
         levels.add("step" if step_level else "epoch")
         label = r.label
         if rows[0]["kind"] == "hindsight":
-            label += f" (hindsight, epochs {_ranges(sorted({row['epoch'] for row in rows}))})"
+            label += f" (hindsight, epochs {_format_epochs(sorted({row['epoch'] for row in rows}))})"
         if step_level:
             offsets, total = _step_offsets(st, r)
             bounds, span = (offsets, total) if total > span else (bounds, span)
@@ -307,7 +308,7 @@ class _Builder:
             verdict = verdict_text(fid) if fid.get("metrics") is not None else f"Replay {rep['status']}: no verdict."
             ok = "faithful" if fid.get("faithful") else "NOT faithful" if fid else rep["status"]
             dur = "" if rep.get("duration") is None else f" in {rep['duration']:.1f} s"
-            lines = [f"#### Replay {n}: epochs {_ranges(rep['epochs'])}, probes "
+            lines = [f"#### Replay {n}: epochs {_format_epochs(rep['epochs'])}, probes "
                      f"{_md(', '.join(rep['probes']) or 'none')} ({_md(ok)})",
                      f"{_md(rep['status'].capitalize())}{dur}. {_md(verdict)}", ""]
             diff = probe_diff(r.code, rep["code"])
@@ -338,11 +339,14 @@ class _Builder:
 
     def checkpoints(self):
         self.md("## Checkpoints",
-                "A checkpoint at boundary *k* holds the training state after *k* epochs; "
-                "a replay of epoch *k* starts from the nearest checkpoint at or before it.")
+                "A checkpoint taken in epoch *k* holds the training state at the exit of its step loop "
+                "(or at its end). A replay of epoch *k* starts from the nearest checkpoint taken before it, "
+                "and skips the step loop of epochs whose probes all sit outside it.")
         for r in self.runs:
             have = sorted(self.store.checkpoints(r.id))
-            self.md(f"{_md(r.label)}: checkpoints before epochs {_ranges(have) or 'none'}.")
+            where = (["before the loop"] if -1 in have else []) + (
+                [f"in epochs {_format_epochs([e for e in have if e >= 0])}"] if any(e >= 0 for e in have) else [])
+            self.md(f"{_md(r.label)}: checkpoints taken {' and '.join(where) or 'never'}.")
         self.code("checkpoint_table(RUN, store=STORE)")
 
 
@@ -377,7 +381,7 @@ def _target(st: Store, spec: str, path) -> Path:
 
 def _label(run, st) -> str:
     runs = runs_of(run, st)
-    return runs[0].label if len(runs) == 1 else f"{runs[0].name} (versions {_ranges([r.version for r in runs])})"
+    return runs[0].label if len(runs) == 1 else f"{runs[0].name} (versions {_format_epochs([r.version for r in runs])})"
 
 
 def _step_offsets(st: Store, r: Run) -> tuple[dict, int]:
@@ -404,19 +408,6 @@ def _short(value, limit=80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _ranges(values) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    out, values = [], list(values)
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ", ".join(out)
-
-
 def _md(text) -> str:
     """User text made inert in markdown: HTML escaped, markdown punctuation backslashed."""
     return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False)).replace("\n", " ")
@@ -437,3 +428,8 @@ def _diff(a: str, b: str, name_a: str, name_b: str) -> str:
 def _mpl(text: str) -> str:
     """Matplotlib reads $...$ as math; show user text literally."""
     return str(text).replace("$", r"\$")
+
+
+def _format_epochs(values) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    return format_epochs(values, sep=", ")

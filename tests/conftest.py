@@ -61,5 +61,5 @@ def store(tmp_path, monkeypatch):
 def recorded(store):
     """A 5-epoch run 'small' recorded from a script namespace, with a checkpoint in every epoch."""
     ns = setup_namespace(5)
-    run = flor.record(TRAIN, name="small", namespace=ns, cells=[f"EPOCHS = 5\n{SETUP}"], store=store, overhead=1.0)
+    run = flor.record(TRAIN, name="small", namespace=ns, cells=[f"EPOCHS = 5\n{SETUP}"], store=store, overhead=float("inf"))
     return run

@@ -63,7 +63,7 @@ def test_errors_survive_pickling():
 def _record(store, code, name, epochs=5):
     ns = setup_namespace(epochs)
     return flor.record(code, name=name, namespace=ns, cells=[f"EPOCHS = {epochs}\n{SETUP}"], store=store,
-                       overhead=1.0)
+                       overhead=float("inf"))
 
 
 @pytest.mark.parametrize("exc,status", [(KeyboardInterrupt, "interrupted"), (ValueError, "failed")])
@@ -141,7 +141,7 @@ def test_kernel_death_mid_record_keeps_completed_epochs(store, tmp_path):
         "from conftest import SETUP, TRAIN, setup_namespace\n"
         "code = TRAIN.replace('    sched.step()\\n', '    if epoch == 3:\\n        import time; time.sleep(0.5); os._exit(3)\\n    sched.step()\\n')\n"
         "ns = setup_namespace(6); ns['os'] = os\n"
-        "flor.record(code, name='died', namespace=ns, cells=['EPOCHS = 6\\n' + SETUP], store=%r, overhead=1.0)\n"
+        "flor.record(code, name='died', namespace=ns, cells=['EPOCHS = 6\\n' + SETUP], store=%r, overhead=float('inf'))\n"
         % (str(pathlib.Path(__file__).parent), str(store.home))
     )
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path)

@@ -99,7 +99,7 @@ def test_user_exception_is_shown_and_run_kept(ip):
 
 
 @pytest.mark.parametrize("line,match", [
-    ("%flor", "record the training cell"),
+    ("%flor", "record the cell below"),
     ("%flor nonsense", "Unknown %flor command"),
     ("%flor record", "cell magic"),
     ("%%flor replay nope\nfor e in range(2):\n    pass", "No run 'nope'"),
