@@ -18,6 +18,9 @@ def load_ipython_extension(ip):
     _trackers[id(ip)] = tracker
     ip.register_magics(FlorMagics(ip, tracker))
     ip.user_ns["flor"] = flor_nb
+    from flor_nb.executor import prestart
+
+    prestart()  # replay workers fork from a server that has torch imported already
 
 
 def unload_ipython_extension(ip):

@@ -9,6 +9,7 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import Image, display
 
 import flor_nb
+from flor_nb import plots
 from flor_nb.errors import FlorError
 
 USAGE = """\
@@ -107,7 +108,7 @@ class FlorMagics(Magics):
                 bar.close()
         print(f"flor_nb: {df.attrs['fidelity']['plan']} in {df.attrs['fidelity']['seconds']:.1f}s")
         print(df.attrs["verdict"])
-        png = flor_nb.plots.probe_png(df)
+        png = plots.probe_png(df)
         if png is not None:
             display(Image(png))
         return df

@@ -3,7 +3,6 @@
 Record a training cell, then later add log statements (probes) and replay only
 the epochs you need from checkpoints, with a check that the replay is faithful.
 """
-from . import plots  # noqa: F401 - flor_nb.plots for the magics and widgets
 from .api import checkpoints, dataframe, get_run, get_store, replays, runs
 from .errors import FlorError
 from .record import record

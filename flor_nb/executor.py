@@ -34,6 +34,29 @@ class ReplayCancelled(FlorError):
         return self.args[0]
 
 
+# torch._dynamo loads lazily on the first optimizer (~1 s): have the server pay for it once.
+_PRELOAD = ["torch", "torch._dynamo", "numpy", "flor_nb.worker"]
+
+
+def prestart(workers: int | None = None, threads: int | None = None):
+    """Start replay workers now, so the first replay (after a kernel restart too) starts warm.
+
+    The workers fork from a server that has imported torch, then run one small torch
+    op each. The extension calls this on ``%load_ext flor_nb``; scripts may call it early.
+    Returns at once: the work happens in the new processes.
+    """
+    import torch
+
+    threads = threads or torch.get_num_threads()
+    workers = workers or max(1, (os.cpu_count() or 1) // threads)
+    ex = local(workers, threads)
+    from . import worker
+
+    with _no_main():
+        for _ in range(workers):
+            ex._pool.submit(worker.warm_up)
+
+
 class LocalExecutor:
     """Worker processes on this machine (``forkserver``, never ``fork``)."""
 
@@ -41,7 +64,7 @@ class LocalExecutor:
         self.workers = workers
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "numpy", "flor_nb.worker"])
+        ctx.set_forkserver_preload(_PRELOAD)
         self._events = ctx.Queue()
         from . import worker
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import defaultdict
 
 import pandas as pd
@@ -37,7 +38,12 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     # Float reductions depend on the thread count: replay with the recorded one, so results are
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
-    max_workers = workers or max(1, (os.cpu_count() or 1) // threads)
+    cores = os.cpu_count() or 1
+    if workers and workers * threads > cores:
+        warnings.warn(f"flor_nb: {workers} workers x {threads} torch threads (as recorded) on {cores} cores will "
+                      "contend; use fewer workers, or record with torch.set_num_threads(1) to replay in parallel.",
+                      stacklevel=3)
+    max_workers = workers or max(1, cores // threads)
     segments = plan(selected, kinds, max_workers, touched["step"], touched["pre"], run.label)
     workers = min(max_workers, len(segments))
     per_epoch = run.timings.get("epoch_seconds") or []

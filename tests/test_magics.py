@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from IPython.core.error import UsageError
-from IPython.terminal.interactiveshell import TerminalInteractiveShell
+from IPython.core.interactiveshell import InteractiveShell
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,12 +38,11 @@ for epoch in range(4):
 
 @pytest.fixture
 def ip(store):
-    shell = TerminalInteractiveShell.instance()
-    shell.user_ns.clear()
-    shell.init_user_ns()
+    shell = InteractiveShell.instance()
     shell.run_cell("%load_ext flor_nb")
     yield shell
     shell.run_cell("%unload_ext flor_nb")
+    InteractiveShell.clear_instance()  # a shell left behind changes how widgets format output
 
 
 def run(ip, src):
