@@ -1,7 +1,7 @@
 """Which epochs to replay, from which checkpoints, and where the step loop can be skipped.
 
-Checkpoints are taken in epoch ``e`` either at the step loop's exit (kind
-``step``), at the epoch end (``end``), or before the loop (``start``, e=-1).
+Checkpoints are taken in epoch ``e`` at the step loop's exit (kind ``step``),
+at the epoch end (``end``), at both (``both``), or before the loop (``start``, e=-1).
 A *segment* is a run of consecutive epochs on one worker. Each epoch in it
 runs ``full``, or ``skip``: the step loop is replaced by restoring that epoch's
 ``step`` checkpoint, so only the code around it runs (Flor's SkipBlock). An
@@ -92,7 +92,7 @@ def plan(epochs, ckpts: dict, workers: int = 1, step_changed: bool = True, pre_c
     ``step_changed``: the edited code changes the step loop (its kept epochs run in full).
     ``pre_changed``: it changes or logs in the epoch body before the step loop (needs true state there).
     """
-    steps = {e for e, kind in ckpts.items() if kind == "step"}
+    steps = {e for e, kind in ckpts.items() if kind in ("step", "both")}
 
     def mode(e, kept):
         return SKIP if e in steps and not (kept and step_changed) else FULL
@@ -103,8 +103,9 @@ def plan(epochs, ckpts: dict, workers: int = 1, step_changed: bool = True, pre_c
         if mode(k, True) == SKIP and not pre_changed:
             if prev is not None and prev.last == k - 1:
                 _extend(prev, k, mode)
-            else:
-                segments.append(Segment(k, k, [k], None, {k: SKIP}))
+            else:  # enter at the end of epoch k-1 when it was kept, so the code before the steps sees true state
+                resume = k - 1 if ckpts.get(k - 1) in ("start", "end", "both") else None
+                segments.append(Segment(k, k, [k], resume, {k: SKIP}))
             continue
         j = max((e for e in ckpts if e < k), default=None)
         if j is None:
@@ -129,9 +130,9 @@ def _extend(seg: Segment, k: int, mode):
 
 def _start(j: int, k: int, ckpts: dict, mode) -> Segment:
     """A segment from checkpoint j (taken in epoch j) to kept epoch k."""
-    if ckpts[j] == "step":  # run epoch j's tail from its step-exit checkpoint, then on
+    if ckpts[j] == "step":  # only the step-exit state: run epoch j's tail from it, then on
         seg = Segment(j, k, [k], None, {j: SKIP})
-    else:  # 'start' (j = -1) or 'end': restore, then start at the next epoch
+    else:  # 'start' (j = -1), 'end' or 'both': restore the end state, then start at the next epoch
         seg = Segment(j + 1, k, [k], j, {})
     for m in range(max(seg.first, j + 1), k + 1):
         seg.modes[m] = mode(m, m == k)

@@ -107,7 +107,7 @@ class Recorder:
                     self._left_epoch = (k, time.perf_counter() - start, self._step_snap, end)
                 raise
             seconds = time.perf_counter() - start
-            end = self._snapshot() if self._due(k) and not self._step_exit_ok() else None
+            end = self._snapshot() if self._due(k) else None
             self._end_epoch(k, seconds, self._step_snap, end)
         self.epoch = None
 
@@ -138,26 +138,31 @@ class Recorder:
         snap = state.capture(self.ns, self.scope)
         return snap, time.perf_counter() - start
 
-    def _checkpoint(self, epoch: int, kind: str, taken, end_digests=None, extra_seconds=0.0):
+    def _checkpoint(self, epoch: int, kind: str, taken, end_taken=None):
         if taken is None or self.checkpoint_error:
             return
         snap, copy_seconds = taken
-        copy_seconds += extra_seconds
+        end_snap, end_seconds = end_taken or (None, 0.0)
         self.skipped.update(snap["skipped"])
         if not self.objects:
             self.objects = {k.partition("/")[2]: k.partition("/")[0] for k in snap["tensors"] if k.startswith("obj/")}
-        waited = self.writer.submit_checkpoint(self._persist, epoch, kind, snap, end_digests)
-        self.snapshot_seconds.append(copy_seconds + waited)
+        waited = self.writer.submit_checkpoint(self._persist, epoch, kind, snap, end_snap)
+        self.snapshot_seconds.append(copy_seconds + end_seconds + waited)
         self._last_ckpt = epoch
         self._check_writer()
 
-    def _persist(self, epoch, kind, snap, end_digests):
-        """On the writer thread: blobs and file, then the index row."""
-        rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.ckpt"
+    def _persist(self, epoch, kind, snap, end_snap):
+        """On the writer thread: blobs and files, then the index row."""
+        rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"
         info = checkpoint.write(self.store.home, rel, snap)
-        self.store.add_checkpoint(self.run.id, epoch, kind, rel, info["bytes"], info["logical_bytes"],
-                                  info["checksum"], runtime.to_json(info["digests"]),
-                                  None if end_digests is None else runtime.to_json(end_digests))
+        end_rel = end = None
+        if end_snap is not None:
+            end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
+            end = checkpoint.write(self.store.home, end_rel, end_snap)
+        self.store.add_checkpoint(
+            self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
+            info["checksum"], runtime.to_json(info["digests"]),
+            None if end is None else runtime.to_json(end["digests"]), end_rel)
         self.checkpointed.append(epoch)
 
     def _check_writer(self):
@@ -172,11 +177,10 @@ class Recorder:
     def _end_epoch(self, k, seconds, step_snap, end_snap):
         self.epoch_seconds.append(seconds)
         if self._step_exit_ok() and step_snap is not None:
-            # Also hash (not copy) the state at the epoch end: replay checks the code after the
-            # step loop against it, so a probe there that changes training is caught.
-            start = time.perf_counter()
-            end = checkpoint.digests(state.capture(self.ns, self.scope, copy=False))
-            self._checkpoint(k, "step", step_snap, end, time.perf_counter() - start)
+            # The epoch-end state too: replay of the next epoch starts from it without re-running
+            # this epoch's tail, and checks a probe after the step loop against it. Its tensors
+            # barely differ from the step-exit ones, so they are stored once (dedup).
+            self._checkpoint(k, "step", step_snap, end_snap or self._snapshot())
         elif end_snap is not None:
             self._checkpoint(k, "end", end_snap)
         rows, self.rows = self.rows, []

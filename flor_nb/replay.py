@@ -31,7 +31,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         match[0]["source"] = source
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
     ckpts = store.checkpoints(run.id)
-    kinds = {e: r["kind"] for e, r in ckpts.items()}
+    kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items()}
     touched = changes(run.code, code)
     if cells:  # an edited helper may run inside the step loop
         touched["step"] = True
@@ -39,11 +39,13 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
     cores = os.cpu_count() or 1
-    if workers and workers * threads > cores:
-        warnings.warn(f"flor_nb: {workers} workers x {threads} torch threads (as recorded) on {cores} cores will "
-                      "contend; use fewer workers, or record with torch.set_num_threads(1) to replay in parallel.",
-                      stacklevel=3)
-    max_workers = workers or max(1, cores // threads)
+    fit = max(1, cores // threads)
+    if workers and workers > fit:
+        # Oversubscribed torch threads run many times slower (measured: 2x2 threads on 2 cores, 5-16x).
+        warnings.warn(f"flor_nb: {workers} workers x {threads} torch threads (as recorded, for exact results) do "
+                      f"not fit on {cores} cores; using {fit}. Record with torch.set_num_threads(1) to replay "
+                      "epochs in parallel.", stacklevel=3)
+    max_workers = min(workers or fit, fit)
     segments = plan(selected, kinds, max_workers, touched["step"], touched["pre"], run.label)
     workers = min(max_workers, len(segments))
     per_epoch = run.timings.get("epoch_seconds") or []
@@ -62,10 +64,13 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "workers": workers,
         "threads": threads,
         "touched": touched,
-        "kinds": {str(e): k for e, k in kinds.items()},
-        "checkpoints": {str(e): r["path"] for e, r in ckpts.items()},
-        "digests": {str(e): runtime.from_json(r["digest"]) for e, r in ckpts.items()},
-        "end_digests": {str(e): runtime.from_json(r["end_digest"]) for e, r in ckpts.items() if r["end_digest"]},
+        # Where each checkpoint's state can be entered: at the step loop's exit, or at an epoch's end.
+        "step_paths": {str(e): r["path"] for e, r in ckpts.items() if r["kind"] == "step"},
+        "step_digests": {str(e): runtime.from_json(r["digest"]) for e, r in ckpts.items() if r["kind"] == "step"},
+        "resume_paths": {str(e): r["end_path"] or r["path"] for e, r in ckpts.items()
+                         if r["end_path"] or r["kind"] != "step"},
+        "end_digests": {str(e): runtime.from_json(r["end_digest"] or r["digest"]) for e, r in ckpts.items()
+                        if r["end_digest"] or r["kind"] == "end"},
         "epochs_to_run": sum(len(s.modes) for s in segments),
         "epochs_skipping_steps": skipped,
         "estimate_seconds": None if mean is None else mean * max(load),
@@ -92,8 +97,8 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     tasks = [{
         "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
         "code": p["code"], "cells": p["cells"], "args": run.args,
-        "segment": seg.to_dict(), "checkpoints": p["checkpoints"], "digests": p["digests"], "kinds": p["kinds"],
-        "end_digests": p["end_digests"],
+        "segment": seg.to_dict(),
+        **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
     } for seg in p["segments"]]
     ex = executor or executors.local(p["workers"], p["threads"])

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     logical_bytes INTEGER NOT NULL,  -- bytes of the whole state
     checksum TEXT NOT NULL,
     digest TEXT NOT NULL,
-    end_digest TEXT,                 -- for 'step' checkpoints: digests of the state at the epoch end
+    end_digest TEXT,                 -- for 'step' checkpoints: the state at the epoch end, too
+    end_path TEXT,
     created REAL NOT NULL,
     PRIMARY KEY (run_id, epoch)
 );
@@ -244,11 +245,13 @@ class Store:
         return self.db.execute(sql, params).fetchall()
 
     # -- checkpoints -----------------------------------------------------------
-    def add_checkpoint(self, run_id, epoch, kind, path, nbytes, logical_bytes, checksum, digest, end_digest=None):
+    def add_checkpoint(self, run_id, epoch, kind, path, nbytes, logical_bytes, checksum, digest,
+                       end_digest=None, end_path=None):
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, epoch, kind, str(path), nbytes, logical_bytes, checksum, digest, end_digest, time.time()),
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, epoch, kind, str(path), nbytes, logical_bytes, checksum, digest, end_digest, end_path,
+                 time.time()),
             )
 
     def checkpoints(self, run_id) -> dict[int, sqlite3.Row]:

@@ -12,7 +12,7 @@ from . import checkpoint, runtime, state
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, instrument
-from .plan import FULL, SKIP
+from .plan import SKIP
 
 # Keys whose divergence means training itself changed (variables are reported, not judged).
 SERIOUS = ("obj/", "grad/", "rng/")
@@ -63,7 +63,6 @@ class Replayer:
         self.first, self.last, self.restore_at = seg["first"], seg["last"], seg["restore"]
         self.modes = {int(k): v for k, v in seg["modes"].items()}
         self.keep = set(seg["keep"])
-        self.kinds = {int(k): v for k, v in task["kinds"].items()}
         self.args = task["args"]
         self.epoch = None
         self.step = None
@@ -99,14 +98,14 @@ class Replayer:
             return self._skipped() if self.mode == SKIP else self._steps(iterable)
         return iterable
 
-    def _restore(self, epoch: int):
+    def _restore(self, paths: str, epoch: int):
         t = time.perf_counter()
-        state.restore(self.ns, checkpoint.read(self.home, self.task["checkpoints"][str(epoch)]))
+        state.restore(self.ns, checkpoint.read(self.home, self.task[paths][str(epoch)]))
         self.restore_seconds += time.perf_counter() - t
 
     def _skipped(self):
         """The step loop, memoized: put back the state it left, run none of it."""
-        self._restore(self.epoch)
+        self._restore("step_paths", self.epoch)
         return
         yield  # a generator that yields nothing
 
@@ -118,8 +117,7 @@ class Replayer:
             self.last_step = None  # the loop ended normally: later errors are not "in a step"
         finally:
             self.step = None
-        if self.kinds.get(self.epoch) == "step":
-            self._verify(self.epoch, self.task["digests"])
+        self._verify(self.epoch, self.task["step_digests"])
 
     def _epochs(self, iterable):
         self._in_loop = True
@@ -130,18 +128,15 @@ class Replayer:
                 break
             self.epoch, self.step, self.last_step, self.mode = k, None, None, self.modes[k]
             if k == self.first and self.restore_at is not None:
-                self._restore(self.restore_at)
+                self._restore("resume_paths", self.restore_at)
             elif k == self.first and self.mode == SKIP:
-                # No true state for this epoch's start: the state at its step-loop exit is the most
+                # No state for this epoch's start: the state at its step-loop exit is the most
                 # plausible one for the code before the step loop (its values are not kept).
-                self._restore(k)
+                self._restore("step_paths", k)
             t = time.perf_counter()
             yield item
             self.epoch_seconds[k] = time.perf_counter() - t
-            if self.mode == FULL and self.kinds.get(k) == "end":
-                self._verify(k, self.task["digests"])
-            else:
-                self._verify(k, self.task["end_digests"])
+            self._verify(k, self.task["end_digests"])
             emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": self.epoch_seconds[k]})
         self.epoch = None
         raise _ReplayDone

@@ -86,7 +86,7 @@ def test_full_disk_keeps_training_and_earlier_checkpoints(store, monkeypatch):
 
     def write(home, rel, snap):
         calls.append(rel)
-        if len(calls) > 3:  # the checkpoints before the loop and in epochs 0 and 1 fit; then the disk is full
+        if len(calls) > 5:  # before the loop, then epochs 0 and 1 (step exit + end each) fit; then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(home, rel, snap)
 
@@ -96,10 +96,10 @@ def test_full_disk_keeps_training_and_earlier_checkpoints(store, monkeypatch):
     monkeypatch.setattr(checkpoint, "write", real)
     assert run.status == "finished" and run.epochs_completed == 5
     assert sorted(store.checkpoints(run.id)) == [-1, 0, 1]
-    df = flor.replay("full", epochs=4, store=store)  # epoch 1's tail from its checkpoint, then epochs 2-4
+    df = flor.replay("full", epochs=4, store=store)  # from the end of epoch 1, then epochs 2-4
     assert df.attrs["fidelity"]["faithful"]
     seg = df.attrs["fidelity"]["timings"][0]["segment"]
-    assert (seg["first"], seg["last"], seg["modes"]) == (1, 4, {"1": "skip", "2": "full", "3": "full", "4": "full"})
+    assert (seg["first"], seg["last"], seg["restore"], seg["modes"]) == (2, 4, 1, {"2": "full", "3": "full", "4": "full"})
 
 
 def test_no_checkpoint_at_all(store, monkeypatch):

@@ -118,11 +118,11 @@ def test_probes_are_remembered_per_run_version(recorded, store):
 
 
 def test_estimate_says_what_replay_will_do(recorded, store):
-    est = P.estimate(recorded, [P.Probe(8, 'flor.log("gn", grad_norm(model))')], "1,3-4", 2, store)
-    assert est["epochs"] == [1, 3, 4] and est["workers"] == 2
-    assert "Replays 3 epochs (1,3-4) of small@1 with 2 workers" in est["text"]
-    assert est["step_loop"] == ("runs in full in epochs 1,3-4 (gn logs inside it); is skipped in epochs 0,2 "
-                                "(restored from the state at the step loop's exit)")
+    est = P.estimate(recorded, [P.Probe(8, 'flor.log("gn", grad_norm(model))')], "1,3-4", 1, store)
+    assert est["epochs"] == [1, 3, 4] and est["workers"] == 1
+    assert "Replays 3 epochs (1,3-4) of small@1 with 1 worker" in est["text"]
+    assert "epochs 3-4 from the checkpoint after epoch 2" in est["text"]
+    assert est["step_loop"] == "runs in full in epochs 1,3-4 (gn logs inside it)"
     assert "a recorded epoch took" in est["text"]
     est = P.estimate(recorded, [P.preset(recorded, "lr")], "2", None, store)
     assert est["step_loop"].startswith("skipped in every epoch") and est["workers"] == 1

@@ -69,7 +69,7 @@ def test_report_notebook_holds_the_run(history):
     for field in ("finished", "5 of 5", "arg.lr", "env.torch"):
         assert field in run_table
     ckpt_table = next(o.data["text/plain"] for i, o in _outputs(nb) if "checkpoint_table" in nb.cells[i].source)
-    assert "epoch-00004.ckpt" in ckpt_table
+    assert "epoch-00004.step.ckpt" in ckpt_table
 
     # Plots: one PNG per numeric name, recorded (acc, loss) and hindsight (gn).
     plots = {nb.cells[i].source: o.data["image/png"] for i, o in _outputs(nb) if "image/png" in o.get("data", {})}
