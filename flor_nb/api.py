@@ -1,12 +1,12 @@
 """Read-side API: runs, logs and checkpoints as pandas DataFrames."""
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 import numpy as np
 import pandas as pd
 
+from . import runtime
 from .store import Run, Store, default_home
 
 _stores: dict = {}
@@ -49,8 +49,9 @@ def runs(store=None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols + sorted({c for row in rows for c in row} - set(cols)))
 
 
-def decode_value(text: str, store=None):
-    value = json.loads(text)
+def decode_value(text, store=None):
+    """A stored log value as Python: a number, a JSON value, or an array artifact loaded from disk."""
+    value = runtime.from_json(text)
     if isinstance(value, dict) and "__array__" in value:
         path = get_store(store).home / value["__array__"]
         return np.load(path) if path.exists() else value

@@ -192,15 +192,34 @@ class Recorder:
             self.progress.update(1)
 
     def _write_logs(self, rows, completed=None):
-        encoded = []
+        """On the writer thread: number repeated (name, epoch, step) keys, encode, store by group."""
+        groups: dict = {}
         for name, epoch, step, value in rows:
-            key = (name, epoch, step)
-            seq = self._seq.get(key, 0)
-            self._seq[key] = seq + 1
-            if isinstance(value, np.ndarray):
-                value = save_array(self.store.artifact_dir(self.run.id), self.store.home, name, epoch, step, seq, value)
-            encoded.append((name, epoch, step, seq, runtime.to_json(value)))
-        self.store.add_logs(self.run.id, encoded)
+            g = groups.get((name, epoch))
+            if g is None:
+                g = groups[(name, epoch)] = ([], [])
+            g[0].append(step)
+            g[1].append(value)
+        out = []
+        for (name, epoch), (steps, values) in groups.items():
+            if epoch is None or len(set(steps)) != len(steps):
+                # Repeats: count them (across flushes too for logs outside the epoch loop).
+                seen = self._seq if epoch is None else {}
+                seqs = []
+                for step in steps:
+                    q = seen.get((name, step), 0)
+                    seen[(name, step)] = q + 1
+                    seqs.append(q)
+            else:
+                seqs = [0] * len(steps)
+            encoded = [
+                runtime.encode(v) if type(v) is not np.ndarray
+                else save_array(self.store.artifact_dir(self.run.id), self.store.home, name, epoch, s, q, v)
+                for s, q, v in zip(steps, seqs, values)
+            ]
+            encoded = [runtime.to_json(v) if type(v) is dict else v for v in encoded]
+            out.append((name, epoch, steps, seqs, encoded))
+        self.store.add_log_groups(self.run.id, out)
         if completed is not None:
             self.store.update_run(self.run.id, epochs_completed=completed)
 

@@ -108,8 +108,17 @@ def _fallback(obj):
     return repr(obj)
 
 
-def from_json(text: str):
-    return json.loads(text)
+def encode(value):
+    """A logged value as stored: finite floats and ints as SQLite numbers, the rest as JSON text."""
+    t = type(value)
+    if (t is float and value - value == 0) or (t is int and -(2 ** 63) <= value < 2 ** 63):
+        return value  # value - value is nan for inf and nan, which go through JSON
+    return to_json(value)
+
+
+def from_json(text):
+    """Decode a stored value (JSON text, or a number stored as such)."""
+    return json.loads(text) if isinstance(text, str) else text
 
 
 def same(a, b) -> bool:

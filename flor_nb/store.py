@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 import platform
 import sqlite3
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .errors import FlorError, UnknownRunError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -47,11 +48,23 @@ CREATE TABLE IF NOT EXISTS logs (
     epoch INTEGER,
     step INTEGER,
     seq INTEGER NOT NULL,
-    value TEXT NOT NULL,
+    value NOT NULL,                  -- a number, or JSON text
     kind TEXT NOT NULL DEFAULT 'recorded',
     replay_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, kind, name, epoch);
+CREATE TABLE IF NOT EXISTS series (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    name TEXT NOT NULL,
+    epoch INTEGER,
+    kind TEXT NOT NULL,
+    replay_id INTEGER,
+    typecode TEXT NOT NULL,          -- 'd' (float64) or 'q' (int64)
+    steps BLOB NOT NULL,             -- int64 arrays, one entry per value
+    seqs BLOB NOT NULL,
+    vals BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_run ON series (run_id, kind, name, epoch);
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id INTEGER NOT NULL REFERENCES runs(id),
     epoch INTEGER NOT NULL,          -- taken in this epoch; -1: before the epoch loop
@@ -210,39 +223,79 @@ class Store:
         return run
 
     # -- logs ------------------------------------------------------------------
+    # Values logged at every step are the bulk of a run (a loss per step): a (name, epoch)
+    # with many numeric step values is stored as one packed row of arrays in ``series``;
+    # everything else one row per value in ``logs``. ``logs()`` returns both, row by row.
+    def _insert(self, db, run_id, rows, kind, replay_id):
+        groups: dict = {}
+        for n, e, s, q, v in rows:
+            g = groups.get((n, e))
+            if g is None:
+                g = groups[(n, e)] = ([], [], [])
+            g[0].append(s)
+            g[1].append(q)
+            g[2].append(v)
+        self._insert_groups(db, run_id, [(n, e, *g) for (n, e), g in groups.items()], kind, replay_id)
+
+    def _insert_groups(self, db, run_id, groups, kind, replay_id):
+        plain, packed = [], []
+        for n, e, steps, seqs, vals in groups:
+            types = set(map(type, vals))
+            if len(vals) >= _SERIES_MIN and None not in steps and types <= {float, int}:
+                code = "q" if types == {int} else "d"
+                packed.append((run_id, n, e, kind, replay_id, code, array("q", steps).tobytes(),
+                               array("q", seqs).tobytes(), array(code, vals).tobytes()))
+            else:
+                plain.extend((run_id, n, e, s, q, v, kind, replay_id) for s, q, v in zip(steps, seqs, vals))
+        db.executemany("INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", plain)
+        db.executemany("INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", packed)
+
     def add_logs(self, run_id: int, rows, kind: str = "recorded", replay_id: int | None = None):
-        """rows: iterable of (name, epoch, step, seq, json_value)."""
-        rows = [(run_id, n, e, s, q, v, kind, replay_id) for n, e, s, q, v in rows]
+        """rows: iterable of (name, epoch, step, seq, value as runtime.encode gives it)."""
+        rows = list(rows)
         if rows:
             with self._tx() as db:
-                db.executemany("INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._insert(db, run_id, rows, kind, replay_id)
+
+    def add_log_groups(self, run_id: int, groups, kind: str = "recorded"):
+        """groups: (name, epoch, steps, seqs, values) with equal-length lists; the fast path for a recorder."""
+        if groups:
+            with self._tx() as db:
+                self._insert_groups(db, run_id, groups, kind, None)
 
     def replace_hindsight(self, run_id: int, names, epochs, rows, replay_id: int):
         """Store hindsight values, replacing earlier ones for the same names and epochs."""
-        rows = [(run_id, n, e, s, q, v, "hindsight", replay_id) for n, e, s, q, v in rows]
         with self._tx() as db:
-            for name in names:
-                for epoch in epochs:
-                    db.execute(
-                        "DELETE FROM logs WHERE run_id=? AND kind='hindsight' AND name=? AND epoch IS ?",
-                        (run_id, name, epoch),
-                    )
-            db.executemany("INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            for table in ("logs", "series"):
+                for name in names:
+                    for epoch in epochs:
+                        db.execute(
+                            f"DELETE FROM {table} WHERE run_id=? AND kind='hindsight' AND name=? AND epoch IS ?",
+                            (run_id, name, epoch),
+                        )
+            self._insert(db, run_id, list(rows), "hindsight", replay_id)
 
-    def logs(self, run_ids=None, names=None, kind=None) -> list[sqlite3.Row]:
-        sql, params = "SELECT * FROM logs WHERE 1=1", []
+    def logs(self, run_ids=None, names=None, kind=None) -> list[dict]:
+        """Log rows (run_id, name, epoch, step, seq, value, kind, replay_id), in epoch and step order."""
+        where, params = "WHERE 1=1", []
         if run_ids is not None:
             run_ids = list(run_ids)
-            sql += f" AND run_id IN ({', '.join('?' * len(run_ids))})"
+            where += f" AND run_id IN ({', '.join('?' * len(run_ids))})"
             params += run_ids
         if names:
-            sql += f" AND name IN ({', '.join('?' * len(names))})"
+            where += f" AND name IN ({', '.join('?' * len(names))})"
             params += list(names)
         if kind:
-            sql += " AND kind=?"
+            where += " AND kind=?"
             params.append(kind)
-        sql += " ORDER BY run_id, epoch IS NOT NULL, epoch, step IS NOT NULL, step, seq"
-        return self.db.execute(sql, params).fetchall()
+        out = [dict(r) for r in self.db.execute(f"SELECT * FROM logs {where}", params)]
+        for r in self.db.execute(f"SELECT * FROM series {where}", params):
+            steps, seqs, vals = (array("q", r["steps"]), array("q", r["seqs"]), array(r["typecode"], r["vals"]))
+            base = {"run_id": r["run_id"], "name": r["name"], "epoch": r["epoch"], "kind": r["kind"],
+                    "replay_id": r["replay_id"]}
+            out.extend({**base, "step": s, "seq": q, "value": v} for s, q, v in zip(steps, seqs, vals))
+        out.sort(key=_log_order)
+        return out
 
     # -- checkpoints -----------------------------------------------------------
     def add_checkpoint(self, run_id, epoch, kind, path, nbytes, logical_bytes, checksum, digest,
@@ -301,6 +354,14 @@ class _Transaction:
 
     def __exit__(self, exc_type, *_):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+_SERIES_MIN = 16  # step values of one name in one epoch from which they are packed
+
+
+def _log_order(r):
+    e, s = r["epoch"], r["step"]
+    return (r["run_id"], e is not None, e or 0, s is not None, s or 0, r["seq"])
 
 
 def _alive(pid: int) -> bool:

@@ -209,7 +209,7 @@ def run_segment(task: dict) -> dict:
         if isinstance(value, __import__("numpy").ndarray):
             value = save_array(Path(task["home"]) / "artifacts" / f"{task['run_id']}-h", Path(task["home"]),
                                name, epoch, step, seq, value)
-        rows.append((name, epoch, step, seq, runtime.to_json(value)))
+        rows.append((name, epoch, step, seq, runtime.encode(value)))
     return {
         "rows": rows,
         "divergence": rep.divergence,
