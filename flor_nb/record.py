@@ -41,6 +41,7 @@ class Recorder:
         self.completed = 0
         self.progress = progress
         self.writer = Writer()
+        self.pool = state.BufferPool()
         self.epoch_seconds: list[float] = []
         self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
         self.checkpointed: list[int] = []
@@ -135,7 +136,7 @@ class Recorder:
 
     def _snapshot(self):
         start = time.perf_counter()
-        snap = state.capture(self.ns, self.scope)
+        snap = state.capture(self.ns, self.scope, pool=self.pool)
         return snap, time.perf_counter() - start
 
     def _checkpoint(self, epoch: int, kind: str, taken, end_taken=None):
@@ -164,6 +165,8 @@ class Recorder:
             info["checksum"], runtime.to_json(info["digests"]),
             None if end is None else runtime.to_json(end["digests"]), end_rel)
         self.checkpointed.append(epoch)
+        self.pool.release(snap)  # written: its buffers can hold the next snapshot
+        self.pool.release(end_snap)
 
     def _check_writer(self):
         """Surface a failed write once: a full disk stops checkpoints, never training."""
