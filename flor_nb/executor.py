@@ -38,38 +38,62 @@ class ReplayCancelled(FlorError):
 _PRELOAD = ["torch", "torch._dynamo", "numpy", "flor_nb.worker"]
 
 
-def prestart(workers: int | None = None, threads: int | None = None):
-    """Start replay workers now, so the first replay (after a kernel restart too) starts warm.
+def prestart(store=None):
+    """Start the replay workers now, so the first replay (after a kernel restart too) starts warm.
 
-    The workers fork from a server that has imported torch, then run one small torch
-    op each. The extension calls this on ``%load_ext flor_nb``; scripts may call it early.
+    The workers fork from a server that has imported torch, run one small torch op
+    each, and import what the latest recorded run's cells import (scikit-learn, say).
+    The extension calls this on ``%load_ext flor_nb``; scripts may call it early.
     Returns at once: the work happens in the new processes.
     """
-    import torch
-
-    threads = threads or torch.get_num_threads()
-    workers = workers or max(1, (os.cpu_count() or 1) // threads)
-    ex = local(workers, threads)
     from . import worker
 
+    ex = local()
+    modules = _recent_imports(store)
     with _no_main():
-        for _ in range(workers):
-            ex._pool.submit(worker.warm_up)
+        for _ in range(ex.workers):
+            ex._pool.submit(worker.warm_up, modules)
+
+
+def _recent_imports(store) -> list[str]:
+    """Top-level modules imported by the dependency cells of the store's latest run."""
+    import ast
+
+    from .store import Store, default_home
+
+    home = store or default_home()
+    if not (os.path.exists(os.path.join(home, "flor.db"))):
+        return []
+    try:
+        runs = Store(home).all_runs()
+    except Exception:  # noqa: BLE001 - warming up is best effort
+        return []
+    names = set()
+    for cell in runs[-1].deps if runs else []:
+        try:
+            tree = ast.parse(cell["source"])
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module)
+    return sorted(names)
 
 
 class LocalExecutor:
     """Worker processes on this machine (``forkserver``, never ``fork``)."""
 
-    def __init__(self, workers: int, threads: int | None = None):
+    def __init__(self, workers: int):
         self.workers = workers
-        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)
         self._events = ctx.Queue()
         from . import worker
 
         self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker.init,
-                                         initargs=(self._events, self.threads))
+                                         initargs=(self._events,))
         self._cancelled = threading.Event()
 
     def run(self, fn, tasks: list, on_event=None) -> list:
@@ -120,7 +144,7 @@ class LocalExecutor:
         for p in list(getattr(self._pool, "_processes", {}).values()):
             p.terminate()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        _POOLS.pop((self.workers, self.threads), None)
+        _POOLS.pop(self.workers, None)
 
     def shutdown(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -146,12 +170,15 @@ def _no_main():
 _POOLS: dict = {}
 
 
-def local(workers: int, threads: int | None = None) -> LocalExecutor:
-    """A warm executor for ``workers`` processes of ``threads`` torch threads, created once and reused."""
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    ex = _POOLS.get((workers, threads))
+def local(workers: int | None = None) -> LocalExecutor:
+    """The warm executor: one process per core (by default), created once and reused.
+
+    Each task sets its own torch thread count, so one pool serves every run.
+    """
+    workers = workers or os.cpu_count() or 1
+    ex = _POOLS.get(workers)
     if ex is None:
-        ex = _POOLS[(workers, threads)] = LocalExecutor(workers, threads)
+        ex = _POOLS[workers] = LocalExecutor(workers)
     return ex
 
 

@@ -97,11 +97,11 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     tasks = [{
         "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
         "code": p["code"], "cells": p["cells"], "args": run.args,
-        "segment": seg.to_dict(),
+        "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
     } for seg in p["segments"]]
-    ex = executor or executors.local(p["workers"], p["threads"])
+    ex = executor or executors.local()
     started = time.perf_counter()
     if on_event is not None:
         on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],

@@ -20,22 +20,26 @@ SERIOUS = ("obj/", "grad/", "rng/")
 _events = None  # a multiprocessing queue set by the pool initializer
 
 
-def init(queue, threads):
+def init(queue):
     global _events
     _events = queue
     import warnings
 
-    import torch
-
     # A skipped step loop never calls opt.step(), so torch warns about the scheduler order; it is fine.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
-    torch.set_num_threads(threads)
 
+def warm_up(modules=()):
+    """Import what replays will need and run a first torch op, so the next task starts warm."""
+    import importlib
 
-def warm_up():
-    """Run a first torch op, so the next task does not pay for thread-pool start-up."""
     import torch
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module that fails here fails, with its message, in the replay
+            pass
 
     torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8), torch.ones(1, 1, 3, 3)).sum().item()
     return os.getpid()
@@ -157,8 +161,11 @@ class Replayer:
 
 def run_segment(task: dict) -> dict:
     """Replay one segment; returns logged rows, divergences and timings."""
+    import torch
+
     import flor_nb
 
+    torch.set_num_threads(task["threads"])  # the recorded count: float reductions depend on it
     t0 = time.perf_counter()
     rep = Replayer(task)
     main = types.ModuleType("__main__")

@@ -23,8 +23,8 @@ class ReplayJob:
         self.total = max(plan["epochs_to_run"], 1)
         self.predicted = plan.get("estimate_seconds")
         self.on_change, self.on_done = on_change, on_done
-        # the executor replay would pick (recorded thread count), held here so Cancel can stop it
-        self.executor = executors.local(self.workers, plan.get("threads"))
+        # the executor replay will use, held here so Cancel can stop it
+        self.executor = executors.local()
         self.finished_epochs: dict[int, float] = {}
         self.modes: dict[int, str] = {}
         self.result = None
