@@ -1,6 +1,7 @@
 """A background thread that persists logs and checkpoints in order, off the training loop."""
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -23,6 +24,10 @@ class Writer:
         self._thread.start()
 
     def _loop(self):
+        try:  # Linux: a thread has its own nice value; let training threads win the cores
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while True:
             job = self._jobs.get()
             if job is None:
