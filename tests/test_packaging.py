@@ -38,3 +38,14 @@ def test_editable_install_maps_the_folders():
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True,
                          cwd="/").stdout.split("\n")
     assert out[1] == str(ROOT / "extension" / "__init__.py") and out[2] == str(ROOT / "widgets" / "__init__.py")
+
+
+@pytest.mark.timeout(300)
+def test_readme_demo_command(tmp_path):
+    """The README's first command: record, replay with a probe (faithful), write a report."""
+    out = subprocess.run([sys.executable, "-m", "flor_nb.demo", "--epochs", "4", "--store", str(tmp_path / "s")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=280)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "flor_nb: finished digits@1: 4 epochs" in out.stdout
+    assert "Faithful replay: recorded metrics reproduced exactly" in out.stdout
+    assert (tmp_path / "s" / "reports" / "digits@1.ipynb").exists() and (tmp_path / "s" / "reports" / "digits@1.html").exists()
