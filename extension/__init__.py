@@ -1,6 +1,8 @@
 """IPython extension: ``%load_ext flor_nb`` registers ``%%flor`` / ``%flor`` and binds ``flor``."""
 from __future__ import annotations
 
+import warnings
+
 import flor_nb
 
 from .magics import FlorMagics
@@ -20,7 +22,11 @@ def load_ipython_extension(ip):
     ip.user_ns["flor"] = flor_nb
     from flor_nb.executor import prestart
 
-    prestart()  # replay workers fork from a server that has torch imported already
+    try:
+        prestart()  # replay workers fork from a server that has torch imported already
+    except Exception as e:  # noqa: BLE001 - a warm start is an optimisation; replay starts workers itself
+        warnings.warn(f"flor_nb: could not start replay workers ahead of time ({e}); the first replay will.",
+                      stacklevel=2)
 
 
 def unload_ipython_extension(ip):

@@ -87,8 +87,10 @@ class LocalExecutor:
 
     def __init__(self, workers: int):
         self.workers = workers
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(_PRELOAD)
+        # forkserver where the platform has it (never fork: it deadlocks torch); spawn elsewhere (Windows)
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload(_PRELOAD)
         self._events = ctx.Queue()
         from . import worker
 
