@@ -7,12 +7,16 @@ import sys
 import time
 import traceback
 import types
+from pathlib import Path
+
+import numpy as np
 
 from . import checkpoint, runtime, state
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, instrument
 from .plan import SKIP
+from .record import save_array
 
 # Keys whose divergence means training itself changed (variables are reported, not judged).
 SERIOUS = ("obj/", "grad/", "rng/")
@@ -209,11 +213,8 @@ def run_segment(task: dict) -> dict:
         if saved_main is not None:
             sys.modules["__main__"] = saved_main
     rows = []
-    from .record import save_array
-    from pathlib import Path
-
     for name, epoch, step, seq, value in rep.rows:
-        if isinstance(value, __import__("numpy").ndarray):
+        if isinstance(value, np.ndarray):
             value = save_array(Path(task["home"]) / "artifacts" / f"{task['run_id']}-h", Path(task["home"]),
                                name, epoch, step, seq, value)
         rows.append((name, epoch, step, seq, runtime.encode(value)))
