@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import FlorError
+from .state import map_tree
 
 try:
     import xxhash
@@ -52,21 +53,13 @@ def split(snap: dict) -> tuple[dict, dict, dict]:
     """Return (skeleton, {hash: bytes}, {entry: digest}) for a snapshot (see state.py)."""
     blobs: dict = {}
 
-    def walk(tree):
-        if isinstance(tree, torch.Tensor):
-            raw = _raw(tree)
-            h = _hash(raw)
-            blobs.setdefault(h, raw)
-            return {"__blob__": h, "dtype": str(tree.dtype).removeprefix("torch."), "shape": list(tree.shape)}
-        if isinstance(tree, dict):
-            return {k: walk(v) for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [walk(v) for v in tree]
-        if isinstance(tree, tuple):
-            return tuple(walk(v) for v in tree)
-        return tree
+    def ref(t: torch.Tensor) -> dict:
+        raw = _raw(t)
+        h = _hash(raw)
+        blobs.setdefault(h, raw)
+        return {"__blob__": h, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
 
-    skeleton = {key: walk(value) for key, value in snap["tensors"].items()}
+    skeleton = {key: map_tree(value, ref) for key, value in snap["tensors"].items()}
     digests = {key: _hash(repr(value).encode()) for key, value in skeleton.items()}
     for key, value in snap["python"].items():
         if key.startswith("var/"):
@@ -130,25 +123,20 @@ def read(home: Path, rel: str) -> dict:
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
     cache: dict = {}
 
-    def load(tree):
-        if isinstance(tree, dict) and "__blob__" in tree:
-            h = tree["__blob__"]
-            if h not in cache:
-                cache[h] = _blob(Path(home), h)
-            raw = cache[h]
-            dtype = getattr(torch, tree["dtype"])
-            if not raw:
-                return torch.empty(tree["shape"], dtype=dtype)
-            return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(tree["shape"]).clone()
-        if isinstance(tree, dict):
-            return {k: load(v) for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [load(v) for v in tree]
-        if isinstance(tree, tuple):
-            return tuple(load(v) for v in tree)
-        return tree
+    def tensor(r: dict) -> torch.Tensor:
+        h = r["__blob__"]
+        if h not in cache:
+            cache[h] = _blob(Path(home), h)
+        raw, dtype = cache[h], getattr(torch, r["dtype"])
+        if not raw:
+            return torch.empty(r["shape"], dtype=dtype)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(r["shape"]).clone()
 
-    return {"tensors": {k: load(v) for k, v in skeleton.items()}, "python": pickle.loads(py), "header": header}
+    def is_ref(x):
+        return isinstance(x, dict) and "__blob__" in x
+
+    tensors = {k: map_tree(v, tensor, is_ref) for k, v in skeleton.items()}
+    return {"tensors": tensors, "python": pickle.loads(py), "header": header}
 
 
 def _blob(home: Path, h: str) -> bytearray:

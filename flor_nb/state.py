@@ -202,7 +202,7 @@ def capture(ns: dict, scope: Scope, copy: bool = True, pool: BufferPool | None =
         leaf = pool.copy if pool is not None else (lambda t: t.detach().clone())
 
         def dup(tree):
-            return _map(tree, leaf)
+            return map_tree(tree, leaf)
     objects, variables = discover(ns, scope)
     tensors, python, skipped = {}, {}, {}
     for path, kind in objects.items():
@@ -234,16 +234,16 @@ def capture(ns: dict, scope: Scope, copy: bool = True, pool: BufferPool | None =
     return {"tensors": tensors, "python": python, "skipped": skipped}
 
 
-def _map(tree, fn):
-    """Apply ``fn`` to every tensor of a state-dict tree (dicts, lists, tuples), copying the tree."""
-    if isinstance(tree, torch.Tensor):
+def map_tree(tree, fn, is_leaf=lambda x: isinstance(x, torch.Tensor)):
+    """Apply ``fn`` to every leaf (default: tensor) of a state-dict tree of dicts, lists, tuples; copy the tree."""
+    if is_leaf(tree):
         return fn(tree)
     if isinstance(tree, dict):
-        return {k: _map(v, fn) for k, v in tree.items()}
+        return {k: map_tree(v, fn, is_leaf) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_map(v, fn) for v in tree]
+        return [map_tree(v, fn, is_leaf) for v in tree]
     if isinstance(tree, tuple):
-        return tuple(_map(v, fn) for v in tree)
+        return tuple(map_tree(v, fn, is_leaf) for v in tree)
     return tree
 
 
