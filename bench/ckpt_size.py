@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from common import Ctx, Row, add_args, cleanup, du, make_ctx, mb, med, print_rows
+from common import run_measurement, Ctx, Row, add_args, du, mb, med
 from workload import TRAIN, Config, namespace, state_bytes
 
 
@@ -94,14 +94,7 @@ def measure(ctx: Ctx) -> list[Row]:
 def main(argv=None):
     p = add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     a = p.parse_args(argv)
-    from record_overhead import ensure_run
-
-    ctx = make_ctx(a)
-    try:
-        ensure_run(ctx)
-        print_rows(measure(ctx))
-    finally:
-        cleanup(ctx, a.keep)
+    run_measurement(a, measure)
 
 
 if __name__ == "__main__":

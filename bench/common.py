@@ -182,3 +182,15 @@ def machine() -> str:
 
 def dump_json(obj, path):
     Path(path).write_text(json.dumps(obj, indent=1, default=str))
+
+
+def run_measurement(a, measure) -> None:
+    """A script's main: record the workload's run (unless given), measure, print the rows, clean up."""
+    from record_overhead import ensure_run
+
+    ctx = make_ctx(a)
+    try:
+        ensure_run(ctx)
+        print_rows(measure(ctx))
+    finally:
+        cleanup(ctx, a.keep)

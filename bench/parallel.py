@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from common import Ctx, Row, Timer, add_args, cleanup, interleaved, make_ctx, med, print_rows, secs, spread
+from common import run_measurement, Ctx, Row, Timer, add_args, interleaved, med, secs, spread
 from workload import STEP_PROBE, namespace
 
 
@@ -77,14 +77,7 @@ def measure(ctx: Ctx) -> list[Row]:
 def main(argv=None):
     p = add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     a = p.parse_args(argv)
-    from record_overhead import ensure_run
-
-    ctx = make_ctx(a)
-    try:
-        ensure_run(ctx)
-        print_rows(measure(ctx))
-    finally:
-        cleanup(ctx, a.keep)
+    run_measurement(a, measure)
 
 
 if __name__ == "__main__":

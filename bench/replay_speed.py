@@ -28,7 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import HERE, Ctx, Row, Timer, add_args, cleanup, interleaved, make_ctx, med, print_rows, secs, spread
+from common import run_measurement, HERE, Ctx, Row, Timer, add_args, interleaved, med, secs, spread
 from workload import EPOCH_PROBE, STEP_PROBE, TRAIN, namespace
 
 
@@ -244,14 +244,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.cold_child:
         return _child(a)
-    from record_overhead import ensure_run
-
-    ctx = make_ctx(a)
-    try:
-        ensure_run(ctx)
-        print_rows(measure(ctx))
-    finally:
-        cleanup(ctx, a.keep)
+    run_measurement(a, measure)
 
 
 if __name__ == "__main__":
