@@ -42,10 +42,11 @@ def runs(store=None) -> pd.DataFrame:
             "epochs": r.epochs_completed,
             "checkpoints": len(ckpts),
             "cells": ", ".join(f"In[{c['count']}]" for c in r.deps),
+            "not_captured": ", ".join(sorted(r.state.get("not_captured") or {})),
         }
         row.update({f"arg.{k}": v for k, v in r.args.items()})
         rows.append(row)
-    cols = ["name", "version", "status", "started", "duration_s", "epochs", "checkpoints", "cells"]
+    cols = ["name", "version", "status", "started", "duration_s", "epochs", "checkpoints", "cells", "not_captured"]
     return pd.DataFrame(rows, columns=cols + sorted({c for row in rows for c in row} - set(cols)))
 
 

@@ -1,17 +1,18 @@
-"""Checkpoints on disk: content-addressed tensor blobs plus one small file per checkpoint.
+"""Checkpoints on disk: content-addressed blobs plus one small file per checkpoint.
 
-Every tensor is stored once by the hash of its bytes under ``blobs/``, so a
-tensor that did not change since the last checkpoint (a frozen backbone, an
-embedding table) costs nothing more. A checkpoint file holds:
+Every tensor, and every pickled group of Python values, is stored once by the
+hash of its bytes under ``blobs/``, so what did not change since the last
+checkpoint (a frozen backbone, a dataset held in memory, a config) costs
+nothing more. A checkpoint file holds:
 ``FLORCKPT`` + 8-byte header length + JSON header + skeleton + Python part.
 The skeleton is the tensor tree with each tensor replaced by a reference
 (``torch.save``, loaded with ``weights_only=True``); the Python part is a
-pickle of loop variables and numpy/``random`` RNG states. Blobs and files are
-written to a temp name, fsynced and renamed, and verified by hash on load.
+pickle of plain values (RNG states, flags) and references to pickled blobs.
+The header names the hash algorithm; blobs and files are written to a temp
+name, fsynced and renamed, and verified by hash on load.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,59 +23,56 @@ from pathlib import Path
 import torch
 
 from .errors import FlorError
-from .state import map_tree
-
-try:
-    import xxhash
-
-    def _hash(data) -> str:
-        return xxhash.xxh3_128_hexdigest(data)
-except ImportError:  # pragma: no cover - xxhash is a dependency; blake2b is ~20x slower
-    def _hash(data) -> str:
-        return hashlib.blake2b(data, digest_size=16).hexdigest()
+from .hashing import DEFAULT, hash_bytes, known
+from .state import _raw
+from .trees import map_tree
 
 MAGIC = b"FLORCKPT"
-SCHEMA = 2
+SCHEMA = 3
+_READS = (2, 3)
+_PY_BLOBS = ("py/", "leaves/")  # Python entries stored as blobs (pickled bytes)
+ROOTS = "__roots__"  # not a stream: the roots' order, kept with the digests
 
 
 class CorruptCheckpointError(FlorError):
     """A checkpoint file or blob is missing, truncated, or fails its hash check."""
 
 
-def _raw(t: torch.Tensor):
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy() if t.numel() else b""
+def _ref(t: torch.Tensor, blobs: dict, algorithm: str) -> dict:
+    raw = _raw(t)
+    h = hash_bytes(raw, algorithm)
+    blobs.setdefault(h, raw)
+    return {"__blob__": h, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
 
 
-def split(snap: dict) -> tuple[dict, dict, dict]:
-    """Return (skeleton, {hash: bytes}, {entry: digest}) for a snapshot (see state.py)."""
+def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:
+    """Per-entry digests of the tensor part, equal for equal states."""
     blobs: dict = {}
+    return {key: hash_bytes(repr(map_tree(v, lambda t: _ref(t, blobs, algorithm))).encode(), algorithm)
+            for key, v in tensors.items()}
 
-    def ref(t: torch.Tensor) -> dict:
-        raw = _raw(t)
-        h = _hash(raw)
-        blobs.setdefault(h, raw)
-        return {"__blob__": h, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
 
-    skeleton = {key: map_tree(value, ref) for key, value in snap["tensors"].items()}
-    digests = {key: _hash(repr(value).encode()) for key, value in skeleton.items()}
+def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]:
+    """Return (skeleton, python part, {hash: bytes}, {stream: digest}) for a snapshot (see state.py)."""
+    blobs: dict = {}
+    skeleton = {key: map_tree(value, lambda t: _ref(t, blobs, algorithm)) for key, value in snap["tensors"].items()}
+    digests = {key: hash_bytes(repr(value).encode(), algorithm) for key, value in skeleton.items()}
+    digests.update(snap.get("digests", {}))
+    digests[ROOTS] = snap.get("roots", [])  # the walk order: a replay walks the same way to compare
+    python = {}
     for key, value in snap["python"].items():
-        if key.startswith("var/"):
-            digests[key] = _hash(value)
-    return skeleton, blobs, digests
+        if key.startswith(_PY_BLOBS) and isinstance(value, bytes):
+            h = hash_bytes(value, algorithm)
+            blobs.setdefault(h, value)
+            python[key] = {"__pyblob__": h}
+        else:
+            python[key] = value
+    return skeleton, python, blobs, digests
 
 
-def digests(snap: dict) -> dict:
-    """Per-entry digests, equal for equal states: how replay tells where it diverged."""
-    return split(snap)[2]
-
-
-def write(home: Path, rel: str, snap: dict) -> dict:
+def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
     """Persist a snapshot: new blobs, then the checkpoint file. Returns sizes, checksum and digests."""
-    skeleton, blobs, digest = split(snap)
+    skeleton, python, blobs, digest = split(snap, algorithm)
     new_bytes = 0
     for h, raw in blobs.items():
         path = home / "blobs" / h[:2] / h
@@ -84,26 +82,28 @@ def write(home: Path, rel: str, snap: dict) -> dict:
     buf = io.BytesIO()
     torch.save(skeleton, buf)
     skel = buf.getvalue()
-    py = pickle.dumps(snap["python"], protocol=pickle.HIGHEST_PROTOCOL)
+    py = pickle.dumps(python, protocol=pickle.HIGHEST_PROTOCOL)
     header = json.dumps({
         "schema": SCHEMA,
+        "hash": algorithm,
         "parts": [len(skel), len(py)],
-        "checksums": [_hash(skel), _hash(py)],
+        "checksums": [hash_bytes(skel, algorithm), hash_bytes(py, algorithm)],
         "digests": digest,
-        "skipped": snap.get("skipped", {}),
+        "roots": snap.get("roots", []),
+        "not_captured": snap.get("not_captured", {}),
     }).encode()
     data = MAGIC + struct.pack("<Q", len(header)) + header + skel + py
     _atomic(home / rel, data)
     return {
         "bytes": new_bytes + len(data),
         "logical_bytes": sum(len(r) for r in blobs.values()) + len(data),
-        "checksum": _hash(data),
+        "checksum": hash_bytes(data, algorithm),
         "digests": digest,
     }
 
 
 def read(home: Path, rel: str) -> dict:
-    """Load and verify a checkpoint; return a snapshot dict (see state.py)."""
+    """Load and verify a checkpoint; return a snapshot dict (see state.py) with its ``header``."""
     path = Path(home) / rel
     try:
         data = path.read_bytes()
@@ -112,22 +112,33 @@ def read(home: Path, rel: str) -> dict:
     if not data.startswith(MAGIC):
         raise CorruptCheckpointError(f"{path} is not a flor_nb checkpoint.")
     (hlen,) = struct.unpack("<Q", data[8:16])
-    header = json.loads(data[16:16 + hlen])
-    if header["schema"] != SCHEMA:
-        raise CorruptCheckpointError(f"{path} has checkpoint schema {header['schema']}; this flor_nb reads {SCHEMA}.")
+    try:
+        header = json.loads(data[16:16 + hlen])
+    except ValueError:
+        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (its header does not parse). "
+                                     "Replay from another epoch.") from None
+    if header.get("schema") not in _READS:
+        raise CorruptCheckpointError(f"{path} has checkpoint schema {header.get('schema')}; this flor_nb reads "
+                                     f"{', '.join(map(str, _READS))}.")
+    algorithms = [header["hash"]] if "hash" in header else ["xxh3_128", "blake2b_128"]  # schema 2 did not say
+    if not all(known(a) for a in algorithms):
+        raise CorruptCheckpointError(f"{path} was hashed with {header['hash']}, which this flor_nb does not know.")
     start = 16 + hlen
     n_skel, n_py = header["parts"]
     skel, py = data[start:start + n_skel], data[start + n_skel:start + n_skel + n_py]
-    if [_hash(skel), _hash(py)] != header["checksums"]:
+    algorithm = next((a for a in algorithms if [hash_bytes(skel, a), hash_bytes(py, a)] == header["checksums"]), None)
+    if algorithm is None:
         raise CorruptCheckpointError(f"Checkpoint {path} is damaged (checksum mismatch). Replay from another epoch.")
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
     cache: dict = {}
 
-    def tensor(r: dict) -> torch.Tensor:
-        h = r["__blob__"]
+    def blob(h: str) -> bytearray:
         if h not in cache:
-            cache[h] = _blob(Path(home), h)
-        raw, dtype = cache[h], getattr(torch, r["dtype"])
+            cache[h] = _blob(Path(home), h, algorithm)
+        return cache[h]
+
+    def tensor(r: dict) -> torch.Tensor:
+        raw, dtype = blob(r["__blob__"]), getattr(torch, r["dtype"])
         if not raw:
             return torch.empty(r["shape"], dtype=dtype)
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(r["shape"]).clone()
@@ -136,17 +147,21 @@ def read(home: Path, rel: str) -> dict:
         return isinstance(x, dict) and "__blob__" in x
 
     tensors = {k: map_tree(v, tensor, is_ref) for k, v in skeleton.items()}
-    return {"tensors": tensors, "python": pickle.loads(py), "header": header}
+    python = pickle.loads(py)
+    for key, value in python.items():
+        if isinstance(value, dict) and "__pyblob__" in value:
+            python[key] = bytes(blob(value["__pyblob__"]))
+    return {"tensors": tensors, "python": python, "header": header}
 
 
-def _blob(home: Path, h: str) -> bytearray:
+def _blob(home: Path, h: str, algorithm: str) -> bytearray:
     path = home / "blobs" / h[:2] / h
     try:
         raw = bytearray(path.read_bytes())
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"Tensor blob {path} is missing. Replay other epochs or record again.") from None
-    if _hash(raw) != h:
-        raise CorruptCheckpointError(f"Tensor blob {path} is damaged (hash mismatch). Replay other epochs.")
+        raise CorruptCheckpointError(f"Blob {path} is missing. Replay other epochs or record again.") from None
+    if hash_bytes(raw, algorithm) != h:
+        raise CorruptCheckpointError(f"Blob {path} is damaged (hash mismatch). Replay other epochs.")
     return raw
 
 

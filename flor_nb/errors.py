@@ -47,3 +47,7 @@ class ReplayError(FlorError):
         if self.traceback_text:
             return f"{self.args[0]}\n\n{self.traceback_text}"
         return self.args[0]
+
+
+class NotCapturedWarning(UserWarning):
+    """Something the recorded epochs read cannot be captured; replay rebuilds it instead of restoring it."""

@@ -15,6 +15,8 @@ import torch
 
 from . import checkpoint, runtime, state
 from .cells import Cell, analyze, dependencies
+from .clock import clock_names
+from .errors import FlorError, NotCapturedWarning
 from .instrument import RUNTIME, instrument
 from .store import Run, Store
 from .writer import Writer
@@ -33,6 +35,7 @@ class Recorder:
 
     def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02):
         self.store, self.run, self.ns, self.scope = store, run, ns, scope
+        self.capturer = state.Capturer(ns, scope)
         self.overhead = overhead
         self.epoch = None
         self.step = None
@@ -45,9 +48,14 @@ class Recorder:
         self.epoch_seconds: list[float] = []
         self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
         self.checkpointed: list[int] = []
-        self.skipped: dict = {}
+        self.not_captured: dict = {}  # path -> reason, announced once when first seen
+        self.notes: dict = {}
+        self.data: dict = {}
+        self.outputs: dict = {}
+        self.roots: list = []
         self.objects: dict = {}
         self.checkpoint_error = None
+        self.clock = (set(), set())
         self._step_exits = 0
         self._step_snap = None
         self._left_epoch = None  # (epoch, seconds, step snapshot, end snapshot) when left by break/exception
@@ -136,17 +144,33 @@ class Recorder:
 
     def _snapshot(self):
         start = time.perf_counter()
-        snap = state.capture(self.ns, self.scope, pool=self.pool)
-        return snap, time.perf_counter() - start
+        snap = self.capturer.snapshot(pool=self.pool)
+        seconds = time.perf_counter() - start
+        self._announce(snap)
+        return snap, seconds
+
+    def _announce(self, snap):
+        """Say once, when first seen, what cannot be captured: replay could not restore it."""
+        new = {p: why for p, why in snap["not_captured"].items() if p not in self.not_captured}
+        self.notes.update(snap["notes"])
+        self.data.update(snap["data"])
+        self.outputs.update(snap["outputs"])
+        self.roots = snap["roots"]
+        if new:
+            self.not_captured.update(new)
+            listed = "; ".join(f"{p}: {why}" for p, why in new.items())
+            warnings.warn(f"flor_nb: not captured in {self.run.label}: {listed}. Replay rebuilds "
+                          f"{'it' if len(new) == 1 else 'these'} from the recorded cells instead of restoring "
+                          "the recorded state; a replay that reads them says so in its verdict.",
+                          NotCapturedWarning, stacklevel=4)
 
     def _checkpoint(self, epoch: int, kind: str, taken, end_taken=None):
         if taken is None or self.checkpoint_error:
             return
         snap, copy_seconds = taken
         end_snap, end_seconds = end_taken or (None, 0.0)
-        self.skipped.update(snap["skipped"])
         if not self.objects:
-            self.objects = {k.partition("/")[2]: k.partition("/")[0] for k in snap["tensors"] if k.startswith("obj/")}
+            self.objects = self.capturer.kinds
         waited = self.writer.submit_checkpoint(self._persist, epoch, kind, snap, end_snap)
         self.snapshot_seconds.append(copy_seconds + end_seconds + waited)
         self._last_ckpt = epoch
@@ -246,8 +270,15 @@ class Recorder:
             args=args,
             error=error,
             state={
+                "capture": 2,  # reachability capture, fingerprinted variables (flor_nb 0.2)
                 "objects": self.objects,
-                "skipped": self.skipped,
+                "not_captured": self.not_captured,
+                "notes": self.notes,
+                "data": self.data,
+                "outputs": self.outputs,
+                "roots": self.roots,
+                "clock_vars": sorted(self.clock[0]),
+                "clock_metrics": sorted(self.clock[1]),
                 "checkpoint_error": self.checkpoint_error,
                 "spec": {"only": sorted(self.scope.only) if self.scope.only else None, "extra": sorted(self.scope.extra)},
             },
@@ -337,12 +368,17 @@ def record(
     ns[RUNTIME] = sys.modules["flor_nb"]
     free, assigned = analyze(code)
     only, extra = parse_state(state_spec)
+    unknown = sorted(n for n in (only or set()) | extra if n not in ns and n not in assigned)
+    if unknown:
+        raise FlorError(f"--state names {', '.join(unknown)}, which neither the namespace nor the cell defines. "
+                        "Name variables that exist (--state a,b narrows what is saved, --state +a,+b adds).")
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
     run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=dict(runtime.IDLE.args), env=environment())
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     bar = (lambda total: _progress_bar(run, total)) if progress else None
     recorder = Recorder(store, run, ns, scope, bar, overhead)
+    recorder.clock = clock_names(code)
     previous = runtime.activate(recorder)
     try:
         exec(compile(tree, filename, "exec"), ns)

@@ -14,7 +14,12 @@ from .errors import FlorError
 from .instrument import changes, instrument, parse
 from .plan import parse_epochs, plan
 from .store import Run, Store
-from .worker import SERIOUS, run_segment
+from .cells import analyze
+from .clock import clock_names
+from .verdict import check, verdict_text
+from .worker import run_segment
+
+__all__ = ["prepare", "replay", "verdict_text"]
 
 
 def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None) -> dict:
@@ -100,6 +105,8 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
+        "roots": run.state.get("roots") or [],
+        "exclude": _unchecked_streams(run, p["code"]),
     } for seg in p["segments"]]
     ex = executor or executors.local()
     started = time.perf_counter()
@@ -119,7 +126,11 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     modes = {int(e): m for res in results for e, m in res["modes"].items()}
     recorded = store.logs([run.id], kind="recorded")
     recorded_names = {r["name"] for r in recorded}
-    fidelity = check(recorded, rows, modes, results)
+    state = {**run.state, "clock_metrics": sorted(set(run.state.get("clock_metrics", ())) | clock_names(p["code"])[1])}
+    fidelity = check(recorded, rows, modes, results, recorded_code=run.code, code=p["code"],
+                     edited_cells=p["edited_cells"], run_state=state,
+                     reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
+    fidelity["kinds"] = run.state.get("objects") or {}
     probes = sorted({r[0] for r in rows} - recorded_names)
     keep = [r for r in rows if r[0] in probes]
     store.replace_hindsight(run.id, probes, sorted(modes), keep, replay_id)
@@ -146,73 +157,23 @@ def _describe(selected, segments, workers, touched) -> str:
             f"{full} epoch(s) in full, {skip} with the step loop skipped ({why})")
 
 
+def _unchecked_streams(run: Run, code: str) -> list[str]:
+    """Streams recorded but not judged: wall-clock variables; variables of runs recorded by flor_nb 0.1."""
+    clock = set(run.state.get("clock_vars", ())) | clock_names(code)[0]
+    out = [f"var/{n}" for n in sorted(clock)]
+    if run.state.get("capture", 1) < 2:  # 0.1 digested variables by their pickles: not comparable
+        out.append("var/")
+    return out
+
+
+def _reads(code: str) -> list[str]:
+    free, assigned = analyze(code)
+    return sorted(free | assigned)
+
+
 def _scope_spec(run: Run) -> dict:
     spec = run.state.get("spec") or {}
     return {"only": set(spec["only"]) if spec.get("only") else None, "extra": set(spec.get("extra") or ())}
-
-
-def check(recorded, rows, modes: dict, results) -> dict:
-    """Compare recorded metrics with their re-computed values, per metric; and the state digests.
-
-    ``modes`` maps each kept epoch to how it ran: a ``skip`` epoch recomputes no step-level value.
-    """
-    want = {(r["name"], r["epoch"], r["step"], r["seq"]): runtime.from_json(r["value"])
-            for r in recorded if r["epoch"] in modes and (r["step"] is None or modes[r["epoch"]] == "full")}
-    got = {(n, e, s, q): runtime.from_json(v) for n, e, s, q, v in rows}
-    metrics = {}
-    by_name = defaultdict(list)
-    for key in want:
-        by_name[key[0]].append(key)
-    for name, keys in sorted(by_name.items()):
-        n_exact, missing, max_diff, first_bad = 0, 0, 0.0, None
-        for key in keys:
-            if key not in got:
-                missing += 1
-                continue
-            a, b = want[key], got[key]
-            if runtime.same(a, b):
-                n_exact += 1
-            else:
-                d = runtime.abs_diff(a, b)
-                max_diff = max(max_diff, d if d is not None else float("inf"))
-                if first_bad is None:
-                    first_bad = {"epoch": key[1], "step": key[2], "recorded": a, "replayed": b}
-        verdict = "exact" if n_exact == len(keys) else ("missing" if missing == len(keys) else "diverged")
-        metrics[name] = {"compared": len(keys), "exact": n_exact, "missing": missing,
-                         "max_abs_diff": max_diff, "verdict": verdict, "first_mismatch": first_bad}
-    divergence = {}
-    for res in results:
-        for epoch, d in res["divergence"].items():
-            divergence[int(epoch)] = d
-    state_changed = {e: [k for k in d["differ"] + d["missing"] if k.startswith(SERIOUS)]
-                     for e, d in divergence.items()}
-    state_changed = {e: ks for e, ks in state_changed.items() if ks}
-    faithful = all(m["verdict"] == "exact" for m in metrics.values() if m["verdict"] != "missing") and not state_changed
-    return {"faithful": faithful, "metrics": metrics, "state_diverged": state_changed,
-            "variables_differ": {e: [k for k in d["differ"] if k.startswith("var/")] for e, d in divergence.items()},
-            "epochs": sorted(modes)}
-
-
-def verdict_text(fidelity: dict) -> str:
-    """One line a user can read: did the replay reproduce the recording?"""
-    parts = []
-    for name, m in fidelity["metrics"].items():
-        if m["verdict"] == "exact":
-            parts.append(f"{name} exact ({m['compared']} values)")
-        elif m["verdict"] == "missing":
-            parts.append(f"{name} not logged in the replayed code")
-        else:
-            parts.append(f"{name} DIVERGED ({m['compared'] - m['exact'] - m['missing']} of {m['compared']} differ, "
-                         f"max abs diff {m['max_abs_diff']:.3g})")
-    head = "Faithful replay: recorded metrics reproduced exactly" if fidelity["faithful"] else "Replay NOT faithful"
-    out = f"{head}: " + ("; ".join(parts) if parts else "no recorded metric in these epochs")
-    if fidelity["state_diverged"]:
-        epochs = ", ".join(str(e) for e in sorted(fidelity["state_diverged"]))
-        keys = sorted({k for ks in fidelity["state_diverged"].values() for k in ks})
-        out += (f". Training state differs from the recording after epoch(s) {epochs} ({', '.join(keys[:5])}): "
-                "a probe changed training (it mutated the model, optimizer or consumed random numbers). "
-                "Make the probe read-only, e.g. wrap it in torch.no_grad() and avoid RNG calls")
-    return out + "."
 
 
 def result_frame(run, recorded, rows, probes, epochs, fidelity) -> pd.DataFrame:

@@ -1,152 +1,43 @@
-"""What must be saved to resume an epoch, and how to put it back.
+"""Snapshots of everything a recorded epoch reads or changes, and putting them back.
 
-A *snapshot* is a plain dict, copied out of the live objects (nothing aliases
-them, so training can go on while it is written):
+A *snapshot* is a plain dict copied out of the live objects (nothing aliases
+them, so training can go on while it is written)::
 
-    tensors: {"obj/<path>": state_dict, "grad/<path>": {param: tensor},
-              "var/<name>": tensor, "rng/torch": tensor}   loadable with weights_only
-    python:  {"var/<name>": pickled bytes, "train/<path>": [bool], "rng/numpy": ...,
-              "rng/random": ..., "npgen/<path>": dict}
-    skipped: {name: reason}
+    tensors:  obj/<path>     state_dict of a module, optimizer, scheduler, ... (torch generator: its state)
+              grad/<path>    {param name: grad} of a module;  buf/<path>: its non-persistent buffers
+              val/<path>     a tensor held by value (valgrad/<path>: its .grad);  arr/<path>: a numpy array
+              rng/torch
+    python:   py/<root>      one pickle of the roots that share objects, with module attributes and the
+                             attributes of objects whose state_dict() failed (see pickling.py)
+              leaves/<path>  non-tensor leaves of a state_dict (numpy scalars, ...), pickled
+              train/<path>, reqgrad/<path>, groups/<path>, npgen/<path>, nprs/<path>, vmeta,
+              rng/numpy, rng/random, big
+    digests:  {stream: digest} of the Python streams (tensor streams are digested when written)
+    not_captured, notes, data, roots
 
-Objects are found by name in the namespace the cell runs in: the names the cell
-reads and binds, the globals of the functions it calls, and one level of
-attributes (a DataLoader's generator, ``trainer.model``).
+What is in it is found by :func:`flor_nb.capture.walk`.
 """
 from __future__ import annotations
 
-import pickle
 import random
 import threading
-import types
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-_STATEFUL = (
-    torch.nn.Module,
-    torch.optim.Optimizer,
-    torch.optim.lr_scheduler.LRScheduler,
-    torch.amp.GradScaler,
-)
-_OPAQUE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type,
-           torch.utils.data.DataLoader, torch.utils.data.Dataset, torch.utils.data.Sampler)
-_SMALL = 10_000  # free (read-only) containers larger than this are treated as data, not state
+from . import pickling
+from .capture import Graph, Scope, _unsaveable, child_path, resolve, walk
+from .errors import FlorError
+from .fingerprint import fingerprint
+from .hashing import hash_bytes
+from .pickling import KEEP, MISSING
+from .trees import map_tree, put_leaves, split_leaves
+
+__all__ = ["Scope", "Capturer", "BufferPool", "RestoreError"]
 
 
-@dataclass
-class Scope:
-    """Names a cell touches: ``assigned`` are its loop-carried state candidates."""
-
-    assigned: set
-    free: set
-    extra: set = field(default_factory=set)  # --state +a,+b
-    only: set | None = None  # --state a,b
-
-
-def _function_globals(fn, depth=3, seen=None) -> set[str]:
-    seen = set() if seen is None else seen
-    code = getattr(fn, "__code__", None)
-    if code is None or depth == 0 or id(code) in seen:
-        return set()
-    seen.add(id(code))
-    names = set()
-    stack = [code]
-    while stack:
-        c = stack.pop()
-        names |= set(c.co_names)
-        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    g = getattr(fn, "__globals__", {})
-    for n in list(names):
-        if isinstance(g.get(n), types.FunctionType):
-            names |= _function_globals(g[n], depth - 1, seen)
-    return names
-
-
-def _kind(obj) -> str | None:
-    if isinstance(obj, torch.nn.Module):
-        return "module"
-    if isinstance(obj, torch.optim.Optimizer):
-        return "optimizer"
-    if isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler)):
-        return "stateful"
-    if isinstance(obj, torch.Generator):
-        return "torch_generator"
-    if isinstance(obj, np.random.Generator):
-        return "np_generator"
-    if isinstance(obj, np.random.RandomState):
-        return "np_randomstate"
-    return None
-
-
-def _children(obj):
-    """Attributes one level down that may hold state (DataLoader generators, trainer.model)."""
-    if isinstance(obj, torch.utils.data.DataLoader):
-        yield "generator", obj.generator
-        sampler = getattr(obj, "sampler", None)
-        yield "sampler.generator", getattr(sampler, "generator", None)
-        bs = getattr(obj, "batch_sampler", None)
-        yield "batch_sampler.sampler.generator", getattr(getattr(bs, "sampler", None), "generator", None)
-    elif not isinstance(obj, _STATEFUL + _OPAQUE + (torch.Tensor, np.ndarray)) and hasattr(obj, "__dict__"):
-        try:
-            items = list(vars(obj).items())
-        except TypeError:
-            return
-        for k, v in items[:200]:
-            yield k, v
-
-
-def discover(ns: dict, scope: Scope) -> tuple[dict, list[str]]:
-    """Return ({path: kind} of stateful objects, [variable names]) to capture."""
-    names = scope.assigned | scope.free | scope.extra
-    for n in list(scope.free):
-        if isinstance(ns.get(n), types.FunctionType):
-            names |= _function_globals(ns[n])
-    if scope.only is not None:
-        names = set(scope.only) | scope.extra
-    objects: dict[str, str] = {}
-    seen: set[int] = set()
-    variables = []
-    for name in sorted(names):
-        if name not in ns or name.startswith("__"):
-            continue
-        obj = ns[name]
-        kind = _kind(obj)
-        if kind:
-            if id(obj) not in seen:
-                objects[name] = kind
-                seen.add(id(obj))
-            continue
-        for attr, child in _children(obj):
-            ck = _kind(child) if child is not None else None
-            if ck and id(child) not in seen:
-                objects[f"{name}.{attr}"] = ck
-                seen.add(id(child))
-        if name in scope.assigned or name in scope.extra or scope.only is not None or _small_plain(obj):
-            if not isinstance(obj, _OPAQUE):
-                variables.append(name)
-        elif isinstance(obj, torch.Tensor) and obj.requires_grad and not isinstance(obj, torch.nn.Parameter):
-            variables.append(name)
-    return objects, variables
-
-
-def _small_plain(obj, budget=_SMALL) -> bool:
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
-        return True
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return len(obj) <= budget and all(_small_plain(x, budget // 10 or 1) for x in list(obj)[:50])
-    if isinstance(obj, dict):
-        return len(obj) <= budget and all(_small_plain(v, budget // 10 or 1) for v in list(obj.values())[:50])
-    return False
-
-
-def resolve(ns: dict, path: str):
-    head, *rest = path.split(".")
-    obj = ns[head]
-    for attr in rest:
-        obj = getattr(obj, attr)
-    return obj
+class RestoreError(FlorError):
+    """A checkpoint cannot be put back into the replay's namespace."""
 
 
 class BufferPool:
@@ -189,78 +80,360 @@ class BufferPool:
                     stack.extend(tree)
 
 
-def capture(ns: dict, scope: Scope, copy: bool = True, pool: BufferPool | None = None) -> dict:
-    """Copy everything needed to resume from here into a snapshot dict.
+def _raw(t) -> memoryview | bytes:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().data if t.numel() else b""
 
-    ``copy=False`` leaves tensors aliasing the live ones: only for hashing right away.
-    ``pool`` reuses buffers of earlier snapshots (see :class:`BufferPool`).
-    """
-    if not copy:
-        def dup(tree):
-            return tree
+
+def content_hash(value) -> str:
+    """Hash of a tensor's or array's bytes (with dtype and shape)."""
+    if isinstance(value, np.ndarray):
+        head, raw = f"{value.dtype}{value.shape}", np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
     else:
-        leaf = pool.copy if pool is not None else (lambda t: t.detach().clone())
+        head, raw = f"{value.dtype}{tuple(value.shape)}", _raw(value)
+    return hash_bytes(head.encode() + bytes(raw))
 
-        def dup(tree):
-            return map_tree(tree, leaf)
-    objects, variables = discover(ns, scope)
-    tensors, python, skipped = {}, {}, {}
-    for path, kind in objects.items():
-        obj = resolve(ns, path)
-        if kind == "module":
-            tensors[f"obj/{path}"] = dup(obj.state_dict())
-            tensors[f"grad/{path}"] = dup({n: p.grad for n, p in obj.named_parameters() if p.grad is not None})
-            python[f"train/{path}"] = [m.training for m in obj.modules()]
-        elif kind in ("optimizer", "stateful"):
-            tensors[f"obj/{path}"] = dup(obj.state_dict())
-        elif kind == "torch_generator":
-            tensors[f"obj/{path}"] = obj.get_state()
-        elif kind == "np_generator":
-            python[f"npgen/{path}"] = obj.bit_generator.state
-        elif kind == "np_randomstate":
-            python[f"nprs/{path}"] = obj.get_state()
-    for name in variables:
-        value = ns[name]
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-            tensors[f"var/{name}"] = dup(value)
-            continue
+
+class Capturer:
+    """Captures and restores the state a cell's epochs depend on, in one namespace.
+
+    ``order``: root names to walk first (the recording's, when verifying a replay).
+    """
+
+    def __init__(self, ns: dict, scope: Scope, order=()):
+        self.ns, self.scope, self.order = ns, scope, list(order)
+        self.ns_name = ns.get("__name__", "__main__")
+        self.bad: set = set()  # ids of objects, and types, that cannot be pickled
+        self.unpicklable: dict = {}  # path -> reason, found while pickling
+        self.kinds: dict = {}  # path -> kind of the objects saved through their own API (last snapshot)
+
+    # -- capture -------------------------------------------------------------------------
+    def snapshot(self, copy: bool = True, pool: BufferPool | None = None) -> dict:
+        """Copy everything needed to resume from here. ``copy=False``: tensors alias the live ones
+        and nothing is pickled (for digests taken at once)."""
+        if not copy:
+            def dup(tree):
+                return tree
+        else:
+            leaf = pool.copy if pool is not None else (lambda t: t.detach().clone())
+
+            def dup(tree):
+                return map_tree(tree, leaf)
+        g = walk(self.ns, self.scope, self.order)
+        self.order = list(g.roots)
+        self.kinds = {**{p: k for p, (k, _) in g.stateful.items()}, **{p: "attrs" for p in g.attr_objects}}
+        token = self._token(g)
+        tensors, python, digests = {}, {}, {}
+        leaves: dict = {}
+        for path, (kind, obj) in g.stateful.items():
+            key = f"obj/{path}"
+            if kind == "module":
+                tree, leaves[path] = split_leaves(obj.state_dict())
+                tensors[key] = dup(tree)
+                tensors[f"grad/{path}"] = dup({n: p.grad for n, p in obj.named_parameters() if p.grad is not None})
+                extra = _nonpersistent_buffers(obj)
+                if extra:
+                    tensors[f"buf/{path}"] = dup(extra)
+                python[f"train/{path}"] = [m.training for m in obj.modules()]
+                python[f"reqgrad/{path}"] = [p.requires_grad for p in obj.parameters()]
+            elif kind == "optimizer":
+                tree, leaves[path] = split_leaves(obj.state_dict())
+                tensors[key] = dup(tree)
+                python[f"groups/{path}"] = [[token(p) for p in group["params"]] for group in obj.param_groups]
+            elif kind == "stateful":
+                tree, leaves[path] = split_leaves(g.states[path])
+                tensors[key] = dup(tree)
+            elif kind == "torch_generator":
+                tensors[key] = obj.get_state()
+            elif kind == "np_generator":
+                python[f"npgen/{path}"] = obj.bit_generator.state
+            elif kind == "np_randomstate":
+                python[f"nprs/{path}"] = obj.get_state()
+        meta = {}
+        for path, t in g.tensors.items():
+            tensors[f"val/{path}"] = dup(t.detach())
+            if t.is_leaf and t.grad is not None:
+                tensors[f"valgrad/{path}"] = dup(t.grad)
+            meta[path] = t.requires_grad
+        for path, a in g.arrays.items():
+            tensors[f"arr/{path}"] = dup(torch.from_numpy(a) if a.flags.writeable else torch.tensor(a))
+            meta[path] = str(a.dtype)
+        python["vmeta"] = dict(sorted(meta.items()))
+        python["big"] = {path: content_hash(v) for path, v in sorted(g.big.items())}
+        for key, value in python.items():
+            digests[key] = fingerprint(value, token)
+        for path, ls in leaves.items():
+            if ls:
+                digests[f"leaves/{path}"] = fingerprint(ls, token)
+                if copy:
+                    python[f"leaves/{path}"] = self._dumps(ls, g, f"{path} (state_dict)")
+        units = self._units(g)
+        for root in g.roots:
+            if root not in g.not_captured and root not in g.outputs:
+                digests[f"var/{root}"] = fingerprint(self.ns[root], token)
+        # One stream per attribute: an attribute a probe adds (a hook handle) is new, not a difference.
+        for path, attrs in list(g.module_attrs.items()) + [(p, _state_attrs(o)) for p, o in g.attr_objects.items()]:
+            for k, v in attrs.items():
+                digests[f"attrs/{child_path(path, k)}"] = fingerprint(v, token)
+        if copy:
+            for rep, value in units.items():
+                python[f"py/{rep}"] = self._dumps(value, g, rep)
+        tensors["rng/torch"] = torch.get_rng_state()
+        python["rng/numpy"] = np.random.get_state()
+        python["rng/random"] = random.getstate()
+        for key in ("rng/numpy", "rng/random"):
+            digests[key] = fingerprint(python[key])
+        return {
+            "tensors": tensors, "python": python, "digests": digests, "roots": list(g.roots),
+            "not_captured": {**g.not_captured, **self.unpicklable}, "notes": dict(g.notes), "data": dict(g.data),
+            "outputs": dict(g.outputs),
+        }
+
+    def _token(self, g: Graph):
+        refs, bad = g.refs, self.bad
+
+        def token(obj):
+            tok = refs.get(id(obj))
+            if tok is None and (id(obj) in bad or type(obj) in bad or _unsaveable(obj)):
+                return ("keep", "")
+            return tok
+        return token
+
+    def _units(self, g: Graph) -> dict:
+        """{representative root: what its pickle holds}: roots that share objects, with their attributes."""
+        units: dict = {}
+        for root in g.roots:
+            if root in g.not_captured or root in g.outputs:
+                continue
+            rep = g.units[root]
+            units.setdefault(rep, {"roots": {}, "module_attrs": {}, "attrs": {}})["roots"][root] = self.ns[root]
+        for path, attrs in g.module_attrs.items():
+            units.setdefault(g.owner[path], {"roots": {}, "module_attrs": {}, "attrs": {}})["module_attrs"][path] = attrs
+        for path, obj in g.attr_objects.items():
+            units.setdefault(g.owner[path], {"roots": {}, "module_attrs": {}, "attrs": {}})["attrs"][path] = \
+                _state_attrs(obj)
+        return units
+
+    def _dumps(self, value, g: Graph, where: str) -> bytes:
+        """Pickle with references; objects that cannot be pickled are found, listed, and left out."""
         try:
-            python[f"var/{name}"] = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as e:  # noqa: BLE001 - any pickling failure means "not captured"
-            skipped[name] = f"{type(value).__name__} cannot be pickled ({type(e).__name__})"
-    tensors["rng/torch"] = torch.get_rng_state()
-    python["rng/numpy"] = np.random.get_state()
-    python["rng/random"] = random.getstate()
-    return {"tensors": tensors, "python": python, "skipped": skipped}
+            return pickling.dumps(value, g.refs, self.ns_name, self.ns, self.bad)
+        except RecursionError:
+            self.unpicklable[where] = "too deeply nested to pickle"
+            return pickling.dumps(KEEP, {}, self.ns_name, self.ns, self.bad)
+        except Exception:  # noqa: BLE001 - find the parts that fail, leave them out, say so
+            found: dict = {}
+            bad_ids: set = set()
+            pickling.find_unpicklable(value, g.refs, self.ns_name, self.ns, bad_ids, where, found)
+            for obj in g.keep:
+                if id(obj) in bad_ids and type(obj) not in (list, dict, tuple, set):
+                    self.bad.add(type(obj))  # the same kind of object will fail next time too
+            self.bad |= bad_ids
+            self.unpicklable.update(found)
+            try:
+                return pickling.dumps(value, g.refs, self.ns_name, self.ns, self.bad)
+            except Exception as e:  # noqa: BLE001
+                self.unpicklable[where] = f"cannot be pickled ({type(e).__name__}: {e})"[:300]
+                return pickling.dumps(KEEP, {}, self.ns_name, self.ns, self.bad)
+
+    def digests(self) -> dict:
+        """Digests of every stream, now (tensors hashed in place): how a replay checks it matches."""
+        from .checkpoint import tensor_digests
+
+        snap = self.snapshot(copy=False)
+        return {**tensor_digests(snap["tensors"]), **snap["digests"]}
+
+    # -- restore -------------------------------------------------------------------------
+    def restore(self, snap: dict) -> list[str]:
+        """Put a snapshot back into the namespace; returns problems found (a big value that differs)."""
+        ns, tensors, python = self.ns, snap["tensors"], snap["python"]
+        if "vmeta" not in python:
+            return _restore_legacy(ns, snap)
+        resolved: dict = {}
+
+        def live(path):
+            try:
+                return resolve(ns, path)
+            except LookupError:
+                return MISSING
+
+        def token(kind, path):
+            key = (kind, path)
+            if key in resolved:
+                return resolved[key]
+            if kind == "keep":
+                return KEEP
+            if kind == "global":
+                obj = live(path)
+                if obj is MISSING:
+                    raise RestoreError(f"{path} is not defined in the replay: the recorded cells defined it. "
+                                       "Keep its definition in the cells the run depends on.")
+                return obj
+            obj = live(path)
+            return KEEP if obj is MISSING else obj
+
+        def leaves_of(path):
+            data = python.get(f"leaves/{path}")
+            return pickling.loads(data, token) if data is not None else []
+
+        meta = python["vmeta"]
+        used: set = set()
+        for key, value in tensors.items():  # tensors held by value, in place where they already exist
+            kind, _, path = key.partition("/")
+            if kind == "val":
+                resolved[("val", path)] = _put_tensor(live(path), value, meta.get(path, False), used,
+                                                      tensors.get(f"valgrad/{path}"))
+            elif kind == "arr":
+                resolved[("arr", path)] = _put_array(live(path), value, meta[path], used)
+        order = {"module": 0, "optimizer": 1}
+        objs = []
+        for key in tensors:
+            kind, _, path = key.partition("/")
+            if kind == "obj":
+                obj = live(path)
+                if obj is MISSING:
+                    raise RestoreError(f"The replay has no {path!r} to restore into: the recorded cells made it. "
+                                       "Re-run the cells that define it, or replay with the recorded cells.")
+                objs.append((order.get(_kind(obj), 2), path, obj))
+        for _, path, obj in sorted(objs, key=lambda x: x[0]):
+            tree = put_leaves(tensors[f"obj/{path}"], leaves_of(path))
+            resolved[("obj", path)] = obj
+            if isinstance(obj, torch.Generator):
+                obj.set_state(tree)
+            elif isinstance(obj, torch.optim.Optimizer):
+                _add_groups(obj, python.get(f"groups/{path}") or [], token)
+                obj.load_state_dict(tree)
+            else:
+                obj.load_state_dict(tree)
+            if isinstance(obj, torch.nn.Module):
+                _restore_module(obj, path, tensors, python)
+        for key, value in python.items():
+            kind, _, path = key.partition("/")
+            if kind == "npgen":
+                resolve(ns, path).bit_generator.state = value
+            elif kind == "nprs":
+                resolve(ns, path).set_state(value)
+        memo: dict = {}
+        for key, data in python.items():
+            if not key.startswith("py/"):
+                continue
+            unit = pickling.loads(data, token)
+            if unit is KEEP:
+                continue
+            for name, value in unit["roots"].items():
+                if value is KEEP:
+                    continue
+                ns[name] = pickling.merge(value, ns.get(name, MISSING), memo)
+            for path, attrs in list(unit["module_attrs"].items()) + list(unit["attrs"].items()):
+                target = live(path)
+                if target is MISSING:
+                    continue
+                for k, v in attrs.items():
+                    if v is not KEEP:
+                        object.__setattr__(target, k, pickling.merge(v, getattr(target, k, MISSING), memo))
+        problems = []
+        for path, h in python.get("big", {}).items():
+            value = live(path)
+            if value is MISSING or content_hash(value) != h:
+                problems.append(f"{path} (too large to store) differs from the recording")
+        torch.set_rng_state(tensors["rng/torch"])
+        np.random.set_state(python["rng/numpy"])
+        random.setstate(python["rng/random"])
+        return problems
 
 
-def map_tree(tree, fn, is_leaf=lambda x: isinstance(x, torch.Tensor)):
-    """Apply ``fn`` to every leaf (default: tensor) of a state-dict tree of dicts, lists, tuples; copy the tree."""
-    if is_leaf(tree):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: map_tree(v, fn, is_leaf) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [map_tree(v, fn, is_leaf) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(map_tree(v, fn, is_leaf) for v in tree)
-    return tree
+def _kind(obj):
+    if isinstance(obj, torch.nn.Module):
+        return "module"
+    if isinstance(obj, torch.optim.Optimizer):
+        return "optimizer"
+    return "other"
 
 
-def restore(ns: dict, snap: dict):
-    """Put a snapshot back into the namespace's objects, then the variables, then the RNGs."""
+def _state_attrs(obj) -> dict:
+    from .capture import _NOT_STATE_ATTRS
+
+    return {k: v for k, v in vars(obj).items() if k not in _NOT_STATE_ATTRS}
+
+
+def _nonpersistent_buffers(module) -> dict:
+    out = {}
+    for mname, m in module.named_modules():
+        for bname in m._non_persistent_buffers_set:
+            b = m._buffers.get(bname)
+            if b is not None:
+                out[f"{mname}.{bname}" if mname else bname] = b
+    return out
+
+
+def _restore_module(module, path, tensors, python):
+    grads = tensors.get(f"grad/{path}", {})
+    for n, p in module.named_parameters():
+        p.grad = grads[n].clone() if n in grads else None
+    for name, value in tensors.get(f"buf/{path}", {}).items():
+        owner, _, bname = name.rpartition(".")
+        m = module.get_submodule(owner) if owner else module
+        with torch.no_grad():
+            m._buffers[bname].copy_(value)
+    for m, flag in zip(module.modules(), python.get(f"train/{path}", [])):
+        m.training = flag
+    for p, flag in zip(module.parameters(), python.get(f"reqgrad/{path}", [])):
+        p.requires_grad_(flag)
+
+
+def _add_groups(opt, groups: list, token):
+    """Parameter groups added during training (``add_param_group``) exist in the recording, not yet here."""
+    if len(groups) < len(opt.param_groups):
+        raise RestoreError(f"The optimizer has {len(opt.param_groups)} parameter groups here but "
+                           f"{len(groups)} in the recording. Replay with the recorded cells.")
+    for toks in groups[len(opt.param_groups):]:
+        params = [token(*t) for t in toks]
+        if any(p is KEEP or not isinstance(p, torch.Tensor) for p in params):
+            raise RestoreError("A parameter group added during training holds tensors the replay cannot find.")
+        opt.add_param_group({"params": params})
+
+
+def _put_tensor(live, value, requires_grad, used: set, grad):
+    if (isinstance(live, torch.Tensor) and id(live) not in used and live.shape == value.shape
+            and live.dtype == value.dtype and live.device == value.device):
+        used.add(id(live))
+        with torch.no_grad():
+            live.copy_(value)
+        target = live
+    else:
+        target = value.clone()
+    if target.is_leaf and (target.is_floating_point() or target.is_complex()):
+        target.requires_grad_(bool(requires_grad))
+    if target.is_leaf:
+        target.grad = None if grad is None else grad.clone()
+    return target
+
+
+def _put_array(live, value, dtype, used: set):
+    arr = value.numpy().astype(dtype, copy=True)
+    if (isinstance(live, np.ndarray) and id(live) not in used and live.shape == arr.shape
+            and live.dtype == arr.dtype and live.flags.writeable):
+        used.add(id(live))
+        live[...] = arr
+        return live
+    return arr
+
+
+def _restore_legacy(ns, snap):
+    """Checkpoints of flor_nb 0.1 (schema 2): variables pickled one by one."""
+    import pickle
+
     tensors, python = snap["tensors"], snap["python"]
     for key, value in tensors.items():
         kind, _, path = key.partition("/")
         if kind == "obj":
             obj = resolve(ns, path)
-            if isinstance(obj, torch.Generator):
-                obj.set_state(value)
-            else:
-                obj.load_state_dict(value)
+            obj.set_state(value) if isinstance(obj, torch.Generator) else obj.load_state_dict(value)
         elif kind == "grad":
-            module = resolve(ns, path)
-            for n, p in module.named_parameters():
+            for n, p in resolve(ns, path).named_parameters():
                 p.grad = value[n].clone() if n in value else None
     for key, value in python.items():
         kind, _, path = key.partition("/")
@@ -279,9 +452,10 @@ def restore(ns: dict, snap: dict):
             live = ns.get(name)
             if isinstance(live, torch.Tensor) and live.requires_grad and live.shape == value.shape:
                 with torch.no_grad():
-                    live.copy_(value)  # keep the optimizer's reference to this tensor
+                    live.copy_(value)
             else:
                 ns[name] = value.clone()
     torch.set_rng_state(tensors["rng/torch"])
     np.random.set_state(python["rng/numpy"])
     random.setstate(python["rng/random"])
+    return []

@@ -18,9 +18,6 @@ from .instrument import RUNTIME, instrument
 from .plan import SKIP
 from .record import save_array
 
-# Keys whose divergence means training itself changed (variables are reported, not judged).
-SERIOUS = ("obj/", "grad/", "rng/")
-
 _events = None  # a multiprocessing queue set by the pool initializer
 
 
@@ -80,7 +77,11 @@ class Replayer:
         self.setup = True
         self.ns: dict = {}
         self.scope = None
-        self.divergence: dict = {}
+        self.capturer = None
+        self.divergence: list = []  # {epoch, where, differ, missing}
+        self.checks: list = []  # {epoch, where, streams}: what was compared
+        self.problems: list = []
+        self.exclude = set(task.get("exclude") or ())
         self.epoch_seconds: dict = {}
         self.restore_seconds = 0.0
         self._in_loop = False
@@ -108,7 +109,8 @@ class Replayer:
 
     def _restore(self, paths: str, epoch: int):
         t = time.perf_counter()
-        state.restore(self.ns, checkpoint.read(self.home, self.task[paths][str(epoch)]))
+        problems = self.capturer.restore(checkpoint.read(self.home, self.task[paths][str(epoch)]))
+        self.problems.extend(f"{p} when restoring epoch {epoch}" for p in problems)
         self.restore_seconds += time.perf_counter() - t
 
     def _skipped(self):
@@ -125,7 +127,7 @@ class Replayer:
             self.last_step = None  # the loop ended normally: later errors are not "in a step"
         finally:
             self.step = None
-        self._verify(self.epoch, self.task["step_digests"])
+        self._verify(self.epoch, self.task["step_digests"], "step")
 
     def _epochs(self, iterable):
         self._in_loop = True
@@ -144,23 +146,28 @@ class Replayer:
             t = time.perf_counter()
             yield item
             self.epoch_seconds[k] = time.perf_counter() - t
-            self._verify(k, self.task["end_digests"])
+            self._verify(k, self.task["end_digests"], "end")
             emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": self.epoch_seconds[k]})
         self.epoch = None
         raise _ReplayDone
 
-    def _verify(self, epoch: int, digests: dict):
-        """Compare the live state with the digests recorded at the same point of the same epoch."""
+    def _excluded(self, key: str) -> bool:
+        return key in self.exclude or any(key.startswith(e) for e in self.exclude if e.endswith("/"))
+
+    def _verify(self, epoch: int, digests: dict, where: str):
+        """Compare every captured stream with its digest recorded at the same point of the same epoch."""
         recorded = digests.get(str(epoch))
         if not recorded:
             return
-        live = checkpoint.digests(state.capture(self.ns, self.scope, copy=False))
-        differ = sorted(k for k, v in recorded.items() if k in live and live[k] != v)
-        missing = sorted(k for k in recorded if k not in live and k.startswith(SERIOUS))
+        self.capturer.order = recorded.get(checkpoint.ROOTS) or self.capturer.order
+        live = self.capturer.digests()
+        compared = sorted(k for k in recorded if k != checkpoint.ROOTS and not self._excluded(k))
+        differ = [k for k in compared if k in live and live[k] != recorded[k]]
+        missing = [k for k in compared if k not in live]
+        skipped = sorted(k for k in recorded if k != checkpoint.ROOTS and self._excluded(k))
+        self.checks.append({"epoch": epoch, "where": where, "streams": compared, "not_compared": skipped})
         if differ or missing:
-            d = self.divergence.setdefault(epoch, {"differ": [], "missing": []})
-            d["differ"] = sorted(set(d["differ"]) | set(differ))
-            d["missing"] = sorted(set(d["missing"]) | set(missing))
+            self.divergence.append({"epoch": epoch, "where": where, "differ": differ, "missing": missing})
 
 
 def run_segment(task: dict) -> dict:
@@ -196,6 +203,7 @@ def run_segment(task: dict) -> dict:
         tree, _ = instrument(task["code"])
         free, assigned = analyze(task["code"])
         rep.scope = state.Scope(assigned=assigned, free=free, **task.get("scope", {}))
+        rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or ())
         filename = f"<flor replay {task['label']}>"
         linecache.cache[filename] = (len(task["code"]), None, task["code"].splitlines(keepends=True), filename)
         try:
@@ -221,6 +229,9 @@ def run_segment(task: dict) -> dict:
     return {
         "rows": rows,
         "divergence": rep.divergence,
+        "checks": rep.checks,
+        "roots": list(rep.capturer.order) if rep.capturer else [],
+        "problems": rep.problems,
         "segment": task["segment"],
         "setup_seconds": setup_seconds,
         "restore_seconds": rep.restore_seconds,

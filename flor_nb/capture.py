@@ -1,0 +1,452 @@
+"""What a recorded epoch can read or change: found by reachability from the cell's names.
+
+The *roots* are the names the cell reads or binds, the names read by the
+functions it calls (transitively, methods of classes defined in the notebook
+included), and ``--state`` additions. From each root the walk follows
+containers, instance attributes and module attributes, and sorts what it meets:
+
+- *stateful* objects, saved through their own API: modules, optimizers,
+  schedulers, grad scalers, anything with ``state_dict``/``load_state_dict``,
+  torch and numpy generators;
+- *tensors* and numeric *arrays* held by value (not parameters or buffers of a
+  captured module), stored as content-addressed blobs;
+- plain Python values (the roots themselves, attributes of modules), pickled;
+- *code* (functions, classes, modules): rebuilt from the recorded cells;
+- *data* (DataLoader, Dataset, Sampler): not copied; their generators are state;
+- *not captured*: objects that cannot be saved (open files, locks, iterators,
+  progress bars, values over the size limit), each with the reason.
+
+Every object gets one *path* (``trainer.model``, ``log['hist']``), the first
+found in breadth-first order, which names it in checkpoints and verdicts and
+finds its live counterpart when restoring.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import os
+import re
+import socket
+import sqlite3
+import threading
+import types
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ATOMIC = (type(None), bool, int, float, complex, str, bytes, np.bool_, np.number, torch.dtype, torch.device,
+          torch.Size, range, slice, type(Ellipsis))
+_ATOMIC_TYPES = frozenset(t for t in ATOMIC if t not in (np.number,))
+CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type,
+        types.MethodWrapperType, types.WrapperDescriptorType, types.MethodDescriptorType,
+        types.BuiltinMethodType, staticmethod, classmethod, property)
+DATA = (torch.utils.data.DataLoader, torch.utils.data.Dataset, torch.utils.data.Sampler)
+_LOCKS = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
+          threading.Semaphore, threading.Thread)
+_UNSAVEABLE = {
+    types.GeneratorType: "a generator: its position in the loop cannot be saved",
+    types.CoroutineType: "a coroutine cannot be saved",
+    types.AsyncGeneratorType: "an async generator cannot be saved",
+    types.FrameType: "a frame cannot be saved",
+    types.TracebackType: "a traceback cannot be saved",
+    memoryview: "a memoryview cannot be saved",
+    weakref.ref: "a weak reference cannot be saved",
+}
+_MODULE_INTERNAL = frozenset(vars(torch.nn.Module()))
+# Scheduler attributes that are not state: the optimizer (captured on its own) and the lr functions (code).
+_NOT_STATE_ATTRS = frozenset({"optimizer", "lr_lambdas", "lr_lambda"})
+
+MAX_OBJECTS = int(os.environ.get("FLOR_NB_MAX_OBJECTS", 1_000_000))  # Python objects per root
+MAX_BYTES = int(float(os.environ.get("FLOR_NB_MAX_VALUE_BYTES", 1 << 30)))  # tensor/array bytes per root
+
+
+@dataclass
+class Scope:
+    """Names a cell touches. ``only`` (``--state a,b``) narrows the roots; ``extra`` (``+a,+b``) adds."""
+
+    assigned: set
+    free: set
+    extra: set = field(default_factory=set)
+    only: set | None = None
+
+
+@dataclass
+class Graph:
+    """The result of one walk (see the module docstring)."""
+
+    roots: list = field(default_factory=list)  # names captured by value, in walk order
+    stateful: dict = field(default_factory=dict)  # path -> (kind, object)
+    states: dict = field(default_factory=dict)  # path -> state_dict() result, for kind "stateful"
+    attr_objects: dict = field(default_factory=dict)  # path -> object whose state_dict() raised: saved by its attributes
+    module_attrs: dict = field(default_factory=dict)  # module path -> {attribute: value} of user attributes
+    tensors: dict = field(default_factory=dict)  # path -> tensor held by value
+    arrays: dict = field(default_factory=dict)  # path -> numeric ndarray held by value
+    big: dict = field(default_factory=dict)  # path -> tensor/array over MAX_BYTES: digested, not stored
+    refs: dict = field(default_factory=dict)  # id(obj) -> token, for objects pickled by reference
+    units: dict = field(default_factory=dict)  # root -> the root whose pickle it shares (shared references)
+    owner: dict = field(default_factory=dict)  # module-attribute or attribute-object path -> root it was reached from
+    not_captured: dict = field(default_factory=dict)  # path -> reason
+    notes: dict = field(default_factory=dict)  # path -> how it was captured, when not the usual way
+    data: dict = field(default_factory=dict)  # path -> type name of data objects (not copied)
+    outputs: dict = field(default_factory=dict)  # path -> what it is: progress bars, log files, writers
+    keep: list = field(default_factory=list)  # every object visited, alive while ids are in use
+
+    def token(self, obj):
+        return self.refs.get(id(obj))
+
+
+def kind_of(obj) -> str | None:
+    """How an object's state is saved, or None when it is saved by value."""
+    if isinstance(obj, torch.nn.Module):
+        return "module"
+    if isinstance(obj, torch.optim.Optimizer):
+        return "optimizer"
+    if isinstance(obj, torch.Generator):
+        return "torch_generator"
+    if isinstance(obj, np.random.Generator):
+        return "np_generator"
+    if isinstance(obj, np.random.RandomState):
+        return "np_randomstate"
+    if isinstance(obj, (type,) + DATA):
+        return None
+    t = type(obj)
+    if callable(getattr(t, "state_dict", None)) and callable(getattr(t, "load_state_dict", None)):
+        return "stateful"  # LR schedulers, grad scalers, and any object that declares its own state
+    return None
+
+
+# -- roots -----------------------------------------------------------------------------
+def _code_names(code: types.CodeType) -> set[str]:
+    names, stack = set(), [code]
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return names
+
+
+def _user_class(cls, ns) -> bool:
+    return isinstance(cls, type) and cls.__module__ == ns.get("__name__", "__main__") and ns.get(cls.__name__) is cls
+
+
+def reads(obj, ns) -> set[str]:
+    """Global names that code defined in ``ns`` may read when ``obj`` is called or used."""
+    if isinstance(obj, types.MethodType):
+        obj = obj.__func__
+    if isinstance(obj, types.FunctionType):
+        return _code_names(obj.__code__) if obj.__globals__ is ns else set()
+    cls = obj if isinstance(obj, type) else type(obj)
+    if not _user_class(cls, ns):
+        return set()
+    names = {cls.__name__}
+    for klass in cls.__mro__:
+        if not _user_class(klass, ns):
+            continue
+        for member in vars(klass).values():
+            for fn in (member, getattr(member, "__func__", None), getattr(member, "fget", None),
+                       getattr(member, "fset", None)):
+                if isinstance(fn, types.FunctionType):
+                    names |= _code_names(fn.__code__)
+    return names
+
+
+def root_names(ns: dict, scope: Scope) -> tuple[set, set]:
+    """(names to capture, names left out by ``--state``): the cell's names and what its code reads."""
+    found, queue = set(), list(scope.assigned | scope.free | scope.extra)
+    while queue:
+        name = queue.pop()
+        if name in found or name not in ns or name.startswith("__"):
+            continue
+        found.add(name)
+        queue.extend(n for n in reads(ns[name], ns) if n not in found)
+    if scope.only is None:
+        return found, set()
+    keep = {n for n in (scope.only | scope.extra) if n in ns}
+    return keep, {n for n in found - keep if not isinstance(ns[n], CODE)}
+
+
+# -- paths -----------------------------------------------------------------------------
+def child_path(path: str, key) -> str:
+    """``path.key`` for an attribute (digits too: ``model.0`` in a Sequential), else ``path['key']``."""
+    if isinstance(key, str) and _ATTR.fullmatch(key):
+        return f"{path}.{key}"
+    return f"{path}[{key!r}]"
+
+
+def attr_path(path: str, dotted: str) -> str:
+    """``model`` + ``encoder.layers.0`` -> ``model.encoder.layers.0``."""
+    for part in dotted.split(".") if dotted else ():
+        path = child_path(path, part)
+    return path
+
+
+def item_path(path: str, key) -> str:
+    if type(key) in (str, int, bool, float) or key is None:
+        return f"{path}[{key!r}]"
+    return f"{path}[#{type(key).__name__}]"
+
+
+_ATTR = re.compile(r"[A-Za-z0-9_]+")
+_PART = re.compile(r"\.([A-Za-z0-9_]+)|\[((?:'[^']*'|\"[^\"]*\"|[^\]])*)\]")
+
+
+def resolve(ns: dict, path: str):
+    """The object at ``path`` (``a.b[0]['k']``) in ``ns``; raises LookupError when it is not there."""
+    m = re.match(r"[A-Za-z_][A-Za-z0-9_]*", path)
+    if m is None or m.group(0) not in ns:
+        raise LookupError(path)
+    obj, pos = ns[m.group(0)], m.end()
+    while pos < len(path):
+        m = _PART.match(path, pos)
+        if m is None:
+            raise LookupError(path)
+        try:
+            if m.group(1) is not None:
+                obj = getattr(obj, m.group(1))
+            else:
+                obj = obj[ast.literal_eval(m.group(2))]
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, SyntaxError):
+            raise LookupError(path) from None
+        pos = m.end()
+    return obj
+
+
+# -- the walk --------------------------------------------------------------------------
+_OUTPUT_MODULES = ("tqdm", "wandb", "mlflow", "torch.utils.tensorboard", "tensorboardX", "logging")
+
+
+def output_kind(obj) -> str | None:
+    """What an output-only object is (a progress bar, a log file, a metrics writer), or None.
+
+    Outputs are rebuilt by the recorded cells, not restored: they do not feed training.
+    """
+    t = type(obj)
+    if isinstance(obj, io.IOBase):
+        return "an open file"
+    module = t.__module__ or ""
+    if module.startswith(_OUTPUT_MODULES) and not isinstance(obj, type):
+        return f"a {module.partition('.')[0]} {t.__name__}"
+    return None
+
+
+def unsaveable(obj) -> str | None:
+    """Why ``obj`` cannot be saved, or None."""
+    t = type(obj)
+    reason = _UNSAVEABLE.get(t)
+    if reason:
+        return reason
+    if isinstance(obj, _LOCKS):
+        return f"a {t.__name__} (threading) cannot be saved"
+    if isinstance(obj, (socket.socket, sqlite3.Connection, sqlite3.Cursor)):
+        return f"a {t.__name__} (a connection) cannot be saved"
+    if isinstance(obj, torch.utils.data.dataloader._BaseDataLoaderIter):
+        return "a DataLoader iterator kept across epochs: its position in the data cannot be saved"
+    return None
+
+
+def _unsaveable(obj) -> bool:
+    """Objects the pickler leaves out (the live ones stay): unsaveable ones and outputs."""
+    return unsaveable(obj) is not None or output_kind(obj) is not None
+
+
+def _atomic_seq(values) -> bool:
+    return set(map(type, values)) <= _ATOMIC_TYPES
+
+
+def walk(ns: dict, scope: Scope, order=()) -> Graph:
+    """Find everything to capture from ``ns`` (see the module docstring).
+
+    ``order``: root names to visit first (a replay passes the recording's order so that
+    objects reachable by several paths get the same path as when they were recorded).
+    """
+    names, excluded = root_names(ns, scope)
+    g = Graph()
+    for n in sorted(excluded):
+        g.not_captured[n] = "left out by --state"
+    first = [n for n in order if n in names]
+    ordered = first + sorted(names - set(first))
+    seen: dict[int, str] = {}  # id -> root it was first reached from
+    parent: dict[str, str] = {}
+
+    def unit(r):
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    queue = deque()
+    counts: dict[str, list] = {}  # root -> [objects, bytes]
+    for name in ordered:
+        value = ns[name]
+        if isinstance(value, CODE):
+            continue
+        g.roots.append(name)
+        parent[name] = name
+        queue.append((name, name, value))
+        counts[name] = [0, 0]
+    params: dict[int, str] = {}
+    while queue:
+        root, path, obj = queue.popleft()
+        if root in g.not_captured:
+            continue
+        t = type(obj)
+        if t in _ATOMIC_TYPES or isinstance(obj, np.generic):
+            continue
+        if id(obj) in seen:  # reached again: values sharing an object are pickled together
+            other = seen[id(obj)]
+            if other != root and id(obj) not in g.refs:
+                parent[unit(root)] = unit(other)
+            continue
+        seen[id(obj)] = root
+        g.keep.append(obj)
+        count = counts[root]
+        count[0] += 1
+        kind = kind_of(obj)
+        if kind is not None:
+            _stateful(g, path, kind, obj, queue, root, params)
+            continue
+        if isinstance(obj, torch.Tensor):
+            nbytes = obj.numel() * obj.element_size()
+            (g.big if nbytes > MAX_BYTES else g.tensors)[path] = obj
+            g.refs[id(obj)] = ("val", path)  # for now; parameters of modules are re-tokened below
+            continue
+        if isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc" and not obj.dtype.hasobject:
+            (g.big if obj.nbytes > MAX_BYTES else g.arrays)[path] = obj
+            g.refs[id(obj)] = ("arr", path)
+            continue
+        if isinstance(obj, CODE):
+            if isinstance(obj, types.MethodType):
+                queue.append((root, f"{path}.__self__", obj.__self__))
+            continue
+        if isinstance(obj, DATA):
+            _data(g, path, obj, queue, root)
+            continue
+        out = output_kind(obj)
+        if out:
+            g.outputs[path] = out
+            continue
+        reason = unsaveable(obj)
+        if reason:
+            g.not_captured[path] = f"{t.__name__}: {reason}"
+            continue
+        if count[0] > MAX_OBJECTS:
+            g.not_captured[root] = (f"{type(ns[root]).__name__} too large to capture (over {MAX_OBJECTS:,} objects; "
+                                    "raise FLOR_NB_MAX_OBJECTS to capture it)")
+            continue
+        _children(obj, path, root, queue, count)
+    _classify_tensors(g, params)
+    g.units = {r: unit(r) for r in g.roots}
+    g.owner = {p: unit(r) for p, r in g.owner.items()}
+    return g
+
+
+def _data(g: Graph, path, obj, queue, root):
+    """A DataLoader, Dataset or Sampler: rebuilt by the cells, not copied; its generators are state."""
+    g.data[path] = type(obj).__name__
+    g.refs[id(obj)] = ("data", path)
+    if isinstance(obj, torch.utils.data.DataLoader) and obj.persistent_workers and obj.num_workers:
+        g.not_captured[path] = ("DataLoader with persistent_workers=True: its workers' random state lives in "
+                                "their processes and cannot be saved, so augmentations may differ in replay")
+    for attr in ("generator", "sampler", "batch_sampler"):
+        child = getattr(obj, attr, None)
+        if child is not None and not isinstance(child, torch.utils.data.Dataset):
+            queue.append((root, f"{path}.{attr}", child))
+
+
+def _children(obj, path, root, queue, count):
+    t = type(obj)
+    if isinstance(obj, (list, tuple)):
+        if _atomic_seq(obj):
+            count[0] += len(obj)
+            return
+        for i, v in enumerate(obj):
+            queue.append((root, f"{path}[{i}]", v))
+    elif isinstance(obj, dict):
+        if _atomic_seq(obj.values()) and _atomic_seq(obj.keys()):
+            count[0] += len(obj)
+            return
+        for k, v in list(obj.items()):
+            if type(k) not in _ATOMIC_TYPES:
+                queue.append((root, f"{path}[#key]", k))
+            queue.append((root, item_path(path, k), v))
+    elif isinstance(obj, (set, frozenset)):
+        if _atomic_seq(obj):
+            count[0] += len(obj)
+            return
+        for i, v in enumerate(obj):
+            queue.append((root, f"{path}[#{i}]", v))
+    else:
+        attrs = getattr(obj, "__dict__", None)
+        if isinstance(attrs, dict):
+            for k, v in list(attrs.items()):
+                queue.append((root, child_path(path, k), v))
+        for slot in _slots(t):
+            if hasattr(obj, slot):
+                queue.append((root, child_path(path, slot), getattr(obj, slot)))
+
+
+def _slots(t) -> list[str]:
+    out = []
+    for klass in t.__mro__:
+        s = vars(klass).get("__slots__", ())
+        out.extend([s] if isinstance(s, str) else [x for x in s if x not in ("__dict__", "__weakref__")])
+    return out
+
+
+def _stateful(g: Graph, path, kind, obj, queue, root, params):
+    if kind == "stateful":
+        try:
+            g.states[path] = obj.state_dict()
+        except Exception as e:  # noqa: BLE001 - any failure: save its attributes instead
+            g.attr_objects[path] = obj
+            g.owner[path] = root
+            g.notes[path] = (f"{type(obj).__name__}.state_dict() raised {type(e).__name__}: {e}; "
+                             "captured its attributes instead (all but the optimizer and lr functions)")
+            g.refs[id(obj)] = ("attrs", path)
+            for k, v in list(vars(obj).items()):
+                if k not in _NOT_STATE_ATTRS:
+                    queue.append((root, child_path(path, k), v))
+            return
+    g.stateful[path] = (kind, obj)
+    g.refs[id(obj)] = ("obj", path)
+    if kind == "module":
+        for mname, m in obj.named_modules(remove_duplicate=False):
+            mpath = attr_path(path, mname)
+            for pname, p in m.named_parameters(recurse=False):
+                params.setdefault(id(p), child_path(mpath, pname))
+            for bname, b in m.named_buffers(recurse=False):
+                if b is not None:
+                    params.setdefault(id(b), child_path(mpath, bname))
+            user = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNAL}
+            if user and mpath not in g.module_attrs:
+                g.module_attrs[mpath] = user
+                g.owner[mpath] = root
+                for k, v in user.items():
+                    queue.append((root, child_path(mpath, k), v))
+
+
+def _classify_tensors(g: Graph, params: dict):
+    """Tensors that are parameters or buffers of a captured module are references; others are values."""
+    for store in (g.tensors, g.big):
+        for path in list(store):
+            t = store[path]
+            if id(t) in params:
+                del store[path]
+                g.refs[id(t)] = ("param", params[id(t)])
+    for path, t in g.big.items():
+        g.refs[id(t)] = ("big", path)
+    for pid, ppath in params.items():
+        g.refs[pid] = ("param", ppath)
+    # Parameters an optimizer updates but no captured name reaches: capture them through the optimizer.
+    for path, (kind, opt) in list(g.stateful.items()):
+        if kind != "optimizer":
+            continue
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) not in g.refs:
+                    ppath = f"{path}.param_groups[{gi}]['params'][{pi}]"
+                    g.tensors[ppath] = p
+                    g.refs[id(p)] = ("val", ppath)

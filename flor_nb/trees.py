@@ -1,0 +1,53 @@
+"""State-dict trees: nested dicts, lists and tuples with tensors (and other values) at the leaves."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+# Leaves a checkpoint's tensor part may hold and still load with ``torch.load(weights_only=True)``.
+PLAIN = (int, float, bool, str, type(None))
+
+
+def map_tree(tree, fn, is_leaf=lambda x: isinstance(x, torch.Tensor)):
+    """Apply ``fn`` to every leaf (default: tensor) of a tree of dicts, lists, tuples; copy the tree."""
+    if is_leaf(tree):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: map_tree(v, fn, is_leaf) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [map_tree(v, fn, is_leaf) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(map_tree(v, fn, is_leaf) for v in tree)
+    return tree
+
+
+def split_leaves(tree) -> tuple[object, list]:
+    """Move leaves that are neither tensors nor plain values (numpy scalars, arrays, objects) out of ``tree``.
+
+    Returns the tree with ``{"__leaf__": i}`` in their place, and the leaves. The tree then loads with
+    ``weights_only=True``; the leaves go with the pickled part of a checkpoint.
+    """
+    leaves: list = []
+
+    def walk(x):
+        t = type(x)
+        if t in PLAIN or isinstance(x, torch.Tensor):
+            return x
+        if (t is dict or t is OrderedDict) and all(type(k) in PLAIN for k in x):
+            return {k: walk(v) for k, v in x.items()}
+        if t is list:
+            return [walk(v) for v in x]
+        if t is tuple:
+            return tuple(walk(v) for v in x)
+        leaves.append(x)
+        return {"__leaf__": len(leaves) - 1}
+
+    return walk(tree), leaves
+
+
+def put_leaves(tree, leaves: list):
+    """Undo :func:`split_leaves`."""
+    if not leaves:
+        return tree
+    return map_tree(tree, lambda r: leaves[r["__leaf__"]], lambda x: isinstance(x, dict) and "__leaf__" in x)

@@ -1,0 +1,263 @@
+"""Did a replay reproduce the recording? Compare, diagnose, and say what was and was not checked.
+
+Two checks: every recorded metric of the replayed epochs, recomputed, equals
+its recorded value exactly; and after each replayed epoch (and at its step
+loop's exit) every captured stream (RNGs, models, optimizers, variables, ...)
+has the recorded digest. The verdict says what it compared, names the first
+stream that diverged and in which epoch, matches the diagnosis to the cause,
+and lists what it could not check (values from the clock, objects that were
+not captured but that the replayed code reads).
+"""
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+
+from . import runtime
+from .plan import format_epochs
+
+FAITHFUL, CAVEATS, NOT_FAITHFUL = "faithful", "caveats", "not faithful"
+
+
+def compare_metrics(recorded, rows, modes: dict, clock_metrics=()) -> dict:
+    """Per recorded metric: how many values were compared, exact, missing; the first mismatch."""
+    want = {(r["name"], r["epoch"], r["step"], r["seq"]): runtime.from_json(r["value"])
+            for r in recorded if r["epoch"] in modes and (r["step"] is None or modes[r["epoch"]] == "full")}
+    got = {(n, e, s, q): runtime.from_json(v) for n, e, s, q, v in rows}
+    by_name = defaultdict(list)
+    for key in want:
+        by_name[key[0]].append(key)
+    metrics = {}
+    for name, keys in sorted(by_name.items()):
+        if name in clock_metrics:
+            metrics[name] = {"compared": 0, "exact": 0, "missing": 0, "max_abs_diff": 0.0, "verdict": "clock",
+                             "first_mismatch": None}
+            continue
+        n_exact, missing, max_diff, first_bad = 0, 0, 0.0, None
+        for key in keys:
+            if key not in got:
+                missing += 1
+                continue
+            a, b = want[key], got[key]
+            if runtime.same(a, b):
+                n_exact += 1
+            else:
+                d = runtime.abs_diff(a, b)
+                max_diff = max(max_diff, d if d is not None else float("inf"))
+                if first_bad is None:
+                    first_bad = {"epoch": key[1], "step": key[2], "recorded": a, "replayed": b}
+        verdict = "exact" if n_exact == len(keys) else ("missing" if missing == len(keys) else "diverged")
+        metrics[name] = {"compared": len(keys) - missing, "exact": n_exact, "missing": missing,
+                         "max_abs_diff": max_diff, "verdict": verdict, "first_mismatch": first_bad}
+    return metrics
+
+
+def changed_lines(recorded: str, edited: str) -> list[int]:
+    """Line numbers of the recorded code that the edit changed or removed (insertions are probes)."""
+    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
+    out = []
+    for op, i1, i2, _, _ in sm.get_opcodes():
+        if op in ("replace", "delete"):
+            out.extend(range(i1 + 1, i2 + 1))
+    return out
+
+
+def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", edited_cells=None,
+          run_state=None, reads=()) -> dict:
+    """The fidelity of a replay, as a JSON-able dict (see the module docstring)."""
+    run_state = run_state or {}
+    clock_vars, clock_metrics = set(run_state.get("clock_vars", ())), set(run_state.get("clock_metrics", ()))
+    metrics = compare_metrics(recorded, rows, modes, clock_metrics)
+    events, checks, problems = [], [], []
+    for res in results:
+        events.extend(res.get("divergence", []))
+        checks.extend(res.get("checks", []))
+        problems.extend(res.get("problems", []))
+    events.sort(key=lambda d: (d["epoch"], d["where"] != "step"))
+    streams = {s for c in checks for s in c["streams"]}
+    checked_epochs = sorted({c["epoch"] for c in checks if c["where"] == "end"})
+    diverged = [e for e in events if e["differ"] or e["missing"]]
+    not_captured = run_state.get("not_captured") or {}
+    read = {p: why for p, why in not_captured.items() if _root_name(p) in set(reads)}
+    metric_bad = [n for n, m in metrics.items() if m["verdict"] == "diverged"]
+    faithful = not metric_bad and not diverged and not problems
+    level = NOT_FAITHFUL if not faithful else (CAVEATS if read else FAITHFUL)
+    cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) if not faithful else None
+    return {
+        "faithful": faithful,
+        "level": level,
+        "metrics": metrics,
+        "state": {"epochs": checked_epochs, "streams": len(streams), "diverged": diverged},
+        "state_diverged": _by_epoch(diverged),
+        "problems": problems,
+        "not_compared": {"variables": sorted({k.partition("/")[2] for c in checks for k in c.get("not_compared", ())
+                                              if k.startswith("var/") and k[4:] in clock_vars}),
+                         "metrics": sorted(n for n, m in metrics.items() if m["verdict"] == "clock")},
+        "not_captured_read": read,
+        "cause": cause,
+        "epochs": sorted(modes),
+    }
+
+
+def _by_epoch(events) -> dict:
+    out: dict = {}
+    for e in events:
+        out.setdefault(e["epoch"], set()).update(e["differ"] + e["missing"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+# Streams that cause others to differ come first: a mode switch or a random draw changes the weights after it.
+_CAUSES = ("train/", "reqgrad/", "rng/", "npgen/", "nprs/", "groups/", "var/", "attrs/", "vmeta", "big")
+
+
+def first_cause(event: dict, kinds: dict) -> str:
+    """The stream of a divergence event most likely to be its cause."""
+    streams = event["differ"] + event["missing"]
+
+    def rank(s):
+        if s.startswith("obj/") and kinds.get(s[4:]) == "torch_generator":
+            return 2
+        return next((i for i, p in enumerate(_CAUSES) if s.startswith(p)), len(_CAUSES))
+    return min(streams, key=lambda s: (rank(s), s))
+
+
+def _root_name(path: str) -> str:
+    for i, ch in enumerate(path):
+        if ch in ".[":
+            return path[:i]
+    return path
+
+
+def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) -> str:
+    changed = changed_lines(recorded_code, code) if recorded_code and code else []
+    if read:
+        names = ", ".join(list(read)[:4])
+        return (f"The replayed code reads {names}, which could not be captured (see below), so replay started "
+                f"from a rebuilt {'copy' if len(read) == 1 else 'copies'} instead of the recorded state: "
+                "the likely cause. Make that state capturable (e.g. create the iterator inside the epoch loop).")
+    if changed:
+        where = ", ".join(map(str, changed[:6])) + (" ..." if len(changed) > 6 else "")
+        return (f"The replayed code changed or removed recorded line(s) {where}, so training no longer follows "
+                "the recording. Replay the recorded code with probe lines added, not changed.")
+    if edited_cells:
+        return ("An edited dependency cell changed training. Keep edits to helpers to added flor.log lines.")
+    if diverged:
+        return ("A probe changed training. Make probes read-only: wrap them in torch.no_grad(), do not draw "
+                "random numbers, and switch back any mode they change (model.train() after model.eval()).")
+    names = ", ".join(metric_bad)
+    return (f"Recorded metric(s) {names} differ although the captured state matches: something the recording "
+            "did not capture (see run's not-captured list), the environment (library versions, threads), "
+            "or non-deterministic operations changed the values.")
+
+
+def describe(event: dict, kinds: dict | None = None) -> str:
+    """The divergence's likely cause, in words: what differs, where, and what usually causes it."""
+    kinds = kinds or {}
+    stream = first_cause(event, kinds)
+    kind, _, path = stream.partition("/")
+    epoch = event["epoch"]
+    at = {"end": f"after epoch {epoch}", "step": f"at the end of epoch {epoch}'s step loop",
+          "restore": f"when epoch {epoch} was restored"}[event["where"]]
+    missing = stream in event["missing"]
+    rng = "the replayed code drew random numbers the recording did not"
+    if kind == "rng":
+        what = {"torch": "torch's global RNG", "numpy": "numpy's global RNG", "random": "Python's random module"}
+        return f"{what.get(path, path)} differs {at}: {rng}"
+    if kind == "npgen":
+        return f"numpy Generator {path} differs {at}: {rng} from it"
+    if kind == "nprs":
+        return f"numpy RandomState {path} differs {at}: {rng} from it"
+    if kind in ("obj", "leaves"):
+        k = kinds.get(path)
+        if k == "torch_generator":
+            return f"torch.Generator {path} differs {at}: {rng} from it"
+        if k == "module":
+            return f"the weights or buffers of {path} differ {at}: the replayed code changed the model"
+        if k == "optimizer":
+            return f"the state of optimizer {path} differs {at}"
+        return f"the state of {path} differs {at}"
+    if kind == "grad":
+        return f"the gradients of {path} differ {at}"
+    if kind == "train":
+        return (f"the train/eval mode of {path} differs {at}: the replayed code switched it "
+                "(model.eval() without model.train() after it?)")
+    if kind == "reqgrad":
+        return f"the requires_grad flags of {path} differ {at}"
+    if kind == "groups":
+        return f"the parameter groups of optimizer {path} differ {at}"
+    if kind == "var":
+        if missing:
+            return f"variable {path} is not set {at} although the recording had it"
+        return f"variable {path} differs {at}"
+    if kind == "attrs":
+        return f"attribute {path} {'is gone' if missing else 'differs'} {at}"
+    if kind in ("val", "valgrad", "arr"):
+        return f"{'the gradient of ' if kind == 'valgrad' else ''}{path} differs {at}"
+    if kind == "big":
+        return f"a value too large to store differs {at}"
+    return f"{stream} differs {at}"
+
+
+def verdict_text(fidelity: dict) -> str:
+    """What a user reads: did the replay reproduce the recording, what was compared, what was not."""
+    if "level" not in fidelity:  # a replay stored by flor_nb 0.1
+        return _legacy_text(fidelity)
+    kinds = fidelity.get("kinds") or {}
+    parts = []
+    for name, m in fidelity["metrics"].items():
+        if m["verdict"] == "exact":
+            parts.append(f"{name} exact ({m['compared']} values)")
+        elif m["verdict"] == "diverged":
+            parts.append(f"{name} DIVERGED ({m['compared'] - m['exact']} of {m['compared']} differ, "
+                         f"max abs diff {m['max_abs_diff']:.3g})")
+    compared = [n for n, m in fidelity["metrics"].items() if m["verdict"] in ("exact", "diverged")]
+    missing = [n for n, m in fidelity["metrics"].items() if m["verdict"] == "missing"]
+    epochs = format_epochs(fidelity["epochs"])
+    state = fidelity["state"]
+    if fidelity["level"] != NOT_FAITHFUL:
+        head = "Faithful replay" if fidelity["level"] == FAITHFUL else "Replay reproduced the recording, with caveats"
+        metric_part = ("recorded metrics reproduced exactly: " + "; ".join(parts)) if compared else \
+            f"no recorded metric in epoch{'s' if len(fidelity['epochs']) > 1 else ''} {epochs}"
+        if state["streams"]:
+            state_part = (f"training state identical to the recording after each replayed epoch "
+                          f"({state['streams']} streams)")
+        else:
+            state_part = "training state not checked (no checkpoint digest for these epochs)"
+        out = f"{head}: {metric_part}; {state_part}"
+    else:
+        out = "Replay NOT faithful: "
+        details = []
+        if state["diverged"]:
+            first = state["diverged"][0]
+            details.append(describe(first, kinds))
+            others = sorted({s for e in state["diverged"] for s in e["differ"] + e["missing"]}
+                            - {first_cause(first, kinds)})
+            if others:
+                details.append(f"also differing: {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}")
+        bad = [p for p in parts if "DIVERGED" in p]
+        if bad:
+            details.append("; ".join(bad))
+        details.extend(fidelity.get("problems", []))
+        if fidelity.get("cause"):
+            details.append(fidelity["cause"])
+        out += ". ".join(d.rstrip(".") for d in details)
+    if missing:
+        out += (f". Not compared: {', '.join(missing)} (the replayed code does not log "
+                f"{'it' if len(missing) == 1 else 'them'})")
+    nc = fidelity.get("not_compared", {})
+    clock = [f"{word}{'s' if len(nc[k]) > 1 else ''} {', '.join(nc[k])}"
+             for k, word in (("metrics", "metric"), ("variables", "variable")) if nc.get(k)]
+    if clock:
+        out += f". Not compared (wall-clock values, different in every run): {'; '.join(clock)}"
+    read = fidelity.get("not_captured_read") or {}
+    if read:
+        listed = "; ".join(f"{p} ({why})" for p, why in list(read.items())[:4])
+        out += (f". Not captured but read by the replayed code: {listed}. Values that depend on "
+                f"{'it' if len(read) == 1 else 'them'} may differ from the recording")
+    return out.rstrip(".") + "."
+
+
+def _legacy_text(fidelity: dict) -> str:
+    parts = [f"{n} {m['verdict']}" for n, m in fidelity.get("metrics", {}).items()]
+    head = "Faithful replay (recorded by flor_nb 0.1)" if fidelity.get("faithful") else "Replay NOT faithful"
+    return f"{head}: " + ("; ".join(parts) or "no recorded metric") + "."
