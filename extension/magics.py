@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -85,6 +86,9 @@ class FlorMagics(Magics):
             state_spec=a.state, store=a.store, progress=not a.no_progress, overhead=a.overhead,
         )
         print(flor_nb.api.summary(run, a.store))
+        missing = flor_nb.api.not_captured(run, a.store)
+        if missing:
+            print(f"flor_nb: {missing}", file=sys.stderr)
 
     def _replay(self, words, cell):
         a = _REPLAY.parse_args(words)
@@ -107,7 +111,9 @@ class FlorMagics(Magics):
             if bar is not None:
                 bar.close()
         print(f"flor_nb: {df.attrs['fidelity']['plan']} in {df.attrs['fidelity']['seconds']:.1f}s")
-        print(df.attrs["verdict"])
+        # A verdict that is not plainly faithful is a warning: stderr, where notebooks show it in red.
+        level = df.attrs["fidelity"].get("level", "faithful")
+        print(df.attrs["verdict"], file=sys.stdout if level == "faithful" else sys.stderr)
         png = plots.probe_png(df)
         if png is not None:
             display(Image(png))

@@ -103,6 +103,18 @@ def replays(run, store=None) -> list[dict]:
     return st.replays(st.find_run(run).id)
 
 
+def not_captured(run, store=None) -> str | None:
+    """A sentence listing what the run's checkpoints could not capture, and why; None when nothing."""
+    r = run if isinstance(run, Run) else get_run(run, store)
+    missing = r.state.get("not_captured") or {}
+    if not missing:
+        return None
+    listed = "; ".join(f"{path} ({why})" for path, why in sorted(missing.items()))
+    return (f"Not captured in {r.label}: {listed}. Replays rebuild {'it' if len(missing) == 1 else 'these'} from "
+            "the recorded cells instead of restoring the recorded state, and say so when the replayed code reads "
+            f"{'it' if len(missing) == 1 else 'them'}.")
+
+
 def summary(run: Run, store=None) -> str:
     """One line after a record: name@version, epochs, checkpoints kept, store path."""
     st = get_store(store)

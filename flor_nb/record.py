@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import linecache
+import logging
 import math
 import os
 import platform
@@ -20,6 +21,8 @@ from .errors import FlorError, NotCapturedWarning
 from .instrument import RUNTIME, instrument
 from .store import Run, Store
 from .writer import Writer
+
+logger = logging.getLogger(__name__)
 
 
 class Recorder:
@@ -47,6 +50,7 @@ class Recorder:
         self.pool = state.BufferPool()
         self.epoch_seconds: list[float] = []
         self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
+        self.digest_seconds: list[float] = []  # blocking time per digest (epochs without a checkpoint)
         self.checkpointed: list[int] = []
         self.not_captured: dict = {}  # path -> reason, announced once when first seen
         self.notes: dict = {}
@@ -58,6 +62,7 @@ class Recorder:
         self.clock = (set(), set())
         self._step_exits = 0
         self._step_snap = None
+        self._step_digest = None
         self._left_epoch = None  # (epoch, seconds, step snapshot, end snapshot) when left by break/exception
         self._in_loop = False
         self._done = False
@@ -106,18 +111,19 @@ class Recorder:
             self.progress = self.progress(total)  # a factory until the epoch count is known
         self._checkpoint(-1, "start", self._snapshot())
         for k, item in enumerate(iterable):
-            self.epoch, self.step, self._step_exits, self._step_snap = k, None, 0, None
+            self.epoch, self.step, self._step_exits, self._step_snap, self._step_digest = k, None, 0, None, None
             start = time.perf_counter()
             try:
                 yield item
             except GeneratorExit:  # break, or an exception in the body: finish() decides
                 if not self._done:
                     end = self._snapshot() if self._due(k) else None
-                    self._left_epoch = (k, time.perf_counter() - start, self._step_snap, end)
+                    self._left_epoch = (k, time.perf_counter() - start, self._step_snap, end,
+                                        self._step_digest, self._end_digest(end))
                 raise
             seconds = time.perf_counter() - start
             end = self._snapshot() if self._due(k) else None
-            self._end_epoch(k, seconds, self._step_snap, end)
+            self._end_epoch(k, seconds, self._step_snap, end, self._step_digest, self._end_digest(end))
         self.epoch = None
 
     # -- checkpoints -------------------------------------------------------------
@@ -137,10 +143,30 @@ class Recorder:
 
     def _at_step_exit(self):
         self._step_exits += 1
+        self._step_digest = None
         if self._step_exits == 1 and self._due(self.epoch):
             self._step_snap = self._snapshot()
         else:
             self._step_snap = None  # the step loop ran twice: only an epoch-end checkpoint is exact
+            if self._step_exits == 1:
+                self._step_digest = self._digest()
+
+    def _end_digest(self, end_snap):
+        """The epoch-end digest where no epoch-end state will be written (it is written with a step checkpoint)."""
+        if end_snap is not None or self._step_exit_ok():
+            return None
+        return self._digest()
+
+    def _digest(self) -> dict:
+        """Digests of every stream, without a copy: so a replay can check epochs that got no checkpoint."""
+        start = time.perf_counter()
+        try:
+            digests = self.capturer.digests()
+        except Exception as e:  # noqa: BLE001 - verification data must never stop training
+            logger.warning("flor_nb: could not digest the state in epoch %s: %s", self.epoch, e)
+            return None
+        self.digest_seconds.append(time.perf_counter() - start)
+        return digests
 
     def _snapshot(self):
         start = time.perf_counter()
@@ -201,8 +227,13 @@ class Recorder:
                           "checkpoints; free space, then record again.", stacklevel=3)
 
     # -- epoch boundary ----------------------------------------------------------
-    def _end_epoch(self, k, seconds, step_snap, end_snap):
+    def _end_epoch(self, k, seconds, step_snap, end_snap, step_digest=None, end_digest=None):
         self.epoch_seconds.append(seconds)
+        digests = []  # for epochs without a checkpoint at that point: a replay still checks its state
+        if step_snap is None and step_digest is not None and self._step_exits == 1:
+            digests.append((k, "step", step_digest))
+        if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
+            digests.append((k, "end", end_digest))
         if self._step_exit_ok() and step_snap is not None:
             # The epoch-end state too: replay of the next epoch starts from it without re-running
             # this epoch's tail, and checks a probe after the step loop against it. Its tensors
@@ -212,13 +243,13 @@ class Recorder:
             self._checkpoint(k, "end", end_snap)
         rows, self.rows = self.rows, []
         self.completed = k + 1
-        self.writer.submit(self._write_logs, rows, k + 1)
+        self.writer.submit(self._write_logs, rows, k + 1, digests)
         self._latest = {n: v for n, e, _, v in rows[-64:] if e == k and isinstance(v, (int, float))}
         if self.progress is not None and not callable(self.progress):
             self.progress.set_postfix({n: f"{v:.4g}" for n, v in self._latest.items()}, refresh=False)
             self.progress.update(1)
 
-    def _write_logs(self, rows, completed=None):
+    def _write_logs(self, rows, completed=None, digests=()):
         """On the writer thread: number repeated (name, epoch, step) keys, encode, store by group."""
         groups: dict = {}
         for name, epoch, step, value in rows:
@@ -247,6 +278,8 @@ class Recorder:
             encoded = [runtime.to_json(v) if type(v) is dict else v for v in encoded]
             out.append((name, epoch, steps, seqs, encoded))
         self.store.add_log_groups(self.run.id, out)
+        for epoch, where, digest in digests:
+            self.store.add_digest(self.run.id, epoch, where, runtime.to_json(digest))
         if completed is not None:
             self.store.update_run(self.run.id, epochs_completed=completed)
 
@@ -254,9 +287,9 @@ class Recorder:
     def finish(self, status: str, error: str | None = None):
         self._done = True
         if self._left_epoch is not None and status == "finished":
-            k, seconds, step_snap, end_snap = self._left_epoch  # the loop ended with `break` in epoch k
+            k, seconds, step_snap, end_snap, step_digest, end_digest = self._left_epoch  # `break` in epoch k
             self._step_snap = step_snap
-            self._end_epoch(k, seconds, step_snap, end_snap)
+            self._end_epoch(k, seconds, step_snap, end_snap, step_digest, end_digest)
         rows, self.rows = self.rows, []
         self.writer.submit(self._write_logs, rows)
         self.writer.close()  # everything submitted is on disk before the run is closed
@@ -285,6 +318,7 @@ class Recorder:
             timings={
                 "epoch_seconds": self.epoch_seconds,
                 "snapshot_seconds": self.snapshot_seconds,
+                "digest_seconds": self.digest_seconds,
                 "writer_seconds": self.writer.busy_seconds,
                 "overhead_budget": self.overhead,
             },

@@ -36,6 +36,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         match[0]["source"] = source
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
     ckpts = store.checkpoints(run.id)
+    extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items()}
     touched = changes(run.code, code)
     if cells:  # an edited helper may run inside the step loop
@@ -71,11 +72,13 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "touched": touched,
         # Where each checkpoint's state can be entered: at the step loop's exit, or at an epoch's end.
         "step_paths": {str(e): r["path"] for e, r in ckpts.items() if r["kind"] == "step"},
-        "step_digests": {str(e): runtime.from_json(r["digest"]) for e, r in ckpts.items() if r["kind"] == "step"},
+        "step_digests": {**{str(e): runtime.from_json(d) for (e, k), d in extra.items() if k == "step"},
+                         **{str(e): runtime.from_json(r["digest"]) for e, r in ckpts.items() if r["kind"] == "step"}},
         "resume_paths": {str(e): r["end_path"] or r["path"] for e, r in ckpts.items()
                          if r["end_path"] or r["kind"] != "step"},
-        "end_digests": {str(e): runtime.from_json(r["end_digest"] or r["digest"]) for e, r in ckpts.items()
-                        if r["end_digest"] or r["kind"] == "end"},
+        "end_digests": {**{str(e): runtime.from_json(d) for (e, k), d in extra.items() if k == "end"},
+                        **{str(e): runtime.from_json(r["end_digest"] or r["digest"]) for e, r in ckpts.items()
+                           if r["end_digest"] or r["kind"] == "end"}},
         "epochs_to_run": sum(len(s.modes) for s in segments),
         "epochs_skipping_steps": skipped,
         "estimate_seconds": None if mean is None else mean * max(load),

@@ -21,7 +21,7 @@ import nbformat
 import pandas as pd
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from .api import checkpoints, decode_value, get_store
+from .api import checkpoints, decode_value, get_store, not_captured
 from .instrument import probe_diff
 from .plan import format_epochs
 from .replay import verdict_text
@@ -61,6 +61,7 @@ def run_summary(run, store=None) -> pd.DataFrame:
             "epochs": f"{r.epochs_completed}" + (f" of {r.epochs_total}" if r.epochs_total else ""),
             "checkpoints": f"{len(ckpts)} ({sum(c['bytes'] for c in ckpts.values()) / 1e6:.2f} MB)",
             "cells": ", ".join(f"In[{c['count']}]" for c in r.deps),
+            "not captured": ", ".join(sorted(r.state.get("not_captured") or {})) or "nothing",
         }
         if r.error:
             col["error"] = r.error
@@ -269,6 +270,9 @@ class _Builder:
             self.md(f"**{_md(r.label)}** {_md(r.status)}: {r.epochs_completed} epochs{dur}, "
                     f"{len(self.store.checkpoints(r.id))} checkpoints, {len(self.store.replays(r.id))} replays"
                     + (f". Error: {_md(r.error)}" if r.error else "."))
+            missing = not_captured(r, self.store)
+            if missing:
+                self.md(f"**Warning.** {_md(missing)}")
         self.code("run_summary(RUN, store=STORE)")
         self.md("### Final and best values",
                 "Every logged name: recorded during training or added later by a hindsight replay. "

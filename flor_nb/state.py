@@ -243,8 +243,10 @@ class Capturer:
         """Digests of every stream, now (tensors hashed in place): how a replay checks it matches."""
         from .checkpoint import tensor_digests
 
+        from .checkpoint import ROOTS
+
         snap = self.snapshot(copy=False)
-        return {**tensor_digests(snap["tensors"]), **snap["digests"]}
+        return {**tensor_digests(snap["tensors"]), **snap["digests"], ROOTS: snap["roots"]}
 
     # -- restore -------------------------------------------------------------------------
     def restore(self, snap: dict) -> list[str]:

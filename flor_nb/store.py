@@ -79,6 +79,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created REAL NOT NULL,
     PRIMARY KEY (run_id, epoch)
 );
+CREATE TABLE IF NOT EXISTS digests (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    epoch INTEGER NOT NULL,
+    kind TEXT NOT NULL,              -- 'step' (at the step loop's exit) or 'end' (epoch end)
+    digest TEXT NOT NULL,            -- JSON {stream: digest}: the state, for epochs without a checkpoint there
+    PRIMARY KEY (run_id, epoch, kind)
+);
 CREATE TABLE IF NOT EXISTS replays (
     id INTEGER PRIMARY KEY,
     run_id INTEGER NOT NULL REFERENCES runs(id),
@@ -306,6 +313,15 @@ class Store:
                 (run_id, epoch, kind, str(path), nbytes, logical_bytes, checksum, digest, end_digest, end_path,
                  time.time()),
             )
+
+    def add_digest(self, run_id, epoch, kind, digest):
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (run_id, epoch, kind, digest))
+
+    def digests(self, run_id) -> dict[tuple[int, str], str]:
+        """{(epoch, 'step' | 'end'): JSON digests} recorded where no checkpoint was taken."""
+        rows = self.db.execute("SELECT epoch, kind, digest FROM digests WHERE run_id=?", (run_id,))
+        return {(r["epoch"], r["kind"]): r["digest"] for r in rows}
 
     def checkpoints(self, run_id) -> dict[int, sqlite3.Row]:
         rows = self.db.execute("SELECT * FROM checkpoints WHERE run_id=? ORDER BY epoch", (run_id,))

@@ -81,13 +81,15 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     read = {p: why for p, why in not_captured.items() if _root_name(p) in set(reads)}
     metric_bad = [n for n, m in metrics.items() if m["verdict"] == "diverged"]
     faithful = not metric_bad and not diverged and not problems
-    level = NOT_FAITHFUL if not faithful else (CAVEATS if read else FAITHFUL)
+    unchecked = set(modes) - set(checked_epochs)
+    level = NOT_FAITHFUL if not faithful else (CAVEATS if read or unchecked else FAITHFUL)
     cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) if not faithful else None
     return {
         "faithful": faithful,
         "level": level,
         "metrics": metrics,
-        "state": {"epochs": checked_epochs, "streams": len(streams), "diverged": diverged},
+        "state": {"epochs": checked_epochs, "unchecked": sorted(unchecked),
+                  "streams": len(streams), "diverged": diverged},
         "state_diverged": _by_epoch(diverged),
         "problems": problems,
         "not_compared": {"variables": sorted({k.partition("/")[2] for c in checks for k in c.get("not_compared", ())
@@ -130,24 +132,28 @@ def _root_name(path: str) -> str:
 
 def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) -> str:
     changed = changed_lines(recorded_code, code) if recorded_code and code else []
-    if read:
-        names = ", ".join(list(read)[:4])
-        return (f"The replayed code reads {names}, which could not be captured (see below), so replay started "
-                f"from a rebuilt {'copy' if len(read) == 1 else 'copies'} instead of the recorded state: "
-                "the likely cause. Make that state capturable (e.g. create the iterator inside the epoch loop).")
-    if changed:
+    if changed:  # certain: the code that trained is not the code that replayed
         where = ", ".join(map(str, changed[:6])) + (" ..." if len(changed) > 6 else "")
         return (f"The replayed code changed or removed recorded line(s) {where}, so training no longer follows "
                 "the recording. Replay the recorded code with probe lines added, not changed.")
+    causes = []
+    if read:
+        names = ", ".join(list(read)[:4])
+        causes.append(f"the replayed code reads {names}, which could not be captured (see below), so replay "
+                      f"started from a rebuilt {'copy' if len(read) == 1 else 'copies'} instead of the recorded "
+                      "state (e.g. create such an iterator inside the epoch loop)")
     if edited_cells:
-        return ("An edited dependency cell changed training. Keep edits to helpers to added flor.log lines.")
-    if diverged:
-        return ("A probe changed training. Make probes read-only: wrap them in torch.no_grad(), do not draw "
-                "random numbers, and switch back any mode they change (model.train() after model.eval()).")
-    names = ", ".join(metric_bad)
-    return (f"Recorded metric(s) {names} differ although the captured state matches: something the recording "
-            "did not capture (see run's not-captured list), the environment (library versions, threads), "
-            "or non-deterministic operations changed the values.")
+        causes.append("an edited dependency cell changed training (keep edits to helpers to added flor.log lines)")
+    if diverged and code != recorded_code:
+        causes.append("a probe changed training (make probes read-only: wrap them in torch.no_grad(), do not draw "
+                      "random numbers, switch back any mode they change, e.g. model.train() after model.eval())")
+    if not causes:
+        names = ", ".join(metric_bad) or "the state"
+        causes.append(f"{names} differ although nothing was edited: something the recording did not capture, the "
+                      "environment (library versions, thread count), or non-deterministic operations")
+    if len(causes) == 1:
+        return causes[0][0].upper() + causes[0][1:] + "."
+    return "Possible causes: " + "; or ".join(f"({i}) {c}" for i, c in enumerate(causes, 1)) + "."
 
 
 def describe(event: dict, kinds: dict | None = None) -> str:
@@ -218,11 +224,17 @@ def verdict_text(fidelity: dict) -> str:
         head = "Faithful replay" if fidelity["level"] == FAITHFUL else "Replay reproduced the recording, with caveats"
         metric_part = ("recorded metrics reproduced exactly: " + "; ".join(parts)) if compared else \
             f"no recorded metric in epoch{'s' if len(fidelity['epochs']) > 1 else ''} {epochs}"
-        if state["streams"]:
+        unchecked = state.get("unchecked", [])
+        if state["streams"] and not unchecked:
             state_part = (f"training state identical to the recording after each replayed epoch "
                           f"({state['streams']} streams)")
+        elif state["streams"]:
+            state_part = (f"training state identical to the recording after epoch"
+                          f"{'s' if len(state['epochs']) > 1 else ''} {format_epochs(state['epochs'])} "
+                          f"({state['streams']} streams); not checked after {format_epochs(unchecked)} "
+                          "(no recorded digest)")
         else:
-            state_part = "training state not checked (no checkpoint digest for these epochs)"
+            state_part = "training state NOT checked (no recorded digest for these epochs)"
         out = f"{head}: {metric_part}; {state_part}"
     else:
         out = "Replay NOT faithful: "

@@ -188,7 +188,7 @@ def test_probe_drawing_random_numbers_is_flagged(recorded, store, probe, stream,
     assert not fid["faithful"] and fid["level"] == "not faithful"
     assert stream in fid["state_diverged"][2]
     assert df.attrs["verdict"].startswith(f"Replay NOT faithful: {words}")
-    assert "A probe changed training" in df.attrs["verdict"]
+    assert "A probe changed training (make probes read-only" in df.attrs["verdict"]
 
 
 def test_probe_switching_eval_mode_is_flagged(recorded, store):
@@ -253,8 +253,8 @@ def test_what_cannot_be_captured_is_listed_at_record_and_in_the_verdict(store):
     fid, v = df.attrs["fidelity"], df.attrs["verdict"]
     # The iterator restarts from a fresh copy: the data it yields, and the loader's generator, differ.
     assert fid["level"] == "not faithful" and set(fid["not_captured_read"]) == {"guard.lock", "batches"}
-    assert "The replayed code reads batches, guard.lock, which could not be captured" in v
-    assert "Not captured but read by the replayed code: batches" in v and "A probe changed" not in v
+    assert "(1) the replayed code reads batches, guard.lock, which could not be captured" in v
+    assert "Not captured but read by the replayed code: batches" in v
     assert df[df.step.isna()]["count"].tolist() == [32]  # guard.count itself was captured
 
 
@@ -314,3 +314,17 @@ def test_damaged_blob_of_python_state_is_detected(recorded, store):
     path.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CorruptCheckpointError, match="damaged"):
         checkpoint.read(store.home, ck["path"])
+
+
+def test_epochs_without_a_checkpoint_are_still_checked(store):
+    """The default overhead budget skips checkpoints; every epoch's state is still digested and compared."""
+    flor.record(TRAIN, name="sparse", namespace=namespace(), cells=[f"EPOCHS = 6\n{SETUP}"], store=store,
+                overhead=1e-9)
+    run = flor.get_run("sparse", store=store)
+    assert sorted(store.checkpoints(run.id)) == [-1, 0]
+    assert {e for e, _ in store.digests(run.id)} == {1, 2, 3, 4, 5}
+    ok = flor.replay("sparse", code=PROBED, epochs="3-4", store=store)
+    assert ok.attrs["fidelity"]["state"]["epochs"] == [1, 2, 3, 4] and ok.attrs["fidelity"]["level"] == "faithful"
+    bad = flor.replay("sparse", code=TRAIN.replace("    model.eval()\n", "    model.eval()\n    np.random.rand()\n"),
+                      epochs="4", store=store)
+    assert bad.attrs["verdict"].startswith("Replay NOT faithful: numpy's global RNG differs after epoch 1")

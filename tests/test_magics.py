@@ -122,3 +122,21 @@ def test_engine_never_imports_ipython_or_shells():
                                for n in names), f"{path.name} imports a shell"
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
                 pytest.fail(f"print() in library code: {path.name}:{node.lineno}")
+
+
+def test_unfaithful_verdict_and_not_captured_state_go_to_stderr(ip, capsys):
+    run(ip, SETUP)
+    run(ip, MODEL + "import numpy as np, threading\nclass Guard:\n    def __init__(self):\n"
+                    "        self.lock, self.n = threading.Lock(), 0\nguard = Guard()\n")
+    capsys.readouterr()
+    train = TRAIN.replace("    history.append", "    guard.n += 1\n    history.append")
+    with pytest.warns(UserWarning, match="not captured in g@1: guard.lock"):
+        run(ip, "%%flor record --name g --no-progress\n" + train)
+    out = capsys.readouterr()
+    assert out.out.startswith("flor_nb: finished g@1")
+    assert "flor_nb: Not captured in g@1: guard.lock (lock: a lock (threading) cannot be saved)" in out.err
+    run(ip, "%%flor replay g --epochs 2 --no-progress\n" + train.replace(
+        "    history.append", "    flor.log('draw', float(np.random.rand()))\n    history.append"))
+    out = capsys.readouterr()
+    assert "Replay NOT faithful: numpy's global RNG differs after epoch 1" in out.err  # 1-2 ran, from epoch 0's end
+    assert "NOT faithful" not in out.out

@@ -132,7 +132,12 @@ class Panel(W.VBox, Callbacks):
             self._fill_epochs()
         self.editor.set_run(run)  # also updates the estimate, through _on_probes
         self._show_last_result()
-        self._set_status("ok", f"{run.label}: {run.status}, {run.epochs_completed} epochs")
+        missing = sorted(run.state.get("not_captured") or {})
+        if missing:  # replays restore everything else: say what they cannot, before anyone replays
+            self._set_status("bad", f"{run.label}: {run.status}, {run.epochs_completed} epochs; not captured: "
+                                    f"{', '.join(missing)}")
+        else:
+            self._set_status("ok", f"{run.label}: {run.status}, {run.epochs_completed} epochs")
 
     def _on_probes(self):
         running = self.job is not None and self.job.running
@@ -296,9 +301,11 @@ class Panel(W.VBox, Callbacks):
                 except Exception as e:  # noqa: BLE001 - shown in the panel
                     self._fail(e, "Showing the results failed:")
                     return
-                faithful = job.result.attrs["fidelity"]["faithful"]
-                self._set_status("ok", f"Replayed {self.run.label} in {P.format_seconds(job.elapsed)}: "
-                                       + ("faithful" if faithful else "NOT faithful"))
+                fid = job.result.attrs["fidelity"]
+                level = fid.get("level", "faithful" if fid["faithful"] else "not faithful")
+                word = {"faithful": "faithful", "caveats": "reproduced, with caveats"}.get(level, "NOT faithful")
+                self._set_status("ok" if level == "faithful" else "bad",
+                                 f"Replayed {self.run.label} in {P.format_seconds(job.elapsed)}: {word}")
             elif isinstance(job.error, ReplayCancelled) or job.cancelled:
                 self.progress.bar_style = "warning"
                 self._set_status("bad", f"Cancelled after {P.format_seconds(job.elapsed)}; {len(job.finished_epochs)}"

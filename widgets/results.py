@@ -77,6 +77,7 @@ def verdict_html(attrs: dict) -> str:
     """The fidelity verdict: a banner, then one row per recorded metric."""
     fid = attrs.get("fidelity") or {}
     ok = bool(fid.get("faithful"))
+    level = fid.get("level", "faithful" if ok else "not faithful")
     rows = []
     for name, m in (fid.get("metrics") or {}).items():
         first = m.get("first_mismatch")
@@ -91,8 +92,14 @@ def verdict_html(attrs: dict) -> str:
              f"<th>first mismatch</th></tr>{''.join(rows)}</table>") if rows else ""
     secs = fid.get("seconds")
     took = f" Replay took {secs:.1f} s." if isinstance(secs, (int, float)) else ""
-    icon = "\u2714" if ok else "\u26a0"
-    return (f'<div class="flor-verdict {"ok" if ok else "bad"}">{icon} {esc(attrs.get("verdict", ""))}{esc(took)}'
+    state = fid.get("state") or {}
+    if state.get("diverged"):
+        rows = "".join(f"<tr><td>epoch {e['epoch']}</td><td>{esc('step loop exit' if e['where'] == 'step' else e['where'])}"
+                       f"</td><td>{esc(', '.join(e['differ'] + e['missing']))}</td></tr>" for e in state["diverged"])
+        table += f"<table><tr><th>diverged</th><th>where</th><th>streams</th></tr>{rows}</table>"
+    icon = "\u2714" if level == "faithful" else "\u26a0"
+    css = {"faithful": "ok", "caveats": "warn"}.get(level, "bad")
+    return (f'<div class="flor-verdict {css}">{icon} {esc(attrs.get("verdict", ""))}{esc(took)}'
             f"{table}</div>")
 
 

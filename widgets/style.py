@@ -44,6 +44,7 @@ CSS = """
 .flor-verdict { padding: 8px 12px; border-radius: 4px; margin: 4px 0; line-height: 1.45; }
 .flor-verdict.ok { background: rgba(46, 160, 67, .12); border-left: 4px solid #1a7f37; }
 .flor-verdict.bad { background: rgba(207, 34, 46, .10); border-left: 4px solid #cf222e; }
+.flor-verdict.warn { background: rgba(212, 167, 44, .14); border-left: 4px solid #bf8700; }
 .flor-verdict table { border-collapse: collapse; margin-top: 6px; font-size: 12px; }
 .flor-verdict td, .flor-verdict th { padding: 2px 10px 2px 0; text-align: left; }
 .flor-table-wrap { max-height: 420px; overflow: auto; border: 1px solid var(--jp-border-color2, #d0d7de);
