@@ -47,3 +47,14 @@ class ReplayError(FlorError):
         if self.traceback_text:
             return f"{self.args[0]}\n\n{self.traceback_text}"
         return self.args[0]
+
+
+class AmbiguousLoopError(FlorError):
+    """Two loops could be the step loop; carries their line numbers."""
+
+    def __init__(self, message, lines=()):
+        super().__init__(message, list(lines))
+        self.lines = list(lines)
+
+    def __str__(self):
+        return self.args[0]

@@ -246,6 +246,7 @@ class Recorder:
             args=args,
             error=error,
             state={
+                **self.run.state,  # the loops chosen at the start
                 "objects": self.objects,
                 "skipped": self.skipped,
                 "checkpoint_error": self.checkpoint_error,
@@ -315,7 +316,7 @@ def record(
 
     Parameters
     ----------
-    code : the cell's source; its first top-level ``for`` is the epoch loop.
+    code : the cell's source; its epoch and step loops are found as README's "How loops are found" says.
     name : run name; recording a name again makes a new version.
     namespace : globals to run in (the notebook's user namespace); a fresh dict if None.
     history : executed cells (the extension tracks them); the ones ``code`` needs are kept.
@@ -328,17 +329,18 @@ def record(
 
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
     store = api.get_store(store)
-    tree, _ = instrument(code)
+    ns = {"__name__": "__main__"} if namespace is None else namespace
+    tree, loops = instrument(code, namespace=ns)
     if history is not None:
         deps = dependencies(history, code)
     else:
         deps = [Cell(i, src) for i, src in enumerate(cells or [], start=1)]
-    ns = {"__name__": "__main__"} if namespace is None else namespace
     ns[RUNTIME] = sys.modules["flor_nb"]
     free, assigned = analyze(code)
     only, extra = parse_state(state_spec)
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
-    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=dict(runtime.IDLE.args), env=environment())
+    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=dict(runtime.IDLE.args), env=environment(),
+                           state={"loops": loops.choice()})
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     bar = (lambda total: _progress_bar(run, total)) if progress else None

@@ -11,7 +11,7 @@ import pandas as pd
 from . import executor as executors
 from . import runtime
 from .errors import FlorError
-from .instrument import changes, instrument, parse
+from .instrument import changes, instrument, mark, parse
 from .plan import parse_epochs, plan
 from .store import Run, Store
 from .worker import SERIOUS, run_segment
@@ -20,7 +20,9 @@ from .worker import SERIOUS, run_segment
 def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None) -> dict:
     """Validate and plan a replay without running it: what will run, where, and an estimate."""
     code = run.code if code is None else code
-    instrument(code, what="replayed cell")  # syntax errors and missing loops, pointed at their line
+    hint = run.state.get("loops")  # the loops the recording used: the edited cell's are found by their headers
+    _, loops = instrument(code, what="replayed cell", hint=hint)  # syntax errors, missing loops: at their line
+    _warn_moved(hint, loops)
     deps = [dict(c) for c in run.deps]
     for count, source in (cells or {}).items():
         match = [c for c in deps if c["count"] == int(count)]
@@ -32,7 +34,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
     ckpts = store.checkpoints(run.id)
     kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items()}
-    touched = changes(run.code, code)
+    touched = changes(run.code, code, hint)
     if cells:  # an edited helper may run inside the step loop
         touched["step"] = True
     # Float reductions depend on the thread count: replay with the recorded one, so results are
@@ -57,6 +59,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     skipped = sum(m == "skip" for s in segments for m in s.modes.values())
     return {
         "code": code,
+        "worker_code": mark(code, hint),  # the loops marked, so the worker picks the same ones
         "cells": deps,
         "edited_cells": {int(k): v for k, v in (cells or {}).items()},
         "epochs": selected,
@@ -96,7 +99,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                                      "summary": p["summary"]})
     tasks = [{
         "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
-        "code": p["code"], "cells": p["cells"], "args": run.args,
+        "code": p["worker_code"], "cells": p["cells"], "args": run.args,
         "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
@@ -136,6 +139,16 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         raise cancelled
     return frame
 
+
+
+def _warn_moved(hint, loops):
+    """The recorded step loop is gone from the edited cell (its header was edited): say which loop is used."""
+    want = (hint or {}).get("step")
+    if want and not loops.step_explicit and loops.step_header != want["header"]:
+        where = f"line {loops.step_line} `{loops.step_header}`" if loops.step_line else "no loop"
+        warnings.warn(f"flor_nb: the recorded step loop `{want['header']}` is not in the edited cell; using {where} "
+                      "as the step loop. Keep the loop's header as recorded, or mark it with flor.loop(\"step\", ...).",
+                      stacklevel=4)
 
 
 def _describe(selected, segments, workers, touched) -> str:
