@@ -563,9 +563,9 @@ def recorded(run, store=None):
     from .api import decode_value, get_store
 
     st = get_store(store)
-    rows = [{"name": r["name"], "epoch": r["epoch"], "step": r["step"], "value": decode_value(r["value"], st)}
-            for r in st.logs([run.id], kind="recorded")]
-    return pd.DataFrame(rows, columns=["name", "epoch", "step", "value"])
+    rows = [{"name": r["name"], "epoch": r["epoch"], "step": r["step"], "seq": r["seq"],
+             "value": decode_value(r["value"], st)} for r in st.logs([run.id], kind="recorded")]
+    return pd.DataFrame(rows, columns=["name", "epoch", "step", "seq", "value"])
 
 
 def runs_table(store=None):
@@ -684,7 +684,7 @@ def last_result(run, store=None):
     metrics = sorted({r["name"] for r in st.logs([run.id], kind="recorded")})
     frame = dataframe(*probes_, *[m for m in metrics if m not in probes_], run=run.label, store=st)
     frame = frame[frame["epoch"].isin(last["epochs"])].drop(columns=["name", "version"])
-    frame = frame.dropna(how="all", subset=[c for c in frame.columns if c not in ("epoch", "step")])
+    frame = frame.dropna(how="all", subset=[c for c in frame.columns if c not in ("epoch", "step", "seq")])
     frame = frame.reset_index(drop=True)
     frame["epoch"] = frame["epoch"].astype(int)
     fidelity = last["fidelity"]

@@ -85,9 +85,9 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
            executor=None) -> pd.DataFrame:
     """Replay ``epochs`` of ``run`` with ``code`` (the edited cell); return the probes' values.
 
-    The result has one row per (epoch, step) with the probe columns and the
-    recorded metrics beside them; ``result.attrs["fidelity"]`` says whether the
-    recorded metrics were reproduced exactly.
+    The result has one row per (epoch, step, seq) with the probe columns and the
+    recorded metrics beside them (``seq`` numbers repeats at one step); ``result.attrs["fidelity"]``
+    says whether the recorded metrics were reproduced exactly.
     """
     from .api import get_store
 
@@ -229,32 +229,37 @@ def verdict_text(fidelity: dict) -> str:
 
 
 def result_frame(run, recorded, rows, probes, epochs, fidelity) -> pd.DataFrame:
-    """Wide frame: epoch, step, each probe, and the recorded metrics of those epochs beside them."""
+    """Wide frame: epoch, step, seq, each probe, and the recorded metrics of those epochs beside them.
+
+    ``seq`` numbers the values logged under one name at one (epoch, step): a probe in a helper called
+    per micro-batch gives rows with seq 0, 1, ...; most rows have seq 0.
+    """
     selected = set(epochs)
     records = defaultdict(dict)
     for n, e, s, q, v in rows:
         if n in probes and e in selected:
-            records[(e, s)][n] = _value(run, v)
+            records[(e, s, q)][n] = _value(run, v)
     for r in recorded:
         if r["epoch"] in selected:
-            records[(r["epoch"], r["step"])][r["name"]] = _value(run, r["value"])
+            records[(r["epoch"], r["step"], r["seq"])][r["name"]] = _value(run, r["value"])
     frame = pd.DataFrame(
-        [{"epoch": e, "step": s, **vals} for (e, s), vals in sorted(records.items(), key=_order)]
+        [{"epoch": e, "step": s, "seq": q, **vals} for (e, s, q), vals in sorted(records.items(), key=_order)]
     )
     if frame.empty:
-        frame = pd.DataFrame(columns=["epoch", "step", *probes])
-    cols = ["epoch", "step"] + [c for c in probes if c in frame] + sorted(
-        c for c in frame.columns if c not in ("epoch", "step") and c not in probes)
+        frame = pd.DataFrame(columns=["epoch", "step", "seq", *probes])
+    cols = ["epoch", "step", "seq"] + [c for c in probes if c in frame] + sorted(
+        c for c in frame.columns if c not in ("epoch", "step", "seq") and c not in probes)
     frame = frame[cols]
     frame["step"] = frame["step"].astype("Int64")
+    frame["seq"] = frame["seq"].astype("int64")
     frame.attrs.update({"run": run.label, "epochs": epochs, "probes": probes, "fidelity": fidelity,
                         "verdict": verdict_text(fidelity)})
     return frame
 
 
 def _order(item):
-    (e, s), _ = item
-    return (e, -1 if s is None else s)
+    (e, s, q), _ = item
+    return (e, -1 if s is None else s, q)
 
 
 def _value(run, text):
