@@ -8,13 +8,14 @@ import platform
 import sys
 import time
 import traceback
+import types
 import warnings
 
 import numpy as np
 import torch
 
 from . import checkpoint, runtime, state
-from .cells import Cell, analyze, dependencies
+from .cells import Cell, analyze, resolve
 from .instrument import RUNTIME, instrument
 from .store import Run, Store
 from .writer import Writer
@@ -332,7 +333,8 @@ def record(
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
     if history is not None:
-        deps = dependencies(history, code)
+        deps, missing = resolve(history, code)
+        _warn_unrebuildable(missing, ns, name)
     else:
         deps = [Cell(i, src) for i, src in enumerate(cells or [], start=1)]
     ns[RUNTIME] = sys.modules["flor_nb"]
@@ -357,6 +359,17 @@ def record(
     finally:
         runtime.deactivate(previous)
     return store.find_run(run.label)
+
+
+def _warn_unrebuildable(missing, ns, name):
+    """Objects the cell needs that no cell replay re-runs creates (made by a %%flor cell, say)."""
+    kinds = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, types.FunctionType,
+             type, torch.utils.data.DataLoader, torch.utils.data.Dataset)
+    lost = sorted(n for n in missing if isinstance(ns.get(n), kinds))
+    if lost:
+        warnings.warn(f"flor_nb: replay of run {name!r} will not be able to rebuild {', '.join(lost)}: no earlier "
+                      "cell that replay re-runs creates it (a %%flor cell or code outside the notebook did). "
+                      "Create it in a cell of its own, run that cell, and record again.", stacklevel=3)
 
 
 def _progress_bar(run, total):
