@@ -242,6 +242,17 @@ def mutated_names(source: str) -> set[str]:
     return out
 
 
+def arg_names(source: str) -> set[str]:
+    """Names a cell passes to ``flor.arg("name", ...)`` (as text: for cells run before the extension)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    return {n.args[0].value for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "arg"
+            and n.args and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str)}
+
+
 def has_loop(source: str) -> bool:
     return any(isinstance(s, (ast.For, ast.AsyncFor, ast.While)) for s in ast.parse(source).body)
 

@@ -38,7 +38,8 @@ class Recorder:
         self.epoch = None
         self.step = None
         self.rows: list = []
-        self.args: dict = {}
+        self.args: dict = {}  # set by the recorded cell
+        self.base_args: dict = {}  # set by the cells it depends on (or, in a script, before it)
         self.completed = 0
         self.progress = progress
         self.writer = Writer()
@@ -66,7 +67,6 @@ class Recorder:
 
     def arg(self, name, default):
         self.args[name] = default
-        runtime.IDLE.args[name] = default
         return default
 
     def loop(self, name, iterable):
@@ -238,7 +238,7 @@ class Recorder:
         self.writer.submit(self._write_logs, rows)
         self.writer.close()  # everything submitted is on disk before the run is closed
         self._check_writer()
-        args = {**runtime.IDLE.args, **self.args}
+        args = {**self.base_args, **self.args}
         self.store.update_run(
             self.run.id,
             status=status,
@@ -320,8 +320,10 @@ def record(
     code : the cell's source; its epoch and step loops are found as README's "How loops are found" says.
     name : run name; recording a name again makes a new version.
     namespace : globals to run in (the notebook's user namespace); a fresh dict if None.
-    history : executed cells (the extension tracks them); the ones ``code`` needs are kept.
-    cells : for scripts, the sources that rebuild the namespace on replay, in order.
+    history : executed cells (the extension tracks them); the ones ``code`` needs are kept, and
+        the ``flor.arg`` values they (and ``code``) set are the run's args.
+    cells : for scripts, the sources that rebuild the namespace on replay, in order; the run's
+        args are those set since the previous record (and by ``code``).
     state_spec : ``"a,b"`` narrows the checkpointed names, ``"+a,+b"`` adds to them.
     overhead : checkpoint time budget as a fraction of training time (every epoch while it fits;
         ``float("inf")``: every epoch, whatever it costs).
@@ -332,21 +334,25 @@ def record(
     store = api.get_store(store)
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
+    since_last = runtime.IDLE.take_args()
     if history is not None:
         deps, missing = resolve(history, code)
         _warn_unrebuildable(missing, ns, name)
+        args = {k: v for c in deps for k, v in c.args.items()}  # the run's args: its cells' (later cells win)
     else:
         deps = [Cell(i, src) for i, src in enumerate(cells or [], start=1)]
+        args = since_last  # a script has no cells to tell them apart: the args set since the last record
     ns[RUNTIME] = sys.modules["flor_nb"]
     free, assigned = analyze(code)
     only, extra = parse_state(state_spec)
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
-    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=dict(runtime.IDLE.args), env=environment(),
+    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args, env=environment(),
                            state={"loops": loops.choice()})
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     bar = (lambda total: _progress_bar(run, total)) if progress else None
     recorder = Recorder(store, run, ns, scope, bar, overhead)
+    recorder.base_args = args
     previous = runtime.activate(recorder)
     try:
         exec(compile(tree, filename, "exec"), ns)

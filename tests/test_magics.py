@@ -188,3 +188,18 @@ def test_an_object_made_by_a_flor_cell_is_flagged_at_record(ip):
     run(ip, "%%flor record --name first --no-progress\n" + MODEL + TRAIN)
     with pytest.warns(UserWarning, match="will not be able to rebuild model, opt"):
         run(ip, "%%flor record --name second --no-progress\n" + TRAIN)
+
+
+def test_args_belong_to_the_run_that_set_them(ip):
+    run(ip, SETUP)
+    run(ip, "lr = flor.arg('lr', 0.05)\n" + MODEL.replace("lr=0.1", "lr=lr"))
+    run(ip, "wd = flor.arg('wd', 5e-4)")  # a cell no run depends on
+    run(ip, "%%flor record --name a --no-progress\n" + TRAIN.replace("range(4)", "range(flor.arg('epochs', 4))"))
+    run(ip, "%%flor record --name b --no-progress\n" + TRAIN)
+    flor = ip.user_ns["flor"]
+    assert flor.get_run("a").args == {"lr": 0.05, "epochs": 4}
+    assert flor.get_run("b").args == {"lr": 0.05}  # neither wd nor the other run's epochs
+    assert "arg.wd" not in run(ip, "%flor runs")
+    probe = TRAIN.replace("range(4)", "range(flor.arg('epochs', 4))") + "    flor.log('lr_arg', flor.arg('lr', 9.0))\n"
+    df = run(ip, "%%flor replay a --epochs 1 --no-progress\n" + probe)
+    assert df["lr_arg"].dropna().tolist() == [0.05]  # replay still returns the run's recorded args
