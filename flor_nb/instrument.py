@@ -42,9 +42,18 @@ class Loops:
     step_nth: int = 0
 
     def choice(self) -> dict:
-        """What a run stores, so a replay picks the same loops in the edited cell."""
+        """What a run stores, so a replay picks the same loops in the edited cell (see :func:`recorded_loops`)."""
         step = None if self.step_header is None else {"header": self.step_header, "nth": self.step_nth}
         return {"epoch": {"header": self.epoch_header, "nth": self.epoch_nth}, "step": step}
+
+
+# Runs recorded before runs stored their loops used this rule: the first top-level for, the first for in it.
+FIRST_LOOPS = {"rule": "first"}
+
+
+def recorded_loops(state: dict | None) -> dict:
+    """The loops a run was recorded with, from its ``state``: its stored choice, or the old rule."""
+    return (state or {}).get("loops") or FIRST_LOOPS
 
 
 def parse(source: str, what: str = "cell") -> ast.Module:
@@ -260,7 +269,10 @@ def _find(tree: ast.Module, what: str, hint=None, ns=None, trainers=frozenset())
     epoch = next((f for f in all_fors if _loop_marker(f.iter) == "epoch"), None)
     explicit = epoch is not None
     tops = list(_fors(tree.body))
-    if epoch is None and hint:
+    first = hint == FIRST_LOOPS
+    if epoch is None and first:
+        epoch = next(iter(tops), None)
+    elif epoch is None and hint:
         epoch = _hinted(tops, hint["epoch"])
     if epoch is None:
         epoch = _pick_epoch(tops, ns, trainers)
@@ -273,9 +285,11 @@ def _find(tree: ast.Module, what: str, hint=None, ns=None, trainers=frozenset())
     inner = list(_fors(epoch.body, into_loops=True))
     step = next((f for f in inner if _loop_marker(f.iter) == "step"), None)
     step_explicit = step is not None
-    if step is None and hint and hint.get("step"):
+    if step is None and first:
+        step = inner[0] if inner else None
+    elif step is None and hint and hint.get("step"):
         step = _hinted(inner, hint["step"])
-    if step is None and not (hint and "step" in hint and hint["step"] is None):
+    if step is None and not first and not (hint and "step" in hint and hint["step"] is None):
         step = _pick_step(epoch, inner, ns, trainers, what)
     return epoch, step, explicit, step_explicit, tops, inner
 

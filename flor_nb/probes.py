@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .cells import analyze
 from .errors import FlorError, ProbeSyntaxError
-from .instrument import instrument, parse
+from .instrument import instrument, parse, recorded_loops
 from .plan import format_epochs
 
 # -- probes -----------------------------------------------------------------
@@ -265,10 +265,10 @@ def check(run, probes: list[Probe]) -> list[Problem]:
                                 _first_line(str(e)).replace("edited cell", "cell with the probe") +
                                 " (check the probe's indentation)"))
         return problems
-    _, recorded_loops = instrument(run.code, what="recorded cell", hint=_hint(run))
+    _, was = instrument(run.code, what="recorded cell", hint=_hint(run))
     shift = _line_map(spans, len(run.code.splitlines()))
-    if shift.get(recorded_loops.epoch_line) != loops.epoch_line or (
-            recorded_loops.step_line and shift.get(recorded_loops.step_line) != loops.step_line):
+    if shift.get(was.epoch_line) != loops.epoch_line or (
+            was.step_line and shift.get(was.step_line) != loops.step_line):
         problems.append(Problem(-1, 0, "loop", "a probe changes which loop is the epoch or step loop; "
                                                "write probes without for/while statements"))
     return problems
@@ -512,7 +512,7 @@ def default_place(code: str, where: str, hint=None) -> tuple[int, int | None]:
 
 def _hint(run) -> dict | None:
     """The loops ``run`` recorded with (see :meth:`flor_nb.instrument.Loops.choice`)."""
-    return (getattr(run, "state", None) or {}).get("loops")
+    return recorded_loops(getattr(run, "state", None))
 
 
 def _loop_at(tree, line):

@@ -11,7 +11,7 @@ import pandas as pd
 from . import executor as executors
 from . import runtime
 from .errors import FlorError
-from .instrument import changes, instrument, mark, parse
+from .instrument import changes, instrument, mark, parse, recorded_loops
 from .plan import parse_epochs, plan
 from .store import Run, Store
 from .worker import SERIOUS, run_segment
@@ -20,7 +20,7 @@ from .worker import SERIOUS, run_segment
 def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None) -> dict:
     """Validate and plan a replay without running it: what will run, where, and an estimate."""
     code = run.code if code is None else code
-    hint = run.state.get("loops")  # the loops the recording used: the edited cell's are found by their headers
+    hint = recorded_loops(run.state)  # the loops the recording used: the edited cell's are found by their headers
     _, loops = instrument(code, what="replayed cell", hint=hint)  # syntax errors, missing loops: at their line
     _warn_moved(hint, loops)
     deps = [dict(c) for c in run.deps]

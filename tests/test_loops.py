@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 import flor_nb as flor
-from conftest import SETUP, TRAIN
+from conftest import SETUP, TRAIN, setup_namespace
 from flor_nb import errors
 from flor_nb.instrument import instrument
 
@@ -92,3 +92,16 @@ def test_replay_uses_the_loops_the_recording_chose(store):
     df = flor.replay("odd", code=probe, epochs=[2], store=store)
     assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
     assert df.dropna(subset=["gn"])["step"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_runs_recorded_before_loops_were_stored_keep_the_rule_they_were_recorded_with(store):
+    """A run from an older flor_nb has no stored loops: its step loop was the first for in the epoch loop."""
+    code = TRAIN.replace("    model.train()\n", "    model.train()\n    for p in model.parameters():\n"
+                                                  "        p.grad = None\n")
+    as_then = code.replace("in model.parameters():", "in flor.loop('step', model.parameters()):")
+    run = flor.record(as_then, name="old", namespace=setup_namespace(3), cells=[f"EPOCHS = 3\n{SETUP}"],
+                      store=store, overhead=float("inf"))
+    store.update_run(run.id, code=code, state={k: v for k, v in run.state.items() if k != "loops"})
+    df = flor.replay("old", code=code + "    flor.log('wn', weight_norm(model))\n", epochs="1-2", store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert df.attrs["fidelity"]["metrics"]["acc"]["compared"] == 2
