@@ -27,7 +27,8 @@ _PARAM_CALLS = {"parameters", "named_parameters", "buffers", "named_buffers", "m
                 "children", "named_children", "state_dict"}
 _PARAM_ATTRS = {"param_groups"}
 _DATA_WORDS = re.compile(r"loader|dataset|batch|^(dl|dls|ds|data|iterator|samples)$", re.IGNORECASE)
-_EVAL_WORDS = re.compile(r"val|test|eval|dev|holdout", re.IGNORECASE)
+_MICRO_WORDS = re.compile(r"micro|accum", re.IGNORECASE)  # n_micro_batches: a loop inside the batch loop
+_EVAL_WORDS = re.compile(r"^(val|valid|test|eval|dev|holdout)|^(dev|ev)$", re.IGNORECASE)
 
 
 @dataclass
@@ -157,7 +158,10 @@ def _iterates_data(loop, ns) -> bool:
     """A DataLoader or Dataset (known at record time), or a name that says so (``train_loader``, ``batches``)."""
     if isinstance(_value(loop.iter, ns), (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
         return True
-    return any(_DATA_WORDS.search(part) for name in _names_in(loop.iter) for part in name.split("_") + [name])
+    names = _names_in(loop.iter)
+    if any(_MICRO_WORDS.search(name) for name in names):
+        return False
+    return any(_DATA_WORDS.search(part) for name in names for part in name.split("_") + [name])
 
 
 def _calls(loop, attrs: set, trainers: set) -> bool:
@@ -172,7 +176,7 @@ def _calls(loop, attrs: set, trainers: set) -> bool:
 
 def _evaluates(loop, parents) -> bool:
     """An evaluation loop: over ``val_loader`` and the like, or under ``torch.no_grad()``."""
-    if any(_EVAL_WORDS.search(name) for name in _names_in(loop.iter)):
+    if any(_EVAL_WORDS.search(part) for name in _names_in(loop.iter) for part in name.split("_")):
         return True
     for p in parents.get(loop, ()):
         if isinstance(p, (ast.With, ast.AsyncWith)) and any(

@@ -35,6 +35,9 @@ def test_micro_steps_and_eval_loops_leave_the_batch_loop_the_step_loop():
         "        opt.zero_grad()\n        for micro in range(2):\n"
         "            loss = F.cross_entropy(model(xb[micro::2]), yb[micro::2]); loss.backward()\n")
     assert instrument(micro)[1].step_line == _step_line(micro)
+    by_hand = ("for epoch in range(3):\n    for i in range(0, len(X), 32):\n        for m in range(n_micro_batches):\n"
+               "            model(X[i + m]).sum().backward()\n        opt.step()\n")
+    assert instrument(by_hand)[1].step_line == 2
     evals_first = TRAIN.replace("    model.train()\n", "    model.eval()\n    for xb, yb in val_loader:\n"
                                 "        flor.log('val', float(model(xb).sum()))\n    model.train()\n")
     assert instrument(evals_first)[1].step_line == _step_line(evals_first)
