@@ -95,6 +95,12 @@ def test_replay_uses_the_loops_the_recording_chose(store):
     df = flor.replay("odd", code=probe, epochs=[2], store=store)
     assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
     assert df.dropna(subset=["gn"])["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    # The step loop's header edited: replay says so, and which loop it uses instead
+    edited = ODD.replace("    for xb, yb in tr:\n", "    for i, (xb, yb) in enumerate(tr):\n")
+    with pytest.warns(UserWarning, match=r"recorded step loop `for \(xb, yb\) in tr` is not in the edited cell; "
+                                         r"using line 7"):
+        df = flor.replay("odd", code=edited, epochs=[2], store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
 
 
 def test_runs_recorded_before_loops_were_stored_keep_the_rule_they_were_recorded_with(store):
