@@ -60,11 +60,12 @@ def decode_value(text, store=None):
 
 
 def dataframe(*names, run=None, store=None) -> pd.DataFrame:
-    """Wide: one row per (name, version, epoch, step), one column per logged name.
+    """Wide: one row per (name, version, epoch, step, seq), one column per logged name.
 
     Recorded and hindsight values sit together. ``run`` is ``NAME`` (all its
     versions), ``NAME@VERSION``, or None (every run). ``step`` is empty for
-    epoch-level values.
+    epoch-level values. ``seq`` numbers the values logged under one name at one
+    (epoch, step) (a probe called per micro-batch): every value is kept.
     """
     st = get_store(store)
     if run is None:
@@ -78,14 +79,16 @@ def dataframe(*names, run=None, store=None) -> pd.DataFrame:
     rows: dict = {}
     for r in st.logs(by_id, names=list(names) or None):
         run_ = by_id[r["run_id"]]
-        key = (run_.name, run_.version, r["epoch"], r["step"])
+        key = (run_.name, run_.version, r["epoch"], r["step"], r["seq"])
         rows.setdefault(key, {})[r["name"]] = decode_value(r["value"], st)
-    records = [{"name": k[0], "version": k[1], "epoch": k[2], "step": k[3], **v} for k, v in rows.items()]
-    value_cols = list(names) or sorted({c for rec in records for c in rec} - {"name", "version", "epoch", "step"})
-    frame = pd.DataFrame(records, columns=["name", "version", "epoch", "step", *value_cols])
+    keys = ["name", "version", "epoch", "step", "seq"]
+    records = [dict(zip(keys, k), **v) for k, v in rows.items()]
+    value_cols = list(names) or sorted({c for rec in records for c in rec} - set(keys))
+    frame = pd.DataFrame(records, columns=[*keys, *value_cols])
     for col in ("epoch", "step"):
         frame[col] = frame[col].astype("Int64")
-    return frame.sort_values(["name", "version", "epoch", "step"], na_position="first", kind="stable").reset_index(drop=True)
+    frame["seq"] = frame["seq"].astype("int64")
+    return frame.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
 
 
 def checkpoints(run, store=None) -> pd.DataFrame:

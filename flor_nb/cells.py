@@ -5,7 +5,10 @@ an hour. Replay must re-run only the cells that define what the training cell
 uses. Each executed cell is kept as a :class:`Cell` with the names it actually
 bound (the extension diffs the namespace around each cell, so helpers with
 ``global`` and star imports count) and the names it reads; the dependencies are
-the closure of "latest earlier cell that binds or sets up a needed name".
+the closure of "latest cell before the read that binds or sets up a needed
+name". A name a cell reads at the top level is read when that cell runs; a name
+a function reads is read when the function is called, so for a function the
+training cell calls, it is looked up as of the training cell.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ class Cell:
     count: int
     source: str
     bound: set = field(default_factory=set)
+    args: dict = field(default_factory=dict)  # flor.arg values the cell set (the extension records them)
 
     def to_dict(self):
         return {"count": self.count, "source": self.source, "bound": sorted(self.bound)}
@@ -39,6 +43,9 @@ class _Names(ast.NodeVisitor):
         self.assigned: set[str] = set()
         self.free: set[str] = set()
         self.deferred: set[str] = set()  # globals read inside function bodies
+        self.loads: set[str] = set()  # every name read at the top level, bound here or not
+        self.defs: dict[str, set] = {}  # function or class -> the globals its body reads
+        self.immediate: set[str] = set()  # globals of comprehensions and lambdas (run or kept right here)
 
     def _store(self, target):
         for node in ast.walk(target):
@@ -52,6 +59,8 @@ class _Names(ast.NodeVisitor):
                 pass
 
     def visit_Name(self, node):
+        if isinstance(node.ctx, ast.Load):
+            self.loads.add(node.id)
         if isinstance(node.ctx, ast.Load) and node.id not in self.assigned:
             self.free.add(node.id)
         elif isinstance(node.ctx, ast.Store):
@@ -102,9 +111,13 @@ class _Names(ast.NodeVisitor):
             self.visit(d)
         for default in node.args.defaults + [d for d in node.args.kw_defaults if d]:
             self.visit(default)
+        reads = function_globals(node)
         if hasattr(node, "name"):
             self.assigned.add(node.name)
-        self.deferred |= function_globals(node)
+            self.defs[node.name] = reads
+        else:
+            self.immediate |= reads
+        self.deferred |= reads
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
 
@@ -112,14 +125,18 @@ class _Names(ast.NodeVisitor):
         for expr in node.bases + node.decorator_list + [k.value for k in node.keywords]:
             self.visit(expr)
         self.assigned.add(node.name)
+        reads = self.defs.setdefault(node.name, set())
         for stmt in node.body:
             if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                reads |= function_globals(stmt)
                 self.deferred |= function_globals(stmt)
             else:
                 self.visit(stmt)
 
     def _comprehension(self, node):
-        self.deferred |= function_globals(node)
+        reads = function_globals(node)
+        self.deferred |= reads
+        self.immediate |= reads
 
     visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension
 
@@ -162,18 +179,36 @@ def function_globals(node) -> set[str]:
     return (loads - (local - declared_global)) - _BUILTINS
 
 
-def analyze(source: str) -> tuple[set[str], set[str]]:
-    """Return (free names read before being bound, names bound) at cell level."""
+def _walk(source: str) -> _Names:
     tree = ast.parse(source)
     v = _Names()
     for stmt in tree.body:
         v.visit(stmt)
-        # `global x` inside a function that the cell defines binds x when called.
+    # `global x` inside a function that the cell defines binds x when called.
     for node in ast.walk(tree):
         if isinstance(node, ast.Global):
             v.assigned |= set(node.names)
+    return v
+
+
+def analyze(source: str) -> tuple[set[str], set[str]]:
+    """Return (free names read before being bound, names bound) at cell level."""
+    v = _walk(source)
     free = (v.free | (v.deferred - v.assigned)) - _BUILTINS
     return free, v.assigned
+
+
+def reads(source: str) -> tuple[set[str], dict[str, set]]:
+    """(names read when the cell runs, {function or class it defines: globals read when it is used}).
+
+    A function the cell calls itself (``model = build()``) reads its globals when the cell runs.
+    """
+    v = _walk(source)
+    now = v.free | v.immediate
+    for name, names in v.defs.items():
+        if name in v.loads:
+            now |= names
+    return now - _BUILTINS, {k: n - _BUILTINS for k, n in v.defs.items()}
 
 
 def mutated_names(source: str) -> set[str]:
@@ -207,48 +242,111 @@ def mutated_names(source: str) -> set[str]:
     return out
 
 
+def arg_names(source: str) -> set[str]:
+    """Names a cell passes to ``flor.arg("name", ...)`` (as text: for cells run before the extension)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    return {n.args[0].value for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "arg"
+            and n.args and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str)}
+
+
 def has_loop(source: str) -> bool:
     return any(isinstance(s, (ast.For, ast.AsyncFor, ast.While)) for s in ast.parse(source).body)
 
 
-def strip_shell(source: str) -> str:
-    """Drop top-level statements that need IPython (``%magics``, ``!shell``) so a cell runs anywhere."""
+# Cell magics that run their body once in the user namespace: the cell is its body. ``%%timeit`` is not
+# one (it runs the body many times inside a function, so it binds nothing), nor are ``%%bash``,
+# ``%%writefile`` and the like (their body is not Python): those cells are dropped like ``!shell`` lines.
+BODY_MAGICS = {"time", "capture", "prun"}
+
+
+def _magic(stmt) -> str | None:
+    """The Python a ``%%time``/``%%capture``/``%%prun`` cell or a ``%time``/``%prun`` line runs, if ``stmt`` is one."""
+    call = stmt.value if isinstance(stmt, ast.Expr) else None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+            and isinstance(call.func.value, ast.Call) and getattr(call.func.value.func, "id", None) == "get_ipython"
+            and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in call.args)):
+        return None
+    args = [a.value for a in call.args]
+    if call.func.attr == "run_cell_magic" and len(args) == 3 and args[0] in BODY_MAGICS:
+        return args[2]
+    if call.func.attr == "run_line_magic" and len(args) == 2 and args[0] in ("time", "prun"):
+        return args[1]
+    return None
+
+
+def strip_shell(source: str, transform=None) -> str:
+    """The cell as plain Python that runs anywhere: ``%%time``/``%%capture``/``%%prun`` cells become their
+    body; other top-level statements that need IPython (``%magics``, ``!shell``) are dropped.
+
+    ``transform`` turns IPython syntax in a magic's body into Python (the extension passes IPython's
+    ``transform_cell``); without it a body that is not plain Python is dropped.
+    """
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return ""
-    keep = [
-        s for s in tree.body
-        if not any(isinstance(n, ast.Name) and n.id == "get_ipython" for n in ast.walk(s))
-    ]
-    if len(keep) == len(tree.body):
-        return source
     lines = source.splitlines()
-    return "\n".join("\n".join(lines[s.lineno - 1: s.end_lineno]) for s in keep)
+    changed = False
+    for stmt in reversed(tree.body):  # from the end, so earlier line numbers stay valid
+        body = _magic(stmt)
+        if body is not None:
+            body = strip_shell(transform(body) if transform else body, transform)
+            new = body.splitlines()
+        elif any(isinstance(n, ast.Name) and n.id == "get_ipython" for n in ast.walk(stmt)):
+            new = [""] * (stmt.end_lineno - stmt.lineno + 1)  # blank lines: the rest keeps its line numbers
+        else:
+            continue
+        lines[stmt.lineno - 1: stmt.end_lineno] = new
+        changed = True
+    return "\n".join(lines) + "\n" if changed else source
 
 
 def dependencies(history: list[Cell], target: str) -> list[Cell]:
-    """The cells of ``history`` (in execution order) that ``target`` needs, in execution order.
+    """The cells of ``history`` (in execution order) that ``target`` needs, in execution order."""
+    return resolve(history, target)[0]
 
-    A cell is needed when it is the latest one to bind a needed name, or when it
-    changes a needed object (``model.to(dev)``) after that binding without
-    looping (a cell that loops and only mutates is a training cell: never re-run).
+
+def resolve(history: list[Cell], target: str) -> tuple[list[Cell], set[str]]:
+    """(the cells of ``history`` that ``target`` needs, in execution order; names it needs that none binds).
+
+    For each name read, the cell needed is the latest one before the read that binds it, and any
+    cell after that one that changes the object without looping (``model.to(dev)``; a cell that
+    loops and only mutates is a training cell: never re-run). A cell's top-level reads happen when
+    it runs; the globals of a function or class it defines are read as of ``target`` (when the
+    training cell calls it). Cells that are empty once IPython syntax is stripped (``%%flor``
+    cells) bind nothing that replay could rebuild.
     """
-    needed, _ = analyze(target)
-    chosen: list[Cell] = []
-    for cell in reversed(history):
+    infos = []
+    for cell in history:
         source = strip_shell(cell.source)
-        if not source.strip():
-            continue
         try:
-            free, bound = analyze(source)
-            mutated = mutated_names(source)
+            info = (source, *reads(source), analyze(source)[1] | cell.bound, mutated_names(source),
+                    has_loop(source)) if source.strip() else None
         except SyntaxError:
+            info = None
+        infos.append(info)
+    end = len(history)
+    todo = [(name, end) for name in analyze(target)[0]]
+    seen, chosen, missing = set(), set(), set()
+    while todo:
+        name, before = todo.pop()
+        if (name, before) in seen:
             continue
-        bound = bound | cell.bound
-        binds = bound & needed
-        mutates = (mutated - bound) & needed and not has_loop(source)
-        if binds or mutates:
-            chosen.append(Cell(cell.count, source, cell.bound))
-            needed = (needed - binds) | free
-    return list(reversed(chosen))
+        seen.add((name, before))
+        binder = next((i for i in range(before - 1, -1, -1) if infos[i] and name in infos[i][3]), None)
+        if binder is None:
+            missing.add(name)
+        picks = [] if binder is None else [binder]
+        picks += [i for i in range((-1 if binder is None else binder) + 1, before)
+                  if infos[i] and name in infos[i][4] and name not in infos[i][3] and not infos[i][5]]
+        for i in picks:
+            if i not in chosen:
+                chosen.add(i)
+                todo += [(n, i) for n in infos[i][1]]
+            todo += [(n, end) for n in infos[i][2].get(name, ())]
+    cells = [Cell(history[i].count, infos[i][0], history[i].bound, history[i].args) for i in sorted(chosen)]
+    return cells, missing

@@ -51,3 +51,14 @@ class ReplayError(FlorError):
 
 class NotCapturedWarning(UserWarning):
     """Something the recorded epochs read cannot be captured; replay rebuilds it instead of restoring it."""
+
+
+class AmbiguousLoopError(FlorError):
+    """Two loops could be the step loop; carries their line numbers."""
+
+    def __init__(self, message, lines=()):
+        super().__init__(message, list(lines))
+        self.lines = list(lines)
+
+    def __str__(self):
+        return self.args[0]

@@ -1,18 +1,34 @@
 """Find the epoch and step loops of a training cell and wrap them with ``flor.loop``.
 
-The cell's first top-level ``for`` is the epoch loop and the first ``for`` nested
-in its body is the step loop, unless the user marked them with ``flor.loop``.
-Wrapping keeps every line number, so tracebacks point at the user's lines.
+The epoch loop is the cell's first top-level ``for`` that trains (calls
+``backward()``/``step()`` or loops over data); the step loop is the loop in it
+that iterates the training data: see :func:`_pick_step`. Loops over parameters
+or param groups are never either. ``flor.loop`` markers win over both; a run
+stores the loops it chose (:meth:`Loops.choice`) so replay of an edited cell
+uses the same ones. Wrapping keeps every line number, so tracebacks point at
+the user's lines.
 """
 from __future__ import annotations
 
 import ast
 import difflib
+import re
+import types
 from dataclasses import dataclass
 
-from .errors import NoLoopError, ProbeSyntaxError
+import torch
+
+from .errors import AmbiguousLoopError, NoLoopError, ProbeSyntaxError
 
 RUNTIME = "__flor__"  # name the instrumented code uses for the flor_nb module
+
+# Iterating these is walking a model or an optimizer, never data.
+_PARAM_CALLS = {"parameters", "named_parameters", "buffers", "named_buffers", "modules", "named_modules",
+                "children", "named_children", "state_dict"}
+_PARAM_ATTRS = {"param_groups"}
+_DATA_WORDS = re.compile(r"loader|dataset|batch|^(dl|dls|ds|data|iterator|samples)$", re.IGNORECASE)
+_MICRO_WORDS = re.compile(r"micro|accum", re.IGNORECASE)  # n_micro_batches: a loop inside the batch loop
+_EVAL_WORDS = re.compile(r"^(val|valid|test|eval|dev|holdout)|^(dev|ev)$", re.IGNORECASE)
 
 
 @dataclass
@@ -21,6 +37,24 @@ class Loops:
     step_line: int | None
     epoch_explicit: bool
     step_explicit: bool
+    epoch_header: str = ""
+    step_header: str | None = None
+    epoch_nth: int = 0  # among loops with the same header (a probe may repeat one)
+    step_nth: int = 0
+
+    def choice(self) -> dict:
+        """What a run stores, so a replay picks the same loops in the edited cell (see :func:`recorded_loops`)."""
+        step = None if self.step_header is None else {"header": self.step_header, "nth": self.step_nth}
+        return {"epoch": {"header": self.epoch_header, "nth": self.epoch_nth}, "step": step}
+
+
+# Runs recorded before runs stored their loops used this rule: the first top-level for, the first for in it.
+FIRST_LOOPS = {"rule": "first"}
+
+
+def recorded_loops(state: dict | None) -> dict:
+    """The loops a run was recorded with, from its ``state``: its stored choice, or the old rule."""
+    return (state or {}).get("loops") or FIRST_LOOPS
 
 
 def parse(source: str, what: str = "cell") -> ast.Module:
@@ -77,13 +111,175 @@ def _wrap(loop: ast.For, kind: str):
     loop.iter = ast.copy_location(call, loop.iter)
 
 
-def _find(tree: ast.Module, what: str):
-    """(epoch loop, step loop or None, epoch explicit, step explicit)."""
+def header(loop) -> str:
+    """``for xb, yb in loader`` as written (normalized), to find the loop again in an edited cell."""
+    return f"for {ast.unparse(loop.target)} in {ast.unparse(loop.iter)}"
+
+
+# -- which loop is which --------------------------------------------------------
+def _text(node) -> str:
+    """Source-like text of a loop target or iterable: ``xb, yb`` rather than ``(xb, yb)``."""
+    if isinstance(node, ast.Tuple) and node.elts:
+        return ", ".join(ast.unparse(e) for e in node.elts)
+    return ast.unparse(node)
+
+
+def _names_in(expr) -> list[str]:
+    return [n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(expr)
+            if isinstance(n, (ast.Name, ast.Attribute))]
+
+
+def _over_params(loop, ns) -> bool:
+    """``for p in model.parameters()``, ``for g in opt.param_groups``, ``for layer in model``: not data."""
+    for n in ast.walk(loop.iter):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _PARAM_CALLS:
+            return True
+        if isinstance(n, ast.Attribute) and n.attr in _PARAM_ATTRS:
+            return True
+    value = _value(loop.iter, ns)
+    if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
+        return True
+    if isinstance(value, (list, tuple)) and value:
+        first = value[0]
+        return isinstance(first, torch.nn.Parameter) or (isinstance(first, dict) and "params" in first)
+    return False
+
+
+def _value(expr, ns):
+    """The object a plain name (or ``enumerate(name)``, ``tqdm(name)``) refers to, when the namespace is known."""
+    if ns is None:
+        return None
+    while isinstance(expr, ast.Call) and expr.args:
+        expr = expr.args[0]
+    return ns.get(expr.id) if isinstance(expr, ast.Name) else None
+
+
+def _iterates_data(loop, ns) -> bool:
+    """A DataLoader or Dataset (known at record time), or a name that says so (``train_loader``, ``batches``)."""
+    if isinstance(_value(loop.iter, ns), (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
+        return True
+    names = _names_in(loop.iter)
+    if any(_MICRO_WORDS.search(name) for name in names):
+        return False
+    return any(_DATA_WORDS.search(part) for name in names for part in name.split("_") + [name])
+
+
+def _calls(loop, attrs: set, trainers: set) -> bool:
+    for n in ast.walk(loop):
+        if isinstance(n, ast.Call):
+            if isinstance(n.func, ast.Attribute) and n.func.attr in attrs:
+                return True
+            if "backward" in attrs and isinstance(n.func, ast.Name) and n.func.id in trainers:
+                return True
+    return False
+
+
+def _evaluates(loop, parents) -> bool:
+    """An evaluation loop: over ``val_loader`` and the like, or under ``torch.no_grad()``."""
+    if any(_EVAL_WORDS.search(part) for name in _names_in(loop.iter) for part in name.split("_")):
+        return True
+    for p in parents.get(loop, ()):
+        if isinstance(p, (ast.With, ast.AsyncWith)) and any(
+                re.search(r"no_grad|inference_mode", ast.unparse(item.context_expr)) for item in p.items):
+            return True
+    return False
+
+
+def trainers_in(ns) -> set[str]:
+    """Functions in a namespace whose code calls ``backward`` (a ``train_step(xb, yb)`` helper)."""
+    out = set()
+    for name, fn in (ns or {}).items():
+        if isinstance(fn, types.FunctionType):
+            stack = [fn.__code__]
+            while stack:
+                code = stack.pop()
+                if "backward" in code.co_names:
+                    out.add(name)
+                    break
+                stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return out
+
+
+def _outermost(loops, parents) -> list:
+    chosen = set(loops)
+    return [f for f in loops if not any(p in chosen for p in parents.get(f, ()))]
+
+
+def _parents(root) -> dict:
+    """Each node inside ``root`` -> its ancestors, innermost first."""
+    out: dict = {}
+
+    def walk(node, chain):
+        for child in ast.iter_child_nodes(node):
+            out[child] = (node, *chain)
+            walk(child, out[child])
+
+    walk(root, ())
+    return out
+
+
+def _pick_step(epoch, candidates, ns, trainers, what):
+    """The loop over the training data: among loops that call ``backward()`` (else ``step()``) and
+    loops over data, the outermost that is both, else the outermost of either; evaluation loops last."""
+    parents = _parents(epoch)
+    cands = [f for f in candidates if not _over_params(f, ns)]
+    if not cands:
+        return None
+    data = [f for f in cands if _iterates_data(f, ns)]
+    train = [f for f in cands if _calls(f, {"backward"}, trainers)] or [f for f in cands if _calls(f, {"step"}, set())]
+    pool = ([f for f in train if f in data] or train) if train else (data or cands)
+    top = _outermost(pool, parents)
+    if len(top) > 1:
+        not_eval = [f for f in top if not _evaluates(f, parents)]
+        top = not_eval if not_eval else top
+    if len(top) > 1:
+        a, b = top[:2]
+        raise AmbiguousLoopError(
+            f"Two loops in the epoch loop of this {what} could be the step loop: line {a.lineno} "
+            f"`for {_text(a.target)} in {_text(a.iter)}:` and line {b.lineno} `for {_text(b.target)} in "
+            f"{_text(b.iter)}:`. Mark the one over the training batches, e.g. "
+            f"`for {_text(a.target)} in flor.loop(\"step\", {_text(a.iter)}):`.",
+            [a.lineno, b.lineno])
+    return top[0]
+
+
+def _pick_epoch(tops, ns, trainers):
+    """The first top-level loop that trains (calls backward()/step() or holds a loop over data)."""
+    cands = [f for f in tops if not _over_params(f, ns)] or tops
+    for f in cands:
+        if _calls(f, {"backward", "step"}, trainers) or any(
+                _iterates_data(g, ns) for g in _fors(f.body, into_loops=True)):
+            return f
+    return cands[0] if cands else None
+
+
+def _hinted(loops, hint):
+    """The loop a run chose (``{"header", "nth"}``), found again by its header; None if it is gone."""
+    same = [f for f in loops if header(f) == hint["header"]]
+    return (same[hint["nth"]] if hint["nth"] < len(same) else same[0]) if same else None
+
+
+def _nth(loops, loop) -> int:
+    return [f for f in loops if header(f) == header(loop)].index(loop)
+
+
+def _find(tree: ast.Module, what: str, hint=None, ns=None, trainers=frozenset()):
+    """(epoch loop, step loop or None, epoch explicit, step explicit, epoch candidates, step candidates).
+
+    ``hint`` is a run's :meth:`Loops.choice`: its loops win over the heuristics; ``ns`` (record time)
+    lets the heuristics look at what the loops iterate.
+    """
     all_fors = list(_fors(tree.body, into_loops=True))
     epoch = next((f for f in all_fors if _loop_marker(f.iter) == "epoch"), None)
     explicit = epoch is not None
+    tops = list(_fors(tree.body))
+    first = hint == FIRST_LOOPS
+    if epoch is None and first:
+        epoch = next(iter(tops), None)
+    elif epoch is None and hint:
+        epoch = _hinted(tops, hint["epoch"])
     if epoch is None:
-        epoch = next(iter(_fors(tree.body)), None)
+        epoch = _pick_epoch(tops, ns, trainers)
     if epoch is None:
         raise NoLoopError(
             f"This {what} has no for loop, so there are no epochs to checkpoint. "
@@ -93,31 +289,62 @@ def _find(tree: ast.Module, what: str):
     inner = list(_fors(epoch.body, into_loops=True))
     step = next((f for f in inner if _loop_marker(f.iter) == "step"), None)
     step_explicit = step is not None
-    if step is None:
+    if step is None and first:
         step = inner[0] if inner else None
-    return epoch, step, explicit, step_explicit
+    elif step is None and hint and hint.get("step"):
+        step = _hinted(inner, hint["step"])
+    if step is None and not first and not (hint and "step" in hint and hint["step"] is None):
+        step = _pick_step(epoch, inner, ns, trainers, what)
+    return epoch, step, explicit, step_explicit, tops, inner
 
 
-def instrument(source: str, what: str = "cell") -> tuple[ast.Module, Loops]:
-    """Return the cell's AST with its loops wrapped, and where they are."""
+def instrument(source: str, what: str = "cell", hint: dict | None = None,
+               namespace: dict | None = None) -> tuple[ast.Module, Loops]:
+    """Return the cell's AST with its loops wrapped, and where they are.
+
+    Parameters
+    ----------
+    hint : a run's :meth:`Loops.choice`; the loops it names win (replay of an edited cell).
+    namespace : the globals the cell runs in (record time): what the loops iterate is looked at.
+    """
     tree = parse(source, what)
-    epoch, step, explicit, step_explicit = _find(tree, what)
+    epoch, step, explicit, step_explicit, tops, inner = _find(tree, what, hint, namespace, trainers_in(namespace))
+    loops = Loops(epoch.lineno, step.lineno if step else None, explicit, step_explicit, header(epoch),
+                  header(step) if step else None, _nth(tops, epoch), _nth(inner, step) if step else 0)
     if not explicit:
         _wrap(epoch, "epoch")
     if step is not None and not step_explicit:
         _wrap(step, "step")
     ast.fix_missing_locations(tree)
-    return tree, Loops(epoch.lineno, step.lineno if step else None, explicit, step_explicit)
+    return tree, loops
 
 
-def changes(recorded: str, edited: str) -> dict:
+def mark(source: str, hint: dict | None = None) -> str:
+    """``source`` with its loops marked ``__flor__.loop("epoch"/"step", ...)`` in the text, so code that
+    instruments it without the hint (a replay worker) finds the same loops. Line numbers are kept."""
+    tree = parse(source)
+    epoch, step, explicit, step_explicit, _, _ = _find(tree, "cell", hint)
+    lines = source.splitlines(keepends=True)
+    todo = [(loop, kind) for loop, kind, done in ((epoch, "epoch", explicit), (step, "step", step_explicit))
+            if loop is not None and not done]
+    # the later position first, so earlier offsets stay valid (col offsets count UTF-8 bytes)
+    edits = sorted([(lp.iter.end_lineno, lp.iter.end_col_offset, "))") for lp, _ in todo]
+                   + [(lp.iter.lineno, lp.iter.col_offset, f'{RUNTIME}.loop("{k}", (') for lp, k in todo],
+                   reverse=True)
+    for lineno, col, text in edits:
+        raw = lines[lineno - 1].encode()
+        lines[lineno - 1] = (raw[:col] + text.encode() + raw[col:]).decode()
+    return "".join(lines)
+
+
+def changes(recorded: str, edited: str, hint: dict | None = None) -> dict:
     """Where the edit touches the epoch body: ``step`` (the step loop), ``pre`` (before it).
 
     ``pre`` is also true when code before the step loop logs anything: its values need
     the true state at the epoch start, so such an epoch cannot be replayed on its own.
     """
     tree = parse(edited, "replayed cell")
-    epoch, step, _, _ = _find(tree, "replayed cell")
+    epoch, step, *_ = _find(tree, "replayed cell", hint)
     if step is None:
         return {"step": True, "pre": True}
     lines = set()

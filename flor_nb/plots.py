@@ -16,13 +16,15 @@ def probe_png(frame: pd.DataFrame) -> bytes | None:
     axes = fig.subplots(len(probes), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, probes):
         rows = frame.dropna(subset=[name])
+        frac = repeat_fraction(rows)
         if rows["step"].notna().any():
             for epoch, part in rows.groupby("epoch"):
-                ax.plot(part["step"].astype(float), part[name], marker=".", lw=1, label=f"epoch {epoch}")
-            ax.set_xlabel("step")
+                ax.plot(part["step"].astype(float) + frac[part.index], part[name], marker=".", lw=1,
+                        label=f"epoch {epoch}")
+            ax.set_xlabel("step" + (" (repeats within a step spread across it)" if frac.any() else ""))
             ax.legend(fontsize="small")
         else:
-            ax.plot(rows["epoch"], rows[name], marker="o")
+            ax.plot(rows["epoch"].astype(float) + frac, rows[name], marker="o")
             ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.set_title(f"{name} (hindsight, {frame.attrs.get('run', '')})")
@@ -30,3 +32,12 @@ def probe_png(frame: pd.DataFrame) -> bytes | None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return buf.getvalue()
+
+
+def repeat_fraction(rows: pd.DataFrame) -> pd.Series:
+    """Per row, ``seq / values at its (epoch, step)``: 0 for a single value, so repeats sit side by side."""
+    if rows.empty or "seq" not in rows:
+        return pd.Series(0.0, index=rows.index)
+    keys = [rows["epoch"], rows["step"].astype("Float64").fillna(-1)]
+    count = rows.groupby(keys)["seq"].transform("count")
+    return (rows["seq"] / count).astype(float)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .cells import analyze
 from .errors import FlorError, ProbeSyntaxError
-from .instrument import instrument, parse
+from .instrument import instrument, parse, recorded_loops
 from .plan import format_epochs
 
 # -- probes -----------------------------------------------------------------
@@ -256,7 +256,7 @@ def check(run, probes: list[Probe]) -> list[Problem]:
         return problems
     edited, spans = apply(run.code, probes)
     try:
-        _, loops = instrument(edited, what="edited cell")
+        _, loops = instrument(edited, what="edited cell", hint=_hint(run))
     except ProbeSyntaxError as e:
         # the probe holding the bad line, or the one just before it (a dedent breaks the next line)
         owner = next((i for i, s in enumerate(spans) if s and s[0] <= (e.lineno or 0) <= s[1] + 1), None)
@@ -265,10 +265,10 @@ def check(run, probes: list[Probe]) -> list[Problem]:
                                 _first_line(str(e)).replace("edited cell", "cell with the probe") +
                                 " (check the probe's indentation)"))
         return problems
-    _, recorded_loops = instrument(run.code, what="recorded cell")
+    _, was = instrument(run.code, what="recorded cell", hint=_hint(run))
     shift = _line_map(spans, len(run.code.splitlines()))
-    if shift.get(recorded_loops.epoch_line) != loops.epoch_line or (
-            recorded_loops.step_line and shift.get(recorded_loops.step_line) != loops.step_line):
+    if shift.get(was.epoch_line) != loops.epoch_line or (
+            was.step_line and shift.get(was.step_line) != loops.step_line):
         problems.append(Problem(-1, 0, "loop", "a probe changes which loop is the epoch or step loop; "
                                                "write probes without for/while statements"))
     return problems
@@ -316,7 +316,7 @@ class ProbeError(FlorError):
 
 def in_step_loop(run, probes: list[Probe]) -> list[bool]:
     """Per probe: does it run inside the step loop of the recorded cell?"""
-    _, loops = instrument(run.code, what="recorded cell")
+    _, loops = instrument(run.code, what="recorded cell", hint=_hint(run))
     if loops.step_line is None:
         return [False] * len(probes)
     tree = parse(run.code)
@@ -421,7 +421,7 @@ def preset_defaults(run, key: str, objs: dict | None = None) -> dict:
     optimizer = next((n for n, o in objs.items() if o["kind"] == "optimizer"), "optimizer")
     modules = objs.get(model, {}).get("modules") or [""]
     module = modules[1] if len(modules) > 1 else ""
-    inputs, labels = _eval_names(run.code, model) or _batch_names(run.code)
+    inputs, labels = _eval_names(run.code, model, _hint(run)) or _batch_names(run.code, _hint(run))
     params = {"name": DEFAULT_NAMES.get(key, key), "model": model, "optimizer": optimizer, "module": module,
               "outputs": f"{model}({inputs})", "labels": labels}
     if key == "activation":
@@ -429,10 +429,10 @@ def preset_defaults(run, key: str, objs: dict | None = None) -> dict:
     return {k: params[k] for k in PRESETS[key].params}
 
 
-def _eval_names(code: str, model: str) -> tuple[str, str] | None:
+def _eval_names(code: str, model: str, hint=None) -> tuple[str, str] | None:
     """Names of an epoch-level evaluation outside the step loop: ``(model(X).argmax(1) == y)`` -> ("X", "y")."""
     try:
-        _, loops = instrument(code)
+        _, loops = instrument(code, hint=hint)
     except FlorError:
         return None
     tree = parse(code)
@@ -451,10 +451,10 @@ def _eval_names(code: str, model: str) -> tuple[str, str] | None:
     return (inputs, labels) if inputs and labels else None
 
 
-def _batch_names(code: str) -> tuple[str, str]:
+def _batch_names(code: str, hint=None) -> tuple[str, str]:
     """The step loop's (inputs, labels) names, e.g. ``for xb, yb in loader`` -> ("xb", "yb")."""
     try:
-        _, loops = instrument(code)
+        _, loops = instrument(code, hint=hint)
     except FlorError:
         return "x", "y"
     if loops.step_line:
@@ -483,16 +483,16 @@ def preset(run, key: str, params: dict | None = None, line: int | None = None, o
     code = p.template.format(**values)
     indent = None
     if line is None:
-        line, indent = default_place(run.code, p.where)
+        line, indent = default_place(run.code, p.where, _hint(run))
     return Probe(line=line, code=code, preset=key, params={k: values[k] for k in p.params}, indent=indent)
 
 
-def default_place(code: str, where: str) -> tuple[int, int | None]:
+def default_place(code: str, where: str, hint=None) -> tuple[int, int | None]:
     """(line, indent) a preset goes after: ``backward``, ``step_start``, ``epoch_end`` or ``before_loop``.
 
     ``indent`` is None where the statement at the line decides it.
     """
-    _, loops = instrument(code)
+    _, loops = instrument(code, hint=hint)
     tree = parse(code)
     epoch = _loop_at(tree, loops.epoch_line)
     lines = code.splitlines()
@@ -508,6 +508,11 @@ def default_place(code: str, where: str) -> tuple[int, int | None]:
             return _loop_at(tree, loops.step_line).end_lineno, None
     # after the epoch body's last statement, at the epoch body's indentation (not inside a trailing if)
     return epoch.end_lineno, _indent_of(lines[epoch.body[0].lineno - 1])
+
+
+def _hint(run) -> dict | None:
+    """The loops ``run`` recorded with (see :meth:`flor_nb.instrument.Loops.choice`)."""
+    return recorded_loops(getattr(run, "state", None))
 
 
 def _loop_at(tree, line):
@@ -558,9 +563,9 @@ def recorded(run, store=None):
     from .api import decode_value, get_store
 
     st = get_store(store)
-    rows = [{"name": r["name"], "epoch": r["epoch"], "step": r["step"], "value": decode_value(r["value"], st)}
-            for r in st.logs([run.id], kind="recorded")]
-    return pd.DataFrame(rows, columns=["name", "epoch", "step", "value"])
+    rows = [{"name": r["name"], "epoch": r["epoch"], "step": r["step"], "seq": r["seq"],
+             "value": decode_value(r["value"], st)} for r in st.logs([run.id], kind="recorded")]
+    return pd.DataFrame(rows, columns=["name", "epoch", "step", "seq", "value"])
 
 
 def runs_table(store=None):
@@ -679,7 +684,7 @@ def last_result(run, store=None):
     metrics = sorted({r["name"] for r in st.logs([run.id], kind="recorded")})
     frame = dataframe(*probes_, *[m for m in metrics if m not in probes_], run=run.label, store=st)
     frame = frame[frame["epoch"].isin(last["epochs"])].drop(columns=["name", "version"])
-    frame = frame.dropna(how="all", subset=[c for c in frame.columns if c not in ("epoch", "step")])
+    frame = frame.dropna(how="all", subset=[c for c in frame.columns if c not in ("epoch", "step", "seq")])
     frame = frame.reset_index(drop=True)
     frame["epoch"] = frame["epoch"].astype(int)
     fidelity = last["fidelity"]

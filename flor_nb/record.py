@@ -9,13 +9,14 @@ import platform
 import sys
 import time
 import traceback
+import types
 import warnings
 
 import numpy as np
 import torch
 
 from . import checkpoint, runtime, state
-from .cells import Cell, analyze, dependencies
+from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NotCapturedWarning
 from .instrument import RUNTIME, instrument
@@ -43,7 +44,8 @@ class Recorder:
         self.epoch = None
         self.step = None
         self.rows: list = []
-        self.args: dict = {}
+        self.args: dict = {}  # set by the recorded cell
+        self.base_args: dict = {}  # set by the cells it depends on (or, in a script, before it)
         self.completed = 0
         self.progress = progress
         self.writer = Writer()
@@ -78,7 +80,6 @@ class Recorder:
 
     def arg(self, name, default):
         self.args[name] = default
-        runtime.IDLE.args[name] = default
         return default
 
     def loop(self, name, iterable):
@@ -294,7 +295,7 @@ class Recorder:
         self.writer.submit(self._write_logs, rows)
         self.writer.close()  # everything submitted is on disk before the run is closed
         self._check_writer()
-        args = {**runtime.IDLE.args, **self.args}
+        args = {**self.base_args, **self.args}
         self.store.update_run(
             self.run.id,
             status=status,
@@ -303,6 +304,7 @@ class Recorder:
             args=args,
             error=error,
             state={
+                **self.run.state,  # the loops chosen at the start
                 "capture": 2,  # reachability capture, fingerprinted variables (flor_nb 0.2)
                 "objects": self.objects,
                 "not_captured": self.not_captured,
@@ -380,11 +382,13 @@ def record(
 
     Parameters
     ----------
-    code : the cell's source; its first top-level ``for`` is the epoch loop.
+    code : the cell's source; its epoch and step loops are found as README's "How loops are found" says.
     name : run name; recording a name again makes a new version.
     namespace : globals to run in (the notebook's user namespace); a fresh dict if None.
-    history : executed cells (the extension tracks them); the ones ``code`` needs are kept.
-    cells : for scripts, the sources that rebuild the namespace on replay, in order.
+    history : executed cells (the extension tracks them); the ones ``code`` needs are kept, and
+        the ``flor.arg`` values they (and ``code``) set are the run's args.
+    cells : for scripts, the sources that rebuild the namespace on replay, in order; the run's
+        args are those set since the previous record (and by ``code``).
     state_spec : ``"a,b"`` narrows the checkpointed names, ``"+a,+b"`` adds to them.
     overhead : checkpoint time budget as a fraction of training time (every epoch while it fits;
         ``float("inf")``: every epoch, whatever it costs).
@@ -393,12 +397,16 @@ def record(
 
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
     store = api.get_store(store)
-    tree, _ = instrument(code)
+    ns = {"__name__": "__main__"} if namespace is None else namespace
+    tree, loops = instrument(code, namespace=ns)
+    since_last = runtime.IDLE.take_args()
     if history is not None:
-        deps = dependencies(history, code)
+        deps, missing = resolve(history, code)
+        _warn_unrebuildable(missing, ns, name)
+        args = {k: v for c in deps for k, v in c.args.items()}  # the run's args: its cells' (later cells win)
     else:
         deps = [Cell(i, src) for i, src in enumerate(cells or [], start=1)]
-    ns = {"__name__": "__main__"} if namespace is None else namespace
+        args = since_last  # a script has no cells to tell them apart: the args set since the last record
     ns[RUNTIME] = sys.modules["flor_nb"]
     free, assigned = analyze(code)
     only, extra = parse_state(state_spec)
@@ -407,12 +415,14 @@ def record(
         raise FlorError(f"--state names {', '.join(unknown)}, which neither the namespace nor the cell defines. "
                         "Name variables that exist (--state a,b narrows what is saved, --state +a,+b adds).")
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
-    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=dict(runtime.IDLE.args), env=environment())
+    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args, env=environment(),
+                           state={"loops": loops.choice()})
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     bar = (lambda total: _progress_bar(run, total)) if progress else None
     recorder = Recorder(store, run, ns, scope, bar, overhead)
     recorder.clock = clock_names(code)
+    recorder.base_args = args
     previous = runtime.activate(recorder)
     try:
         exec(compile(tree, filename, "exec"), ns)
@@ -425,6 +435,17 @@ def record(
     finally:
         runtime.deactivate(previous)
     return store.find_run(run.label)
+
+
+def _warn_unrebuildable(missing, ns, name):
+    """Objects the cell needs that no cell replay re-runs creates (made by a %%flor cell, say)."""
+    kinds = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, types.FunctionType,
+             type, torch.utils.data.DataLoader, torch.utils.data.Dataset)
+    lost = sorted(n for n in missing if isinstance(ns.get(n), kinds))
+    if lost:
+        warnings.warn(f"flor_nb: replay of run {name!r} will not be able to rebuild {', '.join(lost)}: no earlier "
+                      "cell that replay re-runs creates it (a %%flor cell or code outside the notebook did). "
+                      "Create it in a cell of its own, run that cell, and record again.", stacklevel=3)
 
 
 def _progress_bar(run, total):

@@ -11,7 +11,7 @@ import pandas as pd
 from . import executor as executors
 from . import runtime
 from .errors import FlorError
-from .instrument import changes, instrument, parse
+from .instrument import changes, instrument, mark, parse, recorded_loops
 from .plan import parse_epochs, plan
 from .store import Run, Store
 from .cells import analyze
@@ -25,7 +25,9 @@ __all__ = ["prepare", "replay", "verdict_text"]
 def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None) -> dict:
     """Validate and plan a replay without running it: what will run, where, and an estimate."""
     code = run.code if code is None else code
-    instrument(code, what="replayed cell")  # syntax errors and missing loops, pointed at their line
+    hint = recorded_loops(run.state)  # the loops the recording used: the edited cell's are found by their headers
+    _, loops = instrument(code, what="replayed cell", hint=hint)  # syntax errors, missing loops: at their line
+    _warn_moved(hint, loops)
     deps = [dict(c) for c in run.deps]
     for count, source in (cells or {}).items():
         match = [c for c in deps if c["count"] == int(count)]
@@ -38,7 +40,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     ckpts = store.checkpoints(run.id)
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items()}
-    touched = changes(run.code, code)
+    touched = changes(run.code, code, hint)
     if cells:  # an edited helper may run inside the step loop
         touched["step"] = True
     # Float reductions depend on the thread count: replay with the recorded one, so results are
@@ -63,6 +65,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     skipped = sum(m == "skip" for s in segments for m in s.modes.values())
     return {
         "code": code,
+        "worker_code": mark(code, hint),  # the loops marked, so the worker picks the same ones
         "cells": deps,
         "edited_cells": {int(k): v for k, v in (cells or {}).items()},
         "epochs": selected,
@@ -90,9 +93,9 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
            executor=None) -> pd.DataFrame:
     """Replay ``epochs`` of ``run`` with ``code`` (the edited cell); return the probes' values.
 
-    The result has one row per (epoch, step) with the probe columns and the
-    recorded metrics beside them; ``result.attrs["fidelity"]`` says whether the
-    recorded metrics were reproduced exactly.
+    The result has one row per (epoch, step, seq) with the probe columns and the
+    recorded metrics beside them (``seq`` numbers repeats at one step); ``result.attrs["fidelity"]``
+    says whether the recorded metrics were reproduced exactly.
     """
     from .api import get_store
 
@@ -104,7 +107,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                                      "summary": p["summary"]})
     tasks = [{
         "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
-        "code": p["code"], "cells": p["cells"], "args": run.args,
+        "code": p["worker_code"], "cells": p["cells"], "args": run.args,
         "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
@@ -152,6 +155,16 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
 
 
 
+def _warn_moved(hint, loops):
+    """The recorded step loop is gone from the edited cell (its header was edited): say which loop is used."""
+    want = (hint or {}).get("step")
+    if want and not loops.step_explicit and loops.step_header != want["header"]:
+        where = f"line {loops.step_line} `{loops.step_header}`" if loops.step_line else "no loop"
+        warnings.warn(f"flor_nb: the recorded step loop `{want['header']}` is not in the edited cell; using {where} "
+                      "as the step loop. Keep the loop's header as recorded, or mark it with flor.loop(\"step\", ...).",
+                      stacklevel=4)
+
+
 def _describe(selected, segments, workers, touched) -> str:
     full = sum(m == "full" for s in segments for m in s.modes.values())
     skip = sum(m == "skip" for s in segments for m in s.modes.values())
@@ -180,32 +193,37 @@ def _scope_spec(run: Run) -> dict:
 
 
 def result_frame(run, recorded, rows, probes, epochs, fidelity) -> pd.DataFrame:
-    """Wide frame: epoch, step, each probe, and the recorded metrics of those epochs beside them."""
+    """Wide frame: epoch, step, seq, each probe, and the recorded metrics of those epochs beside them.
+
+    ``seq`` numbers the values logged under one name at one (epoch, step): a probe in a helper called
+    per micro-batch gives rows with seq 0, 1, ...; most rows have seq 0.
+    """
     selected = set(epochs)
     records = defaultdict(dict)
     for n, e, s, q, v in rows:
         if n in probes and e in selected:
-            records[(e, s)][n] = _value(run, v)
+            records[(e, s, q)][n] = _value(run, v)
     for r in recorded:
         if r["epoch"] in selected:
-            records[(r["epoch"], r["step"])][r["name"]] = _value(run, r["value"])
+            records[(r["epoch"], r["step"], r["seq"])][r["name"]] = _value(run, r["value"])
     frame = pd.DataFrame(
-        [{"epoch": e, "step": s, **vals} for (e, s), vals in sorted(records.items(), key=_order)]
+        [{"epoch": e, "step": s, "seq": q, **vals} for (e, s, q), vals in sorted(records.items(), key=_order)]
     )
     if frame.empty:
-        frame = pd.DataFrame(columns=["epoch", "step", *probes])
-    cols = ["epoch", "step"] + [c for c in probes if c in frame] + sorted(
-        c for c in frame.columns if c not in ("epoch", "step") and c not in probes)
+        frame = pd.DataFrame(columns=["epoch", "step", "seq", *probes])
+    cols = ["epoch", "step", "seq"] + [c for c in probes if c in frame] + sorted(
+        c for c in frame.columns if c not in ("epoch", "step", "seq") and c not in probes)
     frame = frame[cols]
     frame["step"] = frame["step"].astype("Int64")
+    frame["seq"] = frame["seq"].astype("int64")
     frame.attrs.update({"run": run.label, "epochs": epochs, "probes": probes, "fidelity": fidelity,
                         "verdict": verdict_text(fidelity)})
     return frame
 
 
 def _order(item):
-    (e, s), _ = item
-    return (e, -1 if s is None else s)
+    (e, s, q), _ = item
+    return (e, -1 if s is None else s, q)
 
 
 def _value(run, text):

@@ -14,6 +14,7 @@ import difflib
 import html
 import io
 import re
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -145,12 +146,15 @@ def figure(run, metric, store=None) -> Plot:
         label = r.label
         if rows[0]["kind"] == "hindsight":
             label += f" (hindsight, epochs {_format_epochs(sorted({row['epoch'] for row in rows}))})"
+        # values repeated at one (epoch, step) sit side by side within it, none hidden behind another
+        repeats = Counter((row["epoch"], row["step"]) for row in rows)
+        frac = [row["seq"] / repeats[(row["epoch"], row["step"])] for row in rows]
         if step_level:
             offsets, total = _step_offsets(st, r)
             bounds, span = (offsets, total) if total > span else (bounds, span)
-            xs = [offsets.get(row["epoch"], 0) + (row["step"] or 0) for row in rows]
+            xs = [offsets.get(row["epoch"], 0) + (row["step"] or 0) + f for row, f in zip(rows, frac)]
         else:
-            xs = [row["epoch"] for row in rows]
+            xs = [None if row["epoch"] is None else row["epoch"] + f for row, f in zip(rows, frac)]
         ys = [_number(decode_value(row["value"], st)) for row in rows]
         ax.plot(xs, ys, marker="o" if not step_level else None, markersize=4, linewidth=1.4,
                 linestyle="--" if rows[0]["kind"] == "hindsight" else "-", label=_mpl(label))

@@ -1,8 +1,8 @@
 """The active session behind ``flor.log``, ``flor.arg`` and ``flor.loop``.
 
 Outside recording and replay the session is :class:`Idle`: ``log`` and ``arg``
-return their value (``arg`` also remembers it for the next record). A
-:class:`~flor_nb.record.Recorder` or :class:`~flor_nb.replay_worker.Replayer`
+return their value (``arg`` also remembers it, for the run it belongs to). A
+:class:`~flor_nb.record.Recorder` or :class:`~flor_nb.worker.Replayer`
 replaces it for the duration of one cell.
 """
 from __future__ import annotations
@@ -20,17 +20,38 @@ except ImportError:  # pragma: no cover - torch is a dependency, but logging wor
 
 
 class Idle:
-    """No run active: values pass through; hyperparameters are remembered."""
+    """No run active: values pass through; hyperparameters are remembered for the run they belong to.
+
+    In a kernel the extension brackets each cell (:meth:`begin_cell`, :meth:`end_cell`), so each
+    cell keeps the args it set and a run takes those of its dependency cells. A script's record
+    takes the args set since the previous record began (:meth:`take_args`).
+    """
 
     def __init__(self):
-        self.args: dict = {}
+        self.args: dict = {}  # set since the last record began
+        self.cell: dict | None = None  # set by the cell running now, when the extension says which
 
     def log(self, name, value):
         return value
 
     def arg(self, name, default):
         self.args[name] = default
+        if self.cell is not None:
+            self.cell[name] = default
         return default
+
+    def begin_cell(self):
+        self.cell = {}
+
+    def end_cell(self) -> dict:
+        """The args the cell that just ran set."""
+        out, self.cell = self.cell or {}, None
+        return out
+
+    def take_args(self) -> dict:
+        """The args set since the last call (a record takes them, so the next one starts empty)."""
+        out, self.args = self.args, {}
+        return out
 
     def loop(self, name, iterable):
         return iterable
@@ -62,7 +83,7 @@ def log(name: str, value):
 
 
 def arg(name: str, default):
-    """A hyperparameter: recorded with the run; in replay, the recorded value."""
+    """A hyperparameter: recorded with the run whose cells set it; in replay, the recorded value."""
     return _session.arg(name, default)
 
 

@@ -48,6 +48,12 @@ def setup_namespace(epochs=5):
     return ns
 
 
+@pytest.fixture(autouse=True)
+def _no_args_from_other_tests():
+    """flor.arg values set outside a record wait for the next one: one test's must not reach another's."""
+    flor.runtime.IDLE.args.clear()
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """A fresh store in a temp folder, also the default for the engine's API."""

@@ -63,3 +63,40 @@ def test_loops_found_and_explicit_markers():
     _, loops = instrument("with ctx:\n    for e in flor.loop('epoch', range(3)):\n        for _ in range(2):\n"
                           "            for b in flor.loop('step', data):\n                pass\n")
     assert (loops.epoch_line, loops.step_line, loops.epoch_explicit, loops.step_explicit) == (2, 4, True, True)
+
+
+def test_a_helper_reads_its_globals_when_the_training_cell_calls_it():
+    history = [
+        Cell(1, "import torch\n"),
+        Cell(2, "def train_step(xb):\n    loss = model(xb).sum()\n    loss.backward(); opt.step()\n"),
+        Cell(3, "model = torch.nn.Linear(2, 1)\nopt = torch.optim.SGD(model.parameters(), 0.1)\n"),
+        Cell(4, "get_ipython().run_cell_magic('flor', 'record', '...')\n", {"history"}),
+        Cell(5, "model = torch.nn.Linear(2, 1, bias=False)\nopt = torch.optim.SGD(model.parameters(), 0.1)\n"),
+        Cell(6, "def report():\n    return slow_results.mean()\n"),
+        Cell(7, "slow_results = run_every_experiment()\n"),  # read only by a helper the cell never calls
+    ]
+    target = "for epoch in range(3):\n    for xb in data:\n        train_step(xb)\n"
+    assert deps(history, target) == [1, 2, 5]  # the model as of the training cell, not the one before the helper
+    from flor_nb.cells import resolve
+
+    _, missing = resolve(history, target)
+    assert missing == {"data"}
+
+
+def test_magic_cells_keep_their_body():
+    timed = "get_ipython().run_cell_magic('time', '', 'model = torch.nn.Linear(2, 2)\\n')\n"
+    captured = "get_ipython().run_cell_magic('capture', 'out --no-stderr', 'import torch\\nX = torch.ones(2)\\n')\n"
+    line = "get_ipython().run_line_magic('time', 'opt = torch.optim.SGD(model.parameters(), 0.1)')\n"
+    timeit = "get_ipython().run_cell_magic('timeit', '', 'model(X)\\n')\n"
+    assert strip_shell(timed).strip() == "model = torch.nn.Linear(2, 2)"
+    assert strip_shell(line).strip() == "opt = torch.optim.SGD(model.parameters(), 0.1)"
+    assert strip_shell(timeit).strip() == ""  # runs many times in a function: binds nothing, never re-run
+    history = [Cell(1, captured, {"X", "torch", "out"}), Cell(2, timed, {"model"}), Cell(3, line, {"opt"}),
+               Cell(4, timeit)]
+    chosen = dependencies(history, "for e in range(2):\n    opt.step(); model(X)\n")
+    assert [c.count for c in chosen] == [1, 2, 3] and "X = torch.ones(2)" in chosen[0].source
+
+
+def test_strip_shell_keeps_statements_sharing_a_line_once():
+    src = "get_ipython().run_line_magic('matplotlib', 'inline')\ntorch.manual_seed(0); X = torch.randn(3)\n"
+    assert strip_shell(src).splitlines() == ["", "torch.manual_seed(0); X = torch.randn(3)"]

@@ -140,3 +140,84 @@ def test_unfaithful_verdict_and_not_captured_state_go_to_stderr(ip, capsys):
     out = capsys.readouterr()
     assert "Replay NOT faithful: numpy's global RNG differs after epoch 1" in out.err  # 1-2 ran, from epoch 0's end
     assert "NOT faithful" not in out.out
+
+
+HELPER = """
+def train_step(idx):
+    loss = F.cross_entropy(model(X[idx]), y[idx])
+    opt.zero_grad(); loss.backward(); opt.step()
+    return loss.item()
+"""
+HELPED = """
+for epoch in range(4):
+    perm = torch.randperm(96)
+    for i in range(0, 96, 32):
+        flor.log("loss", train_step(perm[i:i + 32]))
+"""
+
+
+def _replay_ok(ip, label, code):
+    """Replay with a probe in the step loop, so the recorded losses are recomputed and compared."""
+    code = code.replace("        flor.log(\"loss\"", "        flor.log(\"w\", float(model[0].weight.sum()))\n"
+                        "        flor.log(\"loss\"")
+    df = run(ip, f"%%flor replay {label} --epochs 1-2 --no-progress\n" + code)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert df.attrs["fidelity"]["metrics"]["loss"]["verdict"] == "exact" and df["w"].notna().sum() == 6
+    return df
+
+
+def test_a_helper_defined_before_the_model_finds_it(ip):
+    run(ip, SETUP)
+    run(ip, HELPER)  # reads `model` and `opt`, which the next cell creates
+    run(ip, MODEL)
+    run(ip, "%%flor record --name h --no-progress\n" + HELPED)
+    assert [c["count"] for c in ip.user_ns["flor"].get_run("h").deps] == [1, 2, 3]
+    _replay_ok(ip, "h", HELPED)
+
+
+def test_recording_again_after_rerunning_setup_rebuilds_what_the_new_run_used(ip):
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, HELPER)
+    run(ip, "%%flor record --name again --no-progress\n" + HELPED)
+    run(ip, MODEL.replace("nn.Dropout(0.2)", "nn.Dropout(0.5)"))  # not in the state dict: only the cell says it
+    run(ip, "%%flor record --name again --no-progress\n" + HELPED)
+    run(ip, "%%flor record --name again --no-progress\n" + HELPED)  # the record cell itself, re-run
+    for version in (1, 2, 3):
+        _replay_ok(ip, f"again@{version}", HELPED)
+    deps = ip.user_ns["flor"].get_run("again@3").deps
+    assert [c["count"] for c in deps] == [1, 3, 5] and "Dropout(0.5)" in deps[2]["source"]
+
+
+def test_time_and_capture_cells_keep_their_body(ip):
+    run(ip, "%%capture out\n" + SETUP)
+    run(ip, "%%time\n" + MODEL)
+    run(ip, "%%timeit -n1 -r1\nmodel(X)")  # runs in a function: binds nothing, not a dependency
+    run(ip, "%%flor record --name magic --no-progress\n" + TRAIN)
+    deps = ip.user_ns["flor"].get_run("magic").deps
+    assert [c["count"] for c in deps] == [1, 2]
+    assert "torch.manual_seed(0)" in deps[0]["source"] and "nn.Sequential" in deps[1]["source"]
+    df = run(ip, "%%flor replay magic --epochs 1-2 --no-progress\n" + TRAIN)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+
+
+def test_an_object_made_by_a_flor_cell_is_flagged_at_record(ip):
+    run(ip, SETUP)
+    run(ip, "%%flor record --name first --no-progress\n" + MODEL + TRAIN)
+    with pytest.warns(UserWarning, match="will not be able to rebuild model, opt"):
+        run(ip, "%%flor record --name second --no-progress\n" + TRAIN)
+
+
+def test_args_belong_to_the_run_that_set_them(ip):
+    run(ip, SETUP)
+    run(ip, "lr = flor.arg('lr', 0.05)\n" + MODEL.replace("lr=0.1", "lr=lr"))
+    run(ip, "wd = flor.arg('wd', 5e-4)")  # a cell no run depends on
+    run(ip, "%%flor record --name a --no-progress\n" + TRAIN.replace("range(4)", "range(flor.arg('epochs', 4))"))
+    run(ip, "%%flor record --name b --no-progress\n" + TRAIN)
+    flor = ip.user_ns["flor"]
+    assert flor.get_run("a").args == {"lr": 0.05, "epochs": 4}
+    assert flor.get_run("b").args == {"lr": 0.05}  # neither wd nor the other run's epochs
+    assert "arg.wd" not in run(ip, "%flor runs")
+    probe = TRAIN.replace("range(4)", "range(flor.arg('epochs', 4))") + "    flor.log('lr_arg', flor.arg('lr', 9.0))\n"
+    df = run(ip, "%%flor replay a --epochs 1 --no-progress\n" + probe)
+    assert df["lr_arg"].dropna().tolist() == [0.05]  # replay still returns the run's recorded args

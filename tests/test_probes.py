@@ -96,7 +96,8 @@ def test_presets_fill_in_the_run_and_replay_faithfully(recorded, store):
     hist = df.dropna(subset=["weight_hist"])["weight_hist"].iloc[0]
     assert set(hist) == {"0.weight", "0.bias", "3.weight", "3.bias"} and sum(hist["0.weight"]["counts"]) == 320
     assert set(df.dropna(subset=["class_acc"])["class_acc"].iloc[0]) == {"0", "1"}
-    assert df["act.0.std"].notna().sum() == 14  # every forward call: 6 steps and one evaluation per epoch
+    # every forward call, each kept: 6 steps, the evaluation and class_acc's extra forward, per epoch
+    assert df["act.0.std"].notna().sum() == 16 and df.dropna(subset=["act.0.std"])["seq"].max() == 1
     assert df.dropna(subset=["grad_hist"]).shape[0] == 12
 
 

@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from flor_nb.plots import repeat_fraction
+
 PROBE = "#1f77b4"
 RECORDED = "#7f7f7f"
 PICK = "#ff7f0e"
@@ -86,14 +88,23 @@ def _style(ax):
 
 def _positions(frame: pd.DataFrame) -> pd.Series:
     """x for each row: the i-th replayed epoch spans [i, i+1) (gaps between epochs are closed up);
-    steps spread over it; epoch-level values sit at its middle."""
+    steps spread over it; epoch-level values sit at its middle. Values repeated at one step
+    (``seq`` 0, 1, ...) spread over that step's share."""
     order = {e: i for i, e in enumerate(sorted(frame["epoch"].astype(int).unique()))}
     base = frame["epoch"].astype(int).map(order).astype(float)
     steps = frame["step"]
     n = steps.groupby(frame["epoch"]).transform(lambda s: (s.max() + 1) if s.notna().any() else 1)
     n = n.fillna(1).astype(float)
-    x = base + steps.astype("Float64").fillna(-1).astype(float).add(0.5) / n
-    return x.where(steps.notna(), base + 0.5)
+    within = repeat_fraction(frame) + 0.5 / _repeats(frame)  # 0.5 without repeats: the middle of the step
+    x = base + (steps.astype("Float64").fillna(-1).astype(float) + within) / n
+    return x.where(steps.notna(), base + within)
+
+
+def _repeats(frame: pd.DataFrame) -> pd.Series:
+    if "seq" not in frame:
+        return pd.Series(1.0, index=frame.index)
+    keys = [frame["epoch"], frame["step"].astype("Float64").fillna(-1)]
+    return frame.groupby(keys)["seq"].transform("count").astype(float)
 
 
 def _gapped(epochs, xs, ys):
@@ -138,7 +149,7 @@ def results(frame: pd.DataFrame, probes: list[str], max_panels: int = 12) -> lis
     frame = frame.reset_index(drop=True)
     hists = [c for c in probes if c in frame and is_histogram(frame[c].dropna())]
     scalar_cols = [c for c in probes if c in frame and c not in hists]
-    recorded_cols = [c for c in frame.columns if c not in ("epoch", "step") and c not in probes]
+    recorded_cols = [c for c in frame.columns if c not in ("epoch", "step", "seq") and c not in probes]
     panels = []
     for c in scalar_cols:
         lines = series(frame, c)

@@ -1,0 +1,116 @@
+"""Which loops are the epoch and step loops: the loop over the training data, the same at record and replay."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import flor_nb as flor
+from conftest import SETUP, TRAIN, setup_namespace
+from flor_nb import errors
+from flor_nb.instrument import instrument
+
+BATCH = "    for xb, yb in loader:\n"
+
+
+def _step_line(code: str) -> int:
+    return code.splitlines().index(BATCH.rstrip("\n")) + 1
+
+
+@pytest.mark.parametrize("before", [
+    "    for g in opt.param_groups:\n        g['lr'] = 0.1 * 0.9 ** epoch\n",
+    "    for p in model.parameters():\n        p.grad = None\n",
+    "    for name, p in model.named_parameters():\n        p.requires_grad_(True)\n",
+    "    for layer in model:\n        layer.train()\n",
+])
+def test_loops_over_parameters_are_never_the_step_loop(before):
+    code = TRAIN.replace("    model.train()\n", "    model.train()\n" + before)
+    _, loops = instrument(code)
+    assert loops.step_line == _step_line(code)
+
+
+def test_micro_steps_and_eval_loops_leave_the_batch_loop_the_step_loop():
+    micro = TRAIN.replace(
+        "        loss = F.cross_entropy(model(xb), yb)\n        opt.zero_grad(); loss.backward()\n",
+        "        opt.zero_grad()\n        for micro in range(2):\n"
+        "            loss = F.cross_entropy(model(xb[micro::2]), yb[micro::2]); loss.backward()\n")
+    assert instrument(micro)[1].step_line == _step_line(micro)
+    by_hand = ("for epoch in range(3):\n    for i in range(0, len(X), 32):\n        for m in range(n_micro_batches):\n"
+               "            model(X[i + m]).sum().backward()\n        opt.step()\n")
+    assert instrument(by_hand)[1].step_line == 2
+    evals_first = TRAIN.replace("    model.train()\n", "    model.eval()\n    for xb, yb in val_loader:\n"
+                                "        flor.log('val', float(model(xb).sum()))\n    model.train()\n")
+    assert instrument(evals_first)[1].step_line == _step_line(evals_first)
+
+
+def test_two_training_loops_ask_for_a_marker():
+    code = TRAIN.replace("    sched.step()\n", "    for xb, yb in other_loader:\n        loss = F.cross_entropy("
+                         "model(xb), yb); loss.backward(); opt.step()\n    sched.step()\n")
+    with pytest.raises(errors.AmbiguousLoopError) as info:
+        instrument(code)
+    second = code.splitlines().index("    for xb, yb in other_loader:") + 1
+    assert info.value.lines == [_step_line(code), second]
+    assert f"line {_step_line(code)} `for xb, yb in loader:`" in str(info.value)
+    assert 'for xb, yb in flor.loop("step", loader):' in str(info.value)
+    assert pickle.loads(pickle.dumps(info.value)).lines == info.value.lines
+    marked = code.replace(BATCH, '    for xb, yb in flor.loop("step", loader):\n')
+    assert instrument(marked)[1].step_line == _step_line(code)
+
+
+# The training loop is over `tr`, a DataLoader whose name says nothing, through a helper; an evaluation
+# loop over another DataLoader comes first. Only the namespace (record time) tells them apart.
+HELPER = "def fit_batch(xb, yb):\n    loss = F.cross_entropy(model(xb), yb)\n    opt.zero_grad(); loss.backward()\n" \
+         "    opt.step()\n    return loss\n"
+ODD = '''
+for epoch in range(EPOCHS):
+    model.eval()
+    for xb, yb in ev:
+        flor.log("ev_sum", float(model(xb).detach().sum()))
+    model.train()
+    for xb, yb in tr:
+        loss = fit_batch(xb, yb)
+        flor.log("loss", loss.item())
+    sched.step()
+    flor.log("acc", float((model(X).argmax(1) == y).float().mean()))
+'''
+
+
+def test_replay_uses_the_loops_the_recording_chose(store):
+    cells = [f"EPOCHS = 4\n{SETUP}\ntr = loader\nev = DataLoader(TensorDataset(X[:64], y[:64]), batch_size=32)\n{HELPER}"]
+    ns = {"flor": flor}
+    exec(cells[0], ns)
+    run = flor.record(ODD, name="odd", namespace=ns, cells=cells, store=store, overhead=float("inf"))
+    rows = flor.dataframe("loss", run="odd", store=store)
+    assert rows["step"].tolist() == [0, 1, 2, 3, 4, 5] * 4  # per batch of tr, not one epoch-level value
+    assert run.state["loops"]["step"]["header"] == "for (xb, yb) in tr"
+    # An epoch-level probe: the step loop over tr is skipped, as recorded
+    probe = ODD + "    flor.log('wn', weight_norm(model))\n"
+    df = flor.replay("odd", code=probe, epochs="1-2", store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert set(df.attrs["fidelity"]["modes"].values()) == {"skip"}
+    # A step-level probe (with a loop over parameters of its own, before the batches) runs that loop in full
+    probe = ODD.replace("        loss = fit_batch(xb, yb)\n", "        loss = fit_batch(xb, yb)\n"
+                        "        flor.log('gn', grad_norm(model))\n").replace(
+        "    model.train()\n", "    model.train()\n    for g in opt.param_groups:\n        flor.log('lr', g['lr'])\n")
+    df = flor.replay("odd", code=probe, epochs=[2], store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert df.dropna(subset=["gn"])["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    # The step loop's header edited: replay says so, and which loop it uses instead
+    edited = ODD.replace("    for xb, yb in tr:\n", "    for i, (xb, yb) in enumerate(tr):\n")
+    with pytest.warns(UserWarning, match=r"recorded step loop `for \(xb, yb\) in tr` is not in the edited cell; "
+                                         r"using line 7"):
+        df = flor.replay("odd", code=edited, epochs=[2], store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+
+
+def test_runs_recorded_before_loops_were_stored_keep_the_rule_they_were_recorded_with(store):
+    """A run from an older flor_nb has no stored loops: its step loop was the first for in the epoch loop."""
+    code = TRAIN.replace("    model.train()\n", "    model.train()\n    for p in model.parameters():\n"
+                                                  "        p.grad = None\n")
+    as_then = code.replace("in model.parameters():", "in flor.loop('step', model.parameters()):")
+    run = flor.record(as_then, name="old", namespace=setup_namespace(3), cells=[f"EPOCHS = 3\n{SETUP}"],
+                      store=store, overhead=float("inf"))
+    store.update_run(run.id, code=code, state={k: v for k, v in run.state.items() if k != "loops"})
+    df = flor.replay("old", code=code + "    flor.log('wn', weight_norm(model))\n", epochs="1-2", store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert df.attrs["fidelity"]["metrics"]["acc"]["compared"] == 2
