@@ -59,8 +59,10 @@ _MODULE_INTERNAL = frozenset(vars(torch.nn.Module()))
 # Scheduler attributes that are not state: the optimizer (captured on its own) and the lr functions (code).
 _NOT_STATE_ATTRS = frozenset({"optimizer", "lr_lambdas", "lr_lambda"})
 
-MAX_OBJECTS = int(os.environ.get("FLOR_NB_MAX_OBJECTS", 1_000_000))  # Python objects per root
-MAX_BYTES = int(float(os.environ.get("FLOR_NB_MAX_VALUE_BYTES", 1 << 30)))  # tensor/array bytes per root
+def limits() -> dict:
+    """Size limits of what is captured; a run records them so its replays walk the same way."""
+    return {"max_objects": int(os.environ.get("FLOR_NB_MAX_OBJECTS", 1_000_000)),  # Python objects per root
+            "max_bytes": int(float(os.environ.get("FLOR_NB_MAX_VALUE_BYTES", 1 << 30)))}  # per tensor or array
 
 
 @dataclass
@@ -84,7 +86,7 @@ class Graph:
     module_attrs: dict = field(default_factory=dict)  # module path -> {attribute: value} of user attributes
     tensors: dict = field(default_factory=dict)  # path -> tensor held by value
     arrays: dict = field(default_factory=dict)  # path -> numeric ndarray held by value
-    big: dict = field(default_factory=dict)  # path -> tensor/array over MAX_BYTES: digested, not stored
+    big: dict = field(default_factory=dict)  # path -> tensor/array over max_bytes: digested, not stored
     refs: dict = field(default_factory=dict)  # id(obj) -> token, for objects pickled by reference
     units: dict = field(default_factory=dict)  # root -> the root whose pickle it shares (shared references)
     owner: dict = field(default_factory=dict)  # module-attribute or attribute-object path -> root it was reached from
@@ -256,12 +258,16 @@ def _atomic_seq(values) -> bool:
     return set(map(type, values)) <= _ATOMIC_TYPES
 
 
-def walk(ns: dict, scope: Scope, order=()) -> Graph:
+def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_bytes: int | None = None) -> Graph:
     """Find everything to capture from ``ns`` (see the module docstring).
 
     ``order``: root names to visit first (a replay passes the recording's order so that
     objects reachable by several paths get the same path as when they were recorded).
+    ``max_objects``, ``max_bytes``: see :func:`limits` (the defaults).
     """
+    lim = limits()
+    max_objects = lim["max_objects"] if max_objects is None else max_objects
+    max_bytes = lim["max_bytes"] if max_bytes is None else max_bytes
     names, excluded = root_names(ns, scope)
     g = Graph()
     for n in sorted(excluded):
@@ -310,11 +316,11 @@ def walk(ns: dict, scope: Scope, order=()) -> Graph:
             continue
         if isinstance(obj, torch.Tensor):
             nbytes = obj.numel() * obj.element_size()
-            (g.big if nbytes > MAX_BYTES else g.tensors)[path] = obj
+            (g.big if nbytes > max_bytes else g.tensors)[path] = obj
             g.refs[id(obj)] = ("val", path)  # for now; parameters of modules are re-tokened below
             continue
         if isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc" and not obj.dtype.hasobject:
-            (g.big if obj.nbytes > MAX_BYTES else g.arrays)[path] = obj
+            (g.big if obj.nbytes > max_bytes else g.arrays)[path] = obj
             g.refs[id(obj)] = ("arr", path)
             continue
         if isinstance(obj, CODE):
@@ -332,8 +338,8 @@ def walk(ns: dict, scope: Scope, order=()) -> Graph:
         if reason:
             g.not_captured[path] = f"{t.__name__}: {reason}"
             continue
-        if count[0] > MAX_OBJECTS:
-            g.not_captured[root] = (f"{type(ns[root]).__name__} too large to capture (over {MAX_OBJECTS:,} objects; "
+        if count[0] > max_objects:
+            g.not_captured[root] = (f"{type(ns[root]).__name__} too large to capture (over {max_objects:,} objects; "
                                     "raise FLOR_NB_MAX_OBJECTS to capture it)")
             continue
         _children(obj, path, root, queue, count)

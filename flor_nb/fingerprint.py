@@ -53,6 +53,9 @@ class _Encoder:
         if isinstance(x, np.generic):
             h.update(b"g" + str(x.dtype).encode() + b":" + x.tobytes())
             return
+        if t is np.ndarray and not x.dtype.hasobject:  # an RNG's key, a small array inside a value
+            h.update(b"A" + f"{x.dtype.str}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
+            return
         if id(x) in self.memo:  # a shared reference or a cycle: where it was first seen
             h.update(b"@%d;" % self.memo[id(x)])
             return

@@ -149,8 +149,6 @@ class Recorder:
             self._step_snap = self._snapshot()
         else:
             self._step_snap = None  # the step loop ran twice: only an epoch-end checkpoint is exact
-            if self._step_exits == 1:
-                self._step_digest = self._digest()
 
     def _end_digest(self, end_snap):
         """The epoch-end digest where no epoch-end state will be written (it is written with a step checkpoint)."""
@@ -312,6 +310,7 @@ class Recorder:
                 "data": self.data,
                 "outputs": self.outputs,
                 "roots": self.roots,
+                "limits": self.capturer.limits,
                 "clock_vars": sorted(self.clock[0]),
                 "clock_metrics": sorted(self.clock[1]),
                 "checkpoint_error": self.checkpoint_error,

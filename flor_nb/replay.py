@@ -112,6 +112,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
         "roots": run.state.get("roots") or [],
+        "limits": run.state.get("limits"),
         "exclude": _unchecked_streams(run, p["code"]),
     } for seg in p["segments"]]
     ex = executor or executors.local()

@@ -27,6 +27,7 @@ import torch
 
 from . import pickling
 from .capture import Graph, Scope, _unsaveable, child_path, resolve, walk
+from .capture import limits as capture_limits
 from .errors import FlorError
 from .fingerprint import fingerprint
 from .hashing import hash_bytes
@@ -81,11 +82,19 @@ class BufferPool:
 
 
 def _raw(t) -> memoryview | bytes:
+    """The bytes of a tensor, without a copy where it is contiguous on the CPU."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().data if t.numel() else b""
+    if not t.numel():
+        return b""
+    if t.is_contiguous() and t.dtype in _NUMPY_DTYPES:  # the fast path: ~3x fewer tensor ops
+        return memoryview(t.numpy()).cast("B")
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                 torch.uint8, torch.bool, torch.complex64, torch.complex128}
 
 
 def content_hash(value) -> str:
@@ -103,8 +112,9 @@ class Capturer:
     ``order``: root names to walk first (the recording's, when verifying a replay).
     """
 
-    def __init__(self, ns: dict, scope: Scope, order=()):
+    def __init__(self, ns: dict, scope: Scope, order=(), limits: dict | None = None):
         self.ns, self.scope, self.order = ns, scope, list(order)
+        self.limits = limits or capture_limits()
         self.ns_name = ns.get("__name__", "__main__")
         self.bad: set = set()  # ids of objects, and types, that cannot be pickled
         self.unpicklable: dict = {}  # path -> reason, found while pickling
@@ -122,7 +132,7 @@ class Capturer:
 
             def dup(tree):
                 return map_tree(tree, leaf)
-        g = walk(self.ns, self.scope, self.order)
+        g = walk(self.ns, self.scope, self.order, **self.limits)
         self.order = list(g.roots)
         self.kinds = {**{p: k for p, (k, _) in g.stateful.items()}, **{p: "attrs" for p in g.attr_objects}}
         token = self._token(g)

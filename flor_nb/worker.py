@@ -203,7 +203,7 @@ def run_segment(task: dict) -> dict:
         tree, _ = instrument(task["code"])
         free, assigned = analyze(task["code"])
         rep.scope = state.Scope(assigned=assigned, free=free, **task.get("scope", {}))
-        rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or ())
+        rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or (), limits=task.get("limits"))
         filename = f"<flor replay {task['label']}>"
         linecache.cache[filename] = (len(task["code"]), None, task["code"].splitlines(keepends=True), filename)
         try:

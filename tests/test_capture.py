@@ -328,3 +328,19 @@ def test_epochs_without_a_checkpoint_are_still_checked(store):
     bad = flor.replay("sparse", code=TRAIN.replace("    model.eval()\n", "    model.eval()\n    np.random.rand()\n"),
                       epochs="4", store=store)
     assert bad.attrs["verdict"].startswith("Replay NOT faithful: numpy's global RNG differs after epoch 1")
+
+
+def test_values_too_large_to_store_are_checked_by_hash(store, monkeypatch):
+    """Over FLOR_NB_MAX_VALUE_BYTES a tensor is not stored; replay checks the rebuilt one against its hash."""
+    monkeypatch.setenv("FLOR_NB_MAX_VALUE_BYTES", "4000")  # X (256 x 10 float32 = 10 kB) is "too large" here
+    run = record(store, name="big")
+    assert run.state["limits"]["max_bytes"] == 4000
+    ck = store.checkpoints(run.id)[1]
+    assert "X" in checkpoint.read(store.home, ck["path"])["python"]["big"]
+    ok = flor.replay("big", code=PROBED, epochs="2", store=store)
+    assert ok.attrs["fidelity"]["faithful"], ok.attrs["verdict"]
+    cell = flor.get_run("big", store=store).deps[0]
+    other = cell["source"].replace("X = torch.randn(256, 10)", "X = torch.randn(256, 10) * 1.5")
+    bad = flor.replay("big", code=PROBED, epochs="2", cells={cell["count"]: other}, store=store)
+    assert not bad.attrs["fidelity"]["faithful"]
+    assert "X (too large to store) differs from the recording when restoring epoch 1" in bad.attrs["verdict"]
