@@ -9,6 +9,12 @@ whole recorded cell is printed beside it, but on a shared 2-core machine its noi
 is larger than the effect; the blocking share is what this measures.
 
     .venv/bin/python bench/capture_cost.py --baseline 062a8e8 --reps 4 --epochs 8
+    .venv/bin/python bench/capture_cost.py --micro   # the capture alone, old and new interleaved in one process
+
+``--micro`` times, on the training thread's CPU clock (less sensitive to other load than wall time), one
+snapshot of the bench workload's state by the baseline's ``state.capture`` and by this engine's
+``Capturer.snapshot`` (into reused buffers, as when recording), and this engine's digest (taken at epochs
+without a checkpoint), interleaved, and relates them to one plain training epoch.
 """
 from __future__ import annotations
 
@@ -61,13 +67,64 @@ def once(path: Path, epochs: int, scale: float, overhead: float) -> dict:
     return r
 
 
+def micro(rev: str, n: int = 300):
+    import importlib.util
+    import time
+
+    sys.path.insert(0, str(HERE))
+    import torch
+
+    torch.set_num_threads(1)
+    import flor_nb
+    from flor_nb import cells, state
+    from workload import TRAIN, Config, namespace
+
+    path = export(rev) / "flor_nb" / "state.py"
+    spec = importlib.util.spec_from_file_location("flor_old_state", path)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["flor_old_state"] = old  # dataclasses look their module up
+    spec.loader.exec_module(old)  # the 0.1 state module imports nothing of flor_nb
+    cfg = Config(epochs=1, scale=1.0, threads=1)
+    ns = namespace(cfg, flor=flor_nb)
+    one = TRAIN.replace("range(EPOCHS)", "range(1)")
+    t = time.perf_counter()
+    exec(one.replace("flor.log", "(lambda *a: None)"), ns)  # one plain epoch: the state as it is mid-run
+    epoch = time.perf_counter() - t
+    free, assigned = cells.analyze(TRAIN)
+    old_scope, new_scope = old.Scope(assigned=assigned, free=free), state.Scope(assigned=assigned, free=free)
+    old_pool, new_pool = old.BufferPool(), state.BufferPool()
+    cap = state.Capturer(ns, new_scope)
+    times = {"baseline snapshot": [], "this snapshot": [], "this digest": []}
+    for i in range(n):
+        for name in (sorted(times) if i % 2 else sorted(times, reverse=True)):
+            t = time.thread_time()
+            if name == "baseline snapshot":
+                old_pool.release(old.capture(ns, old_scope, pool=old_pool))
+            elif name == "this snapshot":
+                new_pool.release(cap.snapshot(pool=new_pool))
+            else:
+                cap.digests()
+            times[name].append(time.thread_time() - t)
+    print(f"# capture alone: {n} interleaved repetitions, training-thread CPU time, bench workload scale 1.0, "
+          f"1 torch thread; one plain epoch took {epoch * 1e3:.0f} ms; load average {os.getloadavg()[0]:.2f}\n")
+    print("| what | median | IQR | share of one epoch |")
+    print("|---|---|---|---|")
+    for name, xs in times.items():
+        q = statistics.quantiles(xs, n=4)
+        print(f"| {name} | {statistics.median(xs) * 1e3:.2f} ms | {q[0] * 1e3:.2f}-{q[2] * 1e3:.2f} ms | "
+              f"{statistics.median(xs) / epoch:.2%} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--micro", action="store_true", help="time the capture alone, old and new interleaved")
     p.add_argument("--baseline", default="062a8e8", help="git revision to compare with")
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--scale", type=float, default=1.0)
     a = p.parse_args()
+    if a.micro:
+        return micro(a.baseline)
     engines = {"baseline": export(a.baseline), "this": ROOT}  # run from a temp dir: the cwd would shadow PYTHONPATH
     policies = {"every epoch": 1e9, "default (2% budget)": 0.02}
     results = {(e, pol): [] for e in engines for pol in policies}
