@@ -347,6 +347,7 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "pid": os.getpid(),
+        "cwd": os.getcwd(),
         "host": platform.node(),
     }
     for mod in ("pandas", "sklearn", "flor_nb"):

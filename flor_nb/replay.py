@@ -113,6 +113,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         "scope": _scope_spec(run),
         "roots": run.state.get("roots") or [],
         "limits": run.state.get("limits"),
+        "cwd": run.env.get("cwd"),
         "exclude": _unchecked_streams(run, p["code"]),
     } for seg in p["segments"]]
     ex = executor or executors.local()
@@ -138,6 +139,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                      edited_cells=p["edited_cells"], run_state=state,
                      reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
     fidelity["kinds"] = run.state.get("objects") or {}
+    fidelity["writes"] = sorted({w for r in results for w in r.get("writes", [])})
     probes = sorted({r[0] for r in rows} - recorded_names)
     keep = [r for r in rows if r[0] in probes]
     store.replace_hindsight(run.id, probes, sorted(modes), keep, replay_id)

@@ -266,6 +266,11 @@ def verdict_text(fidelity: dict) -> str:
         listed = "; ".join(f"{p} ({why})" for p, why in list(read.items())[:4])
         out += (f". Not captured but read by the replayed code: {listed}. Values that depend on "
                 f"{'it' if len(read) == 1 else 'them'} may differ from the recording")
+    writes = fidelity.get("writes") or []
+    if writes:
+        names = ", ".join(writes[:4]) + (f" and {len(writes) - 4} more" if len(writes) > 4 else "")
+        out += (f". Note: the replayed code wrote {names}; {'it holds' if len(writes) == 1 else 'they hold'} what "
+                "the replay computed now, not what training left there")
     return out.rstrip(".") + "."
 
 

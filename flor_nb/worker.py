@@ -1,8 +1,10 @@
 """What runs inside a replay worker process: rebuild the namespace, restore, re-execute."""
 from __future__ import annotations
 
+import contextlib
 import linecache
 import os
+import tempfile
 import sys
 import time
 import traceback
@@ -17,8 +19,12 @@ from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, instrument
 from .plan import SKIP
 from .record import save_array
+from .sideeffects import WriteWatch
 
 _events = None  # a multiprocessing queue set by the pool initializer
+# Writes that are not the user's files: caches of libraries (torch.compile, matplotlib), the interpreter.
+_NOT_USER_FILES = [os.path.expanduser("~/.cache"), os.path.expanduser("~/.config/matplotlib"), sys.prefix,
+                   os.path.join(tempfile.gettempdir(), "torchinductor_")]
 
 
 def init(queue):
@@ -177,6 +183,22 @@ def run_segment(task: dict) -> dict:
     import flor_nb
 
     torch.set_num_threads(task["threads"])  # the recorded count: float reductions depend on it
+    with _cwd(task.get("cwd")):  # relative paths (data files) resolve as they did when recording
+        return _run_segment(task, flor_nb)
+
+
+@contextlib.contextmanager
+def _cwd(path):
+    before = os.getcwd()
+    if path and os.path.isdir(path):
+        os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _run_segment(task: dict, flor_nb) -> dict:
     t0 = time.perf_counter()
     rep = Replayer(task)
     main = types.ModuleType("__main__")
@@ -207,7 +229,8 @@ def run_segment(task: dict) -> dict:
         filename = f"<flor replay {task['label']}>"
         linecache.cache[filename] = (len(task["code"]), None, task["code"].splitlines(keepends=True), filename)
         try:
-            exec(compile(tree, filename, "exec"), ns)
+            with WriteWatch(ignore=_NOT_USER_FILES + [task["home"]]) as watch:
+                exec(compile(tree, filename, "exec"), ns)
         except _ReplayDone:
             pass
         except FlorError:  # ours (a damaged checkpoint, ...): already says what to do
@@ -230,6 +253,7 @@ def run_segment(task: dict) -> dict:
         "rows": rows,
         "divergence": rep.divergence,
         "checks": rep.checks,
+        "writes": sorted(watch.files),
         "roots": list(rep.capturer.order) if rep.capturer else [],
         "problems": rep.problems,
         "segment": task["segment"],

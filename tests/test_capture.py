@@ -344,3 +344,17 @@ def test_values_too_large_to_store_are_checked_by_hash(store, monkeypatch):
     bad = flor.replay("big", code=PROBED, epochs="2", cells={cell["count"]: other}, store=store)
     assert not bad.attrs["fidelity"]["faithful"]
     assert "X (too large to store) differs from the recording when restoring epoch 1" in bad.attrs["verdict"]
+
+
+def test_files_the_replayed_code_writes_are_named(store, tmp_path):
+    """Re-running an epoch re-runs its side effects (an early-stopping helper saving the best model)."""
+    setup = SETUP + "def save_best(m, path):\n    torch.save(m.state_dict(), path)\n"
+    code = TRAIN.replace("    if stopper.step(val):\n", "    save_best(model, 'best.pt')\n    if stopper.step(val):\n")
+    record(store, code=code, setup=setup, name="saver")
+    recorded = (tmp_path / "best.pt").read_bytes()
+    df = flor.replay("saver", code=code, epochs="2", store=store)
+    best = str(tmp_path / "best.pt")
+    assert df.attrs["fidelity"]["writes"] == [best]
+    assert df.attrs["verdict"].endswith(f"Note: the replayed code wrote {best}; it holds what the replay computed "
+                                        "now, not what training left there.")
+    assert (tmp_path / "best.pt").read_bytes() != recorded  # it really was overwritten: hence the note
