@@ -41,11 +41,12 @@ class Loops:
     step_header: str | None = None
     epoch_nth: int = 0  # among loops with the same header (a probe may repeat one)
     step_nth: int = 0
+    unit: str = "epochs"  # what one pass of the outer loop is: "epochs", or "iterations" (one training step each)
 
     def choice(self) -> dict:
         """What a run stores, so a replay picks the same loops in the edited cell (see :func:`recorded_loops`)."""
         step = None if self.step_header is None else {"header": self.step_header, "nth": self.step_nth}
-        return {"epoch": {"header": self.epoch_header, "nth": self.epoch_nth}, "step": step}
+        return {"epoch": {"header": self.epoch_header, "nth": self.epoch_nth}, "step": step, "unit": self.unit}
 
 
 # Runs recorded before runs stored their loops used this rule: the first top-level for, the first for in it.
@@ -85,6 +86,20 @@ def _loop_marker(node) -> str | None:
     return None
 
 
+def _tops(stmts):
+    """Loops (for and while) not inside another loop, in order, looking into if/with/try blocks."""
+    for stmt in stmts:
+        if isinstance(stmt, (ast.For, ast.AsyncFor, ast.While)):
+            yield stmt
+            continue
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        for field in ("body", "orelse", "finalbody"):
+            yield from _tops(getattr(stmt, field, []) or [])
+        for handler in getattr(stmt, "handlers", []) or []:
+            yield from _tops(handler.body)
+
+
 def _fors(stmts, into_loops=False):
     """For statements in order, looking into if/with/try blocks (and loops if asked)."""
     for stmt in stmts:
@@ -113,7 +128,56 @@ def _wrap(loop: ast.For, kind: str):
 
 def header(loop) -> str:
     """``for xb, yb in loader`` as written (normalized), to find the loop again in an edited cell."""
+    if isinstance(loop, ast.While):
+        return f"while {ast.unparse(loop.test)}"
     return f"for {ast.unparse(loop.target)} in {ast.unparse(loop.iter)}"
+
+
+def _wrap_while(tree, loop: ast.While):
+    """``while cond: body`` -> ``for __flor_i__ in __flor__.loop("epoch", __flor__.While(lambda: (cond))): body``.
+
+    Same lines, and the same ``break``/``continue``/``else`` behaviour; the condition is evaluated by
+    the loop wrapper, so recording (and replay) see every iteration begin and the loop end.
+    """
+    if any(isinstance(n, ast.NamedExpr) for n in ast.walk(loop.test)):
+        raise NoLoopError(
+            f"The while loop at line {loop.lineno} assigns in its condition (`:=`), which flor_nb cannot "
+            "wrap. Assign before the loop and at the end of its body, or use "
+            "`for i in flor.loop('epoch', itertools.count()):` with a break.")
+    while_call = ast.Call(func=ast.Attribute(value=ast.Name(id=RUNTIME, ctx=ast.Load()), attr="While", ctx=ast.Load()),
+                          args=[ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[],
+                                                              defaults=[]), body=loop.test)], keywords=[])
+    new = ast.For(target=ast.Name(id="__flor_i__", ctx=ast.Store()), iter=while_call, body=loop.body,
+                  orelse=loop.orelse, type_comment=None)
+    ast.copy_location(new, loop)
+    ast.copy_location(while_call, loop.test)
+    for parent in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            stmts = getattr(parent, field, None)
+            if isinstance(stmts, list) and any(x is loop for x in stmts):
+                stmts[[i for i, x in enumerate(stmts) if x is loop][0]] = new
+                _wrap(new, "epoch")
+                return new
+        for handler in getattr(parent, "handlers", []) or []:
+            if any(x is loop for x in handler.body):
+                handler.body[[i for i, x in enumerate(handler.body) if x is loop][0]] = new
+                _wrap(new, "epoch")
+                return new
+    raise AssertionError("while loop not found in its tree")
+
+
+def _direct_training(loop) -> bool:
+    """The loop's own body (not a nested loop) calls ``backward()`` or ``step()``: one pass is one step."""
+    stack = list(loop.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.FunctionDef, ast.AsyncFunctionDef,
+                             ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("backward", "step"):
+            return True
+        stack.extend(ast.iter_child_nodes(node))
+    return False
 
 
 # -- which loop is which --------------------------------------------------------
@@ -131,6 +195,8 @@ def _names_in(expr) -> list[str]:
 
 def _over_params(loop, ns) -> bool:
     """``for p in model.parameters()``, ``for g in opt.param_groups``, ``for layer in model``: not data."""
+    if isinstance(loop, ast.While):
+        return False
     for n in ast.walk(loop.iter):
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _PARAM_CALLS:
             return True
@@ -156,6 +222,8 @@ def _value(expr, ns):
 
 def _iterates_data(loop, ns) -> bool:
     """A DataLoader or Dataset (known at record time), or a name that says so (``train_loader``, ``batches``)."""
+    if isinstance(loop, ast.While):
+        return False
     if isinstance(_value(loop.iter, ns), (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
         return True
     names = _names_in(loop.iter)
@@ -272,18 +340,18 @@ def _find(tree: ast.Module, what: str, hint=None, ns=None, trainers=frozenset())
     all_fors = list(_fors(tree.body, into_loops=True))
     epoch = next((f for f in all_fors if _loop_marker(f.iter) == "epoch"), None)
     explicit = epoch is not None
-    tops = list(_fors(tree.body))
+    tops = list(_tops(tree.body))
     first = hint == FIRST_LOOPS
     if epoch is None and first:
-        epoch = next(iter(tops), None)
+        epoch = next((f for f in tops if not isinstance(f, ast.While)), None)
     elif epoch is None and hint:
         epoch = _hinted(tops, hint["epoch"])
     if epoch is None:
         epoch = _pick_epoch(tops, ns, trainers)
     if epoch is None:
         raise NoLoopError(
-            f"This {what} has no for loop, so there are no epochs to checkpoint. "
-            "Put the training loop in the cell (for epoch in range(EPOCHS): ...) "
+            f"This {what} has no training loop, so there are no epochs or iterations to checkpoint. "
+            "Put the training loop in the cell (for epoch in range(EPOCHS): ..., or a while loop), "
             "or mark it with `for epoch in flor.loop('epoch', range(EPOCHS)):`."
         )
     inner = list(_fors(epoch.body, into_loops=True))
@@ -309,32 +377,18 @@ def instrument(source: str, what: str = "cell", hint: dict | None = None,
     """
     tree = parse(source, what)
     epoch, step, explicit, step_explicit, tops, inner = _find(tree, what, hint, namespace, trainers_in(namespace))
+    unit = (hint or {}).get("unit") or (
+        "iterations" if isinstance(epoch, ast.While) or (step is None and _direct_training(epoch)) else "epochs")
     loops = Loops(epoch.lineno, step.lineno if step else None, explicit, step_explicit, header(epoch),
-                  header(step) if step else None, _nth(tops, epoch), _nth(inner, step) if step else 0)
-    if not explicit:
+                  header(step) if step else None, _nth(tops, epoch), _nth(inner, step) if step else 0, unit)
+    if isinstance(epoch, ast.While):
+        _wrap_while(tree, epoch)
+    elif not explicit:
         _wrap(epoch, "epoch")
     if step is not None and not step_explicit:
         _wrap(step, "step")
     ast.fix_missing_locations(tree)
     return tree, loops
-
-
-def mark(source: str, hint: dict | None = None) -> str:
-    """``source`` with its loops marked ``__flor__.loop("epoch"/"step", ...)`` in the text, so code that
-    instruments it without the hint (a replay worker) finds the same loops. Line numbers are kept."""
-    tree = parse(source)
-    epoch, step, explicit, step_explicit, _, _ = _find(tree, "cell", hint)
-    lines = source.splitlines(keepends=True)
-    todo = [(loop, kind) for loop, kind, done in ((epoch, "epoch", explicit), (step, "step", step_explicit))
-            if loop is not None and not done]
-    # the later position first, so earlier offsets stay valid (col offsets count UTF-8 bytes)
-    edits = sorted([(lp.iter.end_lineno, lp.iter.end_col_offset, "))") for lp, _ in todo]
-                   + [(lp.iter.lineno, lp.iter.col_offset, f'{RUNTIME}.loop("{k}", (') for lp, k in todo],
-                   reverse=True)
-    for lineno, col, text in edits:
-        raw = lines[lineno - 1].encode()
-        lines[lineno - 1] = (raw[:col] + text.encode() + raw[col:]).decode()
-    return "".join(lines)
 
 
 def changes(recorded: str, edited: str, hint: dict | None = None) -> dict:

@@ -86,11 +86,13 @@ class Segment:
 
 
 def plan(epochs, ckpts: dict, workers: int = 1, step_changed: bool = True, pre_changed: bool = True,
-         label: str = "the run") -> list[Segment]:
+         label: str = "the run", checks=(), unit_seconds: float | None = None) -> list[Segment]:
     """Segments that replay ``epochs`` given checkpoints ``{epoch: kind}``.
 
     ``step_changed``: the edited code changes the step loop (its kept epochs run in full).
     ``pre_changed``: it changes or logs in the epoch body before the step loop (needs true state there).
+    ``checks``: units whose end state was recorded (digested): a segment whose last kept unit has none
+    runs on to the next one, when that costs little (``unit_seconds`` each), so its state is verified.
     """
     steps = {e for e, kind in ckpts.items() if kind in ("step", "both")}
 
@@ -118,7 +120,31 @@ def plan(epochs, ckpts: dict, workers: int = 1, step_changed: bool = True, pre_c
             _extend(prev, k, mode)
         else:
             segments.append(_start(j, k, ckpts, mode))
-    return _split(segments, ckpts, workers, mode)
+    segments = _split(segments, ckpts, workers, mode)
+    _run_on_to_checks(segments, sorted(set(checks)), unit_seconds, mode)
+    return segments
+
+
+def _run_on_to_checks(segments: list[Segment], checks: list[int], unit_seconds, mode):
+    """Extend each segment to the first recorded check at or after its last unit, when cheap.
+
+    An iteration loop digests its state every few hundred iterations, not every one: replaying
+    iterations 1000-1010 runs on to the next check (1040, say) so their state is compared too.
+    """
+    import bisect
+
+    for seg in segments:
+        i = bisect.bisect_left(checks, seg.last)
+        if i == len(checks) or checks[i] == seg.last:
+            continue
+        extra = checks[i] - seg.last
+        cost = extra * (unit_seconds or 0.0)
+        own = seg.cost() * (unit_seconds or 0.0)
+        if unit_seconds is None or cost > max(2.0, own):
+            continue
+        for m in range(seg.last + 1, checks[i] + 1):
+            seg.modes[m] = mode(m, False)
+        seg.last = checks[i]
 
 
 def _extend(seg: Segment, k: int, mode):

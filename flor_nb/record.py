@@ -1,6 +1,7 @@
 """Record a training cell: run it with logging and a checkpoint at every epoch boundary."""
 from __future__ import annotations
 
+import collections
 import linecache
 import logging
 import math
@@ -24,6 +25,11 @@ from .store import Run, Store
 from .writer import Writer
 
 logger = logging.getLogger(__name__)
+_FLUSH_SECONDS = 1.0  # logs reach the writer at least this often (a crash loses at most this much)
+_MAX_TIMES = 10_000  # unit times kept with a run (a step-only loop runs many more units)
+# Digests (what replay checks its state against) get their own small budget, whatever the checkpoint
+# budget: hashing is cheap (about 1.5 ms for the bench model), so epochs of 0.15 s and more get one each.
+_DIGEST_BUDGET = 0.01
 
 
 class Recorder:
@@ -50,7 +56,8 @@ class Recorder:
         self.progress = progress
         self.writer = Writer()
         self.pool = state.BufferPool()
-        self.epoch_seconds: list[float] = []
+        self.epoch_seconds: list[float] = []  # of the first units (all of them for epochs)
+        self.unit_seconds_total = 0.0
         self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
         self.digest_seconds: list[float] = []  # blocking time per digest (epochs without a checkpoint)
         self.checkpointed: list[int] = []
@@ -70,6 +77,13 @@ class Recorder:
         self._done = False
         self._seq: dict = {}
         self._last_ckpt = -1
+        self._last_digest = -1
+        self._period_ckpt = 1  # units between checkpoints, tuned at each boundary (see _tune)
+        self._period_digest = 1  # units between digests where no checkpoint is taken
+        self._recent = collections.deque(maxlen=64)  # recent unit times, for tuning
+        self._flushed_at = time.perf_counter()
+        self._flushed_units = 0
+        self._pending_digests: list = []
         self._latest: dict = {}
 
     # -- the API (hot path: keep it tiny) ----------------------------------------
@@ -103,6 +117,8 @@ class Recorder:
         self._at_step_exit()
 
     def _epochs(self, iterable):
+        """The outer loop: epochs, or iterations (a while loop, a step-only for). Per pass the cost is a few
+        attribute sets; checkpoints, digests and log flushes happen at boundaries the overhead budget sets."""
         __tracebackhide__ = True
         self._in_loop = True
         total = len(iterable) if hasattr(iterable, "__len__") else None
@@ -111,33 +127,66 @@ class Recorder:
         if self.progress is not None:
             self.progress = self.progress(total)  # a factory until the epoch count is known
         self._checkpoint(-1, "start", self._snapshot())
+        perf = time.perf_counter
         for k, item in enumerate(iterable):
-            self.epoch, self.step, self._step_exits, self._step_snap, self._step_digest = k, None, 0, None, None
-            start = time.perf_counter()
+            self.epoch, self.step, self._step_exits, self._step_snap = k, None, 0, None
+            start = perf()
             try:
                 yield item
             except GeneratorExit:  # break, or an exception in the body: finish() decides
-                if not self._done:
+                if not self._done:  # the loop's last unit (a break): it always gets a check point
                     end = self._snapshot() if self._due(k) else None
-                    self._left_epoch = (k, time.perf_counter() - start, self._step_snap, end,
-                                        self._step_digest, self._end_digest(end))
+                    self._period_digest = 0
+                    self._left_epoch = (k, perf() - start, self._step_snap, end, None, self._end_digest(end, k))
                 raise
-            seconds = time.perf_counter() - start
+            seconds = perf() - start
+            if self._step_snap is None and k - self._last_ckpt < self._period_ckpt \
+                    and k - self._last_digest < self._period_digest and seconds < _FLUSH_SECONDS:
+                # The common case for iterations: no boundary work at all.
+                self.completed = k + 1
+                self.unit_seconds_total += seconds
+                self._recent.append(seconds)
+                if len(self.epoch_seconds) < _MAX_TIMES:
+                    self.epoch_seconds.append(seconds)
+                if perf() - self._flushed_at > _FLUSH_SECONDS:
+                    self._flush(k)
+                continue
             end = self._snapshot() if self._due(k) else None
-            self._end_epoch(k, seconds, self._step_snap, end, self._step_digest, self._end_digest(end))
+            self._end_epoch(k, seconds, self._step_snap, end, None, self._end_digest(end, k))
+        else:
+            self._close_loop()
         self.epoch = None
+
+    def _close_loop(self):
+        """The loop ended: its last unit always gets a check point, so any replay can be checked up to it."""
+        k = self.completed - 1
+        if k >= 0 and self._last_ckpt != k and self._last_digest != k:
+            self._period_digest = 0
+            digest = self._end_digest(None, k)
+            if digest is not None:
+                self._pending_digests.append((k, "end", digest))
+        if k >= 0:
+            self._flush(k)
 
     # -- checkpoints -------------------------------------------------------------
     def _due(self, k) -> bool:
-        """Checkpoint epoch k? Every epoch while affordable; else every ceil(C / (budget * t)) epochs."""
+        """Checkpoint unit k? Every unit while affordable; else every ``_period_ckpt`` units (see :meth:`_tune`)."""
         if self.checkpoint_error:
             return False
-        if not self.epoch_seconds or not self.snapshot_seconds:
-            return True
-        t = sorted(self.epoch_seconds)[len(self.epoch_seconds) // 2]
-        c = sorted(self.snapshot_seconds[-5:])[len(self.snapshot_seconds[-5:]) // 2]
-        period = max(1, math.ceil(c / (self.overhead * max(t, 1e-9))))
-        return k - self._last_ckpt >= period
+        return k - self._last_ckpt >= self._period_ckpt
+
+    def _tune(self):
+        """Periods from measured costs: checkpoint every ceil(C / (budget * t)) units, digest every
+        ceil(D / (1% * t)), with t the median recent unit time. Called at boundaries only."""
+        if not self._recent:
+            return
+        t = max(sorted(self._recent)[len(self._recent) // 2], 1e-9)
+        if self.snapshot_seconds:
+            c = sorted(self.snapshot_seconds[-5:])[len(self.snapshot_seconds[-5:]) // 2]
+            self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)))
+        if self.digest_seconds:
+            d = sorted(self.digest_seconds[-5:])[len(self.digest_seconds[-5:]) // 2]
+            self._period_digest = max(1, min(self._period_ckpt, math.ceil(d / (_DIGEST_BUDGET * t))))
 
     def _step_exit_ok(self) -> bool:
         return self._step_exits == 1 and self._step_snap is not None
@@ -150,10 +199,11 @@ class Recorder:
         else:
             self._step_snap = None  # the step loop ran twice: only an epoch-end checkpoint is exact
 
-    def _end_digest(self, end_snap):
-        """The epoch-end digest where no epoch-end state will be written (it is written with a step checkpoint)."""
-        if end_snap is not None or self._step_exit_ok():
+    def _end_digest(self, end_snap, k):
+        """The unit-end digest where no end state is written (with a step checkpoint it is), when one is due."""
+        if end_snap is not None or self._step_exit_ok() or k - self._last_digest < self._period_digest:
             return None
+        self._last_digest = k
         return self._digest()
 
     def _digest(self) -> dict:
@@ -198,7 +248,7 @@ class Recorder:
             self.objects = self.capturer.kinds
         waited = self.writer.submit_checkpoint(self._persist, epoch, kind, snap, end_snap)
         self.snapshot_seconds.append(copy_seconds + end_seconds + waited)
-        self._last_ckpt = epoch
+        self._last_ckpt = self._last_digest = epoch
         self._check_writer()
 
     def _persist(self, epoch, kind, snap, end_snap):
@@ -227,12 +277,16 @@ class Recorder:
 
     # -- epoch boundary ----------------------------------------------------------
     def _end_epoch(self, k, seconds, step_snap, end_snap, step_digest=None, end_digest=None):
-        self.epoch_seconds.append(seconds)
-        digests = []  # for epochs without a checkpoint at that point: a replay still checks its state
+        """Unit k ended at a boundary: checkpoint or digest what is due, then flush the logs."""
+        self.completed = k + 1
+        self.unit_seconds_total += seconds
+        self._recent.append(seconds)
+        if len(self.epoch_seconds) < _MAX_TIMES:
+            self.epoch_seconds.append(seconds)
         if step_snap is None and step_digest is not None and self._step_exits == 1:
-            digests.append((k, "step", step_digest))
+            self._pending_digests.append((k, "step", step_digest))
         if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
-            digests.append((k, "end", end_digest))
+            self._pending_digests.append((k, "end", end_digest))
         if self._step_exit_ok() and step_snap is not None:
             # The epoch-end state too: replay of the next epoch starts from it without re-running
             # this epoch's tail, and checks a probe after the step loop against it. Its tensors
@@ -240,13 +294,20 @@ class Recorder:
             self._checkpoint(k, "step", step_snap, end_snap or self._snapshot())
         elif end_snap is not None:
             self._checkpoint(k, "end", end_snap)
+        self._tune()
+        self._flush(k)
+
+    def _flush(self, k):
+        """Hand the logs of units up to k (and their digests) to the writer; move the progress bar."""
         rows, self.rows = self.rows, []
-        self.completed = k + 1
+        digests, self._pending_digests = self._pending_digests, []
         self.writer.submit(self._write_logs, rows, k + 1, digests)
+        self._flushed_at = time.perf_counter()
+        units, self._flushed_units = k + 1 - self._flushed_units, k + 1
         self._latest = {n: v for n, e, _, v in rows[-64:] if e == k and isinstance(v, (int, float))}
         if self.progress is not None and not callable(self.progress):
             self.progress.set_postfix({n: f"{v:.4g}" for n, v in self._latest.items()}, refresh=False)
-            self.progress.update(1)
+            self.progress.update(units)
 
     def _write_logs(self, rows, completed=None, digests=()):
         """On the writer thread: number repeated (name, epoch, step) keys, encode, store by group."""
@@ -318,6 +379,8 @@ class Recorder:
             },
             timings={
                 "epoch_seconds": self.epoch_seconds,
+                "units": self.completed,
+                "unit_seconds_mean": self.unit_seconds_total / self.completed if self.completed else None,
                 "snapshot_seconds": self.snapshot_seconds,
                 "digest_seconds": self.digest_seconds,
                 "writer_seconds": self.writer.busy_seconds,

@@ -11,7 +11,7 @@ import pandas as pd
 from . import executor as executors
 from . import runtime
 from .errors import FlorError
-from .instrument import changes, instrument, mark, parse, recorded_loops
+from .instrument import changes, instrument, parse, recorded_loops
 from .plan import parse_epochs, plan
 from .store import Run, Store
 from .cells import analyze
@@ -54,9 +54,11 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
                       f"not fit on {cores} cores; using {fit}. Record with torch.set_num_threads(1) to replay "
                       "epochs in parallel.", stacklevel=3)
     max_workers = min(workers or fit, fit)
-    segments = plan(selected, kinds, max_workers, touched["step"], touched["pre"], run.label)
-    workers = min(max_workers, len(segments))
     per_epoch = run.timings.get("epoch_seconds") or []
+    unit_seconds = run.timings.get("unit_seconds_mean") or (sum(per_epoch) / len(per_epoch) if per_epoch else None)
+    checks = [e for (e, k) in extra if k == "end"] + [e for e, r in ckpts.items() if r["end_digest"] or r["kind"] == "end"]
+    segments = plan(selected, kinds, max_workers, touched["step"], touched["pre"], run.label, checks, unit_seconds)
+    workers = min(max_workers, len(segments))
     mean = sum(per_epoch) / len(per_epoch) if per_epoch else None
     costs = sorted((s.cost() for s in segments), reverse=True)
     load = [0.0] * workers
@@ -65,7 +67,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     skipped = sum(m == "skip" for s in segments for m in s.modes.values())
     return {
         "code": code,
-        "worker_code": mark(code, hint),  # the loops marked, so the worker picks the same ones
+        "loops": hint,  # the worker instruments with it, so it picks the same loops
         "cells": deps,
         "edited_cells": {int(k): v for k, v in (cells or {}).items()},
         "epochs": selected,
@@ -107,7 +109,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                                      "summary": p["summary"]})
     tasks = [{
         "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
-        "code": p["worker_code"], "cells": p["cells"], "args": run.args,
+        "code": p["code"], "loops": p["loops"], "cells": p["cells"], "args": run.args,
         "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
@@ -139,6 +141,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                      edited_cells=p["edited_cells"], run_state=state,
                      reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
     fidelity["kinds"] = run.state.get("objects") or {}
+    fidelity["unit"] = recorded_loops(run.state).get("unit", "epochs")
     fidelity["writes"] = sorted({w for r in results for w in r.get("writes", [])})
     probes = sorted({r[0] for r in rows} - recorded_names)
     keep = [r for r in rows if r[0] in probes]

@@ -57,6 +57,22 @@ class Idle:
         return iterable
 
 
+class While:
+    """A ``while`` loop's condition as an iterable: a recorded ``while cond:`` runs as
+    ``for _ in flor.loop("epoch", While(lambda: cond)):``, with the same ``break``, ``continue``
+    and ``else`` behaviour, so it records (and replays) iteration by iteration."""
+
+    __slots__ = ("cond",)
+
+    def __init__(self, cond):
+        self.cond = cond
+
+    def __iter__(self):
+        cond = self.cond
+        while cond():
+            yield None
+
+
 IDLE = Idle()
 _session = IDLE
 

@@ -2,11 +2,11 @@
 
 An early-stopping helper that ``torch.save``s the best model, a ``np.save`` of
 predictions: re-running an epoch writes those files again, with what the replay
-computed. flor_nb cannot undo that, but it must not happen silently. Two nets:
-an audit hook (PEP 578) notes every file Python opens for writing while replayed
-code runs, and a scan of the working directory (two levels, a few thousand
-entries) before and after catches writes that bypass Python's ``open``
-(``torch.save`` writes through C++). The verdict lists them.
+computed. flor_nb cannot undo that, but it must not happen silently: an audit
+hook (PEP 578) notes every file Python opens for writing while replayed code
+runs, and ``torch.save`` (which writes through C++, past Python's ``open``) is
+watched too. The verdict lists them. Only this thread's writes count, so files
+other processes touch meanwhile (a notebook's autosave) are not blamed on it.
 """
 from __future__ import annotations
 
@@ -34,53 +34,42 @@ def _hook(event, args):
             seen.add(p)
 
 
-_SCAN_LIMIT = 5000
-
-
-def _scan(root: str, ignore: tuple, depth: int = 2) -> dict:
-    """{path: (mtime_ns, size)} of files under ``root``, ``depth`` levels deep, at most a few thousand."""
-    out: dict = {}
-    stack = [(root, 0)]
-    while stack and len(out) < _SCAN_LIMIT:
-        folder, level = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for e in entries:
-            p = e.path
-            if any(p.startswith(i) for i in ignore) or e.name in ("__pycache__", ".git", ".ipynb_checkpoints"):
-                continue
-            try:
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    out[p] = (st.st_mtime_ns, st.st_size)
-                elif e.is_dir(follow_symlinks=False) and level + 1 < depth:
-                    stack.append((p, level + 1))
-            except OSError:
-                continue
-    return out
-
-
 class WriteWatch:
-    """Context manager: ``files`` holds absolute paths written inside it (this thread's opens, and the cwd)."""
+    """Context manager: ``files`` holds absolute paths this thread wrote inside it."""
 
     def __init__(self, ignore=()):
         self.ignore = tuple(os.path.abspath(p) for p in ignore)
         self.files: set = set()
-        self._before: dict = {}
+        self._saved = None
 
     def __enter__(self):
         global _installed
         if not _installed:  # an audit hook cannot be removed: install once, activate per use
             sys.addaudithook(_hook)
             _installed = True
-        self._before = _scan(os.getcwd(), self.ignore)
         _state.seen, _state.ignore = self.files, self.ignore
+        self._watch_torch_save()
         return self
+
+    def _watch_torch_save(self):
+        import torch
+        import torch.serialization as ser
+
+        original = ser.save
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(f, (str, bytes, os.PathLike)):
+                _hook("open", (f, "wb", None))
+            return original(obj, f, *args, **kwargs)
+
+        self._saved = original
+        torch.save = ser.save = save
 
     def __exit__(self, *exc):
         _state.seen = None
-        after = _scan(os.getcwd(), self.ignore)
-        self.files.update(p for p, st in after.items() if self._before.get(p) != st)
+        if self._saved is not None:
+            import torch
+            import torch.serialization as ser
+
+            torch.save = ser.save = self._saved
         return False

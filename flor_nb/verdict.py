@@ -76,12 +76,19 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     events.sort(key=lambda d: (d["epoch"], d["where"] != "step"))
     streams = {s for c in checks for s in c["streams"]}
     checked_epochs = sorted({c["epoch"] for c in checks if c["where"] == "end"})
+    # A kept unit is covered when its segment checked the state at or after it: a change a probe made
+    # there would still show (an iteration loop is checked every few hundred iterations, not each one).
+    covered = set()
+    for res in results:
+        ends = [c["epoch"] for c in res.get("checks", []) if c["where"] == "end"]
+        last = max(ends, default=None)
+        covered |= {int(e) for e in res.get("modes", {}) if last is not None and int(e) <= last}
     diverged = [e for e in events if e["differ"] or e["missing"]]
     not_captured = run_state.get("not_captured") or {}
     read = {p: why for p, why in not_captured.items() if _root_name(p) in set(reads)}
     metric_bad = [n for n, m in metrics.items() if m["verdict"] == "diverged"]
     faithful = not metric_bad and not diverged and not problems
-    unchecked = set(modes) - set(checked_epochs)
+    unchecked = set(modes) - covered
     level = NOT_FAITHFUL if not faithful else (CAVEATS if read or unchecked else FAITHFUL)
     cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) if not faithful else None
     return {
@@ -219,19 +226,26 @@ def verdict_text(fidelity: dict) -> str:
     compared = [n for n, m in fidelity["metrics"].items() if m["verdict"] in ("exact", "diverged")]
     missing = [n for n, m in fidelity["metrics"].items() if m["verdict"] == "missing"]
     epochs = format_epochs(fidelity["epochs"])
+    unit_word = "iteration" if fidelity.get("unit") == "iterations" else "epoch"
     state = fidelity["state"]
     if fidelity["level"] != NOT_FAITHFUL:
         head = "Faithful replay" if fidelity["level"] == FAITHFUL else "Replay reproduced the recording, with caveats"
         metric_part = ("recorded metrics reproduced exactly: " + "; ".join(parts)) if compared else \
-            f"no recorded metric in epoch{'s' if len(fidelity['epochs']) > 1 else ''} {epochs}"
+            f"no recorded metric in {unit_word}{'s' if len(fidelity['epochs']) > 1 else ''} {epochs}"
         unchecked = state.get("unchecked", [])
+        unit = "iteration" if fidelity.get("unit") == "iterations" else "epoch"
+        points = state["epochs"]
+        where = f"{unit}{'s' if len(points) > 1 else ''} {_sample(points)}"
         if state["streams"] and not unchecked:
-            state_part = (f"training state identical to the recording after each replayed epoch "
-                          f"({state['streams']} streams)")
+            if unit == "epoch" and set(points) >= set(fidelity["epochs"]):
+                state_part = (f"training state identical to the recording after each replayed epoch "
+                              f"({state['streams']} streams)")
+            else:
+                state_part = (f"training state identical to the recording at {where}, the recorded check "
+                              f"points up to and after the replayed {unit}s ({state['streams']} streams)")
         elif state["streams"]:
-            state_part = (f"training state identical to the recording after epoch"
-                          f"{'s' if len(state['epochs']) > 1 else ''} {format_epochs(state['epochs'])} "
-                          f"({state['streams']} streams); not checked after {format_epochs(unchecked)} "
+            state_part = (f"training state identical to the recording at {where} ({state['streams']} "
+                          f"streams); NOT checked at or after {unit} {format_epochs(unchecked)} "
                           "(no recorded digest)")
         else:
             state_part = "training state NOT checked (no recorded digest for these epochs)"
@@ -272,6 +286,14 @@ def verdict_text(fidelity: dict) -> str:
         out += (f". Note: the replayed code wrote {names}; {'it holds' if len(writes) == 1 else 'they hold'} what "
                 "the replay computed now, not what training left there")
     return out.rstrip(".") + "."
+
+
+def _sample(points, most=8) -> str:
+    """1,20,260 ... 1040: a long list of check points, shortened."""
+    text = format_epochs(points)
+    if text.count(",") < most:
+        return text
+    return f"{format_epochs(points[:4])} ... {format_epochs(points[-3:])} ({len(points)} points)"
 
 
 def _legacy_text(fidelity: dict) -> str:

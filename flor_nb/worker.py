@@ -137,25 +137,45 @@ class Replayer:
 
     def _epochs(self, iterable):
         self._in_loop = True
-        for k, item in enumerate(iterable):
+        if isinstance(iterable, runtime.While):
+            # A while loop cannot be fast-forwarded without running its body: restore the state its
+            # condition sees at the first replayed iteration, then let the loop go on from there.
+            self._enter(self.first)
+            units = enumerate(iterable, start=self.first)
+        else:
+            units = enumerate(iterable)
+        emitted = 0.0
+        digests = self.task["end_digests"]
+        for k, item in units:
             if k < self.first:
                 continue
             if k > self.last:
                 break
             self.epoch, self.step, self.last_step, self.mode = k, None, None, self.modes[k]
-            if k == self.first and self.restore_at is not None:
-                self._restore("resume_paths", self.restore_at)
-            elif k == self.first and self.mode == SKIP:
-                # No state for this epoch's start: the state at its step-loop exit is the most
-                # plausible one for the code before the step loop (its values are not kept).
-                self._restore("step_paths", k)
+            if k == self.first and not isinstance(iterable, runtime.While):
+                self._enter(k)
             t = time.perf_counter()
             yield item
-            self.epoch_seconds[k] = time.perf_counter() - t
-            self._verify(k, self.task["end_digests"], "end")
-            emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": self.epoch_seconds[k]})
+            seconds = time.perf_counter() - t
+            if k in self.keep:
+                self.epoch_seconds[k] = seconds
+            if str(k) in digests:
+                self._verify(k, digests, "end")
+            now = time.perf_counter()
+            if now - emitted > 0.1 or k == self.last:  # an iteration loop runs thousands of units
+                emitted = now
+                emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": seconds})
         self.epoch = None
         raise _ReplayDone
+
+    def _enter(self, k):
+        """Put back the state at the start of unit k (the first of the segment)."""
+        if self.restore_at is not None:
+            self._restore("resume_paths", self.restore_at)
+        elif self.modes.get(k) == SKIP:
+            # No state for this epoch's start: the state at its step-loop exit is the most
+            # plausible one for the code before the step loop (its values are not kept).
+            self._restore("step_paths", k)
 
     def _excluded(self, key: str) -> bool:
         return key in self.exclude or any(key.startswith(e) for e in self.exclude if e.endswith("/"))
@@ -222,7 +242,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
                 ) from None
         setup_seconds = time.perf_counter() - t0
         rep.setup = False
-        tree, _ = instrument(task["code"])
+        tree, _ = instrument(task["code"], hint=task.get("loops"))
         free, assigned = analyze(task["code"])
         rep.scope = state.Scope(assigned=assigned, free=free, **task.get("scope", {}))
         rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or (), limits=task.get("limits"))

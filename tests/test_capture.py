@@ -6,6 +6,7 @@ with a run that had them from the start (same seeds), or checks the verdict name
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -317,17 +318,21 @@ def test_damaged_blob_of_python_state_is_detected(recorded, store):
 
 
 def test_epochs_without_a_checkpoint_are_still_checked(store):
-    """The default overhead budget skips checkpoints; every epoch's state is still digested and compared."""
-    flor.record(TRAIN, name="sparse", namespace=namespace(), cells=[f"EPOCHS = 6\n{SETUP}"], store=store,
-                overhead=1e-9)
+    """A tiny overhead budget skips checkpoints; the state is still digested, and every replayed epoch is
+    checked at or after it."""
+    slow = TRAIN.replace("    model.eval()\n", "    model.eval()\n    time.sleep(0.2)\n")  # digest every epoch
+    flor.record(slow, name="sparse", namespace=namespace(SETUP + "import time\n"),
+                cells=[f"EPOCHS = 6\n{SETUP}import time\n"], store=store, overhead=1e-9)
     run = flor.get_run("sparse", store=store)
     assert sorted(store.checkpoints(run.id)) == [-1, 0]
     assert {e for e, _ in store.digests(run.id)} == {1, 2, 3, 4, 5}
-    ok = flor.replay("sparse", code=PROBED, epochs="3-4", store=store)
-    assert ok.attrs["fidelity"]["state"]["epochs"] == [1, 2, 3, 4] and ok.attrs["fidelity"]["level"] == "faithful"
-    bad = flor.replay("sparse", code=TRAIN.replace("    model.eval()\n", "    model.eval()\n    np.random.rand()\n"),
+    ok = flor.replay("sparse", code=slow.replace("    sched.step()\n", PROBES + "    sched.step()\n"), epochs="3-4",
+                     store=store)
+    fid = ok.attrs["fidelity"]
+    assert fid["level"] == "faithful" and fid["state"]["unchecked"] == [] and max(fid["state"]["epochs"]) >= 4
+    bad = flor.replay("sparse", code=slow.replace("    model.eval()\n", "    model.eval()\n    np.random.rand()\n"),
                       epochs="4", store=store)
-    assert bad.attrs["verdict"].startswith("Replay NOT faithful: numpy's global RNG differs after epoch 1")
+    assert re.match(r"Replay NOT faithful: numpy's global RNG differs after epoch [1-5]:", bad.attrs["verdict"])
 
 
 def test_values_too_large_to_store_are_checked_by_hash(store, monkeypatch):

@@ -13,7 +13,7 @@ from flor_nb import checkpoint, errors
 
 
 def test_no_loop(store):
-    with pytest.raises(errors.NoLoopError, match="no for loop"):
+    with pytest.raises(errors.NoLoopError, match="no training loop"):
         flor.record("x = 1\nflor.log('x', x)\n", name="noloop", namespace={"flor": flor}, store=store)
     assert flor.runs(store).empty  # nothing half-created
 

@@ -103,7 +103,7 @@ def test_user_exception_is_shown_and_run_kept(ip):
     ("%flor nonsense", "Unknown %flor command"),
     ("%flor record", "cell magic"),
     ("%%flor replay nope\nfor e in range(2):\n    pass", "No run 'nope'"),
-    ("%%flor record --name x\ny = 1", "no for loop"),
+    ("%%flor record --name x\ny = 1", "no training loop"),
 ])
 def test_usage_errors(ip, line, match):
     with pytest.raises(UsageError, match=match):
