@@ -84,6 +84,7 @@ class Recorder:
         self._flushed_at = time.perf_counter()
         self._flushed_units = 0
         self._pending_digests: list = []
+        self._unit_start = 0.0
         self._latest: dict = {}
 
     # -- the API (hot path: keep it tiny) ----------------------------------------
@@ -117,44 +118,67 @@ class Recorder:
         self._at_step_exit()
 
     def _epochs(self, iterable):
-        """The outer loop: epochs, or iterations (a while loop, a step-only for). Per pass the cost is a few
-        attribute sets; checkpoints, digests and log flushes happen at boundaries the overhead budget sets."""
+        """The outer loop: epochs, or iterations (a while loop, a step-only for), driven through the
+        unit API below. Per pass the cost is a few attribute sets; checkpoints, digests and log
+        flushes happen at boundaries the overhead budget sets."""
         __tracebackhide__ = True
+        self.open_loop(len(iterable) if hasattr(iterable, "__len__") else None)
+        for k, item in enumerate(iterable):
+            self.begin_unit(k)
+            try:
+                yield item
+            except GeneratorExit:  # break, or an exception in the body: finish() decides
+                self.leave_unit(k)
+                raise
+            self.end_unit(k)
+        else:
+            self._close_loop()
+        self.epoch = None
+
+    # -- the unit API: a loop wrapper, or a framework's callbacks (epoch begin/end), drive it --
+    def open_loop(self, total: int | None = None):
+        """Before the first unit: the number of units if known, and the state before the loop."""
         self._in_loop = True
-        total = len(iterable) if hasattr(iterable, "__len__") else None
         if total is not None:
             self.store.update_run(self.run.id, epochs_total=total)
         if self.progress is not None:
             self.progress = self.progress(total)  # a factory until the epoch count is known
         self._checkpoint(-1, "start", self._snapshot())
-        perf = time.perf_counter
-        for k, item in enumerate(iterable):
-            self.epoch, self.step, self._step_exits, self._step_snap = k, None, 0, None
-            start = perf()
-            try:
-                yield item
-            except GeneratorExit:  # break, or an exception in the body: finish() decides
-                if not self._done:  # the loop's last unit (a break): it always gets a check point
-                    end = self._snapshot() if self._due(k) else None
-                    self._period_digest = 0
-                    self._left_epoch = (k, perf() - start, self._step_snap, end, None, self._end_digest(end, k))
-                raise
-            seconds = perf() - start
-            if self._step_snap is None and k - self._last_ckpt < self._period_ckpt \
-                    and k - self._last_digest < self._period_digest and seconds < _FLUSH_SECONDS:
-                # The common case for iterations: no boundary work at all.
-                self.completed = k + 1
-                self.unit_seconds_total += seconds
-                self._recent.append(seconds)
-                if len(self.epoch_seconds) < _MAX_TIMES:
-                    self.epoch_seconds.append(seconds)
-                if perf() - self._flushed_at > _FLUSH_SECONDS:
-                    self._flush(k)
-                continue
-            end = self._snapshot() if self._due(k) else None
-            self._end_epoch(k, seconds, self._step_snap, end, None, self._end_digest(end, k))
-        else:
-            self._close_loop()
+
+    def begin_unit(self, k: int):
+        """Unit k (an epoch, an iteration) starts."""
+        self.epoch, self.step, self._step_exits, self._step_snap = k, None, 0, None
+        self._unit_start = time.perf_counter()
+
+    def end_unit(self, k: int):
+        """Unit k ended normally. Boundary work only when due; otherwise O(1)."""
+        seconds = time.perf_counter() - self._unit_start
+        if self._step_snap is None and k - self._last_ckpt < self._period_ckpt \
+                and k - self._last_digest < self._period_digest and seconds < _FLUSH_SECONDS:
+            # The common case for iterations: no boundary work at all.
+            self.completed = k + 1
+            self.unit_seconds_total += seconds
+            self._recent.append(seconds)
+            if len(self.epoch_seconds) < _MAX_TIMES:
+                self.epoch_seconds.append(seconds)
+            if time.perf_counter() - self._flushed_at > _FLUSH_SECONDS:
+                self._flush(k)
+            return
+        end = self._snapshot() if self._due(k) else None
+        self._end_epoch(k, seconds, self._step_snap, end, None, self._end_digest(end, k))
+
+    def leave_unit(self, k: int):
+        """Unit k was left by ``break`` (or an exception): :meth:`finish` completes it if the run finished."""
+        if self._done:
+            return
+        end = self._snapshot() if self._due(k) else None
+        self._period_digest = 0  # the loop's last unit always gets a check point
+        self._left_epoch = (k, time.perf_counter() - self._unit_start, self._step_snap, end, None,
+                            self._end_digest(end, k))
+
+    def close_loop(self):
+        """After the last unit (the loop ran out)."""
+        self._close_loop()
         self.epoch = None
 
     def _close_loop(self):
@@ -190,6 +214,10 @@ class Recorder:
 
     def _step_exit_ok(self) -> bool:
         return self._step_exits == 1 and self._step_snap is not None
+
+    def step_exit(self):
+        """The step loop (inside a unit) ended: a framework that has one calls this at the epoch's last batch."""
+        self._at_step_exit()
 
     def _at_step_exit(self):
         self._step_exits += 1
