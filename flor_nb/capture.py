@@ -87,6 +87,10 @@ class Graph:
     tensors: dict = field(default_factory=dict)  # path -> tensor held by value
     arrays: dict = field(default_factory=dict)  # path -> numeric ndarray held by value
     big: dict = field(default_factory=dict)  # path -> tensor/array over max_bytes: digested, not stored
+    chunked: dict = field(default_factory=dict)  # path -> a long list of plain values, stored in chunks
+    aliases: dict = field(default_factory=dict)  # tensor path -> (base path, offset, shape, stride): shares storage
+    identity: dict = field(default_factory=dict)  # id -> token of plain containers that are someone else's state
+    owners: dict = field(default_factory=dict)  # id of an object reached -> the root it was first reached from
     refs: dict = field(default_factory=dict)  # id(obj) -> token, for objects pickled by reference
     units: dict = field(default_factory=dict)  # root -> the root whose pickle it shares (shared references)
     owner: dict = field(default_factory=dict)  # module-attribute or attribute-object path -> root it was reached from
@@ -342,8 +346,12 @@ def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_b
             g.not_captured[root] = (f"{type(ns[root]).__name__} too large to capture (over {max_objects:,} objects; "
                                     "raise FLOR_NB_MAX_OBJECTS to capture it)")
             continue
-        _children(obj, path, root, queue, count)
+        _children(obj, path, root, queue, count, g)
     _classify_tensors(g, params)
+    _optimizer_state_refs(g, seen)
+    for path, values in g.chunked.items():
+        g.identity[id(values)] = ("chunks", path)
+    g.owners = seen
     g.units = {r: unit(r) for r in g.roots}
     g.owner = {p: unit(r) for p, r in g.owner.items()}
     return g
@@ -362,11 +370,17 @@ def _data(g: Graph, path, obj, queue, root):
             queue.append((root, f"{path}.{attr}", child))
 
 
-def _children(obj, path, root, queue, count):
+CHUNK = 4096  # items per stored chunk of a long list: a history that grows rewrites only its last chunk
+
+
+def _children(obj, path, root, queue, count, g=None):
     t = type(obj)
     if isinstance(obj, (list, tuple)):
         if _atomic_seq(obj):
             count[0] += len(obj)
+            if t is list and len(obj) >= CHUNK and g is not None:
+                g.chunked[path] = obj
+                g.refs[id(obj)] = ("chunks", path)
             return
         for i, v in enumerate(obj):
             queue.append((root, f"{path}[{i}]", v))
@@ -446,6 +460,7 @@ def _classify_tensors(g: Graph, params: dict):
         g.refs[id(t)] = ("big", path)
     for pid, ppath in params.items():
         g.refs[pid] = ("param", ppath)
+    _find_aliases(g, params)
     # Parameters an optimizer updates but no captured name reaches: capture them through the optimizer.
     for path, (kind, opt) in list(g.stateful.items()):
         if kind != "optimizer":
@@ -456,3 +471,55 @@ def _classify_tensors(g: Graph, params: dict):
                     ppath = f"{path}.param_groups[{gi}]['params'][{pi}]"
                     g.tensors[ppath] = p
                     g.refs[id(p)] = ("val", ppath)
+
+
+def _storage(t) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr() if t.layout == torch.strided and t.numel() else None
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _find_aliases(g: Graph, params: dict):
+    """Tensors held by value that share storage with a parameter, buffer or gradient of a captured module:
+    ``best = model.state_dict()`` (no copy) keeps changing as the model trains, so restore must make it a
+    view of the restored parameter again, not an independent copy."""
+    if not g.tensors:
+        return
+    bases: dict = {}
+    for path, (kind, obj) in g.stateful.items():
+        if kind != "module":
+            continue
+        for name, t in list(obj.named_parameters()) + list(obj.named_buffers()):
+            full = attr_path(path, name)
+            for base_path, base in ((full, t), (f"{full}.grad", getattr(t, "grad", None))):
+                ptr = _storage(base) if isinstance(base, torch.Tensor) else None
+                if ptr is not None:
+                    bases.setdefault((ptr, base.dtype, base.device), base_path)
+    for path, t in g.tensors.items():
+        ptr = _storage(t)
+        base = bases.get((ptr, t.dtype, t.device)) if ptr is not None else None
+        if base is not None:
+            g.aliases[path] = (base, t.storage_offset(), list(t.shape), list(t.stride()))
+
+
+def _optimizer_state_refs(g: Graph, seen: dict):
+    """``checkpoint = {"optimizer": opt.state_dict()}`` holds the optimizer's own per-parameter state dicts
+    (and their tensors), which keep changing as it steps: they are references to the live optimizer's state,
+    restored as such, not copies."""
+    for path, (kind, opt) in g.stateful.items():
+        if kind != "optimizer":
+            continue
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                st = opt.state.get(p)
+                if not isinstance(st, dict):
+                    continue
+                if id(st) in seen:
+                    g.identity[id(st)] = g.refs[id(st)] = ("optstate", f"{path}|{gi}|{pi}|")
+                for key, v in st.items():
+                    if isinstance(v, torch.Tensor) and id(v) in seen and isinstance(key, str):
+                        g.refs[id(v)] = ("optstate", f"{path}|{gi}|{pi}|{key}")
+                        for store in (g.tensors, g.big):
+                            for tp in [tp for tp, t in store.items() if t is v]:
+                                del store[tp]

@@ -65,6 +65,13 @@ def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]
             h = hash_bytes(value, algorithm)
             blobs.setdefault(h, value)
             python[key] = {"__pyblob__": h}
+        elif key.startswith("chunks/"):  # a long list: one blob per chunk, so unchanged chunks dedup
+            hashes = []
+            for chunk in value:
+                h = hash_bytes(chunk, algorithm)
+                blobs.setdefault(h, chunk)
+                hashes.append(h)
+            python[key] = {"__pyblobs__": hashes}
         else:
             python[key] = value
     return skeleton, python, blobs, digests
@@ -151,6 +158,8 @@ def read(home: Path, rel: str) -> dict:
     for key, value in python.items():
         if isinstance(value, dict) and "__pyblob__" in value:
             python[key] = bytes(blob(value["__pyblob__"]))
+        elif isinstance(value, dict) and "__pyblobs__" in value:
+            python[key] = [bytes(blob(h)) for h in value["__pyblobs__"]]
     return {"tensors": tensors, "python": python, "header": header}
 
 

@@ -4,9 +4,10 @@ Pickle bytes are not canonical: a set of strings iterates in a different order
 in another process (string hashing is randomized per process), and memo
 numbering shifts with unrelated objects. This encoder walks the value itself:
 sets are sorted by their elements' digests, floats are hashed by their bits,
-dict keys are sorted (their order is not compared), shared references and
-cycles are encoded as back-references (so a broken ``log["hist"] is hist``
-shows), and objects captured elsewhere (modules,
+dict keys are sorted (their order is not compared), shared references to
+mutable objects and cycles are encoded as back-references (so a broken
+``log["hist"] is hist`` shows; two equal tuples are one value, shared or not),
+and objects captured elsewhere (modules,
 tensors, optimizers) are encoded by their token, their content being digested
 as their own stream.
 """
@@ -56,11 +57,12 @@ class _Encoder:
         if t is np.ndarray and not x.dtype.hasobject:  # an RNG's key, a small array inside a value
             h.update(b"A" + f"{x.dtype.str}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
             return
-        if id(x) in self.memo:  # a shared reference or a cycle: where it was first seen
-            h.update(b"@%d;" % self.memo[id(x)])
-            return
-        self.memo[id(x)] = len(self.memo)
-        self.keep.append(x)
+        if t is not tuple and t is not frozenset:  # sharing matters for what can change, not for values
+            if id(x) in self.memo:  # a shared reference or a cycle: where it was first seen
+                h.update(b"@%d;" % self.memo[id(x)])
+                return
+            self.memo[id(x)] = len(self.memo)
+            self.keep.append(x)
         if t is list or t is tuple:
             self._sequence(x, b"l" if t is list else b"t", h)
         elif t is dict:

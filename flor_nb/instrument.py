@@ -166,18 +166,23 @@ def _wrap_while(tree, loop: ast.While):
     raise AssertionError("while loop not found in its tree")
 
 
-def _direct_training(loop) -> bool:
-    """The loop's own body (not a nested loop) calls ``backward()`` or ``step()``: one pass is one step."""
-    stack = list(loop.body)
+def _direct_calls(loop, attrs=("backward", "step")) -> set[str]:
+    """Which of ``attrs`` the loop's own body (not a nested loop) calls as methods."""
+    found, stack = set(), list(loop.body)
     while stack:
         node = stack.pop()
         if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.FunctionDef, ast.AsyncFunctionDef,
                              ast.ClassDef, ast.Lambda)):
             continue
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("backward", "step"):
-            return True
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in attrs:
+            found.add(node.func.attr)
         stack.extend(ast.iter_child_nodes(node))
-    return False
+    return found
+
+
+def _direct_training(loop) -> bool:
+    """The loop's own body (not a nested loop) calls ``backward()`` or ``step()``: one pass may be one step."""
+    return bool(_direct_calls(loop))
 
 
 # -- which loop is which --------------------------------------------------------
@@ -207,7 +212,7 @@ def _over_params(loop, ns) -> bool:
         return True
     if isinstance(value, (list, tuple)) and value:
         first = value[0]
-        return isinstance(first, torch.nn.Parameter) or (isinstance(first, dict) and "params" in first)
+        return (isinstance(first, torch.Tensor) and first.requires_grad) or (isinstance(first, dict) and "params" in first)
     return False
 
 
@@ -291,6 +296,17 @@ def _pick_step(epoch, candidates, ns, trainers, what):
     loops over data, the outermost that is both, else the outermost of either; evaluation loops last."""
     parents = _parents(epoch)
     cands = [f for f in candidates if not _over_params(f, ns)]
+    direct = _direct_calls(epoch)
+
+    def micro(f):
+        return any(_MICRO_WORDS.search(n) for n in _names_in(f.iter) + _names_in(f.target))
+    if "backward" in direct:
+        # One pass of the outer loop is one training step (makemore): a loop inside it that does not
+        # itself call backward() (over parameters, to zero grads) is part of the step.
+        cands = [f for f in cands if _calls(f, {"backward"}, trainers) and not micro(f)]
+    elif "step" in direct:
+        # The optimizer steps once per pass (nanoGPT): a micro-batch loop inside is part of that step.
+        cands = [f for f in cands if not micro(f)]
     if not cands:
         return None
     data = [f for f in cands if _iterates_data(f, ns)]

@@ -67,6 +67,20 @@ class RefPickler(pickle.Pickler):
         return NotImplemented
 
 
+class ChunkPickler(RefPickler):
+    """A :class:`RefPickler` that also sees plain lists and dicts (``reducer_override`` never does):
+    those that are references (a long list stored in chunks, an optimizer's own state dict) are written
+    as persistent ids. Used only where such a container is reachable: ``persistent_id`` runs for every
+    object pickled."""
+
+    def __init__(self, file, refs, ns_name, ns, bad, chunked: dict):
+        super().__init__(file, refs, ns_name, ns, bad)
+        self.chunked = chunked
+
+    def persistent_id(self, obj):
+        return self.chunked.get(id(obj))
+
+
 class RefUnpickler(pickle.Unpickler):
     """Unpickles what :class:`RefPickler` wrote; ``resolve(kind, path)`` turns tokens into objects."""
 
@@ -79,10 +93,16 @@ class RefUnpickler(pickle.Unpickler):
             return self._resolve
         return super().find_class(module, name)
 
+    def persistent_load(self, pid):
+        return self._resolve(*pid)
 
-def dumps(value, refs, ns_name, ns, bad: set) -> bytes:
+
+def dumps(value, refs, ns_name, ns, bad: set, chunked: dict | None = None) -> bytes:
     buf = io.BytesIO()
-    RefPickler(buf, refs, ns_name, ns, bad).dump(value)
+    if chunked:
+        ChunkPickler(buf, refs, ns_name, ns, bad, chunked).dump(value)
+    else:
+        RefPickler(buf, refs, ns_name, ns, bad).dump(value)
     return buf.getvalue()
 
 

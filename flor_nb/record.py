@@ -60,6 +60,7 @@ class Recorder:
         self.unit_seconds_total = 0.0
         self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
         self.digest_seconds: list[float] = []  # blocking time per digest (epochs without a checkpoint)
+        self.write_seconds: list[float] = []  # writer-thread time per checkpoint
         self.checkpointed: list[int] = []
         self.not_captured: dict = {}  # path -> reason, announced once when first seen
         self.notes: dict = {}
@@ -153,19 +154,22 @@ class Recorder:
     def end_unit(self, k: int):
         """Unit k ended normally. Boundary work only when due; otherwise O(1)."""
         seconds = time.perf_counter() - self._unit_start
+        self._account(k, seconds)
         if self._step_snap is None and k - self._last_ckpt < self._period_ckpt \
                 and k - self._last_digest < self._period_digest and seconds < _FLUSH_SECONDS:
             # The common case for iterations: no boundary work at all.
-            self.completed = k + 1
-            self.unit_seconds_total += seconds
-            self._recent.append(seconds)
-            if len(self.epoch_seconds) < _MAX_TIMES:
-                self.epoch_seconds.append(seconds)
             if time.perf_counter() - self._flushed_at > _FLUSH_SECONDS:
                 self._flush(k)
             return
         end = self._snapshot() if self._due(k) else None
         self._end_epoch(k, seconds, self._step_snap, end, None, self._end_digest(end, k))
+
+    def _account(self, k, seconds):
+        self.completed = k + 1
+        self.unit_seconds_total += seconds
+        self._recent.append(seconds)
+        if len(self.epoch_seconds) < _MAX_TIMES:
+            self.epoch_seconds.append(seconds)
 
     def leave_unit(self, k: int):
         """Unit k was left by ``break`` (or an exception): :meth:`finish` completes it if the run finished."""
@@ -194,10 +198,16 @@ class Recorder:
 
     # -- checkpoints -------------------------------------------------------------
     def _due(self, k) -> bool:
-        """Checkpoint unit k? Every unit while affordable; else every ``_period_ckpt`` units (see :meth:`_tune`)."""
-        if self.checkpoint_error:
+        """Checkpoint unit k? Every unit while affordable; else every ``_period_ckpt`` units (see :meth:`_tune`).
+
+        Short units (iterations) never wait for the writer: while it is still writing the previous
+        checkpoint, this one is deferred to a later unit. Long units (epochs) wait, as before.
+        """
+        if self.checkpoint_error or k - self._last_ckpt < self._period_ckpt:
             return False
-        return k - self._last_ckpt >= self._period_ckpt
+        if math.isinf(self.overhead):  # every unit, whatever it costs (--overhead inf)
+            return True
+        return not (self._recent and self._recent[-1] < _FLUSH_SECONDS and self.writer.busy())
 
     def _tune(self):
         """Periods from measured costs: checkpoint every ceil(C / (budget * t)) units, digest every
@@ -207,6 +217,10 @@ class Recorder:
         t = max(sorted(self._recent)[len(self._recent) // 2], 1e-9)
         if self.snapshot_seconds:
             c = sorted(self.snapshot_seconds[-5:])[len(self.snapshot_seconds[-5:]) // 2]
+            if t < _FLUSH_SECONDS and self.write_seconds:
+                # Short units: the writer's work (hashing, fsync) competes for the same few cores within
+                # the period, so it counts too. Long units leave it idle time between checkpoints.
+                c += sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2]
             self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)))
         if self.digest_seconds:
             d = sorted(self.digest_seconds[-5:])[len(self.digest_seconds[-5:]) // 2]
@@ -281,6 +295,13 @@ class Recorder:
 
     def _persist(self, epoch, kind, snap, end_snap):
         """On the writer thread: blobs and files, then the index row."""
+        start = time.perf_counter()
+        try:
+            self._persist_files(epoch, kind, snap, end_snap)
+        finally:
+            self.write_seconds.append(time.perf_counter() - start)
+
+    def _persist_files(self, epoch, kind, snap, end_snap):
         rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"
         info = checkpoint.write(self.store.home, rel, snap)
         end_rel = end = None
@@ -306,11 +327,6 @@ class Recorder:
     # -- epoch boundary ----------------------------------------------------------
     def _end_epoch(self, k, seconds, step_snap, end_snap, step_digest=None, end_digest=None):
         """Unit k ended at a boundary: checkpoint or digest what is due, then flush the logs."""
-        self.completed = k + 1
-        self.unit_seconds_total += seconds
-        self._recent.append(seconds)
-        if len(self.epoch_seconds) < _MAX_TIMES:
-            self.epoch_seconds.append(seconds)
         if step_snap is None and step_digest is not None and self._step_exits == 1:
             self._pending_digests.append((k, "step", step_digest))
         if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
@@ -377,6 +393,7 @@ class Recorder:
         if self._left_epoch is not None and status == "finished":
             k, seconds, step_snap, end_snap, step_digest, end_digest = self._left_epoch  # `break` in epoch k
             self._step_snap = step_snap
+            self._account(k, seconds)
             self._end_epoch(k, seconds, step_snap, end_snap, step_digest, end_digest)
         rows, self.rows = self.rows, []
         self.writer.submit(self._write_logs, rows)
@@ -411,6 +428,7 @@ class Recorder:
                 "unit_seconds_mean": self.unit_seconds_total / self.completed if self.completed else None,
                 "snapshot_seconds": self.snapshot_seconds,
                 "digest_seconds": self.digest_seconds,
+                "write_seconds": self.write_seconds,
                 "writer_seconds": self.writer.busy_seconds,
                 "overhead_budget": self.overhead,
             },

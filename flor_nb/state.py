@@ -19,6 +19,8 @@ What is in it is found by :func:`flor_nb.capture.walk`.
 """
 from __future__ import annotations
 
+import itertools
+import pickle
 import random
 import threading
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from . import pickling
-from .capture import Graph, Scope, _unsaveable, child_path, resolve, walk
+from .capture import CHUNK, Graph, Scope, _unsaveable, child_path, resolve, walk
 from .capture import limits as capture_limits
 from .errors import FlorError
 from .fingerprint import fingerprint
@@ -171,10 +173,18 @@ class Capturer:
         for path, a in g.arrays.items():
             tensors[f"arr/{path}"] = dup(torch.from_numpy(a) if a.flags.writeable else torch.tensor(a))
             meta[path] = str(a.dtype)
+        for path, values in g.chunked.items():  # long histories: fixed chunks, so old ones dedup on disk
+            chunks = [pickle.dumps(values[i:i + CHUNK], protocol=pickle.HIGHEST_PROTOCOL)
+                      for i in range(0, len(values), CHUNK)]
+            digests[f"chunks/{path}"] = hash_bytes(b"".join(chunks))
+            if copy:
+                python[f"chunks/{path}"] = chunks
         python["vmeta"] = dict(sorted(meta.items()))
+        python["aliases"] = dict(sorted(g.aliases.items()))
         python["big"] = {path: content_hash(v) for path, v in sorted(g.big.items())}
         for key, value in python.items():
-            digests[key] = fingerprint(value, token)
+            if not key.startswith("chunks/"):
+                digests[key] = fingerprint(value, token)
         for path, ls in leaves.items():
             if ls:
                 digests[f"leaves/{path}"] = fingerprint(ls, token)
@@ -190,7 +200,7 @@ class Capturer:
                 digests[f"attrs/{child_path(path, k)}"] = fingerprint(v, token)
         if copy:
             for rep, value in units.items():
-                python[f"py/{rep}"] = self._dumps(value, g, rep)
+                python[f"py/{rep}"] = self._dumps(value, g, rep, g.identity if self._reaches(g, rep) else None)
         tensors["rng/torch"] = torch.get_rng_state()
         python["rng/numpy"] = np.random.get_state()
         python["rng/random"] = random.getstate()
@@ -227,10 +237,16 @@ class Capturer:
                 _state_attrs(obj)
         return units
 
-    def _dumps(self, value, g: Graph, where: str) -> bytes:
+    @staticmethod
+    def _reaches(g: Graph, rep: str) -> bool:
+        """Whether unit ``rep`` holds a plain container written as a reference (a list stored in chunks, an
+        optimizer's state dict): then it needs the pickler that sees plain containers (slower)."""
+        return any(g.units.get(g.owners.get(i)) == rep for i in g.identity)
+
+    def _dumps(self, value, g: Graph, where: str, chunked: dict | None = None) -> bytes:
         """Pickle with references; objects that cannot be pickled are found, listed, and left out."""
         try:
-            return pickling.dumps(value, g.refs, self.ns_name, self.ns, self.bad)
+            return pickling.dumps(value, g.refs, self.ns_name, self.ns, self.bad, chunked)
         except RecursionError:
             self.unpicklable[where] = "too deeply nested to pickle"
             return pickling.dumps(KEEP, {}, self.ns_name, self.ns, self.bad)
@@ -244,7 +260,7 @@ class Capturer:
             self.bad |= bad_ids
             self.unpicklable.update(found)
             try:
-                return pickling.dumps(value, g.refs, self.ns_name, self.ns, self.bad)
+                return pickling.dumps(value, g.refs, self.ns_name, self.ns, self.bad, chunked)
             except Exception as e:  # noqa: BLE001
                 self.unpicklable[where] = f"cannot be pickled ({type(e).__name__}: {e})"[:300]
                 return pickling.dumps(KEEP, {}, self.ns_name, self.ns, self.bad)
@@ -265,6 +281,7 @@ class Capturer:
         if "vmeta" not in python:
             return _restore_legacy(ns, snap)
         resolved: dict = {}
+        memo: dict = {}  # for merge(): objects that tokens resolve to are live already, taken as they are
 
         def live(path):
             try:
@@ -273,6 +290,12 @@ class Capturer:
                 return MISSING
 
         def token(kind, path):
+            obj = _token(kind, path)
+            if obj is not KEEP and obj is not MISSING:
+                memo[id(obj)] = (obj, obj)
+            return obj
+
+        def _token(kind, path):
             key = (kind, path)
             if key in resolved:
                 return resolved[key]
@@ -284,6 +307,13 @@ class Capturer:
                     raise RestoreError(f"{path} is not defined in the replay: the recorded cells defined it. "
                                        "Keep its definition in the cells the run depends on.")
                 return obj
+            if kind == "optstate":  # the restored optimizer's own state dict (or a tensor in it)
+                opt_path, gi, pi, key = path.split("|")
+                opt = live(opt_path)
+                st = opt.state.get(opt.param_groups[int(gi)]["params"][int(pi)]) if opt is not MISSING else None
+                if st is None:
+                    return KEEP
+                return st if not key else st.get(key, KEEP)
             obj = live(path)
             return KEEP if obj is MISSING else obj
 
@@ -291,11 +321,17 @@ class Capturer:
             data = python.get(f"leaves/{path}")
             return pickling.loads(data, token) if data is not None else []
 
+        for key, chunks in python.items():
+            if key.startswith("chunks/"):
+                resolved[("chunks", key[7:])] = list(itertools.chain.from_iterable(pickle.loads(c) for c in chunks))
         meta = python["vmeta"]
+        aliases = python.get("aliases", {})
         used: set = set()
         for key, value in tensors.items():  # tensors held by value, in place where they already exist
             kind, _, path = key.partition("/")
-            if kind == "val":
+            if kind == "val" and path in aliases and _alias(live, aliases[path], value) is not None:
+                resolved[("val", path)] = _alias(live, aliases[path], value)  # a view of the parameter, again
+            elif kind == "val":
                 resolved[("val", path)] = _put_tensor(live(path), value, meta.get(path, False), used,
                                                       tensors.get(f"valgrad/{path}"))
             elif kind == "arr":
@@ -328,7 +364,6 @@ class Capturer:
                 resolve(ns, path).bit_generator.state = value
             elif kind == "nprs":
                 resolve(ns, path).set_state(value)
-        memo: dict = {}
         for key, data in python.items():
             if not key.startswith("py/"):
                 continue
@@ -406,6 +441,18 @@ def _add_groups(opt, groups: list, token):
         if any(p is KEEP or not isinstance(p, torch.Tensor) for p in params):
             raise RestoreError("A parameter group added during training holds tensors the replay cannot find.")
         opt.add_param_group({"params": params})
+
+
+def _alias(live, alias, value):
+    """A view into the live parameter/gradient storage a recorded tensor shared, or None if it cannot be one."""
+    base_path, offset, shape, stride = alias
+    base = live(base_path)
+    if not isinstance(base, torch.Tensor) or base.dtype != value.dtype or base.device != value.device:
+        return None
+    try:
+        return base.detach().as_strided(shape, stride, offset)
+    except RuntimeError:
+        return None
 
 
 def _put_tensor(live, value, requires_grad, used: set, grad):

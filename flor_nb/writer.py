@@ -46,6 +46,13 @@ class Writer:
     def submit(self, fn, *args):
         self._jobs.put((fn, args, False))
 
+    def busy(self) -> bool:
+        """A checkpoint is still being written."""
+        if self._slot.acquire(blocking=False):
+            self._slot.release()
+            return False
+        return True
+
     def submit_checkpoint(self, fn, *args) -> float:
         """Queue a checkpoint write; returns the seconds spent waiting for the previous one."""
         start = time.perf_counter()

@@ -363,3 +363,35 @@ def test_files_the_replayed_code_writes_are_named(store, tmp_path):
     assert df.attrs["verdict"].endswith(f"Note: the replayed code wrote {best}; it holds what the replay computed "
                                         "now, not what training left there.")
     assert (tmp_path / "best.pt").read_bytes() != recorded  # it really was overwritten: hence the note
+
+
+def test_tensors_sharing_storage_with_the_model_stay_views(store):
+    """``best = model.state_dict()`` without a copy (nanoGPT's checkpoint dict) follows the model as it trains:
+    after a restore it must again be a view of the parameters, not a frozen copy."""
+    setup = SETUP + "best = None\n"
+    code = TRAIN.replace("    sched.step()\n", "    sched.step()\n    if epoch == 1:\n        best = model.state_dict()\n")
+    record(store, code=code, setup=setup, name="alias")
+    probed = code + "    flor.log('best_w', float(best['0.weight'].sum()) if best is not None else 0.0)\n"
+    truth = record(store, code=probed, setup=setup, name="alias_truth")
+    df = flor.replay("alias", code=probed, epochs="4", store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    want = flor.dataframe("best_w", run=truth.label, store=store)
+    assert epoch_values(df, ["best_w"], {4}) == epoch_values(want, ["best_w"], {4})
+
+
+def test_a_held_optimizer_state_dict_follows_the_optimizer(store):
+    """nanoGPT keeps ``checkpoint = {"model": ..., "optimizer": opt.state_dict()}`` between saves: its
+    'state' entries are the optimizer's live dicts, which keep stepping. Restore keeps that link."""
+    setup = SETUP + "checkpoint = None\n"
+    code = TRAIN.replace("    sched.step()\n", (
+        "    sched.step()\n"
+        "    if epoch == 1:\n"
+        "        checkpoint = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': epoch}\n"))
+    record(store, code=code, setup=setup, name="held")
+    probed = code + ("    if checkpoint is not None:\n"
+                     "        flor.log('held', float(checkpoint['optimizer']['state'][0]['momentum_buffer'].sum()))\n")
+    truth = record(store, code=probed, setup=setup, name="held_truth")
+    df = flor.replay("held", code=probed, epochs="4", store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    want = flor.dataframe("held", run=truth.label, store=store)
+    assert epoch_values(df, ["held"], {4}) == epoch_values(want, ["held"], {4})
