@@ -169,23 +169,20 @@ def delete(*runs, store=None) -> Freed:
         raise RecordingInProgressError(
             f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being recorded right now (its process is alive). "
             "Wait for the recording to end, or interrupt it, then delete.")
-    before = _tree_size(st.home)
+    removed = 0
     for r in chosen:
         st.delete_run(r.id)
-        for path in _run_files(st, r):
-            _remove(path)
+        removed += sum(_remove(path) for path in _run_files(st, r))
         log.info("flor_nb: deleted %s", r.label)
     freed = gc(st)
-    after = _tree_size(st.home)
-    return Freed([r.label for r in chosen], max(before - after, 0), freed.blobs, freed.note)
+    return Freed([r.label for r in chosen], removed + freed.bytes, freed.blobs, freed.note)
 
 
 def gc(store=None) -> Freed:
     """Remove blobs no checkpoint refers to, and files left by deleted runs. Safe to run any time:
     it keeps every blob while a recording is in progress or a checkpoint file cannot be read."""
     st = get_store(store)
-    before = _tree_size(st.home)
-    _remove_orphans(st)
+    freed = _remove_orphans(st)
     live = _live_recordings(st)
     note = ""
     removed = 0
@@ -209,30 +206,31 @@ def gc(store=None) -> Freed:
             note = "Blobs were not collected: a recording started meanwhile. Run flor.gc() after it ends."
         else:
             for h in set(_blob_sizes(st)) - referenced:
-                _remove(checkpoint.blob_path(st.home, h))
+                freed += _remove(checkpoint.blob_path(st.home, h))
                 removed += 1
-    after = _tree_size(st.home)
-    return Freed([], max(before - after, 0), removed, note)
+    return Freed([], freed, removed, note)
 
 
-def _remove_orphans(st: Store):
-    """Folders of runs that are no longer in the database (deleted, or a crash between steps)."""
+def _remove_orphans(st: Store) -> int:
+    """Files of runs that are no longer in the database (deleted, or a crash between steps); bytes freed."""
     runs = st.all_runs()
     labels = {r.label for r in runs}
     ids = {str(r.id) for r in runs}
+    freed = 0
     for path in (st.home / "checkpoints").glob("*"):
         if path.is_dir() and path.name not in labels:
-            _remove(path)
+            freed += _remove(path)
     for path in (st.home / "artifacts").glob("*"):
         if path.name.removesuffix("-h") not in ids:
-            _remove(path)
+            freed += _remove(path)
     for path in (st.home / "probes").glob("*.json"):
         if path.stem not in labels:
-            _remove(path)
+            freed += _remove(path)
     old = time.time() - 3600  # temp files of writes that died half-way, long ago
     for path in (st.home / "blobs").glob("*/.*.tmp"):
         if _mtime(path) < old:
-            _remove(path)
+            freed += _remove(path)
+    return freed
 
 
 def _mtime(path: Path) -> float:
@@ -242,14 +240,17 @@ def _mtime(path: Path) -> float:
         return time.time()
 
 
-def _remove(path: Path):
+def _remove(path: Path) -> int:
+    """Remove a file or folder; the bytes it held."""
+    size = _tree_size(path)
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             os.unlink(path)
     except FileNotFoundError:
-        pass
+        return 0
+    return size
 
 
 def format_bytes(n: float) -> str:
