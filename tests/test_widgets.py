@@ -241,8 +241,9 @@ def test_cancel_keeps_the_finished_epochs_and_says_so(store):
     assert sorted(df["epoch"].unique()) == [0] and len(df) == 6 + 1
     assert "Cancelled: partial results for epoch 0 of 0,2-3" in panel.results.verdict.value
     assert "flor-verdict warn" in panel.results.verdict.value and "flor-verdict ok" not in panel.results.verdict.value
-    assert "partial: epochs 0 kept" in panel.outcome.value and "flor-badge warn" in panel.outcome.value
+    assert "partial: epoch 0 kept" in panel.outcome.value and "flor-badge warn" in panel.outcome.value
     assert _html(panel.results.table_out).count("<tr>") == 1 + 1  # the epoch-level row of epoch 0
+    assert "Cancelled: partial results for epoch 0" in panel.snapshot_html()  # the static copy says so too
     assert not panel.replay_button.disabled and panel.cancel_button.disabled
     # the store agrees: the replay is cancelled, with epoch 0 kept, and the panel shows it when reopened
     rep = flor.replays("slow")[-1]

@@ -45,7 +45,8 @@ function render({ model, el: root }) {
     const y = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
     const half = n() === 1 ? (W - L - R) / 2 : (W - L - R) / (n() - 1) / 2;
     for (let e = 0; e < n(); e++) {
-      const band = el("rect", { x: x(e) - half, y: T, width: 2 * half, height: H - T - B,
+      const x0 = Math.max(x(e) - half, L), x1 = Math.min(x(e) + half, W - R);
+      const band = el("rect", { x: x0, y: T, width: x1 - x0, height: H - T - B,
         class: sel.has(e) ? "band picked" : "band", "data-epoch": e }, svg);
       el("title", {}, band).textContent = `epoch ${e}`;
     }

@@ -52,6 +52,7 @@ class Panel(W.VBox, Callbacks):
         self._lock = threading.Lock()
         self._chip_order: list[int] = []
         self._chip_modes: dict = {}
+        self._chip_wanted: set = set()  # the epochs asked for; the others are re-run on the way to them
         self._static = None  # the display handle of the static copy, once displayed
         self._status_text = ""
 
@@ -313,7 +314,7 @@ class Panel(W.VBox, Callbacks):
         self.outcome.value = self.report_link.value = ""
         code = C.edited_code(self.run, self.probes)
         plan = self._plan()
-        self._chip_order, self._chip_modes = plan["order"], plan["modes"]
+        self._chip_order, self._chip_modes, self._chip_wanted = plan["order"], plan["modes"], set(plan["epochs"])
         self.progress.max = max(len(plan["order"]), 1)
         self.progress.value = 0
         self.progress.bar_style = "info"
@@ -358,7 +359,10 @@ class Panel(W.VBox, Callbacks):
         for k in self._chip_order:
             skip = " \u00b7 steps skipped" if self._chip_modes.get(k) == "skip" else ""
             took = format_seconds(job.ran[k]) if k in job.ran else ""
-            if k in job.kept:
+            if k not in self._chip_wanted:
+                state = f"ran on the way {took}" if k in job.ran else "on the way"
+                chips.append(f'<span title="re-run only to reach the epochs asked for">epoch {k} {state}</span>')
+            elif k in job.kept:
                 chips.append(f'<span class="done" title="values kept">epoch {k} \u2714 {took}{skip}</span>')
             elif job.state == FAILED and k == job.failed_epoch:
                 chips.append(f'<span class="failed">epoch {k} \u2716 failed</span>')
@@ -405,7 +409,8 @@ class Panel(W.VBox, Callbacks):
         fid = frame.attrs["fidelity"]
         if frame.attrs.get("cancelled"):
             kept = (fid.get("cancelled") or {}).get("kept") or []
-            word = f"partial: epochs {format_epochs(kept)} kept" if kept else "cancelled: nothing kept"
+            word = (f"partial: epoch{'s' if len(kept) > 1 else ''} {format_epochs(kept)} kept" if kept
+                    else "cancelled: nothing kept")
         else:
             word = {"ok": "faithful", "warn": "faithful, with caveats", "bad": "NOT faithful"}[kind]
         icon = {"ok": "\u2714", "warn": "\u26a0", "bad": "\u2716"}[kind]

@@ -180,17 +180,19 @@ class ResultsView(W.VBox, Callbacks):
         self.plots_out = W.Output(layout=layout(width="100%"))
         self.plots_out.add_class("flor-plot")
         self.snippet = W.HTML()
+        self.controls = W.HBox([self.rows, self.sort_by, self.order],
+                               layout=layout(flex_flow="row wrap", align_items="center", display="none"))
         self.children = [
             W.HTML(section("5", "Results", "hindsight probes (\u25c6) beside the recorded metrics")),
             self.verdict,
-            W.HBox([self.rows, self.sort_by, self.order], layout=layout(flex_flow="row wrap", align_items="center")),
-            self.table_out, self.plots_out, self.snippet,
+            self.controls, self.table_out, self.plots_out, self.snippet,
         ]
         self.add_class("flor-results")
 
     def clear(self, message: str = ""):
         self.frame = None
         self.verdict.value = message
+        self.controls.layout.display = "none"
         self.table_out.outputs = ()
         self.plots_out.outputs = ()
         self.snippet.value = ""
@@ -198,6 +200,7 @@ class ResultsView(W.VBox, Callbacks):
     def show(self, frame, note: str = ""):
         """Show a result frame (as :func:`flor_nb.replay` returns it)."""
         self.frame = frame
+        self.controls.layout.display = None
         head = f'<div class="flor-muted">{esc(note)}</div>' if note else ""
         self.verdict.value = head + verdict_html(frame.attrs)
         levels = split_levels(frame) if not frame.empty else {}

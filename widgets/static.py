@@ -28,7 +28,7 @@ def snapshot_html(panel_id: str, run_label: str | None, status: str, frame=None,
     parts = [CSS, f'<div class="flor-static" data-panel="{esc(panel_id)}">',
              '<div class="flor-title">flor_nb replay panel <span class="flor-muted">(static view: '
              "run this cell again for the live panel)</span></div>",
-             f'<div class="flor-muted">{esc(run_label or "no run selected")} \u00b7 {esc(status)}</div>']
+             f'<div class="flor-muted">{esc(status or run_label or "no run selected")}</div>']
     if frame is not None:
         if note:
             parts.append(f'<div class="flor-muted">{esc(note)}</div>')

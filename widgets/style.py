@@ -32,6 +32,9 @@ CSS = """
   color: var(--flor-fg); font-size: 13px; border: 1px solid var(--flor-border); border-radius: 6px;
   padding: 6px 12px 12px 12px; max-width: 1180px; box-sizing: border-box; }
 .flor-panel { overflow-x: hidden; }
+.flor-panel .widget-box { overflow-x: hidden; }  /* one scroll box only: the results table's own */
+.flor-panel select, .flor-panel .jp-OutputArea-output, .flor-panel .widget-output { max-width: 100%;
+  box-sizing: border-box; }
 .flor-panel .flor-title, .flor-static .flor-title { font-size: 15px; font-weight: 600; }
 .flor-panel .flor-muted, .flor-static .flor-muted { color: var(--flor-muted); }
 .flor-panel .flor-section { margin: 12px 0 4px 0; padding-top: 6px; border-top: 1px solid var(--flor-border);
