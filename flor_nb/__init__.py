@@ -9,7 +9,6 @@ from .disk import delete, gc
 from .errors import FlorError
 from .record import record
 from .replay import replay
-from .reporting import report
 from .runtime import arg, log, loop
 
 __version__ = "0.1.0"
@@ -18,6 +17,14 @@ __all__ = [
     "log", "arg", "loop", "record", "replay", "start_replay", "runs", "dataframe", "get_run", "checkpoints",
     "replays", "report", "ui", "get_store", "delete", "gc", "du", "FlorError",
 ]
+
+
+def report(run, path=None, html=False, store=None, all_versions=False):
+    """Write a standalone notebook report of ``run`` (and HTML with ``html=True``) to ``flor_reports/``;
+    return its path. See :func:`flor_nb.reporting.report`."""
+    from . import reporting  # nbformat and nbconvert take ~2 s to import: only when a report is asked for
+
+    return reporting.report(run, path=path, html=html, store=store, all_versions=all_versions)
 
 
 def ui(run=None, store=None):
