@@ -282,6 +282,7 @@ def _dark_theme(page, tmp_path: Path, prefix: str):
     dark = _plot_luminance(plot, tmp_path, f"{prefix}-plot-dark.png")
     assert light > 180 and dark < 80, (light, dark)
     _shot(page.locator(".flor-panel"), tmp_path, f"{prefix}-panel-dark.png")
+    _shot(page.locator(".flor-panel .flor-results"), tmp_path, f"{prefix}-results-dark.png")
     page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})")
     page.wait_for_function("() => document.body.dataset.jpThemeLight === 'true'", timeout=30_000)
 
