@@ -1,13 +1,16 @@
 """The ``%%flor`` / ``%flor`` magics: parse the line, call the engine, show the result."""
 from __future__ import annotations
 
+import html
+import os
 import shlex
 import sys
+from pathlib import Path
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
-from IPython.display import Image, display
+from IPython.display import HTML, Image, display
 
 import flor_nb
 from flor_nb import plots
@@ -16,36 +19,55 @@ from flor_nb.errors import FlorError
 USAGE = """\
 %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
 %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
-%flor runs                                                       list recorded runs
-%flor ui [RUN]                                                   open the replay panel
-%flor report RUN [--out PATH] [--html]                           write a notebook (and HTML) report
-RUN is NAME (latest version) or NAME@VERSION; SPEC is 3, 2-5 or 1,4,7-9 (0-based epochs).
+%flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
+%flor ui [RUN]                               open the replay panel
+%flor report RUN [--all-versions] [--out PATH] [--html]   write a notebook (and HTML) report to flor_reports/
+%flor rm NAME[@VERSION] ...                  delete runs (NAME: every version) and print what was freed
+%flor du                                     show what the store holds on disk
+%flor gc                                     remove blobs no checkpoint refers to
+RUN is NAME (its latest version) or NAME@VERSION; SPEC is 3, 2-5 or 1,4,7-9 (0-based epochs).
+Every command takes --help; every command takes --store PATH (default $FLOR_NB_HOME or ./.flor).
 """
 
 
-def _parser(prog):
-    p = MagicArgumentParser(prog=f"%flor {prog}", add_help=False)
+def _parser(prog, description):
+    # MagicArgumentParser writes its usage as "%" + prog: "%flor runs", "%%flor record"
+    p = MagicArgumentParser(prog=f"flor {prog}" if prog not in ("record", "replay") else f"%flor {prog}",
+                            description=description, add_help=False)
     p.add_argument("--store", default=None, help="store folder (default $FLOR_NB_HOME or ./.flor)")
     return p
 
 
-_RECORD = _parser("record")
-_RECORD.add_argument("--name", default="run")
-_RECORD.add_argument("--state", default=None)
-_RECORD.add_argument("--overhead", type=float, default=0.02)
-_RECORD.add_argument("--no-progress", action="store_true")
-_REPLAY = _parser("replay")
-_REPLAY.add_argument("run")
-_REPLAY.add_argument("--epochs", default=None)
-_REPLAY.add_argument("--workers", type=int, default=None)
-_REPLAY.add_argument("--no-progress", action="store_true")
-_REPORT = _parser("report")
-_REPORT.add_argument("run")
-_REPORT.add_argument("--out", default=None)
-_REPORT.add_argument("--html", action="store_true")
-_UI = _parser("ui")
-_UI.add_argument("run", nargs="?", default=None)
-_RUNS = _parser("runs")
+_RECORD = _parser("record", "Record the training cell below: its logs, the cells it depends on, and a checkpoint "
+                            "at epoch boundaries, so epochs can be replayed later with new probes.")
+_RECORD.add_argument("--name", default="run", help="run name; recording a name again makes a new version")
+_RECORD.add_argument("--state", default=None, help="a,b: checkpoint only these names; +a,+b: add them to what "
+                                                   "is found automatically")
+_RECORD.add_argument("--overhead", type=float, default=0.02, help="checkpoint time budget as a fraction of "
+                                                                  "training time (inf: every epoch)")
+_RECORD.add_argument("--no-progress", action="store_true", help="no progress bar")
+_REPLAY = _parser("replay", "Replay epochs of a recorded run with the edited cell below (the recorded cell with "
+                            "flor.log probes added); returns a DataFrame and checks the replay is faithful.")
+_REPLAY.add_argument("run", help="NAME (latest version) or NAME@VERSION")
+_REPLAY.add_argument("--epochs", default=None, help="3, 2-5 or 1,4,7-9 (0-based; default: every epoch)")
+_REPLAY.add_argument("--workers", type=int, default=None, help="worker processes (default: as the cores allow)")
+_REPLAY.add_argument("--no-progress", action="store_true", help="no progress bar")
+_REPORT = _parser("report", "Write a standalone notebook report of a run (code, probes as diffs, metrics, plots, "
+                            "checkpoints) to flor_reports/ beside this notebook, and link it.")
+_REPORT.add_argument("run", help="NAME (latest version) or NAME@VERSION")
+_REPORT.add_argument("--all-versions", action="store_true", help="compare every version of the run's name")
+_REPORT.add_argument("--out", default=None, help="a folder or .ipynb path (default flor_reports/)")
+_REPORT.add_argument("--html", action="store_true", help="also write a self-contained .html")
+_UI = _parser("ui", "Open the replay panel: pick a run, add probes, pick epochs on the curve, replay, compare.")
+_UI.add_argument("run", nargs="?", default=None, help="NAME or NAME@VERSION (default: the latest run)")
+_RUNS = _parser("runs", "List recorded runs: status, epochs, size on disk, hyperparameters, last metrics.")
+_RM = _parser("rm", "Delete runs with their checkpoints, logs, replays and probes, then the blobs nothing else "
+                    "refers to. Asks nothing; prints what was freed. Refuses a run that is being recorded.")
+_RM.add_argument("runs", nargs="+", help="NAME@VERSION for one version, NAME for every version of NAME")
+_DU = _parser("du", "Show what the store holds on disk: each run's size and what deleting it frees.")
+_GC = _parser("gc", "Remove blobs no checkpoint refers to and files left by deleted runs.")
+_PARSERS = {"record": _RECORD, "replay": _REPLAY, "report": _REPORT, "ui": _UI, "runs": _RUNS, "rm": _RM,
+            "du": _DU, "gc": _GC}
 
 
 @magics_class
@@ -60,16 +82,24 @@ class FlorMagics(Magics):
 
         %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--store PATH]
         %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]
-        %flor runs | %flor ui [RUN] | %flor report RUN [--out PATH] [--html]
+        %flor runs | %flor ui [RUN] | %flor report RUN [--all-versions] [--out PATH] [--html]
+        %flor rm NAME[@VERSION] ... | %flor du | %flor gc
+        Each command takes --help.
         """
         __tracebackhide__ = True
         words = shlex.split(line)
         if not words:
             raise UsageError(USAGE)
         command, rest = words[0], words[1:]
-        handler = getattr(self, f"_{command}", None)
+        if command in ("-h", "--help", "help"):
+            print(USAGE)
+            return None
+        handler = getattr(self, f"_{command}", None) if command in _PARSERS else None
         if handler is None:
             raise UsageError(f"Unknown %flor command {command!r}.\n{USAGE}")
+        if "-h" in rest or "--help" in rest:
+            print(_PARSERS[command].format_help())  # the cell below, if any, does not run
+            return None
         if command in ("record", "replay") and cell is None:
             raise UsageError(f"%%flor {command} is a cell magic: put it on the first line of the training cell.")
         try:
@@ -92,23 +122,22 @@ class FlorMagics(Magics):
 
     def _replay(self, words, cell):
         a = _REPLAY.parse_args(words)
-        bar = None
-        if not a.no_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc=f"replay {a.run}", unit="epoch")
+        bars = []
 
         def progress(event):
+            # the bar appears once the replay is planned: a bad run name or epoch spec leaves no empty bar
             if "plan" in event:
-                bar.reset(total=event["epochs_to_run"])
-            else:
-                bar.update(1)
+                from tqdm.auto import tqdm
+
+                bars.append(tqdm(desc=f"replay {a.run}", unit="epoch", total=event["epochs_to_run"]))
+            elif "epoch" in event and bars:
+                bars[0].update(1)
 
         try:
             df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, workers=a.workers,
-                                store=a.store, on_event=progress if bar is not None else None)
+                                store=a.store, on_event=None if a.no_progress else progress)
         finally:
-            if bar is not None:
+            for bar in bars:
                 bar.close()
         print(f"flor_nb: {df.attrs['fidelity']['plan']} in {df.attrs['fidelity']['seconds']:.1f}s")
         # A verdict that is not plainly faithful is a warning: stderr, where notebooks show it in red.
@@ -125,10 +154,40 @@ class FlorMagics(Magics):
 
     def _ui(self, words, cell):
         a = _UI.parse_args(words)
-        return flor_nb.ui(a.run)
+        return flor_nb.ui(a.run, store=a.store)
 
     def _report(self, words, cell):
         a = _REPORT.parse_args(words)
-        path = flor_nb.report(a.run, path=a.out, html=a.html, store=a.store)
-        print(f"flor_nb: report written to {path}" + (f" and {path.with_suffix('.html')}" if a.html else ""))
+        path = flor_nb.report(a.run, path=a.out, html=a.html, store=a.store, all_versions=a.all_versions)
+        rel = _relative(path)
+        html_path = rel[:-len(".ipynb")] + ".html"
+        print(f"flor_nb: report written to {rel}" + (f" and {html_path}" if a.html else ""))
+        links = f'<a href="{_esc(rel)}" target="_blank">{_esc(rel)}</a>'
+        if a.html:
+            links += f' \u00b7 <a href="{_esc(html_path)}" target="_blank">{_esc(html_path)}</a>'
+        display(HTML(f"Open the report: {links}"))
         return None
+
+    def _rm(self, words, cell):
+        a = _RM.parse_args(words)
+        print(flor_nb.delete(*a.runs, store=a.store))
+
+    def _du(self, words, cell):
+        a = _DU.parse_args(words)
+        return flor_nb.du(a.store).drop(columns=["bytes"])
+
+    def _gc(self, words, cell):
+        a = _GC.parse_args(words)
+        print(flor_nb.gc(a.store))
+
+
+def _relative(path) -> str:
+    """``path`` relative to the working directory (the notebook's folder): a link Jupyter opens."""
+    try:
+        return Path(os.path.relpath(path, Path.cwd())).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _esc(text) -> str:
+    return html.escape(str(text), quote=True)

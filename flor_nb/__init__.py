@@ -3,7 +3,9 @@
 Record a training cell, then later add log statements (probes) and replay only
 the epochs you need from checkpoints, with a check that the replay is faithful.
 """
-from .api import checkpoints, dataframe, get_run, get_store, replays, runs
+from .api import checkpoints, dataframe, du, get_run, get_store, replays, runs
+from .background import start_replay
+from .disk import delete, gc
 from .errors import FlorError
 from .record import record
 from .replay import replay
@@ -12,23 +14,24 @@ from .runtime import While, arg, log, loop
 __version__ = "0.1.0"
 
 __all__ = [
-    "log", "arg", "loop", "record", "replay", "runs", "dataframe", "get_run", "checkpoints", "replays",
-    "report", "ui", "get_store", "FlorError",
+    "log", "arg", "loop", "record", "replay", "start_replay", "runs", "dataframe", "get_run", "checkpoints",
+    "replays", "report", "ui", "get_store", "delete", "gc", "du", "FlorError",
 ]
 
 
-def report(run, path=None, html=False, store=None):
-    """Write a standalone notebook report of ``run`` (and HTML with ``html=True``); return its path."""
-    from .reporting import report as _report
+def report(run, path=None, html=False, store=None, all_versions=False):
+    """Write a standalone notebook report of ``run`` (and HTML with ``html=True``) to ``flor_reports/``;
+    return its path. See :func:`flor_nb.reporting.report`."""
+    from . import reporting  # nbformat and nbconvert take ~2 s to import: only when a report is asked for
 
-    return _report(run, path=path, html=html, store=store)
+    return reporting.report(run, path=path, html=html, store=store, all_versions=all_versions)
 
 
-def ui(run=None):
+def ui(run=None, store=None):
     """Show the replay panel for ``run`` (default: the latest run). Needs ipywidgets."""
-    import importlib
+    import importlib  # the engine imports no UI: the panel's module is loaded only when asked for
 
-    return importlib.import_module("flor_nb.widgets").ui(run)
+    return importlib.import_module("flor_nb.widgets").ui(run, store=store)
 
 
 def load_ipython_extension(ip):

@@ -182,3 +182,36 @@ def _atomic(path: Path, data) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def references(home: Path, rel: str) -> set[str]:
+    """The blobs a checkpoint file refers to (tensors and pickled Python parts), without loading any.
+
+    Raises :class:`CorruptCheckpointError` when the file is missing or damaged: a caller that
+    frees space must then keep every blob (it cannot tell which ones the file needs).
+    """
+    path = Path(home) / rel
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"Checkpoint file {path} is missing.") from None
+    if not data.startswith(MAGIC):
+        raise CorruptCheckpointError(f"{path} is not a flor_nb checkpoint.")
+    (hlen,) = struct.unpack("<Q", data[8:16])
+    try:
+        header = json.loads(data[16:16 + hlen])
+        n_skel, n_py = header["parts"]
+    except (ValueError, KeyError, TypeError):
+        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (its header does not parse).") from None
+    start = 16 + hlen
+    skeleton = torch.load(io.BytesIO(data[start:start + n_skel]), weights_only=True)
+    python = pickle.loads(data[start + n_skel:start + n_skel + n_py])
+    found: set[str] = set()
+    map_tree(skeleton, lambda r: found.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
+    found.update(v["__pyblob__"] for v in python.values() if isinstance(v, dict) and "__pyblob__" in v)
+    return found
+
+
+def blob_path(home: Path, h: str) -> Path:
+    """Where blob ``h`` lives in a store."""
+    return Path(home) / "blobs" / h[:2] / h

@@ -7,19 +7,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import flor_nb as flor
 
-SETUP = '''
-import torch, torch.nn as nn, torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+DIGITS = '''
 from sklearn.datasets import load_digits
 
-torch.manual_seed(0)
 digits = load_digits()
 X = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0   # (N, 1, 8, 8)
 y = torch.tensor(digits.target)
+'''
+
+# Without scikit-learn: ten 8x8 "digit" prototypes and noisy copies of them, made with torch alone.
+SYNTHETIC = '''
+g = torch.Generator().manual_seed(7)
+prototypes = (torch.rand(10, 8, 8, generator=g) > 0.6).float()               # (10, 8, 8)
+y = torch.arange(1797) % 10
+X = (prototypes[y] + 0.35 * torch.randn(1797, 8, 8, generator=g)).clamp(0, 1).unsqueeze(1)   # (N, 1, 8, 8)
+'''
+
+SETUP = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+@DATA@
 perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
 loader = DataLoader(TensorDataset(X[perm[:1400]], y[perm[:1400]]), batch_size=64, shuffle=True,
                     generator=torch.Generator().manual_seed(1))
@@ -73,7 +87,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stdout)
     say = logging.getLogger("flor_nb.demo").info
-    cells = [f"EPOCHS = {a.epochs}\n{SETUP}"]
+    try:
+        import sklearn.datasets  # noqa: F401 - only to know whether the real digits are there
+        data = DIGITS
+    except ImportError:
+        data = SYNTHETIC
+        say("scikit-learn is not installed (pip install flor_nb[demo]): using synthetic 8x8 digits instead")
+    cells = [f"EPOCHS = {a.epochs}\n{SETUP.replace('@DATA@', data)}"]
     ns = {"flor": flor}
     exec(cells[0], ns)
     run = flor.record(TRAIN, name="digits", namespace=ns, cells=cells, store=a.store, progress=True)
@@ -85,7 +105,7 @@ def main(argv=None) -> int:
     steps = df.dropna(subset=["grad_norm"])
     say(steps.groupby("epoch")["grad_norm"].describe()[["count", "mean", "min", "max"]].to_string())
     path = flor.report(run.label, html=True, store=a.store)
-    say(f"\nReport: {path}\n        {path.with_suffix('.html')}")
+    say(f"\nReport: {os.path.relpath(path)}\n        {os.path.relpath(path.with_suffix('.html'))}")
     return 0 if df.attrs["fidelity"]["faithful"] else 1
 
 

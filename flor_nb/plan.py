@@ -35,12 +35,11 @@ def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
         for part in str(spec).replace(" ", "").split(","):
             m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
             if not m:
-                raise EpochSpecError(
-                    f"Bad epoch spec {spec!r} at {part!r}: write epochs like 3, 2-5 or 1,4,7-9 (0-based)."
-                )
+                raise EpochSpecError(f"Bad epochs {spec!r}: {_what_is_wrong(part, completed)}. Write epochs like 3, "
+                                     f"2-5 or 1,4,7-9 (0-based; {label} has epochs 0-{completed - 1}).")
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
             if hi < lo:
-                raise EpochSpecError(f"Bad epoch range {part!r}: the first epoch must not exceed the last.")
+                raise EpochSpecError(f"Bad epoch range {part!r}: it runs backwards. Write {hi}-{lo}.")
             epochs.update(range(lo, hi + 1))
     bad = sorted(e for e in epochs if e < 0 or e >= completed)
     if bad:
@@ -49,6 +48,16 @@ def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
             f"Choose epochs in 0-{completed - 1}."
         )
     return sorted(epochs)
+
+
+def _what_is_wrong(part: str, completed: int) -> str:
+    if not part:
+        return "an empty item between commas"
+    if re.fullmatch(r"\d+-", part):
+        return f"the range {part!r} has no last epoch (did you mean {part}{completed - 1}?)"
+    if re.fullmatch(r"-\d+-?", part) or re.fullmatch(r"\d+--\d+", part):
+        return f"{part!r} has a negative epoch; epochs count from 0"
+    return f"{part!r} is not an epoch number or a range"
 
 
 def format_epochs(epochs, sep: str = ",") -> str:
@@ -187,3 +196,79 @@ def _split(segments: list[Segment], ckpts: dict, workers: int, mode) -> list[Seg
         segments[0:1] = [best[1], best[2]]
     segments.sort(key=lambda s: s.first)
     return segments
+
+
+# -- what a replay will do, in words ------------------------------------------------------
+def estimate(run, prepared: dict, inside: list[str] = ()) -> dict:
+    """What a prepared replay (:func:`flor_nb.replay.prepare`) will do and how long it should take.
+
+    ``inside``: titles of the probes that log inside the step loop. Returns the plan plus
+    ``text`` (one paragraph for a person), ``step_loop`` (whether and why the steps run),
+    ``order`` (the epochs in the order the workers report them) and ``modes``.
+    """
+    segs = prepared["segments"]
+    modes = {e: m for s in segs for e, m in s.modes.items()}
+    skipped = sorted(e for e, m in modes.items() if m == SKIP)
+    full = sorted(e for e, m in modes.items() if m != SKIP)
+    inside = list(inside)
+    if inside:
+        why = f"{', '.join(inside)} log{'s' if len(inside) == 1 else ''} at every step"
+    elif prepared["touched"].get("step"):
+        why = "the probes change the step loop"
+    else:
+        why = "no state was saved after their last step"
+    kept = set(prepared["epochs"])
+    full_kept = [e for e in full if e in kept]
+    full_lead = [e for e in full if e not in kept]
+    if skipped and not full:
+        step = ("skipped in every epoch: the probes run after the last step, so each epoch resumes from the "
+                "state saved after its last step")
+    else:
+        parts = []
+        if full_kept:
+            parts.append(f"run in {_plural('epoch', full_kept)} {format_epochs(full_kept)} ({why})")
+        if full_lead:
+            parts.append(f"run in {_plural('epoch', full_lead)} {format_epochs(full_lead)} on the way "
+                         "(no state saved after their last step)")
+        if skipped:
+            parts.append(f"skipped in {_plural('epoch', skipped)} {format_epochs(skipped)} (resumed from the state "
+                         "saved after the last step)")
+        step = "; ".join(parts)
+    where = "; ".join(_segment_text(s) for s in segs)
+    secs = prepared["estimate_seconds"]
+    per = run.timings.get("epoch_seconds") or []
+    when = ("no recorded epoch timings, so no time estimate" if secs is None else
+            f"about {format_seconds(secs)} of training (a recorded epoch took {format_seconds(sum(per) / len(per))}), "
+            "plus a few seconds to start the workers and re-run the setup cells")
+    n = len(prepared["epochs"])
+    extra = prepared["epochs_to_run"] - n
+    workers = prepared["workers"]
+    text = (f"Replays {n} epoch{'s' if n != 1 else ''} ({format_epochs(prepared['epochs'])}) of {run.label} with "
+            f"{workers} worker{'s' if workers != 1 else ''}: {where}"
+            f"{f' ({extra} earlier epoch(s) re-run to reach them)' if extra > 0 else ''}. "
+            f"Steps: {step}. Expect {when}.")
+    order = [e for s in segs for e in sorted(s.modes)]
+    return {**prepared, "text": text, "step_loop": step, "order": order, "modes": modes}
+
+
+def _plural(word: str, items) -> str:
+    return word + ("s" if len(items) > 1 else "")
+
+
+def _segment_text(seg) -> str:
+    span = f"epoch {seg.first}" if seg.first == seg.last else f"epochs {seg.first}-{seg.last}"
+    if seg.restore is None:
+        return f"{span} from the state saved after epoch {seg.first}'s last step"
+    if seg.restore < 0:
+        return f"{span} from the checkpoint before the first epoch"
+    return f"{span} from the checkpoint after epoch {seg.restore}"
+
+
+def format_seconds(s: float) -> str:
+    """12 ms, 3.4 s, 75 s, 2 min 05 s, 1 h 02 min."""
+    if s < 1:
+        return f"{s * 1000:.0f} ms" if s < 0.95 else "1 s"
+    if s < 90:
+        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+    m, sec = divmod(round(s), 60)
+    return f"{m} min {sec:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"

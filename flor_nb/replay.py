@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import warnings
 from collections import defaultdict
 
@@ -13,11 +14,11 @@ from . import runtime
 from .errors import FlorError
 from .instrument import changes, instrument, parse, recorded_loops
 from .plan import parse_epochs, plan
-from .store import Run, Store
+from .store import Run, Store, get_store
 from .cells import analyze
 from .clock import clock_names
-from .verdict import check, verdict_text
-from .worker import run_segment
+from .verdict import CAVEATS, FAITHFUL, check, verdict_text
+from .worker import emit, run_segment
 
 __all__ = ["prepare", "replay", "verdict_text"]
 
@@ -99,16 +100,17 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     recorded metrics beside them (``seq`` numbers repeats at one step); ``result.attrs["fidelity"]``
     says whether the recorded metrics were reproduced exactly.
     """
-    from .api import get_store
-
     store = get_store(store)
     run = store.find_run(run)
     p = prepare(store, run, code, epochs, cells, workers)
+    token = uuid.uuid4().hex
     replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"],
                                     {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"],
                                      "summary": p["summary"]})
     tasks = [{
-        "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
+        # workers tag their progress events with this: unique, so a late event of an earlier replay on the same
+        # warm workers (another store's replay 1, say) is never taken for this one's
+        "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": token,
         "code": p["code"], "loops": p["loops"], "cells": p["cells"], "args": run.args,
         "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
@@ -123,9 +125,10 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     if on_event is not None:
         on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
                   "epochs_to_run": p["epochs_to_run"], "workers": p["workers"]})
+        on_event = _only(token, replay_id, on_event)
     cancelled = None
     try:
-        results = ex.run(run_segment, tasks, on_event)
+        results = ex.run(run_task, tasks, on_event)
     except executors.ReplayCancelled as e:
         cancelled, results = e, [r for r in e.results if r is not None]
     except BaseException:
@@ -151,13 +154,38 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                            for res in results]
     fidelity["plan"] = p["summary"]
     fidelity["modes"] = modes
+    if cancelled is not None:
+        _mark_cancelled(fidelity, p["epochs"], sorted(modes))
     store.finish_replay(replay_id, "cancelled" if cancelled else "finished", duration, probes, fidelity)
-    frame = result_frame(run, recorded, rows, probes, sorted(modes) if cancelled else p["epochs"], fidelity)
+    frame = result_frame(run, recorded, rows, probes, sorted(modes) if cancelled else p["epochs"], fidelity, store)
     if cancelled is not None:
         frame.attrs["cancelled"] = True
         cancelled.result = frame
         raise cancelled
     return frame
+
+
+def _only(token, replay_id, on_event):
+    """Pass on this replay's worker events only, with its replay id."""
+    def handle(event):
+        if event.get("replay") == token:
+            on_event({**event, "replay": replay_id})
+    return handle
+
+
+def run_task(task: dict) -> dict:
+    """One segment in a worker (:func:`flor_nb.worker.run_segment`), then an event saying its epochs are kept."""
+    result = run_segment(task)
+    emit({"replay": task["replay_id"], "segment_done": task["segment"]["first"], "kept": sorted(result["modes"])})
+    return result
+
+
+def _mark_cancelled(fidelity: dict, requested: list, kept: list):
+    """A cancelled replay checked only the segments that finished: never a plain "faithful" verdict."""
+    fidelity["cancelled"] = {"requested": list(requested), "kept": list(kept),
+                             "lost": [e for e in requested if e not in set(kept)]}
+    if fidelity.get("level") == FAITHFUL:
+        fidelity["level"] = CAVEATS
 
 
 
@@ -198,20 +226,21 @@ def _scope_spec(run: Run) -> dict:
     return {"only": set(spec["only"]) if spec.get("only") else None, "extra": set(spec.get("extra") or ())}
 
 
-def result_frame(run, recorded, rows, probes, epochs, fidelity) -> pd.DataFrame:
+def result_frame(run, recorded, rows, probes, epochs, fidelity, store=None) -> pd.DataFrame:
     """Wide frame: epoch, step, seq, each probe, and the recorded metrics of those epochs beside them.
 
     ``seq`` numbers the values logged under one name at one (epoch, step): a probe in a helper called
     per micro-batch gives rows with seq 0, 1, ...; most rows have seq 0.
     """
+    store = get_store(store)
     selected = set(epochs)
     records = defaultdict(dict)
     for n, e, s, q, v in rows:
         if n in probes and e in selected:
-            records[(e, s, q)][n] = _value(run, v)
+            records[(e, s, q)][n] = store.decode(v)
     for r in recorded:
         if r["epoch"] in selected:
-            records[(r["epoch"], r["step"], r["seq"])][r["name"]] = _value(run, r["value"])
+            records[(r["epoch"], r["step"], r["seq"])][r["name"]] = store.decode(r["value"])
     frame = pd.DataFrame(
         [{"epoch": e, "step": s, "seq": q, **vals} for (e, s, q), vals in sorted(records.items(), key=_order)]
     )
@@ -231,8 +260,3 @@ def _order(item):
     (e, s, q), _ = item
     return (e, -1 if s is None else s, q)
 
-
-def _value(run, text):
-    from .api import decode_value
-
-    return decode_value(text)

@@ -13,6 +13,7 @@ import base64
 import difflib
 import html
 import io
+import os
 import re
 from collections import Counter
 from datetime import datetime
@@ -20,13 +21,19 @@ from pathlib import Path
 
 import nbformat
 import pandas as pd
+from jinja2 import DictLoader
+from matplotlib.figure import Figure  # no pyplot, so no global backend is touched
+from matplotlib.ticker import MaxNLocator
+from nbconvert import HTMLExporter
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from .api import checkpoints, decode_value, get_store, not_captured
+from .api import cells_label, checkpoints, get_store, not_captured
 from .instrument import probe_diff
 from .plan import format_epochs
-from .replay import verdict_text
 from .store import Run, Store
+from .verdict import verdict_text
+
+REPORTS = "flor_reports"  # default folder, beside the notebook (the working directory): Jupyter's file browser shows it
 
 # Metrics whose names look like these are better when lower.
 _LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|nll|perplex|ppl|cost|wer|cer|dist", re.IGNORECASE)
@@ -39,14 +46,13 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#|~$!<>])")
 
 # -- what the report's code cells call -------------------------------------------
 def runs_of(run, store=None) -> list[Run]:
-    """``NAME@VERSION`` is that run; a bare ``NAME`` is every version of it, oldest first."""
+    """``NAME@VERSION`` is that run, a bare ``NAME`` its latest version, ``NAME@all`` every version (oldest first)."""
     st = get_store(store)
-    if isinstance(run, Run):
+    name, _, version = str(run.label if isinstance(run, Run) else run).partition("@")
+    if version != "all":
         return [st.find_run(run)]
-    if "@" in str(run):
-        return [st.find_run(run)]
-    st.find_run(run)  # raises with the known runs if the name is unknown
-    return sorted((r for r in st.all_runs() if r.name == str(run)), key=lambda r: r.version)
+    st.find_run(name)  # raises with the known runs if the name is unknown
+    return sorted((r for r in st.all_runs() if r.name == name), key=lambda r: r.version)
 
 
 def run_summary(run, store=None) -> pd.DataFrame:
@@ -61,7 +67,7 @@ def run_summary(run, store=None) -> pd.DataFrame:
             "duration": "" if r.duration is None else f"{r.duration:.2f} s",
             "epochs": f"{r.epochs_completed}" + (f" of {r.epochs_total}" if r.epochs_total else ""),
             "checkpoints": f"{len(ckpts)} ({sum(c['bytes'] for c in ckpts.values()) / 1e6:.2f} MB)",
-            "cells": ", ".join(f"In[{c['count']}]" for c in r.deps),
+            "cells": cells_label(r),
             "not captured": ", ".join(sorted(r.state.get("not_captured") or {})) or "nothing",
         }
         if r.error:
@@ -82,7 +88,7 @@ def metric_summary(run, store=None) -> pd.DataFrame:
             by_name.setdefault(row["name"], []).append(row)
         for name in sorted(by_name, key=lambda n: (by_name[n][0]["kind"] != "recorded", n)):
             logs = by_name[name]
-            values = [(row["epoch"], row["step"], decode_value(row["value"], st)) for row in logs]
+            values = [(row["epoch"], row["step"], st.decode(row["value"])) for row in logs]
             numeric = [(e, s, _number(v)) for e, s, v in values if _number(v) is not None]
             steps = {s is None for _, s, _ in values}
             level = "mixed" if len(steps) > 1 else ("epoch" if steps == {True} else "step")
@@ -128,16 +134,16 @@ class Plot:
 
 
 def figure(run, metric, store=None) -> Plot:
-    """Plot ``metric`` of ``run`` (every version overlaid): by epoch, or by global step for step-level values."""
-    from matplotlib.figure import Figure  # no pyplot, so no global backend is touched
-    from matplotlib.ticker import MaxNLocator
+    """Plot ``metric`` of ``run`` (every version overlaid): by epoch, or by global step for step-level values.
 
+    Lines break where epochs are missing (a replay of epochs 1-2 and 5 draws nothing over 3-4).
+    """
     st = get_store(store)
     fig = Figure(figsize=(7.5, 3.4), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     kinds, levels, bounds, span = set(), set(), {}, 0
     for r in runs_of(run, st):
-        rows = [row for row in st.logs([r.id], names=[metric]) if _number(decode_value(row["value"], st)) is not None]
+        rows = [row for row in st.logs([r.id], names=[metric]) if _number(st.decode(row["value"])) is not None]
         if not rows:
             continue
         kinds.add(rows[0]["kind"])
@@ -155,7 +161,8 @@ def figure(run, metric, store=None) -> Plot:
             xs = [offsets.get(row["epoch"], 0) + (row["step"] or 0) + f for row, f in zip(rows, frac)]
         else:
             xs = [None if row["epoch"] is None else row["epoch"] + f for row, f in zip(rows, frac)]
-        ys = [_number(decode_value(row["value"], st)) for row in rows]
+        ys = [_number(st.decode(row["value"])) for row in rows]
+        xs, ys = _break_gaps([row["epoch"] for row in rows], xs, ys)
         ax.plot(xs, ys, marker="o" if not step_level else None, markersize=4, linewidth=1.4,
                 linestyle="--" if rows[0]["kind"] == "hindsight" else "-", label=_mpl(label))
     level = "step" if "step" in levels else "epoch"
@@ -182,41 +189,64 @@ def figure(run, metric, store=None) -> Plot:
     return Plot(buf.getvalue(), title)
 
 
+def _break_gaps(epochs, xs, ys):
+    """Insert a break (NaN) between values of epochs that are not consecutive, so no line spans a gap."""
+    out_x, out_y, prev = [], [], None
+    for e, x, y in zip(epochs, xs, ys):
+        if prev is not None and e is not None and e > prev + 1:
+            out_x.append(float("nan"))
+            out_y.append(float("nan"))
+        out_x.append(x)
+        out_y.append(y)
+        prev = e if e is not None else prev
+    return out_x, out_y
+
+
 # -- building the notebook ------------------------------------------------------------
-def report(run, path=None, html=False, store=None) -> Path:
+def report(run, path=None, html=False, store=None, all_versions=False) -> Path:
     """Write a notebook report of ``run`` and return its path.
 
     Parameters
     ----------
-    run : ``NAME@VERSION`` for one run, or ``NAME`` to compare all its versions.
+    run : ``NAME@VERSION``, or ``NAME`` for its latest version.
     path : where to write the ``.ipynb`` (a folder, or a file); default
-        ``<store>/reports/<NAME>@<VERSION>.ipynb`` (``<NAME>.ipynb`` when comparing).
+        ``flor_reports/<NAME>@<VERSION>.ipynb`` in the working directory (beside the notebook, so
+        Jupyter's file browser shows it); ``<NAME>.ipynb`` when comparing versions.
     html : also write a self-contained ``.html`` next to it (same name).
     store : a Store or store path; default ``$FLOR_NB_HOME`` or ``./.flor``.
+    all_versions : compare every version of the run's name (as ``NAME@all`` does).
     """
     st = get_store(store)
+    if all_versions:
+        run = f"{str(run.label if isinstance(run, Run) else run).partition('@')[0]}@all"
     runs = runs_of(run, st)
-    spec = runs[0].label if len(runs) == 1 else runs[0].name
-    out = _target(st, spec, path)
-    builder = _Builder(st, spec, runs)
+    spec = runs[0].label if not str(run).endswith("@all") else f"{runs[0].name}@all"
+    out = _target(spec, path)
+    builder = _Builder(st, spec, runs, _store_ref(st, out.parent))
     nb = new_notebook(cells=builder.build(), metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"},
-        "flor_nb": {"run": spec, "store": str(st.home.resolve())},
+        "flor_nb": {"run": spec, "store": builder.store_ref},
     })
     nbformat.validate(nb)
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(out))
     if html or (path is not None and str(path).endswith(".html")):
         out.with_suffix(".html").write_text(to_html(nb), encoding="utf-8")
-    return out
+    return out.resolve()
+
+
+def _store_ref(st: Store, folder: Path) -> str:
+    """The store's path as the report's code cells should name it: relative to the report's folder
+    (the working directory of a kernel that runs the report), so the two can move together."""
+    try:
+        return Path(os.path.relpath(st.home.resolve(), Path(folder).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): only an absolute path reaches it
+        return str(st.home.resolve())
 
 
 def to_html(nb) -> str:
     """One self-contained HTML page: images inline, no scripts fetched from the network."""
-    from jinja2 import DictLoader
-    from nbconvert import HTMLExporter
-
     # The lab template loads require.js, MathJax and mermaid from a CDN; the report needs none of them.
     offline = ("{%- extends 'index.html.j2' -%}\n{% block html_head_js %}{% endblock %}\n"
                "{% block html_head_js_mathjax %}{% endblock %}\n{% block html_head_js_mermaidjs %}{% endblock %}\n"
@@ -233,8 +263,8 @@ def to_html(nb) -> str:
 class _Builder:
     """Cells of one report, with code cells run in-process so their outputs can be embedded."""
 
-    def __init__(self, store: Store, spec: str, runs: list[Run]):
-        self.store, self.spec, self.runs = store, spec, runs
+    def __init__(self, store: Store, spec: str, runs: list[Run], store_ref: str):
+        self.store, self.spec, self.runs, self.store_ref = store, spec, runs, store_ref
         self.cells: list = []
         self.count = 0
         self.ns: dict = {"__name__": "__flor_report__"}
@@ -242,9 +272,10 @@ class _Builder:
     def md(self, *lines):
         self.cells.append(new_markdown_cell("\n".join(lines)))
 
-    def code(self, source, hidden=False):
+    def code(self, source, hidden=False, run_source=None):
+        """A code cell; ``run_source`` is what runs here to make its outputs, when it must differ."""
         self.count += 1
-        outputs = _execute(source, self.ns, self.count)
+        outputs = _execute(run_source or source, self.ns, self.count)
         meta = {"jupyter": {"source_hidden": True}} if hidden else {}
         self.cells.append(new_code_cell(source, execution_count=self.count, outputs=outputs, metadata=meta))
 
@@ -253,14 +284,18 @@ class _Builder:
         compare = len(runs) > 1
         head = f"Comparing {len(runs)} versions of {runs[0].name}" if compare else f"Run report: {runs[0].label}"
         self.md(f"# {_md(head)}",
-                f"Generated {datetime.now().replace(microsecond=0)} by flor\\_nb from the store {_md(st.home.resolve())}. "
+                f"Generated {datetime.now().replace(microsecond=0)} by flor\\_nb from the store "
+                f"{_md(self.store_ref)} (relative to this report). "
                 "Outputs are embedded; run all cells to rebuild them from the store.",
                 "", "Sections: Summary, Code, Metrics, Checkpoints.")
-        self.code("import flor_nb as flor\n"
-                  "from flor_nb.reporting import checkpoint_table, figure, metric_summary, run_summary\n\n"
-                  f"STORE = {str(st.home.resolve())!r}  # the run store this report reads\n"
-                  f"RUN = {self.spec!r}\n"
-                  "logs = flor.dataframe(run=RUN, store=STORE)", hidden=True)
+        setup = ("import flor_nb as flor\n"
+                 "from flor_nb.reporting import checkpoint_table, figure, metric_summary, run_summary\n\n"
+                 "STORE = @STORE@  # the run store this report reads, relative to this report's folder\n"
+                 f"RUN = {self.spec!r}\n"
+                 "logs = flor.dataframe(run=RUN, store=STORE)")
+        # built here, not from the report's folder: the in-process run reads the store by its full path
+        self.code(setup.replace("@STORE@", repr(self.store_ref)), hidden=True,
+                  run_source=setup.replace("@STORE@", repr(str(st.home.resolve()))))
         self.summary()
         self.code_section()
         self.metrics()
@@ -314,10 +349,10 @@ class _Builder:
         for n, rep in enumerate(reps, start=1):
             fid = rep.get("fidelity") or {}
             verdict = verdict_text(fid) if fid.get("metrics") is not None else f"Replay {rep['status']}: no verdict."
-            ok = "faithful" if fid.get("faithful") else "NOT faithful" if fid else rep["status"]
             dur = "" if rep.get("duration") is None else f" in {rep['duration']:.1f} s"
+            probes = ", ".join(rep["probes"]) or ("none kept" if rep["status"] == "cancelled" else "none")
             lines = [f"#### Replay {n}: epochs {_format_epochs(rep['epochs'])}, probes "
-                     f"{_md(', '.join(rep['probes']) or 'none')} ({_md(ok)})",
+                     f"{_md(probes)} ({_md(_outcome(rep))})",
                      f"{_md(rep['status'].capitalize())}{dur}. {_md(verdict)}", ""]
             diff = probe_diff(r.code, rep["code"])
             lines += ["Edited training cell against the recording:", "", _fence(diff, "diff")] if diff else \
@@ -358,6 +393,18 @@ class _Builder:
         self.code("checkpoint_table(RUN, store=STORE)")
 
 
+def _outcome(rep: dict) -> str:
+    """A replay's outcome in a few words: faithful, with caveats, NOT faithful, cancelled (partial), failed."""
+    fid = rep.get("fidelity") or {}
+    if rep["status"] == "cancelled":
+        kept = (fid.get("cancelled") or {}).get("kept") or []
+        return f"cancelled: partial, epochs {_format_epochs(kept)} kept" if kept else "cancelled: nothing kept"
+    if rep["status"] != "finished" or not fid:
+        return rep["status"]
+    level = fid.get("level", "faithful" if fid.get("faithful") else "not faithful")
+    return {"faithful": "faithful", "caveats": "faithful, with caveats"}.get(level, "NOT faithful")
+
+
 def _execute(source: str, ns: dict, count: int) -> list:
     """Run a cell's source like a kernel would; the value of a final expression becomes its output."""
     tree = ast.parse(source)
@@ -377,10 +424,10 @@ def _execute(source: str, ns: dict, count: int) -> list:
     return [new_output("execute_result", data=data, execution_count=count)]
 
 
-def _target(st: Store, spec: str, path) -> Path:
-    safe = re.sub(r"[^\w@.\-]", "_", spec)
+def _target(spec: str, path) -> Path:
+    safe = re.sub(r"[^\w@.\-]", "_", spec.removesuffix("@all"))
     if path is None:
-        return st.home / "reports" / f"{safe}.ipynb"
+        return Path(REPORTS) / f"{safe}.ipynb"
     out = Path(path)
     if out.is_dir():
         return out / f"{safe}.ipynb"

@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from . import runtime
 from .errors import FlorError, UnknownRunError
 
 SCHEMA_VERSION = 4
@@ -359,6 +362,55 @@ class Store:
             out.append(d)
         return out
 
+    # -- values, probes, housekeeping (store-management additions) --------------
+    def decode(self, text):
+        """A stored log value as Python: a number, a JSON value, or an array artifact loaded from disk."""
+        value = runtime.from_json(text)
+        if isinstance(value, dict) and "__array__" in value:
+            path = self.home / value["__array__"]
+            return np.load(path) if path.exists() else value
+        return value
+
+    def probes_path(self, run: Run) -> Path:
+        return self.home / "probes" / f"{run.name}@{run.version}.json"
+
+    def save_probes(self, run: Run, probes: list[dict]) -> Path:
+        """Remember a run's probes (``probes/NAME@VERSION.json``, written atomically)."""
+        path = self.probes_path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"run": run.label, "probes": list(probes)}, indent=1))
+        os.replace(tmp, path)
+        return path
+
+    def load_probes(self, run: Run) -> list[dict] | None:
+        """The probes remembered for ``run`` as dicts; None if none were ever saved for it."""
+        path = self.probes_path(run)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return []
+        return list(data.get("probes", []))
+
+    def signature(self) -> tuple:
+        """Changes whenever a run is added, deleted or changes status: cheap to poll."""
+        row = self.db.execute("SELECT COUNT(*), GROUP_CONCAT(id || ':' || status || ':' || epochs_completed) "
+                              "FROM runs").fetchone()
+        return tuple(row)
+
+    def recording(self) -> list[Run]:
+        """Runs being recorded right now by a live process (a crashed recorder's runs are reaped)."""
+        return [r for r in self.all_runs() if r.status == "running"]
+
+    def delete_run(self, run_id: int):
+        """Remove a run's rows: logs, series, checkpoints, digests, replays and the run itself."""
+        with self._tx() as db:
+            for table in ("logs", "series", "checkpoints", "digests", "replays"):
+                db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+            db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+
 
 class _Transaction:
     def __init__(self, db):
@@ -395,3 +447,16 @@ def _to_run(row) -> Run:
     for key in _JSON_COLS:
         d[key] = json.loads(d[key]) if d[key] else ({} if key != "deps" else [])
     return Run(**d)
+
+
+_STORES: dict = {}
+
+
+def get_store(store=None) -> Store:
+    """The Store for ``store`` (a Store, a path, or None for ``$FLOR_NB_HOME`` / ``./.flor``), opened once."""
+    if isinstance(store, Store):
+        return store
+    home = str(store or default_home())
+    if home not in _STORES:
+        _STORES[home] = Store(home)
+    return _STORES[home]

@@ -215,6 +215,9 @@ def verdict_text(fidelity: dict) -> str:
     """What a user reads: did the replay reproduce the recording, what was compared, what was not."""
     if "level" not in fidelity:  # a replay stored by flor_nb 0.1
         return _legacy_text(fidelity)
+    cancelled = fidelity.get("cancelled")
+    if cancelled is not None:
+        return _cancelled_text(fidelity, cancelled)
     kinds = fidelity.get("kinds") or {}
     parts = []
     for name, m in fidelity["metrics"].items():
@@ -294,6 +297,22 @@ def _sample(points, most=8) -> str:
     if text.count(",") < most:
         return text
     return f"{format_epochs(points[:4])} ... {format_epochs(points[-3:])} ({len(points)} points)"
+
+
+def _cancelled_text(fidelity: dict, cancelled: dict) -> str:
+    """A cancelled replay: which epochs were kept, and the verdict on those only."""
+    kept, lost = cancelled.get("kept") or [], cancelled.get("lost") or []
+    asked = format_epochs(cancelled.get("requested") or [])
+    if not kept:
+        return (f"Replay cancelled before any epoch's results were kept (asked for epochs {asked}): nothing was "
+                "compared and no values were stored. Replay again, or fewer epochs.")
+    rest = {k: v for k, v in fidelity.items() if k != "cancelled"}
+    if rest.get("level") == CAVEATS and not rest.get("not_captured_read") and not rest["state"].get("unchecked"):
+        rest["level"] = FAITHFUL  # the caveat is the cancellation, said in front
+    head = (f"Cancelled: partial results for epoch{'s' if len(kept) > 1 else ''} {format_epochs(kept)} of {asked}"
+            + (f" (epoch{'s' if len(lost) > 1 else ''} {format_epochs(lost)} did not finish and kept nothing)"
+               if lost else ""))
+    return f"{head}. For the kept epochs: {verdict_text(rest)}"
 
 
 def _legacy_text(fidelity: dict) -> str:

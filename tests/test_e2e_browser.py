@@ -36,12 +36,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _settings(root: Path):
-    """No news toast; widget state saved with the notebook (so results survive reopening)."""
+def _settings(root: Path, save_widget_state: bool = False):
+    """No news toast; widget state saved with the notebook or not (JupyterLab's default: not)."""
     files = {
         "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
                                                                            "checkForUpdates": False},
-        "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings": {"saveState": True},
+        "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings": {"saveState": save_widget_state},
     }
     for rel, data in files.items():
         path = root / rel
@@ -83,7 +83,7 @@ def server(tmp_path_factory):
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"JupyterLab did not start:\n{(base / 'server.log').read_text()[-3000:]}")
                 time.sleep(0.3)
-            yield {"url": url, "token": token, "root": root, "log": base / "server.log"}
+            yield {"url": url, "token": token, "root": root, "log": base / "server.log", "settings": base / "settings"}
         finally:
             for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
                 try:
@@ -137,6 +137,13 @@ def _drive_panel(page, tmp_path: Path, prefix: str):
     panel = page.locator(".flor-panel")
     panel.wait_for(state="visible", timeout=90_000)
     page.locator(".flor-panel .flor-status", has_text="demo@").wait_for(timeout=30_000)
+    # a second front end on the same store records demo@2, which takes over demo@1's probes: start afresh
+    probes = page.locator(".flor-panel .flor-probe")
+    for n in range(probes.count(), 0, -1):
+        page.locator(".flor-panel .widget-hbox", has=page.locator(".flor-probe")).last.locator(
+            "button", has_text="Remove").click()
+        page.wait_for_function(f"() => document.querySelectorAll('.flor-panel .flor-probe').length === {n - 1}",
+                               timeout=15_000)
 
     # a preset: gradient norm, placed after loss.backward() by the panel
     page.locator(".flor-panel .flor-kind select").select_option(label="Gradient norm")
@@ -152,25 +159,206 @@ def _drive_panel(page, tmp_path: Path, prefix: str):
     page.locator(".flor-panel button", has_text="Add probe").click()
     page.locator(".flor-panel .flor-probe", has_text="w0").wait_for(timeout=30_000)
 
-    # epochs 2-3 in the list field, then Replay
-    epochs = page.locator(".flor-panel .flor-epochs input")
-    epochs.fill("2-3")
-    epochs.press("Enter")
+    # epochs 2-3: a drag across them on the curve
+    svg = page.locator(".flor-panel .flor-curve svg")
+    start, end = _epoch_x(svg, 2, 3), _epoch_x(svg, 3, 3)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=5)
+    page.mouse.up()
     page.locator(".flor-panel .flor-estimate", has_text="Replays 2 epochs (2-3)").wait_for(timeout=15_000)
+    assert page.locator(".flor-panel .flor-epochs input").input_value() == "2-3"
     _shot(panel, tmp_path, f"{prefix}-panel-before-replay.png")
-    page.locator(".flor-panel button", has_text="Replay").click()
+    page.locator(".flor-panel button", has_text="Replay").first.click()
 
     table = page.locator(".flor-panel .widget-output table.dataframe")
     table.wait_for(timeout=90_000)
     plot = page.locator(".flor-panel .widget-output img[src^='data:image/png']").first
     plot.wait_for(timeout=30_000)
     page.locator(".flor-panel .flor-verdict", has_text="Faithful").wait_for(timeout=10_000)
+    page.locator(".flor-panel .flor-outcome .flor-badge.ok", has_text="faithful").wait_for(timeout=10_000)
+    # grouped: the epoch-level values first (one row per epoch), then the steps on demand
     headers = table.locator("th").all_inner_texts()
-    assert {"epoch", "step", "grad_norm", "w0", "loss", "acc"} <= set(headers), headers
-    assert table.locator("tbody tr").count() == 2 * (8 + 1)  # 8 steps and one epoch row per epoch
+    assert [h.strip() for h in headers] == ["epoch", "acc"], headers
+    assert table.locator("tbody tr").count() == 2
+    page.locator(".flor-panel .flor-results button", has_text="per step").click()
+    page.wait_for_function("() => document.querySelectorAll('.flor-panel .widget-output table.dataframe tbody tr')"
+                           ".length === 16", timeout=15_000)
+    headers = {h.strip(" \u25c6") for h in table.locator("th").all_inner_texts()}
+    assert {"epoch", "step", "grad_norm", "w0", "loss"} == headers, headers
     assert plot.evaluate("img => img.naturalWidth") > 200
+    bars = _scrollbars(page)
+    assert bars == [], bars
     _shot(panel, tmp_path, f"{prefix}-panel-results.png")
     return panel
+
+
+def _epoch_x(svg, epoch: int, last: int) -> tuple[float, float]:
+    """Page coordinates of an epoch on the curve (the SVG's plot area spans x 58..706 of 720)."""
+    box = svg.bounding_box()
+    x = 58 + epoch * (720 - 58 - 14) / last
+    return box["x"] + x / 720 * box["width"], box["y"] + box["height"] * 0.4
+
+
+def _scrollbars(page) -> list[str]:
+    """Elements inside the panel that scroll sideways (a wide table inside its own box is allowed)."""
+    return page.evaluate("""() => [...document.querySelectorAll('.flor-panel *')]
+        .filter(e => e.scrollWidth > e.clientWidth + 1 && ['auto', 'scroll'].includes(getComputedStyle(e).overflowX))
+        .filter(e => !e.classList.contains('flor-table-wrap'))
+        .map(e => { const r = e.getBoundingClientRect(); const wide = [...e.querySelectorAll('*')]
+            .filter(c => c.getBoundingClientRect().right > r.right + 1).slice(-1)[0];
+            return e.tagName + '.' + [...e.classList].join('.') + ` ${e.scrollWidth}>${e.clientWidth} because `
+                + (wide ? wide.tagName + '.' + [...wide.classList].join('.') + ' ' + wide.getBoundingClientRect().right
+                   + '>' + r.right : '?'); })""")
+
+
+def _error_next_to_the_button(page, tmp_path: Path, prefix: str):
+    """A probe that raises in epoch 2: the traceback shows right under the Replay button, marked failed."""
+    box = page.locator(".flor-panel .flor-code-box textarea")
+    page.locator(".flor-panel .flor-lines select").select_option(index=10)
+    box.fill('flor.log("ratio", acc / (epoch - 2))')
+    page.locator(".flor-panel button", has_text="Add probe").click()
+    page.locator(".flor-panel .flor-probe", has_text="ratio").wait_for(timeout=30_000)
+    epochs = page.locator(".flor-panel .flor-epochs input")
+    epochs.fill("2")
+    epochs.press("Enter")
+    page.locator(".flor-panel .flor-estimate", has_text="Replays 1 epoch (2)").wait_for(timeout=15_000)
+    page.locator(".flor-panel button", has_text="Replay").first.click()
+    error = page.locator(".flor-panel .flor-replay-msg .flor-error", has_text="ZeroDivisionError")
+    error.wait_for(timeout=90_000)
+    page.locator(".flor-panel .flor-outcome .flor-badge.bad", has_text="failed in epoch 2").wait_for(timeout=10_000)
+    button = page.locator(".flor-panel button", has_text="Replay").first.bounding_box()
+    where = error.bounding_box()
+    assert 0 <= where["y"] - (button["y"] + button["height"]) < 120, (button, where)
+    _shot(page.locator(".flor-panel .flor-replay-msg").locator(".."), tmp_path, f"{prefix}-error-at-button.png")
+    row = page.locator(".flor-panel .widget-hbox", has=page.locator(".flor-probe", has_text="ratio")).last
+    row.locator("button", has_text="Remove").click()
+    page.locator(".flor-panel .flor-probe", has_text="ratio").wait_for(state="detached", timeout=30_000)
+
+
+def _contrast(locator) -> float:
+    """WCAG contrast of an element's text against the first opaque background behind it."""
+    return locator.evaluate("""el => {
+        const rgba = c => { const m = c.match(/[\\d.]+/g).map(Number); return m.length > 3 ? m : [...m, 1]; };
+        const lum = ([r, g, b]) => { const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92
+            : Math.pow((v + 0.055) / 1.055, 2.4); }; return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+        let node = el, bg = null;
+        while (node && node.nodeType === 1) {
+            const c = rgba(getComputedStyle(node).backgroundColor);
+            if (c[3] > 0.99) { bg = c; break; }
+            node = node.parentElement;
+        }
+        bg = bg || [255, 255, 255, 1];
+        const fg = rgba(getComputedStyle(el).color);
+        const mix = fg.slice(0, 3).map((v, i) => v * fg[3] + bg[i] * (1 - fg[3]));
+        const [a, b] = [lum(mix), lum(bg)].sort((x, y) => y - x);
+        return (a + 0.05) / (b + 0.05);
+    }""")
+
+
+def _plot_luminance(locator, tmp_path: Path, name: str) -> float:
+    from PIL import Image, ImageStat
+
+    path = _shot(locator, tmp_path, name)
+    return ImageStat.Stat(Image.open(path).convert("L")).mean[0]
+
+
+def _dark_theme(page, tmp_path: Path, prefix: str):
+    """In the dark theme: probe headers readable (WCAG >= 4.5), plots dark, not white blocks."""
+    plot = page.locator(".flor-panel .flor-plot img[src^='data:image/png']").first
+    light = _plot_luminance(plot, tmp_path, f"{prefix}-plot-light.png")
+    corner = plot.evaluate("""img => { const c = document.createElement('canvas'); c.width = img.naturalWidth;
+        c.height = img.naturalHeight; const x = c.getContext('2d'); x.drawImage(img, 0, 0);
+        return x.getImageData(2, 2, 1, 1).data[3]; }""")
+    assert corner == 0, "plot backgrounds are transparent"
+    page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+    page.wait_for_timeout(1000)
+    header = page.locator(".flor-panel table.dataframe th.probe").first
+    assert _contrast(header) >= 4.5, _contrast(header)
+    for selector in (".flor-panel .flor-verdict", ".flor-panel .flor-estimate", ".flor-panel .flor-status"):
+        assert _contrast(page.locator(selector).first) >= 4.5, selector
+    assert "invert" in plot.evaluate("img => getComputedStyle(img).filter")
+    dark = _plot_luminance(plot, tmp_path, f"{prefix}-plot-dark.png")
+    assert light > 180 and dark < 80, (light, dark)
+    _shot(page.locator(".flor-panel"), tmp_path, f"{prefix}-panel-dark.png")
+    _shot(page.locator(".flor-panel .flor-results"), tmp_path, f"{prefix}-results-dark.png")
+    page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})")
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'true'", timeout=30_000)
+
+
+def _cancel_keeps_finished_epochs(page, tmp_path: Path, prefix: str):
+    """The slow run: cancel once epoch 0's segment is kept; its values show under a partial-results banner."""
+    page.locator(".flor-panel .flor-runs select option", has_text="slow@1").click()
+    page.locator(".flor-panel .flor-status", has_text="slow@1").wait_for(timeout=30_000)
+    epochs = page.locator(".flor-panel .flor-epochs input")
+    epochs.fill("0,2-4")
+    epochs.press("Enter")
+    page.locator(".flor-panel .flor-estimate", has_text="Replays 4 epochs (0,2-4)").wait_for(timeout=15_000)
+    page.locator(".flor-panel button", has_text="Replay").first.click()
+    page.locator(".flor-panel .flor-chips span.done", has_text="epoch 0").wait_for(timeout=90_000)
+    page.locator(".flor-panel button", has_text="Cancel").click()
+    banner = page.locator(".flor-panel .flor-verdict.warn", has_text="Cancelled: partial results for epoch 0")
+    banner.wait_for(timeout=60_000)
+    assert page.locator(".flor-panel .flor-verdict.ok").count() == 0
+    page.locator(".flor-panel .flor-outcome .flor-badge.warn", has_text="partial").wait_for(timeout=10_000)
+    rows = page.locator(".flor-panel .widget-output table.dataframe tbody tr")
+    assert rows.count() == 1 and rows.first.locator("td").first.inner_text() == "0"
+    assert page.locator(".flor-panel .flor-chips span.lost").count() >= 1
+    _shot(page.locator(".flor-panel .flor-results").locator(".."), tmp_path, f"{prefix}-cancelled.png")
+
+
+def _report_from_the_file_browser(page, server, tmp_path: Path):
+    """Write report -> a link in the panel, and flor_reports/ in the file browser opens the report."""
+    page.locator(".flor-panel .flor-runs select option", has_text="demo@1").click()
+    page.locator(".flor-panel .flor-status", has_text="demo@1").wait_for(timeout=30_000)
+    page.locator(".flor-panel button", has_text="Write report").click()
+    link = page.locator(".flor-panel a.flor-report-link")
+    link.wait_for(timeout=60_000)
+    assert link.get_attribute("href") == "flor_reports/demo@1.ipynb"
+    assert (server["root"] / "flor_reports" / "demo@1.html").exists()
+    page.evaluate("window.jupyterapp.commands.execute('filebrowser:activate')")
+    page.evaluate("window.jupyterapp.commands.execute('filebrowser:go-to-path', {path: '/'})")
+    folder = page.locator(".jp-DirListing-item", has_text="flor_reports")
+    folder.wait_for(timeout=30_000)
+    folder.dblclick()
+    item = page.locator(".jp-DirListing-item", has_text="demo@1.ipynb")
+    item.wait_for(timeout=30_000)
+    item.dblclick()
+    report = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-RenderedMarkdown h1",
+                          has_text="Run report: demo@1")
+    report.wait_for(timeout=60_000)
+    _shot(page, tmp_path, "lab-report-opened.png")
+    page.evaluate("window.jupyterapp.commands.execute('application:close')")  # back to panel.ipynb
+    discard = page.locator(".jp-Dialog button", has_text="Discard")
+    try:
+        discard.click(timeout=3000)
+    except playwright_api.TimeoutError:
+        pass
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .flor-panel").wait_for(timeout=30_000)
+
+
+def _static_after_shutdown(page, server, tmp_path: Path, prefix: str, expect: str):
+    """Widget state not saved (JupyterLab's default): after shutdown and reload the static copy remains."""
+    saved = server["root"] / "panel.ipynb"
+    deadline, text = time.time() + 30, ""
+    while time.time() < deadline and not ("flor-static" in text and expect in text):
+        # the static copy is updated right after the panel (its plots take a moment): save until it is in
+        page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+        time.sleep(1)
+        text = saved.read_text()
+    nb = json.loads(text)
+    assert "application/vnd.jupyter.widget-state+json" not in json.dumps(nb.get("metadata", {}))
+    assert "flor-static" in text and "table class=" in text and expect in text
+    for session in _api(server, "GET", "/api/sessions"):
+        if session["path"].endswith("panel.ipynb"):
+            _api(server, "DELETE", f"/api/sessions/{session['id']}")
+    page.reload()
+    static = page.locator(".flor-static")
+    static.wait_for(state="visible", timeout=60_000)
+    assert static.locator("table.dataframe").count() >= 1 and static.locator("img.flor-plot").count() >= 1
+    assert expect in static.inner_text()
+    _shot(static, tmp_path, f"{prefix}-static-after-reload.png")
 
 
 def _api(server, method, path):
@@ -180,43 +368,37 @@ def _api(server, method, path):
     return json.loads(body) if body else None
 
 
-@pytest.mark.timeout(150)
-def test_jupyterlab_panel_replays_two_epochs(server, browser, tmp_path):
+@pytest.mark.timeout(300)
+def test_jupyterlab_panel_journey(server, browser, tmp_path):
+    """Record -> panel -> replay -> error -> dark theme -> cancel -> report -> save, shut down, reload."""
     page = browser.new_page(viewport={"width": 1400, "height": 3600})
     try:
         page.goto(f"{server['url']}/lab/tree/panel.ipynb?token={server['token']}")
         _use_panel(page, tmp_path, "lab")
-        _shot(page.locator(".flor-panel .flor-results"), tmp_path, "lab-results.png")
-        _shot(page, tmp_path, "lab-page.png")
-
-        # saved with its widget state, the notebook keeps the results (table and PNG) ...
-        page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
-        saved = server["root"] / "panel.ipynb"
-        deadline, text = time.time() + 20, ""
-        while time.time() < deadline and "image/png" not in text:
-            time.sleep(0.5)
-            nb = json.loads(saved.read_text())
-            text = json.dumps(nb.get("metadata", {}).get("widgets", {}))
-        assert "image/png" in text and "table class=" in text and "dataframe" in text
-
-        # ... and shows them again after the kernel is gone and the notebook is reopened
-        for session in _api(server, "GET", "/api/sessions"):
-            if session["path"].endswith("panel.ipynb"):
-                _api(server, "DELETE", f"/api/sessions/{session['id']}")
-        page.reload()
-        page.locator(".flor-panel .widget-output table.dataframe").wait_for(timeout=60_000)
-        page.locator(".flor-panel .widget-output img[src^='data:image/png']").first.wait_for(timeout=30_000)
-        assert page.locator(".flor-panel .flor-verdict", has_text="Faithful").count() == 1
-        _shot(page.locator(".flor-panel"), tmp_path, "lab-reopened.png")
+        _dark_theme(page, tmp_path, "lab")
+        _error_next_to_the_button(page, tmp_path, "lab")
+        _cancel_keeps_finished_epochs(page, tmp_path, "lab")
+        _report_from_the_file_browser(page, server, tmp_path)
+        _static_after_shutdown(page, server, tmp_path, "lab", expect="Faithful replay")
+    except BaseException:
+        _shot(page, tmp_path, "lab-failure.png")
+        raise
     finally:
         page.close()
 
 
-@pytest.mark.timeout(150)
-def test_notebook7_panel_replays_two_epochs(server, browser, tmp_path):
+@pytest.mark.timeout(240)
+def test_notebook7_panel_journey(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 3600})
     try:
         page.goto(f"{server['url']}/notebooks/panel.ipynb?token={server['token']}")
         _use_panel(page, tmp_path, "nb7")
+        _dark_theme(page, tmp_path, "nb7")
+        _error_next_to_the_button(page, tmp_path, "nb7")
+        _cancel_keeps_finished_epochs(page, tmp_path, "nb7")
+        _static_after_shutdown(page, server, tmp_path, "nb7", expect="Cancelled: partial results for epoch 0")
+    except BaseException:
+        _shot(page, tmp_path, "nb7-failure.png")
+        raise
     finally:
         page.close()

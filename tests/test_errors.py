@@ -26,8 +26,9 @@ def test_unknown_run_lists_known(recorded, store):
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("1-x", "Bad epoch spec"),
-    ("4-2", "first epoch must not exceed"),
+    ("1-x", "Bad epochs '1-x': '1-x' is not an epoch number or a range.*small@1 has epochs 0-4"),
+    ("3-", r"the range '3-' has no last epoch \(did you mean 3-4\?\)"),
+    ("4-2", "it runs backwards. Write 2-4"),
     ("7", "out of range: small@1 completed epochs 0-4"),
     ("2,5", "Epoch 5 is out of range"),
 ])

@@ -223,3 +223,84 @@ def test_args_belong_to_the_run_that_set_them(ip):
     probe = TRAIN.replace("range(4)", "range(flor.arg('epochs', 4))") + "    flor.log('lr_arg', flor.arg('lr', 9.0))\n"
     df = run(ip, "%%flor replay a --epochs 1 --no-progress\n" + probe)
     assert df["lr_arg"].dropna().tolist() == [0.05]  # replay still returns the run's recorded args
+
+
+@pytest.mark.parametrize("line", [
+    "%%flor record --help\nfor epoch in range(2):\n    raise SystemExit('the cell must not run')",
+    "%%flor replay --help\nfor epoch in range(2):\n    pass",
+    "%flor runs --help", "%flor ui --help", "%flor report -h", "%flor rm --help", "%flor du --help",
+    "%flor gc --help", "%flor --help",
+])
+def test_every_magic_has_help(ip, capsys, line):
+    assert run(ip, line) is None
+    out = capsys.readouterr().out
+    command = line.split()[1].lstrip("-")
+    if command == "help":
+        assert "%flor rm NAME[@VERSION]" in out and "Every command takes --help" in out
+    else:
+        prefix = "%%" if command in ("record", "replay") else "%"
+        assert f"  {prefix}flor {command} [--store STORE]" in out, out
+        assert "options:" in out and "--store STORE" in out and "unrecognized" not in out
+    if command == "record":
+        assert "--name" in out and "--overhead" in out and "Record the training cell below" in out
+
+
+def _two_runs(ip):
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name keep --no-progress\n" + TRAIN)
+    run(ip, "%%flor record --name gone --no-progress\n" + TRAIN.replace("range(4)", "range(3)"))
+
+
+def test_rm_du_gc(ip, capsys, store):
+    _two_runs(ip)
+    runs = run(ip, "%flor runs")
+    assert {"size_mb", "frees_mb", "last.loss", "last.last"} <= set(runs.columns)
+    assert (runs["size_mb"] > 0).all() and (runs["frees_mb"] <= runs["size_mb"]).all()
+    du = run(ip, "%flor du")
+    assert list(du["what"][:2]) == ["keep@1", "gone@1"] and du["what"].iloc[-1].startswith("total")
+    capsys.readouterr()
+    run(ip, "%flor rm gone")
+    out = capsys.readouterr().out
+    assert out.startswith("flor_nb: deleted gone@1; freed ") and (" kB" in out or " MB" in out), out
+    assert [r.label for r in store.all_runs()] == ["keep@1"]
+    assert not (store.home / "checkpoints" / "gone@1").exists()
+    with pytest.raises(UsageError, match="No run 'gone'"):
+        run(ip, "%flor rm gone")
+    run(ip, "%flor gc")
+    assert "freed 0 B" in capsys.readouterr().out  # rm collected already
+    df = run(ip, "%%flor replay keep --epochs 1-2 --no-progress\n" + TRAIN)  # what is left still replays
+    assert df.attrs["fidelity"]["faithful"]
+
+
+def test_report_magic_links_the_report_beside_the_notebook(ip, capsys, store, tmp_path):
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name rep --no-progress\n" + TRAIN)
+    run(ip, "%%flor record --name rep --no-progress\n" + TRAIN)
+    outs = []
+    ip.display_pub.publish = lambda data, **kw: outs.append(data)
+    run(ip, "%flor report rep --html")
+    assert "report written to flor_reports/rep@2.ipynb and flor_reports/rep@2.html" in capsys.readouterr().out
+    assert any('href="flor_reports/rep@2.ipynb"' in d.get("text/html", "") for d in outs)
+    assert (tmp_path / "flor_reports" / "rep@2.html").exists()
+    run(ip, "%flor report rep --all-versions")
+    assert (tmp_path / "flor_reports" / "rep.ipynb").exists()
+
+
+def test_wrong_run_leaves_no_empty_progress_bar(ip, capsys):
+    with pytest.raises(UsageError, match="No run 'nope'"):
+        run(ip, "%%flor replay nope --epochs 1\nfor e in range(2):\n    pass")
+    captured = capsys.readouterr()
+    assert "0/?" not in captured.err + captured.out and "replay nope" not in captured.err
+
+
+def test_unknown_names_in_dataframe_say_what_was_logged(ip):
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name names --no-progress\n" + TRAIN)
+    flor = ip.user_ns["flor"]
+    with pytest.raises(flor.api.UnknownNameError, match=r"No values logged as 'losss' in run names.*"
+                                                         r"Logged names: last, loss\. Did you mean 'loss'"):
+        flor.dataframe("losss", run="names")
+    assert len(flor.dataframe("loss", run="names")) == 12

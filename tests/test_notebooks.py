@@ -49,7 +49,7 @@ def test_quickstart(store, tmp_path):
     assert "Faithful replay" in norms and "weight_norm" in norms
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(nb, "%flor ui"))
     assert "report written to" in text(outputs(nb, "%flor report"))
-    assert (store.home / "reports" / "digits@1.ipynb").exists() and (store.home / "reports" / "digits@1.html").exists()
+    assert (tmp_path / "flor_reports" / "digits@1.ipynb").exists() and (tmp_path / "flor_reports" / "digits@1.html").exists()
 
 
 RECORD = [

@@ -41,11 +41,27 @@ def test_editable_install_maps_the_folders():
 
 
 @pytest.mark.timeout(300)
-def test_readme_demo_command(tmp_path):
-    """The README's first command: record, replay with a probe (faithful), write a report."""
-    out = subprocess.run([sys.executable, "-m", "flor_nb.demo", "--epochs", "4", "--store", str(tmp_path / "s")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=280)
+def test_readme_demo_command_without_scikit_learn(tmp_path):
+    """The README's first command after a plain `pip install flor_nb` (no scikit-learn): record, replay with a
+    probe (faithful), write a report beside the working directory."""
+    block = ("import sys, runpy; sys.modules['sklearn'] = None; sys.argv = ['flor_nb.demo', '--epochs', '4', "
+             f"'--store', {str(tmp_path / 's')!r}]; runpy.run_module('flor_nb.demo', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path, timeout=280)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "scikit-learn is not installed" in out.stdout and "synthetic 8x8 digits" in out.stdout
     assert "flor_nb: finished digits@1: 4 epochs" in out.stdout
     assert "Faithful replay: recorded metrics reproduced exactly" in out.stdout
-    assert (tmp_path / "s" / "reports" / "digits@1.ipynb").exists() and (tmp_path / "s" / "reports" / "digits@1.html").exists()
+    assert "Report: flor_reports/digits@1.ipynb" in out.stdout
+    assert (tmp_path / "flor_reports" / "digits@1.ipynb").exists() and (tmp_path / "flor_reports" / "digits@1.html").exists()
+
+
+def test_packaging_metadata():
+    """A license file and an SPDX license (no setuptools deprecation warnings); every import declared."""
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == "Apache-2.0" and meta["license-files"] == ["LICENSE"]
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    deps = " ".join(meta["dependencies"])
+    for name in ("jinja2", "anywidget", "torch>=2.3"):
+        assert name in deps

@@ -1,4 +1,5 @@
-"""flor_nb.probes: placing probes in a recorded cell, checking them before replay, presets, memory, estimate."""
+"""Probes: placing them in a recorded cell (probes), checking them before replay (probe_check), presets,
+memory (the store), and what a replay would do (plan.estimate via api.estimate)."""
 from __future__ import annotations
 
 import pickle
@@ -6,6 +7,9 @@ import pickle
 import pytest
 
 import flor_nb as flor
+from flor_nb import api, plan
+from flor_nb import presets as PS
+from flor_nb import probe_check as C
 from flor_nb import probes as P
 from flor_nb.errors import FlorError
 from flor_nb.instrument import added_lines
@@ -48,7 +52,7 @@ def test_insertion_point_moves_to_the_end_of_a_statement_and_lists_levels(record
 
 
 def test_check_reports_syntax_errors_at_the_probe_line(recorded):
-    problems = P.check(recorded, [P.Probe(8, "flor.log('gn', grad_norm(model)")])
+    problems = C.check(recorded, [P.Probe(8, "flor.log('gn', grad_norm(model)")])
     assert len(problems) == 1
     assert problems[0].kind == "syntax" and problems[0].line == 8 and problems[0].probe == 0
     assert "never closed" in problems[0].message
@@ -57,37 +61,37 @@ def test_check_reports_syntax_errors_at_the_probe_line(recorded):
 def test_check_reports_undefined_names_but_knows_the_run(recorded):
     ok = P.Probe(8, "flor.log('x', grad_norm(model) + loss.item() + EPOCHS + len(history) + np.pi)")
     bad = P.Probe(13, "flor.log('x', gradnorm(model) + undefined_thing)")
-    problems = P.check(recorded, [ok, bad])
+    problems = C.check(recorded, [ok, bad])
     assert [(p.probe, p.kind, p.line) for p in problems] == [(1, "name", 13)]
     assert "gradnorm, undefined_thing" in problems[0].message
 
 
 def test_check_rejects_a_probe_that_would_become_the_loop(recorded):
-    problems = P.check(recorded, [P.Probe(3, "for i in range(2): flor.log('i', i)")])
+    problems = C.check(recorded, [P.Probe(3, "for i in range(2): flor.log('i', i)")])
     assert problems and problems[0].kind == "loop" and "comprehension" in problems[0].message
 
 
 def test_check_blames_a_bad_indentation_on_its_probe(recorded):
-    problems = P.check(recorded, [P.Probe(5, "x = 1", indent=0)])
+    problems = C.check(recorded, [P.Probe(5, "x = 1", indent=0)])
     assert problems[0].probe == 0 and problems[0].kind == "syntax" and "indentation" in problems[0].message
-    with pytest.raises(P.ProbeError) as e:
-        P.edited_code(recorded, [P.Probe(5, "x = 1", indent=0)])
+    with pytest.raises(C.ProbeError) as e:
+        C.edited_code(recorded, [P.Probe(5, "x = 1", indent=0)])
     assert e.value.problems[0].line == 5
     assert pickle.loads(pickle.dumps(e.value)).problems[0].line == 5
 
 
 def test_presets_fill_in_the_run_and_replay_faithfully(recorded, store):
-    objs = P.objects(recorded, store)
+    objs = PS.objects(recorded, store)
     assert objs["model"] == {"kind": "module", "modules": ["", "0", "3"]}
     assert objs["opt"]["kind"] == "optimizer"
-    probes = [P.preset(recorded, key, objs=objs) for key in P.PRESETS]
+    probes = [PS.preset(recorded, key, objs=objs) for key in PS.PRESETS]
     by_key = {p.preset: p for p in probes}
     assert by_key["grad_norm"].line == 8 and "model.parameters()" in by_key["grad_norm"].code
     assert by_key["lr"].code == 'flor.log("lr", opt.param_groups[0]["lr"])' and by_key["lr"].indent == 4
     assert by_key["activation"].line == 6 and 'get_submodule("0")' in by_key["activation"].code
     assert by_key["class_acc"].params == {"name": "class_acc", "outputs": "model(X)", "labels": "y"}
-    assert P.check(recorded, probes) == []
-    df = flor.replay("small", code=P.edited_code(recorded, probes), epochs="1,3")
+    assert C.check(recorded, probes) == []
+    df = flor.replay("small", code=C.edited_code(recorded, probes), epochs="1,3")
     assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
     lr = df.dropna(subset=["lr"]).set_index("epoch")["lr"]
     assert lr.to_dict() == {1: 0.05, 3: 0.025}  # StepLR halves it every 2 epochs; logged after sched.step()
@@ -102,15 +106,15 @@ def test_presets_fill_in_the_run_and_replay_faithfully(recorded, store):
 
 
 def test_preset_parameters_can_be_changed(recorded):
-    p = P.preset(recorded, "activation", {"module": "3", "name": "logits"}, line=5)
+    p = PS.preset(recorded, "activation", {"module": "3", "name": "logits"}, line=5)
     assert p.line == 5 and p.params["module"] == "3"
     assert 'flor.log("logits.mean"' in p.code and 'get_submodule("3")' in p.code
     with pytest.raises(FlorError, match="Presets: grad_norm"):
-        P.preset(recorded, "nope")
+        PS.preset(recorded, "nope")
 
 
 def test_probes_are_remembered_per_run_version(recorded, store):
-    probes = [P.Probe(8, 'flor.log("gn", grad_norm(model))'), P.preset(recorded, "lr")]
+    probes = [P.Probe(8, 'flor.log("gn", grad_norm(model))'), PS.preset(recorded, "lr")]
     path = P.save(recorded, probes, store)
     assert path == store.home / "probes" / "small@1.json"
     assert P.load(recorded, store) == probes
@@ -119,38 +123,38 @@ def test_probes_are_remembered_per_run_version(recorded, store):
 
 
 def test_estimate_says_what_replay_will_do(recorded, store):
-    est = P.estimate(recorded, [P.Probe(8, 'flor.log("gn", grad_norm(model))')], "1,3-4", 1, store)
+    est = api.estimate(recorded, [P.Probe(8, 'flor.log("gn", grad_norm(model))')], "1,3-4", 1, store)
     assert est["epochs"] == [1, 3, 4] and est["workers"] == 1
     assert "Replays 3 epochs (1,3-4) of small@1 with 1 worker" in est["text"]
     assert "epochs 3-4 from the checkpoint after epoch 2" in est["text"]
-    assert est["step_loop"] == "runs in full in epochs 1,3-4 (gn logs inside it)"
+    assert est["step_loop"] == "run in epochs 1,3-4 (gn logs at every step)"
     assert "a recorded epoch took" in est["text"]
-    est = P.estimate(recorded, [P.preset(recorded, "lr")], "2", None, store)
+    est = api.estimate(recorded, [PS.preset(recorded, "lr")], "2", None, store)
     assert est["step_loop"].startswith("skipped in every epoch") and est["workers"] == 1
     assert est["order"] == [2] and est["modes"] == {2: "skip"}
-    with pytest.raises(P.ProbeError):
-        P.estimate(recorded, [P.Probe(8, "flor.log(")], "2", None, store)
+    with pytest.raises(C.ProbeError):
+        api.estimate(recorded, [P.Probe(8, "flor.log(")], "2", None, store)
     with pytest.raises(FlorError, match="out of range"):
-        P.estimate(recorded, [], "9", None, store)
+        api.estimate(recorded, [], "9", None, store)
 
 
 def test_runs_table_and_last_result(recorded, store):
-    table = P.runs_table(store)
+    table = api.runs(store)
     assert table.loc[0, "name"] == "small" and table.loc[0, "arg.lr"] == 0.1
     assert 0 < table.loc[0, "last.acc"] <= 1 and "last.loss" in table
-    assert P.last_result(recorded, store) is None
-    df = flor.replay("small", code=P.edited_code(recorded, [P.Probe(8, 'flor.log("gn", grad_norm(model))')]),
+    assert api.last_result(recorded, store) is None
+    df = flor.replay("small", code=C.edited_code(recorded, [P.Probe(8, 'flor.log("gn", grad_norm(model))')]),
                      epochs="2-3")
-    again = P.last_result(recorded, store)
+    again = api.last_result(recorded, store)
     assert again.attrs["verdict"] == df.attrs["verdict"] and again.attrs["probes"] == ["gn"]
     assert list(again["gn"].dropna()) == list(df["gn"].dropna())
     assert list(again["loss"].dropna()) == list(df["loss"].dropna())
-    rec = P.recorded(recorded, store)
+    rec = api.recorded(recorded, store)
     assert set(rec["name"]) == {"loss", "acc"} and len(rec) == 5 * 6 + 5
 
 
 def test_format_helpers():
-    assert P.format_epochs([1, 4, 7, 8, 9]) == "1,4,7-9"
-    assert parse_epochs(P.format_epochs([0, 2, 3]), 5) == [0, 2, 3]
-    assert P.format_seconds(0.0123) == "12 ms" and P.format_seconds(75) == "75 s"
-    assert P.format_seconds(3725) == "1 h 02 min"
+    assert plan.format_epochs([1, 4, 7, 8, 9]) == "1,4,7-9"
+    assert parse_epochs(plan.format_epochs([0, 2, 3]), 5) == [0, 2, 3]
+    assert plan.format_seconds(0.0123) == "12 ms" and plan.format_seconds(75) == "75 s"
+    assert plan.format_seconds(3725) == "1 h 02 min"

@@ -8,7 +8,7 @@ from conftest import SETUP, TRAIN
 
 import flor_nb as flor
 from flor_nb import plots as engine_plots
-from flor_nb import probes as P
+from flor_nb import api
 
 HELPER = '''
 def log_halves(xb):
@@ -59,7 +59,7 @@ def test_replay_result_keeps_every_value_and_plots_them(halves, store):
     table = results.table_html(df, ["half_max"])
     assert ">seq</th>" in table and "26 rows" in table  # 2 epoch-level rows and 24 step values
     assert engine_plots.probe_png(df)[:4] == b"\x89PNG"
-    again = P.last_result(halves, store)
+    again = api.last_result(halves, store)
     assert again["half_max"].dropna().tolist() == steps["half_max"].tolist()
 
 

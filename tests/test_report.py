@@ -42,9 +42,11 @@ def _png_size(b64: str) -> tuple[int, int]:
 
 def test_report_notebook_holds_the_run(history):
     path = flor.report("small@1")
-    assert path == history.home / "reports" / "small@1.ipynb"
+    assert path == Path.cwd() / "flor_reports" / "small@1.ipynb"  # beside the notebook, where Jupyter shows it
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    assert str(history.home.resolve()) not in path.read_text()  # no absolute store path
+    assert "STORE = '../.flor'" in nb.cells[1].source and nb.metadata["flor_nb"]["store"] == "../.flor"
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     for heading in ("# Run report: small@1", "## Summary", "## Code", "## Metrics", "## Checkpoints"):
         assert heading in markdown
@@ -87,11 +89,16 @@ def test_report_reexecutes_to_the_same_tables(history, tmp_path, monkeypatch):
     path = flor.report("small@1")
     nb = nbformat.read(path, as_version=4)
     embedded = {i: o.data for i, o in _outputs(nb)}
-    # A fresh kernel that could only find the store through the paths written in the report.
+    # The report and the store moved together to another folder: a fresh kernel, started in the report's
+    # folder as Jupyter does, finds the store only through the relative path written in the report.
     monkeypatch.delenv("FLOR_NB_HOME")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(elsewhere)}}).execute()
+    shutil.copytree(history.home, elsewhere / ".flor")
+    shutil.copytree(path.parent, elsewhere / "flor_reports")
+    shutil.rmtree(history.home)
+    NotebookClient(nb, kernel_name="python3", timeout=120,
+                   resources={"metadata": {"path": str(elsewhere / "flor_reports")}}).execute()
     executed = {i: o.data for i, o in _outputs(nb) if o.output_type == "execute_result"}
     assert set(executed) == set(embedded)
     tables = [i for i, data in embedded.items() if "text/html" in data]
@@ -102,14 +109,14 @@ def test_report_reexecutes_to_the_same_tables(history, tmp_path, monkeypatch):
     for i, data in embedded.items():
         if "image/png" in data:
             assert _png_size(executed[i]["image/png"])[0] > 300
-    assert not (elsewhere / ".flor").exists()
+    assert not (elsewhere / "flor_reports" / ".flor").exists()
 
 
 def test_html_report_shows_plots_and_keeps_logged_strings_inert(history, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    path = flor.report("small", html=True)
-    assert path == history.home / "reports" / "small.ipynb"
+    path = flor.report("small", html=True, all_versions=True)
+    assert path == Path.cwd() / "flor_reports" / "small.ipynb"
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.cells[0].source.startswith("# Comparing 2 versions of small")
@@ -147,3 +154,34 @@ def test_report_of_a_single_version_name_and_unknown_run(recorded, store, tmp_pa
     assert nbformat.read(path, as_version=4).cells[0].source.startswith("# Run report: small@1")
     with pytest.raises(FlorError, match="Known runs: small@1"):
         flor.report("nope")
+
+
+def test_a_bare_name_reports_the_latest_version(history):
+    nb = nbformat.read(flor.report("small"), as_version=4)
+    assert nb.cells[0].source.startswith("# Run report: small@2")
+
+
+def test_cancelled_replay_is_reported_as_partial(recorded, store):
+    from flor_nb.executor import ReplayCancelled
+
+    class CancelAtOnce:  # an executor (see flor_nb.executor) whose user pressed Cancel before any segment ended
+        def run(self, fn, tasks, on_event=None):
+            raise ReplayCancelled("Replay cancelled.", [None] * len(tasks))
+
+        def cancel(self):
+            pass
+
+    with pytest.raises(ReplayCancelled) as e:
+        flor.replay("small", code=PROBE, epochs="1-2", store=store, executor=CancelAtOnce())
+    assert e.value.result.empty and e.value.result.attrs["fidelity"]["level"] == "caveats"
+    assert e.value.result.attrs["verdict"].startswith("Replay cancelled before any epoch's results were kept")
+    markdown = "\n".join(c.source for c in nbformat.read(flor.report("small@1"), as_version=4).cells)
+    assert "Replay 1: epochs 1-2, probes none kept (cancelled: nothing kept)" in markdown
+    assert "(faithful)" not in markdown
+
+
+def test_plots_break_where_epochs_were_not_replayed():
+    from flor_nb.reporting import _break_gaps
+
+    xs, ys = _break_gaps([1, 1, 3, 3], [10, 11, 30, 31], [0.1, 0.2, 0.3, 0.4])
+    assert xs[:2] == [10, 11] and xs[3:] == [30, 31] and ys[2] != ys[2]  # NaN between epochs 1 and 3

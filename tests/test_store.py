@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 import flor_nb as flor
 
@@ -39,3 +40,71 @@ def test_values_round_trip(store):
     assert np.array_equal(wide["weights"].iloc[2], np.arange(4.0) + 2)
     steps = [r["step"] for r in rows if r["run_id"] == run.id and r["epoch"] == 0 and r["name"] == "count"]
     assert steps == list(range(40))
+
+
+def _record(store, name, epochs=3):
+    from conftest import SETUP, TRAIN, setup_namespace
+
+    ns = setup_namespace(epochs)
+    return flor.record(TRAIN, name=name, namespace=ns, cells=[f"EPOCHS = {epochs}\n{SETUP}"], store=store,
+                       overhead=float("inf"))
+
+
+def _blobs(store):
+    return {p.name for p in (store.home / "blobs").glob("*/*")}
+
+
+def test_delete_keeps_the_blobs_another_run_shares(store):
+    from flor_nb import checkpoint, disk
+
+    a, b = _record(store, "a"), _record(store, "b")
+    usage = {u.run.label: u for u in disk.usage(store).runs}
+    shared = usage["a@1"].blobs & usage["b@1"].blobs
+    assert shared, "same seed, same initial weights: the runs share blobs"
+    table = flor.runs(store)
+    row = table[table["name"] == "a"].iloc[0]
+    assert 0 < row["frees_mb"] < row["size_mb"]  # deleting a frees less than its size: b holds the shared part
+    freed = flor.delete("a", store=store)
+    assert freed.runs == ["a@1"] and freed.bytes > 0 and str(freed).startswith("flor_nb: deleted a@1; freed ")
+    assert [r.label for r in store.all_runs()] == ["b@1"]
+    left = _blobs(store)
+    assert shared <= left and usage["b@1"].blobs <= left
+    assert not (usage["a@1"].blobs - usage["b@1"].blobs) & left  # a's own blobs are gone
+    for rel in [c["path"] for c in store.checkpoints(b.id).values()]:
+        checkpoint.read(store.home, rel)  # every blob b needs is there
+    df = flor.replay("b", epochs="1-2", store=store)
+    assert df.attrs["fidelity"]["faithful"]
+    assert flor.gc(store).bytes == 0  # nothing left to collect
+    with pytest.raises(flor.FlorError, match="No run 'a'"):
+        flor.delete("a", store=store)
+
+
+def test_nothing_is_collected_while_a_recording_is_alive(store):
+    import os
+    import platform
+
+    _record(store, "done", epochs=2)
+    orphan = store.home / "blobs" / "ff" / ("ff" * 16)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"x" * 1000)
+    live = store.create_run("live", "for e in range(2): pass", env={"pid": os.getpid(), "host": platform.node()})
+    freed = flor.gc(store)
+    assert freed.blobs == 0 and orphan.exists() and "live@1 is being recorded" in str(freed)
+    with pytest.raises(flor.FlorError, match="live@1 is being recorded right now"):
+        flor.delete("live@1", store=store)
+    store.update_run(live.id, status="finished")
+    freed = flor.gc(store)
+    assert freed.blobs == 1 and not orphan.exists() and freed.bytes == 1000
+    du = flor.du(store)
+    assert list(du["what"][:2]) == ["done@1", "live@1"] and du.attrs["unreferenced"] == 0
+
+
+def test_a_crashed_recorder_does_not_block_collection(store):
+    import platform
+
+    dead = store.create_run("dead", "for e in range(2): pass", env={"pid": 2 ** 22 + 7, "host": platform.node()})
+    orphan = store.home / "blobs" / "ee" / ("ee" * 16)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"y")
+    assert flor.gc(store).blobs == 1 and store.find_run("dead").status == "interrupted"
+    assert dead.id

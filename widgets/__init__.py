@@ -1,8 +1,9 @@
 """The replay panel for notebooks: ``flor.ui()`` / ``%flor ui``.
 
 A thin layer of ipywidgets over the engine's public API: everything the panel
-does can be done with :func:`flor_nb.replay`, :mod:`flor_nb.probes` and
-:func:`flor_nb.dataframe`.
+does can be done with :func:`flor_nb.start_replay` / :func:`flor_nb.replay`,
+:mod:`flor_nb.probes`, :func:`flor_nb.dataframe`, :func:`flor_nb.delete` and
+:func:`flor_nb.report`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Code and probes: the recorded cell as clickable lines, a probe form with presets, the probe list.
 
-The probe logic (where code goes, what is wrong with it, presets, memory) is
-``flor_nb.probes``; this module only shows it and collects the user's choices.
+The probe logic is the engine's: where code goes (``flor_nb.probes``), what is
+wrong with it (``flor_nb.probe_check``), presets (``flor_nb.presets``), memory
+(the store); this module only shows it and collects the user's choices.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import functools
 
 import ipywidgets as W
 
+from flor_nb import presets as PS
+from flor_nb import probe_check as C
 from flor_nb import probes as P
 from flor_nb.errors import FlorError
 
@@ -24,7 +27,7 @@ class ProbeEditor(W.VBox, Callbacks):
         self.store, self.on_change, self.on_status, self._fail = store, on_change, on_status, on_fail
         self.run = None
         self.probes: list[P.Probe] = []
-        self.problems: list[P.Problem] = []
+        self.problems: list[C.Problem] = []
         self.objects: dict = {}
 
         self.deps = W.Accordion(children=[W.HTML()], selected_index=None)
@@ -32,7 +35,7 @@ class ProbeEditor(W.VBox, Callbacks):
         self.code_lines.add_class("flor-mono")
         self.code_lines.add_class("flor-lines")
         self.code_lines.observe(self._on_line, "value")
-        kinds = [("Free code", "code")] + [(p.title, k) for k, p in P.PRESETS.items()]
+        kinds = [("Free code", "code")] + [(p.title, k) for k, p in PS.PRESETS.items()]
         self.kind = W.Dropdown(options=kinds, value="code", description="Probe", layout=layout(width="360px"))
         self.kind.add_class("flor-kind")
         self.kind.observe(self._on_kind, "value")
@@ -47,7 +50,9 @@ class ProbeEditor(W.VBox, Callbacks):
         }
         for w in self.params.values():
             w.observe(self._on_param, "value")
-        self.where = W.Dropdown(description="level", options=[("top of the cell", 0)], layout=layout(width="360px"))
+        self.where = W.Dropdown(description="runs", options=[("once (top level of the cell)", 0)],
+                                layout=layout(width="420px"))
+        self.where.add_class("flor-where")
         self.where.observe(self._on_where, "value")
         self.code_box = W.Textarea(placeholder='Code to insert after the selected line, e.g. '
                                                'flor.log("grad_norm", grad_norm(model))',
@@ -77,17 +82,21 @@ class ProbeEditor(W.VBox, Callbacks):
     def set_run(self, run):
         """Show ``run``'s cells and the probes remembered for it."""
         self.run = run
-        self.probes = P.load(run, self.store)
+        self.probes, carried = P.remembered(run, self.store)
+        if carried:
+            P.save(run, self.probes, self.store)  # now this version's own
+            self.on_status("ok", carried)
         try:
-            self.objects = P.objects(run, self.store)
+            self.objects = PS.objects(run, self.store)
         except (FlorError, OSError, RuntimeError):  # no readable checkpoint: presets fall back to plain names
             self.objects = {}
         deps = run.deps
-        blocks = "".join(f'<div class="flor-muted">In[{c["count"]}]</div>{code_block(c["source"].strip(chr(10)))}'
-                         for c in deps) or '<span class="flor-muted">none</span>'
+        blocks = "".join(f'<div class="flor-muted">In[{c["count"]}] in the kernel that recorded the run</div>'
+                         f'{code_block(c["source"].strip(chr(10)))}' for c in deps) or '<span class="flor-muted">none</span>'
         self.deps.children = [W.HTML(blocks)]
-        names = ", ".join(f"In[{c['count']}]" for c in deps) or "none"
-        self.deps.set_title(0, f"Cells this run depends on: {names} (re-run before each replayed segment)")
+        names = ", ".join(f"In[{c['count']}]" for c in deps)
+        self.deps.set_title(0, f"Setup cells replay re-runs: {len(deps)} ({names} of the recording kernel)" if deps
+                            else "Setup cells replay re-runs: none")
         self.deps.selected_index = None
         models = [n for n, o in self.objects.items() if o["kind"] == "module"] or ["model"]
         with self.quiet():
@@ -110,7 +119,7 @@ class ProbeEditor(W.VBox, Callbacks):
     def refresh(self, line=None):
         """Re-check the probes and redraw the cell lines, the probe list and the edited cell."""
         run = self.run
-        self.problems = P.check(run, self.probes) if self.probes else []
+        self.problems = C.check(run, self.probes) if self.probes else []
         bad = {pr.probe: pr for pr in self.problems if pr.probe >= 0}
         anchors: dict = {}
         for i, p in enumerate(self.probes):
@@ -163,13 +172,15 @@ class ProbeEditor(W.VBox, Callbacks):
                               f"green)</summary>{code_block(edited, added=added, errors=errors)}</details>{whole}")
 
     def _update_levels(self):
-        _, indent, levels = P.insertion_point(self.run.code, self.code_lines.value or 0)
+        indent, levels = P.levels(self.run, self.code_lines.value or 0)
         with self.quiet():
-            self.where.options = [(f"{label} ({ind} spaces)", ind) for label, ind in levels]
+            self.where.options = levels
             self.where.value = indent if indent in [i for _, i in levels] else levels[0][1]
+        # one choice is no choice: show the control only where the probe could run at several levels
+        self.where.layout.display = None if len(levels) > 1 else "none"
 
     def _show_params(self, key):
-        used = set(P.PRESETS[key].params) if key in P.PRESETS else set()
+        used = set(PS.PRESETS[key].params) if key in PS.PRESETS else set()
         for name, w in self.params.items():
             w.layout.display = None if name in used else "none"
 
@@ -191,10 +202,10 @@ class ProbeEditor(W.VBox, Callbacks):
         key = change["new"]
         self._show_params(key)
         self.draft_msg.value = ""
-        if key not in P.PRESETS:
+        if key not in PS.PRESETS:
             return
-        defaults = P.preset_defaults(self.run, key, self.objects)
-        probe = P.preset(self.run, key, defaults, objs=self.objects)
+        defaults = PS.preset_defaults(self.run, key, self.objects)
+        probe = PS.preset(self.run, key, defaults, objs=self.objects)
         with self.quiet():
             for name, value in defaults.items():
                 self.params[name].value = value
@@ -203,19 +214,19 @@ class ProbeEditor(W.VBox, Callbacks):
         if probe.indent is not None:
             self.where.value = probe.indent
         self.code_box.value = probe.code
-        if P.PRESETS[key].note:
-            self.draft_msg.value = f'<span class="flor-muted">{esc(P.PRESETS[key].note)}</span>'
+        if PS.PRESETS[key].note:
+            self.draft_msg.value = f'<span class="flor-muted">{esc(PS.PRESETS[key].note)}</span>'
 
     @guarded
     def _on_param(self, change):
         """Fill in the preset."""
         key = self.kind.value
-        if key not in P.PRESETS:
+        if key not in PS.PRESETS:
             return
         if change["owner"] is self.params["model"] and self.objects.get(change["new"], {}).get("modules"):
             self.params["module"].options = self.objects[change["new"]]["modules"]
-        values = {n: self.params[n].value for n in P.PRESETS[key].params}
-        self.code_box.value = P.preset(self.run, key, values, line=0, objs=self.objects).code
+        values = {n: self.params[n].value for n in PS.PRESETS[key].params}
+        self.code_box.value = PS.preset(self.run, key, values, line=0, objs=self.objects).code
 
     @guarded
     def _on_draft_code(self, change):
@@ -225,14 +236,14 @@ class ProbeEditor(W.VBox, Callbacks):
     def draft(self) -> P.Probe:
         """The probe the form describes."""
         key = self.kind.value
-        params = {n: self.params[n].value for n in P.PRESETS[key].params} if key in P.PRESETS else {}
+        params = {n: self.params[n].value for n in PS.PRESETS[key].params} if key in PS.PRESETS else {}
         return P.Probe(line=self.code_lines.value or 0, code=self.code_box.value, preset=key, params=params,
                        indent=self.where.value)
 
     def _check_draft(self):
         if self.run is None or not self.code_box.value.strip():
             return
-        mine = [pr for pr in P.check(self.run, self.probes + [self.draft()]) if pr.probe == len(self.probes)]
+        mine = [pr for pr in C.check(self.run, self.probes + [self.draft()]) if pr.probe == len(self.probes)]
         if mine:
             self.draft_msg.value = "".join(f'<div class="flor-problem">\u2716 {esc(pr.message)}</div>' for pr in mine)
         elif not self.draft_msg.value or "flor-problem" in self.draft_msg.value:
@@ -275,7 +286,7 @@ class ProbeEditor(W.VBox, Callbacks):
         probe = self.probes.pop(index)
         self._save_and_refresh(line=probe.line)
         with self.quiet():
-            self.kind.value = probe.preset if probe.preset in P.PRESETS else "code"
+            self.kind.value = probe.preset if probe.preset in PS.PRESETS else "code"
             for name, value in probe.params.items():
                 if name in self.params:
                     self.params[name].value = value

@@ -1,32 +1,38 @@
 """The replay panel: pick a run, add probes at lines of its cell, pick epochs, replay, read results.
 
-Every action is a call to the engine's public API (``flor_nb.replay``,
-``flor_nb.probes``, ``flor_nb.runs``); the panel only arranges widgets around
-them. Results are ordinary outputs (HTML table, PNG figures) inside ``Output``
-widgets, so they are saved with the widget state and survive reopening.
+Every action is a call to the engine (``flor_nb.start_replay``, ``flor_nb.api``,
+``flor_nb.probes``, ``flor_nb.delete``, ``flor_nb.report``); the panel only
+arranges widgets around them. Results are ordinary outputs (HTML table, PNG
+figures) inside ``Output`` widgets, and the panel also keeps a static HTML copy
+of itself as a plain output, so results stay readable when widget state is lost.
 """
 from __future__ import annotations
 
 import os
 import threading
+import weakref
+from pathlib import Path
 
 import ipywidgets as W
-from IPython.display import HTML
+from IPython import get_ipython
+from IPython.display import HTML, display
 
 import flor_nb
+from flor_nb import api
+from flor_nb import probe_check as C
 from flor_nb import probes as P
+from flor_nb.background import CANCELLED, FAILED, ReplayHandle, start_replay
 from flor_nb.errors import FlorError
-from flor_nb.executor import ReplayCancelled
-from flor_nb.plan import parse_epochs
+from flor_nb.plan import format_epochs, format_seconds, parse_epochs
 
-from . import plots, results
+from . import plots, results, static
 from .common import Callbacks, guarded, layout
+from .curve import EpochCurve
 from .editor import ProbeEditor
-from .job import ReplayJob
 from .runs import RunPicker
-from .style import CSS, esc, section
+from .style import CSS, badge, esc, section
 
-STATUS = {"ok": "\u25cf", "busy": "\u25cf", "bad": "\u2716"}
+STATUS = {"ok": "\u25cf", "busy": "\u25cf", "warn": "\u25b2", "bad": "\u2716"}
 
 
 class Panel(W.VBox, Callbacks):
@@ -41,24 +47,25 @@ class Panel(W.VBox, Callbacks):
         self.add_class("flor-panel")
         self.store = flor_nb.get_store(store)
         self.run = None
-        self.job: ReplayJob | None = None
+        self.job: ReplayHandle | None = None
         self._recorded = None
         self._lock = threading.Lock()
         self._chip_order: list[int] = []
         self._chip_modes: dict = {}
+        self._chip_wanted: set = set()  # the epochs asked for; the others are re-run on the way to them
+        self._static = None  # the display handle of the static copy, once displayed
+        self._status_text = ""
 
         self.status = W.HTML()
         self.error_out = W.Output(layout=layout(width="100%"))
-        self.picker = RunPicker(self.store, on_select=self._on_run, on_fail=self._fail)
+        self.picker = RunPicker(self.store, on_select=self._on_run, on_fail=self._fail, on_status=self._set_status)
         self.editor = ProbeEditor(self.store, on_change=self._on_probes, on_status=self._set_status,
                                   on_fail=self._fail)
         self.metric = W.Dropdown(description="curve", layout=layout(width="260px"))
         self.metric.observe(self._on_metric, "value")
-        self.curve = W.Image(format="png", layout=layout(max_width="720px"))
-        self.epoch_slider = W.IntRangeSlider(description="epochs", min=0, max=1, value=(0, 1),
-                                             continuous_update=False, layout=layout(width="480px"))
-        self.epoch_slider.observe(self._on_slider, "value")
-        self.epoch_text = W.Text(description="or list", placeholder="1,4,7-9", continuous_update=False,
+        self.curve = EpochCurve(layout=layout(width="100%", max_width="740px"))
+        self.curve.observe(self._on_curve, "selected")
+        self.epoch_text = W.Text(description="epochs", placeholder="1,4,7-9", continuous_update=False,
                                  layout=layout(width="260px"))
         self.epoch_text.add_class("flor-epochs")
         self.epoch_text.observe(self._on_epoch_text, "value")
@@ -71,31 +78,43 @@ class Panel(W.VBox, Callbacks):
         self.replay_button.on_click(self._on_replay)
         self.cancel_button = W.Button(description="Cancel", icon="stop", button_style="danger", disabled=True)
         self.cancel_button.on_click(self._on_cancel)
-        self.progress = W.IntProgress(min=0, max=1, value=0, layout=layout(width="320px"))
+        self.progress = W.IntProgress(min=0, max=1, value=0, layout=layout(width="240px"))
         self.clock = W.HTML()
+        self.outcome = W.HTML()  # the verdict or the failure, right next to the Replay button
+        self.outcome.add_class("flor-outcome")
+        self.replay_msg = W.Output(layout=layout(width="100%"))  # a replay's error, right under the button
+        self.replay_msg.add_class("flor-replay-msg")
         self.chips = W.HTML()
         self.results = results.ResultsView(on_fail=self._fail)
+        self.report_button = W.Button(description="Write report", icon="file", tooltip=(
+            "A notebook (and HTML) report of this run in flor_reports/, beside this notebook"))
+        self.report_button.on_click(self._on_report)
+        self.report_link = W.HTML()
 
-        title = W.HTML(CSS + '<span class="flor-title">flor_nb replay</span>')
+        self.title = W.HTML(CSS + '<span class="flor-title">flor_nb replay</span>')
         self.children = [
-            W.HBox([title, self.status], layout=layout(justify_content="space-between", align_items="center")),
+            W.HBox([self.title, self.status], layout=layout(justify_content="space-between", align_items="center",
+                                                            flex_flow="row wrap")),
             self.error_out,
             W.HTML(section("1", "Run", "select one to replay; select two to compare their curves")),
             self.picker,
             W.HTML(section("2", "Code and probes", "click a line of the recorded cell, then add a probe after it")),
             self.editor,
-            W.HTML(section("3", "Epochs", "pick the epochs where something looked wrong")),
-            W.HBox([self.epoch_slider, self.epoch_text, self.workers], layout=layout(flex_flow="row wrap")),
-            self.metric, self.curve,
+            W.HTML(section("3", "Epochs", "click or drag on the curve, or type them")),
+            self.curve,
+            W.HBox([self.metric, self.epoch_text, self.workers], layout=layout(flex_flow="row wrap")),
             W.HTML(section("4", "Replay")),
             self.estimate,
-            W.HBox([self.replay_button, self.cancel_button, self.progress, self.clock],
+            W.HBox([self.replay_button, self.cancel_button, self.outcome, self.progress, self.clock],
                    layout=layout(align_items="center", flex_flow="row wrap")),
+            self.replay_msg,
             self.chips,
             self.results,
+            W.HBox([self.report_button, self.report_link], layout=layout(align_items="center")),
         ]
         self._set_status("ok", "Ready")
         self.picker.refresh(select=run)
+        self._watch_cells()
 
     @property
     def probes(self) -> list[P.Probe]:
@@ -105,9 +124,52 @@ class Panel(W.VBox, Callbacks):
     def result(self):
         return self.results.frame
 
+    # -- display: the live widget and its static copy -----------------------------
+    def _ipython_display_(self, **kwargs):
+        self.title.value = CSS + static.hide_rule(self.model_id) + '<span class="flor-title">flor_nb replay</span>'
+        display(self._repr_mimebundle_(**kwargs), raw=True)
+        self._static = display(HTML(self.snapshot_html()), display_id=True)
+
+    def snapshot_html(self) -> str:
+        """The panel as static HTML (see :mod:`flor_nb.widgets.static`)."""
+        frame = self.results.frame
+        note = "Cancelled: the results of the epochs that finished." if frame is not None and frame.attrs.get(
+            "cancelled") else ""
+        return static.snapshot_html(self.model_id or "", self.run.label if self.run else None, self._status_text,
+                                    frame, note)
+
+    def _update_static(self):
+        if self._static is not None:
+            try:
+                self._static.update(HTML(self.snapshot_html()))
+            except Exception:  # noqa: BLE001 - the live panel matters more than its copy
+                pass
+
+    def _watch_cells(self):
+        """New runs show up by themselves: after every cell the kernel runs, look at the store again."""
+        ip = get_ipython()
+        if ip is None:
+            return
+        me = weakref.ref(self)
+
+        def after_cell(_result=None):
+            panel = me()
+            if panel is None or panel.comm is None:  # closed: stop watching
+                try:
+                    ip.events.unregister("post_run_cell", after_cell)
+                except ValueError:
+                    pass
+                return
+            if panel.job is None or not panel.job.running:
+                panel.picker.refresh_if_changed()
+
+        ip.events.register("post_run_cell", after_cell)
+
     # -- status and errors ---------------------------------------------------
     def _set_status(self, kind: str, text: str):
-        self.status.value = f'<span class="flor-status {kind}">{STATUS[kind]} {esc(text)}</span>'
+        self._status_text = text
+        self.status.value = (f'<span class="flor-status {kind}"><span class="dot">{STATUS[kind]}</span>'
+                             f"{esc(text)}</span>")
 
     def _fail(self, exc: BaseException, context: str = ""):
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -115,33 +177,48 @@ class Panel(W.VBox, Callbacks):
         self.error_out.outputs = ()
         self.error_out.append_display_data(HTML(results.error_html(exc, context)))
 
+    def _fail_replay(self, exc: BaseException, context: str):
+        """A replay's error goes next to the Replay button, where the user is looking."""
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self._set_status("bad", first[:140])
+        self.replay_msg.outputs = ()
+        self.replay_msg.append_display_data(HTML(results.error_html(exc, context)))
+
     # -- run -----------------------------------------------------------------
     def _on_run(self, label: str | None):
         self.error_out.outputs = ()
         if label is None:
             self.run = None
-            self._set_status("ok", f"No recorded runs in {self.store.home}")
+            self.replay_button.disabled = True
+            n = len(self.picker.labels)
+            if n:
+                self._set_status("warn", f"No run selected: select one above to replay it ({n} recorded)")
+            else:
+                self._set_status("ok", f"No recorded runs in {self.store.home} yet: record one with "
+                                       "%%flor record --name NAME")
             return
         self.select_run(label)
 
     def select_run(self, label):
         """Fill the panel from run ``label`` (``NAME`` or ``NAME@VERSION``)."""
         run = self.run = self.store.find_run(label)
-        self._recorded = P.recorded(run, self.store)
+        self._recorded = api.recorded(run, self.store)
+        self.replay_msg.outputs = ()
+        self.outcome.value = self.report_link.value = ""
         with self.quiet():
             self._fill_epochs()
+        self._set_status("ok", f"{run.label}: {run.status}, {run.epochs_completed} epochs")
         self.editor.set_run(run)  # also updates the estimate, through _on_probes
         self._show_last_result()
         missing = sorted(run.state.get("not_captured") or {})
         if missing:  # replays restore everything else: say what they cannot, before anyone replays
-            self._set_status("bad", f"{run.label}: {run.status}, {run.epochs_completed} epochs; not captured: "
-                                    f"{', '.join(missing)}")
-        else:
-            self._set_status("ok", f"{run.label}: {run.status}, {run.epochs_completed} epochs")
+            self._set_status("warn", f"{run.label}: {run.status}, {run.epochs_completed} epochs; not captured: "
+                                     f"{', '.join(missing)}")
+        self._update_static()
 
     def _on_probes(self):
         running = self.job is not None and self.job.running
-        self.replay_button.disabled = bool(self.editor.problems) or running
+        self.replay_button.disabled = bool(self.editor.problems) or running or self.run is None
         self._update_estimate()
 
     # -- epochs --------------------------------------------------------------
@@ -151,11 +228,7 @@ class Panel(W.VBox, Callbacks):
         self.metric.options = metrics or [("(none)", "")]
         epoch_level = [m for m in metrics if rec[rec["name"] == m]["step"].isna().any()]
         self.metric.value = (epoch_level or metrics or [""])[0]
-        self.epoch_slider.min = 0
-        self.epoch_slider.max = max(n - 1, 1)
-        self.epoch_slider.value = (0, max(n - 1, 0))
-        self.epoch_slider.disabled = n == 0
-        self.epoch_text.value = P.format_epochs(range(n))
+        self.epoch_text.value = format_epochs(range(n))
         self._draw_curve()
 
     def selected_epochs(self) -> list[int]:
@@ -169,29 +242,28 @@ class Panel(W.VBox, Callbacks):
             selected = self.selected_epochs()
         except FlorError:
             selected = []
-        self.curve.value = plots.epoch_curve(self._recorded, self.metric.value or None, selected,
-                                             self.run.epochs_completed)
+        metric = self.metric.value or None
+        kind = ""
+        if metric is not None:
+            rows = self._recorded[self._recorded["name"] == metric]
+            kind = "" if rows["step"].isna().any() else " (mean per epoch)"
+        with self.quiet():
+            self.curve.n_epochs = self.run.epochs_completed
+            self.curve.points = plots.curve_points(self._recorded, metric, self.run.epochs_completed)
+            self.curve.label = f"{metric or ''}{kind}"
+            self.curve.selected = selected
 
     @guarded
-    def _on_slider(self, change):
-        """Pick epochs."""
-        lo, hi = change["new"]
-        hi = min(hi, self.run.epochs_completed - 1)
+    def _on_curve(self, change):
+        """Pick epochs on the curve."""
+        picked = sorted(set(change["new"]))
         with self.quiet():
-            self.epoch_text.value = str(lo) if lo == hi else f"{lo}-{hi}"
-        self._draw_curve()
+            self.epoch_text.value = format_epochs(picked)
         self._update_estimate()
 
     @guarded
     def _on_epoch_text(self, change):
         """Read the epoch list."""
-        try:
-            selected = self.selected_epochs()
-        except FlorError:  # the estimate says what is wrong with it, next to the Replay button
-            selected = []
-        if selected and selected == list(range(selected[0], selected[-1] + 1)):
-            with self.quiet():
-                self.epoch_slider.value = (selected[0], selected[-1])
         self._draw_curve()
         self._update_estimate()
 
@@ -207,14 +279,14 @@ class Panel(W.VBox, Callbacks):
 
     # -- estimate and replay -------------------------------------------------
     def _plan(self) -> dict:
-        return P.estimate(self.run, self.probes, self._epoch_spec(), self.workers.value or None, self.store)
+        return api.estimate(self.run, self.probes, self._epoch_spec(), self.workers.value or None, self.store)
 
     def _update_estimate(self):
         if self.run is None:
             return
         try:
             text = self._plan()["text"]
-        except P.ProbeError:
+        except C.ProbeError:
             text, bad = "Fix the probe problems marked above before replaying.", True
         except FlorError as e:
             text, bad = str(e), True
@@ -225,29 +297,34 @@ class Panel(W.VBox, Callbacks):
     @guarded
     def _on_replay(self, _button=None):
         """Start the replay."""
-        self.replay()
+        try:
+            self.replay()
+        except Exception as e:  # noqa: BLE001 - shown next to the button
+            self.outcome.value = badge("bad", "\u2716 not started")
+            self._fail_replay(e, "The replay could not start:")
 
-    def replay(self) -> ReplayJob:
-        """Start replaying the selected epochs with the probes in a background thread; returns the job."""
+    def replay(self) -> ReplayHandle:
+        """Start replaying the selected epochs with the probes in a background thread; returns its handle."""
         if self.run is None:
-            raise FlorError("Select a run first.")
+            raise FlorError("Select a run first: click one in the runs table above.")
         if self.job is not None and self.job.running:
             raise FlorError("A replay is already running: wait for it or press Cancel.")
         self.error_out.outputs = ()
-        code = P.edited_code(self.run, self.probes)
+        self.replay_msg.outputs = ()
+        self.outcome.value = self.report_link.value = ""
+        code = C.edited_code(self.run, self.probes)
         plan = self._plan()
-        self._chip_order, self._chip_modes = plan["order"], plan["modes"]
+        self._chip_order, self._chip_modes, self._chip_wanted = plan["order"], plan["modes"], set(plan["epochs"])
         self.progress.max = max(len(plan["order"]), 1)
         self.progress.value = 0
         self.progress.bar_style = "info"
         self.results.clear()
-        self.job = ReplayJob(self.run.label, code, self._epoch_spec(), self.store, plan,
-                             on_change=self._on_progress, on_done=self._on_done)
         self.replay_button.disabled = True
         self.cancel_button.disabled = False
-        self._set_status("busy", f"Replaying epochs {P.format_epochs(plan['epochs'])} of {self.run.label}\u2026")
+        self._set_status("busy", f"Replaying epochs {format_epochs(plan['epochs'])} of {self.run.label}\u2026")
+        self.job = start_replay(self.run.label, code, self._epoch_spec(), workers=plan["workers"], store=self.store,
+                                plan=plan, on_change=self._on_progress, on_done=self._on_done)
         self._render_progress(self.job)
-        self.job.start()
         return self.job
 
     def wait(self, timeout: float | None = 120) -> bool:
@@ -261,74 +338,130 @@ class Panel(W.VBox, Callbacks):
             self._set_status("busy", "Cancelling: stopping the workers\u2026")
             self.job.cancel()
 
-    def _on_progress(self, job: ReplayJob):
+    def _on_progress(self, job: ReplayHandle):
         with self._lock:
-            if job is self.job:
-                self.progress.value = min(len(job.finished_epochs), self.progress.max)
+            if job is self.job and job.running:
+                self.progress.value = min(len(job.ran), self.progress.max)
                 self._render_progress(job)
 
-    def _render_progress(self, job: ReplayJob):
-        fmt, left = P.format_seconds, job.remaining
+    def _render_progress(self, job: ReplayHandle):
+        left = job.remaining
         if not job.running and job.ended is not None:
-            text = f"{fmt(job.elapsed)} in all"
-        elif not job.finished_epochs:
-            text = f"{fmt(job.elapsed)} elapsed \u00b7 starting workers, re-running setup cells\u2026"
+            word = {FAILED: "failed after", CANCELLED: "cancelled after"}.get(job.state, "finished in")
+            text = f"{word} {format_seconds(job.elapsed)}"
+        elif not job.ran:
+            text = f"{format_seconds(job.elapsed)} elapsed \u00b7 starting workers, re-running setup cells\u2026"
         else:
-            text = f"{fmt(job.elapsed)} elapsed" + (f" \u00b7 about {fmt(left)} left" if left is not None else "")
+            text = f"{format_seconds(job.elapsed)} elapsed" + (
+                f" \u00b7 about {format_seconds(left)} left" if left is not None else "")
         self.clock.value = f'<span class="flor-muted">{esc(text)}</span>'
         chips = []
         for k in self._chip_order:
             skip = " \u00b7 steps skipped" if self._chip_modes.get(k) == "skip" else ""
-            if k in job.finished_epochs:
-                chips.append(f'<span class="done">epoch {k} \u2714 {fmt(job.finished_epochs[k])}{skip}</span>')
-            elif job.cancelled and not job.running:
-                chips.append(f'<span class="lost">epoch {k} cancelled</span>')
+            took = format_seconds(job.ran[k]) if k in job.ran else ""
+            if k not in self._chip_wanted:
+                state = f"ran on the way {took}" if k in job.ran else "on the way"
+                chips.append(f'<span title="re-run only to reach the epochs asked for">epoch {k} {state}</span>')
+            elif k in job.kept:
+                chips.append(f'<span class="done" title="values kept">epoch {k} \u2714 {took}{skip}</span>')
+            elif job.state == FAILED and k == job.failed_epoch:
+                chips.append(f'<span class="failed">epoch {k} \u2716 failed</span>')
+            elif not job.running and k in job.ran:
+                chips.append(f'<span class="lost" title="its segment did not finish, so its values were not kept">'
+                             f"epoch {k} ran, not kept</span>")
+            elif not job.running:
+                chips.append(f'<span class="lost">epoch {k} {"did not run" if job.state == FAILED else "cancelled"}'
+                             "</span>")
+            elif k in job.ran:
+                chips.append(f'<span class="ran" title="done; kept when the rest of its segment finishes">epoch {k} '
+                             f"ran {took}{skip}</span>")
             else:
                 chips.append(f"<span>epoch {k}{skip}</span>")
         self.chips.value = f'<div class="flor-chips">{"".join(chips)}</div>'
 
-    def _on_done(self, job: ReplayJob):
+    def _on_done(self, job: ReplayHandle):
         with self._lock:
             self.cancel_button.disabled = True
-            self.replay_button.disabled = bool(self.editor.problems)
+            self.replay_button.disabled = bool(self.editor.problems) or self.run is None
+            self.progress.value = len(job.kept) if job.state != "finished" else self.progress.max
             self._render_progress(job)
-            if job.error is None:
+            if job.state == "finished":
                 self.progress.bar_style = "success"
-                self.progress.value = self.progress.max
-                job.result.attrs.setdefault("code", job.code)
-                try:
-                    self.results.show(job.result)
-                except Exception as e:  # noqa: BLE001 - shown in the panel
-                    self._fail(e, "Showing the results failed:")
-                    return
-                fid = job.result.attrs["fidelity"]
-                level = fid.get("level", "faithful" if fid["faithful"] else "not faithful")
-                word = {"faithful": "faithful", "caveats": "reproduced, with caveats"}.get(level, "NOT faithful")
-                self._set_status("ok" if level == "faithful" else "bad",
-                                 f"Replayed {self.run.label} in {P.format_seconds(job.elapsed)}: {word}")
-            elif isinstance(job.error, ReplayCancelled) or job.cancelled:
+                self._show_result(job.result)
+            elif job.state == CANCELLED:
                 self.progress.bar_style = "warning"
-                self._set_status("bad", f"Cancelled after {P.format_seconds(job.elapsed)}; {len(job.finished_epochs)}"
-                                        f" of {len(self._chip_order)} epochs had finished")
                 self._show_cancelled(job)
             else:
                 self.progress.bar_style = "danger"
-                self._fail(job.error, "The replay failed:")
+                where = f" in epoch {job.failed_epoch}" if job.failed_epoch is not None else ""
+                self.outcome.value = badge("bad", f"\u2716 failed{where}")
+                self._fail_replay(job.error, "The replay failed:")
+            self._update_static()
 
-    def _show_cancelled(self, job):
-        partial = getattr(job.error, "result", None)  # an engine that keeps finished segments attaches them
-        if partial is not None:
-            self.results.show(partial, note="Cancelled: the results of the epochs that finished.")
+    def _show_result(self, frame, note=""):
+        frame.attrs.setdefault("code", self.job.code if self.job else "")
+        try:
+            self.results.show(frame, note=note)
+        except Exception as e:  # noqa: BLE001 - shown in the panel
+            self._fail_replay(e, "Showing the results failed:")
             return
-        done = P.format_epochs(sorted(job.finished_epochs)) or "none"
-        self.results.clear(f'<div class="flor-verdict bad">Cancelled: the workers were stopped. Epochs {esc(done)} '
-                           "had finished, but this engine version keeps no values from a cancelled replay; earlier "
-                           "results are unchanged in the store. Replay fewer epochs to get results sooner.</div>")
+        kind = results.verdict_level(frame.attrs)
+        fid = frame.attrs["fidelity"]
+        if frame.attrs.get("cancelled"):
+            kept = (fid.get("cancelled") or {}).get("kept") or []
+            word = (f"partial: epoch{'s' if len(kept) > 1 else ''} {format_epochs(kept)} kept" if kept
+                    else "cancelled: nothing kept")
+        else:
+            word = {"ok": "faithful", "warn": "faithful, with caveats", "bad": "NOT faithful"}[kind]
+        icon = {"ok": "\u2714", "warn": "\u26a0", "bad": "\u2716"}[kind]
+        self.outcome.value = badge(kind, f"{icon} {word}")
+        self._set_status({"ok": "ok", "warn": "warn", "bad": "bad"}[kind],
+                         f"Replayed {self.run.label} in {format_seconds(self.job.elapsed)}: {word}")
+
+    def _show_cancelled(self, job: ReplayHandle):
+        partial = job.result  # the engine keeps the epochs whose segment finished
+        if partial is not None and not partial.empty:
+            self._show_result(partial, note="Cancelled: the results of the epochs that finished.")
+        else:
+            self.outcome.value = badge("warn", "\u25a0 cancelled: nothing kept")
+            ran = format_epochs(sorted(job.ran))
+            why = (f"Epoch{'s' if len(job.ran) > 1 else ''} {ran} ran, but {'their' if len(job.ran) > 1 else 'its'} "
+                   "segment was stopped before it finished, so no values were kept. " if job.ran else "")
+            self.results.clear(f'<div class="flor-verdict warn">\u25a0 Cancelled after '
+                               f"{esc(format_seconds(job.elapsed))}: nothing was compared and no values were stored. "
+                               f"{esc(why)}Earlier results are unchanged in the store. Replay fewer epochs to get "
+                               "results sooner.</div>")
+        self._set_status("warn", f"Cancelled after {format_seconds(job.elapsed)}; "
+                                 f"{len(job.kept)} of {len(self._chip_order)} epochs kept")
 
     def _show_last_result(self):
         self.results.clear()
         self.chips.value = self.clock.value = ""
         self.progress.value = 0
-        frame = P.last_result(self.run, self.store)
+        frame = api.last_result(self.run, self.store)
         if frame is not None:
-            self.results.show(frame, note=f"Last replay of {self.run.label} (#{frame.attrs['replay']}), from the store.")
+            what = "cancelled replay (partial)" if frame.attrs.get("cancelled") else "replay"
+            self.results.show(frame, note=f"Last {what} of {self.run.label} (#{frame.attrs['replay']}), "
+                                          "from the store.")
+
+    # -- report --------------------------------------------------------------
+    @guarded
+    def _on_report(self, _button=None):
+        """Write the report."""
+        if self.run is None:
+            raise FlorError("Select a run first.")
+        path = flor_nb.report(self.run.label, html=True, store=self.store)
+        self.report_link.value = report_links(path)
+
+
+def report_links(path: Path) -> str:
+    """Links to a report, relative to the working directory (the notebook's folder) so Jupyter opens them."""
+    try:
+        rel = Path(os.path.relpath(path, Path.cwd())).as_posix()
+    except ValueError:
+        rel = str(path)
+    html_rel = rel[:-len(".ipynb")] + ".html" if rel.endswith(".ipynb") else rel
+    links = f'<a href="{esc(rel)}" target="_blank" class="flor-report-link">{esc(rel)}</a>'
+    if Path(path).with_suffix(".html").exists():
+        links += f' \u00b7 <a href="{esc(html_rel)}" target="_blank">HTML</a>'
+    return f'<span class="flor-muted">Report: </span>{links}'

@@ -2,7 +2,9 @@
 
 Only ``matplotlib.figure.Figure`` with an Agg canvas is used: no pyplot state,
 no backend switch, safe from the replay thread. The panel shows the bytes as
-ordinary ``image/png`` outputs, so they stay in a saved notebook.
+ordinary ``image/png`` outputs, so they stay in a saved notebook. Backgrounds
+are transparent and text is black: in a dark theme the panel's stylesheet
+inverts the images (see ``style.py``), so they follow the theme.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def png(fig: Figure, dpi: int = 96) -> bytes:
     """The figure as PNG bytes (then it is dropped: nothing is kept by pyplot)."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", transparent=True)
     return buf.getvalue()
 
 
@@ -52,26 +54,12 @@ def per_epoch(long: pd.DataFrame, metric: str) -> pd.Series:
     return src.groupby(src["epoch"].astype(int))["value"].agg(lambda s: float(pd.to_numeric(s).mean()))
 
 
-def epoch_curve(long: pd.DataFrame, metric: str | None, selected: list[int], n_epochs: int) -> bytes:
-    """The recorded ``metric`` over the run's epochs, with the selected epochs shaded."""
-    fig = Figure(figsize=(7.2, 2.1))
-    ax = fig.add_subplot()
-    for k in selected:
-        ax.axvspan(k - 0.5, k + 0.5, color=PICK, alpha=0.18, lw=0)
+def curve_points(long: pd.DataFrame, metric: str | None, n_epochs: int) -> list[list]:
+    """``[[epoch, value or None], ...]`` for every epoch of the run: what the epoch picker draws."""
     values = per_epoch(long, metric) if metric else pd.Series(dtype=float)
-    if not values.empty:
-        ax.plot(values.index, values.values, "-o", color=PROBE, ms=3.5, lw=1.5)
-        kind = "per epoch" if long[(long["name"] == metric) & long["step"].isna()].shape[0] else "mean over steps"
-        ax.set_ylabel(f"{metric}\n({kind})", fontsize=8)
-        picked = values[values.index.isin(selected)]
-        ax.plot(picked.index, picked.values, "o", color=PICK, ms=6, zorder=3)
-    else:
-        ax.text(0.5, 0.5, "no recorded scalar metric", ha="center", va="center", transform=ax.transAxes, color=RECORDED)
-    ax.set_xlim(-0.6, max(n_epochs - 1, 0) + 0.6)
-    ax.set_xticks(_ticks(n_epochs))
-    ax.set_xlabel("epoch (shaded: selected for replay)", fontsize=8)
-    _style(ax)
-    return png(fig)
+    if values.empty:
+        return []
+    return [[e, float(values[e]) if e in values.index else None] for e in range(n_epochs)]
 
 
 def _ticks(n: int) -> list[int]:
@@ -181,8 +169,8 @@ def results(frame: pd.DataFrame, probes: list[str], max_panels: int = 12) -> lis
             ax.set_xticks([i_e + 0.5 for i_e in range(0, len(epochs), every)])
             ax.set_xticklabels([str(k) for k in epochs[::every]])
             ax.set_xlim(0, len(epochs))
-            ax.set_title(f"{name}  ({'hindsight probe' if kind == 'probe' else 'recorded'})", fontsize=9,
-                         color="#174a7c" if kind == "probe" else "#555555", loc="left")
+            ax.set_title(f"{name}  ({'hindsight probe' if kind == 'probe' else 'recorded'})", fontsize=9, loc="left",
+                         fontweight="bold" if kind == "probe" else "normal")
             ax.set_xlabel("epoch" + (" (dashed: epochs skipped)" if epochs[-1] - epochs[0] + 1 > len(epochs) else ""),
                           fontsize=8)
             if multi:
@@ -226,8 +214,10 @@ def histograms(frame: pd.DataFrame, column: str, max_layers: int = 8) -> bytes:
     return png(fig)
 
 
-def compare(curves: dict[str, pd.DataFrame], max_metrics: int = 4) -> bytes:
-    """Recorded metrics of several runs on shared axes: ``{label: recorded long frame}``."""
+def compare(curves: dict[str, pd.DataFrame], max_metrics: int = 4, legend: dict | None = None) -> bytes:
+    """Recorded metrics of several runs on shared axes: ``{label: recorded long frame}``;
+    ``legend`` maps a label to its legend text (e.g. with the hyperparameters that differ)."""
+    legend = legend or {}
     metrics = []
     for long in curves.values():
         for m in dict.fromkeys(long["name"]):
@@ -240,7 +230,8 @@ def compare(curves: dict[str, pd.DataFrame], max_metrics: int = 4) -> bytes:
         for j, (label, long) in enumerate(curves.items()):
             values = per_epoch(long, m) if m else pd.Series(dtype=float)
             if not values.empty:
-                ax.plot(values.index, values.values, "-o", ms=3, lw=1.4, color=COLORS[j % len(COLORS)], label=label)
+                ax.plot(values.index, values.values, "-o", ms=3, lw=1.4, color=COLORS[j % len(COLORS)],
+                        label=legend.get(label, label))
         steps_only = m is not None and all(
             long[(long["name"] == m)]["step"].notna().all() for long in curves.values() if (long["name"] == m).any())
         ax.set_title((m or "no recorded metric") + (" (mean over each epoch's steps)" if steps_only else ""),

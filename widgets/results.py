@@ -10,7 +10,7 @@ import pandas as pd
 from IPython.display import HTML, Image
 
 from flor_nb.errors import FlorError, ReplayError
-from flor_nb.probes import format_epochs
+from flor_nb.plan import format_epochs
 
 from . import plots
 from .common import Callbacks, guarded, layout
@@ -48,13 +48,33 @@ def sortable(frame: pd.DataFrame, column: str | None, ascending: bool = True) ->
     return frame.loc[order]
 
 
+def split_levels(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``{"epoch": ..., "step": ...}``: epoch-level rows (no step) and step rows, each with only the
+    columns that hold values at that level (so neither table is mostly empty)."""
+    out = {}
+    if "step" not in frame:
+        return {"epoch": frame}
+    for level, mask in (("epoch", frame["step"].isna()), ("step", frame["step"].notna())):
+        part = frame[mask]
+        if part.empty:
+            continue
+        keep = [c for c in part.columns if c in ("epoch", "seq") or (c == "step" and level == "step")
+                or part[c].notna().any()]
+        if level == "epoch" or ("seq" in part and not (part["seq"] > 0).any()):
+            keep = [c for c in keep if c != "seq" or (part["seq"] > 0).any()]
+        out[level] = part[keep]
+    return out
+
+
 def table_html(frame: pd.DataFrame, probes=(), sort_by=None, ascending=True, rows="all") -> str:
-    """Every row of the result (up to MAX_ROWS) in a scrolling box, probe columns marked."""
+    """Rows of the result (up to MAX_ROWS) in a scrolling box, probe columns marked.
+
+    ``rows``: ``all``, ``epoch`` (epoch-level values only) or ``step`` (per-step values only);
+    a level shows only the columns with values at that level.
+    """
     view = frame
-    if rows == "epoch" and "step" in frame:
-        view = frame[frame["step"].isna()]
-    elif rows == "steps" and "step" in frame:
-        view = frame[frame["step"].notna()]
+    if rows in ("epoch", "step", "steps"):
+        view = split_levels(frame).get("step" if rows == "steps" else rows, frame.iloc[0:0])
     view = sortable(view, sort_by, ascending)
     shown = view.head(MAX_ROWS)
     head = "".join(f'<th class="{"probe" if c in probes else ""}" title="{"hindsight probe" if c in probes else ""}">'
@@ -64,20 +84,30 @@ def table_html(frame: pd.DataFrame, probes=(), sort_by=None, ascending=True, row
         tds = []
         for v in values:
             text = cell(v)
-            tds.append('<td class="na">-</td>' if text == "" else f"<td>{esc(text)}</td>")
+            tds.append('<td class="na">·</td>' if text == "" else f"<td>{esc(text)}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     note = (f'<div class="flor-muted">{len(view)} rows \u00d7 {len(view.columns)} columns'
             + (f"; showing the first {MAX_ROWS} (all of them are in <code>panel.result</code>)" if len(view) > MAX_ROWS else "")
+            + (" \u00b7 \u25c6 marks hindsight probes" if any(c in probes for c in shown.columns) else "")
             + "</div>")
     return (f'<div class="flor-table-wrap"><table class="dataframe"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>{note}')
 
 
+def verdict_level(attrs: dict) -> str:
+    """ok, warn or bad: faithful; caveats or cancelled; not faithful."""
+    fid = attrs.get("fidelity") or {}
+    level = fid.get("level", "faithful" if fid.get("faithful") else "not faithful")
+    if level == "not faithful":
+        return "bad"
+    if level == "caveats" or fid.get("cancelled") or attrs.get("cancelled"):
+        return "warn"
+    return "ok"
+
+
 def verdict_html(attrs: dict) -> str:
     """The fidelity verdict: a banner, then one row per recorded metric."""
     fid = attrs.get("fidelity") or {}
-    ok = bool(fid.get("faithful"))
-    level = fid.get("level", "faithful" if ok else "not faithful")
     rows = []
     for name, m in (fid.get("metrics") or {}).items():
         first = m.get("first_mismatch")
@@ -97,14 +127,14 @@ def verdict_html(attrs: dict) -> str:
         rows = "".join(f"<tr><td>epoch {e['epoch']}</td><td>{esc('step loop exit' if e['where'] == 'step' else e['where'])}"
                        f"</td><td>{esc(', '.join(e['differ'] + e['missing']))}</td></tr>" for e in state["diverged"])
         table += f"<table><tr><th>diverged</th><th>where</th><th>streams</th></tr>{rows}</table>"
-    icon = "\u2714" if level == "faithful" else "\u26a0"
-    css = {"faithful": "ok", "caveats": "warn"}.get(level, "bad")
+    css = verdict_level(attrs)
+    icon = {"ok": "\u2714", "warn": "\u26a0", "bad": "\u2716"}[css]
     return (f'<div class="flor-verdict {css}">{icon} {esc(attrs.get("verdict", ""))}{esc(took)}'
             f"{table}</div>")
 
 
 def error_html(exc: BaseException, context: str = "") -> str:
-    """An error as the user should see it: the message, and the traceback of their code if any."""
+    """An error as the user should see it: the message, and the traceback of their code (folded) if any."""
     if isinstance(exc, ReplayError):
         message, tb = exc.args[0], exc.traceback_text
     elif isinstance(exc, FlorError):
@@ -113,8 +143,8 @@ def error_html(exc: BaseException, context: str = "") -> str:
         message = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     head = f"<b>{esc(context)}</b> " if context else ""
-    pre = f"<pre>{esc(tb)}</pre>" if tb else ""
-    return f'<div class="flor-error">{head}{esc(message)}{pre}</div>'
+    pre = f"<details open><summary>Traceback</summary><pre>{esc(tb)}</pre></details>" if tb else ""
+    return f'<div class="flor-error">\u2716 {head}{esc(message)}{pre}</div>'
 
 
 def python_snippet(frame) -> str:
@@ -130,34 +160,39 @@ def python_snippet(frame) -> str:
 
 
 class ResultsView(W.VBox, Callbacks):
-    """The verdict, the values table (sortable, every row) and the plots of one result frame."""
+    """The verdict, the values grouped by level (per epoch, per step; sortable, every row) and the plots."""
 
     def __init__(self, on_fail):
         super().__init__()
         self._fail = on_fail
         self.frame = None
         self.verdict = W.HTML()
-        self.sort_by = W.Dropdown(description="sort by", options=[("replay order", "")], layout=layout(width="260px"))
+        self.rows = W.ToggleButtons(options=[("per epoch", "epoch"), ("per step", "step")], value="epoch",
+                                    style={"button_width": "150px"}, tooltips=[
+                                        "values logged once per epoch (outside the step loop)",
+                                        "values logged at every step"])
+        self.sort_by = W.Dropdown(description="sort by", options=[("replay order", "")], layout=layout(width="240px"))
         self.order = W.ToggleButtons(options=[("\u2191 asc", True), ("\u2193 desc", False)], value=True,
                                      style={"button_width": "70px"})
-        self.rows = W.Dropdown(description="rows", options=[("all", "all"), ("epoch-level", "epoch"),
-                                                            ("steps", "steps")], layout=layout(width="200px"))
-        for w in (self.sort_by, self.order, self.rows):
+        for w in (self.rows, self.sort_by, self.order):
             w.observe(self._on_view, "value")
         self.table_out = W.Output(layout=layout(width="100%"))
         self.plots_out = W.Output(layout=layout(width="100%"))
+        self.plots_out.add_class("flor-plot")
         self.snippet = W.HTML()
+        self.controls = W.HBox([self.rows, self.sort_by, self.order],
+                               layout=layout(flex_flow="row wrap", align_items="center", display="none"))
         self.children = [
-            W.HTML(section("5", "Results", "hindsight values beside the recorded metrics")),
+            W.HTML(section("5", "Results", "hindsight probes (\u25c6) beside the recorded metrics")),
             self.verdict,
-            W.HBox([self.sort_by, self.order, self.rows], layout=layout(flex_flow="row wrap", align_items="center")),
-            self.table_out, self.plots_out, self.snippet,
+            self.controls, self.table_out, self.plots_out, self.snippet,
         ]
         self.add_class("flor-results")
 
     def clear(self, message: str = ""):
         self.frame = None
         self.verdict.value = message
+        self.controls.layout.display = "none"
         self.table_out.outputs = ()
         self.plots_out.outputs = ()
         self.snippet.value = ""
@@ -165,26 +200,41 @@ class ResultsView(W.VBox, Callbacks):
     def show(self, frame, note: str = ""):
         """Show a result frame (as :func:`flor_nb.replay` returns it)."""
         self.frame = frame
+        self.controls.layout.display = None
         head = f'<div class="flor-muted">{esc(note)}</div>' if note else ""
         self.verdict.value = head + verdict_html(frame.attrs)
+        levels = split_levels(frame) if not frame.empty else {}
         with self.quiet():
-            self.sort_by.options = [("replay order", "")] + [(c, c) for c in frame.columns]
-            self.sort_by.value = ""
+            self.rows.options = [(f"per {k} ({len(v)} rows)", k) for k, v in levels.items()] or [("no rows", "epoch")]
+            self.rows.value = next(iter(levels), "epoch")
+            self._sort_options()
         self._render_table()
         self.plots_out.outputs = ()
         for _title, data in plots.results(frame, frame.attrs.get("probes", [])):
             self.plots_out.append_display_data(Image(data=data, format="png"))
         self.snippet.value = python_snippet(frame)
 
+    def _sort_options(self):
+        view = split_levels(self.frame).get(self.rows.value) if self.frame is not None and not self.frame.empty else None
+        cols = list(view.columns) if view is not None else []
+        self.sort_by.options = [("replay order", "")] + [(c, c) for c in cols]
+        self.sort_by.value = ""
+
     def _render_table(self):
         if self.frame is None:
             return
-        html = table_html(self.frame, self.frame.attrs.get("probes", []), self.sort_by.value or None,
-                          self.order.value, self.rows.value)
+        if self.frame.empty:
+            html = '<div class="flor-muted">No values: no epoch finished.</div>'
+        else:
+            html = table_html(self.frame, self.frame.attrs.get("probes", []), self.sort_by.value or None,
+                              self.order.value, self.rows.value)
         self.table_out.outputs = ()
         self.table_out.append_display_data(HTML(html))
 
     @guarded
     def _on_view(self, change):
-        """Sort the table."""
+        """Show the table."""
+        if change["owner"] is self.rows:
+            with self.quiet():
+                self._sort_options()
         self._render_table()
