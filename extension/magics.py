@@ -18,7 +18,7 @@ from flor_nb.errors import FlorError
 
 USAGE = """\
 %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
-%%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
+%%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
 %flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
 %flor ui [RUN]                               open the replay panel
 %flor report RUN [--all-versions] [--out PATH] [--html]   write a notebook (and HTML) report to flor_reports/
@@ -50,6 +50,7 @@ _REPLAY = _parser("replay", "Replay epochs of a recorded run with the edited cel
                             "flor.log probes added); returns a DataFrame and checks the replay is faithful.")
 _REPLAY.add_argument("run", help="NAME (latest version) or NAME@VERSION")
 _REPLAY.add_argument("--epochs", default=None, help="3, 2-5 or 1,4,7-9 (0-based; default: every epoch)")
+_REPLAY.add_argument("--iters", default=None, help="the same, for a loop that counts iterations: 5000-5200")
 _REPLAY.add_argument("--workers", type=int, default=None, help="worker processes (default: as the cores allow)")
 _REPLAY.add_argument("--no-progress", action="store_true", help="no progress bar")
 _REPORT = _parser("report", "Write a standalone notebook report of a run (code, probes as diffs, metrics, plots, "
@@ -124,17 +125,22 @@ class FlorMagics(Magics):
         a = _REPLAY.parse_args(words)
         bars = []
 
+        done: dict = {}  # segment -> units it has run
+
         def progress(event):
             # the bar appears once the replay is planned: a bad run name or epoch spec leaves no empty bar
             if "plan" in event:
                 from tqdm.auto import tqdm
 
-                bars.append(tqdm(desc=f"replay {a.run}", unit="epoch", total=event["epochs_to_run"]))
+                unit = "iter" if event.get("unit") == "iterations" else "epoch"
+                bars.append(tqdm(desc=f"replay {a.run}", unit=unit, total=event["epochs_to_run"]))
             elif "epoch" in event and bars:
-                bars[0].update(1)
+                done[event.get("segment")] = event.get("done", done.get(event.get("segment"), 0) + 1)
+                bars[0].update(sum(done.values()) - bars[0].n)
 
         try:
-            df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, workers=a.workers,
+            df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, iters=a.iters,
+                                workers=a.workers,
                                 store=a.store, on_event=None if a.no_progress else progress)
         finally:
             for bar in bars:

@@ -35,6 +35,7 @@ class ReplayHandle:
         self.on_change, self.on_done = on_change, on_done
         self.executor = executor or executors.local()
         self.ran: dict[int, float] = {}  # epoch -> seconds, as workers report them
+        self.done_by_segment: dict = {}  # first unit of a segment -> units it has run
         self.modes: dict[int, str] = {}
         self.kept: set[int] = set()  # epochs whose segment finished: their values are stored
         self.result = None  # the result frame; after a cancel, the kept epochs only
@@ -49,6 +50,11 @@ class ReplayHandle:
         self._done = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def units_done(self) -> int:
+        """Units (epochs, iterations) run so far, also where progress events were sampled."""
+        return max(len(self.ran), sum(self.done_by_segment.values()))
     def start(self) -> ReplayHandle:
         self.started = time.perf_counter()
         self.state = RUNNING
@@ -86,6 +92,8 @@ class ReplayHandle:
             return
         if "epoch" in event:
             self.ran[int(event["epoch"])] = float(event.get("seconds") or 0.0)
+            if "segment" in event:  # iteration loops report every 0.1 s, with how many units ran so far
+                self.done_by_segment[event["segment"]] = int(event.get("done") or 0)
             if "mode" in event:
                 self.modes[int(event["epoch"])] = event["mode"]
         elif "segment_done" in event:

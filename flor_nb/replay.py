@@ -93,13 +93,16 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
 
 
 def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on_event=None,
-           executor=None) -> pd.DataFrame:
+           executor=None, iters=None) -> pd.DataFrame:
     """Replay ``epochs`` of ``run`` with ``code`` (the edited cell); return the probes' values.
 
     The result has one row per (epoch, step, seq) with the probe columns and the
     recorded metrics beside them (``seq`` numbers repeats at one step); ``result.attrs["fidelity"]``
-    says whether the recorded metrics were reproduced exactly.
+    says whether the recorded metrics were reproduced exactly. For a run whose loop counts
+    iterations (a ``while`` loop, a step-only ``for``), ``iters="5000-5200"`` says the same as
+    ``epochs``: the ``epoch`` column then numbers iterations.
     """
+    epochs = _units(epochs, iters)
     store = get_store(store)
     run = store.find_run(run)
     p = prepare(store, run, code, epochs, cells, workers)
@@ -124,7 +127,8 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     started = time.perf_counter()
     if on_event is not None:
         on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
-                  "epochs_to_run": p["epochs_to_run"], "workers": p["workers"]})
+                  "epochs_to_run": p["epochs_to_run"], "workers": p["workers"],
+                  "unit": recorded_loops(run.state).get("unit", "epochs")})
         on_event = _only(token, replay_id, on_event)
     cancelled = None
     try:
@@ -205,6 +209,13 @@ def _describe(selected, segments, workers, touched) -> str:
     why = ("the probes change the step loop" if touched["step"] else "the probes sit outside the step loop")
     return (f"replay {len(selected)} epoch(s) as {len(segments)} segment(s) on {workers} worker(s): "
             f"{full} epoch(s) in full, {skip} with the step loop skipped ({why})")
+
+
+def _units(epochs, iters):
+    if epochs is not None and iters is not None:
+        raise FlorError(f"Give epochs ({epochs!r}) or iters ({iters!r}), not both: they both choose the loop's "
+                        "passes to replay (iters reads better for an iteration loop).")
+    return iters if iters is not None else epochs
 
 
 def _unchecked_streams(run: Run, code: str) -> list[str]:

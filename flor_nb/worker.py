@@ -144,7 +144,7 @@ class Replayer:
             units = enumerate(iterable, start=self.first)
         else:
             units = enumerate(iterable)
-        emitted = 0.0
+        emitted, done = 0.0, 0
         digests = self.task["end_digests"]
         for k, item in units:
             if k < self.first:
@@ -157,6 +157,7 @@ class Replayer:
             t = time.perf_counter()
             yield item
             seconds = time.perf_counter() - t
+            done += 1
             if k in self.keep:
                 self.epoch_seconds[k] = seconds
             if str(k) in digests:
@@ -164,7 +165,9 @@ class Replayer:
             now = time.perf_counter()
             if now - emitted > 0.1 or k == self.last:  # an iteration loop runs thousands of units
                 emitted = now
-                emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": seconds})
+                # "done": units this segment has run so far (an iteration loop reports every 0.1 s, not each unit)
+                emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": seconds,
+                      "segment": self.first, "done": done})
         self.epoch = None
         raise _ReplayDone
 

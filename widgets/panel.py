@@ -35,6 +35,9 @@ from .style import CSS, badge, esc, section
 STATUS = {"ok": "\u25cf", "busy": "\u25cf", "warn": "\u25b2", "bad": "\u2716"}
 
 
+_MAX_CHIPS = 40  # more units than this (iterations) are summed up on one line
+
+
 class Panel(W.VBox, Callbacks):
     """The replay panel over one store.
 
@@ -341,7 +344,7 @@ class Panel(W.VBox, Callbacks):
     def _on_progress(self, job: ReplayHandle):
         with self._lock:
             if job is self.job and job.running:
-                self.progress.value = min(len(job.ran), self.progress.max)
+                self.progress.value = min(job.units_done, self.progress.max)
                 self._render_progress(job)
 
     def _render_progress(self, job: ReplayHandle):
@@ -355,6 +358,13 @@ class Panel(W.VBox, Callbacks):
             text = f"{format_seconds(job.elapsed)} elapsed" + (
                 f" \u00b7 about {format_seconds(left)} left" if left is not None else "")
         self.clock.value = f'<span class="flor-muted">{esc(text)}</span>'
+        if len(self._chip_order) > _MAX_CHIPS:  # an iteration loop: thousands of units, one line for them all
+            kept = sorted(k for k in job.kept if k in self._chip_wanted)
+            wanted = format_epochs(sorted(self._chip_wanted))
+            self.chips.value = (f'<div class="flor-chips"><span class="{"done" if kept else ""}">'
+                                f"{job.units_done:,} of {len(self._chip_order):,} passes run; asked for {esc(wanted)}"
+                                f"{'; kept ' + esc(format_epochs(kept)) if kept else ''}</span></div>")
+            return
         chips = []
         for k in self._chip_order:
             skip = " \u00b7 steps skipped" if self._chip_modes.get(k) == "skip" else ""
