@@ -14,6 +14,7 @@ from IPython.display import HTML, Image, display
 
 import flor_nb
 from flor_nb import plots
+from flor_nb.cells import kernel_edits
 from flor_nb.errors import FlorError
 
 USAGE = """\
@@ -51,6 +52,12 @@ _REPLAY = _parser("replay", "Replay epochs of a recorded run with the edited cel
 _REPLAY.add_argument("run", help="NAME (latest version) or NAME@VERSION")
 _REPLAY.add_argument("--epochs", default=None, help="3, 2-5 or 1,4,7-9 (0-based; default: every epoch)")
 _REPLAY.add_argument("--iters", default=None, help="the same, for a loop that counts iterations: 5000-5200")
+_REPLAY.add_argument("--cell", type=int, default=None,
+                     help="use the functions and classes of In[N] of this kernel in place of the recorded ones")
+_REPLAY.add_argument("--show-setup", action="store_true",
+                     help="show what the recorded cells printed while the replay rebuilt them (kept quiet otherwise)")
+_REPLAY.add_argument("--recorded-cells", action="store_true",
+                     help="ignore helpers edited in this kernel since the recording; replay the recorded cells")
 _REPLAY.add_argument("--workers", type=int, default=None, help="worker processes (default: as the cores allow)")
 _REPLAY.add_argument("--no-progress", action="store_true", help="no progress bar")
 _REPORT = _parser("report", "Write a standalone notebook report of a run (code, probes as diffs, metrics, plots, "
@@ -138,13 +145,22 @@ class FlorMagics(Magics):
                 done[event.get("segment")] = event.get("done", done.get(event.get("segment"), 0) + 1)
                 bars[0].update(sum(done.values()) - bars[0].n)
 
+        edits = {}
+        if not a.recorded_cells:  # a helper edited (a probe in train()) and run again: replay uses it, and says so
+            run = flor_nb.get_run(a.run, store=a.store)
+            edits, notes = kernel_edits(run.deps, list(self.tracker.cells), a.cell)
+            for note in notes:
+                print(f"flor_nb: replaying with {note}; --recorded-cells to replay the recorded ones")
         try:
             df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, iters=a.iters,
-                                workers=a.workers,
+                                workers=a.workers, cells=edits or None,
                                 store=a.store, on_event=None if a.no_progress else progress)
         finally:
             for bar in bars:
                 bar.close()
+        if a.show_setup and df.attrs["fidelity"].get("setup_output"):
+            print("flor_nb: the recorded cells printed, while the replay rebuilt them:\n"
+                  + df.attrs["fidelity"]["setup_output"].rstrip())
         print(f"flor_nb: {df.attrs['fidelity']['plan']} in {df.attrs['fidelity']['seconds']:.1f}s")
         # A verdict that is not plainly faithful is a warning: stderr, where notebooks show it in red.
         level = df.attrs["fidelity"].get("level", "faithful")

@@ -16,6 +16,8 @@ import ast
 import builtins
 from dataclasses import dataclass, field
 
+from .errors import FlorError
+
 _BUILTINS = set(dir(builtins)) | {"flor", "get_ipython", "__name__", "__file__", "display", "In", "Out", "exit", "quit"}
 
 
@@ -350,3 +352,48 @@ def resolve(history: list[Cell], target: str) -> tuple[list[Cell], set[str]]:
             todo += [(n, end) for n in infos[i][2].get(name, ())]
     cells = [Cell(history[i].count, infos[i][0], history[i].bound, history[i].args) for i in sorted(chosen)]
     return cells, missing
+
+
+def _definitions(source: str) -> dict:
+    """{name: (ast dump, source text)} of the top-level functions and classes a cell defines."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return {}
+    out = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            text = "\n".join(source.splitlines()[first - 1:node.end_lineno])
+            out[node.name] = (ast.dump(node, include_attributes=False), text)
+    return out
+
+
+def kernel_edits(deps: list[dict], history: list[Cell], only: int | None = None) -> tuple[dict, list[str]]:
+    """Functions and classes of a run's cells that this kernel defines differently now.
+
+    A user adds a probe to ``train()`` in its cell and runs it again: replay should use that.
+    Returns ``({dependency cell count: its source with the new definitions appended}, notes)``;
+    ``only``: take the definitions of kernel cell In[only] (``--cell N``) whatever they are.
+    """
+    latest: dict = {}  # name -> (count, dump, text) of its latest definition in this kernel
+    for cell in history:
+        if only is not None and cell.count != only:
+            continue
+        for name, (dump, text) in _definitions(strip_shell(cell.source)).items():
+            latest[name] = (cell.count, dump, text)
+    if only is not None and not latest:
+        raise FlorError(f"In[{only}] defines no function or class: --cell takes the cell with your edited helper.")
+    edits: dict = {}
+    notes: list[str] = []
+    for dep in deps:
+        recorded = _definitions(dep["source"])
+        changed = [(name, latest[name]) for name, (dump, _) in recorded.items()
+                   if name in latest and latest[name][1] != dump]
+        if changed:
+            edits[dep["count"]] = dep["source"] + "\n\n" + "\n\n".join(text for _, (_, _, text) in changed) + "\n"
+            names = ", ".join(f"{n}()" for n, _ in changed)
+            counts = ", ".join(sorted({f"In[{c}]" for _, (c, _, _) in changed}))
+            notes.append(f"{names} from {counts} of this kernel (edited since the recording), in place of the "
+                         f"recorded In[{dep['count']}]")
+    return edits, notes

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import linecache
+import multiprocessing
 import logging
 import math
 import os
@@ -19,8 +20,8 @@ import torch
 from . import checkpoint, runtime, state
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
-from .errors import FlorError, NotCapturedWarning
-from .instrument import RUNTIME, instrument
+from .errors import FlorError, NoLoopError, NotCapturedWarning
+from .instrument import RUNTIME, find_helper, helper_code, instrument
 from .store import Run, Store
 from .writer import Writer
 
@@ -457,6 +458,7 @@ def environment() -> dict:
         "cpus": os.cpu_count(),
         "pid": os.getpid(),
         "cwd": os.getcwd(),
+        "start_method": multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_start_method(),
         "host": platform.node(),
     }
     for mod in ("pandas", "sklearn", "flor_nb"):
@@ -524,8 +526,19 @@ def record(
         raise FlorError(f"--state names {', '.join(unknown)}, which neither the namespace nor the cell defines. "
                         "Name variables that exist (--state a,b narrows what is saved, --state +a,+b adds).")
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
+    choice = loops.choice()
+    helper = find_helper(code, loops, [(c.count, c.source) for c in deps], ns)
+    swapped = None
+    if helper is not None:  # the step loop is in a function an earlier cell defined (train(dataloader, ...))
+        fn = ns[helper["name"]]
+        try:
+            swapped = (fn, fn.__code__, helper_code(dict((c.count, c.source) for c in deps)[helper["cell"]], helper,
+                                                    fn.__code__.co_filename))
+            choice["helper"] = helper
+        except (SyntaxError, NoLoopError, StopIteration, ValueError) as e:
+            logger.info("flor_nb: %s() not instrumented: %s", helper["name"], e)
     run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args, env=environment(),
-                           state={"loops": loops.choice()})
+                           state={"loops": choice})
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     bar = (lambda total: _progress_bar(run, total)) if progress else None
@@ -533,6 +546,8 @@ def record(
     recorder.clock = clock_names(code)
     recorder.base_args = args
     previous = runtime.activate(recorder)
+    if swapped is not None:
+        swapped[0].__code__ = swapped[2]
     try:
         exec(compile(tree, filename, "exec"), ns)
     except BaseException as e:
@@ -543,6 +558,8 @@ def record(
         recorder.finish("finished")
     finally:
         runtime.deactivate(previous)
+        if swapped is not None:
+            swapped[0].__code__ = swapped[1]  # the user's function as it was
     return store.find_run(run.label)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 from . import executor as executors
 from . import runtime
 from .errors import FlorError
-from .instrument import changes, instrument, parse, recorded_loops
+from .instrument import changes, helper_touched, instrument, parse, recorded_loops
 from .plan import parse_epochs, plan
 from .store import Run, Store, get_store
 from .cells import analyze
@@ -41,7 +41,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     ckpts = store.checkpoints(run.id)
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items()}
-    touched = changes(run.code, code, hint)
+    helper = (hint or {}).get("helper")
+    touched = helper_touched(run.code, code, helper, hint) if helper else changes(run.code, code, hint)
     if cells:  # an edited helper may run inside the step loop
         touched["step"] = True
     # Float reductions depend on the thread count: replay with the recorded one, so results are
@@ -121,6 +122,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         "roots": run.state.get("roots") or [],
         "limits": run.state.get("limits"),
         "cwd": run.env.get("cwd"),
+        "start_method": run.env.get("start_method"),
         "exclude": _unchecked_streams(run, p["code"]),
     } for seg in p["segments"]]
     ex = executor or executors.local()
@@ -150,6 +152,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     fidelity["kinds"] = run.state.get("objects") or {}
     fidelity["unit"] = recorded_loops(run.state).get("unit", "epochs")
     fidelity["writes"] = sorted({w for r in results for w in r.get("writes", [])})
+    fidelity["setup_output"] = next((r.get("setup_output") for r in results if r.get("setup_output")), "")
     probes = sorted({r[0] for r in rows} - recorded_names)
     keep = [r for r in rows if r[0] in probes]
     store.replace_hindsight(run.id, probes, sorted(modes), keep, replay_id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import linecache
 import os
 import tempfile
@@ -16,7 +17,7 @@ import numpy as np
 from . import checkpoint, runtime, state
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
-from .instrument import RUNTIME, instrument
+from .instrument import RUNTIME, helper_code, instrument
 from .plan import SKIP
 from .record import save_array
 from .sideeffects import WriteWatch
@@ -84,6 +85,7 @@ class Replayer:
         self.ns: dict = {}
         self.scope = None
         self.capturer = None
+        self.setup_output = ""
         self.divergence: list = []  # {epoch, where, differ, missing}
         self.checks: list = []  # {epoch, where, streams}: what was compared
         self.problems: list = []
@@ -206,8 +208,21 @@ def run_segment(task: dict) -> dict:
     import flor_nb
 
     torch.set_num_threads(task["threads"])  # the recorded count: float reductions depend on it
+    _start_method(task.get("start_method"))
     with _cwd(task.get("cwd")):  # relative paths (data files) resolve as they did when recording
         return _run_segment(task, flor_nb)
+
+
+def _start_method(recorded):
+    """DataLoader workers start as they did in the recording kernel (fork, on Linux). A process started by a
+    forkserver inherits forkserver as its default, whose children cannot unpickle a Dataset class defined in
+    a notebook cell (it lives in the rebuilt __main__ of this worker only)."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    method = recorded if recorded in methods and recorded == "fork" else ("fork" if "fork" in methods else None)
+    if method and multiprocessing.get_start_method(allow_none=True) != method:
+        multiprocessing.set_start_method(method, force=True)
 
 
 @contextlib.contextmanager
@@ -231,21 +246,32 @@ def _run_segment(task: dict, flor_nb) -> dict:
     ns["flor"] = ns[RUNTIME] = flor_nb
     previous = runtime.activate(rep)
     try:
+        output = io.StringIO()  # what the cells print (model reprs, config, warnings): kept, not echoed
         for cell in task["cells"]:
             src = strip_shell(cell["source"])
             name = f"<cell In[{cell['count']}]>"
             linecache.cache[name] = (len(src), None, src.splitlines(keepends=True), name)
             try:
-                exec(compile(src, name, "exec"), ns)
+                with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                    exec(compile(src, name, "exec"), ns)
             except Exception as e:
+                printed = output.getvalue()[-4000:]
                 raise ReplayError(
                     f"Cell In[{cell['count']}] failed while rebuilding the namespace for replay: "
-                    f"{type(e).__name__}: {e}. Pass a fixed version with cells={{{cell['count']}: '...'}}.",
+                    f"{type(e).__name__}: {e}. Pass a fixed version with cells={{{cell['count']}: '...'}}."
+                    + (f"\n\nWhat the cells printed before:\n{printed}" if printed.strip() else ""),
                     _user_traceback(),
                 ) from None
+        rep.setup_output = output.getvalue()
         setup_seconds = time.perf_counter() - t0
         rep.setup = False
         tree, _ = instrument(task["code"], hint=task.get("loops"))
+        helper = (task.get("loops") or {}).get("helper")
+        if helper is not None:  # the step loop is in a function a cell defined: wrap it there, as recorded
+            fn = ns.get(helper["name"])
+            source = next(c["source"] for c in task["cells"] if c["count"] == helper["cell"])
+            if isinstance(fn, types.FunctionType):
+                fn.__code__ = helper_code(strip_shell(source), helper, fn.__code__.co_filename)
         free, assigned = analyze(task["code"])
         rep.scope = state.Scope(assigned=assigned, free=free, **task.get("scope", {}))
         rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or (), limits=task.get("limits"))
@@ -276,6 +302,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         "rows": rows,
         "divergence": rep.divergence,
         "checks": rep.checks,
+        "setup_output": rep.setup_output[-20000:],
         "writes": sorted(watch.files),
         "roots": list(rep.capturer.order) if rep.capturer else [],
         "problems": rep.problems,

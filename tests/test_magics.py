@@ -304,3 +304,92 @@ def test_unknown_names_in_dataframe_say_what_was_logged(ip):
                                                          r"Logged names: last, loss\. Did you mean 'loss'"):
         flor.dataframe("losss", run="names")
     assert len(flor.dataframe("loss", run="names")) == 12
+
+
+QS_SETUP = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+torch.manual_seed(0)
+Xall = torch.randn(256, 20); yall = torch.randint(0, 4, (256,))
+train_dataloader = DataLoader(TensorDataset(Xall[:192], yall[:192]), batch_size=32, shuffle=True)
+test_dataloader = DataLoader(TensorDataset(Xall[192:], yall[192:]), batch_size=32)
+model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+loss_fn = nn.CrossEntropyLoss()
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+"""
+QS_HELPERS = """
+def train(dataloader, model, loss_fn, optimizer):
+    model.train()
+    for batch, (X, y) in enumerate(dataloader):
+        pred = model(X)
+        loss = loss_fn(pred, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        flor.log("loss", loss.item())
+
+def test(dataloader, model, loss_fn):
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for X, y in dataloader:
+            correct += (model(X).argmax(1) == y).type(torch.float).sum().item()
+    flor.log("acc", correct / len(dataloader.dataset))
+"""
+QS_TRAIN = """
+for t in range(4):
+    train(train_dataloader, model, loss_fn, optimizer)
+    test(test_dataloader, model, loss_fn)
+"""
+
+
+def test_a_helper_edited_in_the_kernel_is_replayed_and_named(ip, capsys):
+    """PyTorch's quickstart shape: the batch loop is in train(), defined in an earlier cell. Its loop is the
+    step loop (checkpointed at its exit, skipped for probes after it); a probe added to train() and the cell
+    run again is what %%flor replay uses, and it says so."""
+    run(ip, QS_SETUP)
+    run(ip, QS_HELPERS)
+    run(ip, "%%flor record --name qs --no-progress --overhead inf\n" + QS_TRAIN)
+    recorded = ip.user_ns["flor"].get_run("qs")
+    assert recorded.state["loops"]["helper"]["header"] == "for (batch, (X, y)) in enumerate(dataloader)"
+    df = run(ip, "%%flor replay qs --epochs 2-3 --no-progress\n" + QS_TRAIN + "    flor.log('w', float(model[0].weight.sum()))\n")
+    assert set(df.attrs["fidelity"]["modes"].values()) == {"skip"} and df.attrs["fidelity"]["faithful"]
+    capsys.readouterr()
+    run(ip, QS_HELPERS.replace("        optimizer.step()\n",
+                               "        flor.log('gn', float(model[0].weight.grad.norm()))\n        optimizer.step()\n"))
+    df = run(ip, "%%flor replay qs --epochs 2 --no-progress\n" + QS_TRAIN)
+    out = capsys.readouterr().out
+    assert "flor_nb: replaying with train() from In[" in out and "in place of the recorded In[" in out
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert df["gn"].notna().sum() == 6 and df["loss"].notna().sum() == 6
+    df = run(ip, "%%flor replay qs --epochs 2 --no-progress --recorded-cells\n" + QS_TRAIN)
+    assert "gn" not in df.columns
+
+
+def test_dataloader_workers_with_a_notebook_dataset_and_quiet_setup(ip, capsys):
+    """A Dataset class defined in a cell, loaded by worker processes: replay workers start DataLoader workers
+    as the recording kernel did (fork), so they find the class; what the setup cells print stays quiet."""
+    run(ip, "import torch, torch.nn as nn, torch.nn.functional as F\n"
+            "from torch.utils.data import Dataset, DataLoader\ntorch.manual_seed(0)\n"
+            "class _Cells(Dataset):\n"
+            "    def __init__(self, n):\n"
+            "        g = torch.Generator().manual_seed(3)\n"
+            "        self.x = torch.randn(n, 8, generator=g); self.y = (self.x[:, 0] > 0).long()\n"
+            "    def __len__(self): return len(self.x)\n"
+            "    def __getitem__(self, i): return self.x[i] + 0.01 * torch.randn(8), self.y[i]\n"
+            "loader = DataLoader(_Cells(128), batch_size=32, shuffle=True, num_workers=2,\n"
+            "                    generator=torch.Generator().manual_seed(1))\n"
+            "model = nn.Linear(8, 2); opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+            "print('setup says hello')")
+    train = ("for epoch in range(3):\n    for xb, yb in loader:\n        loss = F.cross_entropy(model(xb), yb)\n"
+             "        opt.zero_grad(); loss.backward(); opt.step()\n        flor.log('loss', loss.item())\n")
+    run(ip, "%%flor record --name dlw --no-progress --overhead inf\n" + train)
+    capsys.readouterr()
+    probe = train.replace("        flor.log('loss'", "        flor.log('b', float(xb.sum()))\n        flor.log('loss'")
+    df = run(ip, "%%flor replay dlw --epochs 1-2 --no-progress\n" + probe)
+    out = capsys.readouterr().out
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]  # augmentation noise drawn in the workers, too
+    assert df["b"].notna().sum() == 8 and "setup says hello" not in out
+    run(ip, "%%flor replay dlw --epochs 2 --no-progress --show-setup\n" + probe)
+    assert "setup says hello" in capsys.readouterr().out
