@@ -7,7 +7,7 @@ from .api import checkpoints, dataframe, get_run, get_store, replays, runs
 from .errors import FlorError
 from .record import record
 from .replay import replay
-from .runtime import While, arg, log, loop
+from .runtime import While, arg, fit, log, loop  # While, fit: for instrumented cells
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,7 @@ import threading
 import numpy as np
 import torch
 
-from . import pickling
+from . import frameworks, pickling
 from .capture import Graph, Scope, _unsaveable, child_path, resolve, walk
 from .capture import limits as capture_limits
 from .errors import FlorError
@@ -153,7 +153,7 @@ class Capturer:
                 tree, leaves[path] = split_leaves(obj.state_dict())
                 tensors[key] = dup(tree)
                 python[f"groups/{path}"] = [[token(p) for p in group["params"]] for group in obj.param_groups]
-            elif kind == "stateful":
+            elif kind in ("stateful", "framework"):
                 tree, leaves[path] = split_leaves(g.states[path])
                 tensors[key] = dup(tree)
             elif kind == "torch_generator":
@@ -318,6 +318,8 @@ class Capturer:
             elif isinstance(obj, torch.optim.Optimizer):
                 _add_groups(obj, python.get(f"groups/{path}") or [], token)
                 obj.load_state_dict(tree)
+            elif frameworks.kind(obj) == "framework":
+                frameworks.load_state_dict(obj, tree)
             else:
                 obj.load_state_dict(tree)
             if isinstance(obj, torch.nn.Module):
