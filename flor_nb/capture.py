@@ -234,6 +234,8 @@ def output_kind(obj) -> str | None:
     if isinstance(obj, io.IOBase):
         return "an open file"
     module = t.__module__ or ""
+    if module.startswith(("lightning", "pytorch_lightning")) and frameworks.kind(obj) == "output":
+        return f"a lightning {t.__name__}"  # checkpoint writers, loggers, progress bars
     if module.startswith(_OUTPUT_MODULES) and not isinstance(obj, type):
         return f"a {module.partition('.')[0]} {t.__name__}"
     return None

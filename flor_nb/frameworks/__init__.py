@@ -60,7 +60,8 @@ def framework_of(obj) -> str | None:
 def kind(obj) -> str | None:
     """How capture treats ``obj``: ``"framework"`` (a trainer: :func:`state_dict`, :func:`children`),
     ``"rebuilt"`` (configuration, tokenizers, HF datasets: like data), ``"plain"`` (saved by value
-    although it has ``state_dict``: a Lightning callback that declares no state), or None."""
+    although it has ``state_dict``: a Lightning callback that declares no state), ``"output"`` (Lightning's
+    checkpoint writer, loggers, progress bars: where files go and what is shown), or None."""
     t = type(obj)
     try:
         return _kinds[t]

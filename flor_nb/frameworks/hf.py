@@ -1,6 +1,6 @@
 """HF transformers ``Trainer``: record ``trainer.train()`` epoch by epoch, replay chosen epochs.
 
-Record: a ``TrainerCallback`` (added with ``trainer.add_callback``, removed after) drives the units
+Record: a ``TrainerCallback`` (first in the Trainer's callbacks for the call) drives the units
 (``on_epoch_begin`` ends the previous epoch and begins the next, ``on_train_end`` ends the last),
 keys ``flor.log`` values by the update step within the epoch (``on_step_begin``), and records what
 the Trainer logs (``on_log``) as metrics named the way HF's W&B integration names them:
@@ -24,6 +24,7 @@ tokenizer and accelerator are rebuilt by the recorded cells.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import types
@@ -188,7 +189,7 @@ def _callback(units, session):
 def record(rec, trainer, method, args, kwargs):
     units = _units.RecordUnits(rec)
     cb = _callback(units, rec)
-    trainer.add_callback(cb)
+    trainer.callback_handler.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch, step
     try:
         out = getattr(trainer, method)(*args, **kwargs)
     except BaseException:
@@ -244,20 +245,21 @@ def replay(rep, trainer, method, args, kwargs):
     snap = rep.entry_snapshot()
     units = _units.ReplayUnits(rep, snap)
     folder = None
+    # The weights file is empty on purpose: HF's warning that weights are missing is silenced for the call.
+    log = logging.getLogger("transformers.trainer")
+    level = log.level
     if rep.first > 0 and snap is not None:
-        import logging
-
         folder = _resume_dir(rep, trainer, snap)
         args = args[1:] if args else args  # the first positional argument is resume_from_checkpoint
         kwargs = {**kwargs, "resume_from_checkpoint": folder}
-        # The weights file is empty on purpose: HF says the weights are missing; they are restored after.
-        logging.getLogger("transformers.trainer").setLevel(logging.ERROR)
+        log.setLevel(logging.ERROR)
     cb = _callback(units, rep)
-    trainer.add_callback(cb)
+    trainer.callback_handler.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch, step
     try:
         getattr(trainer, method)(*args, **kwargs)
     finally:
         trainer.remove_callback(cb)
+        log.setLevel(level)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     units.train_end()

@@ -1,6 +1,6 @@
 """Lightning ``Trainer``: record ``trainer.fit(...)`` epoch by epoch, replay chosen epochs.
 
-Record: a ``Callback`` (appended to ``trainer.callbacks`` for the call) drives the units
+Record: a ``Callback`` (first in ``trainer.callbacks`` for the call) drives the units
 (``on_train_epoch_start`` ends the previous epoch and begins the next, ``on_train_end`` ends the
 last), keys ``flor.log`` values by the batch index (``on_train_batch_start``), and records what the
 module logs with ``self.log``: the values of ``trainer.callback_metrics`` that a training step set
@@ -38,9 +38,17 @@ def _mod(pkg: str, name: str):
     return importlib.import_module(f"{pkg}.{name}")
 
 
+_OUTPUTS = ("callbacks.model_checkpoint", "loggers.", "callbacks.progress.")
+
+
 def kind(cls) -> str | None:
-    """A Callback or LightningDataModule that keeps Lightning's empty ``state_dict``: saved by value."""
+    """``"output"``: checkpoint writers, loggers and progress bars (where files go, what is shown: rebuilt,
+    not restored); ``"plain"``: a Callback or LightningDataModule that keeps Lightning's empty
+    ``state_dict`` (saved by value)."""
     pkg = _pkg(cls)
+    if any((k.__module__ or "").startswith(tuple(f"{p}.{o}" for p in (pkg, "lightning.fabric") for o in _OUTPUTS))
+           for k in cls.__mro__):
+        return "output"
     callback = _mod(pkg, "callbacks.callback").Callback
     datamodule = _mod(pkg, "core.datamodule").LightningDataModule
     for base in (callback, datamodule):
@@ -114,7 +122,8 @@ def children(trainer) -> list:
     if trainer.datamodule is not None:
         out.append((".datamodule", trainer.datamodule, False))
     for i, cb in enumerate(trainer.callbacks):
-        if not getattr(cb, "_flor", False):  # declared state: its state_dict; else attribute by attribute
+        if not getattr(cb, "_flor", False) and kind(type(cb)) != "output":
+            # declared state: its state_dict; else attribute by attribute
             out.append((f".callbacks[{i}]", cb, kind(type(cb)) == "plain"))
     return out
 
@@ -196,7 +205,7 @@ def _set_epoch(trainer):
 def record(rec, trainer, method, args, kwargs):
     units = _units.RecordUnits(rec)
     cb = _callback(trainer, units, rec)
-    trainer.callbacks.append(cb)
+    trainer.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch and batch
     try:
         out = getattr(trainer, method)(*args, **kwargs)
     except BaseException:
@@ -212,7 +221,7 @@ def record(rec, trainer, method, args, kwargs):
 def replay(rep, trainer, method, args, kwargs):
     units = _units.ReplayUnits(rep, None, on_enter=lambda: _set_epoch(trainer))
     cb = _callback(trainer, units, rep)
-    trainer.callbacks.append(cb)
+    trainer.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch and batch
     try:
         getattr(trainer, method)(*args, **kwargs)
     finally:
