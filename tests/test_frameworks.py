@@ -216,3 +216,26 @@ def test_flor_nb_works_without_the_frameworks(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / ".flor")], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_lightning_defaults_logger_checkpoints_early_stopping(store, tmp_path):
+    """Lightning's defaults write logs and checkpoints into a new version folder each run: they are outputs,
+    so a replay is judged on training state (EarlyStopping's counters included), not on where files went."""
+    pytest.importorskip("lightning")
+    from flor_nb import probes
+
+    trainer = ('model = Net()\n'
+               'trainer = L.Trainer(max_epochs=3, accelerator="cpu", enable_progress_bar=False, num_sanity_val_steps=0,\n'
+               '                    callbacks=[L.pytorch.callbacks.EarlyStopping("val_acc", mode="max", patience=5)])\n')
+    run = _record([PL_SETUP, PL_MODULE, trainer], "trainer.fit(model, train, val)\n", "defaults", store)
+    assert run.status == "finished" and run.epochs_completed == 3
+    assert run.state["not_captured"] == {}
+    callbacks = [path for path in run.state["objects"] if path.startswith("trainer.callbacks")]
+    assert len(callbacks) == 1 and run.state["objects"][callbacks[0]] == "stateful"  # EarlyStopping; not ModelCheckpoint
+    recorded = sorted(p.name for p in (tmp_path / "lightning_logs" / "version_0" / "checkpoints").iterdir())
+    df = flor.replay("defaults", epochs="1", store=store)
+    assert df.attrs["verdict"].startswith("Faithful replay"), df.attrs["verdict"]
+    assert sorted(p.name for p in (tmp_path / "lightning_logs" / "version_0" / "checkpoints").iterdir()) == recorded
+    with pytest.raises(flor.FlorError, match="trains with `trainer.fit"):
+        probes.preset(run, "grad_norm")

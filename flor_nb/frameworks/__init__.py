@@ -14,7 +14,6 @@ Both frameworks are optional: nothing here imports them unless a trainer of thei
 from __future__ import annotations
 
 import importlib
-import sys
 
 from ..errors import FlorError
 
@@ -134,8 +133,3 @@ def fit(session, trainer, method: str, args: tuple, kwargs: dict):
     if isinstance(session, Replayer) and not session.setup:
         return adapter(name).replay(session, trainer, method, args, kwargs)
     return call(*args, **kwargs)
-
-
-def loaded(name: str) -> bool:
-    """Is the framework already imported (so its classes can be used without importing it now)?"""
-    return any(m in sys.modules for m in {"hf": ("transformers",), "lightning": ("lightning", "pytorch_lightning")}[name])

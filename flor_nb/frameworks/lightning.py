@@ -14,9 +14,10 @@ data iterator from the restored RNG, as it did when recording. After epoch ``las
 
 Captured for a Trainer (see :func:`state_dict`, :func:`children`): the fit loop's progress
 (``fit_loop.state_dict()``), ``should_stop``, the callback, logged and progress-bar metrics, the CUDA
-RNGs when CUDA is in use, callbacks without a ``state_dict`` of their own (by value); the
-LightningModule, optimizers, schedulers, scaler, the datamodule and stateful callbacks (``ModelCheckpoint``,
-``EarlyStopping``: their ``state_dict``) are captured on their own.
+RNGs when CUDA is in use; the LightningModule, optimizers, schedulers, precision scaler and datamodule
+on their own; callbacks by their ``state_dict`` where they declare one (``EarlyStopping``), else attribute
+by attribute. ``ModelCheckpoint``, loggers, model summaries and progress bars are outputs (where files go, what is shown):
+rebuilt by the recorded cells, not restored, so a replay writes its own checkpoint files, never the recording's.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def _mod(pkg: str, name: str):
     return importlib.import_module(f"{pkg}.{name}")
 
 
-_OUTPUTS = ("callbacks.model_checkpoint", "loggers.", "callbacks.progress.")
+_OUTPUTS = ("callbacks.model_checkpoint", "callbacks.model_summary", "callbacks.rich_model_summary", "loggers.",
+            "callbacks.progress.")
 
 
 def kind(cls) -> str | None:

@@ -10,7 +10,6 @@ start of epoch ``k + 1``: what a replay of that epoch restores, in the same hook
 from __future__ import annotations
 
 import math
-import time
 
 
 class RecordUnits:
@@ -58,7 +57,6 @@ class ReplayUnits:
         self.snap = snap  # the checkpoint restored at the first unit (read already, or None: read then)
         self.on_enter = on_enter  # called after the restore (a framework re-applies what depends on it)
         self.k = None
-        self.t = 0.0
 
     def epoch_begin(self, total=None):
         rep = self.rep
@@ -72,7 +70,6 @@ class ReplayUnits:
             rep.end_unit(self.k)  # raises _ReplayDone after the segment's last unit
             self.k += 1
             rep.begin_unit(self.k)
-        self.t = time.perf_counter()
 
     def step(self, i):
         self.rep.step = self.rep.last_step = i
