@@ -272,7 +272,15 @@ class Capturer:
             except LookupError:
                 return MISSING
 
+        referenced: dict = {}  # id -> live object a token resolved to: merged as itself, never walked into
+
         def token(kind, path):
+            obj = _resolve_token(kind, path)
+            if obj is not KEEP:
+                referenced[id(obj)] = obj
+            return obj
+
+        def _resolve_token(kind, path):
             key = (kind, path)
             if key in resolved:
                 return resolved[key]
@@ -337,6 +345,8 @@ class Capturer:
             unit = pickling.loads(data, token)
             if unit is KEEP:
                 continue
+            for i, obj in referenced.items():  # a trainer reached by reference is not a value to merge
+                memo.setdefault(i, (obj, obj))
             for name, value in unit["roots"].items():
                 if value is KEEP:
                     continue

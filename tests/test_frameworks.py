@@ -239,3 +239,56 @@ def test_lightning_defaults_logger_checkpoints_early_stopping(store, tmp_path):
     assert sorted(p.name for p in (tmp_path / "lightning_logs" / "version_0" / "checkpoints").iterdir()) == recorded
     with pytest.raises(flor.FlorError, match="trains with `trainer.fit"):
         probes.preset(run, "grad_norm")
+
+
+@pytest.mark.timeout(400)
+def test_hf_trainer_with_accumulation_early_stopping_and_checkpoints(store, tmp_path):
+    """Gradient accumulation, HF's own checkpoints every epoch with the best model loaded at the end, an
+    EarlyStoppingCallback (exportable state) and a callback with state of its own: replayed bit for bit."""
+    pytest.importorskip("transformers")
+    args = HF_ARGS.replace('logging_steps=2, eval_strategy="epoch", save_strategy="no"',
+                           'logging_steps=3, eval_strategy="epoch", save_strategy="epoch", gradient_accumulation_steps=2,\n'
+                           '                         load_best_model_at_end=True, metric_for_best_model="eval_loss",'
+                           ' warmup_steps=2, max_grad_norm=0.5')
+    args = args.replace("eval_dataset=Tokens(ids[128:]))", "eval_dataset=Tokens(ids[128:]),\n"
+                        "                    callbacks=[EarlyStoppingCallback(2), Evals()])")
+    callbacks = ('from transformers import EarlyStoppingCallback, TrainerCallback\n'
+                 'class Evals(TrainerCallback):\n'
+                 '    def __init__(self): self.losses = []\n'
+                 '    def on_evaluate(self, args, state, control, metrics=None, **kwargs):\n'
+                 '        self.losses.append(metrics["eval_loss"])\n')
+    assert "gradient_accumulation_steps=2" in args and "Evals()" in args
+    run = _record([HF_DATA, HF_TRAINER, callbacks, args], "trainer.train()\n", "ga", store)
+    assert run.status == "finished" and run.state["not_captured"] == {}
+    assert sum(kind == "attrs" for kind in run.state["objects"].values()) == 2  # the two callbacks
+    df = flor.replay("ga", epochs="0,3", workers=1, store=store)  # two segments, one after the other in one process
+    verdict = df.attrs["verdict"]
+    assert verdict.startswith("Faithful replay"), verdict
+    assert "train/train_loss exact (1 values)" in verdict  # the summary HF logs after the last epoch
+    assert "out/checkpoint-" in verdict or "hf-out/checkpoint-" in verdict  # HF's own checkpoints, named as written
+
+
+def test_restore_never_walks_into_objects_captured_by_reference():
+    """A value that holds a trainer (or a dataset) holds it by reference: restoring puts the live object back
+    as it is, without merging into its attributes (an accelerate GradientState holds weak references)."""
+    import weakref
+
+    import torch
+
+    from flor_nb import state
+
+    class Data(torch.utils.data.Dataset):  # data: captured by reference, rebuilt by the cells
+        def __init__(self):
+            self.keep = torch.zeros(1)
+            self.ref = weakref.ref(self.keep)
+        def __len__(self):
+            return 1
+        def __getitem__(self, i):
+            return self.keep
+
+    ns = {"__name__": "__main__", "data": Data()}
+    ns["holder"] = {"data": ns["data"], "n": 1}
+    cap = state.Capturer(ns, state.Scope(assigned=set(), free={"holder"}))
+    snap = cap.snapshot()
+    ns["holder"]["n"] = 2
+    assert cap.restore(snap) == [] and ns["holder"] == {"data": ns["data"], "n": 1}

@@ -219,6 +219,7 @@ def _resume_dir(rep, trainer, snap) -> str | None:
     """A checkpoint folder HF resumes from at the recorded epoch: its ``trainer_state.json`` and an
     empty weights file (the real state comes from flor_nb's checkpoint in ``on_epoch_begin``)."""
     from transformers import TrainerState
+    from transformers.trainer_callback import ExportableState
 
     tree = _trainer_tree(snap, trainer, rep.ns)
     if tree is None:
@@ -227,7 +228,9 @@ def _resume_dir(rep, trainer, snap) -> str | None:
         raise FrameworkError(f"The checkpoint of this run holds no state of the Trainer the replayed cell trains, "
                              "so replay cannot start at epoch {rep.first}. Keep the Trainer in a variable of the "
                              "recorded cells (trainer = Trainer(...)) and record again.")
-    state = TrainerState()
+    # As the Trainer makes it: its stateful callbacks are registered (it saves their state in checkpoints).
+    state = TrainerState(stateful_callbacks=[cb for cb in trainer.callback_handler.callbacks + [trainer.control]
+                                             if isinstance(cb, ExportableState)])
     for k, v in tree["state"].items():
         if hasattr(state, k):
             setattr(state, k, v)
