@@ -446,7 +446,7 @@ def _stateful(g: Graph, path, kind, obj, queue, root, params):
 
 def _framework(g: Graph, path, trainer, queue, root):
     """A framework's trainer: its progress state (a state_dict of the adapter's), attributes of a user's
-    subclass and callbacks by attribute (one stream each: a probe callback added later is new, not a
+    subclass, callbacks by attribute and metrics by key (one stream each: what a probe adds is new, not a
     difference), and what it owns (model, optimizers, schedulers) walked as usual under its path."""
     g.states[path] = frameworks.state_dict(trainer)
     attrs = frameworks.user_attrs(trainer)
@@ -455,9 +455,14 @@ def _framework(g: Graph, path, trainer, queue, root):
         g.owner[path] = root
         for k, v in attrs.items():
             queue.append((root, child_path(path, k), v))
-    for suffix, child, by_attrs in frameworks.children(trainer):
+    for suffix, child, how in frameworks.children(trainer):
         p = path + suffix
-        if by_attrs and id(child) not in g.refs and isinstance(getattr(child, "__dict__", None), dict):
+        if how == "keys" and type(child) is dict:  # metrics: one stream per key (a probe's new metric is new)
+            g.module_attrs[p] = dict(child)
+            g.owner[p] = root
+            for k, v in child.items():
+                queue.append((root, item_path(p, k), v))
+        elif how == "attrs" and id(child) not in g.refs and isinstance(getattr(child, "__dict__", None), dict):
             g.attr_objects[p] = child
             g.owner[p] = root
             g.refs[id(child)] = ("attrs", p)

@@ -175,6 +175,10 @@ class Capturer:
         python["big"] = {path: content_hash(v) for path, v in sorted(g.big.items())}
         for key, value in python.items():
             digests[key] = fingerprint(value, token)
+        # One stream per value tensor's meta: a tensor a probe binds (or a metric it logs) is new, not a change.
+        del digests["vmeta"]
+        for path, m in meta.items():
+            digests[f"vmeta/{path}"] = fingerprint(m)
         for path, ls in leaves.items():
             if ls:
                 digests[f"leaves/{path}"] = fingerprint(ls, token)
@@ -356,7 +360,11 @@ class Capturer:
                 if target is MISSING:
                     continue
                 for k, v in attrs.items():
-                    if v is not KEEP:
+                    if v is KEEP:
+                        continue
+                    if type(target) is dict:  # a framework's metrics, kept key by key
+                        target[k] = pickling.merge(v, target.get(k, MISSING), memo)
+                    else:
                         object.__setattr__(target, k, pickling.merge(v, getattr(target, k, MISSING), memo))
         problems = []
         for path, h in python.get("big", {}).items():

@@ -167,6 +167,13 @@ def test_lightning_replays_epochs_with_a_probe_in_training_step(store):
     assert len(got) == 2 * 12 and got == _truth(store, "digits-truth", "logit_std", {0, 2})
     assert _values(df, "calls", {2})[(2, 0, 0)] == 1  # epochs 0-1 were not re-run
 
+    # Lightning's own logging works as a probe too: the new metric is new state, not a change.
+    logged = PL_MODULE.replace("        self.log(\"train_loss\", loss)\n",
+                               "        self.log(\"train_loss\", loss)\n        self.log(\"logit_max\", logits.detach().max())\n")
+    df = flor.replay("digits", epochs="1", cells={2: logged}, store=store)
+    assert df.attrs["verdict"].startswith("Faithful replay"), df.attrs["verdict"]
+    assert df[df.step.notna()]["logit_max"].notna().sum() == 12
+
     # A probe that draws random numbers changes training: the replay says so, and where.
     noisy = PL_MODULE.replace("        self.log(\"train_loss\", loss)\n",
                               "        self.log(\"train_loss\", loss)\n        flor.log(\"noise\", torch.rand(1).item())\n")
@@ -267,28 +274,3 @@ def test_hf_trainer_with_accumulation_early_stopping_and_checkpoints(store, tmp_
     assert "train/train_loss exact (1 values)" in verdict  # the summary HF logs after the last epoch
     assert "out/checkpoint-" in verdict or "hf-out/checkpoint-" in verdict  # HF's own checkpoints, named as written
 
-
-def test_restore_never_walks_into_objects_captured_by_reference():
-    """A value that holds a trainer (or a dataset) holds it by reference: restoring puts the live object back
-    as it is, without merging into its attributes (an accelerate GradientState holds weak references)."""
-    import weakref
-
-    import torch
-
-    from flor_nb import state
-
-    class Data(torch.utils.data.Dataset):  # data: captured by reference, rebuilt by the cells
-        def __init__(self):
-            self.keep = torch.zeros(1)
-            self.ref = weakref.ref(self.keep)
-        def __len__(self):
-            return 1
-        def __getitem__(self, i):
-            return self.keep
-
-    ns = {"__name__": "__main__", "data": Data()}
-    ns["holder"] = {"data": ns["data"], "n": 1}
-    cap = state.Capturer(ns, state.Scope(assigned=set(), free={"holder"}))
-    snap = cap.snapshot()
-    ns["holder"]["n"] = 2
-    assert cap.restore(snap) == [] and ns["holder"] == {"data": ns["data"], "n": 1}

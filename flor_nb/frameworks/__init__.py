@@ -91,9 +91,10 @@ def load_state_dict(trainer, tree: dict):
 
 
 def children(trainer) -> list:
-    """``[(suffix, object, by_attrs)]``: what the trainer owns that is captured on its own (model,
-    optimizers, schedulers, scaler, callbacks); ``trainer`` + suffix is its path. ``by_attrs``: a plain
-    object (a callback) saved attribute by attribute."""
+    """``[(suffix, object, how)]``: what the trainer owns that is captured on its own (model, optimizers,
+    schedulers, scaler, callbacks, metrics); ``trainer`` + suffix is its path. ``how``: ``"walk"`` (as
+    any object), ``"attrs"`` (a plain object, a callback: attribute by attribute), ``"keys"`` (a dict of
+    metrics: key by key)."""
     return adapter(framework_of(trainer)).children(trainer)
 
 

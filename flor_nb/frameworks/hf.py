@@ -137,14 +137,14 @@ def load_state_dict(trainer, tree: dict):
 
 
 def children(trainer) -> list:
-    out = [(".model", trainer.model, False)]
+    out = [(".model", trainer.model, "walk")]
     for name in ("optimizer", "lr_scheduler"):
         if getattr(trainer, name, None) is not None:
-            out.append((f".{name}", getattr(trainer, name), False))
+            out.append((f".{name}", getattr(trainer, name), "walk"))
     scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
     if scaler is not None:
-        out.append((".accelerator.scaler", scaler, False))
-    out.extend((f".callback_handler.callbacks[{i}]", cb, True) for i, cb in _callbacks(trainer))
+        out.append((".accelerator.scaler", scaler, "walk"))
+    out.extend((f".callback_handler.callbacks[{i}]", cb, "attrs") for i, cb in _callbacks(trainer))
     return out
 
 

@@ -13,8 +13,8 @@ of epoch ``first``) and sets the training samplers to that epoch; Lightning then
 data iterator from the restored RNG, as it did when recording. After epoch ``last`` it stops.
 
 Captured for a Trainer (see :func:`state_dict`, :func:`children`): the fit loop's progress
-(``fit_loop.state_dict()``), ``should_stop``, the callback, logged and progress-bar metrics, the CUDA
-RNGs when CUDA is in use; the LightningModule, optimizers, schedulers, precision scaler and datamodule
+(``fit_loop.state_dict()``), ``should_stop``, the CUDA RNGs when CUDA is in use; the callback, logged and
+progress-bar metrics key by key (so a probe may ``self.log`` a new one); the LightningModule, optimizers, schedulers, precision scaler and datamodule
 on their own; callbacks by their ``state_dict`` where they declare one (``EarlyStopping``), else attribute
 by attribute. ``ModelCheckpoint``, loggers, model summaries and progress bars are outputs (where files go, what is shown):
 rebuilt by the recorded cells, not restored, so a replay writes its own checkpoint files, never the recording's.
@@ -74,8 +74,6 @@ def state_dict(trainer) -> dict:
         "fit_loop": trainer.fit_loop.state_dict(),
         "should_stop": bool(trainer.should_stop),
     }
-    for name in _METRICS:
-        out[name] = dict(getattr(trainer, name))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_rng"] = torch.cuda.get_rng_state_all()
     return out
@@ -99,10 +97,6 @@ def load_state_dict(trainer, tree: dict):
     _load_loop(trainer.fit_loop, tree["fit_loop"], _mod(pkg, "loops.loop")._Loop,
                _mod(pkg, "loops.progress")._BaseProgress)
     trainer.should_stop = tree["should_stop"]
-    for name in _METRICS:
-        live = getattr(trainer, name)
-        live.clear()
-        live.update(tree[name])
     if "cuda_rng" in tree and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(tree["cuda_rng"])
 
@@ -114,19 +108,21 @@ def user_attrs(trainer) -> dict:
 def children(trainer) -> list:
     out = []
     if trainer.lightning_module is not None:
-        out.append((".lightning_module", trainer.lightning_module, False))
-    out.extend((f".optimizers[{i}]", opt, False) for i, opt in enumerate(trainer.optimizers))
-    out.extend((f".lr_scheduler_configs[{i}].scheduler", c.scheduler, False)
+        out.append((".lightning_module", trainer.lightning_module, "walk"))
+    out.extend((f".optimizers[{i}]", opt, "walk") for i, opt in enumerate(trainer.optimizers))
+    out.extend((f".lr_scheduler_configs[{i}].scheduler", c.scheduler, "walk")
                for i, c in enumerate(trainer.lr_scheduler_configs))
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None:
-        out.append((".precision_plugin.scaler", scaler, False))
+        out.append((".precision_plugin.scaler", scaler, "walk"))
     if trainer.datamodule is not None:
-        out.append((".datamodule", trainer.datamodule, False))
+        out.append((".datamodule", trainer.datamodule, "walk"))
     for i, cb in enumerate(trainer.callbacks):
         if not getattr(cb, "_flor", False) and kind(type(cb)) != "output":
             # declared state: its state_dict; else attribute by attribute
-            out.append((f".callbacks[{i}]", cb, kind(type(cb)) == "plain"))
+            out.append((f".callbacks[{i}]", cb, "attrs" if kind(type(cb)) == "plain" else "walk"))
+    # The metrics the module logged, key by key: a probe's own self.log adds a key, which is new, not a change.
+    out.extend((f".{name}", getattr(trainer, name), "keys") for name in _METRICS)
     return out
 
 
