@@ -121,6 +121,8 @@ def test_hf_trainer_replays_epochs_with_a_probe_in_compute_loss(store):
     assert objects["trainer.lr_scheduler"] == "stateful" and objects["trainer.model"] == "module"
     assert run.state["not_captured"] == {} and run.state["notes"] == {}
     assert sorted(flor.checkpoints("lm", store=store).epoch) == [-1, 0, 1, 2, 3]
+    streams = flor.runtime.from_json(store.checkpoints(run.id)[2]["digest"])
+    assert "attrs/trainer.batches" in streams  # the subclass's own counter is state (checked, restored)
     # What the Trainer logged is recorded: per logging step, and the evaluation at each epoch end.
     logged = flor.dataframe("train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", run="lm", store=store)
     assert logged["train/loss"].notna().sum() == 8 and logged["train/learning_rate"].notna().sum() == 8

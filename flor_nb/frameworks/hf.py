@@ -59,9 +59,12 @@ _own_names: set | None = None
 
 
 def _framework_names() -> set:
-    """Every name HF's Trainer code uses: attributes with other names belong to a subclass (the user's)."""
+    """Attribute names HF's Trainer code assigns (``self.x = ...``): other attributes of a Trainer belong to
+    a user's subclass (``self.kd_loss``). Assignments, not every name its code mentions: ``self.loss`` is a user's."""
     global _own_names
     if _own_names is None:
+        import dis
+
         from transformers import Trainer
 
         names = set()
@@ -73,7 +76,7 @@ def _framework_names() -> set:
                     stack = [fn.__code__]
                     while stack:
                         code = stack.pop()
-                        names.update(code.co_names)
+                        names.update(i.argval for i in dis.get_instructions(code) if i.opname == "STORE_ATTR")
                         stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
         _own_names = names
     return _own_names
