@@ -276,3 +276,14 @@ def test_hf_trainer_with_accumulation_early_stopping_and_checkpoints(store, tmp_
     assert "train/train_loss exact (1 values)" in verdict  # the summary HF logs after the last epoch
     assert "out/checkpoint-" in verdict or "hf-out/checkpoint-" in verdict  # HF's own checkpoints, named as written
 
+
+
+@pytest.mark.timeout(300)
+def test_trainer_built_in_the_recorded_cell(store):
+    """``trainer = L.Trainer(...)`` and ``trainer.fit(...)`` in one cell: the class called says it is a trainer."""
+    pytest.importorskip("lightning")
+    code = PL_TRAINER.replace("max_epochs=4", "max_epochs=2") + "trainer.fit(model, train, val)\n"
+    run = _record([PL_SETUP, PL_MODULE], code, "one-cell", store)
+    assert run.state["loops"]["framework"]["call"] == "trainer.fit" and run.epochs_completed == 2
+    df = flor.replay("one-cell", epochs="1", store=store)
+    assert df.attrs["verdict"].startswith("Faithful replay"), df.attrs["verdict"]

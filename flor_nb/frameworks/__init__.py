@@ -47,9 +47,10 @@ def adapter(name: str):
     return importlib.import_module(_ADAPTERS[name])
 
 
-def framework_of(obj) -> str | None:
-    """``"hf"`` or ``"lightning"`` for a trainer of theirs (subclasses too), else None."""
-    for klass in type(obj).__mro__:
+def framework_of(obj, is_class: bool = False) -> str | None:
+    """``"hf"`` or ``"lightning"`` for a trainer of theirs (subclasses too; ``is_class``: for the class), else None."""
+    cls = obj if is_class else type(obj)
+    for klass in getattr(cls, "__mro__", ()):
         name = _TRAINERS.get((klass.__module__, klass.__name__))
         if name:
             return name

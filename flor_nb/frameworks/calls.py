@@ -53,6 +53,18 @@ def _receiver(expr, ns):
         return None
 
 
+def _built_in_cell(tree, stmt, receiver, ns) -> str | None:
+    """``trainer = Trainer(...)`` earlier in the same cell: the framework of the class it calls."""
+    if ns is None or not isinstance(receiver, ast.Name):
+        return None
+    found = None
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and node.lineno < stmt.lineno and isinstance(node.value, ast.Call)
+                and any(isinstance(t, ast.Name) and t.id == receiver.id for t in node.targets)):
+            found = framework_of(_receiver(node.value.func, ns), is_class=True) or found
+    return found
+
+
 def choose(tree: ast.Module, hint: dict | None, ns: dict | None, what: str):
     """The call to route, as ``(stmt, call, choice)``, or None when the cell trains with its own loop.
 
@@ -72,7 +84,7 @@ def choose(tree: ast.Module, hint: dict | None, ns: dict | None, what: str):
     if hint:  # a run recorded with loops
         return None
     for s, c in calls:
-        name = framework_of(_receiver(c.func.value, ns))
+        name = framework_of(_receiver(c.func.value, ns)) or _built_in_cell(tree, s, c.func.value, ns)
         if name and c.func.attr == METHODS[name]:
             h = header(c)
             nth = [header(x) for _, x in calls].index(h) if h else 0
