@@ -9,7 +9,7 @@ from .disk import delete, gc
 from .errors import FlorError
 from .record import record
 from .replay import replay
-from .runtime import While, arg, log, loop
+from .runtime import While, arg, fit, log, loop  # While, fit: for instrumented cells
 
 __version__ = "0.1.0"
 

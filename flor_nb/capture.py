@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import frameworks
+
 ATOMIC = (type(None), bool, int, float, complex, str, bytes, np.bool_, np.number, torch.dtype, torch.device,
           torch.Size, range, slice, type(Ellipsis))
 _ATOMIC_TYPES = frozenset(t for t in ATOMIC if t not in (np.number,))
@@ -118,6 +120,9 @@ def kind_of(obj) -> str | None:
         return "np_randomstate"
     if isinstance(obj, (type,) + DATA):
         return None
+    fw = frameworks.kind(obj)  # a framework's trainer; or a framework object saved another way
+    if fw is not None:
+        return "framework" if fw == "framework" else None
     t = type(obj)
     if callable(getattr(t, "state_dict", None)) and callable(getattr(t, "load_state_dict", None)):
         return "stateful"  # LR schedulers, grad scalers, and any object that declares its own state
@@ -233,6 +238,8 @@ def output_kind(obj) -> str | None:
     if isinstance(obj, io.IOBase):
         return "an open file"
     module = t.__module__ or ""
+    if module.startswith(("lightning", "pytorch_lightning")) and frameworks.kind(obj) == "output":
+        return f"a lightning {t.__name__}"  # checkpoint writers, loggers, progress bars
     if module.startswith(_OUTPUT_MODULES) and not isinstance(obj, type):
         return f"a {module.partition('.')[0]} {t.__name__}"
     return None
@@ -331,7 +338,7 @@ def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_b
             if isinstance(obj, types.MethodType):
                 queue.append((root, f"{path}.__self__", obj.__self__))
             continue
-        if isinstance(obj, DATA):
+        if isinstance(obj, DATA) or frameworks.kind(obj) == "rebuilt":
             _data(g, path, obj, queue, root)
             continue
         out = output_kind(obj)
@@ -417,6 +424,8 @@ def _slots(t) -> list[str]:
 
 
 def _stateful(g: Graph, path, kind, obj, queue, root, params):
+    if kind == "framework":
+        _framework(g, path, obj, queue, root)
     if kind == "stateful":
         try:
             g.states[path] = obj.state_dict()
@@ -440,12 +449,41 @@ def _stateful(g: Graph, path, kind, obj, queue, root, params):
             for bname, b in m.named_buffers(recurse=False):
                 if b is not None:
                     params.setdefault(id(b), child_path(mpath, bname))
-            user = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNAL}
+            internal = frameworks.internal_attrs(type(m))
+            user = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNAL and k not in internal}
             if user and mpath not in g.module_attrs:
                 g.module_attrs[mpath] = user
                 g.owner[mpath] = root
                 for k, v in user.items():
                     queue.append((root, child_path(mpath, k), v))
+
+
+def _framework(g: Graph, path, trainer, queue, root):
+    """A framework's trainer: its progress state (a state_dict of the adapter's), attributes of a user's
+    subclass, callbacks by attribute and metrics by key (one stream each: what a probe adds is new, not a
+    difference), and what it owns (model, optimizers, schedulers) walked as usual under its path."""
+    g.states[path] = frameworks.state_dict(trainer)
+    attrs = frameworks.user_attrs(trainer)
+    if attrs:
+        g.module_attrs[path] = attrs
+        g.owner[path] = root
+        for k, v in attrs.items():
+            queue.append((root, child_path(path, k), v))
+    for suffix, child, how in frameworks.children(trainer):
+        p = path + suffix
+        if how == "keys" and type(child) is dict:  # metrics: one stream per key (a probe's new metric is new)
+            g.module_attrs[p] = dict(child)
+            g.owner[p] = root
+            for k, v in child.items():
+                queue.append((root, item_path(p, k), v))
+        elif how == "attrs" and id(child) not in g.refs and isinstance(getattr(child, "__dict__", None), dict):
+            g.attr_objects[p] = child
+            g.owner[p] = root
+            g.refs[id(child)] = ("attrs", p)
+            for k, v in list(vars(child).items()):
+                queue.append((root, child_path(p, k), v))
+        else:
+            queue.append((root, p, child))
 
 
 def _classify_tensors(g: Graph, params: dict):

@@ -42,11 +42,15 @@ class Loops:
     epoch_nth: int = 0  # among loops with the same header (a probe may repeat one)
     step_nth: int = 0
     unit: str = "epochs"  # what one pass of the outer loop is: "epochs", or "iterations" (one training step each)
+    framework: dict | None = None  # a trainer.train()/fit() call the framework's epochs run in (see flor_nb.frameworks)
 
     def choice(self) -> dict:
         """What a run stores, so a replay picks the same loops in the edited cell (see :func:`recorded_loops`)."""
         step = None if self.step_header is None else {"header": self.step_header, "nth": self.step_nth}
-        return {"epoch": {"header": self.epoch_header, "nth": self.epoch_nth}, "step": step, "unit": self.unit}
+        out = {"epoch": {"header": self.epoch_header, "nth": self.epoch_nth}, "step": step, "unit": self.unit}
+        if self.framework:
+            out["framework"] = self.framework
+        return out
 
 
 # Runs recorded before runs stored their loops used this rule: the first top-level for, the first for in it.
@@ -392,6 +396,9 @@ def instrument(source: str, what: str = "cell", hint: dict | None = None,
     namespace : the globals the cell runs in (record time): what the loops iterate is looked at.
     """
     tree = parse(source, what)
+    fit = _framework_call(tree, what, hint, namespace)
+    if fit is not None:
+        return tree, fit
     epoch, step, explicit, step_explicit, tops, inner = _find(tree, what, hint, namespace, trainers_in(namespace))
     unit = (hint or {}).get("unit") or (
         "iterations" if isinstance(epoch, ast.While) or (step is None and _direct_training(epoch)) else "epochs")
@@ -407,12 +414,32 @@ def instrument(source: str, what: str = "cell", hint: dict | None = None,
     return tree, loops
 
 
+def _framework_call(tree, what, hint, namespace) -> Loops | None:
+    """A top-level ``trainer.train()`` / ``trainer.fit(...)`` of HF transformers or Lightning, routed
+    through ``__flor__.fit`` (the framework's epochs are the units); None when the cell has its own loop.
+    An explicit ``flor.loop("epoch", ...)`` marker wins over the call."""
+    if not (hint or {}).get("framework") and any(
+            _loop_marker(f.iter) == "epoch" for f in _fors(tree.body, into_loops=True)):
+        return None
+    from .frameworks import calls
+
+    found = calls.choose(tree, hint, namespace, what)
+    if found is None:
+        return None
+    stmt, call, choice = found
+    calls.route(stmt, call, RUNTIME)
+    ast.fix_missing_locations(tree)
+    return Loops(stmt.lineno, None, False, False, choice["call"], None, 0, 0, "epochs", choice)
+
+
 def changes(recorded: str, edited: str, hint: dict | None = None) -> dict:
     """Where the edit touches the epoch body: ``step`` (the step loop), ``pre`` (before it).
 
     ``pre`` is also true when code before the step loop logs anything: its values need
     the true state at the epoch start, so such an epoch cannot be replayed on its own.
     """
+    if (hint or {}).get("framework"):  # the framework's epochs run in full: no step loop to skip
+        return {"step": True, "pre": True}
     tree = parse(edited, "replayed cell")
     epoch, step, *_ = _find(tree, "replayed cell", hint)
     if step is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import checkpoint
 from .errors import FlorError
-from .instrument import instrument, parse
+from .instrument import instrument, parse, recorded_loops
 from .probes import Probe, header_end, hint, indent_of, is_block, loop_at, statements
 from .store import get_store
 
@@ -153,6 +153,11 @@ def preset(run, key: str, params: dict | None = None, line: int | None = None, o
     """
     if key not in PRESETS:
         raise FlorError(f"Unknown probe preset {key!r}. Presets: {', '.join(PRESETS)}.")
+    framework = (recorded_loops(run.state) or {}).get("framework")
+    if framework:  # no loop in the cell to place a preset in: the framework runs the steps
+        raise FlorError(f"Run {run.label} trains with `{framework['call']}(...)`, so preset probes have no loop to go "
+                        "in. Write flor.log in compute_loss / training_step or in a callback, and replay with "
+                        "flor.replay(run, cells={count: edited_source}) or a pasted cell that adds the callback.")
     if objs is None:
         try:
             objs = objects(run, store)

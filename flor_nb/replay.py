@@ -227,6 +227,7 @@ def _unchecked_streams(run: Run, code: str) -> list[str]:
     out = [f"var/{n}" for n in sorted(clock)]
     if run.state.get("capture", 1) < 2:  # 0.1 digested variables by their pickles: not comparable
         out.append("var/")
+    out.append("vmeta")  # older runs digested every value tensor's meta as one stream: a probe's tensor changed it
     return out
 
 

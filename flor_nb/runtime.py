@@ -108,6 +108,14 @@ def loop(name: str, iterable):
     return _session.loop(name, iterable)
 
 
+def fit(trainer, method: str, *args, **kwargs):
+    """``trainer.train(...)`` (HF) / ``trainer.fit(...)`` (Lightning) as an instrumented cell calls it:
+    recorded or replayed epoch by epoch by the active session (see :mod:`flor_nb.frameworks`)."""
+    from . import frameworks
+
+    return frameworks.fit(_session, trainer, method, args, kwargs)
+
+
 # -- value encoding ---------------------------------------------------------
 def scalarize(value):
     """Turn 0-d tensors and numpy scalars into Python numbers now (the tensor may change later).

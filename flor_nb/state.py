@@ -27,7 +27,7 @@ import threading
 import numpy as np
 import torch
 
-from . import pickling
+from . import frameworks, pickling
 from .capture import CHUNK, Graph, Scope, _unsaveable, child_path, resolve, walk
 from .capture import limits as capture_limits
 from .errors import FlorError
@@ -155,7 +155,7 @@ class Capturer:
                 tree, leaves[path] = split_leaves(obj.state_dict())
                 tensors[key] = dup(tree)
                 python[f"groups/{path}"] = [[token(p) for p in group["params"]] for group in obj.param_groups]
-            elif kind == "stateful":
+            elif kind in ("stateful", "framework"):
                 tree, leaves[path] = split_leaves(g.states[path])
                 tensors[key] = dup(tree)
             elif kind == "torch_generator":
@@ -185,6 +185,10 @@ class Capturer:
         for key, value in python.items():
             if not key.startswith("chunks/"):
                 digests[key] = fingerprint(value, token)
+        # One stream per value tensor's meta: a tensor a probe binds (or a metric it logs) is new, not a change.
+        del digests["vmeta"]
+        for path, m in meta.items():
+            digests[f"vmeta/{path}"] = fingerprint(m)
         for path, ls in leaves.items():
             if ls:
                 digests[f"leaves/{path}"] = fingerprint(ls, token)
@@ -289,10 +293,13 @@ class Capturer:
             except LookupError:
                 return MISSING
 
+        referenced: dict = {}  # id -> live object a token resolved to: merged as itself, never walked into
+
         def token(kind, path):
             obj = _token(kind, path)
             if obj is not KEEP and obj is not MISSING:
                 memo[id(obj)] = (obj, obj)
+                referenced[id(obj)] = obj
             return obj
 
         def _token(kind, path):
@@ -354,6 +361,8 @@ class Capturer:
             elif isinstance(obj, torch.optim.Optimizer):
                 _add_groups(obj, python.get(f"groups/{path}") or [], token)
                 obj.load_state_dict(tree)
+            elif frameworks.kind(obj) == "framework":
+                frameworks.load_state_dict(obj, tree)
             else:
                 obj.load_state_dict(tree)
             if isinstance(obj, torch.nn.Module):
@@ -370,6 +379,8 @@ class Capturer:
             unit = pickling.loads(data, token)
             if unit is KEEP:
                 continue
+            for i, obj in referenced.items():  # a trainer reached by reference is not a value to merge
+                memo.setdefault(i, (obj, obj))
             for name, value in unit["roots"].items():
                 if value is KEEP:
                     continue
@@ -379,7 +390,11 @@ class Capturer:
                 if target is MISSING:
                     continue
                 for k, v in attrs.items():
-                    if v is not KEEP:
+                    if v is KEEP:
+                        continue
+                    if type(target) is dict:  # a framework's metrics, kept key by key
+                        target[k] = pickling.merge(v, target.get(k, MISSING), memo)
+                    else:
                         object.__setattr__(target, k, pickling.merge(v, getattr(target, k, MISSING), memo))
         problems = []
         for path, h in python.get("big", {}).items():

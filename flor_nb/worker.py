@@ -18,7 +18,7 @@ from . import checkpoint, runtime, state
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, helper_code, instrument
-from .plan import SKIP
+from .plan import FULL, SKIP
 from .record import save_array
 from .sideeffects import WriteWatch
 
@@ -93,6 +93,7 @@ class Replayer:
         self.epoch_seconds: dict = {}
         self.restore_seconds = 0.0
         self._in_loop = False
+        self._unit_start = 0.0
         self.last_step = None  # survives the step loop's cleanup, for error messages
 
     def log(self, name, value):
@@ -115,9 +116,10 @@ class Replayer:
             return self._skipped() if self.mode == SKIP else self._steps(iterable)
         return iterable
 
-    def _restore(self, paths: str, epoch: int):
+    def _restore(self, paths: str, epoch: int, snap: dict | None = None):
         t = time.perf_counter()
-        problems = self.capturer.restore(checkpoint.read(self.home, self.task[paths][str(epoch)]))
+        snap = checkpoint.read(self.home, self.task[paths][str(epoch)]) if snap is None else snap
+        problems = self.capturer.restore(snap)
         self.problems.extend(f"{p} when restoring epoch {epoch}" for p in problems)
         self.restore_seconds += time.perf_counter() - t
 
@@ -173,14 +175,50 @@ class Replayer:
         self.epoch = None
         raise _ReplayDone
 
-    def _enter(self, k):
+    def _enter(self, k, snap=None):
         """Put back the state at the start of unit k (the first of the segment)."""
         if self.restore_at is not None:
-            self._restore("resume_paths", self.restore_at)
+            self._restore("resume_paths", self.restore_at, snap)
         elif self.modes.get(k) == SKIP:
             # No state for this epoch's start: the state at its step-loop exit is the most
             # plausible one for the code before the step loop (its values are not kept).
             self._restore("step_paths", k)
+
+    # -- the unit API: a framework's callbacks drive it (see flor_nb.frameworks.units) --
+    def entry_snapshot(self) -> dict | None:
+        """The checkpoint the segment's first unit starts from (read now: a framework may need it
+        before its loop starts, to resume at that unit), or None."""
+        if self.restore_at is None:
+            return None
+        t = time.perf_counter()
+        snap = checkpoint.read(self.home, self.task["resume_paths"][str(self.restore_at)])
+        self.restore_seconds += time.perf_counter() - t
+        return snap
+
+    def begin_unit(self, k: int, snap: dict | None = None):
+        """Unit k starts; the first unit of the segment is entered from its checkpoint (``snap``, if read)."""
+        self._in_loop = True
+        self.epoch, self.step, self.last_step, self.mode = k, None, None, self.modes.get(k, FULL)
+        if k == self.first:
+            self._enter(k, snap)
+        self._unit_start = time.perf_counter()
+
+    def end_unit(self, k: int, stop: bool = True):
+        """Unit k ended: check its state; after the segment's last unit raise ``_ReplayDone`` (``stop``)."""
+        seconds = time.perf_counter() - self._unit_start
+        if k in self.keep:
+            self.epoch_seconds[k] = seconds
+        digests = self.task["end_digests"]
+        if str(k) in digests:
+            self._verify(k, digests, "end")
+        emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": seconds})
+        self.epoch = self.step = None
+        if stop and k >= self.last:
+            raise _ReplayDone
+
+    def finish_units(self):
+        """The framework's loop returned (its last unit ended): the code after it is not replayed."""
+        raise _ReplayDone
 
     def _excluded(self, key: str) -> bool:
         return key in self.exclude or any(key.startswith(e) for e in self.exclude if e.endswith("/"))

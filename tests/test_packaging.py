@@ -21,7 +21,8 @@ def test_wheel_install(tmp_path):
                    check=True, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("flor_nb-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for required in ("flor_nb/__init__.py", "flor_nb/extension/magics.py", "flor_nb/widgets/__init__.py"):
+    for required in ("flor_nb/__init__.py", "flor_nb/extension/magics.py", "flor_nb/widgets/__init__.py",
+                     "flor_nb/frameworks/hf.py", "flor_nb/frameworks/lightning.py"):
         assert required in names
     assert not any(n.startswith(("extension/", "widgets/", "tests/")) for n in names)
     site = tmp_path / "site"
