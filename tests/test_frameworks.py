@@ -232,7 +232,7 @@ def test_lightning_defaults_logger_checkpoints_early_stopping(store, tmp_path):
     """Lightning's defaults write logs and checkpoints into a new version folder each run: they are outputs,
     so a replay is judged on training state (EarlyStopping's counters included), not on where files went."""
     pytest.importorskip("lightning")
-    from flor_nb import probes
+    from flor_nb import presets as probes
 
     trainer = ('model = Net()\n'
                'trainer = L.Trainer(max_epochs=3, accelerator="cpu", enable_progress_bar=False, num_sanity_val_steps=0,\n'
