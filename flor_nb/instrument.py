@@ -341,6 +341,17 @@ def _pick_epoch(tops, ns, trainers):
     return cands[0] if cands else None
 
 
+def _hidden_loop(tree):
+    """(function, line of its loop, line of its call) for a loop that trains inside a function the cell defines."""
+    for fn in (n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        loops = [f for f in ast.walk(fn) if isinstance(f, (ast.For, ast.While)) and _calls(f, {"backward", "step"}, set())]
+        if loops:
+            call = next((n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                         and n.func.id == fn.name), None)
+            return fn.name, loops[0].lineno, call
+    return None
+
+
 def _hinted(loops, hint):
     """The loop a run chose (``{"header", "nth"}``), found again by its header; None if it is gone."""
     same = [f for f in loops if header(f) == hint["header"]]
@@ -348,7 +359,8 @@ def _hinted(loops, hint):
 
 
 def _nth(loops, loop) -> int:
-    return [f for f in loops if header(f) == header(loop)].index(loop)
+    same = [f for f in loops if header(f) == header(loop)]
+    return same.index(loop) if loop in same else 0
 
 
 def _find(tree: ast.Module, what: str, hint=None, ns=None, trainers=frozenset()):
@@ -368,7 +380,21 @@ def _find(tree: ast.Module, what: str, hint=None, ns=None, trainers=frozenset())
         epoch = _hinted(tops, hint["epoch"])
     if epoch is None:
         epoch = _pick_epoch(tops, ns, trainers)
+    if epoch is None:  # a marker inside a function the cell defines and calls: it drives the recording itself
+        epoch = next((f for f in ast.walk(tree) if isinstance(f, ast.For) and _loop_marker(f.iter) == "epoch"), None)
+        explicit = epoch is not None
+    if isinstance(epoch, ast.AsyncFor):
+        raise NoLoopError(f"The training loop at line {epoch.lineno} is an `async for`, which flor_nb cannot record. "
+                          "Write it as a plain for loop in the cell.")
     if epoch is None:
+        hidden = _hidden_loop(tree)
+        if hidden:
+            fn, loop, call = hidden
+            where = f", which the cell calls at line {call}" if call else ""
+            raise NoLoopError(
+                f"The training loop is inside {fn}() (line {loop}){where}: flor_nb records the loop written in the "
+                f"cell. Move the loop into the cell, or mark it where it is: `for epoch in flor.loop('epoch', ...):` "
+                f"at line {loop}.")
         raise NoLoopError(
             f"This {what} has no training loop, so there are no epochs or iterations to checkpoint. "
             "Put the training loop in the cell (for epoch in range(EPOCHS): ..., or a while loop), "

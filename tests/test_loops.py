@@ -114,3 +114,20 @@ def test_runs_recorded_before_loops_were_stored_keep_the_rule_they_were_recorded
     df = flor.replay("old", code=code + "    flor.log('wn', weight_norm(model))\n", epochs="1-2", store=store)
     assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
     assert df.attrs["fidelity"]["metrics"]["acc"]["compared"] == 2
+
+
+def test_a_loop_hidden_in_a_function_is_refused_with_the_way_out(store):
+    code = ("def main():\n    for epoch in range(EPOCHS):\n        for xb, yb in loader:\n"
+            "            loss = F.cross_entropy(model(xb), yb)\n            opt.zero_grad(); loss.backward(); opt.step()\n"
+            "            flor.log('loss', loss.item())\nmain()\n")
+    with pytest.raises(flor.FlorError, match=r"inside main\(\) \(line 2\), which the cell calls at line 7.*"
+                                             r"flor.loop\('epoch', ...\):` at line 2"):
+        flor.record(code, name="hidden", namespace=setup_namespace(3), cells=[f"EPOCHS = 3\n{SETUP}"], store=store)
+    assert [r.name for r in store.all_runs()] == []  # refused before anything ran or was stored
+    marked = code.replace("for epoch in range(EPOCHS):", "for epoch in flor.loop('epoch', range(EPOCHS)):")
+    run = flor.record(marked, name="hidden", namespace=setup_namespace(3), cells=[f"EPOCHS = 3\n{SETUP}"], store=store,
+                      overhead=float("inf"))
+    assert run.epochs_completed == 3
+    df = flor.replay("hidden", code=marked.replace("            flor.log('loss'", "            flor.log('g', 1.0)\n"
+                                                   "            flor.log('loss'"), epochs="1", store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
