@@ -377,7 +377,7 @@ def _data(g: Graph, path, obj, queue, root):
             queue.append((root, f"{path}.{attr}", child))
 
 
-CHUNK = 4096  # items per stored chunk of a long list: a history that grows rewrites only its last chunk
+CHUNK = 1024  # items per stored chunk of a long list: a history that grows rewrites only its last chunk
 
 
 def _children(obj, path, root, queue, count, g=None):

@@ -26,6 +26,7 @@ from .store import Run, Store
 from .writer import Writer
 
 logger = logging.getLogger(__name__)
+_SERIES_MIN_UNITS = 16  # a name logged once per unit in this many units is stored as one packed row
 _FLUSH_SECONDS = 1.0  # logs reach the writer at least this often (a crash loses at most this much)
 _MAX_TIMES = 10_000  # unit times kept with a run (a step-only loop runs many more units)
 # Digests (what replay checks its state against) get their own small budget, whatever the checkpoint
@@ -355,9 +356,23 @@ class Recorder:
             self.progress.update(units)
 
     def _write_logs(self, rows, completed=None, digests=()):
-        """On the writer thread: number repeated (name, epoch, step) keys, encode, store by group."""
+        """On the writer thread: number repeated (name, epoch, step) keys, encode, store by group.
+
+        A name logged once per unit with numbers (an iteration loop's loss: thousands of units per flush)
+        is packed into one array row, not one group per unit."""
+        by_name: dict = {}
+        for r in rows:
+            by_name.setdefault(r[0], []).append(r)
+        per_unit, rest = [], []
+        for name, rs in by_name.items():
+            epochs = [r[1] for r in rs]
+            if (len(rs) >= _SERIES_MIN_UNITS and all(r[2] is None for r in rs) and None not in epochs
+                    and len(set(epochs)) == len(epochs) and {type(r[3]) for r in rs} in ({float}, {int})):
+                per_unit.append((name, epochs, [r[3] for r in rs]))
+            else:
+                rest.extend(rs)
         groups: dict = {}
-        for name, epoch, step, value in rows:
+        for name, epoch, step, value in rest:
             g = groups.get((name, epoch))
             if g is None:
                 g = groups[(name, epoch)] = ([], [])
@@ -382,7 +397,7 @@ class Recorder:
             ]
             encoded = [runtime.to_json(v) if type(v) is dict else v for v in encoded]
             out.append((name, epoch, steps, seqs, encoded))
-        self.store.add_log_groups(self.run.id, out)
+        self.store.add_log_groups(self.run.id, out, per_unit=per_unit)
         for epoch, where, digest in digests:
             self.store.add_digest(self.run.id, epoch, where, runtime.to_json(digest))
         if completed is not None:

@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS series (
     epoch INTEGER,
     kind TEXT NOT NULL,
     replay_id INTEGER,
-    typecode TEXT NOT NULL,          -- 'd' (float64) or 'q' (int64)
+    typecode TEXT NOT NULL,          -- 'd' (float64) or 'q' (int64); 'Ed'/'Eq': one value per epoch, epochs in steps
     steps BLOB NOT NULL,             -- int64 arrays, one entry per value
     seqs BLOB NOT NULL,
     vals BLOB NOT NULL
@@ -267,11 +267,21 @@ class Store:
             with self._tx() as db:
                 self._insert(db, run_id, rows, kind, replay_id)
 
-    def add_log_groups(self, run_id: int, groups, kind: str = "recorded"):
-        """groups: (name, epoch, steps, seqs, values) with equal-length lists; the fast path for a recorder."""
-        if groups:
+    def add_log_groups(self, run_id: int, groups, kind: str = "recorded", per_unit=()):
+        """groups: (name, epoch, steps, seqs, values) with equal-length lists; the fast path for a recorder.
+
+        ``per_unit``: (name, epochs, values) of values logged once per unit outside any step (an iteration
+        loop's loss): one packed row per name, typecode ``Ed``/``Eq`` (its ``steps`` blob holds the epochs).
+        """
+        packed = []
+        for name, epochs, values in per_unit:
+            code = "q" if all(type(v) is int for v in values) else "d"
+            packed.append((run_id, name, None, kind, None, "E" + code, array("q", epochs).tobytes(),
+                           bytes(8 * len(epochs)), array(code, values).tobytes()))
+        if groups or packed:
             with self._tx() as db:
                 self._insert_groups(db, run_id, groups, kind, None)
+                db.executemany("INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", packed)
 
     def replace_hindsight(self, run_id: int, names, epochs, rows, replay_id: int):
         """Store hindsight values, replacing earlier ones for the same names and epochs."""
@@ -300,10 +310,14 @@ class Store:
             params.append(kind)
         out = [dict(r) for r in self.db.execute(f"SELECT * FROM logs {where}", params)]
         for r in self.db.execute(f"SELECT * FROM series {where}", params):
-            steps, seqs, vals = (array("q", r["steps"]), array("q", r["seqs"]), array(r["typecode"], r["vals"]))
+            code = r["typecode"]
+            steps, seqs, vals = (array("q", r["steps"]), array("q", r["seqs"]), array(code[-1], r["vals"]))
             base = {"run_id": r["run_id"], "name": r["name"], "epoch": r["epoch"], "kind": r["kind"],
                     "replay_id": r["replay_id"]}
-            out.extend({**base, "step": s, "seq": q, "value": v} for s, q, v in zip(steps, seqs, vals))
+            if code.startswith("E"):  # one value per unit: the blob holds the units (epochs, iterations)
+                out.extend({**base, "epoch": e, "step": None, "seq": 0, "value": v} for e, v in zip(steps, vals))
+            else:
+                out.extend({**base, "step": s, "seq": q, "value": v} for s, q, v in zip(steps, seqs, vals))
         out.sort(key=_log_order)
         return out
 
