@@ -4,12 +4,21 @@ Layout of a store folder (default ``.flor/`` in the working directory)::
 
     flor.db               runs, logs, checkpoints, replays
     checkpoints/<run>/    one file per epoch boundary (see checkpoint.py)
+    blobs/                tensors and pickled values, by content hash
     artifacts/<run>/      arrays logged with flor.log
+    .reserve              room kept for log rows when the disk fills (see disk.py)
+
+The folder and its files are private to the user (0700, 0600). Every log value
+carries a checksum (``crc``): a damaged value is reported and left out, never
+returned. Database errors become :class:`~flor_nb.errors.StoreError` naming the
+store and what to do.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import warnings
 from array import array
 import platform
 import sqlite3
@@ -18,9 +27,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FlorError, UnknownRunError
+import xxhash
 
-SCHEMA_VERSION = 4
+from . import disk, trust
+from .errors import DamagedValueWarning, DiskFullError, StoreError, UnknownRunError
+
+SCHEMA_VERSION = 5
+# Schema 4 stores gain value checksums, run signatures and replay owners when first opened.
+_MIGRATE = {4: ["ALTER TABLE logs ADD COLUMN crc INTEGER", "ALTER TABLE series ADD COLUMN crc INTEGER",
+                "ALTER TABLE runs ADD COLUMN sig TEXT", "ALTER TABLE replays ADD COLUMN owner TEXT"]}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -40,6 +55,7 @@ CREATE TABLE IF NOT EXISTS runs (
     state TEXT NOT NULL DEFAULT '{}',
     timings TEXT NOT NULL DEFAULT '{}',
     error TEXT,
+    sig TEXT,                        -- HMAC of the recorded cells (trust.py)
     UNIQUE (name, version)
 );
 CREATE TABLE IF NOT EXISTS logs (
@@ -50,7 +66,8 @@ CREATE TABLE IF NOT EXISTS logs (
     seq INTEGER NOT NULL,
     value NOT NULL,                  -- a number, or JSON text
     kind TEXT NOT NULL DEFAULT 'recorded',
-    replay_id INTEGER
+    replay_id INTEGER,
+    crc INTEGER                      -- checksum of the row (see _row_crc)
 );
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, kind, name, epoch);
 CREATE TABLE IF NOT EXISTS series (
@@ -62,7 +79,8 @@ CREATE TABLE IF NOT EXISTS series (
     typecode TEXT NOT NULL,          -- 'd' (float64) or 'q' (int64)
     steps BLOB NOT NULL,             -- int64 arrays, one entry per value
     seqs BLOB NOT NULL,
-    vals BLOB NOT NULL
+    vals BLOB NOT NULL,
+    crc INTEGER
 );
 CREATE INDEX IF NOT EXISTS series_run ON series (run_id, kind, name, epoch);
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -97,9 +115,13 @@ CREATE TABLE IF NOT EXISTS replays (
     duration REAL,
     status TEXT NOT NULL,
     fidelity TEXT NOT NULL DEFAULT '{}',
-    plan TEXT NOT NULL DEFAULT '{}'
+    plan TEXT NOT NULL DEFAULT '{}',
+    owner TEXT                       -- host:pid of the process running it
 );
 """
+
+
+RECORDING: set = set()  # (database, run id) of the runs this process is recording now (record.py keeps it)
 
 
 def default_home() -> Path:
@@ -126,6 +148,7 @@ class Run:
     state: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     error: str | None = None
+    sig: str | None = None
 
     @property
     def label(self) -> str:
@@ -139,20 +162,68 @@ class Run:
 _JSON_COLS = ("deps", "args", "env", "state", "timings")
 
 
+def _guard(fn):
+    """Database errors become StoreError (DiskFullError for a full disk) naming the store and the fix."""
+    @functools.wraps(fn)
+    def guarded(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise self._error(e, fn.__name__) from e
+    return guarded
+
+
 class Store:
     """A store folder. Safe to open from several processes (SQLite WAL)."""
 
     def __init__(self, home: str | os.PathLike | None = None):
         self.home = Path(home) if home else default_home()
-        self.home.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / "flor.db"
         self._local = threading.local()
-        self.db.executescript(_SCHEMA)
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        found = int(self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
+        _make_home(self.home)
+        self._open()
+        disk.clean_temp(self.home)
+        disk.keep_reserve(self.home)
+
+    @_guard
+    def _open(self):
+        found = self._schema()
+        if found is None:  # a new store (only then is anything written on opening)
+            self.db.executescript(_SCHEMA)
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            found = self._schema()
+        if found in _MIGRATE:
+            with self._tx() as db:
+                found = self._schema()  # another process may have migrated it meanwhile
+                for statement in _MIGRATE.get(found, ()):
+                    db.execute(statement)
+                db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+            found = SCHEMA_VERSION
         if found != SCHEMA_VERSION:
-            raise FlorError(f"The store {self.home} has schema {found}; this flor_nb uses {SCHEMA_VERSION}. "
-                            "Use another store (FLOR_NB_HOME) or the flor_nb version that wrote it.")
+            raise StoreError(f"The store {self.home} has schema {found}; this flor_nb uses {SCHEMA_VERSION}. "
+                             "Use another store (FLOR_NB_HOME) or the flor_nb version that wrote it.")
+
+    def _schema(self) -> int | None:
+        """The store's schema version, read without writing (a full disk must not stop reading)."""
+        has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if has_meta else None
+        return int(row[0]) if row else None
+
+    def _error(self, e: sqlite3.Error, where: str) -> StoreError:
+        text = f"{type(e).__name__}: {e}"
+        if disk.is_full(e):
+            return DiskFullError(f"flor_nb could not write to the store: {disk.full_message(self.home, text)}. "
+                                 "Free space on that disk, then try again.", disk.free_bytes(self.home))
+        if "locked" in str(e) or "busy" in str(e):
+            return StoreError(f"The store database {self.db_path} stayed locked by another process for 30 s "
+                              f"({text}). Wait for that record or replay to finish, or use another store.")
+        if "malformed" in str(e) or "not a database" in str(e) or isinstance(e, sqlite3.DatabaseError) and \
+                not isinstance(e, sqlite3.OperationalError):
+            return StoreError(f"The store database {self.db_path} is damaged ({text}). Its runs and logs cannot be "
+                              f"read reliably. Move {self.home} aside and restore it from a backup (or try "
+                              f"`sqlite3 {self.db_path} .recover`); record again into a new store.")
+        return StoreError(f"The store {self.home} failed in {where} ({text}). Check that the folder is writable and "
+                          "not on a full or failing disk, or use another store (--store PATH or FLOR_NB_HOME).")
 
     # -- connection ------------------------------------------------------------
     @property
@@ -176,11 +247,13 @@ class Store:
             self._local.conn = None
 
     # -- runs ------------------------------------------------------------------
+    @_guard
     def create_run(self, name: str, code: str, **fields) -> Run:
         with self._tx() as db:
             row = db.execute("SELECT COALESCE(MAX(version), 0) FROM runs WHERE name=?", (name,)).fetchone()
             version = row[0] + 1
-            cols = {"name": name, "version": version, "status": "running", "started": time.time(), "code": code}
+            cols = {"name": name, "version": version, "status": "running", "started": time.time(), "code": code,
+                    "sig": trust.sign_run(name, version, code, fields.get("deps") or [])}
             for key, value in fields.items():
                 cols[key] = json.dumps(value) if key in _JSON_COLS else value
             db.execute(
@@ -189,6 +262,12 @@ class Store:
             )
         return self.find_run(f"{name}@{version}")
 
+    @_guard
+    def set_signature(self, run_id: int, sig: str):
+        with self._tx() as db:
+            db.execute("UPDATE runs SET sig=? WHERE id=?", (sig, run_id))
+
+    @_guard
     def update_run(self, run_id: int, **fields):
         if not fields:
             return
@@ -197,10 +276,12 @@ class Store:
         with self._tx() as db:
             db.execute(f"UPDATE runs SET {sets} WHERE id=?", (*values, run_id))
 
+    @_guard
     def all_runs(self) -> list[Run]:
         rows = self.db.execute("SELECT * FROM runs ORDER BY started, id").fetchall()
         return [self._reap(_to_run(r)) for r in rows]
 
+    @_guard
     def find_run(self, spec) -> Run:
         """Resolve ``NAME`` (latest version), ``NAME@VERSION`` or a Run."""
         if isinstance(spec, Run):
@@ -221,11 +302,17 @@ class Store:
         return self._reap(_to_run(row))
 
     def _reap(self, run: Run) -> Run:
-        """A run left 'running' by a process that died (a kernel crash) is marked interrupted."""
+        """A run left 'running' by a process that died (a kernel crash), or by this process when it is not
+        recording it any more (its final write failed on a full disk), is marked interrupted."""
         pid, host = run.env.get("pid"), run.env.get("host")
-        if run.status != "running" or not pid or host != platform.node() or _alive(pid):
+        if run.status != "running" or not pid or host != platform.node():
             return run
-        self.update_run(run.id, status="interrupted", error="the recording process died")
+        if pid == os.getpid() and (str(self.db_path), run.id) in RECORDING or pid != os.getpid() and _alive(pid):
+            return run
+        try:
+            self.update_run(run.id, status="interrupted", error="the recording process died")
+        except StoreError:  # a full or read-only disk: still say so to the reader
+            pass
         run.status, run.error = "interrupted", "the recording process died"
         return run
 
@@ -250,13 +337,18 @@ class Store:
             types = set(map(type, vals))
             if len(vals) >= _SERIES_MIN and None not in steps and types <= {float, int}:
                 code = "q" if types == {int} else "d"
-                packed.append((run_id, n, e, kind, replay_id, code, array("q", steps).tobytes(),
-                               array("q", seqs).tobytes(), array(code, vals).tobytes()))
+                row = (run_id, n, e, kind, replay_id, code, array("q", steps).tobytes(),
+                       array("q", seqs).tobytes(), array(code, vals).tobytes())
+                packed.append((*row, _series_crc(*row)))
             else:
-                plain.extend((run_id, n, e, s, q, v, kind, replay_id) for s, q, v in zip(steps, seqs, vals))
-        db.executemany("INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", plain)
-        db.executemany("INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", packed)
+                plain.extend((run_id, n, e, s, q, v, kind, replay_id, _row_crc(run_id, n, e, s, q, v, kind, replay_id))
+                             for s, q, v in zip(steps, seqs, vals))
+        db.executemany("INSERT INTO logs (run_id, name, epoch, step, seq, value, kind, replay_id, crc) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", plain)
+        db.executemany("INSERT INTO series (run_id, name, epoch, kind, replay_id, typecode, steps, seqs, vals, crc) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", packed)
 
+    @_guard
     def add_logs(self, run_id: int, rows, kind: str = "recorded", replay_id: int | None = None):
         """rows: iterable of (name, epoch, step, seq, value as runtime.encode gives it)."""
         rows = list(rows)
@@ -264,12 +356,29 @@ class Store:
             with self._tx() as db:
                 self._insert(db, run_id, rows, kind, replay_id)
 
+    @_guard
     def add_log_groups(self, run_id: int, groups, kind: str = "recorded"):
         """groups: (name, epoch, steps, seqs, values) with equal-length lists; the fast path for a recorder."""
         if groups:
             with self._tx() as db:
                 self._insert_groups(db, run_id, groups, kind, None)
 
+    @_guard
+    def commit_epoch(self, run_id: int, groups, digests=(), completed: int | None = None, replace=()):
+        """One transaction: log groups, state digests ``(epoch, kind, json)`` and the count of completed
+        epochs, so a process killed at any moment leaves an epoch either wholly stored or not at all.
+        ``replace``: epochs whose recorded rows these replace (a resumed run re-running them)."""
+        with self._tx() as db:
+            for epoch in replace:
+                for table in ("logs", "series"):
+                    db.execute(f"DELETE FROM {table} WHERE run_id=? AND kind='recorded' AND epoch=?", (run_id, epoch))
+            self._insert_groups(db, run_id, groups, "recorded", None)
+            db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)",
+                           [(run_id, e, k, d) for e, k, d in digests])
+            if completed is not None:
+                db.execute("UPDATE runs SET epochs_completed=MAX(epochs_completed, ?) WHERE id=?", (completed, run_id))
+
+    @_guard
     def replace_hindsight(self, run_id: int, names, epochs, rows, replay_id: int):
         """Store hindsight values, replacing earlier ones for the same names and epochs."""
         with self._tx() as db:
@@ -282,8 +391,11 @@ class Store:
                         )
             self._insert(db, run_id, list(rows), "hindsight", replay_id)
 
+    @_guard
     def logs(self, run_ids=None, names=None, kind=None) -> list[dict]:
-        """Log rows (run_id, name, epoch, step, seq, value, kind, replay_id), in epoch and step order."""
+        """Log rows (run_id, name, epoch, step, seq, value, kind, replay_id), in epoch and step order.
+
+        Rows that fail their checksum are left out and reported (:class:`DamagedValueWarning`)."""
         where, params = "WHERE 1=1", []
         if run_ids is not None:
             run_ids = list(run_ids)
@@ -295,16 +407,46 @@ class Store:
         if kind:
             where += " AND kind=?"
             params.append(kind)
-        out = [dict(r) for r in self.db.execute(f"SELECT * FROM logs {where}", params)]
+        out, damaged = [], []
+        for r in self.db.execute(f"SELECT * FROM logs {where}", params):
+            d = dict(r)
+            crc = d.pop("crc", None)
+            if crc is not None and crc != _row_crc(d["run_id"], d["name"], d["epoch"], d["step"], d["seq"],
+                                                   d["value"], d["kind"], d["replay_id"]):
+                damaged.append(d)
+                continue
+            out.append(d)
         for r in self.db.execute(f"SELECT * FROM series {where}", params):
-            steps, seqs, vals = (array("q", r["steps"]), array("q", r["seqs"]), array(r["typecode"], r["vals"]))
             base = {"run_id": r["run_id"], "name": r["name"], "epoch": r["epoch"], "kind": r["kind"],
                     "replay_id": r["replay_id"]}
+            crc = r["crc"]
+            if crc is not None and crc != _series_crc(r["run_id"], r["name"], r["epoch"], r["kind"], r["replay_id"],
+                                                      r["typecode"], r["steps"], r["seqs"], r["vals"]):
+                damaged.append({**base, "step": "all steps", "seq": None, "value": None})
+                continue
+            try:
+                steps, seqs, vals = (array("q", r["steps"]), array("q", r["seqs"]), array(r["typecode"], r["vals"]))
+            except (ValueError, TypeError):
+                damaged.append({**base, "step": "all steps", "seq": None, "value": None})
+                continue
             out.extend({**base, "step": s, "seq": q, "value": v} for s, q, v in zip(steps, seqs, vals))
+        if damaged:
+            self._report_damaged(damaged)
         out.sort(key=_log_order)
         return out
 
+    def _report_damaged(self, rows):
+        labels = {r["id"]: f"{r['name']}@{r['version']}"
+                  for r in self.db.execute("SELECT id, name, version FROM runs")}
+        listed = "; ".join(f"{r['name']} of {labels.get(r['run_id'], r['run_id'])} epoch {r['epoch']} step "
+                           f"{r['step']}" + (f" ({r['kind']})" if r["kind"] != "recorded" else "") for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        warnings.warn(f"flor_nb: {len(rows)} stored value(s) in {self.db_path} failed their checksum and are left "
+                      f"out: {listed}{more}. The database was damaged on disk; restore it from a backup, or replay "
+                      "the epochs to recompute them.", DamagedValueWarning, stacklevel=3)
+
     # -- checkpoints -----------------------------------------------------------
+    @_guard
     def add_checkpoint(self, run_id, epoch, kind, path, nbytes, logical_bytes, checksum, digest,
                        end_digest=None, end_path=None):
         with self._tx() as db:
@@ -314,34 +456,52 @@ class Store:
                  time.time()),
             )
 
+    @_guard
     def add_digest(self, run_id, epoch, kind, digest):
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (run_id, epoch, kind, digest))
+        self.add_digests(run_id, [(epoch, kind, digest)])
 
+    @_guard
+    def add_digests(self, run_id, digests):
+        """digests: (epoch, 'step' | 'end', JSON) rows, in one transaction."""
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)",
+                           [(run_id, e, k, d) for e, k, d in digests])
+
+    @_guard
     def digests(self, run_id) -> dict[tuple[int, str], str]:
         """{(epoch, 'step' | 'end'): JSON digests} recorded where no checkpoint was taken."""
         rows = self.db.execute("SELECT epoch, kind, digest FROM digests WHERE run_id=?", (run_id,))
         return {(r["epoch"], r["kind"]): r["digest"] for r in rows}
 
+    @_guard
     def checkpoints(self, run_id) -> dict[int, sqlite3.Row]:
         rows = self.db.execute("SELECT * FROM checkpoints WHERE run_id=? ORDER BY epoch", (run_id,))
         return {r["epoch"]: r for r in rows}
 
     def checkpoint_dir(self, run: Run) -> Path:
-        return self.home / "checkpoints" / f"{run.name}@{run.version}"
+        return disk.inside(self.home, f"checkpoints/{run.name}@{run.version}")
 
     def artifact_dir(self, run_id: int) -> Path:
-        return self.home / "artifacts" / str(run_id)
+        return self.home / "artifacts" / str(int(run_id))
 
     # -- replays ---------------------------------------------------------------
+    @_guard
     def create_replay(self, run_id, code, cells, epochs, plan) -> int:
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO replays (run_id, code, cells, epochs, started, status, plan) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, code, json.dumps(cells), json.dumps(epochs), time.time(), "running", json.dumps(plan)),
+                "INSERT INTO replays (run_id, code, cells, epochs, started, status, plan, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, code, json.dumps(cells), json.dumps(epochs), time.time(), "running", json.dumps(plan),
+                 f"{platform.node()}:{os.getpid()}"),
             )
             return cur.lastrowid
 
+    @_guard
+    def set_replay_plan(self, replay_id, plan):
+        with self._tx() as db:
+            db.execute("UPDATE replays SET plan=? WHERE id=?", (json.dumps(plan), replay_id))
+
+    @_guard
     def finish_replay(self, replay_id, status, duration, probes, fidelity):
         with self._tx() as db:
             db.execute(
@@ -349,13 +509,23 @@ class Store:
                 (status, duration, json.dumps(probes), json.dumps(fidelity), replay_id),
             )
 
+    @_guard
     def replays(self, run_id) -> list[dict]:
+        """A run's replays; one left 'running' by a process that died is marked 'interrupted'."""
         rows = self.db.execute("SELECT * FROM replays WHERE run_id=? ORDER BY id", (run_id,)).fetchall()
         out = []
         for r in rows:
             d = dict(r)
             for key in ("cells", "epochs", "probes", "fidelity", "plan"):
                 d[key] = json.loads(d[key])
+            host, _, pid = (d.get("owner") or "").rpartition(":")
+            if d["status"] == "running" and host == platform.node() and pid.isdigit() and not _alive(int(pid)):
+                d["status"] = "interrupted"
+                d["fidelity"] = {"error": "the process running the replay died"}
+                try:
+                    self.finish_replay(d["id"], d["status"], d["duration"], d["probes"], d["fidelity"])
+                except StoreError:
+                    pass
             out.append(d)
         return out
 
@@ -373,6 +543,37 @@ class _Transaction:
 
 
 _SERIES_MIN = 16  # step values of one name in one epoch from which they are packed
+
+
+def _row_crc(run_id, name, epoch, step, seq, value, kind, replay_id) -> int:
+    """A log row's checksum, as a signed 64-bit SQLite integer (values keep their type: 1 and 1.0 differ)."""
+    text = repr((run_id, name, epoch, step, seq, type(value).__name__, value, kind, replay_id))
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) - (1 << 63)
+
+
+def _series_crc(run_id, name, epoch, kind, replay_id, typecode, steps, seqs, vals) -> int:
+    h = xxhash.xxh3_64(repr((run_id, name, epoch, kind, replay_id, typecode, len(steps), len(seqs))).encode())
+    for part in (steps, seqs, vals):
+        h.update(part)
+    return h.intdigest() - (1 << 63)
+
+
+def _make_home(home: Path):
+    """Create the store folder private to the user, or say why this path cannot be a store."""
+    if home.exists() and not home.is_dir():
+        raise StoreError(f"The store path {home} is a file, not a folder. Give a folder (--store PATH or "
+                         "FLOR_NB_HOME); flor_nb creates it if it does not exist.")
+    try:
+        disk.make_dir(home)
+        db = home / "flor.db"
+        if not db.exists():  # SQLite gives its WAL files the database's permissions: make it 0600 first
+            try:
+                os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+    except OSError as e:
+        raise StoreError(f"Cannot use {home} as a flor_nb store: {e.strerror or e}. Give a folder you can write to "
+                         "(--store PATH or FLOR_NB_HOME).") from e
 
 
 def _log_order(r):

@@ -1,0 +1,195 @@
+"""The store's disk: free space, a small reserve for full disks, files private to the user, temp files.
+
+When the disk fills, checkpoints (big) stop first; log rows (small) must keep
+being stored. A *reserve* file of a few MiB is kept in the store and deleted the
+first time a write fails for lack of space, so the rows of the remaining epochs
+and the run's final status still fit. Every file and folder flor_nb creates is
+private to the user (0600 files, 0700 folders).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+RESERVE = ".reserve"
+RESERVE_BYTES = int(float(os.environ.get("FLOR_NB_RESERVE_BYTES", 2 << 20)))
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_SQLITE_FULL = 13
+_TMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp$")
+
+
+def is_full(exc: BaseException) -> bool:
+    """Was ``exc`` caused by a full disk (or quota)? Looks through ``__cause__`` chains."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.Error) and ((getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL
+                                               or "disk is full" in str(exc)):
+            return True
+        if getattr(exc, "disk_full", False):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def free_bytes(path) -> int | None:
+    """Free bytes on the file system holding ``path`` (None when it cannot be told)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown free space"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def full_message(home, what: str) -> str:
+    """One sentence: the disk is full, where, how much is free, what could not be written."""
+    return f"the disk holding {home} is full ({format_bytes(free_bytes(home))} free): {what}"
+
+
+# -- private files -----------------------------------------------------------------------
+def make_dir(path) -> Path:
+    """Create ``path`` (and parents) private to the user."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def open_private(path, mode: str = "wb"):
+    """Open a new file for writing, readable by the user only (whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return open(fd, mode)
+
+
+def write_atomic(path, data) -> None:
+    """Write ``data`` to ``path`` through a temp file, fsynced and renamed; nothing is left on failure."""
+    path = Path(path)
+    make_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
+    try:
+        with open_private(tmp) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# -- the reserve -------------------------------------------------------------------------
+def keep_reserve(home) -> None:
+    """Make sure the store holds its reserve (best effort: never an error)."""
+    path = Path(home) / RESERVE
+    if RESERVE_BYTES <= 0 or path.exists():
+        return
+    free = free_bytes(home)
+    if free is not None and free < 16 * RESERVE_BYTES:
+        return  # space is short already: keep it for the store itself
+    tmp = path.with_name(f"{RESERVE}.{os.getpid()}.tmp")
+    try:
+        with open_private(tmp) as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)  # real blocks, not a sparse file
+            except (AttributeError, OSError):
+                f.write(b"\0" * RESERVE_BYTES)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def release_reserve(home) -> bool:
+    """Free the reserve so the rows of a run on a full disk still fit; True if there was one."""
+    try:
+        os.unlink(Path(home) / RESERVE)
+    except OSError:
+        return False
+    logger.warning("flor_nb: the disk holding %s is full; released the store's %s reserve for log rows",
+                   home, format_bytes(RESERVE_BYTES))
+    return True
+
+
+# -- temp files --------------------------------------------------------------------------
+def clean_temp(home) -> int:
+    """Remove temp files left by processes that died while writing (a SIGKILL mid-checkpoint)."""
+    home = Path(home)
+    removed = 0
+    stack = [home]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            elif entry.name.endswith(".tmp") and _orphan(entry):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        logger.info("flor_nb: removed %d temp file(s) left in %s by a process that died", removed, home)
+    return removed
+
+
+def _orphan(entry) -> bool:
+    m = _TMP.match(entry.name) or re.match(rf"^{re.escape(RESERVE)}\.(\d+)\.tmp$", entry.name)
+    if m:
+        return not _alive(int(m.group(1)))
+    try:  # a temp file without a pid: left over if nobody touched it for 10 minutes
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > 600
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def inside(home, rel) -> Path:
+    """``home / rel``, refusing a path that leads out of the store (``..``, absolute, a symlink out)."""
+    from .errors import StoreError
+
+    home = Path(home)
+    rel_path = Path(rel)
+    path = home / rel_path
+    bad = rel_path.is_absolute() or ".." in rel_path.parts or "\0" in str(rel)
+    if not bad:
+        try:
+            path.resolve().relative_to(home.resolve())
+        except ValueError:
+            bad = True
+    if bad:
+        raise StoreError(f"The store {home} names the file {str(rel)!r}, which lies outside the store. flor_nb only "
+                         "reads and writes inside the store; this store was built by hand or tampered with.")
+    return path
