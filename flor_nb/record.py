@@ -15,12 +15,13 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, runtime, state
+from . import checkpoint, disk, runtime, state, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
-from .errors import FlorError, NotCapturedWarning
+from .errors import DiskFullError, FlorError, NotCapturedWarning, StoreError
+from .hashing import hash_bytes
 from .instrument import RUNTIME, instrument
-from .store import Run, Store
+from .store import RECORDING, Run, Store
 from .writer import Writer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Recorder:
 
     def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02):
         self.store, self.run, self.ns, self.scope = store, run, ns, scope
+        RECORDING.add((str(store.db_path), run.id))
         self.capturer = state.Capturer(ns, scope)
         self.overhead = overhead
         self.epoch = None
@@ -71,15 +73,29 @@ class Recorder:
         self._seq: dict = {}
         self._last_ckpt = -1
         self._latest: dict = {}
+        self._held: list = []  # (rows numbered, completed, digests) not yet stored (a full disk)
+        self.held_error = None  # why they are held
+        self.commit_seconds: list[float] = []  # storing each epoch's rows, on the training thread
+        self.replace_below = 0  # a resumed run re-runs epochs below this: their rows replace the stored ones
+        self.resume_at = None  # resume.py: iterable -> (first epoch, iterable from it), restoring the state
+        self.completed_floor = 0  # epochs stored before this session (a resumed run keeps them)
 
     # -- the API (hot path: keep it tiny) ----------------------------------------
     def log(self, name, value):
         t = type(value)
-        self.rows.append((name, self.epoch, self.step, value if t is float or t is int else runtime.scalarize(value)))
+        if (t is float or t is int) and type(name) is str and name:
+            self.rows.append((name, self.epoch, self.step, value))
+        else:
+            self.rows.append((name, self.epoch, self.step, self._keep(name, value)))
         return value
 
+    def _keep(self, name, value):
+        """flor.log's slow path: check the name and value now, so a bad one stops the cell at its line."""
+        validate.log_name(name)
+        return validate.log_value(name, runtime.scalarize(value))
+
     def arg(self, name, default):
-        self.args[name] = default
+        self.args[name] = validate.arg_value(name, default)
         return default
 
     def loop(self, name, iterable):
@@ -107,11 +123,18 @@ class Recorder:
         self._in_loop = True
         total = len(iterable) if hasattr(iterable, "__len__") else None
         if total is not None:
-            self.store.update_run(self.run.id, epochs_total=total)
+            try:
+                self.store.update_run(self.run.id, epochs_total=total)
+            except StoreError as e:  # informative only: never a reason to stop training
+                logger.warning("flor_nb: could not store the epoch count of %s: %s", self.run.label, e)
         if self.progress is not None:
             self.progress = self.progress(total)  # a factory until the epoch count is known
-        self._checkpoint(-1, "start", self._snapshot())
-        for k, item in enumerate(iterable):
+        first = 0
+        if self.resume_at is not None:  # a resumed run: skip the stored epochs, restore, go on (resume.py)
+            first, iterable = self.resume_at(iterable)
+        else:
+            self._checkpoint(-1, "start", self._snapshot())
+        for k, item in enumerate(iterable, start=first):
             self.epoch, self.step, self._step_exits, self._step_snap, self._step_digest = k, None, 0, None, None
             start = time.perf_counter()
             try:
@@ -204,13 +227,28 @@ class Recorder:
         self._check_writer()
 
     def _persist(self, epoch, kind, snap, end_snap):
-        """On the writer thread: blobs and files, then the index row."""
+        """On the writer thread: the state's digests first (a kill mid-write still leaves the epoch
+        checkable), then blobs and files, then the index row. A full disk frees the store's reserve,
+        so log rows keep fitting after checkpoints stop."""
+        try:
+            self._write_checkpoint(epoch, kind, snap, end_snap)
+        except BaseException as e:
+            if disk.is_full(e):
+                disk.release_reserve(self.store.home)
+            raise
+
+    def _write_checkpoint(self, epoch, kind, snap, end_snap):
         rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"
-        info = checkpoint.write(self.store.home, rel, snap)
+        parts = checkpoint.split(snap)
+        end_parts = None if end_snap is None else checkpoint.split(end_snap)
+        if epoch >= 0:
+            where = [(epoch, kind, parts)] + ([(epoch, "end", end_parts)] if end_parts else [])
+            self.store.add_digests(self.run.id, [(e, k, runtime.to_json(p[3])) for e, k, p in where])
+        info = checkpoint.write(self.store.home, rel, snap, parts=parts)
         end_rel = end = None
         if end_snap is not None:
             end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
-            end = checkpoint.write(self.store.home, end_rel, end_snap)
+            end = checkpoint.write(self.store.home, end_rel, end_snap, parts=end_parts)
         self.store.add_checkpoint(
             self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
             info["checksum"], runtime.to_json(info["digests"]),
@@ -220,12 +258,18 @@ class Recorder:
         self.pool.release(end_snap)
 
     def _check_writer(self):
-        """Surface a failed write once: a full disk stops checkpoints, never training."""
+        """Surface a failed checkpoint write once, as what it is: it stops checkpoints, never training."""
         if self.writer.errors and not self.checkpoint_error:
             e = self.writer.errors[0]
-            self.checkpoint_error = f"checkpoints stopped after epoch {max(self.checkpointed, default=-1)}: {e}"
-            warnings.warn(f"flor_nb: {self.checkpoint_error}. Completed epochs stay replayable from earlier "
-                          "checkpoints; free space, then record again.", stacklevel=3)
+            after = f"checkpoints stopped after epoch {max(self.checkpointed, default=-1)}"
+            if disk.is_full(e):
+                self.checkpoint_error = f"{after}: {disk.full_message(self.store.home, 'a checkpoint did not fit')}"
+                advice = ("Training goes on and its logs keep being stored; replay starts from the nearest earlier "
+                          "checkpoint. Free space before recording again.")
+            else:
+                self.checkpoint_error = f"{after}: writing a checkpoint failed with {type(e).__name__}: {e}"
+                advice = "Training goes on and its logs keep being stored; replay starts from the nearest earlier checkpoint."
+            warnings.warn(f"flor_nb: {self.checkpoint_error}. {advice}", stacklevel=3)
 
     # -- epoch boundary ----------------------------------------------------------
     def _end_epoch(self, k, seconds, step_snap, end_snap, step_digest=None, end_digest=None):
@@ -235,6 +279,11 @@ class Recorder:
             digests.append((k, "step", step_digest))
         if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
             digests.append((k, "end", end_digest))
+        rows, self.rows = self.rows, []
+        self.completed = k + 1
+        # Stored before any checkpoint work (which may wait for the previous write): once the loop
+        # moves on, epoch k survives a SIGKILL.
+        self._commit(rows, k + 1, digests, replace=(k,) if k < self.replace_below else ())
         if self._step_exit_ok() and step_snap is not None:
             # The epoch-end state too: replay of the next epoch starts from it without re-running
             # this epoch's tail, and checks a probe after the step loop against it. Its tensors
@@ -242,16 +291,54 @@ class Recorder:
             self._checkpoint(k, "step", step_snap, end_snap or self._snapshot())
         elif end_snap is not None:
             self._checkpoint(k, "end", end_snap)
-        rows, self.rows = self.rows, []
-        self.completed = k + 1
-        self.writer.submit(self._write_logs, rows, k + 1, digests)
+        self._check_writer()
         self._latest = {n: v for n, e, _, v in rows[-64:] if e == k and isinstance(v, (int, float))}
         if self.progress is not None and not callable(self.progress):
             self.progress.set_postfix({n: f"{v:.4g}" for n, v in self._latest.items()}, refresh=False)
             self.progress.update(1)
 
-    def _write_logs(self, rows, completed=None, digests=()):
-        """On the writer thread: number repeated (name, epoch, step) keys, encode, store by group."""
+    def _commit(self, rows, completed=None, digests=(), replace=()):
+        """Store an epoch's rows, its state digests and its completion in one transaction, now.
+
+        On a full disk the store's reserve is freed and the write tried again; if it still fails the
+        rows are held in memory and written with the next epoch's, once space returns.
+        """
+        start = time.perf_counter()
+        self._held.append((self._number(rows), completed, [(e, w, runtime.to_json(d)) for e, w, d in digests],
+                           tuple(replace)))
+        for attempt in range(2):
+            try:
+                groups = [g for numbered, *_ in self._held for g in self._encode(numbered)]
+                done = max((c for _, c, _, _ in self._held if c is not None), default=None)
+                self.store.commit_epoch(self.run.id, groups, [d for _, _, ds, _ in self._held for d in ds], done,
+                                        replace=[e for *_, r in self._held for e in r])
+            except Exception as e:  # noqa: BLE001 - a failed write holds the rows; it never stops training
+                if attempt == 0 and disk.is_full(e) and disk.release_reserve(self.store.home):
+                    continue
+                self._hold(e)
+                break
+            else:
+                if self.held_error is not None:
+                    logger.warning("flor_nb: %s: the held log rows of %d epoch(s) are stored now", self.run.label,
+                                   sum(c is not None for _, c, _, _ in self._held))
+                self._held.clear()
+                self.held_error = None
+                break
+        self.commit_seconds.append(time.perf_counter() - start)
+
+    def _hold(self, e):
+        """Rows could not be stored: keep them, say so once (with the real cause)."""
+        first = self.held_error is None
+        self.held_error = e
+        if first:
+            stored = self.completed - sum(c is not None for _, c, _, _ in self._held)
+            why = disk.full_message(self.store.home, "log rows do not fit") if disk.is_full(e) else \
+                f"storing log rows failed with {type(e).__name__}: {e}"
+            warnings.warn(f"flor_nb: {self.run.label}: {why}. Training goes on; the rows are held in memory and "
+                          f"written as soon as space returns (epochs 0-{stored - 1} are stored).", stacklevel=4)
+
+    def _number(self, rows):
+        """Group rows by (name, epoch) and number repeated (name, epoch, step) keys: [(name, epoch, steps, seqs, values)]."""
         groups: dict = {}
         for name, epoch, step, value in rows:
             g = groups.get((name, epoch))
@@ -271,6 +358,13 @@ class Recorder:
                     seqs.append(q)
             else:
                 seqs = [0] * len(steps)
+            out.append((name, epoch, steps, seqs, values))
+        return out
+
+    def _encode(self, numbered):
+        """Values as stored: numbers, JSON text, arrays as .npy artifacts (files written here)."""
+        out = []
+        for name, epoch, steps, seqs, values in numbered:
             encoded = [
                 runtime.encode(v) if type(v) is not np.ndarray
                 else save_array(self.store.artifact_dir(self.run.id), self.store.home, name, epoch, s, q, v)
@@ -278,11 +372,7 @@ class Recorder:
             ]
             encoded = [runtime.to_json(v) if type(v) is dict else v for v in encoded]
             out.append((name, epoch, steps, seqs, encoded))
-        self.store.add_log_groups(self.run.id, out)
-        for epoch, where, digest in digests:
-            self.store.add_digest(self.run.id, epoch, where, runtime.to_json(digest))
-        if completed is not None:
-            self.store.update_run(self.run.id, epochs_completed=completed)
+        return out
 
     # -- end of the cell ---------------------------------------------------------
     def finish(self, status: str, error: str | None = None):
@@ -292,15 +382,40 @@ class Recorder:
             self._step_snap = step_snap
             self._end_epoch(k, seconds, step_snap, end_snap, step_digest, end_digest)
         rows, self.rows = self.rows, []
-        self.writer.submit(self._write_logs, rows)
-        self.writer.close()  # everything submitted is on disk before the run is closed
+        self._commit(rows)  # what was logged after the loop (or in an epoch an exception left)
+        self.writer.close()  # every checkpoint submitted is on disk before the run is closed
         self._check_writer()
+        held = sum(c is not None for _, c, _, _ in self._held)
+        stored = max(self.completed - held, self.completed_floor)
+        lost = None
+        if self._held:
+            why = disk.full_message(self.store.home, "the log rows could not be written") \
+                if disk.is_full(self.held_error) else f"storing log rows failed ({type(self.held_error).__name__}: " \
+                f"{self.held_error})"
+            lost = (f"{self.run.label}: {why}. " + (f"Epochs 0-{stored - 1} are stored and replayable; " if stored
+                    else "No epoch is stored; ") + f"the logs of {held or 'the last'} trained epoch(s) after them are "
+                    f"lost. Free space on that disk and record again.")
+            status, error = "failed", lost
         args = {**self.base_args, **self.args}
+        try:
+            self._close_run(status, error, stored, args)
+        except StoreError:
+            if not lost:
+                raise
+            lost += " (The run's final status could not be stored either: it shows as interrupted.)"
+        finally:
+            RECORDING.discard((str(self.store.db_path), self.run.id))
+            if self.progress is not None and not callable(self.progress):
+                self.progress.close()
+        if lost:
+            raise (DiskFullError if disk.is_full(self.held_error) else StoreError)(f"flor_nb: {lost}")
+
+    def _close_run(self, status, error, stored, args):
         self.store.update_run(
             self.run.id,
             status=status,
             ended=time.time(),
-            epochs_completed=self.completed,
+            epochs_completed=stored,
             args=args,
             error=error,
             state={
@@ -315,26 +430,29 @@ class Recorder:
                 "clock_vars": sorted(self.clock[0]),
                 "clock_metrics": sorted(self.clock[1]),
                 "checkpoint_error": self.checkpoint_error,
-                "spec": {"only": sorted(self.scope.only) if self.scope.only else None, "extra": sorted(self.scope.extra)},
+                "spec": spec_of(self.scope),
             },
             timings={
                 "epoch_seconds": self.epoch_seconds,
                 "snapshot_seconds": self.snapshot_seconds,
                 "digest_seconds": self.digest_seconds,
                 "writer_seconds": self.writer.busy_seconds,
+                "commit_seconds": self.commit_seconds,
                 "overhead_budget": self.overhead,
             },
         )
-        if self.progress is not None and not callable(self.progress):
-            self.progress.close()
 
 
 def save_array(art_dir, home, name, epoch, step, seq, value) -> dict:
-    art_dir.mkdir(parents=True, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    path = art_dir / f"{safe}-e{epoch}-s{step}-{seq}.npy"
-    np.save(path, value)
-    return {"__array__": str(path.relative_to(home)), "shape": list(value.shape), "dtype": str(value.dtype)}
+    """Keep a logged array as a private .npy file; the stored reference holds its content hash."""
+    disk.make_dir(art_dir)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+    tag = hash_bytes(name.encode("utf-8", "surrogatepass"))[:8]  # names that map to one safe name stay apart
+    path = art_dir / f"{safe}-{tag}-e{epoch}-s{step}-{seq}.npy"
+    with disk.open_private(path) as f:
+        np.save(f, value, allow_pickle=False)
+    return {"__array__": path.relative_to(home).as_posix(), "shape": list(value.shape), "dtype": str(value.dtype),
+            "hash": state.content_hash(value)}
 
 
 def environment() -> dict:
@@ -396,6 +514,7 @@ def record(
     from . import api
 
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
+    name, overhead = validate.run_name(name), validate.overhead(overhead)
     store = api.get_store(store)
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
@@ -415,14 +534,26 @@ def record(
         raise FlorError(f"--state names {', '.join(unknown)}, which neither the namespace nor the cell defines. "
                         "Name variables that exist (--state a,b narrows what is saved, --state +a,+b adds).")
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
+    # What a replay (or a resume) of a run killed before finish() needs is stored now, not at the end.
     run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args, env=environment(),
-                           state={"loops": loops.choice()})
+                           state={"loops": loops.choice(), "capture": 2, "spec": spec_of(scope)})
+    try:
+        bar = (lambda total: _progress_bar(run, total)) if progress else None
+        recorder = Recorder(store, run, ns, scope, bar, overhead)
+        recorder.clock = clock_names(code)
+        recorder.base_args = args
+    except BaseException as e:  # no run is left 'running' by a failure before training starts
+        store.update_run(run.id, status="failed", ended=time.time(), error=f"{type(e).__name__}: {e}")
+        raise
+    return execute(recorder, tree, code)
+
+
+def execute(recorder: Recorder, tree, code: str) -> Run:
+    """Run an instrumented cell under ``recorder``; close the run however the cell ends."""
+    __tracebackhide__ = True
+    run, ns = recorder.run, recorder.ns
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
-    bar = (lambda total: _progress_bar(run, total)) if progress else None
-    recorder = Recorder(store, run, ns, scope, bar, overhead)
-    recorder.clock = clock_names(code)
-    recorder.base_args = args
     previous = runtime.activate(recorder)
     try:
         exec(compile(tree, filename, "exec"), ns)
@@ -434,7 +565,12 @@ def record(
         recorder.finish("finished")
     finally:
         runtime.deactivate(previous)
-    return store.find_run(run.label)
+    return recorder.store.find_run(run.label)
+
+
+def spec_of(scope: state.Scope) -> dict:
+    """``--state`` as stored with a run."""
+    return {"only": sorted(scope.only) if scope.only else None, "extra": sorted(scope.extra)}
 
 
 def _warn_unrebuildable(missing, ns, name):
