@@ -1,13 +1,16 @@
 """Read-side API: runs, logs and checkpoints as pandas DataFrames."""
 from __future__ import annotations
 
+import warnings
 from datetime import datetime
 
 import numpy as np
 import pandas as pd
 
-from . import runtime
+from . import disk, runtime
+from .errors import DamagedValueWarning, StoreError
 from .store import Run, Store, default_home
+from .validate import arg_live
 
 _stores: dict = {}
 
@@ -44,18 +47,33 @@ def runs(store=None) -> pd.DataFrame:
             "cells": ", ".join(f"In[{c['count']}]" for c in r.deps),
             "not_captured": ", ".join(sorted(r.state.get("not_captured") or {})),
         }
-        row.update({f"arg.{k}": v for k, v in r.args.items()})
+        row.update({f"arg.{k}": arg_live(v) for k, v in r.args.items()})
         rows.append(row)
     cols = ["name", "version", "status", "started", "duration_s", "epochs", "checkpoints", "cells", "not_captured"]
     return pd.DataFrame(rows, columns=cols + sorted({c for row in rows for c in row} - set(cols)))
 
 
 def decode_value(text, store=None):
-    """A stored log value as Python: a number, a JSON value, or an array artifact loaded from disk."""
+    """A stored log value as Python: a number, a JSON value, or an array artifact loaded from disk.
+
+    An array whose file fails its content hash is reported and given as None, never returned."""
     value = runtime.from_json(text)
     if isinstance(value, dict) and "__array__" in value:
-        path = get_store(store).home / value["__array__"]
-        return np.load(path) if path.exists() else value
+        from .state import content_hash
+
+        try:
+            path = disk.inside(get_store(store).home, value["__array__"])
+            if not path.exists():
+                return value
+            array = np.load(path, allow_pickle=False)
+            if value.get("hash") in (None, content_hash(array)):
+                return array
+            why = "its content hash does not match"
+        except (OSError, ValueError, StoreError) as e:
+            why = f"it does not load ({type(e).__name__}: {e})"
+        warnings.warn(f"flor_nb: the logged array {value['__array__']} is damaged ({why}); it is left out. "
+                      "Replay its epoch to recompute it.", DamagedValueWarning, stacklevel=2)
+        return None
     return value
 
 

@@ -1,7 +1,6 @@
 """Replay chosen epochs of a recorded run with new probes, and check the replay is faithful."""
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections import defaultdict
@@ -9,7 +8,8 @@ from collections import defaultdict
 import pandas as pd
 
 from . import executor as executors
-from . import runtime
+from . import machine, runtime, trust, validate
+from .checkpoint import CorruptCheckpointError
 from .errors import FlorError
 from .instrument import changes, instrument, mark, parse, recorded_loops
 from .plan import parse_epochs, plan
@@ -22,8 +22,12 @@ from .worker import run_segment
 __all__ = ["prepare", "replay", "verdict_text"]
 
 
-def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None) -> dict:
-    """Validate and plan a replay without running it: what will run, where, and an estimate."""
+def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None, damaged=None) -> dict:
+    """Validate and plan a replay without running it: what will run, where, and an estimate.
+
+    ``damaged``: {epoch: why} of checkpoints found damaged; the plan starts from intact ones.
+    """
+    workers = validate.workers(workers)
     code = run.code if code is None else code
     hint = recorded_loops(run.state)  # the loops the recording used: the edited cell's are found by their headers
     _, loops = instrument(code, what="replayed cell", hint=hint)  # syntax errors, missing loops: at their line
@@ -37,7 +41,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         parse(source, what=f"edited cell In[{count}]")
         match[0]["source"] = source
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
-    ckpts = store.checkpoints(run.id)
+    ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items()}
     touched = changes(run.code, code, hint)
@@ -46,7 +50,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     # Float reductions depend on the thread count: replay with the recorded one, so results are
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
-    cores = os.cpu_count() or 1
+    cores = machine.usable_cpus()
     fit = max(1, cores // threads)
     if workers and workers > fit:
         # Oversubscribed torch threads run many times slower (measured: 2x2 threads on 2 cores, 5-16x).
@@ -90,50 +94,63 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
 
 
 def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on_event=None,
-           executor=None) -> pd.DataFrame:
+           executor=None, trust_store=False) -> pd.DataFrame:
     """Replay ``epochs`` of ``run`` with ``code`` (the edited cell); return the probes' values.
 
     The result has one row per (epoch, step, seq) with the probe columns and the
     recorded metrics beside them (``seq`` numbers repeats at one step); ``result.attrs["fidelity"]``
-    says whether the recorded metrics were reproduced exactly.
+    says whether the recorded metrics were reproduced exactly. A damaged checkpoint is named
+    and replay starts from the nearest earlier intact one (``fidelity["damaged_checkpoints"]``).
+    A run whose cells and checkpoints are not signed with your key is refused unless
+    ``trust_store=True`` (see :func:`flor_nb.trust`).
     """
     from .api import get_store
 
     store = get_store(store)
+    if trust_store:
+        trust.trust(store)
     run = store.find_run(run)
+    trust.check_run(run, store.home)  # replay executes its cells: only if this user signed them
+    damaged: dict = {}  # epoch -> why its checkpoint cannot be used
     p = prepare(store, run, code, epochs, cells, workers)
-    replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"],
-                                    {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"],
-                                     "summary": p["summary"]})
-    tasks = [{
-        "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
-        "code": p["worker_code"], "cells": p["cells"], "args": run.args,
-        "segment": seg.to_dict(), "threads": p["threads"],
-        **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
-        "scope": _scope_spec(run),
-        "roots": run.state.get("roots") or [],
-        "exclude": _unchecked_streams(run, p["code"]),
-    } for seg in p["segments"]]
+    replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"], _plan_row(p))
     ex = executor or executors.local()
     started = time.perf_counter()
-    if on_event is not None:
-        on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
-                  "epochs_to_run": p["epochs_to_run"], "workers": p["workers"]})
     cancelled = None
-    try:
-        results = ex.run(run_segment, tasks, on_event)
-    except executors.ReplayCancelled as e:
-        cancelled, results = e, [r for r in e.results if r is not None]
-    except BaseException:
-        store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {})
-        raise
+    while True:
+        if on_event is not None:
+            on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
+                      "epochs_to_run": p["epochs_to_run"], "workers": p["workers"]})
+        try:
+            results = ex.run(run_segment, _tasks(store, run, p, replay_id), on_event)
+        except executors.ReplayCancelled as e:
+            cancelled, results = e, [r for r in e.results if r is not None]
+        except CorruptCheckpointError as e:
+            if e.epoch is None or e.epoch in damaged:
+                store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {"error": str(e)})
+                raise
+            # Route around the damage: plan again from the nearest earlier intact checkpoint.
+            damaged[e.epoch] = str(e)
+            warnings.warn(f"flor_nb: {e} Replaying from the nearest earlier intact checkpoint instead.", stacklevel=2)
+            try:
+                p = prepare(store, run, code, epochs, cells, workers, damaged)
+            except BaseException as again:
+                store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {"error": str(again)})
+                raise
+            store.set_replay_plan(replay_id, _plan_row(p))
+            continue
+        except BaseException as e:
+            store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {"error": str(e)})
+            raise
+        break
     duration = time.perf_counter() - started
     rows = [r for res in results for r in res["rows"]]
     modes = {int(e): m for res in results for e, m in res["modes"].items()}
     recorded = store.logs([run.id], kind="recorded")
     recorded_names = {r["name"] for r in recorded}
     state = {**run.state, "clock_metrics": sorted(set(run.state.get("clock_metrics", ())) | clock_names(p["code"])[1])}
-    fidelity = check(recorded, rows, modes, results, recorded_code=run.code, code=p["code"],
+    recorded, compared_rows = _by_content(recorded, store.home), _by_content(rows, store.home)
+    fidelity = check(recorded, compared_rows, modes, results, recorded_code=run.code, code=p["code"],
                      edited_cells=p["edited_cells"], run_state=state,
                      reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
     fidelity["kinds"] = run.state.get("objects") or {}
@@ -145,6 +162,8 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                            for res in results]
     fidelity["plan"] = p["summary"]
     fidelity["modes"] = modes
+    if damaged:
+        fidelity["damaged_checkpoints"] = {str(e): why for e, why in damaged.items()}
     store.finish_replay(replay_id, "cancelled" if cancelled else "finished", duration, probes, fidelity)
     frame = result_frame(run, recorded, rows, probes, sorted(modes) if cancelled else p["epochs"], fidelity)
     if cancelled is not None:
@@ -153,6 +172,48 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         raise cancelled
     return frame
 
+
+
+def _plan_row(p) -> dict:
+    return {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"], "summary": p["summary"]}
+
+
+def _tasks(store: Store, run: Run, p: dict, replay_id: int) -> list[dict]:
+    return [{
+        "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": replay_id,
+        "code": p["worker_code"], "cells": p["cells"], "args": run.args,
+        "segment": seg.to_dict(), "threads": p["threads"],
+        **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
+        "scope": _scope_spec(run),
+        "roots": run.state.get("roots") or [],
+        "exclude": _unchecked_streams(run, p["code"]),
+    } for seg in p["segments"]]
+
+
+def _by_content(rows, home):
+    """Logged arrays compared by their content, not by where their files lie (recorded and replayed
+    copies are different files); a recorded array without a stored hash is hashed from its file."""
+    import json
+
+    from .state import content_hash
+
+    def key(text):
+        value = runtime.from_json(text) if isinstance(text, str) and text.startswith("{") else None
+        if not (isinstance(value, dict) and "__array__" in value):
+            return text
+        h = value.get("hash")
+        if h is None:
+            try:
+                import numpy as np
+
+                h = content_hash(np.load(home / value["__array__"], allow_pickle=False))
+            except (OSError, ValueError):
+                h = f"unreadable {value['__array__']}"
+        return json.dumps({"__array__": h, "shape": value.get("shape"), "dtype": value.get("dtype")})
+
+    if rows and isinstance(rows[0], dict):
+        return [{**r, "value": key(r["value"])} for r in rows]
+    return [(n, e, s, q, key(v)) for n, e, s, q, v in rows]
 
 
 def _warn_moved(hint, loops):

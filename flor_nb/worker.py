@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, runtime, state
+from . import checkpoint, freshness, lifeline, runtime, state, validate
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, instrument
@@ -21,9 +21,12 @@ from .record import save_array
 _events = None  # a multiprocessing queue set by the pool initializer
 
 
-def init(queue):
+def init(queue, owner=None):
+    """Pool initializer: the progress queue; exit when ``owner`` (the kernel) dies."""
     global _events
     _events = queue
+    if owner is not None:
+        lifeline.watch(owner)
     import warnings
 
     # A skipped step loop never calls opt.step(), so torch warns about the scheduler order; it is fine.
@@ -43,6 +46,7 @@ def warm_up(modules=()):
             pass
 
     torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8), torch.ones(1, 1, 3, 3)).sum().item()
+    freshness.remember()
     return os.getpid()
 
 
@@ -92,11 +96,12 @@ class Replayer:
             key = (name, self.epoch, self.step)
             seq = self.seq.get(key, 0)
             self.seq[key] = seq + 1
-            self.rows.append((name, self.epoch, self.step, seq, runtime.scalarize(value)))
+            validate.log_name(name)
+            self.rows.append((name, self.epoch, self.step, seq, validate.log_value(name, runtime.scalarize(value))))
         return value
 
     def arg(self, name, default):
-        return self.args.get(name, default)
+        return validate.arg_live(self.args[name]) if name in self.args else default
 
     def loop(self, name, iterable):
         if self.setup:
@@ -109,7 +114,11 @@ class Replayer:
 
     def _restore(self, paths: str, epoch: int):
         t = time.perf_counter()
-        problems = self.capturer.restore(checkpoint.read(self.home, self.task[paths][str(epoch)]))
+        try:
+            snap = checkpoint.read(self.home, self.task[paths][str(epoch)])
+        except checkpoint.CorruptCheckpointError as e:  # say which epoch: replay routes around it
+            raise checkpoint.CorruptCheckpointError(str(e), e.path, epoch) from None
+        problems = self.capturer.restore(snap)
         self.problems.extend(f"{p} when restoring epoch {epoch}" for p in problems)
         self.restore_seconds += time.perf_counter() - t
 
@@ -177,6 +186,7 @@ def run_segment(task: dict) -> dict:
     import flor_nb
 
     torch.set_num_threads(task["threads"])  # the recorded count: float reductions depend on it
+    freshness.evict_stale()  # a user module edited since this warm worker imported it is imported again
     t0 = time.perf_counter()
     rep = Replayer(task)
     main = types.ModuleType("__main__")
@@ -220,6 +230,7 @@ def run_segment(task: dict) -> dict:
         runtime.deactivate(previous)
         if saved_main is not None:
             sys.modules["__main__"] = saved_main
+        freshness.remember()
     rows = []
     for name, epoch, step, seq, value in rep.rows:
         if isinstance(value, np.ndarray):
