@@ -15,7 +15,8 @@ from flor_nb.errors import FlorError
 
 USAGE = """\
 %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
-%%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
+%%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH] [--trust]  replay it with the edited cell below
+%flor resume RUN [--store PATH] [--trust]                        continue a run a crash or interrupt stopped
 %flor runs                                                       list recorded runs
 %flor ui [RUN]                                                   open the replay panel
 %flor report RUN [--out PATH] [--html]                           write a notebook (and HTML) report
@@ -39,6 +40,11 @@ _REPLAY.add_argument("run")
 _REPLAY.add_argument("--epochs", default=None)
 _REPLAY.add_argument("--workers", type=int, default=None)
 _REPLAY.add_argument("--no-progress", action="store_true")
+_REPLAY.add_argument("--trust", action="store_true", help="re-sign the store first: only for a store you trust")
+_RESUME = _parser("resume")
+_RESUME.add_argument("run")
+_RESUME.add_argument("--no-progress", action="store_true")
+_RESUME.add_argument("--trust", action="store_true", help="re-sign the store first: only for a store you trust")
 _REPORT = _parser("report")
 _REPORT.add_argument("run")
 _REPORT.add_argument("--out", default=None)
@@ -46,6 +52,16 @@ _REPORT.add_argument("--html", action="store_true")
 _UI = _parser("ui")
 _UI.add_argument("run", nargs="?", default=None)
 _RUNS = _parser("runs")
+
+
+_COMMANDS = ("record", "replay", "resume", "runs", "ui", "report")
+
+
+def _show_run(run, store):
+    print(flor_nb.api.summary(run, store))
+    missing = flor_nb.api.not_captured(run, store)
+    if missing:
+        print(f"flor_nb: {missing}", file=sys.stderr)
 
 
 @magics_class
@@ -59,15 +75,23 @@ class FlorMagics(Magics):
         """Hindsight logging: record a training cell, replay it with probes, report.
 
         %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--store PATH]
-        %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]
+        %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH] [--trust]
+        %flor resume RUN [--store PATH] [--trust]
         %flor runs | %flor ui [RUN] | %flor report RUN [--out PATH] [--html]
         """
         __tracebackhide__ = True
-        words = shlex.split(line)
+        if "\0" in line:
+            raise UsageError(f"The %flor line holds a NUL character (\\0) at position {line.index(chr(0))}: "
+                             f"remove it.\n{USAGE}")
+        try:
+            words = shlex.split(line)
+        except ValueError as e:  # an unbalanced quote
+            raise UsageError(f"Cannot read the %flor line {line!r}: {e}. Quote values with matching ' or \" "
+                             f"quotes.\n{USAGE}") from None
         if not words:
             raise UsageError(USAGE)
         command, rest = words[0], words[1:]
-        handler = getattr(self, f"_{command}", None)
+        handler = getattr(self, f"_{command}", None) if command in _COMMANDS else None
         if handler is None:
             raise UsageError(f"Unknown %flor command {command!r}.\n{USAGE}")
         if command in ("record", "replay") and cell is None:
@@ -85,10 +109,7 @@ class FlorMagics(Magics):
             self.shell.transform_cell(cell), name=a.name, namespace=self.shell.user_ns, history=history,
             state_spec=a.state, store=a.store, progress=not a.no_progress, overhead=a.overhead,
         )
-        print(flor_nb.api.summary(run, a.store))
-        missing = flor_nb.api.not_captured(run, a.store)
-        if missing:
-            print(f"flor_nb: {missing}", file=sys.stderr)
+        _show_run(run, a.store)
 
     def _replay(self, words, cell):
         a = _REPLAY.parse_args(words)
@@ -106,7 +127,8 @@ class FlorMagics(Magics):
 
         try:
             df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, workers=a.workers,
-                                store=a.store, on_event=progress if bar is not None else None)
+                                store=a.store, on_event=progress if bar is not None else None,
+                                trust_store=a.trust)
         finally:
             if bar is not None:
                 bar.close()
@@ -118,6 +140,16 @@ class FlorMagics(Magics):
         if png is not None:
             display(Image(png))
         return df
+
+    def _resume(self, words, cell):
+        __tracebackhide__ = True
+        a = _RESUME.parse_args(words)
+        run = flor_nb.resume(a.run, namespace=self.shell.user_ns, store=a.store, progress=not a.no_progress,
+                             trust_store=a.trust)
+        note = (run.state.get("resumes") or [{}])[-1]
+        how = "objects rebuilt from its recorded cells" if note.get("rebuilt") else "the kernel's live objects"
+        print(f"flor_nb: resumed {run.label} at epoch {note.get('from_epoch')} ({how})")
+        _show_run(run, a.store)
 
     def _runs(self, words, cell):
         a = _RUNS.parse_args(words)

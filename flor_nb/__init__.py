@@ -7,13 +7,15 @@ from .api import checkpoints, dataframe, get_run, get_store, replays, runs
 from .errors import FlorError
 from .record import record
 from .replay import replay
+from .resume import resume
 from .runtime import arg, log, loop
+from .trust import trust
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "log", "arg", "loop", "record", "replay", "runs", "dataframe", "get_run", "checkpoints", "replays",
-    "report", "ui", "get_store", "FlorError",
+    "log", "arg", "loop", "record", "replay", "resume", "runs", "dataframe", "get_run", "checkpoints", "replays",
+    "report", "ui", "get_store", "trust", "FlorError",
 ]
 
 
