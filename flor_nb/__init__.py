@@ -9,7 +9,7 @@ from .record import record
 from .replay import replay
 from .resume import resume
 from .runtime import arg, log, loop
-from .trust import trust
+from .signing import trust
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ The skeleton is the tensor tree with each tensor replaced by a reference
 (``torch.save``, loaded with ``weights_only=True``); the Python part is a
 pickle of plain values (RNG states, flags) and references to pickled blobs.
 The header names the hash algorithm and carries an HMAC of each pickled blob
-(see trust.py). On load, in this order: the trailing xxh3 tells damage (a
+(see signing.py). On load, in this order: the trailing xxh3 tells damage (a
 flipped or missing byte anywhere: :class:`CorruptCheckpointError`, naming the
 file); the HMAC tells whether this user wrote it (else
 :class:`~flor_nb.errors.UntrustedStoreError`); only then is anything unpickled.
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import disk, trust
+from . import disk, signing
 from .errors import FlorError, UntrustedStoreError
 from .hashing import DEFAULT, hash_bytes, known
 from .state import _raw
@@ -117,7 +117,7 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
         "digests": digest,
         "roots": snap.get("roots", []),
         "not_captured": snap.get("not_captured", {}),
-        "macs": {h: trust.mac(blobs[h], "blob").hex() for h in pyblobs},
+        "macs": {h: signing.mac(blobs[h], "blob").hex() for h in pyblobs},
     }
     data = _seal(rel, header, skel, py)
     disk.write_atomic(disk.inside(home, rel), data)
@@ -133,7 +133,7 @@ def _seal(rel: str, header: dict, skel: bytes, py: bytes) -> bytes:
     """The file's bytes: the body, its HMAC (bound to the file's place in the store), its xxh3."""
     head = json.dumps(header).encode()
     body = MAGIC + struct.pack("<Q", len(head)) + head + skel + py
-    tag = trust.mac(body, f"checkpoint:{rel}")
+    tag = signing.mac(body, f"checkpoint:{rel}")
     return body + tag + xxhash.xxh3_128_digest(body + tag)
 
 
@@ -194,8 +194,8 @@ def read(home: Path, rel: str) -> dict:
     """
     path, data, header, hlen, end, sealed = _open(Path(home), rel)
     skel, py, algorithm = _parts(path, data, header, hlen)  # damage first: it is named as such
-    if not sealed or not trust.verify(data[:end], data[end:end + _TAG], f"checkpoint:{rel}"):
-        raise UntrustedStoreError(trust.refusal(Path(home), f"checkpoint {rel}"))
+    if not sealed or not signing.verify(data[:end], data[end:end + _TAG], f"checkpoint:{rel}"):
+        raise UntrustedStoreError(signing.refusal(Path(home), f"checkpoint {rel}"))
     macs = header.get("macs") or {}
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
     cache: dict = {}
@@ -220,8 +220,8 @@ def read(home: Path, rel: str) -> dict:
         if isinstance(value, dict) and "__pyblob__" in value:
             h = value["__pyblob__"]
             raw = bytes(blob(h))
-            if not trust.verify(raw, bytes.fromhex(macs.get(h, "")), "blob"):
-                raise UntrustedStoreError(trust.refusal(Path(home), f"the pickled blob {h} of checkpoint {rel}"))
+            if not signing.verify(raw, bytes.fromhex(macs.get(h, "")), "blob"):
+                raise UntrustedStoreError(signing.refusal(Path(home), f"the pickled blob {h} of checkpoint {rel}"))
             python[key] = raw
     return {"tensors": tensors, "python": python, "header": header}
 
@@ -236,7 +236,7 @@ def resign(home: Path, rel: str) -> None:
     skel, py, algorithm = _parts(path, data, header, hlen)
     pyblobs = header["macs"] if header.get("schema") == SCHEMA and "macs" in header else _pyblob_refs(py)
     header = {**header, "schema": SCHEMA, "hash": algorithm,
-              "macs": {h: trust.mac(_blob(Path(home), h, algorithm), "blob").hex() for h in sorted(pyblobs)}}
+              "macs": {h: signing.mac(_blob(Path(home), h, algorithm), "blob").hex() for h in sorted(pyblobs)}}
     disk.write_atomic(path, _seal(rel, header, skel, py))
 
 

@@ -70,10 +70,15 @@ def full_message(home, what: str) -> str:
 
 # -- private files -----------------------------------------------------------------------
 def make_dir(path) -> Path:
-    """Create ``path`` (and parents) private to the user."""
+    """Create ``path`` and its missing parents, each private to the user (``mkdir -p`` gives parents 0755)."""
     path = Path(path)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    return Path(missing[0]) if missing else path
 
 
 def open_private(path, mode: str = "wb"):

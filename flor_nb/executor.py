@@ -75,7 +75,7 @@ def _recent_imports(store) -> list[str]:
         runs = Store(home).all_runs()
     except Exception:  # noqa: BLE001 - warming up is best effort
         return []
-    from .trust import run_verifies
+    from .signing import run_verifies
 
     if not runs or not run_verifies(runs[-1]):  # module names from a store you did not sign: import nothing
         return []

@@ -8,7 +8,7 @@ from collections import defaultdict
 import pandas as pd
 
 from . import executor as executors
-from . import machine, runtime, trust, validate
+from . import machine, runtime, signing, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError
 from .instrument import changes, instrument, mark, parse, recorded_loops
@@ -108,9 +108,9 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
 
     store = get_store(store)
     if trust_store:
-        trust.trust(store)
+        signing.trust(store)
     run = store.find_run(run)
-    trust.check_run(run, store.home)  # replay executes its cells: only if this user signed them
+    signing.check_run(run, store.home)  # replay executes its cells: only if this user signed them
     damaged: dict = {}  # epoch -> why its checkpoint cannot be used
     p = prepare(store, run, code, epochs, cells, workers)
     replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"], _plan_row(p))
@@ -187,6 +187,7 @@ def _tasks(store: Store, run: Run, p: dict, replay_id: int) -> list[dict]:
         "scope": _scope_spec(run),
         "roots": run.state.get("roots") or [],
         "exclude": _unchecked_streams(run, p["code"]),
+        "key": str(signing.key_path()),  # the worker verifies checkpoints with this user's key
     } for seg in p["segments"]]
 
 

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from . import checkpoint, runtime, state, trust, validate
+from . import checkpoint, runtime, signing, state, validate
 from .cells import analyze, strip_shell
 from .clock import clock_names
 from .errors import FlorError, NoCheckpointError
@@ -130,10 +130,10 @@ def resume(run, namespace: dict | None = None, store=None, progress: bool = Fals
     __tracebackhide__ = True
     st = api.get_store(store)
     if trust_store:
-        trust.trust(st)
+        signing.trust(st)
     run = st.find_run(run)  # a run left 'running' by a dead process is marked interrupted here
+    signing.check_run(run, st.home)
     _check_resumable(run)
-    trust.check_run(run, st.home)
     first, snap, skipped = _last_checkpoint(st, run)
     ns = {"__name__": "__main__"} if namespace is None else namespace
     ns[RUNTIME] = sys.modules["flor_nb"]

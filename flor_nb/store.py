@@ -29,7 +29,7 @@ from pathlib import Path
 
 import xxhash
 
-from . import disk, trust
+from . import disk, signing
 from .errors import DamagedValueWarning, DiskFullError, StoreError, UnknownRunError
 
 SCHEMA_VERSION = 5
@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS runs (
     state TEXT NOT NULL DEFAULT '{}',
     timings TEXT NOT NULL DEFAULT '{}',
     error TEXT,
-    sig TEXT,                        -- HMAC of the recorded cells (trust.py)
+    sig TEXT,                        -- HMAC of the recorded cells (signing.py)
     UNIQUE (name, version)
 );
 CREATE TABLE IF NOT EXISTS logs (
@@ -253,7 +253,7 @@ class Store:
             row = db.execute("SELECT COALESCE(MAX(version), 0) FROM runs WHERE name=?", (name,)).fetchone()
             version = row[0] + 1
             cols = {"name": name, "version": version, "status": "running", "started": time.time(), "code": code,
-                    "sig": trust.sign_run(name, version, code, fields.get("deps") or [])}
+                    "sig": signing.sign_run(name, version, code, fields.get("deps") or [])}
             for key, value in fields.items():
                 cols[key] = json.dumps(value) if key in _JSON_COLS else value
             db.execute(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, freshness, lifeline, runtime, state, validate
+from . import checkpoint, freshness, lifeline, runtime, signing, state, validate
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, instrument
@@ -186,6 +186,8 @@ def run_segment(task: dict) -> dict:
     import flor_nb
 
     torch.set_num_threads(task["threads"])  # the recorded count: float reductions depend on it
+    if task.get("key"):
+        signing.use_key(task["key"])
     freshness.evict_stale()  # a user module edited since this warm worker imported it is imported again
     t0 = time.perf_counter()
     rep = Replayer(task)

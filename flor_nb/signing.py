@@ -28,10 +28,21 @@ KEY_BYTES = 32
 _keys: dict = {}
 
 
+_chosen: Path | None = None  # a replay worker uses the key its kernel names (see use_key)
+
+
 def key_path() -> Path:
     """Where this user's signing key lives (outside every store)."""
+    if _chosen is not None:
+        return _chosen
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "flor_nb" / "key"
+
+
+def use_key(path) -> None:
+    """Verify with the key at ``path``: a warm worker's environment may predate its kernel's."""
+    global _chosen
+    _chosen = Path(path)
 
 
 def key() -> bytes:
