@@ -51,15 +51,33 @@ def prestart(store=None):
     The workers fork from a server that has imported torch, run one small torch op
     each, and import what the latest recorded run's cells import (scikit-learn, say).
     The extension calls this on ``%load_ext flor_nb``; scripts may call it early.
-    Returns at once: the work happens in the new processes.
+    Returns at once: the work happens in the new processes. (Starting the first worker waits
+    for the forkserver to import torch, seconds; in a kernel that wait happens on a thread.)
     """
     from . import worker
 
     ex = local()
     modules = _recent_imports(store)
-    with _no_main():
+
+    def start():
         for _ in range(ex.workers):
             ex._pool.submit(worker.warm_up, modules)
+
+    main = sys.modules.get("__main__")
+    if getattr(main, "__file__", None) is None and getattr(main, "__spec__", None) is None:
+        # A kernel's __main__ is not a file the workers would import: no need to hide it, so the
+        # notebook need not wait for the forkserver.
+        threading.Thread(target=_quietly, args=(start,), name="flor_nb-prestart", daemon=True).start()
+    else:
+        with _no_main():
+            start()
+
+
+def _quietly(fn):
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - a warm start is an optimisation; replay starts workers itself
+        pass
 
 
 def _recent_imports(store) -> list[str]:
