@@ -111,7 +111,7 @@ def keep_reserve(home) -> None:
     if RESERVE_BYTES <= 0 or path.exists():
         return
     free = free_bytes(home)
-    if free is not None and free < 16 * RESERVE_BYTES:
+    if free is not None and free < 4 * RESERVE_BYTES:
         return  # space is short already: keep it for the store itself
     tmp = path.with_name(f"{RESERVE}.{os.getpid()}.tmp")
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import warnings
 from array import array
@@ -31,6 +32,8 @@ import xxhash
 
 from . import disk, signing
 from .errors import DamagedValueWarning, DiskFullError, StoreError, UnknownRunError
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 5
 # Schema 4 stores gain value checksums, run signatures and replay owners when first opened.
@@ -211,7 +214,7 @@ class Store:
 
     def _error(self, e: sqlite3.Error, where: str) -> StoreError:
         text = f"{type(e).__name__}: {e}"
-        if disk.is_full(e):
+        if disk.is_full(e) or disk.free_bytes(self.home) == 0:
             return DiskFullError(f"flor_nb could not write to the store: {disk.full_message(self.home, text)}. "
                                  "Free space on that disk, then try again.", disk.free_bytes(self.home))
         if "locked" in str(e) or "busy" in str(e):
@@ -230,12 +233,33 @@ class Store:
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+            except sqlite3.OperationalError:
+                conn = self._read_only() or conn  # no room for its WAL index (a full disk): still readable
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
+
+    def _read_only(self) -> sqlite3.Connection | None:
+        """A connection that reads without creating anything (a full disk, a read-only folder)."""
+        from urllib.parse import quote
+
+        # mode=ro uses the WAL of a writer still running; immutable=1 needs none (a closed store has none)
+        for flags in ("mode=ro", "immutable=1"):
+            try:
+                conn = sqlite3.connect(f"file:{quote(str(self.db_path))}?{flags}", uri=True, isolation_level=None)
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+            except sqlite3.Error:
+                continue
+            logger.warning("flor_nb: opened %s read-only (%s): %s", self.db_path, flags,
+                           disk.full_message(self.home, "nothing can be written") if disk.free_bytes(self.home) == 0
+                           else "the folder cannot be written")
+            return conn
+        return None
 
     def _tx(self):
         return _Transaction(self.db)

@@ -101,6 +101,8 @@ def test_checkpoints_stop_rows_go_on_and_reads_work_on_a_full_disk(small_disk):
     fill_up(small_disk / "filler")  # now not one more byte fits: reading must still work
     assert flor.runs(home)["epochs"].tolist() == [10]
     assert len(flor.dataframe("loss", run="full", store=home)) == 40
+    flor.get_store(home).close()  # a new process finds no WAL index, and no room to make one
+    fill_up(small_disk / "filler")
     out = subprocess.run([sys.executable, "-c", "import flor_nb as flor, sys; print(flor.runs(sys.argv[1])"
                           "[['name', 'status', 'epochs']].to_string())", str(home)], capture_output=True, text=True)
     assert out.returncode == 0 and "full  finished      10" in out.stdout, out.stderr[-2000:]
