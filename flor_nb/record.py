@@ -21,7 +21,7 @@ from .clock import clock_names
 from .errors import DiskFullError, FlorError, NotCapturedWarning, StoreError
 from .hashing import hash_bytes
 from .instrument import RUNTIME, instrument
-from .store import RECORDING, Run, Store
+from .store import RECORDING, Run, Store, packable
 from .writer import Writer
 
 logger = logging.getLogger(__name__)
@@ -365,6 +365,10 @@ class Recorder:
         """Values as stored: numbers, JSON text, arrays as .npy artifacts (files written here)."""
         out = []
         for name, epoch, steps, seqs, values in numbered:
+            types = set(map(type, values))
+            if types in ({float}, {int}) and packable(steps, values, types):  # per-step numbers: as they are
+                out.append((name, epoch, steps, seqs, values))
+                continue
             encoded = [
                 runtime.encode(v) if type(v) is not np.ndarray
                 else save_array(self.store.artifact_dir(self.run.id), self.store.home, name, epoch, s, q, v)

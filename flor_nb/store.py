@@ -359,7 +359,7 @@ class Store:
         plain, packed = [], []
         for n, e, steps, seqs, vals in groups:
             types = set(map(type, vals))
-            if len(vals) >= _SERIES_MIN and None not in steps and types <= {float, int}:
+            if packable(steps, vals, types):
                 code = "q" if types == {int} else "d"
                 row = (run_id, n, e, kind, replay_id, code, array("q", steps).tobytes(),
                        array("q", seqs).tobytes(), array(code, vals).tobytes())
@@ -567,6 +567,14 @@ class _Transaction:
 
 
 _SERIES_MIN = 16  # step values of one name in one epoch from which they are packed
+
+
+def packable(steps, values, types=None) -> bool:
+    """Are these step values stored packed, as one ``series`` row of arrays (NaN and inf included)?"""
+    types = set(map(type, values)) if types is None else types
+    if len(values) < _SERIES_MIN or None in steps or not types <= {float, int}:
+        return False
+    return types != {int} or -(1 << 63) <= min(values) and max(values) < (1 << 63)
 
 
 def _row_crc(run_id, name, epoch, step, seq, value, kind, replay_id) -> int:
