@@ -149,8 +149,8 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     recorded = store.logs([run.id], kind="recorded")
     recorded_names = {r["name"] for r in recorded}
     state = {**run.state, "clock_metrics": sorted(set(run.state.get("clock_metrics", ())) | clock_names(p["code"])[1])}
-    recorded, compared_rows = _by_content(recorded, store.home), _by_content(rows, store.home)
-    fidelity = check(recorded, compared_rows, modes, results, recorded_code=run.code, code=p["code"],
+    fidelity = check(_by_content(recorded, store.home), _by_content(rows, store.home), modes, results,
+                     recorded_code=run.code, code=p["code"],
                      edited_cells=p["edited_cells"], run_state=state,
                      reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
     fidelity["kinds"] = run.state.get("objects") or {}

@@ -102,6 +102,7 @@ def test_array_values_are_checked_and_compared_by_content(store):
     flor.record(code, name="arr", namespace=ns, cells=["import numpy as np"], store=store, overhead=float("inf"))
     df = flor.replay("arr", epochs="1-2", store=store)
     assert df.attrs["fidelity"]["faithful"] and df.attrs["fidelity"]["metrics"]["w"]["verdict"] == "exact"
+    assert np.array_equal(df.dropna(subset=["w"])["w"].iloc[0], np.arange(4.0) * 2)  # the frame holds the array
     wide = flor.dataframe("w", run="arr", store=store).dropna(subset=["w"])
     assert np.array_equal(wide["w"].iloc[1], np.arange(4.0) * 2)
     ref = [r for r in store.logs(None) if r["name"] == "w" and r["epoch"] == 1][0]
