@@ -406,7 +406,8 @@ def report(results: dict, command: str) -> str:
         out.append("")
     dmg = results.get("damage")
     if dmg:
-        out += ["## Damaged files", "", "| target | trials | detected | survived | silent wrong values |", "|---|---|---|---|---|"]
+        out += ["## Damaged files", "", "| target | trials | detected | survived | silent wrong values |",
+                "|---|---|---|---|---|"]
         for t in sorted({r["target"] for r in dmg["rows"]}):
             rs = [r for r in dmg["rows"] if r["target"] == t]
             out.append(f"| {t} | {len(rs)} | {sum(r['detected'] for r in rs)} | {sum(r['survived'] for r in rs)} | "

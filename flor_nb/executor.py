@@ -260,7 +260,8 @@ def _death(procs: dict, oom_before) -> str:
     else:
         head = "A replay worker died"
     if by_oom:
-        cause = ": the system's out-of-memory killer ended it (memory ran out). Replay fewer epochs or with fewer workers"
+        cause = (": the system's out-of-memory killer ended it (memory ran out). Replay fewer epochs or with "
+                 "fewer workers")
     elif dead and dead[0][1] == -signal.SIGKILL:
         cause = " (out of memory, or killed by hand). If memory is short, replay fewer epochs or with fewer workers"
     else:

@@ -262,13 +262,13 @@ class Recorder:
         if self.writer.errors and not self.checkpoint_error:
             e = self.writer.errors[0]
             after = f"checkpoints stopped after epoch {max(self.checkpointed, default=-1)}"
+            advice = ("Training goes on and its logs keep being stored; replay starts from the nearest earlier "
+                      "checkpoint.")
             if disk.is_full(e):
                 self.checkpoint_error = f"{after}: {disk.full_message(self.store.home, 'a checkpoint did not fit')}"
-                advice = ("Training goes on and its logs keep being stored; replay starts from the nearest earlier "
-                          "checkpoint. Free space before recording again.")
+                advice += " Free space before recording again."
             else:
                 self.checkpoint_error = f"{after}: writing a checkpoint failed with {type(e).__name__}: {e}"
-                advice = "Training goes on and its logs keep being stored; replay starts from the nearest earlier checkpoint."
             warnings.warn(f"flor_nb: {self.checkpoint_error}. {advice}", stacklevel=3)
 
     # -- epoch boundary ----------------------------------------------------------
@@ -338,7 +338,7 @@ class Recorder:
                           f"written as soon as space returns (epochs 0-{stored - 1} are stored).", stacklevel=4)
 
     def _number(self, rows):
-        """Group rows by (name, epoch) and number repeated (name, epoch, step) keys: [(name, epoch, steps, seqs, values)]."""
+        """[(name, epoch, steps, seqs, values)]: rows grouped, repeated (name, epoch, step) keys numbered."""
         groups: dict = {}
         for name, epoch, step, value in rows:
             g = groups.get((name, epoch))

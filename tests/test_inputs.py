@@ -38,7 +38,8 @@ def test_bad_log_stops_at_the_call_and_keeps_what_was_recorded(store, bad, match
 
 
 def test_numpy_hyperparameters_are_kept_and_replayed_as_numpy(store):
-    cells = [f"import numpy as np\nEPOCHS = 3\ndecay = flor.arg('decay', np.float32(0.1))\nsteps = flor.arg('steps', np.int64(2))\n{SETUP}"]
+    cells = [f"import numpy as np\nEPOCHS = 3\ndecay = flor.arg('decay', np.float32(0.1))\n"
+             f"steps = flor.arg('steps', np.int64(2))\n{SETUP}"]
     ns = {"flor": flor, "np": np}
     exec(cells[0], ns)
     code = TRAIN.replace("    sched.step()\n", "    sched.step()\n    flor.log('decay_type', type(decay).__name__)\n")
