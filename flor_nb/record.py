@@ -145,9 +145,7 @@ class Recorder:
                     self._left_epoch = (k, time.perf_counter() - start, self._step_snap, end,
                                         self._step_digest, self._end_digest(end))
                 raise
-            seconds = time.perf_counter() - start
-            end = self._snapshot() if self._due(k) else None
-            self._end_epoch(k, seconds, self._step_snap, end, self._step_digest, self._end_digest(end))
+            self._end_epoch(k, time.perf_counter() - start)
         self.epoch = None
 
     # -- checkpoints -------------------------------------------------------------
@@ -272,18 +270,30 @@ class Recorder:
             warnings.warn(f"flor_nb: {self.checkpoint_error}. {advice}", stacklevel=3)
 
     # -- epoch boundary ----------------------------------------------------------
-    def _end_epoch(self, k, seconds, step_snap, end_snap, step_digest=None, end_digest=None):
+    def _end_epoch(self, k, seconds, left=None):
+        """Epoch k ended: store its rows and completion first, then take and write its state.
+
+        ``left``: (step snapshot, end snapshot, step digest, end digest) taken when a ``break`` left it.
+        """
+        due = left is None and self._due(k)
         self.epoch_seconds.append(seconds)
+        rows, self.rows = self.rows, []
+        self.completed = k + 1
+        # Stored before anything else (the snapshot copy, the digest, a checkpoint write that waits for
+        # the previous one): a kill, or an OOM in the copy, from here on cannot lose epoch k.
+        self._commit(rows, k + 1, replace=(k,) if k < self.replace_below else ())
+        if left is None:
+            step_snap, step_digest = self._step_snap, self._step_digest
+            end_snap = self._snapshot() if due else None
+            end_digest = self._end_digest(end_snap)
+        else:
+            step_snap, end_snap, step_digest, end_digest = left
         digests = []  # for epochs without a checkpoint at that point: a replay still checks its state
         if step_snap is None and step_digest is not None and self._step_exits == 1:
             digests.append((k, "step", step_digest))
         if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
             digests.append((k, "end", end_digest))
-        rows, self.rows = self.rows, []
-        self.completed = k + 1
-        # Stored before any checkpoint work (which may wait for the previous write): once the loop
-        # moves on, epoch k survives a SIGKILL.
-        self._commit(rows, k + 1, digests, replace=(k,) if k < self.replace_below else ())
+        self._store_digests(digests)
         if self._step_exit_ok() and step_snap is not None:
             # The epoch-end state too: replay of the next epoch starts from it without re-running
             # this epoch's tail, and checks a probe after the step loop against it. Its tensors
@@ -297,15 +307,24 @@ class Recorder:
             self.progress.set_postfix({n: f"{v:.4g}" for n, v in self._latest.items()}, refresh=False)
             self.progress.update(1)
 
-    def _commit(self, rows, completed=None, digests=(), replace=()):
-        """Store an epoch's rows, its state digests and its completion in one transaction, now.
+    def _store_digests(self, digests):
+        """An epoch's state digests, in a transaction of their own (kept for the next commit if it fails)."""
+        if not digests:
+            return
+        encoded = [(e, w, runtime.to_json(d)) for e, w, d in digests]
+        try:
+            self.store.add_digests(self.run.id, encoded)
+        except Exception:  # noqa: BLE001 - they go with the next epoch's rows
+            self._held.append(([], None, encoded, ()))
+
+    def _commit(self, rows, completed=None, replace=()):
+        """Store an epoch's rows and its completion in one transaction, now.
 
         On a full disk the store's reserve is freed and the write tried again; if it still fails the
         rows are held in memory and written with the next epoch's, once space returns.
         """
         start = time.perf_counter()
-        self._held.append((self._number(rows), completed, [(e, w, runtime.to_json(d)) for e, w, d in digests],
-                           tuple(replace)))
+        self._held.append((self._number(rows), completed, [], tuple(replace)))
         for attempt in range(2):
             try:
                 groups = [g for numbered, *_ in self._held for g in self._encode(numbered)]
@@ -384,7 +403,7 @@ class Recorder:
         if self._left_epoch is not None and status == "finished":
             k, seconds, step_snap, end_snap, step_digest, end_digest = self._left_epoch  # `break` in epoch k
             self._step_snap = step_snap
-            self._end_epoch(k, seconds, step_snap, end_snap, step_digest, end_digest)
+            self._end_epoch(k, seconds, (step_snap, end_snap, step_digest, end_digest))
         rows, self.rows = self.rows, []
         self._commit(rows)  # what was logged after the loop (or in an epoch an exception left)
         self.writer.close()  # every checkpoint submitted is on disk before the run is closed

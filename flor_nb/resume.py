@@ -76,10 +76,10 @@ class Resumer(Recorder):
         if self.progress is not None and not callable(self.progress):
             self.progress.update(self.first)
 
-    def _commit(self, rows, completed=None, digests=(), replace=()):
+    def _commit(self, rows, completed=None, replace=()):
         if completed is not None and completed - 1 < self.completed_floor:
             self._compare(completed - 1, rows)
-        super()._commit(rows, completed, digests, replace)
+        super()._commit(rows, completed, replace)
 
     def _compare(self, epoch, rows):
         """An epoch trained again should log what it logged the first time: say so when it does not."""
