@@ -355,8 +355,13 @@ def worker_trials(n: int, rng: random.Random, work: Path) -> dict:
     import flor_nb as flor
     from flor_nb import executor
 
+    import torch
+
     d = Path(tempfile.mkdtemp(prefix="workers-", dir=work)) / ".flor"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # so the replay really runs on two workers
     run = record_small(d, epochs=6)
+    torch.set_num_threads(threads)
     slow = run.code.replace("        flor.log(\"loss\", loss.item())\n",
                             "        flor.log(\"loss\", loss.item())\n        __import__('time').sleep(0.05)\n")
     rows = []

@@ -226,6 +226,19 @@ def read(home: Path, rel: str) -> dict:
     return {"tensors": tensors, "python": python, "header": header}
 
 
+def verify(home: Path, rel: str) -> None:
+    """Check a checkpoint file and every blob it names, unpickling nothing; raise what :func:`read` would."""
+    path, data, header, hlen, end, sealed = _open(Path(home), rel)
+    skel, _, algorithm = _parts(path, data, header, hlen)
+    if not sealed or not signing.verify(data[:end], data[end:end + _TAG], f"checkpoint:{rel}"):
+        raise UntrustedStoreError(signing.refusal(Path(home), f"checkpoint {rel}"))
+    refs: set = set()
+    for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
+        map_tree(tree, lambda r: refs.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
+    for h in sorted(refs | set(header.get("macs") or {})):
+        _blob(Path(home), h, algorithm)
+
+
 def resign(home: Path, rel: str) -> None:
     """Sign a checkpoint file and its pickled blobs with this user's key (see :func:`flor_nb.trust`).
 

@@ -8,9 +8,9 @@ from collections import defaultdict
 import pandas as pd
 
 from . import executor as executors
-from . import machine, runtime, signing, validate
+from . import checkpoint, machine, runtime, signing, validate
 from .checkpoint import CorruptCheckpointError
-from .errors import FlorError
+from .errors import FlorError, NoCheckpointError
 from .instrument import changes, instrument, mark, parse, recorded_loops
 from .plan import parse_epochs, plan
 from .store import Run, Store
@@ -133,7 +133,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
             damaged[e.epoch] = str(e)
             warnings.warn(f"flor_nb: {e} Replaying from the nearest earlier intact checkpoint instead.", stacklevel=2)
             try:
-                p = prepare(store, run, code, epochs, cells, workers, damaged)
+                p = _intact_plan(store, run, code, epochs, cells, workers, damaged)
             except BaseException as again:
                 store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {"error": str(again)})
                 raise
@@ -172,6 +172,33 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         raise cancelled
     return frame
 
+
+
+def _intact_plan(store, run, code, epochs, cells, workers, damaged: dict) -> dict:
+    """After damage was found: a plan whose checkpoints all verify here first (a damaged blob is often
+    shared by several checkpoints), so workers are not sent to fail one checkpoint at a time."""
+    while True:
+        try:
+            p = prepare(store, run, code, epochs, cells, workers, damaged)
+        except NoCheckpointError as e:
+            first = next(iter(damaged.values()))
+            raise NoCheckpointError(f"{e} The checkpoints of epoch(s) {', '.join(map(str, sorted(damaged)))} are "
+                                    f"damaged ({first})") from None
+        used = {}
+        for seg in p["segments"]:
+            if seg.restore is not None:
+                used[seg.restore] = p["resume_paths"][str(seg.restore)]
+            for e, mode in seg.modes.items():
+                if mode == "skip":
+                    used[e] = p["step_paths"][str(e)]
+        for e, rel in sorted(used.items(), reverse=True):
+            try:
+                checkpoint.verify(store.home, rel)
+            except CorruptCheckpointError as bad:
+                damaged[e] = str(bad)
+                break
+        else:
+            return p
 
 
 def _plan_row(p) -> dict:

@@ -214,18 +214,19 @@ class Store:
 
     def _error(self, e: sqlite3.Error, where: str) -> StoreError:
         text = f"{type(e).__name__}: {e}"
+        if "malformed" in str(e) or "not a database" in str(e) or isinstance(e, sqlite3.DatabaseError) and \
+                not isinstance(e, sqlite3.OperationalError):
+            return StoreError(f"The store database {self.db_path} is damaged ({text}). Its runs and logs cannot be "
+                              f"read reliably. Move {self.home} aside and restore it from a backup (or try "
+                              f"`sqlite3 {self.db_path} .recover`); record again into a new store.")
         if disk.is_full(e) or disk.free_bytes(self.home) == 0:
             return DiskFullError(f"flor_nb could not write to the store: {disk.full_message(self.home, text)}. "
                                  "Free space on that disk, then try again.", disk.free_bytes(self.home))
         if "locked" in str(e) or "busy" in str(e):
             return StoreError(f"The store database {self.db_path} stayed locked by another process for 30 s "
                               f"({text}). Wait for that record or replay to finish, or use another store.")
-        if "malformed" in str(e) or "not a database" in str(e) or isinstance(e, sqlite3.DatabaseError) and \
-                not isinstance(e, sqlite3.OperationalError):
-            return StoreError(f"The store database {self.db_path} is damaged ({text}). Its runs and logs cannot be "
-                              f"read reliably. Move {self.home} aside and restore it from a backup (or try "
-                              f"`sqlite3 {self.db_path} .recover`); record again into a new store.")
-        return StoreError(f"The store {self.home} failed in {where} ({text}). Check that the folder is writable and "
+        doing = where.strip("_").replace("_", " ")
+        return StoreError(f"The store {self.home} failed ({text}) in {doing}. Check that the folder is writable and "
                           "not on a full or failing disk, or use another store (--store PATH or FLOR_NB_HOME).")
 
     # -- connection ------------------------------------------------------------

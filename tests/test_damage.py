@@ -113,3 +113,21 @@ def test_array_values_are_checked_and_compared_by_content(store):
         wide = flor.dataframe("w", run="arr", store=store)
     assert any("is damaged (its content hash does not match)" in str(w.message) for w in caught)
     assert wide.dropna(subset=["w"])["epoch"].tolist() == [0, 2]  # the damaged array is not returned
+
+
+def test_a_damaged_blob_every_checkpoint_shares_is_named_once(store):
+    """A value that never changes is one blob for all checkpoints: no intact state is left, and replay says so."""
+    code = ("for epoch in range(4):\n    for i in range(3):\n        w = cfg['scale'] * (epoch + i)\n"
+            "        flor.log('w', w)\n")
+    ns = {"flor": flor}
+    exec("cfg = {'scale': 2.0, 'note': 'constant'}", ns)
+    run = flor.record(code, name="shared", namespace=ns, cells=["cfg = {'scale': 2.0, 'note': 'constant'}"],
+                      store=store, overhead=float("inf"))
+    _, python, _, _ = checkpoint.split(checkpoint.read(store.home, store.checkpoints(run.id)[2]["end_path"]))
+    h = python["py/cfg"]["__pyblob__"]
+    _flip(store.home / "blobs" / h[:2] / h, 3)
+    with pytest.warns(UserWarning, match="is damaged"), \
+            pytest.raises(errors.NoCheckpointError, match=rf"are damaged \(Blob .*{h} is damaged"):
+        flor.replay("shared", epochs=3, code=code.replace("        flor.log('w', w)\n",
+                                                          "        flor.log('w', w)\n        flor.log('p', 1)\n"),
+                    store=store)
