@@ -15,6 +15,7 @@ import sysconfig
 from pathlib import Path
 
 _seen: dict = {}  # module name -> (file, (mtime_ns, size)) when it was first seen
+_UNKNOWN = ("changed while it was being imported",)  # never equal to a stamp: imported again next time
 _OURS = str(Path(__file__).resolve().parent)
 
 
@@ -48,11 +49,17 @@ def _stamp(path):
     return st.st_mtime_ns, st.st_size
 
 
-def remember() -> None:
-    """Note the files of user modules imported since the last call."""
+def remember(since_ns: int | None = None) -> None:
+    """Note the files of user modules imported since the last call.
+
+    ``since_ns``: when the task that imported them began; a file changed after that may have been
+    edited after the import, so it is noted as unknown and imported again before the next task.
+    """
     for name, path in _user_modules():
         if name not in _seen:
-            _seen[name] = (path, _stamp(path))
+            stamp = _stamp(path)
+            edited = stamp is not None and since_ns is not None and stamp[0] > since_ns
+            _seen[name] = (path, _UNKNOWN if edited else stamp)
 
 
 def evict_stale() -> list[str]:

@@ -189,6 +189,7 @@ def run_segment(task: dict) -> dict:
     if task.get("key"):
         signing.use_key(task["key"])
     freshness.evict_stale()  # a user module edited since this warm worker imported it is imported again
+    began_ns = time.time_ns()
     t0 = time.perf_counter()
     rep = Replayer(task)
     main = types.ModuleType("__main__")
@@ -232,7 +233,7 @@ def run_segment(task: dict) -> dict:
         runtime.deactivate(previous)
         if saved_main is not None:
             sys.modules["__main__"] = saved_main
-        freshness.remember()
+        freshness.remember(began_ns)
     rows = []
     for name, epoch, step, seq, value in rep.rows:
         if isinstance(value, np.ndarray):
