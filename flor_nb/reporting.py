@@ -27,6 +27,7 @@ from .instrument import probe_diff
 from .plan import format_epochs
 from .replay import verdict_text
 from .store import Run, Store
+from .validate import arg_live
 
 # Metrics whose names look like these are better when lower.
 _LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|nll|perplex|ppl|cost|wer|cer|dist", re.IGNORECASE)
@@ -66,7 +67,7 @@ def run_summary(run, store=None) -> pd.DataFrame:
         }
         if r.error:
             col["error"] = r.error
-        col.update({f"arg.{k}": str(v) for k, v in sorted(r.args.items())})
+        col.update({f"arg.{k}": str(arg_live(v)) for k, v in sorted(r.args.items())})
         col.update({f"env.{k}": str(v) for k, v in r.env.items()})
         columns[r.label] = col
     return pd.DataFrame(columns).fillna("")
