@@ -28,7 +28,7 @@ from .clock import clock_names
 from .errors import FlorError, NoCheckpointError
 from .instrument import RUNTIME, instrument, recorded_loops
 from .record import Recorder, _progress_bar, execute
-from .store import Run
+from .store import RECORDING, Run
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,12 @@ def resume(run, namespace: dict | None = None, store=None, progress: bool = Fals
     logger.warning("flor_nb: resuming %s at epoch %d from the checkpoint after epoch %d (%s)", run.label, first,
                    first - 1, "objects rebuilt from the recorded cells" if rebuilt else "the kernel's live objects")
     bar = (lambda total: _progress_bar(run, total)) if progress else None
-    recorder = Resumer(st, run, ns, scope, first, snap, bar, run.timings.get("overhead_budget") or 0.02)
+    try:
+        recorder = Resumer(st, run, ns, scope, first, snap, bar, run.timings.get("overhead_budget") or 0.02)
+    except BaseException as e:  # not left 'running': it can be resumed again
+        RECORDING.discard((str(st.db_path), run.id))
+        st.update_run(run.id, status="interrupted", error=f"resuming failed: {type(e).__name__}: {e}")
+        raise
     recorder.capturer.order = list(run.state.get("roots") or [])
     recorder.clock = clock_names(run.code)
     recorder.base_args = run.args
