@@ -79,6 +79,7 @@ class Recorder:
         self.replace_below = 0  # a resumed run re-runs epochs below this: their rows replace the stored ones
         self.resume_at = None  # resume.py: iterable -> (first epoch, iterable from it), restoring the state
         self.completed_floor = 0  # epochs stored before this session (a resumed run keeps them)
+        self.start_wait = 0.0  # seconds the training thread waited for the first checkpoint's write
 
     # -- the API (hot path: keep it tiny) ----------------------------------------
     def log(self, name, value):
@@ -134,6 +135,10 @@ class Recorder:
             first, iterable = self.resume_at(iterable)
         else:
             self._checkpoint(-1, "start", self._snapshot())
+            # Every epoch replays from this state: written before epoch 0 runs, so no stored epoch
+            # is ever left without a checkpoint below it (a kill during its write loses nothing).
+            self.start_wait = self.writer.drain()  # once, so not part of the adaptive period's figures
+            self._check_writer()
         for k, item in enumerate(iterable, start=first):
             self.epoch, self.step, self._step_exits, self._step_snap, self._step_digest = k, None, 0, None, None
             start = time.perf_counter()
@@ -461,6 +466,7 @@ class Recorder:
                 "digest_seconds": self.digest_seconds,
                 "writer_seconds": self.writer.busy_seconds,
                 "commit_seconds": self.commit_seconds,
+                "start_checkpoint_wait": self.start_wait,
                 "overhead_budget": self.overhead,
             },
         )

@@ -51,6 +51,13 @@ class Writer:
         self._jobs.put((fn, args))
         return waited
 
+    def drain(self) -> float:
+        """Wait until the checkpoint in flight is written; returns the seconds waited."""
+        start = time.perf_counter()
+        self._slot.acquire()
+        self._slot.release()
+        return time.perf_counter() - start
+
     def close(self):
         """Wait until everything submitted is written."""
         self._jobs.put(None)
