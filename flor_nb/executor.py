@@ -124,6 +124,7 @@ class LocalExecutor:
         self._events = ctx.Queue()
         self._pool = self._new_pool()
         self._cancelled = threading.Event()
+        self._started = 0
 
     def _new_pool(self) -> ProcessPoolExecutor:
         from . import worker
@@ -133,8 +134,10 @@ class LocalExecutor:
                                    initargs=(self._events, os.getpid()))
 
     def _healthy(self) -> ProcessPoolExecutor:
-        """The pool, replaced first if one of its workers died since it was last used."""
-        if getattr(self._pool, "_broken", False):
+        """The pool, replaced first if one of its workers died since it was last used (asked of each
+        worker: the pool itself notices a death only a moment later)."""
+        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        if getattr(self._pool, "_broken", False) or any(p.exitcode is not None for p in procs):
             self._replace()
         return self._pool
 
@@ -153,9 +156,17 @@ class LocalExecutor:
         If a worker dies, raises :class:`ReplayError` saying which and of what; the pool is replaced.
         """
         results: list = [None] * len(tasks)
-        if self._cancelled.is_set():
-            raise ReplayCancelled("Replay cancelled before it started.", results)
+        for retry in (True, False):
+            if self._cancelled.is_set():
+                raise ReplayCancelled("Replay cancelled before it started.", results)
+            try:
+                return self._run(fn, tasks, on_event, results, retry)
+            except _Idle:  # a worker had died before any of these tasks began: once more, on a new pool
+                self._replace()
+
+    def _run(self, fn, tasks, on_event, results, retry):
         oom_before = machine.oom_kills()
+        self._started = 0  # segments a worker has begun (run_segment says so first thing)
         try:
             pool = self._healthy()
             with _no_main():
@@ -179,6 +190,10 @@ class LocalExecutor:
                     if self._cancelled.is_set():
                         raise ReplayCancelled("Replay cancelled; the segments that finished are kept.",
                                               results) from None
+                    time.sleep(0.2)  # the started events of segments that did begin arrive
+                    self._drain(on_event)
+                    if retry and not self._started and not any(results):
+                        raise _Idle from None
                     message = _death(procs, oom_before)
                     self._replace()
                     raise ReplayError(message) from None
@@ -197,7 +212,21 @@ class LocalExecutor:
                 event = self._events.get(timeout=0.05)
             except (queue.Empty, OSError, EOFError):
                 continue
-            if on_event is not None:
+            self._deliver(event, on_event)
+
+    def _drain(self, on_event):
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except (queue.Empty, OSError, EOFError):
+                return
+            self._deliver(event, on_event)
+
+    def _deliver(self, event, on_event):
+        if "started" in event:  # for the executor only: which segments began
+            self._started += 1
+            return
+        if on_event is not None:
                 try:
                     on_event(event)
                 except Exception:  # noqa: BLE001 - a broken progress callback must not stop replay
@@ -267,6 +296,10 @@ def _death(procs: dict, oom_before) -> str:
     else:
         cause = ". Its replay is lost"
     return f"{head}{cause}. The worker pool was replaced: the next replay starts fresh workers."
+
+
+class _Idle(Exception):
+    """The pool broke before any task of this run began: a worker that died while idle."""
 
 
 _POOL: LocalExecutor | None = None

@@ -185,6 +185,7 @@ def run_segment(task: dict) -> dict:
 
     import flor_nb
 
+    emit({"started": task["replay_id"], "segment": task["segment"]["first"], "pid": os.getpid()})
     torch.set_num_threads(task["threads"])  # the recorded count: float reductions depend on it
     if task.get("key"):
         signing.use_key(task["key"])

@@ -30,6 +30,15 @@ def test_a_killed_worker_is_named_and_the_next_replay_works(recorded, store):
         assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
 
 
+def test_a_worker_that_died_while_idle_does_not_fail_the_next_replay(recorded, store):
+    from flor_nb import executor
+
+    flor.replay("small", epochs=4, store=store)  # the pool is up
+    os.kill(next(iter(executor.local()._pool._processes)), signal.SIGKILL)
+    df = flor.replay("small", epochs=3, store=store)  # at once, before the pool itself notices
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+
+
 def _children(pid: int) -> set[int]:
     """Every process below ``pid`` (read from /proc)."""
     parents = {}
