@@ -54,9 +54,6 @@ _UI.add_argument("run", nargs="?", default=None)
 _RUNS = _parser("runs")
 
 
-_COMMANDS = ("record", "replay", "resume", "runs", "ui", "report")
-
-
 def _show_run(run, store):
     print(flor_nb.api.summary(run, store))
     missing = flor_nb.api.not_captured(run, store)
@@ -91,7 +88,7 @@ class FlorMagics(Magics):
         if not words:
             raise UsageError(USAGE)
         command, rest = words[0], words[1:]
-        handler = getattr(self, f"_{command}", None) if command in _COMMANDS else None
+        handler = getattr(self, f"_{command}", None)
         if handler is None:
             raise UsageError(f"Unknown %flor command {command!r}.\n{USAGE}")
         if command in ("record", "replay") and cell is None:
