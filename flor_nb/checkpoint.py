@@ -187,15 +187,21 @@ def _parts(path, data, header, hlen):
     return skel, py, algorithm
 
 
+def _signed(home: Path, rel: str):
+    """(skeleton, Python part, hash algorithm, header) of a file that is intact and signed by this user."""
+    path, data, header, hlen, end, sealed = _open(home, rel)
+    skel, py, algorithm = _parts(path, data, header, hlen)  # damage first: it is named as such
+    if not sealed or not signing.verify(data[:end], data[end:end + _TAG], f"checkpoint:{rel}"):
+        raise UntrustedStoreError(signing.refusal(home, f"checkpoint {rel}"))
+    return skel, py, algorithm, header
+
+
 def read(home: Path, rel: str) -> dict:
     """Load and verify a checkpoint; return a snapshot dict (see state.py) with its ``header``.
 
     Nothing is unpickled before the file's HMAC, and each pickled blob's, verify with this user's key.
     """
-    path, data, header, hlen, end, sealed = _open(Path(home), rel)
-    skel, py, algorithm = _parts(path, data, header, hlen)  # damage first: it is named as such
-    if not sealed or not signing.verify(data[:end], data[end:end + _TAG], f"checkpoint:{rel}"):
-        raise UntrustedStoreError(signing.refusal(Path(home), f"checkpoint {rel}"))
+    skel, py, algorithm, header = _signed(Path(home), rel)
     macs = header.get("macs") or {}
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
     cache: dict = {}
@@ -228,10 +234,7 @@ def read(home: Path, rel: str) -> dict:
 
 def verify(home: Path, rel: str) -> None:
     """Check a checkpoint file and every blob it names, unpickling nothing; raise what :func:`read` would."""
-    path, data, header, hlen, end, sealed = _open(Path(home), rel)
-    skel, _, algorithm = _parts(path, data, header, hlen)
-    if not sealed or not signing.verify(data[:end], data[end:end + _TAG], f"checkpoint:{rel}"):
-        raise UntrustedStoreError(signing.refusal(Path(home), f"checkpoint {rel}"))
+    skel, _, algorithm, header = _signed(Path(home), rel)
     refs: set = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
         map_tree(tree, lambda r: refs.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)

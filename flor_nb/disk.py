@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from .machine import alive
+
 logger = logging.getLogger(__name__)
 
 RESERVE = ".reserve"
@@ -164,21 +166,12 @@ def clean_temp(home) -> int:
 def _orphan(entry) -> bool:
     m = _TMP.match(entry.name) or re.match(rf"^{re.escape(RESERVE)}\.(\d+)\.tmp$", entry.name)
     if m:
-        return not _alive(int(m.group(1)))
+        return not alive(int(m.group(1)))
     try:  # a temp file without a pid: left over if nobody touched it for 10 minutes
         return time.time() - entry.stat(follow_symlinks=False).st_mtime > 600
     except OSError:
         return False
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def inside(home, rel) -> Path:

@@ -12,6 +12,8 @@ import select
 import threading
 import time
 
+from .machine import alive
+
 
 def watch(owner: int) -> None:
     """Exit this process as soon as process ``owner`` exits."""
@@ -19,7 +21,7 @@ def watch(owner: int) -> None:
         fd = os.pidfd_open(owner)
     except (AttributeError, OSError):
         fd = None
-        if not _alive(owner):
+        if not alive(owner):
             os._exit(0)
     threading.Thread(target=_wait, args=(owner, fd), name="flor_nb-lifeline", daemon=True).start()
 
@@ -28,16 +30,7 @@ def _wait(owner: int, fd) -> None:
     if fd is not None:
         select.select([fd], [], [])  # readable once the owner has exited
     else:
-        while _alive(owner):
+        while alive(owner):
             time.sleep(1.0)
     os._exit(0)  # nothing to save: the replay's results had nowhere to go
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

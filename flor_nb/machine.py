@@ -45,6 +45,17 @@ def cpu_quota() -> float | None:
     return min(limits) if limits else None
 
 
+def alive(pid: int) -> bool:
+    """Is process ``pid`` running (on this machine)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
+
+
 def oom_kills() -> int | None:
     """How many processes the out-of-memory killer has killed in this process's cgroup (None: unknown)."""
     for folder in _cgroup_dirs("memory"):

@@ -1,10 +1,12 @@
 """Replay chosen epochs of a recorded run with new probes, and check the replay is faithful."""
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections import defaultdict
 
+import numpy as np
 import pandas as pd
 
 from . import executor as executors
@@ -13,6 +15,7 @@ from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .instrument import changes, instrument, mark, parse, recorded_loops
 from .plan import parse_epochs, plan
+from .state import content_hash
 from .store import Run, Store
 from .cells import analyze
 from .clock import clock_names
@@ -221,10 +224,6 @@ def _tasks(store: Store, run: Run, p: dict, replay_id: int) -> list[dict]:
 def _by_content(rows, home):
     """Logged arrays compared by their content, not by where their files lie (recorded and replayed
     copies are different files); a recorded array without a stored hash is hashed from its file."""
-    import json
-
-    from .state import content_hash
-
     def key(text):
         value = runtime.from_json(text) if isinstance(text, str) and text.startswith("{") else None
         if not (isinstance(value, dict) and "__array__" in value):
@@ -232,8 +231,6 @@ def _by_content(rows, home):
         h = value.get("hash")
         if h is None:
             try:
-                import numpy as np
-
                 h = content_hash(np.load(home / value["__array__"], allow_pickle=False))
             except (OSError, ValueError):
                 h = f"unreadable {value['__array__']}"

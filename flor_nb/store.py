@@ -28,101 +28,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from . import disk, signing
 from .errors import DamagedValueWarning, DiskFullError, StoreError, UnknownRunError
+from .machine import alive
+from .schema import MIGRATE, SCHEMA, SCHEMA_VERSION, packable, row_crc, series_crc
 
 logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 5
-# Schema 4 stores gain value checksums, run signatures and replay owners when first opened.
-_MIGRATE = {4: ["ALTER TABLE logs ADD COLUMN crc INTEGER", "ALTER TABLE series ADD COLUMN crc INTEGER",
-                "ALTER TABLE runs ADD COLUMN sig TEXT", "ALTER TABLE replays ADD COLUMN owner TEXT"]}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    started REAL NOT NULL,
-    ended REAL,
-    epochs_completed INTEGER NOT NULL DEFAULT 0,
-    epochs_total INTEGER,
-    code TEXT NOT NULL,
-    deps TEXT NOT NULL DEFAULT '[]',
-    args TEXT NOT NULL DEFAULT '{}',
-    env TEXT NOT NULL DEFAULT '{}',
-    state TEXT NOT NULL DEFAULT '{}',
-    timings TEXT NOT NULL DEFAULT '{}',
-    error TEXT,
-    sig TEXT,                        -- HMAC of the recorded cells (signing.py)
-    UNIQUE (name, version)
-);
-CREATE TABLE IF NOT EXISTS logs (
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    name TEXT NOT NULL,
-    epoch INTEGER,
-    step INTEGER,
-    seq INTEGER NOT NULL,
-    value NOT NULL,                  -- a number, or JSON text
-    kind TEXT NOT NULL DEFAULT 'recorded',
-    replay_id INTEGER,
-    crc INTEGER                      -- checksum of the row (see _row_crc)
-);
-CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, kind, name, epoch);
-CREATE TABLE IF NOT EXISTS series (
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    name TEXT NOT NULL,
-    epoch INTEGER,
-    kind TEXT NOT NULL,
-    replay_id INTEGER,
-    typecode TEXT NOT NULL,          -- 'd' (float64) or 'q' (int64)
-    steps BLOB NOT NULL,             -- int64 arrays, one entry per value
-    seqs BLOB NOT NULL,
-    vals BLOB NOT NULL,
-    crc INTEGER
-);
-CREATE INDEX IF NOT EXISTS series_run ON series (run_id, kind, name, epoch);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    epoch INTEGER NOT NULL,          -- taken in this epoch; -1: before the epoch loop
-    kind TEXT NOT NULL,              -- 'start', 'step' (at the step loop's exit) or 'end' (epoch end)
-    path TEXT NOT NULL,
-    bytes INTEGER NOT NULL,          -- bytes new on disk (unchanged tensors are shared)
-    logical_bytes INTEGER NOT NULL,  -- bytes of the whole state
-    checksum TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    end_digest TEXT,                 -- for 'step' checkpoints: the state at the epoch end, too
-    end_path TEXT,
-    created REAL NOT NULL,
-    PRIMARY KEY (run_id, epoch)
-);
-CREATE TABLE IF NOT EXISTS digests (
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    epoch INTEGER NOT NULL,
-    kind TEXT NOT NULL,              -- 'step' (at the step loop's exit) or 'end' (epoch end)
-    digest TEXT NOT NULL,            -- JSON {stream: digest}: the state, for epochs without a checkpoint there
-    PRIMARY KEY (run_id, epoch, kind)
-);
-CREATE TABLE IF NOT EXISTS replays (
-    id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    code TEXT NOT NULL,
-    cells TEXT NOT NULL DEFAULT '{}',
-    epochs TEXT NOT NULL,
-    probes TEXT NOT NULL DEFAULT '[]',
-    started REAL NOT NULL,
-    duration REAL,
-    status TEXT NOT NULL,
-    fidelity TEXT NOT NULL DEFAULT '{}',
-    plan TEXT NOT NULL DEFAULT '{}',
-    owner TEXT                       -- host:pid of the process running it
-);
-"""
-
 
 RECORDING: set = set()  # (database, run id) of the runs this process is recording now (record.py keeps it)
 
@@ -192,13 +103,13 @@ class Store:
     def _open(self):
         found = self._schema()
         if found is None:  # a new store (only then is anything written on opening)
-            self.db.executescript(_SCHEMA)
+            self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             found = self._schema()
-        if found in _MIGRATE:
+        if found in MIGRATE:
             with self._tx() as db:
                 found = self._schema()  # another process may have migrated it meanwhile
-                for statement in _MIGRATE.get(found, ()):
+                for statement in MIGRATE.get(found, ()):
                     db.execute(statement)
                 db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             found = SCHEMA_VERSION
@@ -332,7 +243,7 @@ class Store:
         pid, host = run.env.get("pid"), run.env.get("host")
         if run.status != "running" or not pid or host != platform.node():
             return run
-        if pid == os.getpid() and (str(self.db_path), run.id) in RECORDING or pid != os.getpid() and _alive(pid):
+        if pid == os.getpid() and (str(self.db_path), run.id) in RECORDING or pid != os.getpid() and alive(pid):
             return run
         try:
             self.update_run(run.id, status="interrupted", error="the recording process died")
@@ -364,9 +275,9 @@ class Store:
                 code = "q" if types == {int} else "d"
                 row = (run_id, n, e, kind, replay_id, code, array("q", steps).tobytes(),
                        array("q", seqs).tobytes(), array(code, vals).tobytes())
-                packed.append((*row, _series_crc(*row)))
+                packed.append((*row, series_crc(*row)))
             else:
-                plain.extend((run_id, n, e, s, q, v, kind, replay_id, _row_crc(run_id, n, e, s, q, v, kind, replay_id))
+                plain.extend((run_id, n, e, s, q, v, kind, replay_id, row_crc(run_id, n, e, s, q, v, kind, replay_id))
                              for s, q, v in zip(steps, seqs, vals))
         db.executemany("INSERT INTO logs (run_id, name, epoch, step, seq, value, kind, replay_id, crc) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", plain)
@@ -436,7 +347,7 @@ class Store:
         for r in self.db.execute(f"SELECT * FROM logs {where}", params):
             d = dict(r)
             crc = d.pop("crc", None)
-            if crc is not None and crc != _row_crc(d["run_id"], d["name"], d["epoch"], d["step"], d["seq"],
+            if crc is not None and crc != row_crc(d["run_id"], d["name"], d["epoch"], d["step"], d["seq"],
                                                    d["value"], d["kind"], d["replay_id"]):
                 damaged.append(d)
                 continue
@@ -445,7 +356,7 @@ class Store:
             base = {"run_id": r["run_id"], "name": r["name"], "epoch": r["epoch"], "kind": r["kind"],
                     "replay_id": r["replay_id"]}
             crc = r["crc"]
-            if crc is not None and crc != _series_crc(r["run_id"], r["name"], r["epoch"], r["kind"], r["replay_id"],
+            if crc is not None and crc != series_crc(r["run_id"], r["name"], r["epoch"], r["kind"], r["replay_id"],
                                                       r["typecode"], r["steps"], r["seqs"], r["vals"]):
                 damaged.append({**base, "step": "all steps", "seq": None, "value": None})
                 continue
@@ -544,7 +455,7 @@ class Store:
             for key in ("cells", "epochs", "probes", "fidelity", "plan"):
                 d[key] = json.loads(d[key])
             host, _, pid = (d.get("owner") or "").rpartition(":")
-            if d["status"] == "running" and host == platform.node() and pid.isdigit() and not _alive(int(pid)):
+            if d["status"] == "running" and host == platform.node() and pid.isdigit() and not alive(int(pid)):
                 d["status"] = "interrupted"
                 d["fidelity"] = {"error": "the process running the replay died"}
                 try:
@@ -566,29 +477,6 @@ class _Transaction:
     def __exit__(self, exc_type, *_):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
-
-_SERIES_MIN = 16  # step values of one name in one epoch from which they are packed
-
-
-def packable(steps, values, types=None) -> bool:
-    """Are these step values stored packed, as one ``series`` row of arrays (NaN and inf included)?"""
-    types = set(map(type, values)) if types is None else types
-    if len(values) < _SERIES_MIN or None in steps or not types <= {float, int}:
-        return False
-    return types != {int} or -(1 << 63) <= min(values) and max(values) < (1 << 63)
-
-
-def _row_crc(run_id, name, epoch, step, seq, value, kind, replay_id) -> int:
-    """A log row's checksum, as a signed 64-bit SQLite integer (values keep their type: 1 and 1.0 differ)."""
-    text = repr((run_id, name, epoch, step, seq, type(value).__name__, value, kind, replay_id))
-    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) - (1 << 63)
-
-
-def _series_crc(run_id, name, epoch, kind, replay_id, typecode, steps, seqs, vals) -> int:
-    h = xxhash.xxh3_64(repr((run_id, name, epoch, kind, replay_id, typecode, len(steps), len(seqs))).encode())
-    for part in (steps, seqs, vals):
-        h.update(part)
-    return h.intdigest() - (1 << 63)
 
 
 def _make_home(home: Path):
@@ -612,16 +500,6 @@ def _make_home(home: Path):
 def _log_order(r):
     e, s = r["epoch"], r["step"]
     return (r["run_id"], e is not None, e or 0, s is not None, s or 0, r["seq"])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _to_run(row) -> Run:
