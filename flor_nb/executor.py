@@ -124,7 +124,7 @@ class LocalExecutor:
         self._events = ctx.Queue()
         self._pool = self._new_pool()
         self._cancelled = threading.Event()
-        self._started = 0
+        self._started: set = set()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         from . import worker
@@ -166,7 +166,7 @@ class LocalExecutor:
 
     def _run(self, fn, tasks, on_event, results, retry):
         oom_before = machine.oom_kills()
-        self._started = 0  # segments a worker has begun (run_segment says so first thing)
+        self._started = set()  # pids of the workers that began a segment (run_segment says so first thing)
         try:
             pool = self._healthy()
             with _no_main():
@@ -192,9 +192,9 @@ class LocalExecutor:
                                               results) from None
                     time.sleep(0.2)  # the started events of segments that did begin arrive
                     self._drain(on_event)
-                    if retry and not self._started and not any(results):
-                        raise _Idle from None
-                    message = _death(procs, oom_before)
+                    message, dead = _death(procs, oom_before)
+                    if retry and not any(results) and not (set(dead) & self._started):
+                        raise _Idle from None  # it died idle: none of this replay's segments ran on it
                     self._replace()
                     raise ReplayError(message) from None
                 except BaseException:
@@ -223,8 +223,8 @@ class LocalExecutor:
             self._deliver(event, on_event)
 
     def _deliver(self, event, on_event):
-        if "started" in event:  # for the executor only: which segments began
-            self._started += 1
+        if "started" in event:  # for the executor only: which workers began a segment
+            self._started.add(event.get("pid"))
             return
         if on_event is not None:
                 try:
@@ -263,8 +263,8 @@ def _no_main():
             sys.modules["__main__"] = saved
 
 
-def _death(procs: dict, oom_before) -> str:
-    """Which worker died, and of what (signal, exit code, the out-of-memory killer), in words."""
+def _death(procs: dict, oom_before) -> tuple[str, list]:
+    """Which worker died, and of what (signal, exit code, the out-of-memory killer), in words; and their pids."""
     deadline = time.monotonic() + 2
     dead = []
     while time.monotonic() < deadline:
@@ -295,11 +295,11 @@ def _death(procs: dict, oom_before) -> str:
         cause = " (out of memory, or killed by hand). If memory is short, replay fewer epochs or with fewer workers"
     else:
         cause = ". Its replay is lost"
-    return f"{head}{cause}. The worker pool was replaced: the next replay starts fresh workers."
+    return f"{head}{cause}. The worker pool was replaced: the next replay starts fresh workers.", [p for p, _ in dead]
 
 
 class _Idle(Exception):
-    """The pool broke before any task of this run began: a worker that died while idle."""
+    """The pool broke because a worker that ran none of this replay's segments died (it was idle)."""
 
 
 _POOL: LocalExecutor | None = None
