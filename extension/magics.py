@@ -19,7 +19,8 @@ from flor_nb.errors import FlorError
 
 USAGE = """\
 %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
-%%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
+%%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH] [--trust]  replay it with the edited cell below
+%flor resume RUN [--store PATH] [--trust]     continue a run a crash or interrupt stopped
 %flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
 %flor ui [RUN]                               open the replay panel
 %flor report RUN [--all-versions] [--out PATH] [--html]   write a notebook (and HTML) report to flor_reports/
@@ -60,6 +61,11 @@ _REPLAY.add_argument("--recorded-cells", action="store_true",
                      help="ignore helpers edited in this kernel since the recording; replay the recorded cells")
 _REPLAY.add_argument("--workers", type=int, default=None, help="worker processes (default: as the cores allow)")
 _REPLAY.add_argument("--no-progress", action="store_true", help="no progress bar")
+_REPLAY.add_argument("--trust", action="store_true", help="re-sign the store first: only for a store you trust")
+_RESUME = _parser("resume", "Continue a run that a crash, SIGKILL or interrupt stopped, from its last checkpoint.")
+_RESUME.add_argument("run", help="NAME (latest version) or NAME@VERSION")
+_RESUME.add_argument("--no-progress", action="store_true", help="no progress bar")
+_RESUME.add_argument("--trust", action="store_true", help="re-sign the store first: only for a store you trust")
 _REPORT = _parser("report", "Write a standalone notebook report of a run (code, probes as diffs, metrics, plots, "
                             "checkpoints) to flor_reports/ beside this notebook, and link it.")
 _REPORT.add_argument("run", help="NAME (latest version) or NAME@VERSION")
@@ -74,8 +80,15 @@ _RM = _parser("rm", "Delete runs with their checkpoints, logs, replays and probe
 _RM.add_argument("runs", nargs="+", help="NAME@VERSION for one version, NAME for every version of NAME")
 _DU = _parser("du", "Show what the store holds on disk: each run's size and what deleting it frees.")
 _GC = _parser("gc", "Remove blobs no checkpoint refers to and files left by deleted runs.")
-_PARSERS = {"record": _RECORD, "replay": _REPLAY, "report": _REPORT, "ui": _UI, "runs": _RUNS, "rm": _RM,
-            "du": _DU, "gc": _GC}
+_PARSERS = {"record": _RECORD, "replay": _REPLAY, "resume": _RESUME, "report": _REPORT, "ui": _UI, "runs": _RUNS,
+            "rm": _RM, "du": _DU, "gc": _GC}
+
+
+def _show_run(run, store):
+    print(flor_nb.api.summary(run, store))
+    missing = flor_nb.api.not_captured(run, store)
+    if missing:
+        print(f"flor_nb: {missing}", file=sys.stderr)
 
 
 @magics_class
@@ -89,13 +102,21 @@ class FlorMagics(Magics):
         """Hindsight logging: record a training cell, replay it with probes, report.
 
         %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--store PATH]
-        %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]
+        %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH] [--trust]
+        %flor resume RUN [--store PATH] [--trust]
         %flor runs | %flor ui [RUN] | %flor report RUN [--all-versions] [--out PATH] [--html]
         %flor rm NAME[@VERSION] ... | %flor du | %flor gc
         Each command takes --help.
         """
         __tracebackhide__ = True
-        words = shlex.split(line)
+        if "\0" in line:
+            raise UsageError(f"The %flor line holds a NUL character (\\0) at position {line.index(chr(0))}: "
+                             f"remove it.\n{USAGE}")
+        try:
+            words = shlex.split(line)
+        except ValueError as e:  # an unbalanced quote
+            raise UsageError(f"Cannot read the %flor line {line!r}: {e}. Quote values with matching ' or \" "
+                             f"quotes.\n{USAGE}") from None
         if not words:
             raise UsageError(USAGE)
         command, rest = words[0], words[1:]
@@ -123,10 +144,7 @@ class FlorMagics(Magics):
             self.shell.transform_cell(cell), name=a.name, namespace=self.shell.user_ns, history=history,
             state_spec=a.state, store=a.store, progress=not a.no_progress, overhead=a.overhead,
         )
-        print(flor_nb.api.summary(run, a.store))
-        missing = flor_nb.api.not_captured(run, a.store)
-        if missing:
-            print(f"flor_nb: {missing}", file=sys.stderr)
+        _show_run(run, a.store)
 
     def _replay(self, words, cell):
         a = _REPLAY.parse_args(words)
@@ -154,7 +172,8 @@ class FlorMagics(Magics):
         try:
             df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, iters=a.iters,
                                 workers=a.workers, cells=edits or None,
-                                store=a.store, on_event=None if a.no_progress else progress)
+                                store=a.store, on_event=None if a.no_progress else progress,
+                                trust_store=a.trust)
         finally:
             for bar in bars:
                 bar.close()
@@ -169,6 +188,16 @@ class FlorMagics(Magics):
         if png is not None:
             display(Image(png))
         return df
+
+    def _resume(self, words, cell):
+        __tracebackhide__ = True
+        a = _RESUME.parse_args(words)
+        run = flor_nb.resume(a.run, namespace=self.shell.user_ns, store=a.store, progress=not a.no_progress,
+                             trust_store=a.trust)
+        note = (run.state.get("resumes") or [{}])[-1]
+        how = "objects rebuilt from its recorded cells" if note.get("rebuilt") else "the kernel's live objects"
+        print(f"flor_nb: resumed {run.label} at epoch {note.get('from_epoch')} ({how})")
+        _show_run(run, a.store)
 
     def _runs(self, words, cell):
         a = _RUNS.parse_args(words)

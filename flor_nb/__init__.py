@@ -5,17 +5,19 @@ the epochs you need from checkpoints, with a check that the replay is faithful.
 """
 from .api import checkpoints, dataframe, du, get_run, get_store, replays, runs
 from .background import start_replay
-from .disk import delete, gc
+from .housekeeping import delete, gc
 from .errors import FlorError
 from .record import record
 from .replay import replay
+from .resume import resume
 from .runtime import While, arg, fit, log, loop  # While, fit: for instrumented cells
+from .signing import trust
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "log", "arg", "loop", "record", "replay", "start_replay", "runs", "dataframe", "get_run", "checkpoints",
-    "replays", "report", "ui", "get_store", "delete", "gc", "du", "FlorError",
+    "log", "arg", "loop", "record", "replay", "resume", "start_replay", "runs", "dataframe", "get_run",
+    "checkpoints", "replays", "report", "ui", "get_store", "delete", "gc", "du", "trust", "FlorError",
 ]
 
 

@@ -6,12 +6,13 @@ from datetime import datetime
 
 import pandas as pd
 
-from . import disk, plan
+from . import housekeeping, plan
 from .errors import FlorError
 from .probe_check import edited_code
 from .probes import Probe, in_step_loop
 from .replay import prepare
 from .store import Run, get_store
+from .validate import arg_live
 from .verdict import verdict_text
 
 __all__ = ["get_store", "get_run", "runs", "dataframe", "checkpoints", "replays", "recorded", "last_result",
@@ -36,7 +37,7 @@ def runs(store=None) -> pd.DataFrame:
     ``frees_mb`` is what deleting the run would free.
     """
     st = get_store(store)
-    usage = {u.run.id: u for u in disk.usage(st).runs}
+    usage = {u.run.id: u for u in housekeeping.usage(st).runs}
     last = _last_values(st)
     rows = []
     for r in st.all_runs():
@@ -55,7 +56,7 @@ def runs(store=None) -> pd.DataFrame:
             "cells": cells_label(r),
             "not_captured": ", ".join(sorted(r.state.get("not_captured") or {})),
         }
-        row.update({f"arg.{k}": v for k, v in r.args.items()})
+        row.update({f"arg.{k}": arg_live(v) for k, v in r.args.items()})
         row.update({f"last.{k}": v for k, v in last.get(r.id, {}).items()})
         rows.append(row)
     cols = ["name", "version", "status", "started", "duration_s", "epochs", "checkpoints", "size_mb", "frees_mb",
@@ -213,15 +214,15 @@ def estimate(run, probes: list[Probe], epochs=None, workers=None, store=None) ->
 def du(store=None) -> pd.DataFrame:
     """The store's disk use: one row per run (size, what deleting it frees), then unreferenced blobs,
     the database and the total. ``attrs`` holds the byte counts."""
-    u = disk.usage(store)
-    rows = [{"what": x.run.label, "status": x.run.status, "size": disk.format_bytes(x.size),
-             "frees": disk.format_bytes(x.unique), "bytes": x.size} for x in u.runs]
+    u = housekeeping.usage(store)
+    rows = [{"what": x.run.label, "status": x.run.status, "size": housekeeping.format_bytes(x.size),
+             "frees": housekeeping.format_bytes(x.unique), "bytes": x.size} for x in u.runs]
     rows.append({"what": "unreferenced blobs (flor.gc() frees them)", "status": "", "size":
-                 disk.format_bytes(u.unreferenced), "frees": disk.format_bytes(u.unreferenced),
+                 housekeeping.format_bytes(u.unreferenced), "frees": housekeeping.format_bytes(u.unreferenced),
                  "bytes": u.unreferenced})
-    rows.append({"what": "database", "status": "", "size": disk.format_bytes(u.database), "frees": "",
+    rows.append({"what": "database", "status": "", "size": housekeeping.format_bytes(u.database), "frees": "",
                  "bytes": u.database})
-    rows.append({"what": f"total ({u.home})", "status": "", "size": disk.format_bytes(u.total), "frees": "",
+    rows.append({"what": f"total ({u.home})", "status": "", "size": housekeeping.format_bytes(u.total), "frees": "",
                  "bytes": u.total})
     frame = pd.DataFrame(rows, columns=["what", "status", "size", "frees", "bytes"])
     frame.attrs.update({"total": u.total, "unreferenced": u.unreferenced, "home": str(u.home)})

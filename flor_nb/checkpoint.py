@@ -1,41 +1,63 @@
-"""Checkpoints on disk: content-addressed blobs plus one small file per checkpoint.
+"""Checkpoints on disk: content-addressed blobs plus one small, signed file per checkpoint.
 
 Every tensor, and every pickled group of Python values, is stored once by the
 hash of its bytes under ``blobs/``, so what did not change since the last
 checkpoint (a frozen backbone, a dataset held in memory, a config) costs
-nothing more. A checkpoint file holds:
-``FLORCKPT`` + 8-byte header length + JSON header + skeleton + Python part.
+nothing more. A checkpoint file (schema 4) holds::
+
+    FLORCKPT | 8-byte header length | JSON header | skeleton | Python part | HMAC (32) | xxh3-128 (16)
+
 The skeleton is the tensor tree with each tensor replaced by a reference
 (``torch.save``, loaded with ``weights_only=True``); the Python part is a
 pickle of plain values (RNG states, flags) and references to pickled blobs.
-The header names the hash algorithm; blobs and files are written to a temp
-name, fsynced and renamed, and verified by hash on load.
+The header names the hash algorithm and carries an HMAC of each pickled blob
+(see signing.py). On load, in this order: the trailing xxh3 tells damage (a
+flipped or missing byte anywhere: :class:`CorruptCheckpointError`, naming the
+file); the HMAC tells whether this user wrote it (else
+:class:`~flor_nb.errors.UntrustedStoreError`); only then is anything unpickled.
+Files are written to a temp name, fsynced and renamed.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
+import pickletools
+import re
 import struct
 from pathlib import Path
 
 import torch
+import xxhash
 
-from .errors import FlorError
+from . import disk, signing
+from .errors import FlorError, UntrustedStoreError
 from .hashing import DEFAULT, hash_bytes, known
 from .state import _raw
 from .trees import map_tree
 
 MAGIC = b"FLORCKPT"
-SCHEMA = 3
-_READS = (2, 3)
+SCHEMA = 4
+_READS = (2, 3, 4)
+_UNSIGNED = (2, 3)  # written before checkpoints were signed: readable once the user trusts the store
 _PY_BLOBS = ("py/", "leaves/")  # Python entries stored as blobs (pickled bytes)
 ROOTS = "__roots__"  # not a stream: the roots' order, kept with the digests
+_TAG, _CHECK = 32, 16  # trailer: HMAC-SHA256, then xxh3-128 of everything before it
+_HEX = re.compile(r"[0-9a-f]{16,128}")
 
 
 class CorruptCheckpointError(FlorError):
-    """A checkpoint file or blob is missing, truncated, or fails its hash check."""
+    """A checkpoint file or blob is missing, truncated, or fails its hash check; names the file.
+
+    ``path``: the damaged file; ``epoch``: the checkpoint's epoch when the reader knows it.
+    """
+
+    def __init__(self, message, path=None, epoch=None):
+        super().__init__(message, path, epoch)
+        self.path, self.epoch = path, epoch
+
+    def __str__(self):
+        return self.args[0]
 
 
 def _ref(t: torch.Tensor, blobs: dict, algorithm: str) -> dict:
@@ -77,20 +99,24 @@ def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]
     return skeleton, python, blobs, digests
 
 
-def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
-    """Persist a snapshot: new blobs, then the checkpoint file. Returns sizes, checksum and digests."""
-    skeleton, python, blobs, digest = split(snap, algorithm)
+def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None) -> dict:
+    """Persist a snapshot: new blobs, then the signed checkpoint file. Returns sizes, checksum and digests.
+
+    ``parts``: the snapshot's :func:`split`, when the caller made it already.
+    """
+    skeleton, python, blobs, digest = parts or split(snap, algorithm)
     new_bytes = 0
     for h, raw in blobs.items():
-        path = home / "blobs" / h[:2] / h
+        path = Path(home) / "blobs" / h[:2] / h
         if not path.exists():
-            _atomic(path, raw)
+            disk.write_atomic(path, raw)
             new_bytes += len(raw)
     buf = io.BytesIO()
     torch.save(skeleton, buf)
     skel = buf.getvalue()
     py = pickle.dumps(python, protocol=pickle.HIGHEST_PROTOCOL)
-    header = json.dumps({
+    pyblobs = sorted(py_hashes(python))
+    header = {
         "schema": SCHEMA,
         "hash": algorithm,
         "parts": [len(skel), len(py)],
@@ -98,9 +124,10 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
         "digests": digest,
         "roots": snap.get("roots", []),
         "not_captured": snap.get("not_captured", {}),
-    }).encode()
-    data = MAGIC + struct.pack("<Q", len(header)) + header + skel + py
-    _atomic(home / rel, data)
+        "macs": {h: signing.mac(blobs[h], "blob").hex() for h in pyblobs},
+    }
+    data = _seal(rel, header, skel, py)
+    disk.write_atomic(disk.inside(home, rel), data)
     return {
         "bytes": new_bytes + len(data),
         "logical_bytes": sum(len(r) for r in blobs.values()) + len(data),
@@ -109,33 +136,80 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
     }
 
 
-def read(home: Path, rel: str) -> dict:
-    """Load and verify a checkpoint; return a snapshot dict (see state.py) with its ``header``."""
-    path = Path(home) / rel
+def _seal(rel: str, header: dict, skel: bytes, py: bytes) -> bytes:
+    """The file's bytes: the body, its HMAC (bound to the file's place in the store), its xxh3."""
+    head = json.dumps(header).encode()
+    body = MAGIC + struct.pack("<Q", len(head)) + head + skel + py
+    tag = signing.mac(body, f"checkpoint:{rel}")
+    return body + tag + xxhash.xxh3_128_digest(body + tag)
+
+
+def _open(home: Path, rel: str):
+    """Read a checkpoint file, telling damage apart: (path, data, header, header length, body end, sealed)."""
+    path = disk.inside(home, rel)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"Checkpoint file {path} is missing. Replay other epochs or record again.") from None
-    if not data.startswith(MAGIC):
-        raise CorruptCheckpointError(f"{path} is not a flor_nb checkpoint.")
+        raise CorruptCheckpointError(f"Checkpoint file {path} is missing. Replay other epochs or record again.",
+                                     str(path)) from None
+    if not data.startswith(MAGIC) or len(data) < 16:
+        raise CorruptCheckpointError(f"{path} is not a flor_nb checkpoint (damaged or replaced).", str(path))
+    sealed = len(data) > 16 + _TAG + _CHECK and xxhash.xxh3_128_digest(data[:-_CHECK]) == data[-_CHECK:]
     (hlen,) = struct.unpack("<Q", data[8:16])
     try:
         header = json.loads(data[16:16 + hlen])
-    except ValueError:
+        schema = header.get("schema")
+    except (ValueError, AttributeError):
         raise CorruptCheckpointError(f"Checkpoint {path} is damaged (its header does not parse). "
-                                     "Replay from another epoch.") from None
-    if header.get("schema") not in _READS:
-        raise CorruptCheckpointError(f"{path} has checkpoint schema {header.get('schema')}; this flor_nb reads "
-                                     f"{', '.join(map(str, _READS))}.")
+                                     "Replay from another epoch.", str(path)) from None
+    if schema not in _READS:
+        raise CorruptCheckpointError(f"{path} has checkpoint schema {schema}; this flor_nb reads "
+                                     f"{', '.join(map(str, _READS))}.", str(path))
+    parts = header.get("parts")
+    legacy_size = 16 + hlen + sum(parts) if isinstance(parts, list) and all(isinstance(n, int) for n in parts) else -1
+    if not sealed and (schema not in _UNSIGNED or legacy_size != len(data)):
+        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (checksum mismatch: flipped or missing bytes). "
+                                     "Replay from another epoch.", str(path))
+    end = len(data) - _TAG - _CHECK if sealed else len(data)
+    return path, data, header, hlen, end, sealed
+
+
+def _parts(path, data, header, hlen):
+    """(skeleton bytes, Python bytes, hash algorithm), checked against the header's checksums."""
     algorithms = [header["hash"]] if "hash" in header else ["xxh3_128", "blake2b_128"]  # schema 2 did not say
     if not all(known(a) for a in algorithms):
-        raise CorruptCheckpointError(f"{path} was hashed with {header['hash']}, which this flor_nb does not know.")
+        raise CorruptCheckpointError(f"{path} was hashed with {header['hash']}, which this flor_nb does not know.",
+                                     str(path))
     start = 16 + hlen
-    n_skel, n_py = header["parts"]
+    try:
+        n_skel, n_py = header["parts"]
+    except (KeyError, TypeError, ValueError):
+        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (its header lacks its parts).", str(path)) from None
     skel, py = data[start:start + n_skel], data[start + n_skel:start + n_skel + n_py]
-    algorithm = next((a for a in algorithms if [hash_bytes(skel, a), hash_bytes(py, a)] == header["checksums"]), None)
+    algorithm = next((a for a in algorithms if [hash_bytes(skel, a), hash_bytes(py, a)] == header.get("checksums")),
+                     None)
     if algorithm is None:
-        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (checksum mismatch). Replay from another epoch.")
+        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (checksum mismatch). Replay from another epoch.",
+                                     str(path))
+    return skel, py, algorithm
+
+
+def _signed(home: Path, rel: str):
+    """(skeleton, Python part, hash algorithm, header) of a file that is intact and signed by this user."""
+    path, data, header, hlen, end, sealed = _open(home, rel)
+    skel, py, algorithm = _parts(path, data, header, hlen)  # damage first: it is named as such
+    if not sealed or not signing.verify(data[:end], data[end:end + _TAG], f"checkpoint:{rel}"):
+        raise UntrustedStoreError(signing.refusal(home, f"checkpoint {rel}"))
+    return skel, py, algorithm, header
+
+
+def read(home: Path, rel: str) -> dict:
+    """Load and verify a checkpoint; return a snapshot dict (see state.py) with its ``header``.
+
+    Nothing is unpickled before the file's HMAC, and each pickled blob's, verify with this user's key.
+    """
+    skel, py, algorithm, header = _signed(Path(home), rel)
+    macs = header.get("macs") or {}
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
     cache: dict = {}
 
@@ -154,61 +228,117 @@ def read(home: Path, rel: str) -> dict:
         return isinstance(x, dict) and "__blob__" in x
 
     tensors = {k: map_tree(v, tensor, is_ref) for k, v in skeleton.items()}
-    python = pickle.loads(py)
+    python = pickle.loads(py)  # signed by this user: the HMAC above verified
     for key, value in python.items():
         if isinstance(value, dict) and "__pyblob__" in value:
-            python[key] = bytes(blob(value["__pyblob__"]))
+            python[key] = _signed_blob(blob, macs, value["__pyblob__"], home, rel)
         elif isinstance(value, dict) and "__pyblobs__" in value:
-            python[key] = [bytes(blob(h)) for h in value["__pyblobs__"]]
+            python[key] = [_signed_blob(blob, macs, h, home, rel) for h in value["__pyblobs__"]]
     return {"tensors": tensors, "python": python, "header": header}
 
 
+def _signed_blob(blob, macs: dict, h: str, home, rel: str) -> bytes:
+    """A pickled blob's bytes, once its HMAC says this user wrote it."""
+    raw = bytes(blob(h))
+    if not signing.verify(raw, bytes.fromhex(macs.get(h, "")), "blob"):
+        raise UntrustedStoreError(signing.refusal(Path(home), f"the pickled blob {h} of checkpoint {rel}"))
+    return raw
+
+
+def py_hashes(python: dict) -> set:
+    """The blobs a checkpoint's Python part refers to: pickled groups and the chunks of long lists."""
+    found: set = set()
+    for v in python.values():
+        if isinstance(v, dict) and "__pyblob__" in v:
+            found.add(v["__pyblob__"])
+        elif isinstance(v, dict) and "__pyblobs__" in v:
+            found.update(v["__pyblobs__"])
+    return found
+
+
+def verify(home: Path, rel: str) -> None:
+    """Check a checkpoint file and every blob it names, unpickling nothing; raise what :func:`read` would."""
+    skel, _, algorithm, header = _signed(Path(home), rel)
+    refs: set = set()
+    for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
+        map_tree(tree, lambda r: refs.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
+    for h in sorted(refs | set(header.get("macs") or {})):
+        _blob(Path(home), h, algorithm)
+
+
+def resign(home: Path, rel: str) -> None:
+    """Sign a checkpoint file and its pickled blobs with this user's key (see :func:`flor_nb.trust`).
+
+    Damaged files and blobs are refused (:class:`CorruptCheckpointError`); nothing is unpickled.
+    Files of schema 2 and 3 (unsigned) are rewritten as schema 4.
+    """
+    path, data, header, hlen, end, _ = _open(Path(home), rel)
+    skel, py, algorithm = _parts(path, data, header, hlen)
+    pyblobs = header["macs"] if header.get("schema") == SCHEMA and "macs" in header else _pyblob_refs(py)
+    header = {**header, "schema": SCHEMA, "hash": algorithm,
+              "macs": {h: signing.mac(_blob(Path(home), h, algorithm), "blob").hex() for h in sorted(pyblobs)}}
+    disk.write_atomic(path, _seal(rel, header, skel, py))
+
+
+def _pyblob_refs(py: bytes) -> set:
+    """The blob hashes an unsigned Python part refers to, read from its opcodes (nothing is executed)."""
+    memo: dict = {}
+    refs, last, key_seen, in_list = set(), None, False, False
+    for op, arg, _ in pickletools.genops(py):
+        if in_list:  # the hashes of a long list's chunks, after "__pyblobs__"
+            if op.name in ("APPENDS", "APPEND") or op.name.startswith("STOP"):
+                in_list = False
+            elif isinstance(arg, str) and "UNICODE" in op.name:
+                refs.add(arg)
+            continue
+        if op.name in ("MEMOIZE",):
+            memo[len(memo)] = last
+            continue
+        if op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[int(arg)] = last
+            continue
+        if op.name in ("BINGET", "LONG_BINGET", "GET"):
+            value = memo.get(int(arg))
+        elif isinstance(arg, str) and "UNICODE" in op.name:
+            value = arg
+        else:
+            last, key_seen = None, False
+            continue
+        if key_seen and isinstance(value, str):
+            refs.add(value)
+        key_seen = value == "__pyblob__"
+        in_list = value == "__pyblobs__"
+        last = value
+    return refs
+
+
 def _blob(home: Path, h: str, algorithm: str) -> bytearray:
+    if not isinstance(h, str) or not _HEX.fullmatch(h):
+        raise CorruptCheckpointError(f"A checkpoint in {home} names the blob {h!r}, which is not a blob hash.")
     path = home / "blobs" / h[:2] / h
     try:
         raw = bytearray(path.read_bytes())
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"Blob {path} is missing. Replay other epochs or record again.") from None
+        raise CorruptCheckpointError(f"Blob {path} is missing. Replay other epochs or record again.",
+                                     str(path)) from None
     if hash_bytes(raw, algorithm) != h:
-        raise CorruptCheckpointError(f"Blob {path} is damaged (hash mismatch). Replay other epochs.")
+        raise CorruptCheckpointError(f"Blob {path} is damaged (hash mismatch). Replay other epochs.", str(path))
     return raw
 
 
-def _atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def references(home: Path, rel: str) -> set[str]:
-    """The blobs a checkpoint file refers to (tensors and pickled Python parts), without loading any.
+    """The blobs a checkpoint file refers to (tensors and pickled Python parts), unpickling nothing.
 
     Raises :class:`CorruptCheckpointError` when the file is missing or damaged: a caller that
     frees space must then keep every blob (it cannot tell which ones the file needs).
     """
-    path = Path(home) / rel
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"Checkpoint file {path} is missing.") from None
-    if not data.startswith(MAGIC):
-        raise CorruptCheckpointError(f"{path} is not a flor_nb checkpoint.")
-    (hlen,) = struct.unpack("<Q", data[8:16])
-    try:
-        header = json.loads(data[16:16 + hlen])
-        n_skel, n_py = header["parts"]
-    except (ValueError, KeyError, TypeError):
-        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (its header does not parse).") from None
-    start = 16 + hlen
-    skeleton = torch.load(io.BytesIO(data[start:start + n_skel]), weights_only=True)
-    python = pickle.loads(data[start + n_skel:start + n_skel + n_py])
+    path, data, header, hlen, _, _ = _open(Path(home), rel)
+    skel, py, _ = _parts(path, data, header, hlen)
     found: set[str] = set()
-    map_tree(skeleton, lambda r: found.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
-    found.update(v["__pyblob__"] for v in python.values() if isinstance(v, dict) and "__pyblob__" in v)
+    for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
+        map_tree(tree, lambda r: found.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
+    found.update(header["macs"] if "macs" in header else _pyblob_refs(py))
     return found
 
 

@@ -1,261 +1,193 @@
-"""What a store holds on disk: each run's size, deleting runs, and collecting blobs nothing refers to.
+"""The store's disk: free space, a small reserve for full disks, files private to the user, temp files.
 
-Checkpoints share content-addressed blobs (a frozen backbone is stored once for
-every run that has it), so a run's *size* counts every blob it refers to, and
-what deleting it *frees* counts only the blobs no other run refers to. Blobs
-are removed only when no remaining checkpoint file refers to them, and never
-while a run is being recorded: a recorder writes (or reuses) blobs before the
-checkpoint file that names them exists.
+When the disk fills, checkpoints (big) stop first; log rows (small) must keep
+being stored. A *reserve* file of a few MiB is kept in the store and deleted the
+first time a write fails for lack of space, so the rows of the remaining epochs
+and the run's final status still fit. Every file and folder flor_nb creates is
+private to the user (0600 files, 0700 folders).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import re
 import shutil
+import sqlite3
+import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint
-from .errors import FlorError
-from .store import Run, Store, get_store
+from .machine import alive
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-_REFS: dict = {}  # (path, mtime_ns, size) -> blobs it refers to: checkpoint files never change in place
-
-
-class RecordingInProgressError(FlorError):
-    """The store is being written by a live recording; deleting or collecting now could break it."""
+RESERVE = ".reserve"
+RESERVE_BYTES = int(float(os.environ.get("FLOR_NB_RESERVE_BYTES", 2 << 20)))
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_SQLITE_FULL = 13
+_TMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp$")
 
 
-@dataclass
-class RunUsage:
-    """Disk use of one run: its own files, and the blobs its checkpoints refer to."""
-
-    run: Run
-    files: int = 0  # checkpoint files, arrays logged with flor.log, remembered probes
-    blobs: set = field(default_factory=set)
-    size: int = 0  # files + every blob referred to
-    unique: int = 0  # files + blobs no other run refers to: what deleting the run frees
-    unreadable: list = field(default_factory=list)  # checkpoint files whose references could not be read
-
-
-@dataclass
-class Usage:
-    """Disk use of a whole store (see :func:`usage`)."""
-
-    home: Path
-    runs: list[RunUsage]
-    blob_bytes: int  # every blob on disk
-    unreferenced: int  # blobs no checkpoint refers to: what flor.gc() frees
-    database: int
-    total: int  # everything under the store folder
+def is_full(exc: BaseException) -> bool:
+    """Was ``exc`` caused by a full disk (or quota)? Looks through ``__cause__`` chains."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.Error) and ((getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL
+                                               or "disk is full" in str(exc)):
+            return True
+        if getattr(exc, "disk_full", False):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
-def _size(path: Path) -> int:
+def free_bytes(path) -> int | None:
+    """Free bytes on the file system holding ``path`` (None when it cannot be told)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
     try:
-        return path.stat().st_size
+        return shutil.disk_usage(path).free
     except OSError:
-        return 0
+        return None
 
 
-def _tree_size(path: Path) -> int:
-    if not path.exists():
-        return 0
-    if path.is_file():
-        return _size(path)
-    return sum(_size(p) for p in path.rglob("*") if p.is_file())
-
-
-def _checkpoint_files(st: Store, run: Run) -> list[str]:
-    rows = st.checkpoints(run.id).values()
-    return [p for r in rows for p in (r["path"], r["end_path"]) if p]
-
-
-def references(st: Store, rel: str) -> set[str]:
-    """Blobs checkpoint file ``rel`` refers to (cached while the file is unchanged)."""
-    path = st.home / rel
-    stat = path.stat()  # FileNotFoundError for a missing file: the caller decides
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if key not in _REFS:
-        _REFS[key] = checkpoint.references(st.home, rel)
-    return _REFS[key]
-
-
-def _run_files(st: Store, run: Run) -> list[Path]:
-    """Files and folders that belong to ``run`` alone."""
-    return [st.checkpoint_dir(run), st.artifact_dir(run.id), st.home / "artifacts" / f"{run.id}-h",
-            st.probes_path(run)]
-
-
-def _blob_sizes(st: Store) -> dict[str, int]:
-    root = st.home / "blobs"
-    if not root.exists():
-        return {}
-    return {p.name: _size(p) for p in root.glob("*/*") if p.is_file() and not p.name.startswith(".")}
-
-
-def usage(store=None) -> Usage:
-    """Per run: size on disk and what deleting it frees; for the store: blobs, unreferenced bytes, total."""
-    st = get_store(store)
-    sizes = _blob_sizes(st)
-    runs = []
-    for r in st.all_runs():
-        u = RunUsage(r)
-        u.files = sum(_tree_size(p) for p in _run_files(st, r))
-        for rel in _checkpoint_files(st, r):
-            try:
-                u.blobs |= references(st, rel)
-            except (OSError, FlorError, RuntimeError, ValueError) as e:
-                u.unreadable.append(f"{rel} ({type(e).__name__})")
-        runs.append(u)
-    count: dict = {}
-    for u in runs:
-        for h in u.blobs:
-            count[h] = count.get(h, 0) + 1
-    for u in runs:
-        u.size = u.files + sum(sizes.get(h, 0) for h in u.blobs)
-        u.unique = u.files + sum(sizes.get(h, 0) for h in u.blobs if count[h] == 1)
-    referenced = set(count)
-    database = sum(_size(st.home / n) for n in ("flor.db", "flor.db-wal", "flor.db-shm"))
-    return Usage(st.home, runs, sum(sizes.values()), sum(s for h, s in sizes.items() if h not in referenced),
-                 database, _tree_size(st.home))
-
-
-def _live_recordings(st: Store, except_ids=()) -> list[Run]:
-    return [r for r in st.recording() if r.id not in set(except_ids)]
-
-
-def _select(st: Store, specs) -> list[Run]:
-    """``NAME@VERSION`` is that version; a bare ``NAME`` is every version of it."""
-    chosen: dict = {}
-    for spec in specs:
-        if isinstance(spec, Run):
-            spec = spec.label
-        if "@" in str(spec):
-            r = st.find_run(spec)
-            chosen[r.id] = r
-        else:
-            st.find_run(spec)  # an unknown name raises, listing the known runs
-            chosen.update({r.id: r for r in st.all_runs() if r.name == str(spec)})
-    return sorted(chosen.values(), key=lambda r: (r.name, r.version))
-
-
-@dataclass
-class Freed:
-    """What :func:`delete` or :func:`gc` removed."""
-
-    runs: list[str]
-    bytes: int
-    blobs: int
-    note: str = ""
-
-    def __str__(self):
-        what = f"deleted {', '.join(self.runs)}; " if self.runs else ""
-        blobs = f" ({self.blobs} unreferenced blob{'s' if self.blobs != 1 else ''})" if self.blobs else ""
-        return f"flor_nb: {what}freed {format_bytes(self.bytes)}{blobs}." + (f" {self.note}" if self.note else "")
-
-
-def delete(*runs, store=None) -> Freed:
-    """Delete runs (``NAME@VERSION``, or ``NAME`` for every version) with their checkpoints, logs, replays
-    and probes, then the blobs no remaining checkpoint refers to. Asks nothing; returns what was freed."""
-    st = get_store(store)
-    if not runs:
-        raise FlorError("Name the runs to delete, e.g. flor.delete('digits@2') (or 'digits' for every version).")
-    chosen = _select(st, runs)
-    busy = [r.label for r in chosen if r.status == "running"]
-    if busy:
-        raise RecordingInProgressError(
-            f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being recorded right now (its process is alive). "
-            "Wait for the recording to end, or interrupt it, then delete.")
-    removed = 0
-    for r in chosen:
-        st.delete_run(r.id)
-        removed += sum(_remove(path) for path in _run_files(st, r))
-        log.info("flor_nb: deleted %s", r.label)
-    freed = gc(st)
-    return Freed([r.label for r in chosen], removed + freed.bytes, freed.blobs, freed.note)
-
-
-def gc(store=None) -> Freed:
-    """Remove blobs no checkpoint refers to, and files left by deleted runs. Safe to run any time:
-    it keeps every blob while a recording is in progress or a checkpoint file cannot be read."""
-    st = get_store(store)
-    freed = _remove_orphans(st)
-    live = _live_recordings(st)
-    note = ""
-    removed = 0
-    if live:
-        note = (f"Blobs were not collected: {', '.join(r.label for r in live)} is being recorded. "
-                "Run flor.gc() after it ends.")
-    else:
-        referenced, unreadable = set(), []
-        for r in st.all_runs():
-            for rel in _checkpoint_files(st, r):
-                try:
-                    referenced |= references(st, rel)
-                except FileNotFoundError:
-                    continue  # a missing file refers to nothing that can still be loaded
-                except (OSError, FlorError, RuntimeError, ValueError):
-                    unreadable.append(rel)
-        if unreadable:
-            note = (f"Blobs were not collected: checkpoint file{'s' if len(unreadable) > 1 else ''} "
-                    f"{', '.join(unreadable[:3])} could not be read, so which blobs they need is unknown.")
-        elif _live_recordings(st):  # one started while references were read: leave the blobs alone
-            note = "Blobs were not collected: a recording started meanwhile. Run flor.gc() after it ends."
-        else:
-            for h in set(_blob_sizes(st)) - referenced:
-                freed += _remove(checkpoint.blob_path(st.home, h))
-                removed += 1
-    return Freed([], freed, removed, note)
-
-
-def _remove_orphans(st: Store) -> int:
-    """Files of runs that are no longer in the database (deleted, or a crash between steps); bytes freed."""
-    runs = st.all_runs()
-    labels = {r.label for r in runs}
-    ids = {str(r.id) for r in runs}
-    freed = 0
-    for path in (st.home / "checkpoints").glob("*"):
-        if path.is_dir() and path.name not in labels:
-            freed += _remove(path)
-    for path in (st.home / "artifacts").glob("*"):
-        if path.name.removesuffix("-h") not in ids:
-            freed += _remove(path)
-    for path in (st.home / "probes").glob("*.json"):
-        if path.stem not in labels:
-            freed += _remove(path)
-    old = time.time() - 3600  # temp files of writes that died half-way, long ago
-    for path in (st.home / "blobs").glob("*/.*.tmp"):
-        if _mtime(path) < old:
-            freed += _remove(path)
-    return freed
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return time.time()
-
-
-def _remove(path: Path) -> int:
-    """Remove a file or folder; the bytes it held."""
-    size = _tree_size(path)
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            os.unlink(path)
-    except FileNotFoundError:
-        return 0
-    return size
-
-
-def format_bytes(n: float) -> str:
-    """1.2 MB, 340 kB, 12 B (decimal units, as disk tools print them)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown free space"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
+    return f"{n} bytes"
+
+
+def full_message(home, what: str) -> str:
+    """One sentence: the disk is full, where, how much is free, what could not be written."""
+    return f"the disk holding {home} is full ({format_bytes(free_bytes(home))} free): {what}"
+
+
+# -- private files -----------------------------------------------------------------------
+def make_dir(path) -> Path:
+    """Create ``path`` and its missing parents, each private to the user (``mkdir -p`` gives parents 0755)."""
+    path = Path(path)
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    return Path(missing[0]) if missing else path
+
+
+def open_private(path, mode: str = "wb"):
+    """Open a new file for writing, readable by the user only (whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return open(fd, mode)
+
+
+def write_atomic(path, data) -> None:
+    """Write ``data`` to ``path`` through a temp file, fsynced and renamed; nothing is left on failure."""
+    path = Path(path)
+    make_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
+    try:
+        with open_private(tmp) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# -- the reserve -------------------------------------------------------------------------
+def keep_reserve(home) -> None:
+    """Make sure the store holds its reserve (best effort: never an error)."""
+    path = Path(home) / RESERVE
+    if RESERVE_BYTES <= 0 or path.exists():
+        return
+    free = free_bytes(home)
+    if free is not None and free < 4 * RESERVE_BYTES:
+        return  # space is short already: keep it for the store itself
+    tmp = path.with_name(f"{RESERVE}.{os.getpid()}.tmp")
+    try:
+        with open_private(tmp) as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)  # real blocks, not a sparse file
+            except (AttributeError, OSError):
+                f.write(b"\0" * RESERVE_BYTES)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def release_reserve(home) -> bool:
+    """Free the reserve so the rows of a run on a full disk still fit; True if there was one."""
+    try:
+        os.unlink(Path(home) / RESERVE)
+    except OSError:
+        return False
+    logger.warning("flor_nb: the disk holding %s is full; released the store's %s reserve for log rows",
+                   home, format_bytes(RESERVE_BYTES))
+    return True
+
+
+# -- temp files --------------------------------------------------------------------------
+def clean_temp(home) -> int:
+    """Remove temp files left by processes that died while writing (a SIGKILL mid-checkpoint)."""
+    home = Path(home)
+    removed = 0
+    stack = [home]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            elif entry.name.endswith(".tmp") and _orphan(entry):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        logger.info("flor_nb: removed %d temp file(s) left in %s by a process that died", removed, home)
+    return removed
+
+
+def _orphan(entry) -> bool:
+    m = _TMP.match(entry.name) or re.match(rf"^{re.escape(RESERVE)}\.(\d+)\.tmp$", entry.name)
+    if m:
+        return not alive(int(m.group(1)))
+    try:  # a temp file without a pid: left over if nobody touched it for 10 minutes
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > 600
+    except OSError:
+        return False
+
+
+
+def inside(home, rel) -> Path:
+    """``home / rel``, refusing a path that leads out of the store (``..``, absolute, a symlink out)."""
+    from .errors import StoreError
+
+    home = Path(home)
+    rel_path = Path(rel)
+    path = home / rel_path
+    bad = rel_path.is_absolute() or ".." in rel_path.parts or "\0" in str(rel)
+    if not bad:
+        try:
+            path.resolve().relative_to(home.resolve())
+        except ValueError:
+            bad = True
+    if bad:
+        raise StoreError(f"The store {home} names the file {str(rel)!r}, which lies outside the store. flor_nb only "
+                         "reads and writes inside the store; this store was built by hand or tampered with.")
+    return path

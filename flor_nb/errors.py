@@ -62,3 +62,30 @@ class AmbiguousLoopError(FlorError):
 
     def __str__(self):
         return self.args[0]
+
+
+class InputError(FlorError):
+    """An argument value that flor_nb cannot accept; raised before anything is recorded."""
+
+
+class StoreError(FlorError):
+    """The store cannot be opened, read or written; names the store and what to do."""
+
+
+class DiskFullError(StoreError):
+    """The disk holding the store is full; carries the free bytes."""
+
+    def __init__(self, message, free=None):
+        super().__init__(message, free)
+        self.free = free
+
+    def __str__(self):
+        return self.args[0]
+
+
+class UntrustedStoreError(FlorError):
+    """Checkpoints or recorded cells are not signed with this user's key: replaying them could run any code."""
+
+
+class DamagedValueWarning(UserWarning):
+    """A stored value failed its checksum: it is left out, never returned."""

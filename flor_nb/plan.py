@@ -26,12 +26,26 @@ def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
         raise EpochSpecError(f"{label} completed no epoch, so there is nothing to replay. Record it again.")
     if spec is None or spec == "" or spec == "all":
         return list(range(completed))
-    if isinstance(spec, int):
+
+    def check(lo: int, hi: int):  # before any range is built: "0-99999999999" must not allocate
+        if lo < 0 or hi >= completed:
+            bad = lo if lo < 0 else max(lo, completed)
+            raise EpochSpecError(f"Epoch {bad} is out of range: {label} completed epochs 0-{completed - 1}. "
+                                 f"Choose epochs in 0-{completed - 1}.")
+
+    epochs: set = set()
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        check(spec, spec)
         epochs = {spec}
-    elif isinstance(spec, (list, tuple, set, range)):
+    elif isinstance(spec, range):
+        if len(spec):
+            check(min(spec[0], spec[-1]), max(spec[0], spec[-1]))
+        epochs = set(spec)
+    elif isinstance(spec, (list, tuple, set)):
         epochs = {int(e) for e in spec}
+        if epochs:
+            check(min(epochs), max(epochs))
     else:
-        epochs = set()
         for part in str(spec).replace(" ", "").split(","):
             m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
             if not m:
@@ -40,13 +54,8 @@ def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
             if hi < lo:
                 raise EpochSpecError(f"Bad epoch range {part!r}: it runs backwards. Write {hi}-{lo}.")
+            check(lo, hi)
             epochs.update(range(lo, hi + 1))
-    bad = sorted(e for e in epochs if e < 0 or e >= completed)
-    if bad:
-        raise EpochSpecError(
-            f"Epoch {bad[0]} is out of range: {label} completed epochs 0-{completed - 1}. "
-            f"Choose epochs in 0-{completed - 1}."
-        )
     return sorted(epochs)
 
 

@@ -17,17 +17,20 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, runtime, state
+from . import checkpoint, disk, runtime, state, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
-from .errors import FlorError, NoLoopError, NotCapturedWarning
+from .hashing import hash_bytes
+from .errors import DiskFullError, FlorError, NoLoopError, NotCapturedWarning, StoreError
 from .instrument import RUNTIME, find_helper, helper_code, instrument
-from .store import Run, Store
+from .store import RECORDING, Run, Store, packable
 from .writer import Writer
 
 logger = logging.getLogger(__name__)
 _SERIES_MIN_UNITS = 16  # a name logged once per unit in this many units is stored as one packed row
-_FLUSH_SECONDS = 1.0  # logs reach the writer at least this often (a crash loses at most this much)
+_FLUSH_SECONDS = 1.0  # short units' logs are stored at least this often (a kill loses at most this much)
+# A unit at least this long (an epoch) is stored as soon as it ends: a commit costs well under 1 ms.
+_COMMIT_UNIT_SECONDS = 0.1
 _MAX_TIMES = 10_000  # unit times kept with a run (a step-only loop runs many more units)
 # Digests (what replay checks its state against) get their own small budget, whatever the checkpoint
 # budget: hashing is cheap (about 1.5 ms for the bench model), so epochs of 0.15 s and more get one each.
@@ -47,6 +50,7 @@ class Recorder:
 
     def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02):
         self.store, self.run, self.ns, self.scope = store, run, ns, scope
+        RECORDING.add((str(store.db_path), run.id))
         self.capturer = state.Capturer(ns, scope)
         self.overhead = overhead
         self.epoch = None
@@ -89,15 +93,31 @@ class Recorder:
         self._pending_digests: list = []
         self._unit_start = 0.0
         self._latest: dict = {}
+        self._held: list = []  # (rows numbered, per-unit rows, completed, digests, replace) not yet stored (full disk)
+        self._stored_count = 0  # units whose rows are in the store
+        self.held_error = None  # why they are held
+        self.commit_seconds: list[float] = []  # storing each epoch's rows, on the training thread
+        self.replace_below = 0  # a resumed run re-runs epochs below this: their rows replace the stored ones
+        self.resume_at = None  # resume.py: iterable -> (first epoch, iterable from it), restoring the state
+        self.completed_floor = 0  # epochs stored before this session (a resumed run keeps them)
+        self.start_wait = 0.0  # seconds the training thread waited for the first checkpoint's write
 
     # -- the API (hot path: keep it tiny) ----------------------------------------
     def log(self, name, value):
         t = type(value)
-        self.rows.append((name, self.epoch, self.step, value if t is float or t is int else runtime.scalarize(value)))
+        if (t is float or t is int) and type(name) is str and name:
+            self.rows.append((name, self.epoch, self.step, value))
+        else:
+            self.rows.append((name, self.epoch, self.step, self._keep(name, value)))
         return value
 
+    def _keep(self, name, value):
+        """flor.log's slow path: check the name and value now, so a bad one stops the cell at its line."""
+        validate.log_name(name)
+        return validate.log_value(name, runtime.scalarize(value))
+
     def arg(self, name, default):
-        self.args[name] = default
+        self.args[name] = validate.arg_value(name, default)
         return default
 
     def loop(self, name, iterable):
@@ -126,7 +146,10 @@ class Recorder:
         flushes happen at boundaries the overhead budget sets."""
         __tracebackhide__ = True
         self.open_loop(len(iterable) if hasattr(iterable, "__len__") else None)
-        for k, item in enumerate(iterable):
+        first = 0
+        if self.resume_at is not None:  # a resumed run: skip the stored epochs, restore, go on (resume.py)
+            first, iterable = self.resume_at(iterable)
+        for k, item in enumerate(iterable, start=first):
             self.begin_unit(k)
             try:
                 yield item
@@ -143,10 +166,18 @@ class Recorder:
         """Before the first unit: the number of units if known, and the state before the loop."""
         self._in_loop = True
         if total is not None:
-            self.store.update_run(self.run.id, epochs_total=total)
+            try:
+                self.store.update_run(self.run.id, epochs_total=total)
+            except StoreError as e:  # informative only: never a reason to stop training
+                logger.warning("flor_nb: could not store the epoch count of %s: %s", self.run.label, e)
         if self.progress is not None:
             self.progress = self.progress(total)  # a factory until the epoch count is known
-        self._checkpoint(-1, "start", self._snapshot())
+        if self.resume_at is None:
+            self._checkpoint(-1, "start", self._snapshot())
+            # Every epoch replays from this state: written before epoch 0 runs, so no stored epoch
+            # is ever left without a checkpoint below it (a kill during its write loses nothing).
+            self.start_wait = self.writer.drain()  # once, so not part of the adaptive period's figures
+            self._check_writer()
 
     def begin_unit(self, k: int):
         """Unit k (an epoch, an iteration) starts."""
@@ -158,13 +189,12 @@ class Recorder:
         seconds = time.perf_counter() - self._unit_start
         self._account(k, seconds)
         if self._step_snap is None and k - self._last_ckpt < self._period_ckpt \
-                and k - self._last_digest < self._period_digest and seconds < _FLUSH_SECONDS:
+                and k - self._last_digest < self._period_digest and seconds < _COMMIT_UNIT_SECONDS:
             # The common case for iterations: no boundary work at all.
             if time.perf_counter() - self._flushed_at > _FLUSH_SECONDS:
                 self._flush(k)
             return
-        end = self._snapshot() if self._due(k) else None
-        self._end_epoch(k, seconds, self._step_snap, end, None, self._end_digest(end, k))
+        self._end_epoch(k, seconds)
 
     def _account(self, k, seconds):
         self.completed = k + 1
@@ -296,20 +326,30 @@ class Recorder:
         self._check_writer()
 
     def _persist(self, epoch, kind, snap, end_snap):
-        """On the writer thread: blobs and files, then the index row."""
+        """On the writer thread: blobs and files, then the index row. A full disk frees the store's
+        reserve, so log rows keep fitting after checkpoints stop."""
         start = time.perf_counter()
         try:
-            self._persist_files(epoch, kind, snap, end_snap)
+            self._write_checkpoint(epoch, kind, snap, end_snap)
+        except BaseException as e:
+            if disk.is_full(e):
+                disk.release_reserve(self.store.home)
+            raise
         finally:
             self.write_seconds.append(time.perf_counter() - start)
 
-    def _persist_files(self, epoch, kind, snap, end_snap):
+    def _write_checkpoint(self, epoch, kind, snap, end_snap):
         rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"
-        info = checkpoint.write(self.store.home, rel, snap)
+        parts = checkpoint.split(snap)
+        end_parts = None if end_snap is None else checkpoint.split(end_snap)
+        if epoch >= 0:
+            where = [(epoch, kind, parts)] + ([(epoch, "end", end_parts)] if end_parts else [])
+            self.store.add_digests(self.run.id, [(e, k, runtime.to_json(p[3])) for e, k, p in where])
+        info = checkpoint.write(self.store.home, rel, snap, parts=parts)
         end_rel = end = None
         if end_snap is not None:
             end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
-            end = checkpoint.write(self.store.home, end_rel, end_snap)
+            end = checkpoint.write(self.store.home, end_rel, end_snap, parts=end_parts)
         self.store.add_checkpoint(
             self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
             info["checksum"], runtime.to_json(info["digests"]),
@@ -319,20 +359,38 @@ class Recorder:
         self.pool.release(end_snap)
 
     def _check_writer(self):
-        """Surface a failed write once: a full disk stops checkpoints, never training."""
+        """Surface a failed checkpoint write once, as what it is: it stops checkpoints, never training."""
         if self.writer.errors and not self.checkpoint_error:
             e = self.writer.errors[0]
-            self.checkpoint_error = f"checkpoints stopped after epoch {max(self.checkpointed, default=-1)}: {e}"
-            warnings.warn(f"flor_nb: {self.checkpoint_error}. Completed epochs stay replayable from earlier "
-                          "checkpoints; free space, then record again.", stacklevel=3)
+            after = f"checkpoints stopped after epoch {max(self.checkpointed, default=-1)}"
+            advice = ("Training goes on and its logs keep being stored; replay starts from the nearest earlier "
+                      "checkpoint.")
+            if disk.is_full(e):
+                self.checkpoint_error = f"{after}: {disk.full_message(self.store.home, 'a checkpoint did not fit')}"
+                advice += " Free space before recording again."
+            else:
+                self.checkpoint_error = f"{after}: writing a checkpoint failed with {type(e).__name__}: {e}"
+            warnings.warn(f"flor_nb: {self.checkpoint_error}. {advice}", stacklevel=3)
 
     # -- epoch boundary ----------------------------------------------------------
-    def _end_epoch(self, k, seconds, step_snap, end_snap, step_digest=None, end_digest=None):
-        """Unit k ended at a boundary: checkpoint or digest what is due, then flush the logs."""
+    def _end_epoch(self, k, seconds, left=None):
+        """Unit k ended at a boundary: store its rows and completion first (a kill, or an OOM in the
+        snapshot copy, from here on cannot lose unit k), then checkpoint or digest what is due.
+
+        ``left``: (step snapshot, end snapshot, step digest, end digest) taken when a ``break`` left it.
+        """
+        self._flush(k)
+        if left is None:
+            step_snap, step_digest = self._step_snap, None
+            end_snap = self._snapshot() if self._due(k) else None
+            end_digest = self._end_digest(end_snap, k)
+        else:
+            step_snap, end_snap, step_digest, end_digest = left
         if step_snap is None and step_digest is not None and self._step_exits == 1:
             self._pending_digests.append((k, "step", step_digest))
         if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
             self._pending_digests.append((k, "end", end_digest))
+        self._store_digests()
         if self._step_exit_ok() and step_snap is not None:
             # The epoch-end state too: replay of the next epoch starts from it without re-running
             # this epoch's tail, and checks a probe after the step loop against it. Its tensors
@@ -340,14 +398,16 @@ class Recorder:
             self._checkpoint(k, "step", step_snap, end_snap or self._snapshot())
         elif end_snap is not None:
             self._checkpoint(k, "end", end_snap)
+        self._check_writer()
         self._tune()
-        self._flush(k)
 
     def _flush(self, k):
-        """Hand the logs of units up to k (and their digests) to the writer; move the progress bar."""
+        """Store the logs of units up to k, their digests and the count of completed units, now, in one
+        transaction; move the progress bar."""
         rows, self.rows = self.rows, []
         digests, self._pending_digests = self._pending_digests, []
-        self.writer.submit(self._write_logs, rows, k + 1, digests)
+        replace = tuple(range(self._flushed_units, min(k + 1, self.replace_below)))
+        self._commit(rows, k + 1, [(e, w, runtime.to_json(d)) for e, w, d in digests], replace)
         self._flushed_at = time.perf_counter()
         units, self._flushed_units = k + 1 - self._flushed_units, k + 1
         self._latest = {n: v for n, e, _, v in rows[-64:] if e == k and isinstance(v, (int, float))}
@@ -355,11 +415,69 @@ class Recorder:
             self.progress.set_postfix({n: f"{v:.4g}" for n, v in self._latest.items()}, refresh=False)
             self.progress.update(units)
 
-    def _write_logs(self, rows, completed=None, digests=()):
-        """On the writer thread: number repeated (name, epoch, step) keys, encode, store by group.
+    def _store_digests(self):
+        """Digests taken after the unit's rows were stored, in a transaction of their own (kept for the
+        next commit if it fails): a kill mid-checkpoint still leaves the unit checkable."""
+        if not self._pending_digests:
+            return
+        digests, self._pending_digests = self._pending_digests, []
+        encoded = [(e, w, runtime.to_json(d)) for e, w, d in digests]
+        try:
+            self.store.add_digests(self.run.id, encoded)
+        except Exception:  # noqa: BLE001 - they go with the next commit
+            self._held.append(([], [], None, encoded, ()))
 
-        A name logged once per unit with numbers (an iteration loop's loss: thousands of units per flush)
-        is packed into one array row, not one group per unit."""
+    def _commit(self, rows, completed=None, digests=(), replace=()):
+        """Store rows, digests and the count of completed units in one transaction, now.
+
+        On a full disk the store's reserve is freed and the write tried again; if it still fails the
+        rows are held in memory and written with the next commit, once space returns.
+        """
+        start = time.perf_counter()
+        per_unit, rest = self._per_unit(rows)
+        self._held.append((self._number(rest), per_unit, completed, list(digests), tuple(replace)))
+        for attempt in range(2):
+            try:
+                groups = [g for numbered, *_ in self._held for g in self._encode(numbered)]
+                done = max((c for _, _, c, _, _ in self._held if c is not None), default=None)
+                self.store.commit_epoch(self.run.id, groups, [d for *_, ds, _ in self._held for d in ds], done,
+                                        replace=[e for *_, r in self._held for e in r],
+                                        per_unit=[p for _, pu, *_ in self._held for p in pu])
+            except Exception as e:  # noqa: BLE001 - a failed write holds the rows; it never stops training
+                if attempt == 0 and disk.is_full(e) and disk.release_reserve(self.store.home):
+                    continue
+                self._hold(e)
+                break
+            else:
+                if self.held_error is not None:
+                    logger.warning("flor_nb: %s: the held log rows of %d unit(s) are stored now", self.run.label,
+                                   sum(c is not None for _, _, c, _, _ in self._held))
+                self._held.clear()
+                self.held_error = None
+                if done is not None:
+                    self._stored_count = max(self._stored_count, done)
+                break
+        self.commit_seconds.append(time.perf_counter() - start)
+
+    def _hold(self, e):
+        """Rows could not be stored: keep them, say so once (with the real cause)."""
+        first = self.held_error is None
+        self.held_error = e
+        if first:
+            stored = self._stored_units()
+            why = disk.full_message(self.store.home, "log rows do not fit") if disk.is_full(e) else \
+                f"storing log rows failed with {type(e).__name__}: {e}"
+            warnings.warn(f"flor_nb: {self.run.label}: {why}. Training goes on; the rows are held in memory and "
+                          f"written as soon as space returns (units 0-{stored - 1} are stored).", stacklevel=4)
+
+    def _stored_units(self) -> int:
+        """Units whose rows are in the store (the held ones are not)."""
+        return max(self._stored_count, self.completed_floor)
+
+    @staticmethod
+    def _per_unit(rows):
+        """Split off names logged once per unit with numbers (an iteration loop's loss: thousands of units
+        per flush): they are packed into one array row each, not one group per unit."""
         by_name: dict = {}
         for r in rows:
             by_name.setdefault(r[0], []).append(r)
@@ -371,8 +489,12 @@ class Recorder:
                 per_unit.append((name, epochs, [r[3] for r in rs]))
             else:
                 rest.extend(rs)
+        return per_unit, rest
+
+    def _number(self, rows):
+        """[(name, epoch, steps, seqs, values)]: rows grouped, repeated (name, epoch, step) keys numbered."""
         groups: dict = {}
-        for name, epoch, step, value in rest:
+        for name, epoch, step, value in rows:
             g = groups.get((name, epoch))
             if g is None:
                 g = groups[(name, epoch)] = ([], [])
@@ -390,6 +512,17 @@ class Recorder:
                     seqs.append(q)
             else:
                 seqs = [0] * len(steps)
+            out.append((name, epoch, steps, seqs, values))
+        return out
+
+    def _encode(self, numbered):
+        """Values as stored: numbers, JSON text, arrays as .npy artifacts (files written here)."""
+        out = []
+        for name, epoch, steps, seqs, values in numbered:
+            types = set(map(type, values))
+            if types in ({float}, {int}) and packable(steps, values, types):  # per-step numbers: as they are
+                out.append((name, epoch, steps, seqs, values))
+                continue
             encoded = [
                 runtime.encode(v) if type(v) is not np.ndarray
                 else save_array(self.store.artifact_dir(self.run.id), self.store.home, name, epoch, s, q, v)
@@ -397,11 +530,7 @@ class Recorder:
             ]
             encoded = [runtime.to_json(v) if type(v) is dict else v for v in encoded]
             out.append((name, epoch, steps, seqs, encoded))
-        self.store.add_log_groups(self.run.id, out, per_unit=per_unit)
-        for epoch, where, digest in digests:
-            self.store.add_digest(self.run.id, epoch, where, runtime.to_json(digest))
-        if completed is not None:
-            self.store.update_run(self.run.id, epochs_completed=completed)
+        return out
 
     # -- end of the cell ---------------------------------------------------------
     def finish(self, status: str, error: str | None = None):
@@ -410,17 +539,45 @@ class Recorder:
             k, seconds, step_snap, end_snap, step_digest, end_digest = self._left_epoch  # `break` in epoch k
             self._step_snap = step_snap
             self._account(k, seconds)
-            self._end_epoch(k, seconds, step_snap, end_snap, step_digest, end_digest)
+            self._end_epoch(k, seconds, (step_snap, end_snap, step_digest, end_digest))
         rows, self.rows = self.rows, []
-        self.writer.submit(self._write_logs, rows)
-        self.writer.close()  # everything submitted is on disk before the run is closed
+        # What was logged after the loop (or in a unit an exception left), and units not flushed yet.
+        digests, self._pending_digests = self._pending_digests, []
+        self._commit(rows, self.completed or None, [(e, w, runtime.to_json(d)) for e, w, d in digests],
+                     tuple(range(self._flushed_units, min(self.completed, self.replace_below))))
+        self.writer.close()  # every checkpoint submitted is on disk before the run is closed
         self._check_writer()
+        stored = self._stored_units()
+        held = max(self.completed - stored, 0)
+        lost = None
+        if self._held:
+            why = disk.full_message(self.store.home, "the log rows could not be written") \
+                if disk.is_full(self.held_error) else f"storing log rows failed ({type(self.held_error).__name__}: " \
+                f"{self.held_error})"
+            lost = (f"{self.run.label}: {why}. " + (f"Epochs 0-{stored - 1} are stored and replayable; " if stored
+                    else "No epoch is stored; ") + f"the logs of {held or 'the last'} trained epoch(s) after them are "
+                    f"lost. Free space on that disk and record again.")
+            status, error = "failed", lost
         args = {**self.base_args, **self.args}
+        try:
+            self._close_run(status, error, stored, args)
+        except StoreError:
+            if not lost:
+                raise
+            lost += " (The run's final status could not be stored either: it shows as interrupted.)"
+        finally:
+            RECORDING.discard((str(self.store.db_path), self.run.id))
+            if self.progress is not None and not callable(self.progress):
+                self.progress.close()
+        if lost:
+            raise (DiskFullError if disk.is_full(self.held_error) else StoreError)(f"flor_nb: {lost}")
+
+    def _close_run(self, status, error, stored, args):
         self.store.update_run(
             self.run.id,
             status=status,
             ended=time.time(),
-            epochs_completed=self.completed,
+            epochs_completed=stored,
             args=args,
             error=error,
             state={
@@ -436,7 +593,7 @@ class Recorder:
                 "clock_vars": sorted(self.clock[0]),
                 "clock_metrics": sorted(self.clock[1]),
                 "checkpoint_error": self.checkpoint_error,
-                "spec": {"only": sorted(self.scope.only) if self.scope.only else None, "extra": sorted(self.scope.extra)},
+                "spec": spec_of(self.scope),
             },
             timings={
                 "epoch_seconds": self.epoch_seconds,
@@ -446,19 +603,23 @@ class Recorder:
                 "digest_seconds": self.digest_seconds,
                 "write_seconds": self.write_seconds,
                 "writer_seconds": self.writer.busy_seconds,
+                "commit_seconds": self.commit_seconds,
+                "start_checkpoint_wait": self.start_wait,
                 "overhead_budget": self.overhead,
             },
         )
-        if self.progress is not None and not callable(self.progress):
-            self.progress.close()
 
 
 def save_array(art_dir, home, name, epoch, step, seq, value) -> dict:
-    art_dir.mkdir(parents=True, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    path = art_dir / f"{safe}-e{epoch}-s{step}-{seq}.npy"
-    np.save(path, value)
-    return {"__array__": str(path.relative_to(home)), "shape": list(value.shape), "dtype": str(value.dtype)}
+    """Keep a logged array as a private .npy file; the stored reference holds its content hash."""
+    disk.make_dir(art_dir)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+    tag = hash_bytes(name.encode("utf-8", "surrogatepass"))[:8]  # names that map to one safe name stay apart
+    path = art_dir / f"{safe}-{tag}-e{epoch}-s{step}-{seq}.npy"
+    with disk.open_private(path) as f:
+        np.save(f, value, allow_pickle=False)
+    return {"__array__": path.relative_to(home).as_posix(), "shape": list(value.shape), "dtype": str(value.dtype),
+            "hash": state.content_hash(value)}
 
 
 def environment() -> dict:
@@ -522,6 +683,7 @@ def record(
     from . import api
 
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
+    name, overhead = validate.run_name(name), validate.overhead(overhead)
     store = api.get_store(store)
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
@@ -552,14 +714,28 @@ def record(
             choice["helper"] = helper
         except (SyntaxError, NoLoopError, StopIteration, ValueError) as e:
             logger.info("flor_nb: %s() not instrumented: %s", helper["name"], e)
+    # What a replay (or a resume) of a run killed before finish() needs is stored now, not at the end.
     run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args, env=environment(),
-                           state={"loops": choice})
+                           state={"loops": choice, "capture": 2, "spec": spec_of(scope)})
+    try:
+        bar = (lambda total: _progress_bar(run, total)) if progress else None
+        recorder = Recorder(store, run, ns, scope, bar, overhead)
+        recorder.clock = clock_names(code)
+        recorder.base_args = args
+    except BaseException as e:  # no run is left 'running' by a failure before training starts
+        store.update_run(run.id, status="failed", ended=time.time(), error=f"{type(e).__name__}: {e}")
+        raise
+    return execute(recorder, tree, code, swapped)
+
+
+def execute(recorder: Recorder, tree, code: str, swapped=None) -> Run:
+    """Run an instrumented cell under ``recorder``; close the run however the cell ends.
+
+    ``swapped``: (function, its code, instrumented code) for a step loop in a helper function."""
+    __tracebackhide__ = True
+    run, ns = recorder.run, recorder.ns
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
-    bar = (lambda total: _progress_bar(run, total)) if progress else None
-    recorder = Recorder(store, run, ns, scope, bar, overhead)
-    recorder.clock = clock_names(code)
-    recorder.base_args = args
     previous = runtime.activate(recorder)
     if swapped is not None:
         swapped[0].__code__ = swapped[2]
@@ -575,7 +751,12 @@ def record(
         runtime.deactivate(previous)
         if swapped is not None:
             swapped[0].__code__ = swapped[1]  # the user's function as it was
-    return store.find_run(run.label)
+    return recorder.store.find_run(run.label)
+
+
+def spec_of(scope: state.Scope) -> dict:
+    """``--state`` as stored with a run."""
+    return {"only": sorted(scope.only) if scope.only else None, "extra": sorted(scope.extra)}
 
 
 def _warn_unrebuildable(missing, ns, name):

@@ -1,19 +1,22 @@
 """Replay chosen epochs of a recorded run with new probes, and check the replay is faithful."""
 from __future__ import annotations
 
-import os
+import json
 import time
 import uuid
 import warnings
 from collections import defaultdict
 
+import numpy as np
 import pandas as pd
 
 from . import executor as executors
-from . import runtime
-from .errors import FlorError
+from . import checkpoint, machine, runtime, signing, validate
+from .checkpoint import CorruptCheckpointError
+from .errors import FlorError, NoCheckpointError
 from .instrument import changes, helper_touched, instrument, parse, recorded_loops
 from .plan import parse_epochs, plan
+from .state import content_hash
 from .store import Run, Store, get_store
 from .cells import analyze
 from .clock import clock_names
@@ -23,8 +26,12 @@ from .worker import emit, run_segment
 __all__ = ["prepare", "replay", "verdict_text"]
 
 
-def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None) -> dict:
-    """Validate and plan a replay without running it: what will run, where, and an estimate."""
+def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None, damaged=None) -> dict:
+    """Validate and plan a replay without running it: what will run, where, and an estimate.
+
+    ``damaged``: {epoch: why} of checkpoints found damaged; the plan starts from intact ones.
+    """
+    workers = validate.workers(workers)
     code = run.code if code is None else code
     hint = recorded_loops(run.state)  # the loops the recording used: the edited cell's are found by their headers
     _, loops = instrument(code, what="replayed cell", hint=hint)  # syntax errors, missing loops: at their line
@@ -38,7 +45,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         parse(source, what=f"edited cell In[{count}]")
         match[0]["source"] = source
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
-    ckpts = store.checkpoints(run.id)
+    ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items()}
     helper = (hint or {}).get("helper")
@@ -48,7 +55,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     # Float reductions depend on the thread count: replay with the recorded one, so results are
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
-    cores = os.cpu_count() or 1
+    cores = machine.usable_cpus()
     fit = max(1, cores // threads)
     if workers and workers > fit:
         # Oversubscribed torch threads run many times slower (measured: 2x2 threads on 2 cores, 5-16x).
@@ -94,59 +101,69 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
 
 
 def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on_event=None,
-           executor=None, iters=None) -> pd.DataFrame:
+           executor=None, iters=None, trust_store=False) -> pd.DataFrame:
     """Replay ``epochs`` of ``run`` with ``code`` (the edited cell); return the probes' values.
 
     The result has one row per (epoch, step, seq) with the probe columns and the
     recorded metrics beside them (``seq`` numbers repeats at one step); ``result.attrs["fidelity"]``
     says whether the recorded metrics were reproduced exactly. For a run whose loop counts
     iterations (a ``while`` loop, a step-only ``for``), ``iters="5000-5200"`` says the same as
-    ``epochs``: the ``epoch`` column then numbers iterations.
+    ``epochs``: the ``epoch`` column then numbers iterations. A damaged checkpoint is named
+    and replay starts from the nearest earlier intact one (``fidelity["damaged_checkpoints"]``).
+    A run whose cells and checkpoints are not signed with your key is refused unless
+    ``trust_store=True`` (see :func:`flor_nb.trust`).
     """
     epochs = _units(epochs, iters)
     store = get_store(store)
+    if trust_store:
+        signing.trust(store)
     run = store.find_run(run)
+    signing.check_run(run, store.home)  # replay executes its cells: only if this user signed them
+    damaged: dict = {}  # epoch -> why its checkpoint cannot be used
     p = prepare(store, run, code, epochs, cells, workers)
+    # Workers tag their progress events with this token: unique, so a late event of an earlier replay on
+    # the same warm workers (another store's replay 1, say) is never taken for this one's.
     token = uuid.uuid4().hex
-    replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"],
-                                    {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"],
-                                     "summary": p["summary"]})
-    tasks = [{
-        # workers tag their progress events with this: unique, so a late event of an earlier replay on the same
-        # warm workers (another store's replay 1, say) is never taken for this one's
-        "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": token,
-        "code": p["code"], "loops": p["loops"], "cells": p["cells"], "args": run.args,
-        "segment": seg.to_dict(), "threads": p["threads"],
-        **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
-        "scope": _scope_spec(run),
-        "roots": run.state.get("roots") or [],
-        "limits": run.state.get("limits"),
-        "cwd": run.env.get("cwd"),
-        "start_method": run.env.get("start_method"),
-        "exclude": _unchecked_streams(run, p["code"]),
-    } for seg in p["segments"]]
+    replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"], _plan_row(p))
     ex = executor or executors.local()
     started = time.perf_counter()
-    if on_event is not None:
-        on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
-                  "epochs_to_run": p["epochs_to_run"], "workers": p["workers"],
-                  "unit": recorded_loops(run.state).get("unit", "epochs")})
-        on_event = _only(token, replay_id, on_event)
     cancelled = None
-    try:
-        results = ex.run(run_task, tasks, on_event)
-    except executors.ReplayCancelled as e:
-        cancelled, results = e, [r for r in e.results if r is not None]
-    except BaseException:
-        store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {})
-        raise
+    events = None if on_event is None else _only(token, replay_id, on_event)
+    while True:
+        if on_event is not None:
+            on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
+                      "epochs_to_run": p["epochs_to_run"], "workers": p["workers"],
+                      "unit": recorded_loops(run.state).get("unit", "epochs")})
+        try:
+            results = ex.run(run_task, _tasks(store, run, p, token), events)
+        except executors.ReplayCancelled as e:
+            cancelled, results = e, [r for r in e.results if r is not None]
+        except CorruptCheckpointError as e:
+            if e.epoch is None or e.epoch in damaged:
+                store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {"error": str(e)})
+                raise
+            # Route around the damage: plan again from the nearest earlier intact checkpoint.
+            damaged[e.epoch] = str(e)
+            warnings.warn(f"flor_nb: {e} Replaying from the nearest earlier intact checkpoint instead.", stacklevel=2)
+            try:
+                p = _intact_plan(store, run, code, epochs, cells, workers, damaged)
+            except BaseException as again:
+                store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {"error": str(again)})
+                raise
+            store.set_replay_plan(replay_id, _plan_row(p))
+            continue
+        except BaseException as e:
+            store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {"error": str(e)})
+            raise
+        break
     duration = time.perf_counter() - started
     rows = [r for res in results for r in res["rows"]]
     modes = {int(e): m for res in results for e, m in res["modes"].items()}
     recorded = store.logs([run.id], kind="recorded")
     recorded_names = {r["name"] for r in recorded}
     state = {**run.state, "clock_metrics": sorted(set(run.state.get("clock_metrics", ())) | clock_names(p["code"])[1])}
-    fidelity = check(recorded, rows, modes, results, recorded_code=run.code, code=p["code"],
+    fidelity = check(_by_content(recorded, store.home), _by_content(rows, store.home), modes, results,
+                     recorded_code=run.code, code=p["code"],
                      edited_cells=p["edited_cells"], run_state=state,
                      reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
     fidelity["kinds"] = run.state.get("objects") or {}
@@ -163,6 +180,8 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     fidelity["modes"] = modes
     if cancelled is not None:
         _mark_cancelled(fidelity, p["epochs"], sorted(modes))
+    if damaged:
+        fidelity["damaged_checkpoints"] = {str(e): why for e, why in damaged.items()}
     store.finish_replay(replay_id, "cancelled" if cancelled else "finished", duration, probes, fidelity)
     frame = result_frame(run, recorded, rows, probes, sorted(modes) if cancelled else p["epochs"], fidelity, store)
     if cancelled is not None:
@@ -194,6 +213,73 @@ def _mark_cancelled(fidelity: dict, requested: list, kept: list):
     if fidelity.get("level") == FAITHFUL:
         fidelity["level"] = CAVEATS
 
+
+
+def _intact_plan(store, run, code, epochs, cells, workers, damaged: dict) -> dict:
+    """After damage was found: a plan whose checkpoints all verify here first (a damaged blob is often
+    shared by several checkpoints), so workers are not sent to fail one checkpoint at a time."""
+    while True:
+        try:
+            p = prepare(store, run, code, epochs, cells, workers, damaged)
+        except NoCheckpointError as e:
+            first = next(iter(damaged.values()))
+            raise NoCheckpointError(f"{e} The checkpoints of epoch(s) {', '.join(map(str, sorted(damaged)))} are "
+                                    f"damaged ({first})") from None
+        used = {}
+        for seg in p["segments"]:
+            if seg.restore is not None:
+                used[seg.restore] = p["resume_paths"][str(seg.restore)]
+            for e, mode in seg.modes.items():
+                if mode == "skip":
+                    used[e] = p["step_paths"][str(e)]
+        for e, rel in sorted(used.items(), reverse=True):
+            try:
+                checkpoint.verify(store.home, rel)
+            except CorruptCheckpointError as bad:
+                damaged[e] = str(bad)
+                break
+        else:
+            return p
+
+
+def _plan_row(p) -> dict:
+    return {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"], "summary": p["summary"]}
+
+
+def _tasks(store: Store, run: Run, p: dict, token: str) -> list[dict]:
+    return [{
+        "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": token,
+        "code": p["code"], "loops": p["loops"], "cells": p["cells"], "args": run.args,
+        "segment": seg.to_dict(), "threads": p["threads"],
+        **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
+        "scope": _scope_spec(run),
+        "roots": run.state.get("roots") or [],
+        "limits": run.state.get("limits"),
+        "cwd": run.env.get("cwd"),
+        "start_method": run.env.get("start_method"),
+        "exclude": _unchecked_streams(run, p["code"]),
+        "key": str(signing.key_path()),  # the worker verifies checkpoints with this user's key
+    } for seg in p["segments"]]
+
+
+def _by_content(rows, home):
+    """Logged arrays compared by their content, not by where their files lie (recorded and replayed
+    copies are different files); a recorded array without a stored hash is hashed from its file."""
+    def key(text):
+        value = runtime.from_json(text) if isinstance(text, str) and text.startswith("{") else None
+        if not (isinstance(value, dict) and "__array__" in value):
+            return text
+        h = value.get("hash")
+        if h is None:
+            try:
+                h = content_hash(np.load(home / value["__array__"], allow_pickle=False))
+            except (OSError, ValueError):
+                h = f"unreadable {value['__array__']}"
+        return json.dumps({"__array__": h, "shape": value.get("shape"), "dtype": value.get("dtype")})
+
+    if rows and isinstance(rows[0], dict):
+        return [{**r, "value": key(r["value"])} for r in rows]
+    return [(n, e, s, q, key(v)) for n, e, s, q, v in rows]
 
 
 def _warn_moved(hint, loops):

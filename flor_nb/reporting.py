@@ -31,6 +31,7 @@ from .api import cells_label, checkpoints, get_store, not_captured
 from .instrument import probe_diff
 from .plan import format_epochs
 from .store import Run, Store
+from .validate import arg_live
 from .verdict import verdict_text
 
 REPORTS = "flor_reports"  # default folder, beside the notebook (the working directory): Jupyter's file browser shows it
@@ -72,7 +73,7 @@ def run_summary(run, store=None) -> pd.DataFrame:
         }
         if r.error:
             col["error"] = r.error
-        col.update({f"arg.{k}": str(v) for k, v in sorted(r.args.items())})
+        col.update({f"arg.{k}": str(arg_live(v)) for k, v in sorted(r.args.items())})
         col.update({f"env.{k}": str(v) for k, v in r.env.items()})
         columns[r.label] = col
     return pd.DataFrame(columns).fillna("")

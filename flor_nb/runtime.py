@@ -35,9 +35,12 @@ class Idle:
         return value
 
     def arg(self, name, default):
-        self.args[name] = default
+        from .validate import arg_value
+
+        stored = arg_value(name, default)  # checked now: a bad value must not reach (and stop) the next record
+        self.args[name] = stored
         if self.cell is not None:
-            self.cell[name] = default
+            self.cell[name] = stored
         return default
 
     def begin_cell(self):

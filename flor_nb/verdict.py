@@ -278,6 +278,11 @@ def verdict_text(fidelity: dict) -> str:
              for k, word in (("metrics", "metric"), ("variables", "variable")) if nc.get(k)]
     if clock:
         out += f". Not compared (wall-clock values, different in every run): {'; '.join(clock)}"
+    damaged = fidelity.get("damaged_checkpoints") or {}
+    if damaged:
+        out += (f". Damaged checkpoint{'s' if len(damaged) > 1 else ''} of epoch{'s' if len(damaged) > 1 else ''} "
+                f"{', '.join(sorted(damaged, key=int))} skipped: replayed from the nearest earlier intact one "
+                f"({'; '.join(damaged.values())})")
     read = fidelity.get("not_captured_read") or {}
     if read:
         listed = "; ".join(f"{p} ({why})" for p, why in list(read.items())[:4])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, runtime, state
+from . import checkpoint, freshness, lifeline, runtime, signing, state, validate
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, helper_code, instrument
@@ -28,9 +28,12 @@ _NOT_USER_FILES = [os.path.expanduser("~/.cache"), os.path.expanduser("~/.config
                    os.path.join(tempfile.gettempdir(), "torchinductor_")]
 
 
-def init(queue):
+def init(queue, owner=None):
+    """Pool initializer: the progress queue; exit when ``owner`` (the kernel) dies."""
     global _events
     _events = queue
+    if owner is not None:
+        lifeline.watch(owner)
     import warnings
 
     # A skipped step loop never calls opt.step(), so torch warns about the scheduler order; it is fine.
@@ -50,6 +53,7 @@ def warm_up(modules=()):
             pass
 
     torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8), torch.ones(1, 1, 3, 3)).sum().item()
+    freshness.remember()
     return os.getpid()
 
 
@@ -101,11 +105,12 @@ class Replayer:
             key = (name, self.epoch, self.step)
             seq = self.seq.get(key, 0)
             self.seq[key] = seq + 1
-            self.rows.append((name, self.epoch, self.step, seq, runtime.scalarize(value)))
+            validate.log_name(name)
+            self.rows.append((name, self.epoch, self.step, seq, validate.log_value(name, runtime.scalarize(value))))
         return value
 
     def arg(self, name, default):
-        return self.args.get(name, default)
+        return validate.arg_live(self.args[name]) if name in self.args else default
 
     def loop(self, name, iterable):
         if self.setup:
@@ -118,7 +123,10 @@ class Replayer:
 
     def _restore(self, paths: str, epoch: int, snap: dict | None = None):
         t = time.perf_counter()
-        snap = checkpoint.read(self.home, self.task[paths][str(epoch)]) if snap is None else snap
+        try:
+            snap = checkpoint.read(self.home, self.task[paths][str(epoch)]) if snap is None else snap
+        except checkpoint.CorruptCheckpointError as e:  # say which epoch: replay routes around it
+            raise checkpoint.CorruptCheckpointError(str(e), e.path, epoch) from None
         problems = self.capturer.restore(snap)
         self.problems.extend(f"{p} when restoring epoch {epoch}" for p in problems)
         self.restore_seconds += time.perf_counter() - t
@@ -245,8 +253,12 @@ def run_segment(task: dict) -> dict:
 
     import flor_nb
 
+    emit({"started": task["replay_id"], "segment": task["segment"]["first"], "pid": os.getpid()})
     torch.set_num_threads(task["threads"])  # the recorded count: float reductions depend on it
     _start_method(task.get("start_method"))
+    if task.get("key"):
+        signing.use_key(task["key"])
+    freshness.evict_stale()  # a user module edited since this warm worker imported it is imported again
     with _cwd(task.get("cwd")):  # relative paths (data files) resolve as they did when recording
         return _run_segment(task, flor_nb)
 
@@ -275,6 +287,7 @@ def _cwd(path):
 
 
 def _run_segment(task: dict, flor_nb) -> dict:
+    began_ns = time.time_ns()
     t0 = time.perf_counter()
     rep = Replayer(task)
     main = types.ModuleType("__main__")
@@ -330,6 +343,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         runtime.deactivate(previous)
         if saved_main is not None:
             sys.modules["__main__"] = saved_main
+        freshness.remember(began_ns)
     rows = []
     for name, epoch, step, seq, value in rep.rows:
         if isinstance(value, np.ndarray):

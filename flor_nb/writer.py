@@ -1,4 +1,5 @@
-"""A background thread that persists logs and checkpoints in order, off the training loop."""
+"""A background thread that writes checkpoints in order, off the training loop (log rows are stored at
+each epoch's end by the recorder itself, so they never wait behind checkpoint bytes)."""
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ class Writer:
             job = self._jobs.get()
             if job is None:
                 return
-            fn, args, release = job
+            fn, args = job
             start = time.perf_counter()
             try:
                 fn(*args)
@@ -40,11 +41,7 @@ class Writer:
                 self.errors.append(e)
             finally:
                 self.busy_seconds += time.perf_counter() - start
-                if release:
-                    self._slot.release()
-
-    def submit(self, fn, *args):
-        self._jobs.put((fn, args, False))
+                self._slot.release()
 
     def busy(self) -> bool:
         """A checkpoint is still being written."""
@@ -58,8 +55,15 @@ class Writer:
         start = time.perf_counter()
         self._slot.acquire()
         waited = time.perf_counter() - start
-        self._jobs.put((fn, args, True))
+        self._jobs.put((fn, args))
         return waited
+
+    def drain(self) -> float:
+        """Wait until the checkpoint in flight is written; returns the seconds waited."""
+        start = time.perf_counter()
+        self._slot.acquire()
+        self._slot.release()
+        return time.perf_counter() - start
 
     def close(self):
         """Wait until everything submitted is written."""

@@ -48,6 +48,20 @@ def setup_namespace(epochs=5):
     return ns
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _signing_key_in_a_temp_dir(tmp_path_factory):
+    """The per-user signing key lives in $XDG_CONFIG_HOME/flor_nb: the tests' own, never the user's."""
+    import os
+
+    saved = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _no_args_from_other_tests():
     """flor.arg values set outside a record wait for the next one: one test's must not reach another's."""

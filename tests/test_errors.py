@@ -85,11 +85,11 @@ def test_full_disk_keeps_training_and_earlier_checkpoints(store, monkeypatch):
     real = checkpoint.write
     calls = []
 
-    def write(home, rel, snap):
+    def write(home, rel, snap, **kw):
         calls.append(rel)
         if len(calls) > 5:  # before the loop, then epochs 0 and 1 (step exit + end each) fit; then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(home, rel, snap)
+        return real(home, rel, snap, **kw)
 
     monkeypatch.setattr(checkpoint, "write", write)
     with pytest.warns(UserWarning, match="checkpoints stopped"):
@@ -104,7 +104,7 @@ def test_full_disk_keeps_training_and_earlier_checkpoints(store, monkeypatch):
 
 
 def test_no_checkpoint_at_all(store, monkeypatch):
-    def write(home, rel, snap):
+    def write(home, rel, snap, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "write", write)
@@ -115,12 +115,17 @@ def test_no_checkpoint_at_all(store, monkeypatch):
 
 
 def test_corrupt_checkpoint_is_reported(recorded, store):
+    """The damaged file is named, and replay starts from the nearest earlier intact checkpoint instead."""
     path = store.home / store.checkpoints(recorded.id)[2]["path"]
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(checkpoint.CorruptCheckpointError, match="damaged"):
-        flor.replay("small", epochs=2, store=store)
+    with pytest.warns(UserWarning, match=r"epoch-00002\.step\.ckpt is damaged"):
+        df = flor.replay("small", epochs=2, store=store)
+    fidelity = df.attrs["fidelity"]
+    assert fidelity["faithful"] and list(fidelity["damaged_checkpoints"]) == ["2"]
+    assert fidelity["timings"][0]["segment"]["restore"] == 1  # from the end of epoch 1
+    assert "Damaged checkpoint of epoch 2 skipped" in df.attrs["verdict"]
 
 
 def test_break_completes_the_epoch(store):

@@ -55,10 +55,10 @@ def _blobs(store):
 
 
 def test_delete_keeps_the_blobs_another_run_shares(store):
-    from flor_nb import checkpoint, disk
+    from flor_nb import checkpoint, housekeeping
 
     a, b = _record(store, "a"), _record(store, "b")
-    usage = {u.run.label: u for u in disk.usage(store).runs}
+    usage = {u.run.label: u for u in housekeeping.usage(store).runs}
     shared = usage["a@1"].blobs & usage["b@1"].blobs
     assert shared, "same seed, same initial weights: the runs share blobs"
     table = flor.runs(store)
@@ -87,12 +87,16 @@ def test_nothing_is_collected_while_a_recording_is_alive(store):
     orphan = store.home / "blobs" / "ff" / ("ff" * 16)
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"x" * 1000)
+    from flor_nb.store import RECORDING
+
     live = store.create_run("live", "for e in range(2): pass", env={"pid": os.getpid(), "host": platform.node()})
+    RECORDING.add((str(store.db_path), live.id))  # as a Recorder does while its cell runs
     freed = flor.gc(store)
     assert freed.blobs == 0 and orphan.exists() and "live@1 is being recorded" in str(freed)
     with pytest.raises(flor.FlorError, match="live@1 is being recorded right now"):
         flor.delete("live@1", store=store)
     store.update_run(live.id, status="finished")
+    RECORDING.discard((str(store.db_path), live.id))
     freed = flor.gc(store)
     assert freed.blobs == 1 and not orphan.exists() and freed.bytes == 1000
     du = flor.du(store)

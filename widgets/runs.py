@@ -10,7 +10,7 @@ from IPython.display import Image
 
 import flor_nb
 from flor_nb import api
-from flor_nb.disk import format_bytes
+from flor_nb.housekeeping import format_bytes
 from flor_nb.plan import format_seconds
 
 from . import plots
@@ -177,7 +177,7 @@ class RunPicker(W.VBox, Callbacks):
             self.confirm.value = ""
             return
         try:
-            usage = {u.run.label: u for u in flor_nb.disk.usage(self.store).runs}
+            usage = {u.run.label: u for u in flor_nb.housekeeping.usage(self.store).runs}
             frees = sum(usage[label].unique for label in self._pending if label in usage)
         except Exception:  # noqa: BLE001 - the question still makes sense without a size
             frees = None

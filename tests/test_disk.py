@@ -1,0 +1,141 @@
+"""A real full disk (a small tmpfs): training goes on, log rows keep being stored, reads keep working."""
+from __future__ import annotations
+
+import errno
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import flor_nb as flor
+from flor_nb import errors
+
+SETUP = '''
+import os
+import torch, torch.nn as nn, torch.nn.functional as F
+torch.manual_seed(0)
+X = torch.randn(128, 8); y = (X[:, 0] > 0).long()
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+big = torch.zeros(750_000)  # 3 MB that change every epoch: each checkpoint needs 3 MB more
+def disk(epoch):
+    """Fill or free the disk at chosen epochs (a no-op in replay: FILL is only set where the test records)."""
+    plan = globals().get("FILL")
+    if not plan:
+        return
+    path = plan["path"]
+    if epoch in plan["fill"]:
+        with open(path, "ab", buffering=0) as f:
+            for size in (1 << 18, 1 << 12, 1 << 9):
+                try:
+                    while True:
+                        f.write(b"x" * size)
+
+                except OSError:
+                    pass
+    if epoch in plan["free"] and os.path.exists(path):
+        os.remove(path)
+'''
+TRAIN = '''
+for epoch in range(10):
+    disk(epoch)
+    for i in range(0, 128, 32):
+        loss = F.cross_entropy(model(X[i:i + 32]), y[i:i + 32])
+        opt.zero_grad(); loss.backward(); opt.step()
+        flor.log("loss", loss.item())
+    big += 1.0
+    flor.log("acc", float((model(X).argmax(1) == y).float().mean()))
+'''
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs: a real file system that fills up (ENOSPC)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a real full disk needs a small tmpfs, and mounting one was refused here: {done.stderr.strip()}")
+    yield mount
+    for st in list(flor.store._STORES.values()):
+        st.close()
+    flor.store._STORES.clear()
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def record(home, name, fill=(), free=(), filler=None):
+    ns = {"flor": flor}
+    exec(SETUP, ns)
+    if fill:
+        ns["FILL"] = {"path": str(filler), "fill": set(fill), "free": set(free)}
+    return flor.record(TRAIN, name=name, namespace=ns, cells=[SETUP], store=home, overhead=float("inf"))
+
+
+def fill_up(path):
+    with open(path, "ab", buffering=0) as f:
+        for size in (1 << 18, 1 << 12, 1 << 9, 1):
+            try:
+                while True:
+                    f.write(b"x" * size)
+
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+
+
+@pytest.mark.timeout(240)
+def test_checkpoints_stop_rows_go_on_and_reads_work_on_a_full_disk(small_disk):
+    home = small_disk / ".flor"
+    with pytest.warns(UserWarning, match=r"checkpoints stopped after epoch \d: the disk holding .* is full "
+                                         r"\([\d.]+ (KB|MB|bytes)\s?\w* free\)") as caught:
+        run = record(home, "full")
+    assert not any("held in memory" in str(w.message) for w in caught)  # the reserve kept room for the rows
+    assert run.status == "finished" and run.epochs_completed == 10
+    ckpts = sorted(flor.get_store(home).checkpoints(run.id))
+    assert 0 < len(ckpts) < 11  # some fitted, then they stopped
+    acc = flor.dataframe("acc", run="full", store=home).dropna(subset=["acc"])
+    assert sorted(acc["epoch"]) == list(range(10))  # every trained epoch's logs are stored
+    assert not list(home.rglob("*.tmp"))  # the checkpoint that did not fit left no temp file
+    fill_up(small_disk / "filler")  # now not one more byte fits: reading must still work
+    assert flor.runs(home)["epochs"].tolist() == [10]
+    assert len(flor.dataframe("loss", run="full", store=home)) == 40
+    flor.get_store(home).close()  # a new process finds no WAL index, and no room to make one
+    fill_up(small_disk / "filler")
+    out = subprocess.run([sys.executable, "-c", "import flor_nb as flor, sys; print(flor.runs(sys.argv[1])"
+                          "[['name', 'status', 'epochs']].to_string())", str(home)], capture_output=True, text=True)
+    assert out.returncode == 0 and "full  finished      10" in out.stdout, out.stderr[-2000:]
+    (small_disk / "filler").unlink()
+    df = flor.replay("full", epochs=9, store=home)  # from the last checkpoint that fitted
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+
+
+@pytest.mark.timeout(240)
+def test_rows_are_held_while_the_disk_is_full_and_written_when_space_returns(small_disk):
+    home = small_disk / ".flor"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = record(home, "held", fill=(3, 4, 5), free=(6,), filler=small_disk / "filler")
+    said = [str(w.message) for w in caught]
+    assert any("rows are held in memory and written as soon as space returns" in m for m in said), said
+    assert run.status == "finished" and run.epochs_completed == 10
+    acc = flor.dataframe("acc", run="held", store=home).dropna(subset=["acc"])
+    assert sorted(acc["epoch"]) == list(range(10))
+    assert flor.replay("held", epochs=9, store=home).attrs["fidelity"]["faithful"]
+
+
+@pytest.mark.timeout(240)
+def test_rows_that_never_fit_end_the_run_saying_what_is_replayable(small_disk):
+    home = small_disk / ".flor"
+    filler = small_disk / "filler"
+    with pytest.warns(UserWarning), pytest.raises(errors.DiskFullError) as info:
+        record(home, "lost", fill=range(3, 10), filler=filler)
+    message = str(info.value)
+    stored = re.search(r"is full \(.+ free\): the log rows could not be written\. Epochs 0-(\d) are stored and "
+                       r"replayable; the logs of (\d) trained epoch\(s\) after them are lost\. Free space", message)
+    assert stored and int(stored[1]) + 1 + int(stored[2]) == 10, message
+    filler.unlink()
+    run = flor.get_run("lost", store=home)
+    assert run.status in ("failed", "interrupted") and run.epochs_completed == int(stored[1]) + 1  # not 'running'
+    assert flor.replay("lost", epochs=f"0-{stored[1]}", store=home).attrs["fidelity"]["faithful"]

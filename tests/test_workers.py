@@ -1,0 +1,132 @@
+"""Replay workers heal: a dead worker is reported and replaced; no worker outlives its owner."""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import flor_nb as flor
+from conftest import SETUP, TRAIN
+from flor_nb import errors
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def test_a_killed_worker_is_named_and_the_next_replay_works(recorded, store):
+    """The worker is killed for real (SIGKILL, as the out-of-memory killer does) in the middle of epoch 2."""
+    dies = TRAIN.replace("    sched.step()\n", "    if epoch == 2:\n        import os, signal; os.kill(os.getpid(), "
+                                                   "signal.SIGKILL)\n    sched.step()\n")
+    with pytest.raises(errors.ReplayError, match=r"A replay worker \(pid \d+\) was killed by signal 9 \(SIGKILL\)"):
+        flor.replay("small", code=dies, epochs="1-3", store=store)
+    assert flor.replays("small", store=store)[-1]["status"] == "failed"
+    for _ in range(2):  # the broken pool was replaced: later replays work
+        df = flor.replay("small", epochs="3-4", store=store)
+        assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+
+
+def test_a_worker_that_died_while_idle_does_not_fail_the_next_replay(recorded, store):
+    from flor_nb import executor
+
+    flor.replay("small", epochs=4, store=store)  # the pool is up
+    os.kill(next(iter(executor.local()._pool._processes)), signal.SIGKILL)
+    df = flor.replay("small", epochs=3, store=store)  # at once, before the pool itself notices
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+
+
+def _children(pid: int) -> set[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(180)
+def test_killed_replay_parent_leaves_no_workers_and_its_replay_is_marked(recorded, store, tmp_path):
+    script = tmp_path / "replays.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import flor_nb as flor
+        from conftest import TRAIN
+        slow = TRAIN.replace("        flor.log(\\"loss\\", loss.item())\\n",
+                             "        flor.log(\\"loss\\", loss.item())\\n        __import__('time').sleep(0.5)\\n")
+        flor.replay("small", code=slow, epochs="0-4", store={str(store.home)!r}, workers=2)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not [r for r in flor.replays("small", store=store)
+                                                    if r["status"] == "running"]:
+            time.sleep(0.1)
+        time.sleep(2.0)  # the workers are busy replaying
+        workers = _children(parent.pid)
+        assert len(workers) >= 2, workers  # the forkserver and its workers
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "replay workers outlived the process that owned them"
+    assert flor.replays("small", store=store)[-1]["status"] == "interrupted"
+
+
+def test_pool_is_sized_from_the_cpus_this_process_may_use(tmp_path):
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from flor_nb import executor, machine; print(machine.usable_cpus(), executor.local().workers)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.split() == ["1", "1"], out.stderr[-2000:]
+
+
+def test_one_pool_per_process():
+    from flor_nb import executor
+
+    assert executor.local() is executor.local(1) is executor.local(8)
+
+
+@pytest.mark.timeout(180)
+def test_warm_workers_import_an_edited_module_again(store, tmp_path):
+    mod = tmp_path / "helper_mod.py"
+    mod.write_text("SCALE = 1\n")
+    cells = [f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport helper_mod\nEPOCHS = 4\n{SETUP}"]
+    ns = {"flor": flor}
+    exec(cells[0], ns)
+    flor.record(TRAIN, name="mod", namespace=ns, cells=cells, store=store, overhead=float("inf"))
+    probed = TRAIN.replace("    sched.step()\n", "    flor.log('scale', helper_mod.SCALE)\n    sched.step()\n")
+
+    def scales():
+        df = flor.replay("mod", code=probed, epochs="0-3", store=store, workers=2)
+        return set(df["scale"].dropna())
+
+    assert scales() == {1}
+    time.sleep(1.1)  # a new mtime second: Python's own bytecode cache must see the edit too
+    mod.write_text("SCALE = 2\n")
+    assert scales() == {2}  # every warm worker that had imported it reads the edited file
