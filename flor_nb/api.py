@@ -9,6 +9,7 @@ import pandas as pd
 from . import housekeeping, plan
 from .errors import FlorError
 from .probe_check import edited_code
+from .instrument import recorded_loops
 from .probes import Probe, in_step_loop
 from .replay import prepare
 from .store import Run, get_store
@@ -247,5 +248,6 @@ def summary(run: Run, store=None) -> str:
     ckpts = st.checkpoints(run.id)
     size = sum(c["bytes"] for c in ckpts.values())
     dur = f" in {run.duration:.1f}s" if run.duration is not None else ""
-    return (f"flor_nb: {run.status} {run.label}: {run.epochs_completed} epochs{dur}, "
+    unit = "iterations" if recorded_loops(run.state).get("unit") == "iterations" else "epochs"
+    return (f"flor_nb: {run.status} {run.label}: {run.epochs_completed} {unit}{dur}, "
             f"{len(ckpts)} checkpoints ({size / 1e6:.1f} MB), store {st.home}")

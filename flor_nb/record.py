@@ -66,6 +66,7 @@ class Recorder:
         self.unit_seconds_total = 0.0
         self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
         self.digest_seconds: list[float] = []  # blocking time per digest (epochs without a checkpoint)
+        self.digest_errors: list = []  # [unit, error] of digests that failed (the first few)
         self.write_seconds: list[float] = []  # writer-thread time per checkpoint
         self.checkpointed: list[int] = []
         self.not_captured: dict = {}  # path -> reason, announced once when first seen
@@ -283,10 +284,20 @@ class Recorder:
     def _digest(self) -> dict:
         """Digests of every stream, without a copy: so a replay can check epochs that got no checkpoint."""
         start = time.perf_counter()
-        try:
-            digests = self.capturer.digests()
-        except Exception as e:  # noqa: BLE001 - verification data must never stop training
-            logger.warning("flor_nb: could not digest the state in epoch %s: %s", self.epoch, e)
+        for attempt in range(2):  # a second try: a transient error (another thread resized a dict) passes
+            try:
+                digests = self.capturer.digests()
+                break
+            except Exception as e:  # noqa: BLE001 - verification data must never stop training
+                error = f"{type(e).__name__}: {e}"
+        else:
+            # Said at once and kept with the run: a replay of these units says why their state is unchecked.
+            if not self.digest_errors:
+                warnings.warn(f"flor_nb: {self.run.label}: the training state could not be digested in unit "
+                              f"{self.epoch} ({error}); replays of units without a checkpoint after it cannot "
+                              "check their state and will say so.", NotCapturedWarning, stacklevel=5)
+            if len(self.digest_errors) < 5:
+                self.digest_errors.append([self.epoch, error])
             return None
         self.digest_seconds.append(time.perf_counter() - start)
         return digests
@@ -593,6 +604,7 @@ class Recorder:
                 "clock_vars": sorted(self.clock[0]),
                 "clock_metrics": sorted(self.clock[1]),
                 "checkpoint_error": self.checkpoint_error,
+                "digest_errors": self.digest_errors,
                 "spec": spec_of(self.scope),
             },
             timings={

@@ -96,7 +96,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "epochs_to_run": sum(len(s.modes) for s in segments),
         "epochs_skipping_steps": skipped,
         "estimate_seconds": None if mean is None else mean * max(load),
-        "summary": _describe(selected, segments, workers, touched),
+        "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None),
     }
 
 
@@ -292,9 +292,12 @@ def _warn_moved(hint, loops):
                       stacklevel=4)
 
 
-def _describe(selected, segments, workers, touched) -> str:
+def _describe(selected, segments, workers, touched, unit=None) -> str:
     full = sum(m == "full" for s in segments for m in s.modes.values())
     skip = sum(m == "skip" for s in segments for m in s.modes.values())
+    if unit == "iterations":
+        return (f"replay {len(selected)} iteration(s) as {len(segments)} segment(s) on {workers} worker(s): "
+                f"{full} iteration(s) run")
     why = ("the probes change the step loop" if touched["step"] else "the probes sit outside the step loop")
     return (f"replay {len(selected)} epoch(s) as {len(segments)} segment(s) on {workers} worker(s): "
             f"{full} epoch(s) in full, {skip} with the step loop skipped ({why})")

@@ -105,6 +105,7 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
         "not_captured_read": read,
         "cause": cause,
         "epochs": sorted(modes),
+        "digest_errors": run_state.get("digest_errors") or [],
     }
 
 
@@ -252,6 +253,9 @@ def verdict_text(fidelity: dict) -> str:
                           "(no recorded digest)")
         else:
             state_part = "training state NOT checked (no recorded digest for these epochs)"
+            errors = fidelity.get("digest_errors")
+            if errors:
+                state_part += f"; the recording could not digest it in unit {errors[0][0]}: {errors[0][1]}"
         out = f"{head}: {metric_part}; {state_part}"
     else:
         out = "Replay NOT faithful: "

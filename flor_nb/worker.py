@@ -5,6 +5,7 @@ import contextlib
 import io
 import linecache
 import os
+import signal
 import tempfile
 import sys
 import time
@@ -32,6 +33,9 @@ def init(queue, owner=None):
     """Pool initializer: the progress queue; exit when ``owner`` (the kernel) dies."""
     global _events
     _events = queue
+    # Jupyter interrupts a kernel by signalling its process group: a warm worker must not die of it (the
+    # kernel cancels a running replay itself, see executor.cancel).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if owner is not None:
         lifeline.watch(owner)
     import warnings
