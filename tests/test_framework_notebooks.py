@@ -13,6 +13,8 @@ import pytest
 
 from test_notebooks import execute, outputs, text
 
+pytestmark = pytest.mark.slow  # real kernels: `-m "not slow"` skips them locally
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 new, cell = nbformat.v4.new_notebook, nbformat.v4.new_code_cell
 

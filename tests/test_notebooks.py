@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # real kernels: `-m "not slow"` skips them locally
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

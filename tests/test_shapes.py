@@ -17,6 +17,8 @@ from nbclient import NotebookClient
 
 import flor_nb as flor
 
+pytestmark = pytest.mark.slow  # real kernels: `-m "not slow"` skips them locally
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
