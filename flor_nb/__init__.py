@@ -5,6 +5,7 @@ the epochs you need from checkpoints, with a check that the replay is faithful.
 """
 from .api import checkpoints, dataframe, du, get_run, get_store, replays, runs
 from .background import start_replay
+from .devices import deterministic
 from .disk import delete, gc
 from .errors import FlorError
 from .record import record
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "log", "arg", "loop", "record", "replay", "start_replay", "runs", "dataframe", "get_run", "checkpoints",
-    "replays", "report", "ui", "get_store", "delete", "gc", "du", "FlorError",
+    "replays", "report", "ui", "get_store", "delete", "gc", "du", "FlorError", "deterministic",
 ]
 
 

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, runtime, state
+from . import checkpoint, devices, runtime, state
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError, NotCapturedWarning
@@ -475,6 +475,7 @@ def environment() -> dict:
         "cwd": os.getcwd(),
         "start_method": multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_start_method(),
         "host": platform.node(),
+        "gpu": devices.environment(),  # CUDA devices, versions, determinism settings at the start
     }
     for mod in ("pandas", "sklearn", "flor_nb"):
         m = sys.modules.get(mod)

@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import pandas as pd
 
+from . import devices
 from . import executor as executors
 from . import runtime
 from .errors import FlorError
@@ -94,14 +95,16 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
 
 
 def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on_event=None,
-           executor=None, iters=None) -> pd.DataFrame:
+           executor=None, iters=None, device=None) -> pd.DataFrame:
     """Replay ``epochs`` of ``run`` with ``code`` (the edited cell); return the probes' values.
 
     The result has one row per (epoch, step, seq) with the probe columns and the
     recorded metrics beside them (``seq`` numbers repeats at one step); ``result.attrs["fidelity"]``
     says whether the recorded metrics were reproduced exactly. For a run whose loop counts
     iterations (a ``while`` loop, a step-only ``for``), ``iters="5000-5200"`` says the same as
-    ``epochs``: the ``epoch`` column then numbers iterations.
+    ``epochs``: the ``epoch`` column then numbers iterations. ``device``: where the recorded tensors go
+    (``"cpu"``, ``"cuda:1"`` or a dict such as ``{"cuda:1": "cuda:0"}``; default: where they were recorded);
+    across device types the verdict compares with a tolerance and says so (see :mod:`flor_nb.devices`).
     """
     epochs = _units(epochs, iters)
     store = get_store(store)
@@ -124,6 +127,8 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         "cwd": run.env.get("cwd"),
         "start_method": run.env.get("start_method"),
         "exclude": _unchecked_streams(run, p["code"]),
+        "device": devices.DeviceMap(device).to_json(),  # checked here: a bad device fails before workers start
+        "gpu": run.env.get("gpu"),
     } for seg in p["segments"]]
     ex = executor or executors.local()
     started = time.perf_counter()
