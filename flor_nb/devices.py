@@ -258,6 +258,10 @@ class DeviceMap:
                 out.append((d, str(target)))
         return out
 
+    def targets(self) -> list[torch.device]:
+        """The devices the map names explicitly."""
+        return ([self._one] if self._one is not None else []) + list(self._map.values())
+
     def to_json(self):
         if self.spec is None or isinstance(self.spec, (str, torch.device)):
             return None if self.spec is None else str(self.spec)
@@ -271,17 +275,19 @@ def _parse(spec) -> torch.device:
     return torch.device(text)
 
 
-def check_available(target: DeviceMap, recorded_devices) -> None:
+def check_available(target: DeviceMap, recorded_devices=()) -> None:
     """Refuse a replay whose tensors would land on a device this machine lacks, with the way out."""
-    for d in sorted(set(recorded_devices)):
-        dev = target.device(d)
+    wanted = [(d, target.device(d)) for d in sorted(set(recorded_devices) | {"cpu"})]
+    wanted += [(str(t), t) for t in target.targets()]
+    for d, dev in wanted:
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise DeviceError(f"The run was recorded on {d} and this machine has no CUDA GPU. "
-                                  "Replay on the CPU with device='cpu' (%%flor replay ... --device cpu).")
+                raise DeviceError(f"The replay would put tensors recorded on {d} on {dev}, and this machine has no "
+                                  "CUDA GPU. Replay on the CPU with device='cpu' (%%flor replay ... --device cpu).")
             if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise DeviceError(f"The run was recorded on {d}; this machine has {torch.cuda.device_count()} "
-                                  f"CUDA device(s). Map it, e.g. device={{'{d}': 'cuda:0'}}.")
+                raise DeviceError(f"The replay would put tensors recorded on {d} on {dev}; this machine has "
+                                  f"{torch.cuda.device_count()} CUDA device(s). Map it, e.g. "
+                                  f"device={{'{d}': 'cuda:0'}}.")
 
 
 def move(value: torch.Tensor, device) -> torch.Tensor:

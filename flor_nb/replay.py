@@ -109,6 +109,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     epochs = _units(epochs, iters)
     store = get_store(store)
     run = store.find_run(run)
+    devices.check_available(devices.DeviceMap(device))  # a device this machine lacks: refused before any work
     p = prepare(store, run, code, epochs, cells, workers)
     token = uuid.uuid4().hex
     replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"],
