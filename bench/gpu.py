@@ -102,7 +102,8 @@ def record_overhead(reps, epochs):
                     (budget if what == "budget" else every).append(s)
     p = statistics.median(plain)
     return {"plain_s": plain, "budget_s": budget, "every_epoch_s": every,
-            "overhead_budget": statistics.median(budget) / p - 1, "overhead_every_epoch": statistics.median(every) / p - 1}
+            "overhead_budget": statistics.median(budget) / p - 1,
+            "overhead_every_epoch": statistics.median(every) / p - 1}
 
 
 def snapshot_cost(gb, reps):

@@ -19,7 +19,8 @@ from flor_nb.errors import FlorError
 
 USAGE = """\
 %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
-%%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--device cpu] [--store PATH]  replay it with the edited cell below
+%%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
+                  [--device cpu|cuda:N]      where the recorded tensors go (default: where they were recorded)
 %flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
 %flor ui [RUN]                               open the replay panel
 %flor report RUN [--all-versions] [--out PATH] [--html]   write a notebook (and HTML) report to flor_reports/

@@ -57,15 +57,19 @@ def _set(dotted: str, value):
 
 def _read(fn):
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
+        return fn()
     except (AttributeError, RuntimeError):
         return None
 
 
 def flags() -> dict:
     """The settings GPU results depend on, as plain values (``None``: not readable in this torch)."""
+    with warnings.catch_warnings():  # torch warns that the legacy TF32 flags are deprecated
+        warnings.simplefilter("ignore")
+        return _flags()
+
+
+def _flags() -> dict:
     out = {
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -108,7 +112,9 @@ def apply_flags(recorded: dict | None, env: bool = True) -> list[str]:
         torch.backends.cudnn.deterministic = bool(recorded["cudnn_deterministic"])
     if "cudnn_benchmark" in recorded:
         torch.backends.cudnn.benchmark = bool(recorded["cudnn_benchmark"])
-    new_api = [n for n, _ in _PRECISION if recorded.get(n) is not None and _read(lambda n=n: _get(n)) is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new_api = [n for n, _ in _PRECISION if recorded.get(n) is not None and _read(lambda n=n: _get(n)) is not None]
     if new_api:  # never mix the legacy and new TF32 APIs: torch refuses to read flags set both ways
         for name in new_api:
             attempt(f"torch.backends.{name}", lambda name=name: _set(name, recorded[name]))

@@ -48,7 +48,8 @@ for epoch in range(EPOCHS):
 PROBED = TRAIN.replace(
     "        flor.log(\"loss\", loss.item())\n",
     "        flor.log(\"loss\", loss.item())\n"
-    "        flor.log(\"gn\", float(sum(p.grad.float().norm() ** 2 for p in model.parameters() if p.grad is not None)))\n",
+    "        flor.log(\"gn\", float(sum(p.grad.float().norm() ** 2 for p in model.parameters()\n"
+    "                                 if p.grad is not None)))\n",
 ) + "    flor.log(\"wn\", float(sum(p.detach().norm() ** 2 for p in model.parameters())))\n"
 PROBES = ["gn", "wn"]
 
