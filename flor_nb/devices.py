@@ -208,8 +208,8 @@ def set_cuda_rng_states(states, device_map: DeviceMap | None = None) -> list[str
     lost = []
     for i, state in enumerate(states):
         target = (device_map or DeviceMap()).device(f"cuda:{i}")
-        if target.type != "cuda" or not torch.cuda.is_available():
-            lost.append(f"cuda:{i}")
+        if target.type != "cuda" or not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count():
+            lost.append(f"cuda:{i}")  # a recorded device this machine lacks: only a problem if it was drawn from
             continue
         torch.cuda.set_rng_state(state, target)
     return lost
@@ -308,8 +308,8 @@ def device_of(t: torch.Tensor) -> str:
 
 
 def tree_devices(tree) -> str | list | None:
-    """The devices of a tree's tensors: one string when they share one (almost always), else a list in
-    ``map_tree`` order; None for a tree without tensors."""
+    """The devices of a tree's tensors: one string when they share one (almost always), else the sorted
+    distinct ones; None for a tree without tensors."""
     found = []
     stack = [tree]
     while stack:
@@ -325,7 +325,7 @@ def tree_devices(tree) -> str | list | None:
     first = found[0]
     if all(d == first for d in found):
         return str(first)
-    return [str(d) for d in found]
+    return sorted({str(d) for d in found})  # an optimizer's state: moments on the GPU, Adam's `step` on the CPU
 
 
 # -- snapshots ---------------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ def _by_epoch(events) -> dict:
 
 
 # Streams that cause others to differ come first: a mode switch or a random draw changes the weights after it.
-_CAUSES = ("train/", "reqgrad/", "rng/", "npgen/", "nprs/", "groups/", "var/", "attrs/", "vmeta", "big")
+_CAUSES = ("devflags", "devices", "train/", "reqgrad/", "rng/", "npgen/", "nprs/", "groups/", "var/", "attrs/",
+           "vmeta", "big")
 
 
 def first_cause(event: dict, kinds: dict) -> str:
@@ -153,7 +154,7 @@ def first_cause(event: dict, kinds: dict) -> str:
 
     def rank(s):
         if s.startswith("obj/") and kinds.get(s[4:]) == "torch_generator":
-            return 2
+            return _CAUSES.index("rng/")
         return next((i for i, p in enumerate(_CAUSES) if s.startswith(p)), len(_CAUSES))
     return min(streams, key=lambda s: (rank(s), s))
 
@@ -202,8 +203,14 @@ def describe(event: dict, kinds: dict | None = None) -> str:
     missing = stream in event["missing"]
     rng = "the replayed code drew random numbers the recording did not"
     if kind == "rng":
-        what = {"torch": "torch's global RNG", "numpy": "numpy's global RNG", "random": "Python's random module"}
+        what = {"torch": "torch's global RNG", "numpy": "numpy's global RNG", "random": "Python's random module",
+                "cuda": "the CUDA generators"}
         return f"{what.get(path, path)} differs {at}: {rng}"
+    if stream == "devflags":
+        return (f"the GPU determinism settings differ {at}: the replayed code changed them (cudnn.benchmark, "
+                "use_deterministic_algorithms, TF32), or this torch could not set the recorded ones")
+    if stream == "devices":
+        return f"the devices of the tensors differ {at}: the replayed code moved a model or tensor to another device"
     if kind == "npgen":
         return f"numpy Generator {path} differs {at}: {rng} from it"
     if kind == "nprs":

@@ -145,7 +145,7 @@ def test_snapshot_records_devices_that_are_not_the_cpu():
     cap = state.Capturer(ns, state.Scope(assigned={"w", "m"}, free=set()))
     snap = cap.snapshot(copy=False)
     assert snap["python"]["devices"] == {"val/m": "meta"} and "devices" in snap["digests"]
-    assert devices.tree_devices({"a": torch.ones(1), "b": [torch.ones(1, device="meta")]}) == ["cpu", "meta"]
+    assert devices.tree_devices({"a": torch.ones(1, device="meta"), "b": [torch.ones(1)]}) == ["cpu", "meta"]
     assert devices.tree_devices({"a": 1}) is None
 
 
@@ -287,3 +287,11 @@ def test_replay_with_device_cpu_of_a_cpu_run_is_still_exact(store):
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="no CUDA"):
             flor.replay("small", code=code, epochs="1", store=store, device="cuda")
+
+
+def test_a_probe_that_changes_a_determinism_setting_is_named(store):
+    ns = setup_namespace(3)
+    flor.record(TRAIN, name="small", namespace=ns, cells=[f"EPOCHS = 3\n{SETUP}"], store=store, overhead=float("inf"))
+    code = TRAIN.replace("    sched.step()\n", "    torch.backends.cudnn.benchmark = True\n    sched.step()\n")
+    df = flor.replay("small", code=code, epochs="1", store=store)
+    assert not df.attrs["fidelity"]["faithful"] and "GPU determinism settings differ" in df.attrs["verdict"]
