@@ -296,6 +296,11 @@ def check_available(target: DeviceMap, recorded_devices=()) -> None:
                                   f"device={{'{d}': 'cuda:0'}}.")
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` (the current device) and ``cuda:0`` are taken as the same; ``cuda:0`` and ``cuda:1`` are not."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def move(value: torch.Tensor, device) -> torch.Tensor:
     """``value`` on ``device`` (a copy whenever it moves)."""
     if value.device == torch.device(device):
@@ -424,7 +429,7 @@ def misplaced(ns: dict, names, device_map: DeviceMap) -> list[str]:
         value = ns.get(name)
         if isinstance(value, torch.nn.Module):
             p = next(value.parameters(), None)
-            if p is not None and device_map.device(p.device) != p.device:
+            if p is not None and not same_device(device_map.device(p.device), p.device):
                 out.append(f"{name} is on {p.device} although the replay maps it to {device_map.device(p.device)}: "
                            "a cell moved it there explicitly (write device = 'cuda' if torch.cuda.is_available() "
                            "else 'cpu')")

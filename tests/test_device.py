@@ -155,6 +155,15 @@ def test_generator_states_are_not_forced_across_devices():
     assert devices.set_cuda_rng_states(None, recorded) == []
 
 
+def test_a_model_the_cells_put_elsewhere_is_named():
+    ns = {"model": torch.nn.Linear(2, 2, device="meta"), "other": torch.nn.Linear(2, 2)}
+    notes = devices.misplaced(ns, list(ns), DeviceMap("cpu"))
+    assert len(notes) == 1 and notes[0].startswith("model is on meta")
+    assert devices.misplaced(ns, list(ns), DeviceMap()) == []
+    assert devices.same_device(torch.device("cuda"), torch.device("cuda:1"))
+    assert not devices.same_device(torch.device("cuda:0"), torch.device("cuda:1"))
+
+
 def test_device_variables_follow_the_map():
     ns = {"device": torch.device("cuda:1"), "dev": "cuda", "name": "cudafoo", "k": 3}
     changed = devices.map_device_values(ns, list(ns), DeviceMap("cpu"))
