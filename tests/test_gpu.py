@@ -121,6 +121,7 @@ def test_snapshot_goes_to_pinned_host_memory_without_a_gpu_copy():
     ns = {"__name__": "__main__", "model": model}
     cap = state.Capturer(ns, state.Scope(assigned={"model"}, free=set()))
     pool = state.BufferPool()
+    expected = model[0].weight.detach().cpu()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     snap = cap.snapshot(pool=pool)
@@ -129,12 +130,18 @@ def test_snapshot_goes_to_pinned_host_memory_without_a_gpu_copy():
     w = snap["tensors"]["obj/model"]["0.weight"]
     assert w.device.type == "cpu" and w.is_pinned() and snap["events"]
     with torch.no_grad():
-        model[0].weight.add_(1.0)  # training goes on: ordered after the copy on the GPU
+        model[0].weight.add_(1.0)  # training goes on at once: ordered after the copy on the GPU
     state.wait_copies(snap)
-    assert torch.equal(w, (model[0].weight - 1.0).cpu())
+    assert torch.equal(w, expected)  # the snapshot holds the value before the update, never the live one
+    assert torch.equal(snap["tensors"]["grad/model"]["3.weight"], model[3].weight.grad.cpu())
+
+    def buffers(s):
+        return {t.data_ptr() for key in ("obj/model", "grad/model") for t in s["tensors"][key].values()}
+    first = buffers(snap)
     pool.release(snap)
     again = cap.snapshot(pool=pool)
-    assert again["tensors"]["obj/model"]["0.weight"].data_ptr() == w.data_ptr()  # the pinned buffer is reused
+    state.wait_copies(again)
+    assert buffers(again) == first  # the pinned buffers are reused, none allocated again
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
