@@ -350,6 +350,29 @@ def staging(t: torch.Tensor, pinned_ok: bool = True) -> str:
     return "host"
 
 
+def uncaptured(placed: dict) -> dict:
+    """{what: why} for device state a snapshot does not hold: generators of devices other than CPU and CUDA."""
+    kinds = set()
+    for where in placed.values():
+        for d in [where] if isinstance(where, str) else where:
+            kinds.add(torch.device(d).type)
+    return {f"<{k} RNG>": (f"the random generator of {k} devices is not captured (flor_nb captures the CPU and CUDA "
+                           f"ones): random draws on {k} differ in replay")
+            for k in sorted(kinds - {"cpu", "cuda", "meta"})}
+
+
+def recording_note(placed: dict, recorded_flags: dict) -> str | None:
+    """What to tell the user once when a run trains on CUDA with settings that rule out exact replay."""
+    on_cuda = any(d.startswith("cuda") for w in placed.values() for d in ([w] if isinstance(w, str) else w))
+    reasons = nondeterministic(recorded_flags) if on_cuda else []
+    if not reasons:
+        return None
+    short = "; ".join(r.split(" (")[0].removeprefix("recorded ") for r in reasons)
+    return (f"flor_nb: this run trains on CUDA with non-deterministic settings ({short}): its replays will compare "
+            "values with a tolerance, not bit for bit. Call flor.deterministic() before the first CUDA operation "
+            "and record again for exact replay.")
+
+
 # -- verdict -----------------------------------------------------------------------------------------
 def tolerance_reasons(recorded_devices, recorded_flags: dict | None, device_map: DeviceMap | dict | str | None,
                       lost_rng=()) -> list[str]:

@@ -23,6 +23,7 @@ import itertools
 import pickle
 import random
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -189,6 +190,7 @@ class Capturer:
         self.placed: dict = {}  # key -> recorded device(s), of the last restored snapshot
         self.lost_rng: set = set()  # generators recorded on a device with no counterpart here
         self.flag_problems: list = []  # recorded determinism settings that could not be set here
+        self._gpu_noted = False
 
     # -- capture -------------------------------------------------------------------------
     def snapshot(self, copy: bool = True, pool: BufferPool | None = None) -> dict:
@@ -291,9 +293,15 @@ class Capturer:
         for key in ("rng/numpy", "rng/random", "devflags", "devices"):
             digests[key] = fingerprint(python[key])
         events = pool.seal() if pool is not None and copy else []
+        if copy and placed and not self._gpu_noted:  # once per recording: how exact its GPU replays can be
+            self._gpu_noted = True
+            note = devices.recording_note(placed, python["devflags"])
+            if note:
+                warnings.warn(note, stacklevel=4)
         return {
             "tensors": tensors, "python": python, "digests": digests, "roots": list(g.roots), "events": events,
-            "not_captured": {**g.not_captured, **self.unpicklable}, "notes": dict(g.notes), "data": dict(g.data),
+            "not_captured": {**g.not_captured, **self.unpicklable, **devices.uncaptured(placed)},
+            "notes": dict(g.notes), "data": dict(g.data),
             "outputs": dict(g.outputs),
         }
 

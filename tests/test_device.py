@@ -71,6 +71,18 @@ def test_snapshots_carry_the_settings_and_restore_puts_them_back():
     assert torch.backends.cudnn.benchmark is False
 
 
+def test_a_cuda_run_without_the_recipe_is_told_once_and_other_generators_are_listed():
+    default = {"deterministic_algorithms": False, "cudnn_deterministic": False, "cudnn_benchmark": False}
+    note = devices.recording_note({"obj/model": "cuda:1"}, default)
+    assert "without torch.use_deterministic_algorithms(True)" in note and "flor.deterministic()" in note
+    assert devices.recording_note({"obj/opt": ["cpu", "cuda:0"]}, default)
+    assert devices.recording_note({"obj/model": "cuda:0"}, {**default, "deterministic_algorithms": True,
+                                                           "cudnn_deterministic": True}) is None
+    assert devices.recording_note({"val/m": "meta"}, default) is None and devices.recording_note({}, default) is None
+    assert sorted(devices.uncaptured({"val/x": "mps:0", "obj/o": ["cpu", "xla:0"], "val/y": "cuda:0"})) == \
+        ["<mps RNG>", "<xla RNG>"]
+
+
 # -- where tensors go ----------------------------------------------------------------------------------
 def test_device_map():
     assert DeviceMap().device("cuda:1") == torch.device("cuda:1") and not DeviceMap()
