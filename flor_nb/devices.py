@@ -375,16 +375,27 @@ def recording_note(placed: dict, recorded_flags: dict) -> str | None:
 
 # -- verdict -----------------------------------------------------------------------------------------
 def tolerance_reasons(recorded_devices, recorded_flags: dict | None, device_map: DeviceMap | dict | str | None,
-                      lost_rng=()) -> list[str]:
-    """Why a replay's values can only be compared with a tolerance; empty: they must be bit-exact."""
+                      lost_rng=(), recorded_gpus=(), gpus_here=()) -> list[str]:
+    """Why a replay's values can only be compared with a tolerance; empty: they must be bit-exact.
+
+    ``recorded_gpus`` / ``gpus_here``: the names of the CUDA devices, by index, where the run was
+    recorded and here (deterministic kernels still differ between GPU models).
+    """
     dm = device_map if isinstance(device_map, DeviceMap) else DeviceMap(device_map)
     reasons = []
     crossed = dm.crosses(recorded_devices)
     if crossed:
         pairs = ", ".join(f"{a} -> {b}" for a, b in crossed)
-        reasons.append(f"replayed on another device than recorded ({pairs}): kernels there round differently")
+        reasons.append(f"replayed on another device than recorded ({pairs}), whose kernels round differently")
     if any(str(d).startswith("cuda") for d in recorded_devices) and not crossed:
         reasons.extend(nondeterministic(recorded_flags))
+        models = []
+        for d in sorted(d for d in set(recorded_devices) if str(d).startswith("cuda")):
+            i, j = torch.device(d).index or 0, dm.device(d).index or 0
+            if i < len(recorded_gpus) and j < len(gpus_here) and recorded_gpus[i] != gpus_here[j]:
+                models.append(f"{d}: {recorded_gpus[i]} -> cuda:{j}: {gpus_here[j]}")
+        if models:
+            reasons.append(f"replayed on another GPU model ({'; '.join(models)}), whose kernels round differently")
     if lost_rng:
         reasons.append(f"random numbers drawn on {', '.join(lost_rng)} in the recording are drawn by another "
                        "generator here (CUDA and CPU generators differ), so dropout masks and other draws differ")

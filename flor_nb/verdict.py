@@ -345,7 +345,8 @@ def tolerance_mode(results) -> dict | None:
     flags = next((i["flags"] for i in infos if i.get("flags")), None)
     device_map = infos[0].get("device_map")
     lost = sorted({d for i in infos for d in i.get("lost_rng", [])})
-    reasons = tolerance_reasons(recorded, flags, device_map, lost)
+    reasons = tolerance_reasons(recorded, flags, device_map, lost, infos[0].get("recorded_gpus") or (),
+                                infos[0].get("gpus_here") or ())
     if device_map and not recorded and any(i.get("recorded_cuda_available") for i in infos):
         # no checkpoint was restored (a segment from the start): where the recording ran is unknown
         reasons.append(f"replayed with device={device_map!r} a run recorded on a machine with CUDA, without a "
@@ -369,8 +370,9 @@ def _tolerance_text(fidelity, tol, parts, compared, epochs, unit_word) -> str:
     state_part = (f"training state digests differ in {len(differ)} stream(s) ({', '.join(differ[:4])}"
                   f"{' ...' if len(differ) > 4 else ''}), as expected at the bit level" if differ else
                   "training state digests identical to the recording")
-    return (f"{head} (compared with rtol {tol['rtol']:g}, atol {tol['atol']:g}, max abs diff "
-            f"{tol.get('max_abs_diff', 0.0):.3g}) because {why}: {metric_part}; {state_part}")
+    return (f"{head} (compared with rtol {tol['rtol']:g}, atol {tol['atol']:g}; max abs diff "
+            f"{tol.get('max_abs_diff', 0.0):.3g}). Why not exact: {why}. {metric_part[0].upper()}{metric_part[1:]}; "
+            f"{state_part}")
 
 
 def _device_notes(tol) -> str:

@@ -98,7 +98,8 @@ class Replayer:
         gpu = task.get("gpu") or {}
         self.devices = {"device_map": task.get("device"), "recorded": [], "flags": gpu.get("flags"),
                         "recorded_cuda_available": gpu.get("cuda_available"), "lost_rng": [],
-                        "flag_problems": [], "mapped": [], "misplaced": []}
+                        "flag_problems": [], "mapped": [], "misplaced": [],
+                        "recorded_gpus": gpu.get("devices") or [], "gpus_here": None}
 
     def log(self, name, value):
         if self.epoch in self.keep and not self.setup:
@@ -133,6 +134,8 @@ class Replayer:
         """What the verdict needs to judge devices: where the state was recorded, with which settings."""
         cap, info = self.capturer, self.devices
         info["recorded"] = sorted(set(info["recorded"]) | _recorded_devices(snap))
+        if info["gpus_here"] is None:  # after the cells: asking for names starts CUDA, which they may configure
+            info["gpus_here"] = devices.environment()["devices"]
         if "devflags" in snap["python"]:
             info["flags"] = snap["python"]["devflags"]
         info["lost_rng"] = sorted(set(info["lost_rng"]) | cap.lost_rng)

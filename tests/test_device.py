@@ -289,6 +289,15 @@ def test_deterministic_gpu_recording_on_its_device_is_judged_exactly():
     assert verdict.tolerance_mode([_result(cpu_run)]) is None
 
 
+def test_another_gpu_model_is_a_reason():
+    info = {**GPU_TO_CPU, "device_map": None, "recorded_gpus": ["NVIDIA A100", "NVIDIA H100"],
+            "gpus_here": ["NVIDIA H100"]}
+    assert verdict.tolerance_mode([_result(info)]) is not None  # cuda:0 was an A100, here an H100
+    assert "GPU model" in " ".join(verdict.tolerance_mode([_result(info)])["reasons"])
+    mapped = {**info, "recorded": ["cuda:1"], "device_map": {"cuda:1": "cuda:0"}}
+    assert verdict.tolerance_mode([_result(mapped)]) is None  # H100 -> H100
+
+
 def test_lost_generators_are_a_reason():
     info = {**GPU_TO_CPU, "lost_rng": ["cuda:0"]}
     assert any("generator" in r for r in verdict.tolerance_mode([_result(info)])["reasons"])
