@@ -438,15 +438,20 @@ def replay_context(device_spec, recorded_flags: dict | None):
         torch.cuda.is_available = saved
 
 
-def map_device_values(ns: dict, names, device_map: DeviceMap) -> list[str]:
-    """Variables that name a device (``device = torch.device("cuda:1")`` or ``"cuda"``), restored from the
-    recording, pointed where the map sends that device; returns ``name: old -> new`` for the verdict."""
+def map_device_values(ns: dict, names, device_map: DeviceMap, used=()) -> list[str]:
+    """Variables that name a device the recording's tensors lived on (``device = torch.device("cuda:1")`` or
+    ``"cuda"``), restored from the recording, pointed where the map sends that device; returns
+    ``name: old -> new`` for the verdict. ``used``: the recorded devices (a CPU run's ``"cuda"`` string
+    named no device it used, and stays)."""
     if not device_map:
         return []
+    used = [torch.device(u) for u in used]
     changed = []
     for name in names:
         value = ns.get(name)
         if isinstance(value, torch.device) or (isinstance(value, str) and _CUDA_NAME.match(value)):
+            if not any(same_device(torch.device(value), u) for u in used):
+                continue
             new = device_map.device(value)
             if str(new) != str(value):
                 ns[name] = new if isinstance(value, torch.device) else str(new)

@@ -141,7 +141,8 @@ class Replayer:
         info["lost_rng"] = sorted(set(info["lost_rng"]) | cap.lost_rng)
         info["flag_problems"] = sorted(set(info["flag_problems"]) | set(cap.flag_problems))
         roots = [r for r in cap.order if r in self.ns]
-        info["mapped"] = sorted(set(info["mapped"]) | set(devices.map_device_values(self.ns, roots, cap.device_map)))
+        info["mapped"] = sorted(set(info["mapped"]) | set(devices.map_device_values(self.ns, roots, cap.device_map,
+                                                                                    info["recorded"])))
         info["misplaced"] = sorted(set(info["misplaced"]) | set(devices.misplaced(self.ns, roots, cap.device_map)))
 
     def _skipped(self):

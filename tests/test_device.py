@@ -177,11 +177,31 @@ def test_a_model_the_cells_put_elsewhere_is_named():
 
 
 def test_device_variables_follow_the_map():
-    ns = {"device": torch.device("cuda:1"), "dev": "cuda", "name": "cudafoo", "k": 3}
-    changed = devices.map_device_values(ns, list(ns), DeviceMap("cpu"))
+    ns = {"device": torch.device("cuda:1"), "dev": "cuda", "name": "cudafoo", "k": 3, "other": "cuda:0"}
+    changed = devices.map_device_values(ns, list(ns), DeviceMap("cpu"), used=["cuda:1"])
     assert ns["device"] == torch.device("cpu") and ns["dev"] == "cpu" and ns["name"] == "cudafoo"
+    assert ns["other"] == "cuda:0"  # no recorded tensor lived there: not the training's device
     assert sorted(changed) == ["dev: cuda -> cpu", "device: cuda:1 -> cpu"]
     assert devices.map_device_values(ns, list(ns), DeviceMap()) == []
+
+
+def test_a_cuda_name_in_a_cpu_run_stays_and_replay_is_exact(store):
+    cells = [f"EPOCHS = 2\n{SETUP}\ndev = 'cuda:0'\n"]
+    ns = setup_namespace(2)
+    ns["dev"] = "cuda:0"
+    code = TRAIN.replace("    model.eval()\n", "    model.eval()\n    note = dev\n")
+    flor.record(code, name="named", namespace=ns, cells=cells, store=store, overhead=float("inf"))
+    df = flor.replay("named", code=code, epochs="1", store=store, device="cpu")
+    assert df.attrs["fidelity"]["level"] == verdict.FAITHFUL, df.attrs["verdict"]
+
+
+def test_replay_context_hides_cuda_for_a_cpu_replay_and_sets_the_recorded_flags():
+    real = torch.cuda.is_available
+    with devices.replay_context("cpu", {**devices.flags(), "cudnn_benchmark": True}) as failed:
+        assert torch.cuda.is_available() is False and torch.backends.cudnn.benchmark and failed == []
+    assert torch.cuda.is_available is real
+    with devices.replay_context(None, None):
+        assert torch.cuda.is_available is real
 
 
 # -- snapshots: staging and the pinned pool -------------------------------------------------------------
