@@ -151,3 +151,46 @@ def test_a_model_on_the_second_gpu_records_and_replays_there(store):
     assert snap["python"]["devices"]["obj/model"] == "cuda:1"
     df = flor.replay("second", code=PROBED, epochs="2", store=store)
     assert df.attrs["fidelity"]["level"] == verdict.FAITHFUL, df.attrs["verdict"]
+
+
+NB_SETUP = (
+    "flor.deterministic()\n"
+    "import torch, torch.nn as nn, torch.nn.functional as F\n"
+    "torch.manual_seed(0)\n"
+    "device = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+    "X = torch.randn(256, 8, device=device); y = (X[:, :2].sum(1) > 0).long()\n"
+    "model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2)).to(device)\n"
+    "opt = torch.optim.Adam(model.parameters(), lr=1e-2)\n"
+    "scaler = torch.amp.GradScaler('cuda', enabled=device == 'cuda')"
+)
+NB_LOOP = (
+    "for epoch in range(3):\n"
+    "    perm = torch.randperm(256, device=device)\n"
+    "    for i in range(0, 256, 64):\n"
+    "        with torch.autocast('cuda', dtype=torch.float16, enabled=device == 'cuda'):\n"
+    "            loss = F.cross_entropy(model(X[perm[i:i+64]]), y[perm[i:i+64]])\n"
+    "        opt.zero_grad(); scaler.scale(loss).backward()\n"
+    "{probe}"
+    "        scaler.step(opt); scaler.update()\n"
+    "        flor.log('loss', loss.item())"
+)
+NB_PROBE = "        flor.log('w_grad', model[0].weight.grad.float().abs().sum().item())\n"
+
+
+@pytest.mark.timeout(600)
+def test_notebook_record_on_gpu_then_replay_in_a_fresh_kernel_on_gpu_and_cpu(store, tmp_path):
+    import nbformat
+
+    from test_notebooks import execute, text
+
+    new, cell = nbformat.v4.new_notebook, nbformat.v4.new_code_cell
+    execute(new(cells=[cell("%load_ext flor_nb"), cell(NB_SETUP),
+                       cell("%%flor record --name gpu_nb --no-progress\n" + NB_LOOP.format(probe=""))]), tmp_path)
+    probed = NB_LOOP.format(probe=NB_PROBE)
+    nb = execute(new(cells=[cell("%load_ext flor_nb"),
+                            cell("%%flor replay gpu_nb --epochs 1,2 --no-progress\n" + probed),
+                            cell("%%flor replay gpu_nb --epochs 2 --device cpu --no-progress\n" + probed)]), tmp_path)
+    on_gpu, on_cpu = text(nb.cells[1].outputs), text(nb.cells[2].outputs)
+    assert "Faithful replay: recorded metrics reproduced exactly: loss exact (8 values)" in on_gpu, on_gpu
+    assert "w_grad" in on_gpu and "w_grad" in on_cpu
+    assert "cuda:0 -> cpu" in on_cpu and "tolerance" in on_cpu and "a probe changed training" not in on_cpu, on_cpu
