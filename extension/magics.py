@@ -20,6 +20,7 @@ from flor_nb.errors import FlorError
 USAGE = """\
 %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
 %%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH] [--trust]  replay it with the edited cell below
+                  [--device cpu|cuda:N]      where the recorded tensors go (default: where they were recorded)
 %flor resume RUN [--store PATH] [--trust]     continue a run a crash or interrupt stopped
 %flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
 %flor ui [RUN]                               open the replay panel
@@ -60,6 +61,9 @@ _REPLAY.add_argument("--show-setup", action="store_true",
 _REPLAY.add_argument("--recorded-cells", action="store_true",
                      help="ignore helpers edited in this kernel since the recording; replay the recorded cells")
 _REPLAY.add_argument("--workers", type=int, default=None, help="worker processes (default: as the cores allow)")
+_REPLAY.add_argument("--device", default=None,
+                     help="where the recorded tensors go: cpu, cuda, cuda:N (default: where they were recorded); "
+                          "across devices values are compared with a tolerance and the verdict says so")
 _REPLAY.add_argument("--no-progress", action="store_true", help="no progress bar")
 _REPLAY.add_argument("--trust", action="store_true", help="re-sign the store first: only for a store you trust")
 _RESUME = _parser("resume", "Continue a run that a crash, SIGKILL or interrupt stopped, from its last checkpoint.")
@@ -171,7 +175,7 @@ class FlorMagics(Magics):
                 print(f"flor_nb: replaying with {note}; --recorded-cells to replay the recorded ones")
         try:
             df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, iters=a.iters,
-                                workers=a.workers, cells=edits or None,
+                                workers=a.workers, cells=edits or None, device=a.device,
                                 store=a.store, on_event=None if a.no_progress else progress,
                                 trust_store=a.trust)
         finally:

@@ -5,6 +5,7 @@ the epochs you need from checkpoints, with a check that the replay is faithful.
 """
 from .api import checkpoints, dataframe, du, get_run, get_store, replays, runs
 from .background import start_replay
+from .devices import deterministic
 from .housekeeping import delete, gc
 from .errors import FlorError
 from .record import record
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "log", "arg", "loop", "record", "replay", "resume", "start_replay", "runs", "dataframe", "get_run",
     "checkpoints", "replays", "report", "ui", "get_store", "delete", "gc", "du", "trust", "FlorError",
+    "deterministic",
 ]
 
 

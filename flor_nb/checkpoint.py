@@ -33,7 +33,7 @@ import xxhash
 from . import disk, signing
 from .errors import FlorError, UntrustedStoreError
 from .hashing import DEFAULT, hash_bytes, known
-from .state import _raw
+from .state import _raw, wait_copies
 from .trees import map_tree
 
 MAGIC = b"FLORCKPT"
@@ -76,6 +76,7 @@ def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:
 
 def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]:
     """Return (skeleton, python part, {hash: bytes}, {stream: digest}) for a snapshot (see state.py)."""
+    wait_copies(snap)  # copies off a GPU are asynchronous: the buffers are read only once they landed
     blobs: dict = {}
     skeleton = {key: map_tree(value, lambda t: _ref(t, blobs, algorithm)) for key, value in snap["tensors"].items()}
     digests = {key: hash_bytes(repr(value).encode(), algorithm) for key, value in skeleton.items()}

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, disk, runtime, state, validate
+from . import checkpoint, devices, disk, runtime, state, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .hashing import hash_bytes
@@ -648,6 +648,7 @@ def environment() -> dict:
         "cwd": os.getcwd(),
         "start_method": multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_start_method(),
         "host": platform.node(),
+        "gpu": devices.environment(),  # CUDA devices, versions, determinism settings at the start
     }
     for mod in ("pandas", "sklearn", "flor_nb"):
         m = sys.modules.get(mod)

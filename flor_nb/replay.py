@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import executor as executors
-from . import checkpoint, machine, runtime, signing, validate
+from . import checkpoint, devices, machine, runtime, signing, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .instrument import changes, helper_touched, instrument, parse, recorded_loops
@@ -101,17 +101,19 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
 
 
 def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on_event=None,
-           executor=None, iters=None, trust_store=False) -> pd.DataFrame:
+           executor=None, iters=None, trust_store=False, device=None) -> pd.DataFrame:
     """Replay ``epochs`` of ``run`` with ``code`` (the edited cell); return the probes' values.
 
     The result has one row per (epoch, step, seq) with the probe columns and the
     recorded metrics beside them (``seq`` numbers repeats at one step); ``result.attrs["fidelity"]``
     says whether the recorded metrics were reproduced exactly. For a run whose loop counts
     iterations (a ``while`` loop, a step-only ``for``), ``iters="5000-5200"`` says the same as
-    ``epochs``: the ``epoch`` column then numbers iterations. A damaged checkpoint is named
-    and replay starts from the nearest earlier intact one (``fidelity["damaged_checkpoints"]``).
-    A run whose cells and checkpoints are not signed with your key is refused unless
-    ``trust_store=True`` (see :func:`flor_nb.trust`).
+    ``epochs``: the ``epoch`` column then numbers iterations. ``device``: where the recorded tensors go
+    (``"cpu"``, ``"cuda:1"`` or a dict such as ``{"cuda:1": "cuda:0"}``; default: where they were recorded);
+    across device types the verdict compares with a tolerance and says so (see :mod:`flor_nb.devices`).
+    A damaged checkpoint is named and replay starts from the nearest earlier intact one
+    (``fidelity["damaged_checkpoints"]``). A run whose cells and checkpoints are not signed with your key
+    is refused unless ``trust_store=True`` (see :func:`flor_nb.trust`).
     """
     epochs = _units(epochs, iters)
     store = get_store(store)
@@ -119,6 +121,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         signing.trust(store)
     run = store.find_run(run)
     signing.check_run(run, store.home)  # replay executes its cells: only if this user signed them
+    devices.check_available(devices.DeviceMap(device))  # a device this machine lacks: refused before any work
     damaged: dict = {}  # epoch -> why its checkpoint cannot be used
     p = prepare(store, run, code, epochs, cells, workers)
     # Workers tag their progress events with this token: unique, so a late event of an earlier replay on
@@ -135,7 +138,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                       "epochs_to_run": p["epochs_to_run"], "workers": p["workers"],
                       "unit": recorded_loops(run.state).get("unit", "epochs")})
         try:
-            results = ex.run(run_task, _tasks(store, run, p, token), events)
+            results = ex.run(run_task, _tasks(store, run, p, token, device), events)
         except executors.ReplayCancelled as e:
             cancelled, results = e, [r for r in e.results if r is not None]
         except CorruptCheckpointError as e:
@@ -246,7 +249,7 @@ def _plan_row(p) -> dict:
     return {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"], "summary": p["summary"]}
 
 
-def _tasks(store: Store, run: Run, p: dict, token: str) -> list[dict]:
+def _tasks(store: Store, run: Run, p: dict, token: str, device=None) -> list[dict]:
     return [{
         "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": token,
         "code": p["code"], "loops": p["loops"], "cells": p["cells"], "args": run.args,
@@ -259,6 +262,8 @@ def _tasks(store: Store, run: Run, p: dict, token: str) -> list[dict]:
         "start_method": run.env.get("start_method"),
         "exclude": _unchecked_streams(run, p["code"]),
         "key": str(signing.key_path()),  # the worker verifies checkpoints with this user's key
+        "device": devices.DeviceMap(device).to_json(),  # checked here: a bad device fails before workers start
+        "gpu": run.env.get("gpu"),
     } for seg in p["segments"]]
 
 

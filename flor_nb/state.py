@@ -23,11 +23,12 @@ import itertools
 import pickle
 import random
 import threading
+import warnings
 
 import numpy as np
 import torch
 
-from . import frameworks, pickling
+from . import devices, frameworks, pickling
 from .capture import CHUNK, Graph, Scope, _unsaveable, child_path, resolve, walk
 from .capture import limits as capture_limits
 from .errors import FlorError
@@ -44,28 +45,79 @@ class RestoreError(FlorError):
 
 
 class BufferPool:
-    """Reusable CPU tensors for snapshots.
+    """Reusable host tensors for snapshots.
 
     ``copy_`` into memory already touched is several times faster than ``clone``
     into fresh pages (measured here: 18 vs 2.2 GB/s); buffers go back to the pool
     once the writer has persisted their snapshot.
+
+    CUDA tensors go to pinned host buffers (``pin_memory``; default: when CUDA is available),
+    copied with ``non_blocking=True`` on a side stream of their device, never cloned on the GPU
+    (see :func:`flor_nb.devices.staging`). :meth:`seal` ends a snapshot: it records an event per
+    device, makes the training stream wait for it on the GPU (the next kernel that may overwrite a
+    source is ordered after the copy; the training thread itself does not block) and returns the
+    events, which the writer waits for before it reads the buffers.
     """
 
-    def __init__(self):
+    def __init__(self, pin_memory: bool | None = None):
         self._free: dict = {}
         self._lock = threading.Lock()
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._streams: dict = {}  # device -> side stream for copies off it
+        self._open: dict = {}  # device -> side stream with copies not yet sealed
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
-            return t.clone()
-        key = (t.dtype, tuple(t.shape))
+        how = devices.staging(t)
+        if how == "pool":
+            return self._buffer(t, pinned=False).copy_(t)
+        if how == "pinned":
+            return self.copy_async(t)
+        if how == "host":
+            return t.to("cpu", copy=True)
+        return t.clone()
+
+    def _buffer(self, t: torch.Tensor, pinned: bool) -> torch.Tensor:
+        key = (t.dtype, tuple(t.shape), pinned)
         with self._lock:
             free = self._free.get(key)
             buf = free.pop() if free else None
         if buf is None:
-            buf = torch.empty(key[1], dtype=t.dtype)
-        return buf.copy_(t)
+            buf = torch.empty(key[1], dtype=t.dtype, pin_memory=pinned)
+        return buf
+
+    def copy_async(self, t: torch.Tensor, stream=None) -> torch.Tensor:
+        """Copy ``t`` into a pooled (pinned, when the pool pins) host buffer without blocking: on a side
+        stream of ``t``'s device when it is a CUDA tensor (``stream`` overrides it), else a plain copy."""
+        buf = self._buffer(t, pinned=self.pin_memory)
+        if t.device.type != "cuda":
+            return buf.copy_(t, non_blocking=self.pin_memory)
+        side = stream or self._side(t.device)
+        with torch.cuda.stream(side):
+            buf.copy_(t, non_blocking=True)
+        t.record_stream(side)  # memory freed by training is not reused before the copy has read it
+        return buf
+
+    def _side(self, device):
+        side = self._open.get(device)
+        if side is None:
+            side = self._streams.get(device)
+            if side is None:
+                side = self._streams[device] = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))  # copy what training computed so far
+            self._open[device] = side
+        return side
+
+    def seal(self) -> list:
+        """End a snapshot's copies: the events the writer must wait for (empty: nothing is in flight)."""
+        events = []
+        for device, side in self._open.items():
+            event = torch.cuda.Event()
+            event.record(side)
+            torch.cuda.current_stream(device).wait_event(event)  # GPU-side: later writes wait for the copy
+            events.append(event)
+        self._open = {}
+        return events
 
     def release(self, snap: dict | None):
         if snap is None:
@@ -76,11 +128,24 @@ class BufferPool:
                 tree = stack.pop()
                 if isinstance(tree, torch.Tensor):
                     if tree.device.type == "cpu" and tree.layout == torch.strided and tree.is_contiguous():
-                        self._free.setdefault((tree.dtype, tuple(tree.shape)), []).append(tree)
+                        pinned = self.pin_memory and tree.is_pinned()
+                        self._free.setdefault((tree.dtype, tuple(tree.shape), pinned), []).append(tree)
                 elif isinstance(tree, dict):
                     stack.extend(tree.values())
                 elif isinstance(tree, (list, tuple)):
                     stack.extend(tree)
+
+
+def wait_copies(snap: dict) -> None:
+    """Block until a snapshot's device-to-host copies have landed (the writer calls it before reading)."""
+    for event in snap.get("events") or ():
+        event.synchronize()
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A snapshot's copy without a pool: on the host, never a second copy in GPU memory."""
+    t = t.detach()
+    return t.clone() if devices.staging(t) in ("pool", "clone") else t.to("cpu", copy=True)
 
 
 def _raw(t) -> memoryview | bytes:
@@ -121,19 +186,27 @@ class Capturer:
         self.bad: set = set()  # ids of objects, and types, that cannot be pickled
         self.unpicklable: dict = {}  # path -> reason, found while pickling
         self.kinds: dict = {}  # path -> kind of the objects saved through their own API (last snapshot)
+        self.device_map = devices.DeviceMap()  # where restored tensors go (replay with device=...)
+        self.placed: dict = {}  # key -> recorded device(s), of the last restored snapshot
+        self.lost_rng: set = set()  # generators recorded on a device with no counterpart here
+        self.flag_problems: list = []  # recorded determinism settings that could not be set here
+        self._gpu_noted = False
 
     # -- capture -------------------------------------------------------------------------
     def snapshot(self, copy: bool = True, pool: BufferPool | None = None) -> dict:
         """Copy everything needed to resume from here. ``copy=False``: tensors alias the live ones
         and nothing is pickled (for digests taken at once)."""
+        placed: dict = {}  # key -> device(s) of the live tensors, where not the CPU (restore puts them back there)
         if not copy:
-            def dup(tree):
-                return tree
+            leaf = None
         else:
-            leaf = pool.copy if pool is not None else (lambda t: t.detach().clone())
+            leaf = pool.copy if pool is not None else _host_copy
 
-            def dup(tree):
-                return map_tree(tree, leaf)
+        def dup(tree, key):
+            where = devices.tree_devices(tree)
+            if where is not None and where != "cpu":
+                placed[key] = where
+            return tree if leaf is None else map_tree(tree, leaf)
         g = walk(self.ns, self.scope, self.order, **self.limits)
         self.order = list(g.roots)
         self.kinds = {**{p: k for p, (k, _) in g.stateful.items()}, **{p: "attrs" for p in g.attr_objects}}
@@ -144,34 +217,38 @@ class Capturer:
             key = f"obj/{path}"
             if kind == "module":
                 tree, leaves[path] = split_leaves(obj.state_dict())
-                tensors[key] = dup(tree)
-                tensors[f"grad/{path}"] = dup({n: p.grad for n, p in obj.named_parameters() if p.grad is not None})
+                tensors[key] = dup(tree, key)
+                grads = {n: p.grad for n, p in obj.named_parameters() if p.grad is not None}
+                tensors[f"grad/{path}"] = dup(grads, f"grad/{path}")
                 extra = _nonpersistent_buffers(obj)
                 if extra:
-                    tensors[f"buf/{path}"] = dup(extra)
+                    tensors[f"buf/{path}"] = dup(extra, f"buf/{path}")
                 python[f"train/{path}"] = [m.training for m in obj.modules()]
                 python[f"reqgrad/{path}"] = [p.requires_grad for p in obj.parameters()]
             elif kind == "optimizer":
                 tree, leaves[path] = split_leaves(obj.state_dict())
-                tensors[key] = dup(tree)
+                tensors[key] = dup(tree, key)
                 python[f"groups/{path}"] = [[token(p) for p in group["params"]] for group in obj.param_groups]
             elif kind in ("stateful", "framework"):
                 tree, leaves[path] = split_leaves(g.states[path])
-                tensors[key] = dup(tree)
+                tensors[key] = dup(tree, key)
             elif kind == "torch_generator":
                 tensors[key] = obj.get_state()
+                if obj.device.type != "cpu":
+                    placed[key] = str(obj.device)
             elif kind == "np_generator":
                 python[f"npgen/{path}"] = obj.bit_generator.state
             elif kind == "np_randomstate":
                 python[f"nprs/{path}"] = obj.get_state()
         meta = {}
         for path, t in g.tensors.items():
-            tensors[f"val/{path}"] = dup(t.detach())
+            tensors[f"val/{path}"] = dup(t.detach(), f"val/{path}")
             if t.is_leaf and t.grad is not None:
-                tensors[f"valgrad/{path}"] = dup(t.grad)
+                tensors[f"valgrad/{path}"] = dup(t.grad, f"valgrad/{path}")
             meta[path] = t.requires_grad
         for path, a in g.arrays.items():
-            tensors[f"arr/{path}"] = dup(torch.from_numpy(a) if a.flags.writeable else torch.tensor(a))
+            tensors[f"arr/{path}"] = dup(torch.from_numpy(a) if a.flags.writeable else torch.tensor(a),
+                                         f"arr/{path}")
             meta[path] = str(a.dtype)
         for path, values in g.chunked.items():  # long histories: fixed chunks, so old ones dedup on disk
             chunks = [pickle.dumps(values[i:i + CHUNK], protocol=pickle.HIGHEST_PROTOCOL)
@@ -206,13 +283,25 @@ class Capturer:
             for rep, value in units.items():
                 python[f"py/{rep}"] = self._dumps(value, g, rep, g.identity if self._reaches(g, rep) else None)
         tensors["rng/torch"] = torch.get_rng_state()
+        cuda_rng = devices.cuda_rng_states()
+        if cuda_rng is not None:
+            tensors["rng/cuda"] = cuda_rng  # [device i's state]: dropout on cuda:i draws from it
         python["rng/numpy"] = np.random.get_state()
         python["rng/random"] = random.getstate()
-        for key in ("rng/numpy", "rng/random"):
+        python["devflags"] = devices.flags()  # a cell may change them mid-run: kept with every checkpoint
+        python["devices"] = dict(sorted(placed.items()))
+        for key in ("rng/numpy", "rng/random", "devflags", "devices"):
             digests[key] = fingerprint(python[key])
+        events = pool.seal() if pool is not None and copy else []
+        if copy and placed and not self._gpu_noted:  # once per recording: how exact its GPU replays can be
+            self._gpu_noted = True
+            note = devices.recording_note(placed, python["devflags"])
+            if note:
+                warnings.warn(note, stacklevel=4)
         return {
-            "tensors": tensors, "python": python, "digests": digests, "roots": list(g.roots),
-            "not_captured": {**g.not_captured, **self.unpicklable}, "notes": dict(g.notes), "data": dict(g.data),
+            "tensors": tensors, "python": python, "digests": digests, "roots": list(g.roots), "events": events,
+            "not_captured": {**g.not_captured, **self.unpicklable, **devices.uncaptured(placed)},
+            "notes": dict(g.notes), "data": dict(g.data),
             "outputs": dict(g.outputs),
         }
 
@@ -333,14 +422,20 @@ class Capturer:
                 resolved[("chunks", key[7:])] = list(itertools.chain.from_iterable(pickle.loads(c) for c in chunks))
         meta = python["vmeta"]
         aliases = python.get("aliases", {})
+        self.placed = placed = python.get("devices") or {}
         used: set = set()
         for key, value in tensors.items():  # tensors held by value, in place where they already exist
             kind, _, path = key.partition("/")
+            if kind == "val":
+                dev = self.device_map.device(placed.get(key, "cpu"))  # recorded there (or where the map says)
+                value = devices.move(value, dev)
+                grad = tensors.get(f"valgrad/{path}")
+                grad = None if grad is None else devices.move(grad, self.device_map.device(
+                    placed.get(f"valgrad/{path}", "cpu")))
             if kind == "val" and path in aliases and _alias(live, aliases[path], value) is not None:
                 resolved[("val", path)] = _alias(live, aliases[path], value)  # a view of the parameter, again
             elif kind == "val":
-                resolved[("val", path)] = _put_tensor(live(path), value, meta.get(path, False), used,
-                                                      tensors.get(f"valgrad/{path}"))
+                resolved[("val", path)] = _put_tensor(live(path), value, meta.get(path, False), used, grad)
             elif kind == "arr":
                 resolved[("arr", path)] = _put_array(live(path), value, meta[path], used)
         order = {"module": 0, "optimizer": 1}
@@ -357,7 +452,11 @@ class Capturer:
             tree = put_leaves(tensors[f"obj/{path}"], leaves_of(path))
             resolved[("obj", path)] = obj
             if isinstance(obj, torch.Generator):
-                obj.set_state(tree)
+                recorded_on = placed.get(f"obj/{path}", "cpu")
+                if obj.device.type != torch.device(recorded_on).type:  # Philox state into a CPU generator: no
+                    self.lost_rng.add(f"{path} ({recorded_on})")
+                else:
+                    obj.set_state(tree)
             elif isinstance(obj, torch.optim.Optimizer):
                 _add_groups(obj, python.get(f"groups/{path}") or [], token)
                 obj.load_state_dict(tree)
@@ -402,8 +501,11 @@ class Capturer:
             if value is MISSING or content_hash(value) != h:
                 problems.append(f"{path} (too large to store) differs from the recording")
         torch.set_rng_state(tensors["rng/torch"])
+        self.lost_rng.update(devices.set_cuda_rng_states(tensors.get("rng/cuda"), self.device_map))
         np.random.set_state(python["rng/numpy"])
         random.setstate(python["rng/random"])
+        if "devflags" in python:  # the settings in force when this state was captured
+            self.flag_problems = devices.apply_flags(python["devflags"], env=False)
         return problems
 
 
@@ -433,8 +535,8 @@ def _nonpersistent_buffers(module) -> dict:
 
 def _restore_module(module, path, tensors, python):
     grads = tensors.get(f"grad/{path}", {})
-    for n, p in module.named_parameters():
-        p.grad = grads[n].clone() if n in grads else None
+    for n, p in module.named_parameters():  # on the parameter's device, wherever the checkpoint was loaded
+        p.grad = grads[n].to(p.device, copy=True) if n in grads else None
     for name, value in tensors.get(f"buf/{path}", {}).items():
         owner, _, bname = name.rpartition(".")
         m = module.get_submodule(owner) if owner else module
@@ -482,7 +584,7 @@ def _put_tensor(live, value, requires_grad, used: set, grad):
     if target.is_leaf and (target.is_floating_point() or target.is_complex()):
         target.requires_grad_(bool(requires_grad))
     if target.is_leaf:
-        target.grad = None if grad is None else grad.clone()
+        target.grad = None if grad is None else grad.to(target.device, copy=True)
     return target
 
 

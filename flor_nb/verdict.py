@@ -19,8 +19,18 @@ from .plan import format_epochs
 FAITHFUL, CAVEATS, NOT_FAITHFUL = "faithful", "caveats", "not faithful"
 
 
-def compare_metrics(recorded, rows, modes: dict, clock_metrics=()) -> dict:
-    """Per recorded metric: how many values were compared, exact, missing; the first mismatch."""
+# Tolerance where values cannot be bit-exact (another device, non-deterministic GPU kernels): |a - b| <=
+# ATOL + RTOL * |a|. Loose enough for fp32 rounding carried through an epoch of training, tight enough
+# that a changed learning rate or a skipped batch shows.
+RTOL, ATOL = 1e-3, 1e-5
+
+
+def compare_metrics(recorded, rows, modes: dict, clock_metrics=(), tolerance=None) -> dict:
+    """Per recorded metric: how many values were compared, exact, missing; the first mismatch.
+
+    ``tolerance``: ``(rtol, atol)``; values that differ within it count as ``close``, and a metric whose
+    values are all exact or close has the verdict ``close`` (never ``exact``).
+    """
     want = {(r["name"], r["epoch"], r["step"], r["seq"]): runtime.from_json(r["value"])
             for r in recorded if r["epoch"] in modes and (r["step"] is None or modes[r["epoch"]] == "full")}
     got = {(n, e, s, q): runtime.from_json(v) for n, e, s, q, v in rows}
@@ -33,7 +43,7 @@ def compare_metrics(recorded, rows, modes: dict, clock_metrics=()) -> dict:
             metrics[name] = {"compared": 0, "exact": 0, "missing": 0, "max_abs_diff": 0.0, "verdict": "clock",
                              "first_mismatch": None}
             continue
-        n_exact, missing, max_diff, first_bad = 0, 0, 0.0, None
+        n_exact, n_close, missing, max_diff, first_bad = 0, 0, 0, 0.0, None
         for key in keys:
             if key not in got:
                 missing += 1
@@ -44,11 +54,16 @@ def compare_metrics(recorded, rows, modes: dict, clock_metrics=()) -> dict:
             else:
                 d = runtime.abs_diff(a, b)
                 max_diff = max(max_diff, d if d is not None else float("inf"))
-                if first_bad is None:
+                if tolerance is not None and d is not None and d <= tolerance[1] + tolerance[0] * abs(float(a)):
+                    n_close += 1
+                elif first_bad is None:
                     first_bad = {"epoch": key[1], "step": key[2], "recorded": a, "replayed": b}
-        verdict = "exact" if n_exact == len(keys) else ("missing" if missing == len(keys) else "diverged")
+        verdict = ("exact" if n_exact == len(keys) else "missing" if missing == len(keys)
+                   else "close" if n_exact + n_close == len(keys) else "diverged")
         metrics[name] = {"compared": len(keys) - missing, "exact": n_exact, "missing": missing,
                          "max_abs_diff": max_diff, "verdict": verdict, "first_mismatch": first_bad}
+        if tolerance is not None:
+            metrics[name]["close"] = n_close
     return metrics
 
 
@@ -67,12 +82,16 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     """The fidelity of a replay, as a JSON-able dict (see the module docstring)."""
     run_state = run_state or {}
     clock_vars, clock_metrics = set(run_state.get("clock_vars", ())), set(run_state.get("clock_metrics", ()))
-    metrics = compare_metrics(recorded, rows, modes, clock_metrics)
+    tol = tolerance_mode(results)
+    metrics = compare_metrics(recorded, rows, modes, clock_metrics, (RTOL, ATOL) if tol else None)
     events, checks, problems = [], [], []
     for res in results:
         events.extend(res.get("divergence", []))
         checks.extend(res.get("checks", []))
         problems.extend(res.get("problems", []))
+    expected = []  # tolerance mode: bit-level state digests are expected to differ, so they judge nothing
+    if tol:
+        expected, events = [e for e in events if e["differ"] or e["missing"]], []
     events.sort(key=lambda d: (d["epoch"], d["where"] != "step"))
     streams = {s for c in checks for s in c["streams"]}
     checked_epochs = sorted({c["epoch"] for c in checks if c["where"] == "end"})
@@ -89,9 +108,18 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     metric_bad = [n for n, m in metrics.items() if m["verdict"] == "diverged"]
     faithful = not metric_bad and not diverged and not problems
     unchecked = set(modes) - covered
-    level = NOT_FAITHFUL if not faithful else (CAVEATS if read or unchecked else FAITHFUL)
+    level = NOT_FAITHFUL if not faithful else (CAVEATS if read or unchecked or tol else FAITHFUL)
     cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) if not faithful else None
+    if tol:
+        tol["state_differs"] = sorted({s for e in expected for s in e["differ"] + e["missing"]})
+        tol["max_abs_diff"] = max((m["max_abs_diff"] for m in metrics.values()), default=0.0)
+        if not faithful and not problems:  # the device, not a probe, is the known cause
+            cause = (f"Values differ beyond the tolerance (rtol {RTOL:g}, atol {ATOL:g}); expected when "
+                     + "; ".join(tol["reasons"]) + ". This replay cannot tell such drift from a change a probe "
+                     "made: replay on the recorded device with the recorded settings (see flor.deterministic()) "
+                     "to check exactly")
     return {
+        "tolerance": tol,
         "faithful": faithful,
         "level": level,
         "metrics": metrics,
@@ -117,7 +145,8 @@ def _by_epoch(events) -> dict:
 
 
 # Streams that cause others to differ come first: a mode switch or a random draw changes the weights after it.
-_CAUSES = ("train/", "reqgrad/", "rng/", "npgen/", "nprs/", "groups/", "var/", "attrs/", "vmeta", "big")
+_CAUSES = ("devflags", "devices", "train/", "reqgrad/", "rng/", "npgen/", "nprs/", "groups/", "var/", "attrs/",
+           "vmeta", "big")
 
 
 def first_cause(event: dict, kinds: dict) -> str:
@@ -126,7 +155,7 @@ def first_cause(event: dict, kinds: dict) -> str:
 
     def rank(s):
         if s.startswith("obj/") and kinds.get(s[4:]) == "torch_generator":
-            return 2
+            return _CAUSES.index("rng/")
         return next((i for i, p in enumerate(_CAUSES) if s.startswith(p)), len(_CAUSES))
     return min(streams, key=lambda s: (rank(s), s))
 
@@ -175,8 +204,14 @@ def describe(event: dict, kinds: dict | None = None) -> str:
     missing = stream in event["missing"]
     rng = "the replayed code drew random numbers the recording did not"
     if kind == "rng":
-        what = {"torch": "torch's global RNG", "numpy": "numpy's global RNG", "random": "Python's random module"}
+        what = {"torch": "torch's global RNG", "numpy": "numpy's global RNG", "random": "Python's random module",
+                "cuda": "the CUDA generators"}
         return f"{what.get(path, path)} differs {at}: {rng}"
+    if stream == "devflags":
+        return (f"the GPU determinism settings differ {at}: the replayed code changed them (cudnn.benchmark, "
+                "use_deterministic_algorithms, TF32), or this torch could not set the recorded ones")
+    if stream == "devices":
+        return f"the devices of the tensors differ {at}: the replayed code moved a model or tensor to another device"
     if kind == "npgen":
         return f"numpy Generator {path} differs {at}: {rng} from it"
     if kind == "nprs":
@@ -224,15 +259,21 @@ def verdict_text(fidelity: dict) -> str:
     for name, m in fidelity["metrics"].items():
         if m["verdict"] == "exact":
             parts.append(f"{name} exact ({m['compared']} values)")
+        elif m["verdict"] == "close":
+            parts.append(f"{name} within tolerance ({m['exact']} of {m['compared']} values exact, "
+                         f"max abs diff {m['max_abs_diff']:.3g})")
         elif m["verdict"] == "diverged":
             parts.append(f"{name} DIVERGED ({m['compared'] - m['exact']} of {m['compared']} differ, "
                          f"max abs diff {m['max_abs_diff']:.3g})")
-    compared = [n for n, m in fidelity["metrics"].items() if m["verdict"] in ("exact", "diverged")]
+    compared = [n for n, m in fidelity["metrics"].items() if m["verdict"] in ("exact", "close", "diverged")]
     missing = [n for n, m in fidelity["metrics"].items() if m["verdict"] == "missing"]
     epochs = format_epochs(fidelity["epochs"])
     unit_word = "iteration" if fidelity.get("unit") == "iterations" else "epoch"
     state = fidelity["state"]
-    if fidelity["level"] != NOT_FAITHFUL:
+    tol = fidelity.get("tolerance")
+    if tol and fidelity["level"] != NOT_FAITHFUL:
+        out = _tolerance_text(fidelity, tol, parts, compared, epochs, unit_word)
+    elif fidelity["level"] != NOT_FAITHFUL:
         head = "Faithful replay" if fidelity["level"] == FAITHFUL else "Replay reproduced the recording, with caveats"
         metric_part = ("recorded metrics reproduced exactly: " + "; ".join(parts)) if compared else \
             f"no recorded metric in {unit_word}{'s' if len(fidelity['epochs']) > 1 else ''} {epochs}"
@@ -274,6 +315,8 @@ def verdict_text(fidelity: dict) -> str:
         if fidelity.get("cause"):
             details.append(fidelity["cause"])
         out += ". ".join(d.rstrip(".") for d in details)
+    if tol:
+        out = out.rstrip(".") + _device_notes(tol)
     if missing:
         out += (f". Not compared: {', '.join(missing)} (the replayed code does not log "
                 f"{'it' if len(missing) == 1 else 'them'})")
@@ -298,6 +341,58 @@ def verdict_text(fidelity: dict) -> str:
         out += (f". Note: the replayed code wrote {names}; {'it holds' if len(writes) == 1 else 'they hold'} what "
                 "the replay computed now, not what training left there")
     return out.rstrip(".") + "."
+
+
+def tolerance_mode(results) -> dict | None:
+    """When values must be compared with a tolerance: the reasons, from what the workers saw; else None."""
+    from .devices import tolerance_reasons
+
+    infos = [r["devices"] for r in results if r.get("devices")]
+    if not infos:
+        return None
+    recorded = sorted({d for i in infos for d in i.get("recorded", [])})
+    flags = next((i["flags"] for i in infos if i.get("flags")), None)
+    device_map = infos[0].get("device_map")
+    lost = sorted({d for i in infos for d in i.get("lost_rng", [])})
+    reasons = tolerance_reasons(recorded, flags, device_map, lost, infos[0].get("recorded_gpus") or (),
+                                infos[0].get("gpus_here") or ())
+    if device_map and not recorded and any(i.get("recorded_cuda_available") for i in infos):
+        # no checkpoint was restored (a segment from the start): where the recording ran is unknown
+        reasons.append(f"replayed with device={device_map!r} a run recorded on a machine with CUDA, without a "
+                       "restored checkpoint to tell where its tensors lived")
+    notes = sorted({n for i in infos for n in i.get("flag_problems", [])})
+    if notes:
+        reasons.append("recorded determinism settings could not be set here")
+    if not reasons:
+        return None
+    return {"reasons": reasons, "rtol": RTOL, "atol": ATOL, "recorded_devices": recorded, "device_map": device_map,
+            "flag_problems": notes, "mapped": sorted({m for i in infos for m in i.get("mapped", [])}),
+            "misplaced": sorted({m for i in infos for m in i.get("misplaced", [])})}
+
+
+def _tolerance_text(fidelity, tol, parts, compared, epochs, unit_word) -> str:
+    head = "Replay matches the recording within tolerance, not bit-exactly"
+    why = "; ".join(tol["reasons"])
+    metric_part = ("recorded metrics: " + "; ".join(parts)) if compared else \
+        f"no recorded metric in {unit_word}{'s' if len(fidelity['epochs']) > 1 else ''} {epochs}"
+    differ = tol.get("state_differs") or []
+    state_part = (f"training state digests differ in {len(differ)} stream(s) ({', '.join(differ[:4])}"
+                  f"{' ...' if len(differ) > 4 else ''}), as expected at the bit level" if differ else
+                  "training state digests identical to the recording")
+    return (f"{head} (compared with rtol {tol['rtol']:g}, atol {tol['atol']:g}; max abs diff "
+            f"{tol.get('max_abs_diff', 0.0):.3g}). Why not exact: {why}. {metric_part[0].upper()}{metric_part[1:]}; "
+            f"{state_part}")
+
+
+def _device_notes(tol) -> str:
+    out = ""
+    if tol.get("mapped"):
+        out += f". Device variables pointed at the replay's device: {', '.join(tol['mapped'])}"
+    if tol.get("misplaced"):
+        out += f". {'; '.join(tol['misplaced'])}"
+    if tol.get("flag_problems"):
+        out += f". Recorded settings that could not be set here: {'; '.join(tol['flag_problems'])}"
+    return out
 
 
 def _sample(points, most=8) -> str:

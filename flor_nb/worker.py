@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, freshness, lifeline, runtime, signing, state, validate
+from . import checkpoint, devices, freshness, lifeline, runtime, signing, state, validate
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, helper_code, instrument
@@ -103,6 +103,11 @@ class Replayer:
         self._in_loop = False
         self._unit_start = 0.0
         self.last_step = None  # survives the step loop's cleanup, for error messages
+        gpu = task.get("gpu") or {}
+        self.devices = {"device_map": task.get("device"), "recorded": [], "flags": gpu.get("flags"),
+                        "recorded_cuda_available": gpu.get("cuda_available"), "lost_rng": [],
+                        "flag_problems": [], "mapped": [], "misplaced": [],
+                        "recorded_gpus": gpu.get("devices") or [], "gpus_here": None}
 
     def log(self, name, value):
         if self.epoch in self.keep and not self.setup:
@@ -131,9 +136,26 @@ class Replayer:
             snap = checkpoint.read(self.home, self.task[paths][str(epoch)]) if snap is None else snap
         except checkpoint.CorruptCheckpointError as e:  # say which epoch: replay routes around it
             raise checkpoint.CorruptCheckpointError(str(e), e.path, epoch) from None
+        devices.check_available(self.capturer.device_map, _recorded_devices(snap))
         problems = self.capturer.restore(snap)
         self.problems.extend(f"{p} when restoring epoch {epoch}" for p in problems)
+        self._note_devices(snap)
         self.restore_seconds += time.perf_counter() - t
+
+    def _note_devices(self, snap: dict):
+        """What the verdict needs to judge devices: where the state was recorded, with which settings."""
+        cap, info = self.capturer, self.devices
+        info["recorded"] = sorted(set(info["recorded"]) | _recorded_devices(snap))
+        if info["gpus_here"] is None:  # after the cells: asking for names starts CUDA, which they may configure
+            info["gpus_here"] = devices.environment()["devices"]
+        if "devflags" in snap["python"]:
+            info["flags"] = snap["python"]["devflags"]
+        info["lost_rng"] = sorted(set(info["lost_rng"]) | cap.lost_rng)
+        info["flag_problems"] = sorted(set(info["flag_problems"]) | set(cap.flag_problems))
+        roots = [r for r in cap.order if r in self.ns]
+        info["mapped"] = sorted(set(info["mapped"]) | set(devices.map_device_values(self.ns, roots, cap.device_map,
+                                                                                    info["recorded"])))
+        info["misplaced"] = sorted(set(info["misplaced"]) | set(devices.misplaced(self.ns, roots, cap.device_map)))
 
     def _skipped(self):
         """The step loop, memoized: put back the state it left, run none of it."""
@@ -263,8 +285,19 @@ def run_segment(task: dict) -> dict:
     if task.get("key"):
         signing.use_key(task["key"])
     freshness.evict_stale()  # a user module edited since this warm worker imported it is imported again
-    with _cwd(task.get("cwd")):  # relative paths (data files) resolve as they did when recording
-        return _run_segment(task, flor_nb)
+    gpu = task.get("gpu") or {}
+    # the recorded determinism settings, before the cells start CUDA; device="cpu" hides CUDA from the cells
+    with _cwd(task.get("cwd")), devices.replay_context(task.get("device"), gpu.get("flags")) as failed:
+        result = _run_segment(task, flor_nb)
+    result["devices"]["flag_problems"] = sorted(set(result["devices"]["flag_problems"]) | set(failed))
+    return result
+
+
+def _recorded_devices(snap: dict) -> set:
+    out = set()
+    for where in (snap["python"].get("devices") or {}).values():
+        out.update([where] if isinstance(where, str) else where)
+    return out
 
 
 def _start_method(recorded):
@@ -330,6 +363,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         free, assigned = analyze(task["code"])
         rep.scope = state.Scope(assigned=assigned, free=free, **task.get("scope", {}))
         rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or (), limits=task.get("limits"))
+        rep.capturer.device_map = devices.DeviceMap(task.get("device"))
         filename = f"<flor replay {task['label']}>"
         linecache.cache[filename] = (len(task["code"]), None, task["code"].splitlines(keepends=True), filename)
         try:
@@ -362,6 +396,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         "writes": sorted(watch.files),
         "roots": list(rep.capturer.order) if rep.capturer else [],
         "problems": rep.problems,
+        "devices": rep.devices,
         "segment": task["segment"],
         "setup_seconds": setup_seconds,
         "restore_seconds": rep.restore_seconds,
