@@ -27,7 +27,8 @@ from .cells import analyze, strip_shell
 from .clock import clock_names
 from .errors import FlorError, NoCheckpointError
 from .instrument import RUNTIME, instrument, recorded_loops
-from .record import Recorder, _progress_bar, execute
+from .record import _progress_bar, execute
+from .recorder import Recorder
 from .store import RECORDING, Run
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .instrument import RUNTIME, helper_code, instrument
 from .plan import FULL, SKIP
-from .record import save_array
+from .rows import save_array
 from .sideeffects import WriteWatch
 
 _events = None  # a multiprocessing queue set by the pool initializer

@@ -127,7 +127,7 @@ def fit(session, trainer, method: str, args: tuple, kwargs: dict):
     call = getattr(trainer, method)
     if name is None or method != METHODS[name]:
         return call(*args, **kwargs)
-    from ..record import Recorder
+    from ..recorder import Recorder
     from ..worker import Replayer
 
     if isinstance(session, Recorder):

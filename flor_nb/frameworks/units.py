@@ -13,7 +13,7 @@ import math
 
 
 class RecordUnits:
-    """Drives a :class:`~flor_nb.record.Recorder` from a framework's hooks."""
+    """Drives a :class:`~flor_nb.recorder.Recorder` from a framework's hooks."""
 
     def __init__(self, recorder):
         self.rec = recorder

@@ -1,0 +1,496 @@
+"""The recorder: what runs while a cell records (logs, checkpoints, digests at unit boundaries)."""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+import warnings
+
+from . import checkpoint, disk, runtime, state, validate
+from .errors import DiskFullError, NotCapturedWarning, StoreError
+from .rows import RowCommits
+from .store import RECORDING, Run, Store
+from .writer import Writer
+
+logger = logging.getLogger(__name__)
+_FLUSH_SECONDS = 1.0  # short units' logs are stored at least this often (a kill loses at most this much)
+# A unit at least this long (an epoch) is stored as soon as it ends: a commit costs well under 1 ms.
+_COMMIT_UNIT_SECONDS = 0.1
+_MAX_TIMES = 10_000  # unit times kept with a run (a step-only loop runs many more units)
+# Digests (what replay checks its state against) get their own small budget, whatever the checkpoint
+# budget: hashing is cheap (about 1.5 ms for the bench model), so epochs of 0.15 s and more get one each.
+_DIGEST_BUDGET = 0.01
+
+
+class Recorder(RowCommits):
+    """The session while a cell records.
+
+    ``flor.log`` only appends to a list; at each epoch end the rows go to a
+    background writer. Checkpoints are snapshots copied in memory on the
+    training thread (the only blocking part) and written by the writer. A
+    snapshot is taken at the step loop's exit (so replay can skip the step loop
+    for probes after it) or, for a cell without one, at the epoch end; how often
+    is set by the overhead budget, measured as training goes.
+    """
+
+    def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02):
+        self.store, self.run, self.ns, self.scope = store, run, ns, scope
+        RECORDING.add((str(store.db_path), run.id))
+        self.capturer = state.Capturer(ns, scope)
+        self.overhead = overhead
+        self.epoch = None
+        self.step = None
+        self.rows: list = []
+        self.args: dict = {}  # set by the recorded cell
+        self.base_args: dict = {}  # set by the cells it depends on (or, in a script, before it)
+        self.completed = 0
+        self.progress = progress
+        self.writer = Writer()
+        self.pool = state.BufferPool()
+        self.epoch_seconds: list[float] = []  # of the first units (all of them for epochs)
+        self.unit_seconds_total = 0.0
+        self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
+        self.digest_seconds: list[float] = []  # blocking time per digest (epochs without a checkpoint)
+        self.digest_errors: list = []  # [unit, error] of digests that failed (the first few)
+        self.write_seconds: list[float] = []  # writer-thread time per checkpoint
+        self.checkpointed: list[int] = []
+        self.not_captured: dict = {}  # path -> reason, announced once when first seen
+        self.notes: dict = {}
+        self.data: dict = {}
+        self.outputs: dict = {}
+        self.roots: list = []
+        self.objects: dict = {}
+        self.checkpoint_error = None
+        self.clock = (set(), set())
+        self._step_exits = 0
+        self._step_snap = None
+        self._step_digest = None
+        self._left_epoch = None  # (epoch, seconds, step snapshot, end snapshot) when left by break/exception
+        self._in_loop = False
+        self._done = False
+        self._seq: dict = {}
+        self._last_ckpt = -1
+        self._last_digest = -1
+        self._period_ckpt = 1  # units between checkpoints, tuned at each boundary (see _tune)
+        self._period_digest = 1  # units between digests where no checkpoint is taken
+        self._recent = collections.deque(maxlen=64)  # recent unit times, for tuning
+        self._flushed_at = time.perf_counter()
+        self._flushed_units = 0
+        self._pending_digests: list = []
+        self._unit_start = 0.0
+        self._latest: dict = {}
+        self._held: list = []  # (rows numbered, per-unit rows, completed, digests, replace) not yet stored (full disk)
+        self._stored_count = 0  # units whose rows are in the store
+        self.held_error = None  # why they are held
+        self.commit_seconds: list[float] = []  # storing each epoch's rows, on the training thread
+        self.replace_below = 0  # a resumed run re-runs epochs below this: their rows replace the stored ones
+        self.resume_at = None  # resume.py: iterable -> (first epoch, iterable from it), restoring the state
+        self.completed_floor = 0  # epochs stored before this session (a resumed run keeps them)
+        self.start_wait = 0.0  # seconds the training thread waited for the first checkpoint's write
+
+    # -- the API (hot path: keep it tiny) ----------------------------------------
+    def log(self, name, value):
+        t = type(value)
+        if (t is float or t is int) and type(name) is str and name:
+            self.rows.append((name, self.epoch, self.step, value))
+        else:
+            self.rows.append((name, self.epoch, self.step, self._keep(name, value)))
+        return value
+
+    def _keep(self, name, value):
+        """flor.log's slow path: check the name and value now, so a bad one stops the cell at its line."""
+        validate.log_name(name)
+        return validate.log_value(name, runtime.scalarize(value))
+
+    def arg(self, name, default):
+        self.args[name] = validate.arg_value(name, default)
+        return default
+
+    def loop(self, name, iterable):
+        if name == "epoch" and not self._in_loop:
+            return self._epochs(iterable)
+        if name == "step" and self.epoch is not None:
+            return self._steps(iterable)
+        return iterable
+
+    def _steps(self, iterable):
+        __tracebackhide__ = True
+        try:
+            for i, item in enumerate(iterable):
+                self.step = i
+                yield item
+        except GeneratorExit:  # `break` out of the step loop (or an exception): the state right here
+            self.step = None
+            self._at_step_exit()
+            raise
+        self.step = None
+        self._at_step_exit()
+
+    def _epochs(self, iterable):
+        """The outer loop: epochs, or iterations (a while loop, a step-only for), driven through the
+        unit API below. Per pass the cost is a few attribute sets; checkpoints, digests and log
+        flushes happen at boundaries the overhead budget sets."""
+        __tracebackhide__ = True
+        self.open_loop(len(iterable) if hasattr(iterable, "__len__") else None)
+        first = 0
+        if self.resume_at is not None:  # a resumed run: skip the stored epochs, restore, go on (resume.py)
+            first, iterable = self.resume_at(iterable)
+        for k, item in enumerate(iterable, start=first):
+            self.begin_unit(k)
+            try:
+                yield item
+            except GeneratorExit:  # break, or an exception in the body: finish() decides
+                self.leave_unit(k)
+                raise
+            self.end_unit(k)
+        else:
+            self._close_loop()
+        self.epoch = None
+
+    # -- the unit API: a loop wrapper, or a framework's callbacks (epoch begin/end), drive it --
+    def open_loop(self, total: int | None = None):
+        """Before the first unit: the number of units if known, and the state before the loop."""
+        self._in_loop = True
+        if total is not None:
+            try:
+                self.store.update_run(self.run.id, epochs_total=total)
+            except StoreError as e:  # informative only: never a reason to stop training
+                logger.warning("flor_nb: could not store the epoch count of %s: %s", self.run.label, e)
+        if self.progress is not None:
+            self.progress = self.progress(total)  # a factory until the epoch count is known
+        if self.resume_at is None:
+            self._checkpoint(-1, "start", self._snapshot())
+            # Every epoch replays from this state: written before epoch 0 runs, so no stored epoch
+            # is ever left without a checkpoint below it (a kill during its write loses nothing).
+            self.start_wait = self.writer.drain()  # once, so not part of the adaptive period's figures
+            self._check_writer()
+
+    def begin_unit(self, k: int):
+        """Unit k (an epoch, an iteration) starts."""
+        self.epoch, self.step, self._step_exits, self._step_snap = k, None, 0, None
+        self._unit_start = time.perf_counter()
+
+    def end_unit(self, k: int):
+        """Unit k ended normally. Boundary work only when due; otherwise O(1)."""
+        seconds = time.perf_counter() - self._unit_start
+        self._account(k, seconds)
+        if self._step_snap is None and k - self._last_ckpt < self._period_ckpt \
+                and k - self._last_digest < self._period_digest and seconds < _COMMIT_UNIT_SECONDS:
+            # The common case for iterations: no boundary work at all.
+            if time.perf_counter() - self._flushed_at > _FLUSH_SECONDS:
+                self._flush(k)
+            return
+        self._end_epoch(k, seconds)
+
+    def _account(self, k, seconds):
+        self.completed = k + 1
+        self.unit_seconds_total += seconds
+        self._recent.append(seconds)
+        if len(self.epoch_seconds) < _MAX_TIMES:
+            self.epoch_seconds.append(seconds)
+
+    def leave_unit(self, k: int):
+        """Unit k was left by ``break`` (or an exception): :meth:`finish` completes it if the run finished."""
+        if self._done:
+            return
+        end = self._snapshot() if self._due(k) else None
+        self._period_digest = 0  # the loop's last unit always gets a check point
+        self._left_epoch = (k, time.perf_counter() - self._unit_start, self._step_snap, end, None,
+                            self._end_digest(end, k))
+
+    def close_loop(self):
+        """After the last unit (the loop ran out)."""
+        self._close_loop()
+        self.epoch = None
+
+    def _close_loop(self):
+        """The loop ended: its last unit always gets a check point, so any replay can be checked up to it."""
+        k = self.completed - 1
+        if k >= 0 and self._last_ckpt != k and self._last_digest != k:
+            self._period_digest = 0
+            digest = self._end_digest(None, k)
+            if digest is not None:
+                self._pending_digests.append((k, "end", digest))
+        if k >= 0:
+            self._flush(k)
+
+    # -- checkpoints -------------------------------------------------------------
+    def _due(self, k) -> bool:
+        """Checkpoint unit k? Every unit while affordable; else every ``_period_ckpt`` units (see :meth:`_tune`).
+
+        Short units (iterations) never wait for the writer: while it is still writing the previous
+        checkpoint, this one is deferred to a later unit. Long units (epochs) wait, as before.
+        """
+        if self.checkpoint_error or k - self._last_ckpt < self._period_ckpt:
+            return False
+        if math.isinf(self.overhead):  # every unit, whatever it costs (--overhead inf)
+            return True
+        return not (self._recent and self._recent[-1] < _FLUSH_SECONDS and self.writer.busy())
+
+    def _tune(self):
+        """Periods from measured costs: checkpoint every ceil(C / (budget * t)) units, digest every
+        ceil(D / (1% * t)), with t the median recent unit time. Called at boundaries only."""
+        if not self._recent:
+            return
+        t = max(sorted(self._recent)[len(self._recent) // 2], 1e-9)
+        if self.snapshot_seconds:
+            c = sorted(self.snapshot_seconds[-5:])[len(self.snapshot_seconds[-5:]) // 2]
+            if t < _FLUSH_SECONDS and self.write_seconds:
+                # Short units: the writer's work (hashing, fsync) competes for the same few cores within
+                # the period, so it counts too. Long units leave it idle time between checkpoints.
+                c += sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2]
+            self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)))
+        if self.digest_seconds:
+            d = sorted(self.digest_seconds[-5:])[len(self.digest_seconds[-5:]) // 2]
+            self._period_digest = max(1, min(self._period_ckpt, math.ceil(d / (_DIGEST_BUDGET * t))))
+
+    def _step_exit_ok(self) -> bool:
+        return self._step_exits == 1 and self._step_snap is not None
+
+    def step_exit(self):
+        """The step loop (inside a unit) ended: a framework that has one calls this at the epoch's last batch."""
+        self._at_step_exit()
+
+    def _at_step_exit(self):
+        self._step_exits += 1
+        self._step_digest = None
+        if self._step_exits == 1 and self._due(self.epoch):
+            self._step_snap = self._snapshot()
+        else:
+            self._step_snap = None  # the step loop ran twice: only an epoch-end checkpoint is exact
+
+    def _end_digest(self, end_snap, k):
+        """The unit-end digest where no end state is written (with a step checkpoint it is), when one is due."""
+        if end_snap is not None or self._step_exit_ok() or k - self._last_digest < self._period_digest:
+            return None
+        self._last_digest = k
+        return self._digest()
+
+    def _digest(self) -> dict:
+        """Digests of every stream, without a copy: so a replay can check epochs that got no checkpoint."""
+        start = time.perf_counter()
+        for attempt in range(2):  # a second try: a transient error (another thread resized a dict) passes
+            try:
+                digests = self.capturer.digests()
+                break
+            except Exception as e:  # noqa: BLE001 - verification data must never stop training
+                error = f"{type(e).__name__}: {e}"
+        else:
+            # Said at once and kept with the run: a replay of these units says why their state is unchecked.
+            if not self.digest_errors:
+                warnings.warn(f"flor_nb: {self.run.label}: the training state could not be digested in unit "
+                              f"{self.epoch} ({error}); replays of units without a checkpoint after it cannot "
+                              "check their state and will say so.", NotCapturedWarning, stacklevel=5)
+            if len(self.digest_errors) < 5:
+                self.digest_errors.append([self.epoch, error])
+            return None
+        self.digest_seconds.append(time.perf_counter() - start)
+        return digests
+
+    def _snapshot(self):
+        start = time.perf_counter()
+        snap = self.capturer.snapshot(pool=self.pool)
+        seconds = time.perf_counter() - start
+        self._announce(snap)
+        return snap, seconds
+
+    def _announce(self, snap):
+        """Say once, when first seen, what cannot be captured: replay could not restore it."""
+        new = {p: why for p, why in snap["not_captured"].items() if p not in self.not_captured}
+        self.notes.update(snap["notes"])
+        self.data.update(snap["data"])
+        self.outputs.update(snap["outputs"])
+        self.roots = snap["roots"]
+        if new:
+            self.not_captured.update(new)
+            listed = "; ".join(f"{p}: {why}" for p, why in new.items())
+            warnings.warn(f"flor_nb: not captured in {self.run.label}: {listed}. Replay rebuilds "
+                          f"{'it' if len(new) == 1 else 'these'} from the recorded cells instead of restoring "
+                          "the recorded state; a replay that reads them says so in its verdict.",
+                          NotCapturedWarning, stacklevel=4)
+
+    def _checkpoint(self, epoch: int, kind: str, taken, end_taken=None):
+        if taken is None or self.checkpoint_error:
+            return
+        snap, copy_seconds = taken
+        end_snap, end_seconds = end_taken or (None, 0.0)
+        if not self.objects:
+            self.objects = self.capturer.kinds
+        waited = self.writer.submit_checkpoint(self._persist, epoch, kind, snap, end_snap)
+        self.snapshot_seconds.append(copy_seconds + end_seconds + waited)
+        self._last_ckpt = self._last_digest = epoch
+        self._check_writer()
+
+    def _persist(self, epoch, kind, snap, end_snap):
+        """On the writer thread: blobs and files, then the index row. A full disk frees the store's
+        reserve, so log rows keep fitting after checkpoints stop."""
+        start = time.perf_counter()
+        try:
+            self._write_checkpoint(epoch, kind, snap, end_snap)
+        except BaseException as e:
+            if disk.is_full(e):
+                disk.release_reserve(self.store.home)
+            raise
+        finally:
+            self.write_seconds.append(time.perf_counter() - start)
+
+    def _write_checkpoint(self, epoch, kind, snap, end_snap):
+        rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"
+        parts = checkpoint.split(snap)
+        end_parts = None if end_snap is None else checkpoint.split(end_snap)
+        if epoch >= 0:
+            where = [(epoch, kind, parts)] + ([(epoch, "end", end_parts)] if end_parts else [])
+            self.store.add_digests(self.run.id, [(e, k, runtime.to_json(p[3])) for e, k, p in where])
+        info = checkpoint.write(self.store.home, rel, snap, parts=parts)
+        end_rel = end = None
+        if end_snap is not None:
+            end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
+            end = checkpoint.write(self.store.home, end_rel, end_snap, parts=end_parts)
+        self.store.add_checkpoint(
+            self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
+            info["checksum"], runtime.to_json(info["digests"]),
+            None if end is None else runtime.to_json(end["digests"]), end_rel)
+        self.checkpointed.append(epoch)
+        self.pool.release(snap)  # written: its buffers can hold the next snapshot
+        self.pool.release(end_snap)
+
+    def _check_writer(self):
+        """Surface a failed checkpoint write once, as what it is: it stops checkpoints, never training."""
+        if self.writer.errors and not self.checkpoint_error:
+            e = self.writer.errors[0]
+            after = f"checkpoints stopped after epoch {max(self.checkpointed, default=-1)}"
+            advice = ("Training goes on and its logs keep being stored; replay starts from the nearest earlier "
+                      "checkpoint.")
+            if disk.is_full(e):
+                self.checkpoint_error = f"{after}: {disk.full_message(self.store.home, 'a checkpoint did not fit')}"
+                advice += " Free space before recording again."
+            else:
+                self.checkpoint_error = f"{after}: writing a checkpoint failed with {type(e).__name__}: {e}"
+            warnings.warn(f"flor_nb: {self.checkpoint_error}. {advice}", stacklevel=3)
+
+    # -- epoch boundary ----------------------------------------------------------
+    def _end_epoch(self, k, seconds, left=None):
+        """Unit k ended at a boundary: store its rows and completion first (a kill, or an OOM in the
+        snapshot copy, from here on cannot lose unit k), then checkpoint or digest what is due.
+
+        ``left``: (step snapshot, end snapshot, step digest, end digest) taken when a ``break`` left it.
+        """
+        self._flush(k)
+        if left is None:
+            step_snap, step_digest = self._step_snap, None
+            end_snap = self._snapshot() if self._due(k) else None
+            end_digest = self._end_digest(end_snap, k)
+        else:
+            step_snap, end_snap, step_digest, end_digest = left
+        if step_snap is None and step_digest is not None and self._step_exits == 1:
+            self._pending_digests.append((k, "step", step_digest))
+        if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
+            self._pending_digests.append((k, "end", end_digest))
+        self._store_digests()
+        if self._step_exit_ok() and step_snap is not None:
+            # The epoch-end state too: replay of the next epoch starts from it without re-running
+            # this epoch's tail, and checks a probe after the step loop against it. Its tensors
+            # barely differ from the step-exit ones, so they are stored once (dedup).
+            self._checkpoint(k, "step", step_snap, end_snap or self._snapshot())
+        elif end_snap is not None:
+            self._checkpoint(k, "end", end_snap)
+        self._check_writer()
+        self._tune()
+
+    def _flush(self, k):
+        """Store the logs of units up to k, their digests and the count of completed units, now, in one
+        transaction; move the progress bar."""
+        rows, self.rows = self.rows, []
+        digests, self._pending_digests = self._pending_digests, []
+        replace = tuple(range(self._flushed_units, min(k + 1, self.replace_below)))
+        self._commit(rows, k + 1, [(e, w, runtime.to_json(d)) for e, w, d in digests], replace)
+        self._flushed_at = time.perf_counter()
+        units, self._flushed_units = k + 1 - self._flushed_units, k + 1
+        self._latest = {n: v for n, e, _, v in rows[-64:] if e == k and isinstance(v, (int, float))}
+        if self.progress is not None and not callable(self.progress):
+            self.progress.set_postfix({n: f"{v:.4g}" for n, v in self._latest.items()}, refresh=False)
+            self.progress.update(units)
+
+    # -- end of the cell ---------------------------------------------------------
+    def finish(self, status: str, error: str | None = None):
+        self._done = True
+        if self._left_epoch is not None and status == "finished":
+            k, seconds, step_snap, end_snap, step_digest, end_digest = self._left_epoch  # `break` in epoch k
+            self._step_snap = step_snap
+            self._account(k, seconds)
+            self._end_epoch(k, seconds, (step_snap, end_snap, step_digest, end_digest))
+        rows, self.rows = self.rows, []
+        # What was logged after the loop (or in a unit an exception left), and units not flushed yet.
+        digests, self._pending_digests = self._pending_digests, []
+        self._commit(rows, self.completed or None, [(e, w, runtime.to_json(d)) for e, w, d in digests],
+                     tuple(range(self._flushed_units, min(self.completed, self.replace_below))))
+        self.writer.close()  # every checkpoint submitted is on disk before the run is closed
+        self._check_writer()
+        stored = self._stored_units()
+        held = max(self.completed - stored, 0)
+        lost = None
+        if self._held:
+            why = disk.full_message(self.store.home, "the log rows could not be written") \
+                if disk.is_full(self.held_error) else f"storing log rows failed ({type(self.held_error).__name__}: " \
+                f"{self.held_error})"
+            lost = (f"{self.run.label}: {why}. " + (f"Epochs 0-{stored - 1} are stored and replayable; " if stored
+                    else "No epoch is stored; ") + f"the logs of {held or 'the last'} trained epoch(s) after them are "
+                    f"lost. Free space on that disk and record again.")
+            status, error = "failed", lost
+        args = {**self.base_args, **self.args}
+        try:
+            self._close_run(status, error, stored, args)
+        except StoreError:
+            if not lost:
+                raise
+            lost += " (The run's final status could not be stored either: it shows as interrupted.)"
+        finally:
+            RECORDING.discard((str(self.store.db_path), self.run.id))
+            if self.progress is not None and not callable(self.progress):
+                self.progress.close()
+        if lost:
+            raise (DiskFullError if disk.is_full(self.held_error) else StoreError)(f"flor_nb: {lost}")
+
+    def _close_run(self, status, error, stored, args):
+        self.store.update_run(
+            self.run.id,
+            status=status,
+            ended=time.time(),
+            epochs_completed=stored,
+            args=args,
+            error=error,
+            state={
+                **self.run.state,  # the loops chosen at the start
+                "capture": 2,  # reachability capture, fingerprinted variables (flor_nb 0.2)
+                "objects": self.objects,
+                "not_captured": self.not_captured,
+                "notes": self.notes,
+                "data": self.data,
+                "outputs": self.outputs,
+                "roots": self.roots,
+                "limits": self.capturer.limits,
+                "clock_vars": sorted(self.clock[0]),
+                "clock_metrics": sorted(self.clock[1]),
+                "checkpoint_error": self.checkpoint_error,
+                "digest_errors": self.digest_errors,
+                "spec": spec_of(self.scope),
+            },
+            timings={
+                "epoch_seconds": self.epoch_seconds,
+                "units": self.completed,
+                "unit_seconds_mean": self.unit_seconds_total / self.completed if self.completed else None,
+                "snapshot_seconds": self.snapshot_seconds,
+                "digest_seconds": self.digest_seconds,
+                "write_seconds": self.write_seconds,
+                "writer_seconds": self.writer.busy_seconds,
+                "commit_seconds": self.commit_seconds,
+                "start_checkpoint_wait": self.start_wait,
+                "overhead_budget": self.overhead,
+            },
+        )
+
+
+def spec_of(scope: state.Scope) -> dict:
+    """``--state`` as stored with a run."""
+    return {"only": sorted(scope.only) if scope.only else None, "extra": sorted(scope.extra)}
