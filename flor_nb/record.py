@@ -19,7 +19,8 @@ from . import devices, runtime, state, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError
-from .instrument import RUNTIME, find_helper, helper_code, instrument
+from .edits import find_helper, helper_code
+from .instrument import RUNTIME, instrument
 from .recorder import Recorder, spec_of
 from .store import Run, Store
 

@@ -14,7 +14,8 @@ from . import executor as executors
 from . import checkpoint, devices, machine, runtime, signing, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
-from .instrument import changes, helper_touched, instrument, parse, recorded_loops
+from .edits import changes, helper_touched
+from .instrument import instrument, parse, recorded_loops
 from .plan import parse_epochs, plan
 from .state import content_hash
 from .store import Run, Store, get_store

@@ -28,7 +28,7 @@ from nbconvert import HTMLExporter
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from .api import cells_label, checkpoints, get_store, not_captured
-from .instrument import probe_diff
+from .edits import probe_diff
 from .plan import format_epochs
 from .store import Run, Store
 from .validate import arg_live

@@ -18,7 +18,8 @@ import numpy as np
 from . import checkpoint, devices, freshness, lifeline, runtime, signing, state, validate
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
-from .instrument import RUNTIME, helper_code, instrument
+from .edits import helper_code
+from .instrument import RUNTIME, instrument
 from .plan import FULL, SKIP
 from .rows import save_array
 from .sideeffects import WriteWatch

@@ -12,7 +12,7 @@ from flor_nb import presets as PS
 from flor_nb import probe_check as C
 from flor_nb import probes as P
 from flor_nb.errors import FlorError
-from flor_nb.instrument import added_lines
+from flor_nb.edits import added_lines
 from flor_nb.plan import parse_epochs
 
 # Line numbers of conftest.TRAIN (its first line is empty):

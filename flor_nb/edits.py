@@ -1,0 +1,148 @@
+"""What an edited cell changes relative to the recorded one, and training loops in helper functions.
+
+``changes`` tells the planner whether probes touch the step loop or the code before it;
+``find_helper``/``helper_code`` find and instrument the step loop of a function an earlier cell
+defined (``train(dataloader, model, ...)``) so it is checkpointed and probed like an inline one.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import types
+
+from .errors import NoLoopError
+from .instrument import Loops, _calls, _find, _fors, _hinted, _nth, _outermost, _over_params, _parents, _wrap, header, parse
+
+def changes(recorded: str, edited: str, hint: dict | None = None) -> dict:
+    """Where the edit touches the epoch body: ``step`` (the step loop), ``pre`` (before it).
+
+    ``pre`` is also true when code before the step loop logs anything: its values need
+    the true state at the epoch start, so such an epoch cannot be replayed on its own.
+    """
+    if (hint or {}).get("framework"):  # the framework's epochs run in full: no step loop to skip
+        return {"step": True, "pre": True}
+    tree = parse(edited, "replayed cell")
+    epoch, step, *_ = _find(tree, "replayed cell", hint)
+    if step is None:
+        return {"step": True, "pre": True}
+    lines = set()
+    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
+    for op, _, _, j1, j2 in sm.get_opcodes():
+        if op != "equal":
+            lines.update(range(j1 + 1, j2 + 1) if j2 > j1 else (j1, j1 + 1))
+    body_start = epoch.body[0].lineno
+    pre_stmts = [s for s in epoch.body if s.end_lineno < step.lineno]
+    logs_before = any(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "log"
+        for s in pre_stmts for n in ast.walk(s)
+    )
+    edited_lines = edited.splitlines()
+    # A hook registered anywhere fires inside the step loop: the step loop must run.
+    hooks = any("register_" in edited_lines[ln - 1] and "hook" in edited_lines[ln - 1]
+                for ln in lines if 0 < ln <= len(edited_lines))
+    return {
+        "step": hooks or any(step.lineno <= ln <= step.end_lineno for ln in lines),
+        "pre": logs_before or any(body_start <= ln < step.lineno for ln in lines),
+    }
+
+
+def probe_diff(recorded: str, edited: str) -> str:
+    """A unified diff of the edited cell against the recorded one."""
+    return "".join(
+        difflib.unified_diff(
+            recorded.splitlines(keepends=True),
+            edited.splitlines(keepends=True),
+            fromfile="recorded",
+            tofile="replayed",
+        )
+    )
+
+
+def added_lines(recorded: str, edited: str) -> list[int]:
+    """1-based line numbers of ``edited`` that are not in ``recorded``."""
+    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
+    out = []
+    for op, _, _, j1, j2 in sm.get_opcodes():
+        if op in ("insert", "replace"):
+            out.extend(range(j1 + 1, j2 + 1))
+    return out
+
+
+# -- a step loop inside a helper function (the PyTorch quickstart: train(dataloader, model, ...)) ----------
+def _top_defs(source: str) -> dict:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return {}
+    return {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def find_helper(epoch_source: str, loops: "Loops", cells, ns=None) -> dict | None:
+    """The function the epoch loop calls whose own loop trains: ``{"name", "cell", "header", "nth"}`` or None.
+
+    ``cells``: (count, source) of the cells the run depends on; the latest one defining the function is
+    where its code is (and what an edited replay replaces).
+    """
+    if loops.step_line is not None or loops.unit != "epochs":
+        return None
+    tree = parse(epoch_source)
+    epoch = next((f for f in ast.walk(tree) if isinstance(f, (ast.For, ast.While)) and f.lineno == loops.epoch_line),
+                 None)
+    if epoch is None:
+        return None
+    called = [n.func.id for n in ast.walk(epoch) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    for name in dict.fromkeys(called):
+        fn = (ns or {}).get(name)
+        if ns is not None and not (isinstance(fn, types.FunctionType) and not fn.__code__.co_freevars):
+            continue
+        defined = [(count, src) for count, src in cells if name in _top_defs(src)]
+        if not defined:
+            continue
+        count, src = defined[-1]
+        node = _top_defs(src)[name]
+        fors = list(_fors(node.body, into_loops=True))
+        train = [f for f in fors if _calls(f, {"backward"}, set()) and not _over_params(f, ns)]
+        if not train:
+            continue
+        step = _outermost(train, _parents(node))[0]
+        return {"name": name, "cell": count, "header": header(step), "nth": _nth(fors, step)}
+    return None
+
+
+def helper_code(source: str, helper: dict, filename: str):
+    """The helper's code object compiled from its cell ``source`` with its step loop wrapped in
+    ``__flor__.loop("step", ...)``, lines unchanged: swapped into the live function's ``__code__``."""
+    node = _top_defs(source).get(helper["name"])
+    if node is None:
+        raise NoLoopError(f"Cell In[{helper['cell']}] no longer defines {helper['name']}(), whose loop was the "
+                          "recorded step loop. Keep its definition there.")
+    fors = list(_fors(node.body, into_loops=True))
+    step = _hinted(fors, helper)
+    if step is None:
+        raise NoLoopError(f"The step loop `{helper['header']}` of {helper['name']}() is not in its cell any more. "
+                          "Keep the loop's header as recorded, or mark it with flor.loop(\"step\", ...).")
+    _wrap(step, "step")
+    module = ast.Module(body=[node], type_ignores=[])
+    ast.fix_missing_locations(module)
+    code = compile(module, filename, "exec")
+    return next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == helper["name"])
+
+
+def helper_touched(recorded: str, edited: str, helper: dict, hint: dict | None) -> dict:
+    """:func:`changes` for a run whose step loop is in a helper: the cell's edits never touch the steps;
+    they touch what comes before them when they sit (or log) before the helper's call in the epoch body."""
+    tree = parse(edited, "replayed cell")
+    epoch, *_ = _find(tree, "replayed cell", hint)
+    call = next((n for n in ast.walk(epoch) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                 and n.func.id == helper["name"]), None)
+    if call is None:
+        return {"step": True, "pre": True}
+    lines = set()
+    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
+    for op, _, _, j1, j2 in sm.get_opcodes():
+        if op != "equal":
+            lines.update(range(j1 + 1, j2 + 1) if j2 > j1 else (j1, j1 + 1))
+    pre_stmts = [s for s in epoch.body if s.end_lineno < call.lineno]
+    logs_before = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "log"
+                      for s in pre_stmts for n in ast.walk(s))
+    return {"step": False, "pre": logs_before or any(epoch.body[0].lineno <= ln < call.lineno for ln in lines)}
