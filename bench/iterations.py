@@ -16,6 +16,7 @@ and the store: bytes written per kept checkpoint against the bytes of model + op
 """
 from __future__ import annotations
 
+import re
 import argparse
 import os
 import statistics
@@ -179,7 +180,7 @@ def measure(name, setup, train, n_name, n, reps):
                 ns = namespace(setup, n_name, n, flor_nb)
                 store = tempfile.mkdtemp()
                 w, c = time.perf_counter(), time.process_time()
-                run = flor_nb.record(train, name=name, namespace=ns, cells=[f"{n_name} = {n}\n{setup}"], store=store)
+                run = flor_nb.record(train, name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_"), namespace=ns, cells=[f"{n_name} = {n}\n{setup}"], store=store)
                 recorded.append(time.perf_counter() - w)
                 rec_cpu.append(time.process_time() - c)
                 runs.append((flor_nb.get_store(store), run, state_bytes(ns)))
