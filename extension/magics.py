@@ -19,7 +19,8 @@ from flor_nb.errors import FlorError
 
 USAGE = """\
 %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
-%%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
+%%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--executor dask://HOST:PORT] [--store PATH]
+                                                                                replay it with the edited cell below
 %flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
 %flor ui [RUN]                               open the replay panel
 %flor report RUN [--all-versions] [--out PATH] [--html]   write a notebook (and HTML) report to flor_reports/
@@ -27,7 +28,8 @@ USAGE = """\
 %flor du                                     show what the store holds on disk
 %flor gc                                     remove blobs no checkpoint refers to
 RUN is NAME (its latest version) or NAME@VERSION; SPEC is 3, 2-5 or 1,4,7-9 (0-based epochs).
-Every command takes --help; every command takes --store PATH (default $FLOR_NB_HOME or ./.flor).
+Every command takes --help; every command takes --store PATH (default $FLOR_NB_HOME or ./.flor); a URL
+(--store s3://bucket/prefix) puts a recording's checkpoints there and keeps the index in the default store.
 """
 
 
@@ -59,6 +61,8 @@ _REPLAY.add_argument("--show-setup", action="store_true",
 _REPLAY.add_argument("--recorded-cells", action="store_true",
                      help="ignore helpers edited in this kernel since the recording; replay the recorded cells")
 _REPLAY.add_argument("--workers", type=int, default=None, help="worker processes (default: as the cores allow)")
+_REPLAY.add_argument("--executor", default=None, help="where segments run: local (default; or $FLOR_NB_EXECUTOR), "
+                                                    "or a Dask scheduler: dask://host:8786")
 _REPLAY.add_argument("--no-progress", action="store_true", help="no progress bar")
 _REPORT = _parser("report", "Write a standalone notebook report of a run (code, probes as diffs, metrics, plots, "
                             "checkpoints) to flor_reports/ beside this notebook, and link it.")
@@ -89,7 +93,7 @@ class FlorMagics(Magics):
         """Hindsight logging: record a training cell, replay it with probes, report.
 
         %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--store PATH]
-        %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]
+        %%flor replay RUN [--epochs SPEC] [--workers N] [--executor dask://HOST:PORT] [--store PATH]
         %flor runs | %flor ui [RUN] | %flor report RUN [--all-versions] [--out PATH] [--html]
         %flor rm NAME[@VERSION] ... | %flor du | %flor gc
         Each command takes --help.
@@ -153,7 +157,7 @@ class FlorMagics(Magics):
                 print(f"flor_nb: replaying with {note}; --recorded-cells to replay the recorded ones")
         try:
             df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, iters=a.iters,
-                                workers=a.workers, cells=edits or None,
+                                workers=a.workers, cells=edits or None, executor=a.executor,
                                 store=a.store, on_event=None if a.no_progress else progress)
         finally:
             for bar in bars:

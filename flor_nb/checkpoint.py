@@ -9,7 +9,8 @@ The skeleton is the tensor tree with each tensor replaced by a reference
 (``torch.save``, loaded with ``weights_only=True``); the Python part is a
 pickle of plain values (RNG states, flags) and references to pickled blobs.
 The header names the hash algorithm; blobs and files are written to a temp
-name, fsynced and renamed, and verified by hash on load.
+name, fsynced and renamed, and verified by hash on load. ``home`` may also be a
+URL (``s3://bucket/prefix``): then :mod:`flor_nb.objstore` reads and writes them.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import objstore
 from .errors import FlorError
 from .hashing import DEFAULT, hash_bytes, known
 from .state import _raw
@@ -81,7 +83,13 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
     """Persist a snapshot: new blobs, then the checkpoint file. Returns sizes, checksum and digests."""
     skeleton, python, blobs, digest = split(snap, algorithm)
     new_bytes = 0
+    remote = objstore.is_url(home)
     for h, raw in blobs.items():
+        if remote:
+            if not objstore.exists(home, f"blobs/{h[:2]}/{h}"):
+                objstore.put(home, f"blobs/{h[:2]}/{h}", raw)
+                new_bytes += len(raw)
+            continue
         path = home / "blobs" / h[:2] / h
         if not path.exists():
             _atomic(path, raw)
@@ -100,7 +108,7 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
         "not_captured": snap.get("not_captured", {}),
     }).encode()
     data = MAGIC + struct.pack("<Q", len(header)) + header + skel + py
-    _atomic(home / rel, data)
+    objstore.put(home, rel, data) if remote else _atomic(home / rel, data)
     return {
         "bytes": new_bytes + len(data),
         "logical_bytes": sum(len(r) for r in blobs.values()) + len(data),
@@ -111,9 +119,9 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
 
 def read(home: Path, rel: str) -> dict:
     """Load and verify a checkpoint; return a snapshot dict (see state.py) with its ``header``."""
-    path = Path(home) / rel
+    path = objstore.where(home, rel) if objstore.is_url(home) else Path(home) / rel
     try:
-        data = path.read_bytes()
+        data = objstore.get(home, rel) if objstore.is_url(home) else path.read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpointError(f"Checkpoint file {path} is missing. Replay other epochs or record again.") from None
     if not data.startswith(MAGIC):
@@ -141,7 +149,7 @@ def read(home: Path, rel: str) -> dict:
 
     def blob(h: str) -> bytearray:
         if h not in cache:
-            cache[h] = _blob(Path(home), h, algorithm)
+            cache[h] = _blob(home if objstore.is_url(home) else Path(home), h, algorithm)
         return cache[h]
 
     def tensor(r: dict) -> torch.Tensor:
@@ -163,10 +171,11 @@ def read(home: Path, rel: str) -> dict:
     return {"tensors": tensors, "python": python, "header": header}
 
 
-def _blob(home: Path, h: str, algorithm: str) -> bytearray:
-    path = home / "blobs" / h[:2] / h
+def _blob(home: Path | str, h: str, algorithm: str) -> bytearray:
+    remote = objstore.is_url(home)
+    path = objstore.where(home, f"blobs/{h[:2]}/{h}") if remote else home / "blobs" / h[:2] / h
     try:
-        raw = bytearray(path.read_bytes())
+        raw = bytearray(objstore.get(home, f"blobs/{h[:2]}/{h}") if remote else path.read_bytes())
     except FileNotFoundError:
         raise CorruptCheckpointError(f"Blob {path} is missing. Replay other epochs or record again.") from None
     if hash_bytes(raw, algorithm) != h:

@@ -170,6 +170,21 @@ def _no_main():
 
 
 _POOLS: dict = {}
+ENV = "FLOR_NB_EXECUTOR"  # the default executor: "local", or a Dask scheduler ("dask://host:8786")
+
+
+def resolve(executor=None):
+    """The executor for a replay: ``executor`` (a ``distributed.Client``, ``"dask://host:port"``,
+    ``"local"``, or any object with ``run``/``cancel``), else ``$FLOR_NB_EXECUTOR``, else the local pool."""
+    if executor is None:
+        executor = os.environ.get(ENV) or None
+    if executor is None or executor == "local":
+        return local()
+    if isinstance(executor, str) or type(executor).__module__.split(".")[0] == "distributed":
+        from . import dask_executor  # a Client has run() and cancel() too, with other meanings: wrap it
+
+        return dask_executor.executor(executor)
+    return executor
 
 
 def local(workers: int | None = None) -> LocalExecutor:

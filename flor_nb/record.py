@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, runtime, state
+from . import checkpoint, objstore, runtime, state
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError, NotCapturedWarning
@@ -305,11 +305,12 @@ class Recorder:
 
     def _persist_files(self, epoch, kind, snap, end_snap):
         rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"
-        info = checkpoint.write(self.store.home, rel, snap)
+        home = objstore.root(self.store.home, self.run.env)  # the store's folder, or the run's blob location
+        info = checkpoint.write(home, rel, snap)
         end_rel = end = None
         if end_snap is not None:
             end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
-            end = checkpoint.write(self.store.home, end_rel, end_snap)
+            end = checkpoint.write(home, end_rel, end_snap)
         self.store.add_checkpoint(
             self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
             info["checksum"], runtime.to_json(info["digests"]),
@@ -503,6 +504,7 @@ def record(
     store: Store | str | None = None,
     progress: bool = False,
     overhead: float = 0.02,
+    blobs: str | None = None,
 ) -> Run:
     """Run ``code`` (a training cell) in ``namespace``, recording logs and checkpoints.
 
@@ -518,10 +520,16 @@ def record(
     state_spec : ``"a,b"`` narrows the checkpointed names, ``"+a,+b"`` adds to them.
     overhead : checkpoint time budget as a fraction of training time (every epoch while it fits;
         ``float("inf")``: every epoch, whatever it costs).
+    blobs : where checkpoint files and blobs go: a folder (shared with replay workers) or an fsspec URL
+        (``s3://bucket/prefix``); default ``$FLOR_NB_BLOBS``, else the store's folder. The index stays in the
+        store. A URL given as ``store`` means the same (the index then stays in the default store folder).
     """
     from . import api
 
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
+    if objstore.is_url(store):  # --store s3://...: the blobs go there, the index stays with the notebook
+        blobs, store = blobs or store, None
+    blobs = objstore.location(blobs)
     store = api.get_store(store)
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
@@ -552,7 +560,8 @@ def record(
             choice["helper"] = helper
         except (SyntaxError, NoLoopError, StopIteration, ValueError) as e:
             logger.info("flor_nb: %s() not instrumented: %s", helper["name"], e)
-    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args, env=environment(),
+    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args,
+                           env={**environment(), **({"blobs": blobs} if blobs else {})},
                            state={"loops": choice})
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)

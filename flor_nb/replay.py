@@ -23,8 +23,11 @@ from .worker import emit, run_segment
 __all__ = ["prepare", "replay", "verdict_text"]
 
 
-def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None) -> dict:
-    """Validate and plan a replay without running it: what will run, where, and an estimate."""
+def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None, slots=None) -> dict:
+    """Validate and plan a replay without running it: what will run, where, and an estimate.
+
+    ``slots``: how many tasks the executor runs at once when it is not this machine's pool (a cluster's
+    worker threads); then the cluster, not this machine's cores, bounds the workers."""
     code = run.code if code is None else code
     hint = recorded_loops(run.state)  # the loops the recording used: the edited cell's are found by their headers
     _, loops = instrument(code, what="replayed cell", hint=hint)  # syntax errors, missing loops: at their line
@@ -49,8 +52,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
     cores = os.cpu_count() or 1
-    fit = max(1, cores // threads)
-    if workers and workers > fit:
+    fit = slots or max(1, cores // threads)
+    if workers and workers > fit and not slots:
         # Oversubscribed torch threads run many times slower (measured: 2x2 threads on 2 cores, 5-16x).
         warnings.warn(f"flor_nb: {workers} workers x {threads} torch threads (as recorded, for exact results) do "
                       f"not fit on {cores} cores; using {fit}. Record with torch.set_num_threads(1) to replay "
@@ -106,7 +109,8 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     epochs = _units(epochs, iters)
     store = get_store(store)
     run = store.find_run(run)
-    p = prepare(store, run, code, epochs, cells, workers)
+    ex = executors.resolve(executor)
+    p = prepare(store, run, code, epochs, cells, workers, getattr(ex, "slots", None))
     token = uuid.uuid4().hex
     replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"],
                                     {"segments": [s.to_dict() for s in p["segments"]], "workers": p["workers"],
@@ -114,7 +118,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     tasks = [{
         # workers tag their progress events with this: unique, so a late event of an earlier replay on the same
         # warm workers (another store's replay 1, say) is never taken for this one's
-        "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": token,
+        "home": str(store.home), "blobs": _blobs(run), "run_id": run.id, "label": run.label, "replay_id": token,
         "code": p["code"], "loops": p["loops"], "cells": p["cells"], "args": run.args,
         "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
@@ -125,7 +129,6 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         "start_method": run.env.get("start_method"),
         "exclude": _unchecked_streams(run, p["code"]),
     } for seg in p["segments"]]
-    ex = executor or executors.local()
     started = time.perf_counter()
     if on_event is not None:
         on_event({"replay": replay_id, "plan": [s.to_dict() for s in p["segments"]],
@@ -170,6 +173,12 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         cancelled.result = frame
         raise cancelled
     return frame
+
+
+def _blobs(run: Run):
+    """The run's blob location when it is not the store's folder (a shared folder or a URL), else None."""
+    blobs = run.env.get("blobs")
+    return str(blobs) if blobs else None
 
 
 def _only(token, replay_id, on_event):
