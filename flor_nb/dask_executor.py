@@ -69,6 +69,15 @@ def executor(target) -> DaskExecutor:
     return DaskExecutor(client)
 
 
+def prestart(client, modules=()) -> dict:
+    """Start each worker's replay process now (it imports torch and ``modules``), so the first replay starts
+    warm; returns {worker address: replay process id}. Blocks until they are ready (a second or two)."""
+    workers = list(client.nthreads())
+    futures = [client.submit(_warm, list(modules), pure=False, workers=[w], allow_other_workers=False)
+               for w in workers]
+    return dict(zip(workers, client.gather(futures)))
+
+
 class DaskExecutor:
     """Segments as Dask tasks on ``client``'s cluster; one replay per executor object (cancel ends it)."""
 
@@ -264,6 +273,19 @@ def _task(fn, task, topic):
                 raise payload
 
 
+def _warm(modules):
+    from . import worker
+
+    with _ONE_AT_A_TIME:
+        if not _CHILD or not _CHILD[0].alive():
+            _CHILD[:] = [_Child()]
+        _CHILD[0].conn.send((worker.warm_up, modules))
+        kind, payload = _CHILD[0].conn.recv()
+    if kind == "error":
+        raise payload
+    return payload
+
+
 class _Events:
     """The child's event queue: each event goes up the pipe to the Dask worker."""
 
@@ -299,7 +321,7 @@ def _child_main(fd: int):
                 e = ReplayError(f"{_segment(task)} failed: {type(e).__name__}: {e}")
             reply = ("error", e)
         finally:
-            _forget_user_modules(before, task.get("cwd"))
+            _forget_user_modules(before, task.get("cwd") if isinstance(task, dict) else None)
             _free_gpu_memory()
         conn.send(reply)
 

@@ -28,6 +28,7 @@ from .errors import FlorError
 ENV = "FLOR_NB_BLOBS"  # default blob location for new recordings
 _FS: dict = {}  # url -> (filesystem, root path): one client per process and location
 _RENAMES = {"file", "local"}  # protocols with an atomic rename
+_SEEN: set = set()  # (url, rel) of blobs this process wrote or found: content-addressed, so never asked again
 
 
 class ObjectStoreError(FlorError):
@@ -82,11 +83,17 @@ def get(url: str, rel: str) -> bytes:
 
 
 def exists(url: str, rel: str) -> bool:
+    """Whether ``rel`` is there; a blob seen once is taken as there (one request saved per blob and checkpoint)."""
+    if (url, rel) in _SEEN:
+        return True
     fs, root = _fs(url)
     try:
-        return fs.exists(f"{root}/{rel}")
+        found = fs.exists(f"{root}/{rel}")
     except OSError as e:
         raise ObjectStoreError(f"Cannot reach {where(url, rel)}: {e}") from None
+    if found and rel.startswith("blobs/"):
+        _SEEN.add((url, rel))
+    return found
 
 
 def put(url: str, rel: str, data) -> None:
@@ -104,6 +111,8 @@ def put(url: str, rel: str, data) -> None:
             fs.pipe_file(path, bytes(data))
     except OSError as e:
         raise ObjectStoreError(f"Cannot write {where(url, rel)}: {e}") from None
+    if rel.startswith("blobs/"):
+        _SEEN.add((url, rel))
 
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flor_nb as flor
+from flor_nb.dask_executor import prestart
 from flor_nb.dask_executor import DaskExecutor
 from flor_nb.errors import ReplayError
 from flor_nb.executor import ReplayCancelled
@@ -28,6 +29,7 @@ SLOW = TRAIN.replace("    model.eval()\n", "    model.eval()\n    time.sleep(0.4
 def client():
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
                                   worker_dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+        prestart(c, ["torch", "numpy"])  # the replay processes start here, not in the first test
         yield c
 
 
