@@ -148,7 +148,7 @@ class DaskExecutor:
         return [_store_arrays(t, r) for t, r in zip(tasks, results)]
 
     def cancel(self):
-        """Cancel the futures; running tasks stop at their next epoch or iteration."""
+        """Cancel the futures; each running task ends its worker's replay process (the next task starts one)."""
         self._cancelled.set()
         self._stop()
 
@@ -293,7 +293,10 @@ class _Events:
         self.conn = conn
 
     def put_nowait(self, event):
-        self.conn.send(("event", event))
+        try:
+            self.conn.send(("event", event))
+        except OSError:  # the Dask worker is gone (killed): stop the segment, not just its progress events
+            raise SystemExit(1) from None
 
 
 def _child_main(fd: int):

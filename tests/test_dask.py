@@ -3,6 +3,7 @@ progress, cancel, a worker killed mid-task, daemonic workers."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -17,6 +18,7 @@ from flor_nb.errors import ReplayError
 from flor_nb.executor import ReplayCancelled
 
 from conftest import SETUP, TRAIN, setup_namespace
+from test_magics import ip  # noqa: F401 - the IPython shell fixture
 
 distributed = pytest.importorskip("distributed")
 
@@ -168,3 +170,24 @@ def _random_untouched(seconds):
     state = random.getstate()
     time.sleep(seconds)
     return random.getstate() == state
+
+
+def test_the_replay_magic_takes_an_executor_and_its_progress_bar_moves(ip, client, one_thread, capsys):
+    from test_magics import MODEL as M_MODEL, SETUP as M_SETUP, TRAIN as M_TRAIN, run
+
+    run(ip, M_SETUP)
+    run(ip, M_MODEL)
+    run(ip, "%%flor record --name m --no-progress\n" + M_TRAIN)
+    capsys.readouterr()
+    probe = M_TRAIN.replace(
+        "        opt.zero_grad(); loss.backward(); opt.step()\n",
+        "        opt.zero_grad(); loss.backward()\n        flor.log('gn', float(model[0].weight.grad.norm()))\n"
+        "        opt.step()\n")
+    address = client.scheduler.address.replace("tcp://", "dask://")
+    df = run(ip, f"%%flor replay m --epochs 1-2 --executor {address}\n" + probe)
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    assert df["gn"].notna().sum() == 6
+    assert set(t["pid"] for t in df.attrs["fidelity"]["timings"]) <= set(client.run(_replay_process).values())
+    err = capsys.readouterr().err
+    bars = re.findall(r"replay m: +\d+%.*?(\d+)/(\d+) \[", err)  # the bar, driven by Dask's events
+    assert bars and bars[-1][0] == bars[-1][1] and int(bars[-1][0]) >= 2, err

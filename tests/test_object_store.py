@@ -93,6 +93,10 @@ def test_a_url_as_the_store_means_the_blobs_go_there(store, s3):
                         store=f"s3://{BUCKET}/other", overhead=float("inf"))
     assert again.env["blobs"] == f"s3://{BUCKET}/other" and s3.find(f"{BUCKET}/other/checkpoints/viastore@1")
     assert flor.get_run("viastore").label == "viastore@1"
+    # the local store's disk accounting leaves the bucket's blobs alone, and still frees its own
+    freed = flor.gc()
+    assert "could not be read" not in (freed.note or "")
+    assert flor.du().attrs["total"] > 0
 
 
 def test_a_damaged_blob_in_s3_is_detected(store, s3, client, one_thread):
