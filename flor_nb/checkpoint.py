@@ -16,6 +16,8 @@ flipped or missing byte anywhere: :class:`CorruptCheckpointError`, naming the
 file); the HMAC tells whether this user wrote it (else
 :class:`~flor_nb.errors.UntrustedStoreError`); only then is anything unpickled.
 Files are written to a temp name, fsynced and renamed.
+``home`` may also be a URL (``s3://bucket/prefix``): then :mod:`flor_nb.objstore` reads and
+writes the files and blobs (one upload per object, which S3 makes atomic).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import disk, signing
+from . import disk, objstore, signing
 from .errors import FlorError, UntrustedStoreError
 from .hashing import DEFAULT, hash_bytes, known
 from .state import _raw, wait_copies
@@ -107,7 +109,13 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     """
     skeleton, python, blobs, digest = parts or split(snap, algorithm)
     new_bytes = 0
+    remote = objstore.is_url(home)
     for h, raw in blobs.items():
+        if remote:
+            if not objstore.exists(home, f"blobs/{h[:2]}/{h}"):
+                objstore.put(home, f"blobs/{h[:2]}/{h}", raw)
+                new_bytes += len(raw)
+            continue
         path = Path(home) / "blobs" / h[:2] / h
         if not path.exists():
             disk.write_atomic(path, raw)
@@ -128,13 +136,18 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
         "macs": {h: signing.mac(blobs[h], "blob").hex() for h in pyblobs},
     }
     data = _seal(rel, header, skel, py)
-    disk.write_atomic(disk.inside(home, rel), data)
+    objstore.put(home, rel, data) if remote else disk.write_atomic(disk.inside(home, rel), data)
     return {
         "bytes": new_bytes + len(data),
         "logical_bytes": sum(len(r) for r in blobs.values()) + len(data),
         "checksum": hash_bytes(data, algorithm),
         "digests": digest,
     }
+
+
+def _home(home):
+    """A store folder as a Path; a URL (s3://..., file://...) as it is."""
+    return home if objstore.is_url(home) else Path(home)
 
 
 def _seal(rel: str, header: dict, skel: bytes, py: bytes) -> bytes:
@@ -147,9 +160,9 @@ def _seal(rel: str, header: dict, skel: bytes, py: bytes) -> bytes:
 
 def _open(home: Path, rel: str):
     """Read a checkpoint file, telling damage apart: (path, data, header, header length, body end, sealed)."""
-    path = disk.inside(home, rel)
+    path = objstore.where(home, rel) if objstore.is_url(home) else disk.inside(home, rel)
     try:
-        data = path.read_bytes()
+        data = objstore.get(home, rel) if objstore.is_url(home) else path.read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpointError(f"Checkpoint file {path} is missing. Replay other epochs or record again.",
                                      str(path)) from None
@@ -209,14 +222,14 @@ def read(home: Path, rel: str) -> dict:
 
     Nothing is unpickled before the file's HMAC, and each pickled blob's, verify with this user's key.
     """
-    skel, py, algorithm, header = _signed(Path(home), rel)
+    skel, py, algorithm, header = _signed(_home(home), rel)
     macs = header.get("macs") or {}
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
     cache: dict = {}
 
     def blob(h: str) -> bytearray:
         if h not in cache:
-            cache[h] = _blob(Path(home), h, algorithm)
+            cache[h] = _blob(_home(home), h, algorithm)
         return cache[h]
 
     def tensor(r: dict) -> torch.Tensor:
@@ -259,12 +272,12 @@ def py_hashes(python: dict) -> set:
 
 def verify(home: Path, rel: str) -> None:
     """Check a checkpoint file and every blob it names, unpickling nothing; raise what :func:`read` would."""
-    skel, _, algorithm, header = _signed(Path(home), rel)
+    skel, _, algorithm, header = _signed(_home(home), rel)
     refs: set = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
         map_tree(tree, lambda r: refs.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
     for h in sorted(refs | set(header.get("macs") or {})):
-        _blob(Path(home), h, algorithm)
+        _blob(_home(home), h, algorithm)
 
 
 def resign(home: Path, rel: str) -> None:
@@ -313,12 +326,13 @@ def _pyblob_refs(py: bytes) -> set:
     return refs
 
 
-def _blob(home: Path, h: str, algorithm: str) -> bytearray:
+def _blob(home, h: str, algorithm: str) -> bytearray:
     if not isinstance(h, str) or not _HEX.fullmatch(h):
         raise CorruptCheckpointError(f"A checkpoint in {home} names the blob {h!r}, which is not a blob hash.")
-    path = home / "blobs" / h[:2] / h
+    remote = objstore.is_url(home)
+    path = objstore.where(home, f"blobs/{h[:2]}/{h}") if remote else Path(home) / "blobs" / h[:2] / h
     try:
-        raw = bytearray(path.read_bytes())
+        raw = bytearray(objstore.get(home, f"blobs/{h[:2]}/{h}") if remote else path.read_bytes())
     except FileNotFoundError:
         raise CorruptCheckpointError(f"Blob {path} is missing. Replay other epochs or record again.",
                                      str(path)) from None
@@ -334,7 +348,7 @@ def references(home: Path, rel: str) -> set[str]:
     Raises :class:`CorruptCheckpointError` when the file is missing or damaged: a caller that
     frees space must then keep every blob (it cannot tell which ones the file needs).
     """
-    path, data, header, hlen, _, _ = _open(Path(home), rel)
+    path, data, header, hlen, _, _ = _open(_home(home), rel)
     skel, py, _ = _parts(path, data, header, hlen)
     found: set[str] = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
