@@ -9,7 +9,11 @@ The skeleton is the tensor tree with each tensor replaced by a reference
 (``torch.save``, loaded with ``weights_only=True``); the Python part is a
 pickle of plain values (RNG states, flags) and references to pickled blobs.
 The header names the hash algorithm; blobs and files are written to a temp
-name, fsynced and renamed, and verified by hash on load.
+name, fsynced and renamed, and verified by hash on load. A tensor whose bytes
+are all zero (Adam's state of parameters that got no gradient, zeroed buffers)
+has no blob: the header lists its hash under ``zeros`` (schema 4) and load
+builds it with ``torch.zeros``. The skeleton, and so every digest, is the same
+as if its bytes had been stored.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ from .state import _raw
 from .trees import map_tree
 
 MAGIC = b"FLORCKPT"
-SCHEMA = 3
-_READS = (2, 3)
+SCHEMA = 4  # 4: all-zero tensors are listed in the header's "zeros" instead of stored as blobs
+_READS = (2, 3, 4)
 _PY_BLOBS = ("py/", "leaves/")  # Python entries stored as blobs (pickled bytes)
 ROOTS = "__roots__"  # not a stream: the roots' order, kept with the digests
 
@@ -43,6 +47,22 @@ def _ref(t: torch.Tensor, blobs: dict, algorithm: str) -> dict:
     h = hash_bytes(raw, algorithm)
     blobs.setdefault(h, raw)
     return {"__blob__": h, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+
+
+_ZERO_HASHES: dict = {}  # (bytes, algorithm) -> hash of that many zero bytes
+
+
+def _zero_hash(n: int, algorithm: str) -> str:
+    key = (n, algorithm)
+    if key not in _ZERO_HASHES:
+        _ZERO_HASHES[key] = hash_bytes(bytes(n), algorithm)
+    return _ZERO_HASHES[key]
+
+
+def zero_blobs(blobs: dict, algorithm: str = DEFAULT) -> set[str]:
+    """The blobs of ``blobs`` ({hash: bytes}) whose bytes are all zero: found by their hash, which is
+    computed anyway, against the (cached) hash of as many zero bytes, so no extra pass over the data."""
+    return {h for h, raw in blobs.items() if len(raw) and h == _zero_hash(len(raw), algorithm)}
 
 
 def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:
@@ -80,12 +100,19 @@ def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]
 def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
     """Persist a snapshot: new blobs, then the checkpoint file. Returns sizes, checksum and digests."""
     skeleton, python, blobs, digest = split(snap, algorithm)
+    tensor_blobs: dict = {}
+    map_tree(skeleton, lambda r: tensor_blobs.setdefault(r["__blob__"], blobs[r["__blob__"]]), _is_ref)
+    zeros = zero_blobs(tensor_blobs, algorithm)
     new_bytes = 0
+    new = []
     for h, raw in blobs.items():
+        if h in zeros:
+            continue
         path = home / "blobs" / h[:2] / h
         if not path.exists():
             _atomic(path, raw)
             new_bytes += len(raw)
+            new.append(h)
     buf = io.BytesIO()
     torch.save(skeleton, buf)
     skel = buf.getvalue()
@@ -98,14 +125,19 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT) -> dict:
         "digests": digest,
         "roots": snap.get("roots", []),
         "not_captured": snap.get("not_captured", {}),
+        "zeros": sorted(zeros),
     }).encode()
     data = MAGIC + struct.pack("<Q", len(header)) + header + skel + py
     _atomic(home / rel, data)
     return {
         "bytes": new_bytes + len(data),
-        "logical_bytes": sum(len(r) for r in blobs.values()) + len(data),
+        "logical_bytes": sum(len(r) for h, r in blobs.items() if h not in zeros) + len(data),
         "checksum": hash_bytes(data, algorithm),
         "digests": digest,
+        "file_bytes": len(data),
+        "blobs": {h: len(r) for h, r in blobs.items() if h not in zeros},  # every blob the file refers to
+        "new_blobs": new,  # the blobs this write created (the others were on disk already)
+        "zero_bytes": sum(len(blobs[h]) for h in zeros),
     }
 
 
@@ -137,6 +169,7 @@ def read(home: Path, rel: str) -> dict:
     if algorithm is None:
         raise CorruptCheckpointError(f"Checkpoint {path} is damaged (checksum mismatch). Replay from another epoch.")
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
+    zeros = set(header.get("zeros", ()))
     cache: dict = {}
 
     def blob(h: str) -> bytearray:
@@ -145,15 +178,15 @@ def read(home: Path, rel: str) -> dict:
         return cache[h]
 
     def tensor(r: dict) -> torch.Tensor:
-        raw, dtype = blob(r["__blob__"]), getattr(torch, r["dtype"])
+        dtype = getattr(torch, r["dtype"])
+        if r["__blob__"] in zeros:
+            return torch.zeros(r["shape"], dtype=dtype)
+        raw = blob(r["__blob__"])
         if not raw:
             return torch.empty(r["shape"], dtype=dtype)
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(r["shape"]).clone()
 
-    def is_ref(x):
-        return isinstance(x, dict) and "__blob__" in x
-
-    tensors = {k: map_tree(v, tensor, is_ref) for k, v in skeleton.items()}
+    tensors = {k: map_tree(v, tensor, _is_ref) for k, v in skeleton.items()}
     python = pickle.loads(py)
     for key, value in python.items():
         if isinstance(value, dict) and "__pyblob__" in value:
@@ -161,6 +194,10 @@ def read(home: Path, rel: str) -> dict:
         elif isinstance(value, dict) and "__pyblobs__" in value:
             python[key] = [bytes(blob(h)) for h in value["__pyblobs__"]]
     return {"tensors": tensors, "python": python, "header": header}
+
+
+def _is_ref(x) -> bool:
+    return isinstance(x, dict) and "__blob__" in x
 
 
 def _blob(home: Path, h: str, algorithm: str) -> bytearray:
@@ -209,7 +246,10 @@ def references(home: Path, rel: str) -> set[str]:
     found: set[str] = set()
     map_tree(skeleton, lambda r: found.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
     found.update(v["__pyblob__"] for v in python.values() if isinstance(v, dict) and "__pyblob__" in v)
-    return found
+    for v in python.values():
+        if isinstance(v, dict) and "__pyblobs__" in v:
+            found.update(v["__pyblobs__"])
+    return found - set(header.get("zeros", ()))
 
 
 def blob_path(home: Path, h: str) -> Path:
