@@ -18,7 +18,7 @@ from flor_nb.cells import kernel_edits
 from flor_nb.errors import FlorError
 
 USAGE = """\
-%%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
+%%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--max-store 2GB] [--store PATH]   record the cell below
 %%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH]  replay it with the edited cell below
 %flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
 %flor ui [RUN]                               open the replay panel
@@ -46,6 +46,9 @@ _RECORD.add_argument("--state", default=None, help="a,b: checkpoint only these n
                                                    "is found automatically")
 _RECORD.add_argument("--overhead", type=float, default=0.02, help="checkpoint time budget as a fraction of "
                                                                   "training time (inf: every epoch)")
+_RECORD.add_argument("--max-store", default=None, help="disk budget for the run's checkpoints, like 2GB; over it "
+                                                       "older ones are thinned (default: a quarter of the free "
+                                                       "disk, at most 20GB; inf: no budget)")
 _RECORD.add_argument("--no-progress", action="store_true", help="no progress bar")
 _REPLAY = _parser("replay", "Replay epochs of a recorded run with the edited cell below (the recorded cell with "
                             "flor.log probes added); returns a DataFrame and checks the replay is faithful.")
@@ -88,7 +91,7 @@ class FlorMagics(Magics):
     def flor(self, line, cell=None):
         """Hindsight logging: record a training cell, replay it with probes, report.
 
-        %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--store PATH]
+        %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--max-store SIZE] [--store PATH]
         %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH]
         %flor runs | %flor ui [RUN] | %flor report RUN [--all-versions] [--out PATH] [--html]
         %flor rm NAME[@VERSION] ... | %flor du | %flor gc
@@ -122,6 +125,7 @@ class FlorMagics(Magics):
         run = flor_nb.record(
             self.shell.transform_cell(cell), name=a.name, namespace=self.shell.user_ns, history=history,
             state_spec=a.state, store=a.store, progress=not a.no_progress, overhead=a.overhead,
+            max_store=a.max_store,
         )
         print(flor_nb.api.summary(run, a.store))
         missing = flor_nb.api.not_captured(run, a.store)

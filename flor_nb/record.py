@@ -17,12 +17,13 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, runtime, state
+from . import checkpoint, runtime, state, thinning
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError, NotCapturedWarning
 from .instrument import RUNTIME, find_helper, helper_code, instrument
 from .store import Run, Store
+from .thinning import Thinner
 from .writer import Writer
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class Recorder:
     is set by the overhead budget, measured as training goes.
     """
 
-    def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02):
+    def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02,
+                 thinner: Thinner | None = None):
         self.store, self.run, self.ns, self.scope = store, run, ns, scope
         self.capturer = state.Capturer(ns, scope)
         self.overhead = overhead
@@ -58,6 +60,7 @@ class Recorder:
         self.progress = progress
         self.writer = Writer()
         self.pool = state.BufferPool()
+        self.thinner = thinner  # keeps the run's checkpoints under the store budget (see thinning.py)
         self.epoch_seconds: list[float] = []  # of the first units (all of them for epochs)
         self.unit_seconds_total = 0.0
         self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
@@ -317,6 +320,8 @@ class Recorder:
         self.checkpointed.append(epoch)
         self.pool.release(snap)  # written: its buffers can hold the next snapshot
         self.pool.release(end_snap)
+        if self.thinner is not None:
+            self.thinner.add(epoch, kind, [(rel, info), (end_rel, end)])
 
     def _check_writer(self):
         """Surface a failed write once: a full disk stops checkpoints, never training."""
@@ -436,6 +441,7 @@ class Recorder:
                 "clock_vars": sorted(self.clock[0]),
                 "clock_metrics": sorted(self.clock[1]),
                 "checkpoint_error": self.checkpoint_error,
+                "store_budget": None if self.thinner is None else self.thinner.summary(),
                 "spec": {"only": sorted(self.scope.only) if self.scope.only else None, "extra": sorted(self.scope.extra)},
             },
             timings={
@@ -503,6 +509,7 @@ def record(
     store: Store | str | None = None,
     progress: bool = False,
     overhead: float = 0.02,
+    max_store=None,
 ) -> Run:
     """Run ``code`` (a training cell) in ``namespace``, recording logs and checkpoints.
 
@@ -518,11 +525,14 @@ def record(
     state_spec : ``"a,b"`` narrows the checkpointed names, ``"+a,+b"`` adds to them.
     overhead : checkpoint time budget as a fraction of training time (every epoch while it fits;
         ``float("inf")``: every epoch, whatever it costs).
+    max_store : disk budget for the run's checkpoints, ``"2GB"`` or bytes; over it, older checkpoints are
+        thinned (see thinning.py). None: a quarter of the free disk space, at most 20 GB; ``"inf"``: none.
     """
     from . import api
 
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
     store = api.get_store(store)
+    budget = thinning.budget_for(max_store, store.home)  # a bad size fails before anything runs
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
     since_last = runtime.IDLE.take_args()
@@ -557,7 +567,7 @@ def record(
     filename = f"<flor record {run.label}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     bar = (lambda total: _progress_bar(run, total)) if progress else None
-    recorder = Recorder(store, run, ns, scope, bar, overhead)
+    recorder = Recorder(store, run, ns, scope, bar, overhead, Thinner(store, run, budget, max_store is None))
     recorder.clock = clock_names(code)
     recorder.base_args = args
     previous = runtime.activate(recorder)

@@ -10,7 +10,7 @@ from collections import defaultdict
 import pandas as pd
 
 from . import executor as executors
-from . import runtime
+from . import runtime, thinning
 from .errors import FlorError
 from .instrument import changes, helper_touched, instrument, parse, recorded_loops
 from .plan import parse_epochs, plan
@@ -67,6 +67,11 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     for c in costs:  # greedy: what the slowest worker will do
         load[load.index(min(load))] += c
     skipped = sum(m == "skip" for s in segments for m in s.modes.values())
+    thinned = {}
+    if thinning.thinned_epochs(run):  # checkpoints thinned under the store budget: what they cost this replay
+        unthinned = plan(selected, {**thinning.thinned_kinds(run), **kinds}, max_workers, touched["step"],
+                         touched["pre"], run.label, checks, unit_seconds)
+        thinned = thinning.plan_costs(run, selected, segments, unthinned)
     return {
         "code": code,
         "loops": hint,  # the worker instruments with it, so it picks the same loops
@@ -89,7 +94,9 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "epochs_to_run": sum(len(s.modes) for s in segments),
         "epochs_skipping_steps": skipped,
         "estimate_seconds": None if mean is None else mean * max(load),
-        "summary": _describe(selected, segments, workers, touched),
+        "thinned": thinned,
+        "summary": _describe(selected, segments, workers, touched) + (
+            f". {thinning.plan_text(run, thinned)}" if thinned else ""),
     }
 
 
