@@ -83,6 +83,9 @@ class Thinner:
     def __init__(self, store, run, budget: float, default: bool = False):
         self.store, self.run, self.budget, self.default = store, run, float(budget), default
         self.entries: list[dict] = []  # kept checkpoints, in the order taken
+        self.refs: dict = {}  # blob -> [bytes, kept checkpoints referring to it]
+        self.file_bytes = 0  # of the kept checkpoint files
+        self.blob_bytes = 0  # of the blobs they refer to
         self.index = 0  # epoch checkpoints taken so far (the 'start' one is not counted)
         self.own: set = set()  # blobs this run created
         self.k = 1
@@ -95,10 +98,18 @@ class Thinner:
     # -- accounting ------------------------------------------------------------------------
     def size(self) -> int:
         """Bytes of the run's kept checkpoints: files plus every blob they refer to, once."""
-        blobs: dict = {}
-        for e in self.entries:
-            blobs.update(e["blobs"])
-        return sum(e["file_bytes"] for e in self.entries) + sum(blobs.values())
+        return self.file_bytes + self.blob_bytes
+
+    def _count(self, entry: dict, sign: int):
+        self.file_bytes += sign * entry["file_bytes"]
+        for h, n in entry["blobs"].items():
+            ref = self.refs.setdefault(h, [n, 0])
+            ref[1] += sign
+            if ref[1] == 0:
+                del self.refs[h]
+                self.blob_bytes -= n
+            elif ref[1] == 1 and sign > 0:
+                self.blob_bytes += n
 
     def add(self, epoch: int, kind: str, written: list) -> None:
         """Checkpoint ``epoch`` was written: ``written`` is [(rel path, checkpoint.write's info), ...]."""
@@ -111,7 +122,11 @@ class Thinner:
             self.own.update(info.get("new_blobs", ()))
         if kind != "start":
             self.index += 1
-        self.entries = [e for e in self.entries if e["epoch"] != epoch] + [entry]
+        for old in [e for e in self.entries if e["epoch"] == epoch]:  # written again (a run left by break)
+            self.entries.remove(old)
+            self._count(old, -1)
+        self.entries.append(entry)
+        self._count(entry, +1)
         if math.isinf(self.budget):
             return
         try:
@@ -148,6 +163,7 @@ class Thinner:
         """Delete one checkpoint: its row (digests kept), its files, then the blobs only it held."""
         epoch = entry["epoch"]
         self.entries.remove(entry)
+        self._count(entry, -1)
         row = self.store.checkpoints(self.run.id).get(epoch)
         with self.store._tx() as db:
             if row is not None:
@@ -166,8 +182,7 @@ class Thinner:
         self.thinned.append(epoch)
         self.kinds[str(epoch)] = "both" if entry["kind"] == "step" and len(entry["files"]) > 1 else entry["kind"]
         self._update_state()
-        kept = set().union(*(e["blobs"] for e in self.entries)) if self.entries else set()
-        mine = [h for h in entry["blobs"] if h in self.own and h not in kept]
+        mine = [h for h in entry["blobs"] if h in self.own and h not in self.refs]
         if not mine:
             return
         others = [r for r in self.store.recording() if r.id != self.run.id]
