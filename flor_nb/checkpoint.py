@@ -61,8 +61,10 @@ def _zero_hash(n: int, algorithm: str) -> str:
 
 def zero_blobs(blobs: dict, algorithm: str = DEFAULT) -> set[str]:
     """The blobs of ``blobs`` ({hash: bytes}) whose bytes are all zero: found by their hash, which is
-    computed anyway, against the (cached) hash of as many zero bytes, so no extra pass over the data."""
-    return {h for h, raw in blobs.items() if len(raw) and h == _zero_hash(len(raw), algorithm)}
+    computed anyway, against the (cached) hash of as many zero bytes, so no extra pass over the data
+    (only blobs whose first bytes are zero are compared)."""
+    return {h for h, raw in blobs.items()
+            if len(raw) and not any(raw[:64]) and h == _zero_hash(len(raw), algorithm)}
 
 
 def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:

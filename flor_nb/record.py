@@ -226,7 +226,10 @@ class Recorder:
                 # Short units: the writer's work (hashing, fsync) competes for the same few cores within
                 # the period, so it counts too. Long units leave it idle time between checkpoints.
                 c += sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2]
-            self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)))
+            # And never sooner than the writer can finish the previous one: with a big state (100M params:
+            # 1.6 GB a checkpoint, tens of seconds on a busy disk) the next snapshot would wait for it.
+            w = sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2] if self.write_seconds else 0.0
+            self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)), math.ceil(w / t))
         if self.digest_seconds:
             d = sorted(self.digest_seconds[-5:])[len(self.digest_seconds[-5:]) // 2]
             self._period_digest = max(1, min(self._period_ckpt, math.ceil(d / (_DIGEST_BUDGET * t))))
@@ -452,6 +455,7 @@ class Recorder:
                 "digest_seconds": self.digest_seconds,
                 "write_seconds": self.write_seconds,
                 "writer_seconds": self.writer.busy_seconds,
+                "writer_cpu_seconds": self.writer.cpu_seconds,
                 "overhead_budget": self.overhead,
             },
         )

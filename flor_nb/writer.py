@@ -20,6 +20,7 @@ class Writer:
         self._slot = threading.Semaphore(1)
         self.errors: list[BaseException] = []
         self.busy_seconds = 0.0
+        self.cpu_seconds = 0.0  # CPU time of the writer thread, set when it ends (the bench accounts for it)
         self._thread = threading.Thread(target=self._loop, name="flor_nb-writer", daemon=True)
         self._thread.start()
 
@@ -31,6 +32,7 @@ class Writer:
         while True:
             job = self._jobs.get()
             if job is None:
+                self.cpu_seconds = time.thread_time()
                 return
             fn, args, release = job
             start = time.perf_counter()
