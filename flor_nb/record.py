@@ -231,7 +231,8 @@ class Recorder:
             # And never sooner than the writer can finish the previous one: with a big state (100M params:
             # 1.6 GB a checkpoint, tens of seconds on a busy disk) the next snapshot would wait for it.
             w = sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2] if self.write_seconds else 0.0
-            self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)), math.ceil(w / t))
+            keep_up = 1 if math.isinf(self.overhead) else math.ceil(w / t)  # inf: every unit, whatever it costs
+            self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)), keep_up)
         if self.digest_seconds:
             d = sorted(self.digest_seconds[-5:])[len(self.digest_seconds[-5:]) // 2]
             self._period_digest = max(1, min(self._period_ckpt, math.ceil(d / (_DIGEST_BUDGET * t))))
