@@ -205,16 +205,17 @@ class Recorder:
     def _due(self, k) -> bool:
         """Checkpoint unit k? Every unit while affordable; else every ``_period_ckpt`` units (see :meth:`_tune`).
 
-        Training never waits for the writer: while it is still writing the previous checkpoint, this
-        one is deferred to a later unit (a digest still checks the state here). With a big state (1.6 GB
-        at 100M params) a write can outlast an epoch; waiting blocked training for seconds per epoch, and
-        a second snapshot in flight doubled the memory the snapshot pool holds.
+        After the first unit, training never waits for the writer: while it is still writing the
+        previous checkpoint, this one is deferred to a later unit (a digest still checks the state here).
+        With a big state (1.6 GB at 100M params) a write can outlast an epoch; waiting blocked training
+        for seconds per epoch, and a second snapshot in flight doubled the memory the snapshot pool holds.
+        The first unit (no unit time known yet) waits for the start checkpoint, so it gets one.
         """
         if self.checkpoint_error or k - self._last_ckpt < self._period_ckpt:
             return False
         if math.isinf(self.overhead):  # every unit, whatever it costs (--overhead inf)
             return True
-        return not self.writer.busy()
+        return not (self._recent and self.writer.busy())
 
     def _tune(self):
         """Periods from measured costs: checkpoint every ceil(C / (budget * t)) units, digest every
