@@ -4,8 +4,9 @@ A recording checkpoints as often as its overhead budget allows, so a long run of
 big model can fill a disk. With a budget (``--max-store 2GB``, ``flor.record(...,
 max_store="2GB")``), each time the run's checkpoints take more than the budget
 its older checkpoints are *thinned*: the checkpoint before the first epoch, the
-first epoch's and the latest are always kept, and of the others every k-th
-(k = 1, 2, 4, ... as needed), so kept checkpoints stay evenly spread. The run's
+first epoch's and the latest are always kept, and so is every k-th; the others
+go oldest first until the run fits, k doubling (2, 4, ...) when none is left,
+so kept checkpoints stay spread out. The run's
 size is measured as ``flor.runs()`` reports it: its checkpoint files plus every
 blob they refer to (blobs shared with other runs included).
 
