@@ -18,7 +18,7 @@ from flor_nb.cells import kernel_edits
 from flor_nb.errors import FlorError
 
 USAGE = """\
-%%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
+%%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--max-store 2GB] [--store PATH]   record the cell below
 %%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH] [--trust]  replay it with the edited cell below
                   [--device cpu|cuda:N]      where the recorded tensors go (default: where they were recorded)
                   [--executor dask://HOST:PORT]  where segments run (default: local worker processes)
@@ -50,6 +50,9 @@ _RECORD.add_argument("--state", default=None, help="a,b: checkpoint only these n
                                                    "is found automatically")
 _RECORD.add_argument("--overhead", type=float, default=0.02, help="checkpoint time budget as a fraction of "
                                                                   "training time (inf: every epoch)")
+_RECORD.add_argument("--max-store", default=None, help="disk budget for the run's checkpoints, like 2GB; over it "
+                                                       "older ones are thinned (default: a quarter of the free "
+                                                       "disk, at most 20GB; inf: no budget)")
 _RECORD.add_argument("--no-progress", action="store_true", help="no progress bar")
 _REPLAY = _parser("replay", "Replay epochs of a recorded run with the edited cell below (the recorded cell with "
                             "flor.log probes added); returns a DataFrame and checks the replay is faithful.")
@@ -109,7 +112,7 @@ class FlorMagics(Magics):
     def flor(self, line, cell=None):
         """Hindsight logging: record a training cell, replay it with probes, report.
 
-        %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--store PATH]
+        %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--max-store SIZE] [--store PATH]
         %%flor replay RUN [--epochs SPEC] [--workers N] [--executor dask://HOST:PORT] [--store PATH] [--trust]
         %flor resume RUN [--store PATH] [--trust]
         %flor runs | %flor ui [RUN] | %flor report RUN [--all-versions] [--out PATH] [--html]
@@ -151,6 +154,7 @@ class FlorMagics(Magics):
         run = flor_nb.record(
             self.shell.transform_cell(cell), name=a.name, namespace=self.shell.user_ns, history=history,
             state_spec=a.state, store=a.store, progress=not a.no_progress, overhead=a.overhead,
+            max_store=a.max_store,
         )
         _show_run(run, a.store)
 

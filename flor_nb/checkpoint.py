@@ -18,6 +18,10 @@ file); the HMAC tells whether this user wrote it (else
 Files are written to a temp name, fsynced and renamed.
 ``home`` may also be a URL (``s3://bucket/prefix``): then :mod:`flor_nb.objstore` reads and
 writes the files and blobs (one upload per object, which S3 makes atomic).
+A tensor whose bytes are all zero (Adam's state of parameters that got no
+gradient, zeroed buffers) has no blob: the header lists its hash under ``zeros``
+and load builds it with ``torch.zeros``; the skeleton, and so every digest, is
+the same as if its bytes had been stored.
 """
 from __future__ import annotations
 
@@ -69,6 +73,24 @@ def _ref(t: torch.Tensor, blobs: dict, algorithm: str) -> dict:
     return {"__blob__": h, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
 
 
+_ZERO_HASHES: dict = {}  # (bytes, algorithm) -> hash of that many zero bytes
+
+
+def _zero_hash(n: int, algorithm: str) -> str:
+    key = (n, algorithm)
+    if key not in _ZERO_HASHES:
+        _ZERO_HASHES[key] = hash_bytes(bytes(n), algorithm)
+    return _ZERO_HASHES[key]
+
+
+def zero_blobs(blobs: dict, algorithm: str = DEFAULT) -> set[str]:
+    """The blobs of ``blobs`` ({hash: bytes}) whose bytes are all zero: found by their hash, which is
+    computed anyway, against the (cached) hash of as many zero bytes, so no extra pass over the data
+    (only blobs whose first bytes are zero are compared)."""
+    return {h for h, raw in blobs.items()
+            if len(raw) and not any(raw[:64]) and h == _zero_hash(len(raw), algorithm)}
+
+
 def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:
     """Per-entry digests of the tensor part, equal for equal states."""
     blobs: dict = {}
@@ -108,18 +130,26 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     ``parts``: the snapshot's :func:`split`, when the caller made it already.
     """
     skeleton, python, blobs, digest = parts or split(snap, algorithm)
+    tensor_blobs: dict = {}
+    map_tree(skeleton, lambda r: tensor_blobs.setdefault(r["__blob__"], blobs[r["__blob__"]]), _is_ref)
+    zeros = zero_blobs(tensor_blobs, algorithm)
     new_bytes = 0
+    new = []
     remote = objstore.is_url(home)
     for h, raw in blobs.items():
+        if h in zeros:
+            continue
         if remote:
             if not objstore.exists(home, f"blobs/{h[:2]}/{h}"):
                 objstore.put(home, f"blobs/{h[:2]}/{h}", raw)
                 new_bytes += len(raw)
+                new.append(h)
             continue
         path = Path(home) / "blobs" / h[:2] / h
         if not path.exists():
             disk.write_atomic(path, raw)
             new_bytes += len(raw)
+            new.append(h)
     buf = io.BytesIO()
     torch.save(skeleton, buf)
     skel = buf.getvalue()
@@ -134,14 +164,19 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
         "roots": snap.get("roots", []),
         "not_captured": snap.get("not_captured", {}),
         "macs": {h: signing.mac(blobs[h], "blob").hex() for h in pyblobs},
+        "zeros": sorted(zeros),
     }
     data = _seal(rel, header, skel, py)
     objstore.put(home, rel, data) if remote else disk.write_atomic(disk.inside(home, rel), data)
     return {
         "bytes": new_bytes + len(data),
-        "logical_bytes": sum(len(r) for r in blobs.values()) + len(data),
+        "logical_bytes": sum(len(r) for h, r in blobs.items() if h not in zeros) + len(data),
         "checksum": hash_bytes(data, algorithm),
         "digests": digest,
+        "file_bytes": len(data),
+        "blobs": {h: len(r) for h, r in blobs.items() if h not in zeros},  # every blob the file refers to
+        "new_blobs": new,  # the blobs this write created (the others were on disk already)
+        "zero_bytes": sum(len(blobs[h]) for h in zeros),
     }
 
 
@@ -225,6 +260,7 @@ def read(home: Path, rel: str) -> dict:
     skel, py, algorithm, header = _signed(_home(home), rel)
     macs = header.get("macs") or {}
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
+    zeros = set(header.get("zeros", ()))
     cache: dict = {}
 
     def blob(h: str) -> bytearray:
@@ -233,7 +269,10 @@ def read(home: Path, rel: str) -> dict:
         return cache[h]
 
     def tensor(r: dict) -> torch.Tensor:
-        raw, dtype = blob(r["__blob__"]), getattr(torch, r["dtype"])
+        dtype = getattr(torch, r["dtype"])
+        if r["__blob__"] in zeros:
+            return torch.zeros(r["shape"], dtype=dtype)
+        raw = blob(r["__blob__"])
         if not raw:
             return torch.empty(r["shape"], dtype=dtype)
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(r["shape"]).clone()
@@ -249,6 +288,10 @@ def read(home: Path, rel: str) -> dict:
         elif isinstance(value, dict) and "__pyblobs__" in value:
             python[key] = [_signed_blob(blob, macs, h, home, rel) for h in value["__pyblobs__"]]
     return {"tensors": tensors, "python": python, "header": header}
+
+
+def _is_ref(x) -> bool:
+    return isinstance(x, dict) and "__blob__" in x
 
 
 def _signed_blob(blob, macs: dict, h: str, home, rel: str) -> bytes:
@@ -276,7 +319,7 @@ def verify(home: Path, rel: str) -> None:
     refs: set = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
         map_tree(tree, lambda r: refs.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
-    for h in sorted(refs | set(header.get("macs") or {})):
+    for h in sorted((refs - set(header.get("zeros", ()))) | set(header.get("macs") or {})):
         _blob(_home(home), h, algorithm)
 
 
@@ -354,7 +397,7 @@ def references(home: Path, rel: str) -> set[str]:
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
         map_tree(tree, lambda r: found.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
     found.update(header["macs"] if "macs" in header else _pyblob_refs(py))
-    return found
+    return found - set(header.get("zeros", ()))
 
 
 def blob_path(home: Path, h: str) -> Path:

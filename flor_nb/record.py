@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import devices, objstore, runtime, state, validate
+from . import devices, objstore, runtime, state, thinning, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError
@@ -23,6 +23,8 @@ from .edits import find_helper, helper_code
 from .instrument import RUNTIME, instrument
 from .recorder import Recorder, spec_of
 from .store import Run, Store
+
+from .thinning import Thinner
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ def record(
     progress: bool = False,
     overhead: float = 0.02,
     blobs: str | None = None,
+    max_store=None,
 ) -> Run:
     """Run ``code`` (a training cell) in ``namespace``, recording logs and checkpoints.
 
@@ -89,6 +92,8 @@ def record(
     blobs : where checkpoint files and blobs go: a folder (shared with replay workers) or an fsspec URL
         (``s3://bucket/prefix``); default ``$FLOR_NB_BLOBS``, else the store's folder. The index stays in the
         store. A URL given as ``store`` means the same (the index then stays in the default store folder).
+    max_store : disk budget for the run's checkpoints, ``"2GB"`` or bytes; over it, older checkpoints are
+        thinned (see thinning.py). None: a quarter of the free disk space, at most 20 GB; ``"inf"``: none.
     """
     from . import api
 
@@ -98,6 +103,7 @@ def record(
         blobs, store = blobs or store, None
     blobs = objstore.location(blobs)
     store = api.get_store(store)
+    budget = thinning.budget_for(max_store, store.home)  # a bad size fails before anything runs
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
     since_last = runtime.IDLE.take_args()
@@ -133,7 +139,9 @@ def record(
                            state={"loops": choice, "capture": 2, "spec": spec_of(scope)})
     try:
         bar = (lambda total: _progress_bar(run, total)) if progress else None
-        recorder = Recorder(store, run, ns, scope, bar, overhead)
+        # Checkpoints kept elsewhere (s3://, a shared folder) are not thinned: the budget is this disk's.
+        thinner = None if blobs else Thinner(store, run, budget, max_store is None)
+        recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
         recorder.clock = clock_names(code)
         recorder.base_args = args
     except BaseException as e:  # no run is left 'running' by a failure before training starts

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import executor as executors
-from . import checkpoint, devices, machine, runtime, signing, validate
+from . import checkpoint, devices, machine, runtime, signing, thinning, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .edits import changes, helper_touched
@@ -78,6 +78,11 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     for c in costs:  # greedy: what the slowest worker will do
         load[load.index(min(load))] += c
     skipped = sum(m == "skip" for s in segments for m in s.modes.values())
+    thinned = {}
+    if thinning.thinned_epochs(run):  # checkpoints thinned under the store budget: what they cost this replay
+        unthinned = plan(selected, {**thinning.thinned_kinds(run), **kinds}, max_workers, touched["step"],
+                         touched["pre"], run.label, checks, unit_seconds)
+        thinned = thinning.plan_costs(run, selected, segments, unthinned)
     return {
         "code": code,
         "loops": hint,  # the worker instruments with it, so it picks the same loops
@@ -100,7 +105,9 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "epochs_to_run": sum(len(s.modes) for s in segments),
         "epochs_skipping_steps": skipped,
         "estimate_seconds": None if mean is None else mean * max(load),
-        "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None),
+        "thinned": thinned,
+        "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None) + (
+            f". {thinning.plan_text(run, thinned)}" if thinned else ""),
     }
 
 
