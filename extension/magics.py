@@ -18,9 +18,10 @@ from flor_nb.cells import kernel_edits
 from flor_nb.errors import FlorError
 
 USAGE = """\
-%%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--store PATH]   record the cell below
+%%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--max-store 2GB] [--store PATH]   record the cell below
 %%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH] [--trust]  replay it with the edited cell below
                   [--device cpu|cuda:N]      where the recorded tensors go (default: where they were recorded)
+                  [--executor dask://HOST:PORT]  where segments run (default: local worker processes)
 %flor resume RUN [--store PATH] [--trust]     continue a run a crash or interrupt stopped
 %flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
 %flor ui [RUN]                               open the replay panel
@@ -29,7 +30,8 @@ USAGE = """\
 %flor du                                     show what the store holds on disk
 %flor gc                                     remove blobs no checkpoint refers to
 RUN is NAME (its latest version) or NAME@VERSION; SPEC is 3, 2-5 or 1,4,7-9 (0-based epochs).
-Every command takes --help; every command takes --store PATH (default $FLOR_NB_HOME or ./.flor).
+Every command takes --help; every command takes --store PATH (default $FLOR_NB_HOME or ./.flor); a URL
+(--store s3://bucket/prefix) puts a recording's checkpoints there and keeps the index in the default store.
 """
 
 
@@ -48,6 +50,9 @@ _RECORD.add_argument("--state", default=None, help="a,b: checkpoint only these n
                                                    "is found automatically")
 _RECORD.add_argument("--overhead", type=float, default=0.02, help="checkpoint time budget as a fraction of "
                                                                   "training time (inf: every epoch)")
+_RECORD.add_argument("--max-store", default=None, help="disk budget for the run's checkpoints, like 2GB; over it "
+                                                       "older ones are thinned (default: a quarter of the free "
+                                                       "disk, at most 20GB; inf: no budget)")
 _RECORD.add_argument("--no-progress", action="store_true", help="no progress bar")
 _REPLAY = _parser("replay", "Replay epochs of a recorded run with the edited cell below (the recorded cell with "
                             "flor.log probes added); returns a DataFrame and checks the replay is faithful.")
@@ -64,6 +69,8 @@ _REPLAY.add_argument("--workers", type=int, default=None, help="worker processes
 _REPLAY.add_argument("--device", default=None,
                      help="where the recorded tensors go: cpu, cuda, cuda:N (default: where they were recorded); "
                           "across devices values are compared with a tolerance and the verdict says so")
+_REPLAY.add_argument("--executor", default=None, help="where segments run: local (default; or $FLOR_NB_EXECUTOR), "
+                                                    "or a Dask scheduler: dask://host:8786")
 _REPLAY.add_argument("--no-progress", action="store_true", help="no progress bar")
 _REPLAY.add_argument("--trust", action="store_true", help="re-sign the store first: only for a store you trust")
 _RESUME = _parser("resume", "Continue a run that a crash, SIGKILL or interrupt stopped, from its last checkpoint.")
@@ -105,8 +112,8 @@ class FlorMagics(Magics):
     def flor(self, line, cell=None):
         """Hindsight logging: record a training cell, replay it with probes, report.
 
-        %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--store PATH]
-        %%flor replay RUN [--epochs SPEC] [--workers N] [--store PATH] [--trust]
+        %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--max-store SIZE] [--store PATH]
+        %%flor replay RUN [--epochs SPEC] [--workers N] [--executor dask://HOST:PORT] [--store PATH] [--trust]
         %flor resume RUN [--store PATH] [--trust]
         %flor runs | %flor ui [RUN] | %flor report RUN [--all-versions] [--out PATH] [--html]
         %flor rm NAME[@VERSION] ... | %flor du | %flor gc
@@ -147,6 +154,7 @@ class FlorMagics(Magics):
         run = flor_nb.record(
             self.shell.transform_cell(cell), name=a.name, namespace=self.shell.user_ns, history=history,
             state_spec=a.state, store=a.store, progress=not a.no_progress, overhead=a.overhead,
+            max_store=a.max_store,
         )
         _show_run(run, a.store)
 
@@ -175,7 +183,7 @@ class FlorMagics(Magics):
                 print(f"flor_nb: replaying with {note}; --recorded-cells to replay the recorded ones")
         try:
             df = flor_nb.replay(a.run, code=self.shell.transform_cell(cell), epochs=a.epochs, iters=a.iters,
-                                workers=a.workers, cells=edits or None, device=a.device,
+                                workers=a.workers, cells=edits or None, device=a.device, executor=a.executor,
                                 store=a.store, on_event=None if a.no_progress else progress,
                                 trust_store=a.trust)
         finally:

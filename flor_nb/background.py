@@ -33,7 +33,7 @@ class ReplayHandle:
         self.total = max((plan or {}).get("epochs_to_run") or 1, 1)
         self.predicted = (plan or {}).get("estimate_seconds")
         self.on_change, self.on_done = on_change, on_done
-        self.executor = executor or executors.local()
+        self.executor = executors.resolve(executor)
         self.ran: dict[int, float] = {}  # epoch -> seconds, as workers report them
         self.done_by_segment: dict = {}  # first unit of a segment -> units it has run
         self.modes: dict[int, str] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 from dataclasses import dataclass, field
 
 from .errors import FlorError
@@ -324,13 +325,9 @@ def resolve(history: list[Cell], target: str) -> tuple[list[Cell], set[str]]:
     """
     infos = []
     for cell in history:
-        source = strip_shell(cell.source)
-        try:
-            info = (source, *reads(source), analyze(source)[1] | cell.bound, mutated_names(source),
-                    has_loop(source)) if source.strip() else None
-        except SyntaxError:
-            info = None
-        infos.append(info)
+        source, parsed = _cell_info(cell.source)
+        infos.append(None if parsed is None else (source, parsed[0], parsed[1], parsed[2] | cell.bound, parsed[3],
+                                                  parsed[4]))
     end = len(history)
     todo = [(name, end) for name in analyze(target)[0]]
     seen, chosen, missing = set(), set(), set()
@@ -352,6 +349,20 @@ def resolve(history: list[Cell], target: str) -> tuple[list[Cell], set[str]]:
             todo += [(n, end) for n in infos[i][2].get(name, ())]
     cells = [Cell(history[i].count, infos[i][0], history[i].bound, history[i].args) for i in sorted(chosen)]
     return cells, missing
+
+
+@functools.lru_cache(maxsize=4096)
+def _cell_info(source: str):
+    """(the source without IPython syntax, (reads, function reads, bound, mutated, loops) or None), parsed
+    once per source: a kernel's history grows all day, and parsing every cell at each record made the
+    recorded cell's fixed cost grow with it (see bench/results-overhead-kernel.md)."""
+    source = strip_shell(source)
+    if not source.strip():
+        return source, None
+    try:
+        return source, (*reads(source), analyze(source)[1], mutated_names(source), has_loop(source))
+    except SyntaxError:
+        return source, None
 
 
 def _definitions(source: str) -> dict:

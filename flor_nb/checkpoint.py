@@ -16,6 +16,12 @@ flipped or missing byte anywhere: :class:`CorruptCheckpointError`, naming the
 file); the HMAC tells whether this user wrote it (else
 :class:`~flor_nb.errors.UntrustedStoreError`); only then is anything unpickled.
 Files are written to a temp name, fsynced and renamed.
+``home`` may also be a URL (``s3://bucket/prefix``): then :mod:`flor_nb.objstore` reads and
+writes the files and blobs (one upload per object, which S3 makes atomic).
+A tensor whose bytes are all zero (Adam's state of parameters that got no
+gradient, zeroed buffers) has no blob: the header lists its hash under ``zeros``
+and load builds it with ``torch.zeros``; the skeleton, and so every digest, is
+the same as if its bytes had been stored.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import disk, signing
+from . import disk, objstore, signing
 from .errors import FlorError, UntrustedStoreError
 from .hashing import DEFAULT, hash_bytes, known
 from .state import _raw, wait_copies
@@ -65,6 +71,24 @@ def _ref(t: torch.Tensor, blobs: dict, algorithm: str) -> dict:
     h = hash_bytes(raw, algorithm)
     blobs.setdefault(h, raw)
     return {"__blob__": h, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+
+
+_ZERO_HASHES: dict = {}  # (bytes, algorithm) -> hash of that many zero bytes
+
+
+def _zero_hash(n: int, algorithm: str) -> str:
+    key = (n, algorithm)
+    if key not in _ZERO_HASHES:
+        _ZERO_HASHES[key] = hash_bytes(bytes(n), algorithm)
+    return _ZERO_HASHES[key]
+
+
+def zero_blobs(blobs: dict, algorithm: str = DEFAULT) -> set[str]:
+    """The blobs of ``blobs`` ({hash: bytes}) whose bytes are all zero: found by their hash, which is
+    computed anyway, against the (cached) hash of as many zero bytes, so no extra pass over the data
+    (only blobs whose first bytes are zero are compared)."""
+    return {h for h, raw in blobs.items()
+            if len(raw) and not any(raw[:64]) and h == _zero_hash(len(raw), algorithm)}
 
 
 def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:
@@ -106,12 +130,26 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     ``parts``: the snapshot's :func:`split`, when the caller made it already.
     """
     skeleton, python, blobs, digest = parts or split(snap, algorithm)
+    tensor_blobs: dict = {}
+    map_tree(skeleton, lambda r: tensor_blobs.setdefault(r["__blob__"], blobs[r["__blob__"]]), _is_ref)
+    zeros = zero_blobs(tensor_blobs, algorithm)
     new_bytes = 0
+    new = []
+    remote = objstore.is_url(home)
     for h, raw in blobs.items():
+        if h in zeros:
+            continue
+        if remote:
+            if not objstore.exists(home, f"blobs/{h[:2]}/{h}"):
+                objstore.put(home, f"blobs/{h[:2]}/{h}", raw)
+                new_bytes += len(raw)
+                new.append(h)
+            continue
         path = Path(home) / "blobs" / h[:2] / h
         if not path.exists():
             disk.write_atomic(path, raw)
             new_bytes += len(raw)
+            new.append(h)
     buf = io.BytesIO()
     torch.save(skeleton, buf)
     skel = buf.getvalue()
@@ -126,15 +164,25 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
         "roots": snap.get("roots", []),
         "not_captured": snap.get("not_captured", {}),
         "macs": {h: signing.mac(blobs[h], "blob").hex() for h in pyblobs},
+        "zeros": sorted(zeros),
     }
     data = _seal(rel, header, skel, py)
-    disk.write_atomic(disk.inside(home, rel), data)
+    objstore.put(home, rel, data) if remote else disk.write_atomic(disk.inside(home, rel), data)
     return {
         "bytes": new_bytes + len(data),
-        "logical_bytes": sum(len(r) for r in blobs.values()) + len(data),
+        "logical_bytes": sum(len(r) for h, r in blobs.items() if h not in zeros) + len(data),
         "checksum": hash_bytes(data, algorithm),
         "digests": digest,
+        "file_bytes": len(data),
+        "blobs": {h: len(r) for h, r in blobs.items() if h not in zeros},  # every blob the file refers to
+        "new_blobs": new,  # the blobs this write created (the others were on disk already)
+        "zero_bytes": sum(len(blobs[h]) for h in zeros),
     }
+
+
+def _home(home):
+    """A store folder as a Path; a URL (s3://..., file://...) as it is."""
+    return home if objstore.is_url(home) else Path(home)
 
 
 def _seal(rel: str, header: dict, skel: bytes, py: bytes) -> bytes:
@@ -147,9 +195,9 @@ def _seal(rel: str, header: dict, skel: bytes, py: bytes) -> bytes:
 
 def _open(home: Path, rel: str):
     """Read a checkpoint file, telling damage apart: (path, data, header, header length, body end, sealed)."""
-    path = disk.inside(home, rel)
+    path = objstore.where(home, rel) if objstore.is_url(home) else disk.inside(home, rel)
     try:
-        data = path.read_bytes()
+        data = objstore.get(home, rel) if objstore.is_url(home) else path.read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpointError(f"Checkpoint file {path} is missing. Replay other epochs or record again.",
                                      str(path)) from None
@@ -209,18 +257,22 @@ def read(home: Path, rel: str) -> dict:
 
     Nothing is unpickled before the file's HMAC, and each pickled blob's, verify with this user's key.
     """
-    skel, py, algorithm, header = _signed(Path(home), rel)
+    skel, py, algorithm, header = _signed(_home(home), rel)
     macs = header.get("macs") or {}
     skeleton = torch.load(io.BytesIO(skel), weights_only=True)
+    zeros = set(header.get("zeros", ()))
     cache: dict = {}
 
     def blob(h: str) -> bytearray:
         if h not in cache:
-            cache[h] = _blob(Path(home), h, algorithm)
+            cache[h] = _blob(_home(home), h, algorithm)
         return cache[h]
 
     def tensor(r: dict) -> torch.Tensor:
-        raw, dtype = blob(r["__blob__"]), getattr(torch, r["dtype"])
+        dtype = getattr(torch, r["dtype"])
+        if r["__blob__"] in zeros:
+            return torch.zeros(r["shape"], dtype=dtype)
+        raw = blob(r["__blob__"])
         if not raw:
             return torch.empty(r["shape"], dtype=dtype)
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(r["shape"]).clone()
@@ -236,6 +288,10 @@ def read(home: Path, rel: str) -> dict:
         elif isinstance(value, dict) and "__pyblobs__" in value:
             python[key] = [_signed_blob(blob, macs, h, home, rel) for h in value["__pyblobs__"]]
     return {"tensors": tensors, "python": python, "header": header}
+
+
+def _is_ref(x) -> bool:
+    return isinstance(x, dict) and "__blob__" in x
 
 
 def _signed_blob(blob, macs: dict, h: str, home, rel: str) -> bytes:
@@ -259,12 +315,12 @@ def py_hashes(python: dict) -> set:
 
 def verify(home: Path, rel: str) -> None:
     """Check a checkpoint file and every blob it names, unpickling nothing; raise what :func:`read` would."""
-    skel, _, algorithm, header = _signed(Path(home), rel)
+    skel, _, algorithm, header = _signed(_home(home), rel)
     refs: set = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
         map_tree(tree, lambda r: refs.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
-    for h in sorted(refs | set(header.get("macs") or {})):
-        _blob(Path(home), h, algorithm)
+    for h in sorted((refs - set(header.get("zeros", ()))) | set(header.get("macs") or {})):
+        _blob(_home(home), h, algorithm)
 
 
 def resign(home: Path, rel: str) -> None:
@@ -313,12 +369,13 @@ def _pyblob_refs(py: bytes) -> set:
     return refs
 
 
-def _blob(home: Path, h: str, algorithm: str) -> bytearray:
+def _blob(home, h: str, algorithm: str) -> bytearray:
     if not isinstance(h, str) or not _HEX.fullmatch(h):
         raise CorruptCheckpointError(f"A checkpoint in {home} names the blob {h!r}, which is not a blob hash.")
-    path = home / "blobs" / h[:2] / h
+    remote = objstore.is_url(home)
+    path = objstore.where(home, f"blobs/{h[:2]}/{h}") if remote else Path(home) / "blobs" / h[:2] / h
     try:
-        raw = bytearray(path.read_bytes())
+        raw = bytearray(objstore.get(home, f"blobs/{h[:2]}/{h}") if remote else path.read_bytes())
     except FileNotFoundError:
         raise CorruptCheckpointError(f"Blob {path} is missing. Replay other epochs or record again.",
                                      str(path)) from None
@@ -334,13 +391,13 @@ def references(home: Path, rel: str) -> set[str]:
     Raises :class:`CorruptCheckpointError` when the file is missing or damaged: a caller that
     frees space must then keep every blob (it cannot tell which ones the file needs).
     """
-    path, data, header, hlen, _, _ = _open(Path(home), rel)
+    path, data, header, hlen, _, _ = _open(_home(home), rel)
     skel, py, _ = _parts(path, data, header, hlen)
     found: set[str] = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
         map_tree(tree, lambda r: found.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
     found.update(header["macs"] if "macs" in header else _pyblob_refs(py))
-    return found
+    return found - set(header.get("zeros", ()))
 
 
 def blob_path(home: Path, h: str) -> Path:

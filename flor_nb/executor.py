@@ -304,6 +304,22 @@ class _Idle(Exception):
 
 _POOL: LocalExecutor | None = None
 
+ENV = "FLOR_NB_EXECUTOR"  # the default executor: "local", or a Dask scheduler ("dask://host:8786")
+
+
+def resolve(executor=None):
+    """The executor for a replay: ``executor`` (a ``distributed.Client``, ``"dask://host:port"``,
+    ``"local"``, or any object with ``run``/``cancel``), else ``$FLOR_NB_EXECUTOR``, else the local pool."""
+    if executor is None:
+        executor = os.environ.get(ENV) or None
+    if executor is None or executor == "local":
+        return local()
+    if isinstance(executor, str) or type(executor).__module__.split(".")[0] == "distributed":
+        from . import dask_executor  # a Client has run() and cancel() too, with other meanings: wrap it
+
+        return dask_executor.executor(executor)
+    return executor
+
 
 def local(workers: int | None = None) -> LocalExecutor:
     """The warm executor: one per process, with one worker per usable CPU, created once and reused.

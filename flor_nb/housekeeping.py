@@ -69,6 +69,8 @@ def _tree_size(path: Path) -> int:
 
 
 def _checkpoint_files(st: Store, run: Run) -> list[str]:
+    if run.env.get("blobs"):  # its checkpoints are elsewhere (a shared folder, s3://): not this folder's to count
+        return []
     rows = st.checkpoints(run.id).values()
     return [p for r in rows for p in (r["path"], r["end_path"]) if p]
 

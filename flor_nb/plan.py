@@ -256,6 +256,10 @@ def estimate(run, prepared: dict, inside: list[str] = ()) -> dict:
             f"{workers} worker{'s' if workers != 1 else ''}: {where}"
             f"{f' ({extra} earlier epoch(s) re-run to reach them)' if extra > 0 else ''}. "
             f"Steps: {step}. Expect {when}.")
+    if prepared.get("thinned"):  # checkpoints thinned under the store budget: say what they cost
+        from .thinning import plan_text
+
+        text += " " + plan_text(run, prepared["thinned"])
     order = [e for s in segs for e in sorted(s.modes)]
     return {**prepared, "text": text, "step_loop": step, "order": order, "modes": modes}
 

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import devices, runtime, state, validate
+from . import devices, objstore, runtime, state, thinning, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError
@@ -23,6 +23,8 @@ from .edits import find_helper, helper_code
 from .instrument import RUNTIME, instrument
 from .recorder import Recorder, spec_of
 from .store import Run, Store
+
+from .thinning import Thinner
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def record(
     store: Store | str | None = None,
     progress: bool = False,
     overhead: float = 0.02,
+    blobs: str | None = None,
+    max_store=None,
 ) -> Run:
     """Run ``code`` (a training cell) in ``namespace``, recording logs and checkpoints.
 
@@ -85,12 +89,21 @@ def record(
     state_spec : ``"a,b"`` narrows the checkpointed names, ``"+a,+b"`` adds to them.
     overhead : checkpoint time budget as a fraction of training time (every epoch while it fits;
         ``float("inf")``: every epoch, whatever it costs).
+    blobs : where checkpoint files and blobs go: a folder (shared with replay workers) or an fsspec URL
+        (``s3://bucket/prefix``); default ``$FLOR_NB_BLOBS``, else the store's folder. The index stays in the
+        store. A URL given as ``store`` means the same (the index then stays in the default store folder).
+    max_store : disk budget for the run's checkpoints, ``"2GB"`` or bytes; over it, older checkpoints are
+        thinned (see thinning.py). None: a quarter of the free disk space, at most 20 GB; ``"inf"``: none.
     """
     from . import api
 
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
     name, overhead = validate.run_name(name), validate.overhead(overhead)
+    if objstore.is_url(store):  # --store s3://...: the blobs go there, the index stays with the notebook
+        blobs, store = blobs or store, None
+    blobs = objstore.location(blobs)
     store = api.get_store(store)
+    budget = thinning.budget_for(max_store, store.home)  # a bad size fails before anything runs
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
     since_last = runtime.IDLE.take_args()
@@ -121,11 +134,14 @@ def record(
         except (SyntaxError, NoLoopError, StopIteration, ValueError) as e:
             logger.info("flor_nb: %s() not instrumented: %s", helper["name"], e)
     # What a replay (or a resume) of a run killed before finish() needs is stored now, not at the end.
-    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args, env=environment(),
+    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args,
+                           env={**environment(), **({"blobs": blobs} if blobs else {})},
                            state={"loops": choice, "capture": 2, "spec": spec_of(scope)})
     try:
         bar = (lambda total: _progress_bar(run, total)) if progress else None
-        recorder = Recorder(store, run, ns, scope, bar, overhead)
+        # Checkpoints kept elsewhere (s3://, a shared folder) are not thinned: the budget is this disk's.
+        thinner = None if blobs else Thinner(store, run, budget, max_store is None)
+        recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
         recorder.clock = clock_names(code)
         recorder.base_args = args
     except BaseException as e:  # no run is left 'running' by a failure before training starts

@@ -34,7 +34,8 @@ class Recorder(RowCommits):
     is set by the overhead budget, measured as training goes.
     """
 
-    def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02):
+    def __init__(self, store: Store, run: Run, ns: dict, scope: state.Scope, progress=None, overhead=0.02,
+                 thinner=None):
         self.store, self.run, self.ns, self.scope = store, run, ns, scope
         RECORDING.add((str(store.db_path), run.id))
         self.capturer = state.Capturer(ns, scope)
@@ -48,6 +49,7 @@ class Recorder(RowCommits):
         self.progress = progress
         self.writer = Writer()
         self.pool = state.BufferPool()
+        self.thinner = thinner  # keeps the run's checkpoints under the store budget (see thinning.py)
         self.epoch_seconds: list[float] = []  # of the first units (all of them for epochs)
         self.unit_seconds_total = 0.0
         self.snapshot_seconds: list[float] = []  # blocking time per checkpoint (copy + wait)
@@ -219,14 +221,17 @@ class Recorder(RowCommits):
     def _due(self, k) -> bool:
         """Checkpoint unit k? Every unit while affordable; else every ``_period_ckpt`` units (see :meth:`_tune`).
 
-        Short units (iterations) never wait for the writer: while it is still writing the previous
-        checkpoint, this one is deferred to a later unit. Long units (epochs) wait, as before.
+        After the first unit, training never waits for the writer: while it is still writing the
+        previous checkpoint, this one is deferred to a later unit (a digest still checks the state here).
+        With a big state (1.6 GB at 100M params) a write can outlast an epoch; waiting blocked training
+        for seconds per epoch, and a second snapshot in flight doubled the memory the snapshot pool holds.
+        The first unit (no unit time known yet) waits for the start checkpoint, so it gets one.
         """
         if self.checkpoint_error or k - self._last_ckpt < self._period_ckpt:
             return False
         if math.isinf(self.overhead):  # every unit, whatever it costs (--overhead inf)
             return True
-        return not (self._recent and self._recent[-1] < _FLUSH_SECONDS and self.writer.busy())
+        return not (self._recent and self.writer.busy())
 
     def _tune(self):
         """Periods from measured costs: checkpoint every ceil(C / (budget * t)) units, digest every
@@ -240,7 +245,11 @@ class Recorder(RowCommits):
                 # Short units: the writer's work (hashing, fsync) competes for the same few cores within
                 # the period, so it counts too. Long units leave it idle time between checkpoints.
                 c += sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2]
-            self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)))
+            # And never sooner than the writer can finish the previous one: with a big state (100M params:
+            # 1.6 GB a checkpoint, tens of seconds on a busy disk) the next snapshot would wait for it.
+            w = sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2] if self.write_seconds else 0.0
+            keep_up = 1 if math.isinf(self.overhead) else math.ceil(w / t)  # inf: every unit, whatever it costs
+            self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)), keep_up)
         if self.digest_seconds:
             d = sorted(self.digest_seconds[-5:])[len(self.digest_seconds[-5:]) // 2]
             self._period_digest = max(1, min(self._period_ckpt, math.ceil(d / (_DIGEST_BUDGET * t))))
@@ -354,6 +363,8 @@ class Recorder(RowCommits):
         self.checkpointed.append(epoch)
         self.pool.release(snap)  # written: its buffers can hold the next snapshot
         self.pool.release(end_snap)
+        if self.thinner is not None:
+            self.thinner.add(epoch, kind, [(rel, info), (end_rel, end)])
 
     def _check_writer(self):
         """Surface a failed checkpoint write once, as what it is: it stops checkpoints, never training."""
@@ -474,6 +485,7 @@ class Recorder(RowCommits):
                 "clock_metrics": sorted(self.clock[1]),
                 "checkpoint_error": self.checkpoint_error,
                 "digest_errors": self.digest_errors,
+                "store_budget": None if self.thinner is None else self.thinner.summary(),
                 "spec": spec_of(self.scope),
             },
             timings={
@@ -484,6 +496,7 @@ class Recorder(RowCommits):
                 "digest_seconds": self.digest_seconds,
                 "write_seconds": self.write_seconds,
                 "writer_seconds": self.writer.busy_seconds,
+                "writer_cpu_seconds": self.writer.cpu_seconds,
                 "commit_seconds": self.commit_seconds,
                 "start_checkpoint_wait": self.start_wait,
                 "overhead_budget": self.overhead,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import executor as executors
-from . import checkpoint, devices, machine, runtime, signing, validate
+from . import checkpoint, devices, machine, runtime, signing, thinning, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .edits import changes, helper_touched
@@ -27,10 +27,13 @@ from .worker import emit, run_segment
 __all__ = ["prepare", "replay", "verdict_text"]
 
 
-def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None, damaged=None) -> dict:
+def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=None, damaged=None,
+            slots=None) -> dict:
     """Validate and plan a replay without running it: what will run, where, and an estimate.
 
     ``damaged``: {epoch: why} of checkpoints found damaged; the plan starts from intact ones.
+    ``slots``: how many tasks the executor runs at once when it is not this machine's pool (a cluster's
+    worker threads); then the cluster, not this machine's cores, bounds the workers.
     """
     workers = validate.workers(workers)
     code = run.code if code is None else code
@@ -57,8 +60,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
     cores = machine.usable_cpus()
-    fit = max(1, cores // threads)
-    if workers and workers > fit:
+    fit = slots or max(1, cores // threads)
+    if workers and workers > fit and not slots:
         # Oversubscribed torch threads run many times slower (measured: 2x2 threads on 2 cores, 5-16x).
         warnings.warn(f"flor_nb: {workers} workers x {threads} torch threads (as recorded, for exact results) do "
                       f"not fit on {cores} cores; using {fit}. Record with torch.set_num_threads(1) to replay "
@@ -75,6 +78,11 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     for c in costs:  # greedy: what the slowest worker will do
         load[load.index(min(load))] += c
     skipped = sum(m == "skip" for s in segments for m in s.modes.values())
+    thinned = {}
+    if thinning.thinned_epochs(run):  # checkpoints thinned under the store budget: what they cost this replay
+        unthinned = plan(selected, {**thinning.thinned_kinds(run), **kinds}, max_workers, touched["step"],
+                         touched["pre"], run.label, checks, unit_seconds)
+        thinned = thinning.plan_costs(run, selected, segments, unthinned)
     return {
         "code": code,
         "loops": hint,  # the worker instruments with it, so it picks the same loops
@@ -97,7 +105,9 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "epochs_to_run": sum(len(s.modes) for s in segments),
         "epochs_skipping_steps": skipped,
         "estimate_seconds": None if mean is None else mean * max(load),
-        "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None),
+        "thinned": thinned,
+        "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None) + (
+            f". {thinning.plan_text(run, thinned)}" if thinned else ""),
     }
 
 
@@ -124,12 +134,13 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     signing.check_run(run, store.home)  # replay executes its cells: only if this user signed them
     devices.check_available(devices.DeviceMap(device))  # a device this machine lacks: refused before any work
     damaged: dict = {}  # epoch -> why its checkpoint cannot be used
-    p = prepare(store, run, code, epochs, cells, workers)
+    ex = executors.resolve(executor)
+    slots = getattr(ex, "slots", None)
+    p = prepare(store, run, code, epochs, cells, workers, slots=slots)
     # Workers tag their progress events with this token: unique, so a late event of an earlier replay on
     # the same warm workers (another store's replay 1, say) is never taken for this one's.
     token = uuid.uuid4().hex
     replay_id = store.create_replay(run.id, p["code"], p["edited_cells"], p["epochs"], _plan_row(p))
-    ex = executor or executors.local()
     started = time.perf_counter()
     cancelled = None
     events = None if on_event is None else _only(token, replay_id, on_event)
@@ -150,7 +161,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
             damaged[e.epoch] = str(e)
             warnings.warn(f"flor_nb: {e} Replaying from the nearest earlier intact checkpoint instead.", stacklevel=2)
             try:
-                p = _intact_plan(store, run, code, epochs, cells, workers, damaged)
+                p = _intact_plan(store, run, code, epochs, cells, workers, damaged, slots)
             except BaseException as again:
                 store.finish_replay(replay_id, "failed", time.perf_counter() - started, [], {"error": str(again)})
                 raise
@@ -195,6 +206,12 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     return frame
 
 
+def _blobs(run: Run):
+    """The run's blob location when it is not the store's folder (a shared folder or a URL), else None."""
+    blobs = run.env.get("blobs")
+    return str(blobs) if blobs else None
+
+
 def _only(token, replay_id, on_event):
     """Pass on this replay's worker events only, with its replay id."""
     def handle(event):
@@ -219,12 +236,12 @@ def _mark_cancelled(fidelity: dict, requested: list, kept: list):
 
 
 
-def _intact_plan(store, run, code, epochs, cells, workers, damaged: dict) -> dict:
+def _intact_plan(store, run, code, epochs, cells, workers, damaged: dict, slots=None) -> dict:
     """After damage was found: a plan whose checkpoints all verify here first (a damaged blob is often
     shared by several checkpoints), so workers are not sent to fail one checkpoint at a time."""
     while True:
         try:
-            p = prepare(store, run, code, epochs, cells, workers, damaged)
+            p = prepare(store, run, code, epochs, cells, workers, damaged, slots)
         except NoCheckpointError as e:
             first = next(iter(damaged.values()))
             raise NoCheckpointError(f"{e} The checkpoints of epoch(s) {', '.join(map(str, sorted(damaged)))} are "
@@ -238,7 +255,7 @@ def _intact_plan(store, run, code, epochs, cells, workers, damaged: dict) -> dic
                     used[e] = p["step_paths"][str(e)]
         for e, rel in sorted(used.items(), reverse=True):
             try:
-                checkpoint.verify(store.home, rel)
+                checkpoint.verify(_blobs(run) or store.home, rel)
             except CorruptCheckpointError as bad:
                 damaged[e] = str(bad)
                 break
@@ -252,7 +269,7 @@ def _plan_row(p) -> dict:
 
 def _tasks(store: Store, run: Run, p: dict, token: str, device=None) -> list[dict]:
     return [{
-        "home": str(store.home), "run_id": run.id, "label": run.label, "replay_id": token,
+        "home": str(store.home), "blobs": _blobs(run), "run_id": run.id, "label": run.label, "replay_id": token,
         "code": p["code"], "loops": p["loops"], "cells": p["cells"], "args": run.args,
         "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},

@@ -593,6 +593,8 @@ _STORES: dict = {}
 
 def get_store(store=None) -> Store:
     """The Store for ``store`` (a Store, a path, or None for ``$FLOR_NB_HOME`` / ``./.flor``), opened once."""
+    if isinstance(store, str) and "://" in store:  # a blob location (s3://...): the index is the default store
+        store = None
     if isinstance(store, Store):
         return store
     home = str(store or default_home())

@@ -80,6 +80,7 @@ class Replayer:
     def __init__(self, task: dict):
         self.task = task
         self.home = task["home"]
+        self.blobs = task.get("blobs") or self.home  # checkpoints: the store's folder, a shared one, or a URL
         seg = task["segment"]
         self.first, self.last, self.restore_at = seg["first"], seg["last"], seg["restore"]
         self.modes = {int(k): v for k, v in seg["modes"].items()}
@@ -134,7 +135,7 @@ class Replayer:
     def _restore(self, paths: str, epoch: int, snap: dict | None = None):
         t = time.perf_counter()
         try:
-            snap = checkpoint.read(self.home, self.task[paths][str(epoch)]) if snap is None else snap
+            snap = checkpoint.read(self.blobs, self.task[paths][str(epoch)]) if snap is None else snap
         except checkpoint.CorruptCheckpointError as e:  # say which epoch: replay routes around it
             raise checkpoint.CorruptCheckpointError(str(e), e.path, epoch) from None
         devices.check_available(self.capturer.device_map, _recorded_devices(snap))
@@ -226,7 +227,7 @@ class Replayer:
         if self.restore_at is None:
             return None
         t = time.perf_counter()
-        snap = checkpoint.read(self.home, self.task["resume_paths"][str(self.restore_at)])
+        snap = checkpoint.read(self.blobs, self.task["resume_paths"][str(self.restore_at)])
         self.restore_seconds += time.perf_counter() - t
         return snap
 
@@ -385,6 +386,9 @@ def _run_segment(task: dict, flor_nb) -> dict:
         freshness.remember(began_ns)
     rows = []
     for name, epoch, step, seq, value in rep.rows:
+        if isinstance(value, np.ndarray) and task.get("arrays") == "return":  # a remote worker: the client stores it
+            rows.append((name, epoch, step, seq, value))
+            continue
         if isinstance(value, np.ndarray):
             value = save_array(Path(task["home"]) / "artifacts" / f"{task['run_id']}-h", Path(task["home"]),
                                name, epoch, step, seq, value)

@@ -21,6 +21,7 @@ class Writer:
         self._slot = threading.Semaphore(1)
         self.errors: list[BaseException] = []
         self.busy_seconds = 0.0
+        self.cpu_seconds = 0.0  # CPU time of the writer thread, set when it ends (the bench accounts for it)
         self._thread = threading.Thread(target=self._loop, name="flor_nb-writer", daemon=True)
         self._thread.start()
 
@@ -32,6 +33,7 @@ class Writer:
         while True:
             job = self._jobs.get()
             if job is None:
+                self.cpu_seconds = time.thread_time()
                 return
             fn, args = job
             start = time.perf_counter()

@@ -1,0 +1,130 @@
+"""Checkpoints and blobs outside the store's folder: on an S3-compatible server (moto's, started here on
+127.0.0.1, as s3fs's own tests do) and on a shared folder; replayed on a real Dask cluster."""
+from __future__ import annotations
+
+import socket
+
+import pandas as pd
+import pytest
+import torch
+
+import flor_nb as flor
+from flor_nb.dask_executor import prestart
+from flor_nb.checkpoint import CorruptCheckpointError
+
+from conftest import SETUP, TRAIN, setup_namespace
+
+distributed = pytest.importorskip("distributed")
+s3fs = pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+BUCKET = "flor-test"
+PROBE = TRAIN.replace("        opt.step()\n", "        flor.log('grad_norm', grad_norm(model))\n        opt.step()\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 endpoint on 127.0.0.1 with an empty bucket; the AWS variables point every process here."""
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            mp.setenv(key, value)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        yield fs
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(s3):
+    """Started after the AWS variables are set: its workers inherit them."""
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                  worker_dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+        prestart(c, ["torch", "numpy"])  # the replay processes start here, not in the first test
+        yield c
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _record(name, **where):
+    ns = setup_namespace(3)
+    return flor.record(TRAIN, name=name, namespace=ns, cells=[f"EPOCHS = 3\n{SETUP}"], overhead=float("inf"), **where)
+
+
+def _flip_a_byte(read, write, key):
+    data = bytearray(read(key))
+    data[len(data) // 2] ^= 0x01
+    write(key, bytes(data))
+
+
+def test_record_to_s3_and_replay_from_it_on_the_cluster(store, s3, client, one_thread):
+    _record("local")
+    run = _record("remote", blobs=f"s3://{BUCKET}/runs")
+    assert run.env["blobs"] == f"s3://{BUCKET}/runs"
+    # the checkpoints are in the bucket, the index is here
+    assert s3.find(f"{BUCKET}/runs/blobs") and s3.find(f"{BUCKET}/runs/checkpoints/remote@1")
+    assert not (store.home / "checkpoints" / "remote@1").exists()
+    assert (store.home / "flor.db").exists()
+    local = flor.replay("local", code=PROBE, epochs="1-2", executor=client)
+    remote = flor.replay("remote", code=PROBE, epochs="1-2", executor=client)
+    assert remote.attrs["fidelity"]["level"] == "faithful", remote.attrs["verdict"]
+    pd.testing.assert_frame_equal(local, remote, check_exact=True)
+    assert remote["grad_norm"].notna().sum() == 12
+
+
+def test_a_url_as_the_store_means_the_blobs_go_there(store, s3):
+    """--store s3://...: the index stays in the default store, with the notebook."""
+    again = flor.record(TRAIN, name="viastore", namespace=setup_namespace(1), cells=[f"EPOCHS = 1\n{SETUP}"],
+                        store=f"s3://{BUCKET}/other", overhead=float("inf"))
+    assert again.env["blobs"] == f"s3://{BUCKET}/other" and s3.find(f"{BUCKET}/other/checkpoints/viastore@1")
+    assert flor.get_run("viastore").label == "viastore@1"
+    # the local store's disk accounting leaves the bucket's blobs alone, and still frees its own
+    freed = flor.gc()
+    assert "could not be read" not in (freed.note or "")
+    assert flor.du().attrs["total"] > 0
+
+
+def test_a_damaged_blob_in_s3_is_detected(store, s3, client, one_thread):
+    _record("damaged", blobs=f"s3://{BUCKET}/damaged")
+    for key in s3.find(f"{BUCKET}/damaged/blobs"):
+        _flip_a_byte(s3.cat_file, s3.pipe_file, key)
+    with pytest.raises(CorruptCheckpointError, match=rf"Blob s3://{BUCKET}/damaged/blobs/\S+ is damaged \(hash "
+                                                     r"mismatch\)\. Replay other epochs\."):
+        flor.replay("damaged", code=PROBE, epochs="2", executor=client)
+
+
+def test_a_damaged_checkpoint_file_in_s3_is_detected(store, s3, client, one_thread):
+    _record("damaged2", blobs=f"s3://{BUCKET}/damaged2")
+    for key in s3.find(f"{BUCKET}/damaged2/checkpoints"):
+        _flip_a_byte(s3.cat_file, s3.pipe_file, key)
+    with pytest.raises(CorruptCheckpointError, match=r"Checkpoint s3://\S+ is damaged"):
+        flor.replay("damaged2", code=PROBE, epochs="2", executor=client)
+
+
+def test_a_shared_folder_for_the_blobs(store, client, one_thread, tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("FLOR_NB_BLOBS", str(shared))  # the environment variable sets the default
+    run = _record("shared")
+    assert run.env["blobs"] == str(shared) and list((shared / "blobs").rglob("*"))
+    df = flor.replay("shared", code=PROBE, epochs="2", executor=client)
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    for path in (shared / "blobs").rglob("*"):
+        if path.is_file():
+            _flip_a_byte(lambda p: p.read_bytes(), lambda p, b: p.write_bytes(b), path)
+    with pytest.raises(CorruptCheckpointError, match=rf"Blob {shared}/blobs/\S+ is damaged"):
+        flor.replay("shared", code=PROBE, epochs="2", executor=client)
