@@ -188,7 +188,7 @@ def _store_arrays(task, result):
     import numpy as np
 
     from . import runtime
-    from .record import save_array
+    from .rows import save_array
 
     if not any(isinstance(r[4], np.ndarray) for r in result["rows"]):
         return result

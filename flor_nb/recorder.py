@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 
-from . import checkpoint, disk, runtime, state, validate
+from . import checkpoint, disk, objstore, runtime, state, validate
 from .errors import DiskFullError, NotCapturedWarning, StoreError
 from .rows import RowCommits
 from .store import RECORDING, Run, Store
@@ -351,11 +351,12 @@ class Recorder(RowCommits):
         if epoch >= 0:
             where = [(epoch, kind, parts)] + ([(epoch, "end", end_parts)] if end_parts else [])
             self.store.add_digests(self.run.id, [(e, k, runtime.to_json(p[3])) for e, k, p in where])
-        info = checkpoint.write(self.store.home, rel, snap, parts=parts)
+        home = objstore.root(self.store.home, self.run.env)  # the store's folder, or the run's blob location
+        info = checkpoint.write(home, rel, snap, parts=parts)
         end_rel = end = None
         if end_snap is not None:
             end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
-            end = checkpoint.write(self.store.home, end_rel, end_snap, parts=end_parts)
+            end = checkpoint.write(home, end_rel, end_snap, parts=end_parts)
         self.store.add_checkpoint(
             self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
             info["checksum"], runtime.to_json(info["digests"]),

@@ -203,7 +203,7 @@ class Thinner:
     def _referenced_elsewhere(self) -> set:
         """Blobs that checkpoints of other runs recorded since this one started refer to (only those can
         refer to blobs this run created)."""
-        from .disk import references
+        from .housekeeping import references
 
         found: set = set()
         for r in self.store.all_runs():
@@ -239,7 +239,7 @@ def _unlink(path: Path) -> int:
 
 
 def _fmt(n: float) -> str:
-    from .disk import format_bytes
+    from .housekeeping import format_bytes
 
     return format_bytes(n)
 

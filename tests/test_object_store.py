@@ -10,7 +10,6 @@ import torch
 
 import flor_nb as flor
 from flor_nb.dask_executor import prestart
-from flor_nb.checkpoint import CorruptCheckpointError
 
 from conftest import SETUP, TRAIN, setup_namespace
 
@@ -103,7 +102,7 @@ def test_a_damaged_blob_in_s3_is_detected(store, s3, client, one_thread):
     _record("damaged", blobs=f"s3://{BUCKET}/damaged")
     for key in s3.find(f"{BUCKET}/damaged/blobs"):
         _flip_a_byte(s3.cat_file, s3.pipe_file, key)
-    with pytest.raises(CorruptCheckpointError, match=rf"Blob s3://{BUCKET}/damaged/blobs/\S+ is damaged \(hash "
+    with pytest.raises(flor.FlorError, match=rf"Blob s3://{BUCKET}/damaged/blobs/\S+ is damaged \(hash "
                                                      r"mismatch\)\. Replay other epochs\."):
         flor.replay("damaged", code=PROBE, epochs="2", executor=client)
 
@@ -112,7 +111,7 @@ def test_a_damaged_checkpoint_file_in_s3_is_detected(store, s3, client, one_thre
     _record("damaged2", blobs=f"s3://{BUCKET}/damaged2")
     for key in s3.find(f"{BUCKET}/damaged2/checkpoints"):
         _flip_a_byte(s3.cat_file, s3.pipe_file, key)
-    with pytest.raises(CorruptCheckpointError, match=r"Checkpoint s3://\S+ is damaged"):
+    with pytest.raises(flor.FlorError, match=r"Checkpoint s3://\S+ is damaged"):
         flor.replay("damaged2", code=PROBE, epochs="2", executor=client)
 
 
@@ -126,5 +125,5 @@ def test_a_shared_folder_for_the_blobs(store, client, one_thread, tmp_path, monk
     for path in (shared / "blobs").rglob("*"):
         if path.is_file():
             _flip_a_byte(lambda p: p.read_bytes(), lambda p, b: p.write_bytes(b), path)
-    with pytest.raises(CorruptCheckpointError, match=rf"Blob {shared}/blobs/\S+ is damaged"):
+    with pytest.raises(flor.FlorError, match=rf"Blob {shared}/blobs/\S+ is damaged"):
         flor.replay("shared", code=PROBE, epochs="2", executor=client)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flor_nb as flor
-from flor_nb import checkpoint, disk, thinning
+from flor_nb import checkpoint, housekeeping, thinning
 from flor_nb.replay import prepare
 from flor_nb.plan import estimate
 
@@ -34,7 +34,7 @@ def _record(home, name="thin", max_store=None, epochs=EPOCHS):
 
 
 def _size(home, run) -> int:
-    return next(u.size for u in disk.usage(home).runs if u.run.id == run.id)
+    return next(u.size for u in housekeeping.usage(home).runs if u.run.id == run.id)
 
 
 @pytest.fixture(scope="module")
