@@ -71,7 +71,8 @@ def record(home, name, fill=(), free=(), filler=None):
     exec(SETUP, ns)
     if fill:
         ns["FILL"] = {"path": str(filler), "fill": set(fill), "free": set(free)}
-    return flor.record(TRAIN, name=name, namespace=ns, cells=[SETUP], store=home, overhead=float("inf"))
+    return flor.record(TRAIN, name=name, namespace=ns, cells=[SETUP], store=home, overhead=float("inf"),
+                       max_store="inf")  # no store budget: this is about the disk itself filling
 
 
 def fill_up(path):

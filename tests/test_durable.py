@@ -20,7 +20,7 @@ import faults  # noqa: E402  the fault injector: a recording child process with 
 def test_sigkill_keeps_every_epoch_the_user_saw_finish(tmp_path, when):
     """Killed as the loop moves on, mid-checkpoint (a temp file exists), or right after an epoch's body ended."""
     rng = random.Random(7)
-    for attempt in range(4):  # mid-checkpoint: until the kill lands while a temp file is being written
+    for attempt in range(8):  # mid-checkpoint: until the kill lands while a temp file is being written
         home, marks = tmp_path / str(attempt) / ".flor", tmp_path / str(attempt) / "marks"
         r = faults.kill_trial(home, marks, when, rng, state_mb=8.0)
         if when != "checkpoint" or r["mid_checkpoint"]:

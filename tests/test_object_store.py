@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -31,8 +34,20 @@ def _free_port() -> int:
 def s3():
     """An S3 endpoint on 127.0.0.1 with an empty bucket; the AWS variables point every process here."""
     port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    # In its own process: a server thread in this one draws from Python's global random (request ids) while
+    # a recording here runs, which the replay's state check rightly reports as a difference.
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto's S3 server did not start")
+            time.sleep(0.1)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
@@ -40,7 +55,8 @@ def s3():
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir(BUCKET)
         yield fs
-    server.stop()
+    server.terminate()
+    server.wait(10)
 
 
 @pytest.fixture(scope="module")

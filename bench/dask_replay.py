@@ -8,7 +8,7 @@ B. One segment (1 epoch, an epoch-level probe: the step loop is skipped, so the 
    cost) through Dask (1 worker) and through the local pool (workers=1), alternating. Figure: the median
    difference, which is Dask's cost per segment (submit, ship the task, events, result) over the pool's.
 
-    .venv/bin/python bench/dask.py [--quick] [--epochs 10] [--scale 0.5] [--reps 5] [--out bench/results-dask.md]
+    .venv/bin/python bench/dask_replay.py [--quick] [--epochs 10] [--scale 0.5] [--reps 5] [--out bench/results-dask.md]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from common import HERE, Ctx, Row, Timer, add_args, cleanup, interleaved, make_c
 from record_overhead import record_once
 from workload import EPOCH_PROBE, STEP_PROBE
 
-# This file is bench/dask.py: with bench/ on the path, `import dask` (by distributed) would find it.
+# (Named dask_replay.py: as bench/dask.py, with bench/ on sys.path, `import dask` found it.)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != str(HERE)]
 
 
@@ -125,7 +125,7 @@ def main(argv=None):
     if a.out:
         load = os.getloadavg()[0]
         with open(a.out, "w") as f:
-            f.write(f"# Replay on a Dask cluster\n\n`.venv/bin/python bench/dask.py {' '.join(sys.argv[1:])}`, "
+            f.write(f"# Replay on a Dask cluster\n\n`.venv/bin/python bench/dask_replay.py {' '.join(sys.argv[1:])}`, "
                     f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n{start}; load average "
                     f"at the end {load:.2f}. {ctx.reps} repetitions per configuration (B: {ctx.reps * 2}), "
                     "alternating.\n\n" + text + "\n")
