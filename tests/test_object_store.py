@@ -87,9 +87,10 @@ def _flip_a_byte(read, write, key):
     write(key, bytes(data))
 
 
-def test_record_to_s3_and_replay_from_it_on_the_cluster(store, s3, client, one_thread):
+def test_record_to_s3_and_replay_from_it_on_the_cluster(store, s3, one_thread, request):
     _record("local")
     run = _record("remote", blobs=f"s3://{BUCKET}/runs")
+    client = request.getfixturevalue("client")  # started after the recordings: see conftest's test order
     assert run.env["blobs"] == f"s3://{BUCKET}/runs"
     # the checkpoints are in the bucket, the index is here
     assert s3.find(f"{BUCKET}/runs/blobs") and s3.find(f"{BUCKET}/runs/checkpoints/remote@1")
