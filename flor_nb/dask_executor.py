@@ -50,6 +50,14 @@ class DaskUnavailable(FlorError):
     """The Dask executor was asked for without ``distributed`` installed, or its scheduler cannot be reached."""
 
 
+def close_clients() -> None:
+    """Close the clients opened for ``dask://`` addresses. A client whose scheduler went away keeps
+    reconnecting in this process's background, and its retries draw from Python's global random."""
+    for client in list(_CLIENTS.values()):
+        client.close()
+    _CLIENTS.clear()
+
+
 def executor(target) -> DaskExecutor:
     """A :class:`DaskExecutor` for a ``distributed.Client`` or a scheduler address (``dask://host:8786``)."""
     if not isinstance(target, str):

@@ -1,6 +1,8 @@
 """Shared fixtures: a fresh store per test and a small recorded run."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 import flor_nb as flor
@@ -93,3 +95,30 @@ def pytest_collection_modifyitems(config, items):
     starts and shuts down its threads in this process can draw from Python's global random module, and a
     recording made here at that moment then (rightly) fails its replay's state check."""
     items.sort(key=lambda item: item.fspath.basename in _CLUSTER_MODULES)  # stable: the order is kept otherwise
+
+
+@pytest.fixture
+def one_thread():
+    """Record at 1 torch thread, so 2 workers fit on 2 cores (replay runs at the recorded count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def dask_client():
+    """A real 2-process LocalCluster and its Client, with the replay processes started ahead."""
+    import distributed
+
+    from flor_nb.dask_executor import close_clients, prestart
+
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                  worker_dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+        prestart(c, ["torch", "numpy"])  # the replay processes start here, not in the first test
+        try:
+            yield c
+        finally:
+            close_clients()  # the ones replays opened for dask:// addresses, before their scheduler goes

@@ -9,15 +9,13 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
 import flor_nb as flor
-from flor_nb.dask_executor import prestart
 from flor_nb.dask_executor import DaskExecutor
 from flor_nb.errors import ReplayError
 from flor_nb.executor import ReplayCancelled
 
-from conftest import SETUP, TRAIN, setup_namespace
+from conftest import SETUP, TRAIN, dask_client, setup_namespace
 from test_magics import ip  # noqa: F401 - the IPython shell fixture
 
 distributed = pytest.importorskip("distributed")
@@ -29,19 +27,9 @@ SLOW = TRAIN.replace("    model.eval()\n", "    model.eval()\n    time.sleep(0.4
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                  worker_dashboard_address=None) as cluster, distributed.Client(cluster) as c:
-        prestart(c, ["torch", "numpy"])  # the replay processes start here, not in the first test
+    with dask_client() as c:
         yield c
 
-
-@pytest.fixture
-def one_thread():
-    """Record at 1 torch thread, so 2 workers fit on 2 cores (replay runs at the recorded count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _record(store, code=TRAIN, name="small", epochs=5):

@@ -9,12 +9,10 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
 import flor_nb as flor
-from flor_nb.dask_executor import prestart
 
-from conftest import SETUP, TRAIN, setup_namespace
+from conftest import SETUP, TRAIN, dask_client, setup_namespace
 
 distributed = pytest.importorskip("distributed")
 s3fs = pytest.importorskip("s3fs")
@@ -62,18 +60,9 @@ def s3():
 @pytest.fixture(scope="module")
 def client(s3):
     """Started after the AWS variables are set: its workers inherit them."""
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                  worker_dashboard_address=None) as cluster, distributed.Client(cluster) as c:
-        prestart(c, ["torch", "numpy"])  # the replay processes start here, not in the first test
+    with dask_client() as c:
         yield c
 
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _record(name, **where):
