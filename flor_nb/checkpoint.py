@@ -277,10 +277,7 @@ def read(home: Path, rel: str) -> dict:
             return torch.empty(r["shape"], dtype=dtype)
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(r["shape"]).clone()
 
-    def is_ref(x):
-        return isinstance(x, dict) and "__blob__" in x
-
-    tensors = {k: map_tree(v, tensor, is_ref) for k, v in skeleton.items()}
+    tensors = {k: map_tree(v, tensor, _is_ref) for k, v in skeleton.items()}
     python = pickle.loads(py)  # signed by this user: the HMAC above verified
     for key, value in python.items():
         if isinstance(value, dict) and "__pyblob__" in value:
@@ -318,7 +315,7 @@ def verify(home: Path, rel: str) -> None:
     skel, _, algorithm, header = _signed(_home(home), rel)
     refs: set = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
-        map_tree(tree, lambda r: refs.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
+        map_tree(tree, lambda r: refs.add(r["__blob__"]), _is_ref)
     for h in sorted((refs - set(header.get("zeros", ()))) | set(header.get("macs") or {})):
         _blob(_home(home), h, algorithm)
 
@@ -395,7 +392,7 @@ def references(home: Path, rel: str) -> set[str]:
     skel, py, _ = _parts(path, data, header, hlen)
     found: set[str] = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
-        map_tree(tree, lambda r: found.add(r["__blob__"]), lambda x: isinstance(x, dict) and "__blob__" in x)
+        map_tree(tree, lambda r: found.add(r["__blob__"]), _is_ref)
     found.update(header["macs"] if "macs" in header else _pyblob_refs(py))
     return found - set(header.get("zeros", ()))
 

@@ -25,11 +25,7 @@ def changes(recorded: str, edited: str, hint: dict | None = None) -> dict:
     epoch, step, *_ = _find(tree, "replayed cell", hint)
     if step is None:
         return {"step": True, "pre": True}
-    lines = set()
-    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
-    for op, _, _, j1, j2 in sm.get_opcodes():
-        if op != "equal":
-            lines.update(range(j1 + 1, j2 + 1) if j2 > j1 else (j1, j1 + 1))
+    lines = _edited_lines(recorded, edited)
     body_start = epoch.body[0].lineno
     pre_stmts = [s for s in epoch.body if s.end_lineno < step.lineno]
     logs_before = any(
@@ -56,6 +52,16 @@ def probe_diff(recorded: str, edited: str) -> str:
             tofile="replayed",
         )
     )
+
+
+def _edited_lines(recorded: str, edited: str) -> set[int]:
+    """Lines of ``edited`` that differ from ``recorded`` (a deletion marks the lines around it)."""
+    lines: set = set()
+    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
+    for op, _, _, j1, j2 in sm.get_opcodes():
+        if op != "equal":
+            lines.update(range(j1 + 1, j2 + 1) if j2 > j1 else (j1, j1 + 1))
+    return lines
 
 
 def added_lines(recorded: str, edited: str) -> list[int]:
@@ -137,11 +143,7 @@ def helper_touched(recorded: str, edited: str, helper: dict, hint: dict | None) 
                  and n.func.id == helper["name"]), None)
     if call is None:
         return {"step": True, "pre": True}
-    lines = set()
-    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
-    for op, _, _, j1, j2 in sm.get_opcodes():
-        if op != "equal":
-            lines.update(range(j1 + 1, j2 + 1) if j2 > j1 else (j1, j1 + 1))
+    lines = _edited_lines(recorded, edited)
     pre_stmts = [s for s in epoch.body if s.end_lineno < call.lineno]
     logs_before = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "log"
                       for s in pre_stmts for n in ast.walk(s))

@@ -26,9 +26,9 @@ _DIGEST_BUDGET = 0.01
 class Recorder(RowCommits):
     """The session while a cell records.
 
-    ``flor.log`` only appends to a list; at each epoch end the rows go to a
-    background writer. Checkpoints are snapshots copied in memory on the
-    training thread (the only blocking part) and written by the writer. A
+    ``flor.log`` only appends to a list; at each unit boundary the rows are
+    committed (see rows.py). Checkpoints are snapshots copied in memory on the
+    training thread (the only blocking part) and written by the writer thread. A
     snapshot is taken at the step loop's exit (so replay can skip the step loop
     for probes after it) or, for a cell without one, at the epoch end; how often
     is set by the overhead budget, measured as training goes.
@@ -67,8 +67,7 @@ class Recorder(RowCommits):
         self.clock = (set(), set())
         self._step_exits = 0
         self._step_snap = None
-        self._step_digest = None
-        self._left_epoch = None  # (epoch, seconds, step snapshot, end snapshot) when left by break/exception
+        self._left_epoch = None  # (epoch, seconds, step snapshot, end snapshot, end digest): left by break/exception
         self._in_loop = False
         self._done = False
         self._seq: dict = {}
@@ -198,7 +197,7 @@ class Recorder(RowCommits):
             return
         end = self._snapshot() if self._due(k) else None
         self._period_digest = 0  # the loop's last unit always gets a check point
-        self._left_epoch = (k, time.perf_counter() - self._unit_start, self._step_snap, end, None,
+        self._left_epoch = (k, time.perf_counter() - self._unit_start, self._step_snap, end,
                             self._end_digest(end, k))
 
     def close_loop(self):
@@ -263,7 +262,6 @@ class Recorder(RowCommits):
 
     def _at_step_exit(self):
         self._step_exits += 1
-        self._step_digest = None
         if self._step_exits == 1 and self._due(self.epoch):
             self._step_snap = self._snapshot()
         else:
@@ -386,17 +384,15 @@ class Recorder(RowCommits):
         """Unit k ended at a boundary: store its rows and completion first (a kill, or an OOM in the
         snapshot copy, from here on cannot lose unit k), then checkpoint or digest what is due.
 
-        ``left``: (step snapshot, end snapshot, step digest, end digest) taken when a ``break`` left it.
+        ``left``: (step snapshot, end snapshot, end digest) taken when a ``break`` left it.
         """
         self._flush(k)
         if left is None:
-            step_snap, step_digest = self._step_snap, None
+            step_snap = self._step_snap
             end_snap = self._snapshot() if self._due(k) else None
             end_digest = self._end_digest(end_snap, k)
         else:
-            step_snap, end_snap, step_digest, end_digest = left
-        if step_snap is None and step_digest is not None and self._step_exits == 1:
-            self._pending_digests.append((k, "step", step_digest))
+            step_snap, end_snap, end_digest = left
         if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
             self._pending_digests.append((k, "end", end_digest))
         self._store_digests()
@@ -428,10 +424,10 @@ class Recorder(RowCommits):
     def finish(self, status: str, error: str | None = None):
         self._done = True
         if self._left_epoch is not None and status == "finished":
-            k, seconds, step_snap, end_snap, step_digest, end_digest = self._left_epoch  # `break` in epoch k
+            k, seconds, step_snap, end_snap, end_digest = self._left_epoch  # `break` in epoch k
             self._step_snap = step_snap
             self._account(k, seconds)
-            self._end_epoch(k, seconds, (step_snap, end_snap, step_digest, end_digest))
+            self._end_epoch(k, seconds, (step_snap, end_snap, end_digest))
         rows, self.rows = self.rows, []
         # What was logged after the loop (or in a unit an exception left), and units not flushed yet.
         digests, self._pending_digests = self._pending_digests, []

@@ -193,15 +193,7 @@ def record(rec, trainer, method, args, kwargs):
     units = _units.RecordUnits(rec)
     cb = _callback(units, rec)
     trainer.callback_handler.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch, step
-    try:
-        out = getattr(trainer, method)(*args, **kwargs)
-    except BaseException:
-        units.failed()
-        raise
-    finally:
-        trainer.remove_callback(cb)
-    units.train_end()
-    return out
+    return units.run(lambda: getattr(trainer, method)(*args, **kwargs), lambda: trainer.remove_callback(cb))
 
 
 def _trainer_tree(snap: dict, trainer, ns) -> dict | None:

@@ -204,16 +204,11 @@ def record(rec, trainer, method, args, kwargs):
     units = _units.RecordUnits(rec)
     cb = _callback(trainer, units, rec)
     trainer.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch and batch
-    try:
-        out = getattr(trainer, method)(*args, **kwargs)
-    except BaseException:
-        units.failed()
-        raise
-    finally:
+
+    def detach():
         if cb in trainer.callbacks:
             trainer.callbacks.remove(cb)
-    units.train_end()
-    return out
+    return units.run(lambda: getattr(trainer, method)(*args, **kwargs), detach)
 
 
 def replay(rep, trainer, method, args, kwargs):

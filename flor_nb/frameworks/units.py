@@ -40,6 +40,18 @@ class RecordUnits:
             self.rec.end_unit(self.k)
             self.rec.close_loop()
 
+    def run(self, call, detach):
+        """Run the framework's training ``call`` with our callback attached; ``detach`` removes it."""
+        try:
+            out = call()
+        except BaseException:
+            self.failed()
+            raise
+        finally:
+            detach()
+        self.train_end()
+        return out
+
     def failed(self):
         """The framework's call raised (or was interrupted) inside unit k."""
         if self.k is not None and not self.closed:
