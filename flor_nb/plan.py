@@ -18,6 +18,7 @@ from .errors import EpochSpecError, NoCheckpointError
 
 FULL, SKIP = "full", "skip"
 _COST = {FULL: 1.0, SKIP: 0.1}  # relative cost of an epoch, for splitting work across workers
+_RUN_ON_SECONDS = 10.0  # a replay runs on this long past its last unit to reach a recorded check of the state
 
 
 def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
@@ -144,10 +145,13 @@ def plan(epochs, ckpts: dict, workers: int = 1, step_changed: bool = True, pre_c
 
 
 def _run_on_to_checks(segments: list[Segment], checks: list[int], unit_seconds, mode):
-    """Extend each segment to the first recorded check at or after its last unit, when cheap.
+    """Extend each segment to the first recorded check at or after its last unit, unless that costs
+    more than ``_RUN_ON_SECONDS`` and more than twice the segment itself.
 
     An iteration loop digests its state every few hundred iterations, not every one: replaying
     iterations 1000-1010 runs on to the next check (1040, say) so their state is compared too.
+    The recorder spaces checks by its overhead budget (about 100 digest times apart), so on a
+    busy machine the gap grows; a fixed small limit left the end of a replay unchecked there.
     """
     import bisect
 
@@ -158,7 +162,7 @@ def _run_on_to_checks(segments: list[Segment], checks: list[int], unit_seconds, 
         extra = checks[i] - seg.last
         cost = extra * (unit_seconds or 0.0)
         own = seg.cost() * (unit_seconds or 0.0)
-        if unit_seconds is None or cost > max(2.0, own):
+        if unit_seconds is None or cost > max(_RUN_ON_SECONDS, 2 * own):
             continue
         for m in range(seg.last + 1, checks[i] + 1):
             seg.modes[m] = mode(m, False)
@@ -250,11 +254,13 @@ def estimate(run, prepared: dict, inside: list[str] = ()) -> dict:
             f"about {format_seconds(secs)} of training (a recorded epoch took {format_seconds(sum(per) / len(per))}), "
             "plus a few seconds to start the workers and re-run the setup cells")
     n = len(prepared["epochs"])
-    extra = prepared["epochs_to_run"] - n
+    run_on = sum(e > max(s.keep) for s in segs for e in s.modes)
+    extra = prepared["epochs_to_run"] - n - run_on
     workers = prepared["workers"]
     text = (f"Replays {n} epoch{'s' if n != 1 else ''} ({format_epochs(prepared['epochs'])}) of {run.label} with "
             f"{workers} worker{'s' if workers != 1 else ''}: {where}"
-            f"{f' ({extra} earlier epoch(s) re-run to reach them)' if extra > 0 else ''}. "
+            f"{f' ({extra} earlier epoch(s) re-run to reach them)' if extra > 0 else ''}"
+            f"{f' ({run_on} more run on to reach a recorded check of the state)' if run_on > 0 else ''}. "
             f"Steps: {step}. Expect {when}.")
     if prepared.get("thinned"):  # checkpoints thinned under the store budget: say what they cost
         from .thinning import plan_text

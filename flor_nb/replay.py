@@ -183,6 +183,10 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                      reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
     fidelity["kinds"] = run.state.get("objects") or {}
     fidelity["unit"] = recorded_loops(run.state).get("unit", "epochs")
+    unchecked = fidelity["state"]["unchecked"]
+    if unchecked:  # where a replay can run on to, to check them: the next unit whose end state was recorded
+        fidelity["state"]["next_check"] = min((int(e) for e in p["end_digests"] if int(e) >= max(unchecked)),
+                                              default=None)
     fidelity["writes"] = sorted({w for r in results for w in r.get("writes", [])})
     fidelity["setup_output"] = next((r.get("setup_output") for r in results if r.get("setup_output")), "")
     probes = sorted({r[0] for r in rows} - recorded_names)
@@ -319,8 +323,10 @@ def _describe(selected, segments, workers, touched, unit=None) -> str:
     full = sum(m == "full" for s in segments for m in s.modes.values())
     skip = sum(m == "skip" for s in segments for m in s.modes.values())
     if unit == "iterations":
+        run_on = sum(e > max(s.keep) for s in segments for e in s.modes)
         return (f"replay {len(selected)} iteration(s) as {len(segments)} segment(s) on {workers} worker(s): "
-                f"{full} iteration(s) run")
+                f"{full} iteration(s) run" + (f", {run_on} of them past the last one asked for, to reach a "
+                                              "recorded check of the state" if run_on else ""))
     why = ("the probes change the step loop" if touched["step"] else "the probes sit outside the step loop")
     return (f"replay {len(selected)} epoch(s) as {len(segments)} segment(s) on {workers} worker(s): "
             f"{full} epoch(s) in full, {skip} with the step loop skipped ({why})")

@@ -291,7 +291,10 @@ def verdict_text(fidelity: dict) -> str:
         elif state["streams"]:
             state_part = (f"training state identical to the recording at {where} ({state['streams']} "
                           f"streams); NOT checked at or after {unit} {format_epochs(unchecked)} "
-                          "(no recorded digest)")
+                          "(no recorded digest")
+            nxt = state.get("next_check")
+            state_part += (f"; replay through {unit} {nxt}, the next recorded check, to check them)"
+                           if nxt is not None else ")")
         else:
             state_part = "training state NOT checked (no recorded digest for these epochs)"
             errors = fidelity.get("digest_errors")

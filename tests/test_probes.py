@@ -158,3 +158,26 @@ def test_format_helpers():
     assert parse_epochs(plan.format_epochs([0, 2, 3]), 5) == [0, 2, 3]
     assert plan.format_seconds(0.0123) == "12 ms" and plan.format_seconds(75) == "75 s"
     assert plan.format_seconds(3725) == "1 h 02 min"
+
+
+def test_a_replay_runs_on_to_the_next_recorded_check_unless_it_is_far():
+    """Iteration loops are digested every few dozen units; on a busy machine the gap grows. Replaying
+    70-90 with checks at 69 and 120 runs on to 120 (so 70-90 are verified) when that is affordable."""
+    ckpts = {-1: "start", 69: "end"}
+    near = plan.plan(list(range(70, 91)), ckpts, checks=[69, 120], unit_seconds=0.1)
+    assert (near[0].last, near[0].keep) == (120, list(range(70, 91)))
+    far = plan.plan(list(range(70, 91)), ckpts, checks=[69, 200], unit_seconds=1.0)  # 110 s more, 5x the asked
+    assert far[0].last == 90
+    unknown = plan.plan(list(range(70, 91)), ckpts, checks=[69, 120], unit_seconds=None)
+    assert unknown[0].last == 90
+
+
+def test_an_unchecked_end_names_the_check_to_replay_to():
+    from flor_nb.verdict import verdict_text
+
+    fidelity = {"level": "caveats", "metrics": {"loss": {"verdict": "exact", "compared": 21}}, "epochs": [70, 90],
+                "unit": "iterations", "state": {"epochs": [69], "unchecked": [70, 90], "streams": 101,
+                                                "diverged": [], "next_check": 120}}
+    text = verdict_text(fidelity)
+    assert "NOT checked at or after iteration 70,90" in text
+    assert "replay through iteration 120, the next recorded check" in text
