@@ -43,6 +43,12 @@ class RowCommits:
         rows are held in memory and written with the next commit, once space returns.
         """
         start = time.perf_counter()
+        if completed is not None and self._start_pending:
+            if self.writer.busy():  # rows go in now; the units count as stored once the start checkpoint is
+                completed = None
+            else:
+                self._start_pending = False
+                self._check_writer()
         per_unit, rest = self._per_unit(rows)
         self._held.append((self._number(rest), per_unit, completed, list(digests), tuple(replace)))
         for attempt in range(2):
