@@ -11,6 +11,7 @@ not captured but that the replayed code reads).
 from __future__ import annotations
 
 import difflib
+import re
 from collections import defaultdict
 
 from . import runtime
@@ -23,6 +24,11 @@ FAITHFUL, CAVEATS, NOT_FAITHFUL = "faithful", "caveats", "not faithful"
 # ATOL + RTOL * |a|. Loose enough for fp32 rounding carried through an epoch of training, tight enough
 # that a changed learning rate or a skipped batch shows.
 RTOL, ATOL = 1e-3, 1e-5
+
+# A probe line that may draw from a global RNG when it calls one of these directly.
+_DRAWS = re.compile(r"\b(random|rand|randn|randint|randperm|rand_like|randn_like|shuffle|sample|choices?|"
+                    r"permutation|normal_?|uniform_?|bernoulli_?|multinomial|dropout|Dropout|manual_seed|seed|integers)\b")
+_GLOBAL_RNG = ("rng/random", "rng/numpy", "rng/torch")
 
 
 def compare_metrics(recorded, rows, modes: dict, clock_metrics=(), tolerance=None) -> dict:
@@ -109,7 +115,8 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     faithful = not metric_bad and not diverged and not problems
     unchecked = set(modes) - covered
     level = NOT_FAITHFUL if not faithful else (CAVEATS if read or unchecked or tol else FAITHFUL)
-    cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) if not faithful else None
+    draws = probes_draw(recorded_code, code, edited_cells)
+    cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws) if not faithful else None
     if tol:
         tol["state_differs"] = sorted({s for e in expected for s in e["differ"] + e["missing"]})
         tol["max_abs_diff"] = max((m["max_abs_diff"] for m in metrics.values()), default=0.0)
@@ -120,6 +127,7 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
                      "to check exactly")
     return {
         "tolerance": tol,
+        "probes_draw": draws,
         "faithful": faithful,
         "level": level,
         "metrics": metrics,
@@ -167,7 +175,23 @@ def _root_name(path: str) -> str:
     return path
 
 
-def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) -> str:
+def probes_draw(recorded_code: str, code: str, edited_cells=None) -> bool:
+    """Whether a line the replay added (or an edited cell) calls something that draws random numbers."""
+    from .edits import added_lines
+
+    lines = code.splitlines() if code else []
+    added = [lines[i - 1] for i in added_lines(recorded_code or "", code)] if code else []
+    text = "\n".join(added + list((edited_cells or {}).values()))
+    return bool(_DRAWS.search(text))
+
+
+def _only_global_rng(diverged) -> list[str]:
+    """The global RNG streams, when they are all that differ (else [])."""
+    streams = {s for e in diverged for s in e["differ"] + e["missing"]}
+    return sorted(streams) if streams and streams <= set(_GLOBAL_RNG) else []
+
+
+def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=True) -> str:
     changed = changed_lines(recorded_code, code) if recorded_code and code else []
     if changed:  # certain: the code that trained is not the code that replayed
         where = ", ".join(map(str, changed[:6])) + (" ..." if len(changed) > 6 else "")
@@ -181,7 +205,15 @@ def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) -> str
                       "state (e.g. create such an iterator inside the epoch loop)")
     if edited_cells:
         causes.append("an edited dependency cell changed training (keep edits to helpers to added flor.log lines)")
-    if diverged and code != recorded_code:
+    foreign = _only_global_rng(diverged) if not draws and not metric_bad else []
+    if foreign:  # no probe line draws: a function a probe calls, or another thread, is as likely
+        names = " and ".join(_RNG_NAMES[s] for s in foreign)
+        causes.append(f"a function a probe calls drew from {names} (an evaluation helper that samples batches, "
+                      "say; log values that need no random numbers, or compute them after training)")
+        causes.append(f"another thread of the recording or the replaying process drew from {names} while it ran "
+                      "(an in-process server, a Dask client, a background loader); record and replay with nothing "
+                      "else running in the kernel")
+    elif diverged and code != recorded_code:
         causes.append("a probe changed training (make probes read-only: wrap them in torch.no_grad(), do not draw "
                       "random numbers, switch back any mode they change, e.g. model.train() after model.eval())")
     if not causes:
@@ -193,7 +225,11 @@ def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read) -> str
     return "Possible causes: " + "; or ".join(f"({i}) {c}" for i, c in enumerate(causes, 1)) + "."
 
 
-def describe(event: dict, kinds: dict | None = None) -> str:
+_RNG_NAMES = {"rng/torch": "torch's global RNG", "rng/numpy": "numpy's global RNG",
+              "rng/random": "Python's random module", "rng/cuda": "the CUDA generators"}
+
+
+def describe(event: dict, kinds: dict | None = None, draws: bool = True) -> str:
     """The divergence's likely cause, in words: what differs, where, and what usually causes it."""
     kinds = kinds or {}
     stream = first_cause(event, kinds)
@@ -204,9 +240,11 @@ def describe(event: dict, kinds: dict | None = None) -> str:
     missing = stream in event["missing"]
     rng = "the replayed code drew random numbers the recording did not"
     if kind == "rng":
-        what = {"torch": "torch's global RNG", "numpy": "numpy's global RNG", "random": "Python's random module",
-                "cuda": "the CUDA generators"}
-        return f"{what.get(path, path)} differs {at}: {rng}"
+        what = _RNG_NAMES.get(stream, path)
+        if not draws and stream in _GLOBAL_RNG:
+            return (f"{what} differs {at}, although no probe line draws random numbers itself (see the possible "
+                    "causes)")
+        return f"{what} differs {at}: {rng}"
     if stream == "devflags":
         return (f"the GPU determinism settings differ {at}: the replayed code changed them (cudnn.benchmark, "
                 "use_deterministic_algorithms, TF32), or this torch could not set the recorded ones")
@@ -306,7 +344,7 @@ def verdict_text(fidelity: dict) -> str:
         details = []
         if state["diverged"]:
             first = state["diverged"][0]
-            details.append(describe(first, kinds))
+            details.append(describe(first, kinds, fidelity.get("probes_draw", True)))
             others = sorted({s for e in state["diverged"] for s in e["differ"] + e["missing"]}
                             - {first_cause(first, kinds)})
             if others:

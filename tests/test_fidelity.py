@@ -155,3 +155,39 @@ def test_probe_before_the_step_loop_gets_the_true_epoch_start(recorded, truth, s
     assert (seg["first"], seg["restore"], seg["modes"]) == (3, 2, {"3": "skip"})  # enters at the end of epoch 2
     start_of_3 = _values(truth, ["wn"], {2})[("wn", 2, None)]  # truth logs wn at the end of epoch 2
     assert df.loc[df["epoch"] == 3, "wn"].dropna().tolist() == [start_of_3]
+
+
+def test_another_thread_drawing_from_random_is_not_blamed_on_a_read_only_probe(store):
+    """A thread of the recording process (an in-process server, a Dask client) draws from Python's random
+    while the cell records: the replay's random state differs. The verdict must say so, and not claim
+    that the probe drew random numbers when no probe line does."""
+    import random
+    import threading
+
+    stop = threading.Event()
+
+    def chatter():
+        while not stop.is_set():
+            random.random()
+            stop.wait(0.001)
+
+    ns = setup_namespace(3)
+    thread = threading.Thread(target=chatter, daemon=True)
+    thread.start()
+    try:
+        flor.record(TRAIN, name="noisy", namespace=ns, cells=[f"EPOCHS = 3\n{SETUP}"], store=store,
+                    overhead=float("inf"))
+    finally:
+        stop.set()
+        thread.join()
+    probe = TRAIN.replace("    sched.step()\n", "    flor.log('wn', weight_norm(model))\n    sched.step()\n")
+    df = flor.replay("noisy", code=probe, epochs="1", store=store)
+    verdict = df.attrs["verdict"]
+    assert not df.attrs["fidelity"]["faithful"], verdict
+    assert "Python's random module differs" in verdict and "no probe line draws random numbers" in verdict, verdict
+    assert "another thread of the recording or the replaying process" in verdict, verdict
+    assert "drew random numbers the recording did not" not in verdict, verdict
+
+    drawing = TRAIN.replace("    sched.step()\n", "    flor.log('r', random.random())\n    sched.step()\n")
+    df = flor.replay("noisy", code=drawing, epochs="1", store=store)
+    assert "the replayed code drew random numbers the recording did not" in df.attrs["verdict"], df.attrs["verdict"]
