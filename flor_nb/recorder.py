@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 
-from . import checkpoint, disk, objstore, runtime, state, validate
+from . import checkpoint, disk, liveness, objstore, runtime, state, validate
 from .errors import DiskFullError, NotCapturedWarning, StoreError
 from .rows import RowCommits
 from .store import RECORDING, Run, Store
@@ -89,6 +89,10 @@ class Recorder(RowCommits):
         self.resume_at = None  # resume.py: iterable -> (first epoch, iterable from it), restoring the state
         self.completed_floor = 0  # epochs stored before this session (a resumed run keeps them)
         self.start_wait = 0.0  # seconds the training thread waited for the first checkpoint's write
+        self.liveness_input = None  # (code, loops choice, dependency sources): see _dead()
+        self._dead = None  # liveness.Dead, judged once the first unit has bound the body's names
+        self._total = None  # units the loop will run, when known
+        self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
 
     # -- the API (hot path: keep it tiny) ----------------------------------------
@@ -154,6 +158,7 @@ class Recorder(RowCommits):
     def open_loop(self, total: int | None = None):
         """Before the first unit: the number of units if known, and the state before the loop."""
         self._in_loop = True
+        self._total = total
         if total is not None:
             try:
                 self.store.update_run(self.run.id, epochs_total=total)
@@ -296,9 +301,30 @@ class Recorder(RowCommits):
         self.digest_seconds.append(time.perf_counter() - start)
         return digests
 
-    def _snapshot(self):
+    def _dead_at(self, k):
+        """What unit k's end checkpoint may leave out (see liveness.py): only between two units of a loop
+        of known length with no step loop, never after the last unit (the code after the loop reads it)."""
+        if (self.liveness_input is None or self._step_exits or self._total is None or k >= self._total - 1
+                or self.resume_at is not None):
+            return None
+        if self._dead is None:
+            code, choice, sources = self.liveness_input
+            try:
+                self._dead = liveness.for_record(code, choice, sources, self.ns)
+            except Exception as e:  # noqa: BLE001 - an optimisation: store everything instead
+                logger.info("flor_nb: liveness analysis failed (%s); checkpoints keep every value", e)
+                self._dead = liveness.Dead()
+            if self._dead:  # kept with the run now: a replay of a run killed later must know it too
+                self.run.state = {**self.run.state, "dead": self._dead.to_json()}
+                try:
+                    self.store.update_run(self.run.id, state=self.run.state)
+                except StoreError:
+                    self.liveness_input, self._dead = None, liveness.Dead()  # unknown to replay: omit nothing
+        return self._dead or None
+
+    def _snapshot(self, dead=None):
         start = time.perf_counter()
-        snap = self.capturer.snapshot(pool=self.pool)
+        snap = self.capturer.snapshot(pool=self.pool, dead=dead)
         seconds = time.perf_counter() - start
         self._announce(snap)
         return snap, seconds
@@ -390,7 +416,10 @@ class Recorder(RowCommits):
         self._flush(k)
         if left is None:
             step_snap = self._step_snap
-            end_snap = self._snapshot() if self._due(k) else None
+            dead = self._dead_at(k)
+            end_snap = self._snapshot(dead) if self._due(k) else None
+            if end_snap is not None and end_snap[0]["python"].get("omitted"):
+                self.omitting.append(k)
             end_digest = self._end_digest(end_snap, k)
         else:
             step_snap, end_snap, end_digest = left
@@ -486,6 +515,7 @@ class Recorder(RowCommits):
                 "checkpoint_error": self.checkpoint_error,
                 "digest_errors": self.digest_errors,
                 "store_budget": None if self.thinner is None else self.thinner.summary(),
+                "omitting": self.omitting,
                 "spec": spec_of(self.scope),
             },
             timings={

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import executor as executors
-from . import checkpoint, devices, machine, runtime, signing, thinning, validate
+from . import checkpoint, devices, liveness, machine, runtime, signing, thinning, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .edits import changes, helper_touched
@@ -51,7 +51,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
-    kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items()}
+    left_out, left_why = _left_out(run, code, deps, ckpts)  # checkpoints lacking what the edited code reads first
+    kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items() if e not in left_out}
     helper = (hint or {}).get("helper")
     touched = helper_touched(run.code, code, helper, hint) if helper else changes(run.code, code, hint)
     if cells:  # an edited helper may run inside the step loop
@@ -107,7 +108,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "estimate_seconds": None if mean is None else mean * max(load),
         "thinned": thinned,
         "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None) + (
-            f". {thinning.plan_text(run, thinned)}" if thinned else ""),
+            f". {thinning.plan_text(run, thinned)}" if thinned else "") + (
+            f". {left_why}" if left_why else ""),
     }
 
 
@@ -317,6 +319,25 @@ def _warn_moved(hint, loops):
         warnings.warn(f"flor_nb: the recorded step loop `{want['header']}` is not in the edited cell; using {where} "
                       "as the step loop. Keep the loop's header as recorded, or mark it with flor.loop(\"step\", ...).",
                       stacklevel=4)
+
+
+def _left_out(run: Run, code: str, deps, ckpts) -> tuple[set, str]:
+    """(epochs, why): checkpoints that left out values the edited code reads before it recomputes them
+    (see liveness.py), so the plan starts from others; (set(), "") when it needs nothing they lack."""
+    dead = liveness.Dead.from_json(run.state.get("dead"))
+    if not dead:
+        return set(), ""
+    names, grads = liveness.for_replay(dead, code, run.code, run.state.get("loops") or {},
+                                       [c["source"] for c in deps])
+    if not names and not grads:
+        return set(), ""
+    omitting = run.state.get("omitting")  # None: a run killed before it ended; any end checkpoint may lack them
+    epochs = set(omitting) if omitting is not None else {e for e, r in ckpts.items() if e >= 0 and r["kind"] == "end"}
+    what = ", ".join(sorted(names)) + (" and " if names and grads else "") + ("the gradients" if grads else "")
+    unit = "iterations" if (run.state.get("loops") or {}).get("unit") == "iterations" else "epochs"
+    them = "them" if grads or len(names) > 1 else "it"
+    return epochs, (f"The probes read {what} before the loop body recomputes {them}; the checkpoints of "
+                    f"{len(epochs)} {unit} left {them} out, so the replay starts from checkpoints that kept everything")
 
 
 def _describe(selected, segments, workers, touched, unit=None) -> str:

@@ -193,21 +193,26 @@ class Capturer:
         self._gpu_noted = False
 
     # -- capture -------------------------------------------------------------------------
-    def snapshot(self, copy: bool = True, pool: BufferPool | None = None) -> dict:
+    def snapshot(self, copy: bool = True, pool: BufferPool | None = None, dead=None) -> dict:
         """Copy everything needed to resume from here. ``copy=False``: tensors alias the live ones
-        and nothing is pickled (for digests taken at once)."""
+        and nothing is pickled (for digests taken at once). ``dead`` (a :class:`liveness.Dead`): tensors
+        the next unit recomputes before reading them are digested in place, not copied (``python["omitted"]``)."""
         placed: dict = {}  # key -> device(s) of the live tensors, where not the CPU (restore puts them back there)
         if not copy:
             leaf = None
         else:
             leaf = pool.copy if pool is not None else _host_copy
+        g = walk(self.ns, self.scope, self.order, **self.limits)
+        skip = _dead_keys(g, self.ns, dead) if copy and dead else set()
 
         def dup(tree, key):
             where = devices.tree_devices(tree)
             if where is not None and where != "cpu":
                 placed[key] = where
+            if key in skip:  # recomputed before any read: only its digest is kept, so replay still checks it
+                digests.update(_in_place_digests({key: tree}))
+                return None
             return tree if leaf is None else map_tree(tree, leaf)
-        g = walk(self.ns, self.scope, self.order, **self.limits)
         self.order = list(g.roots)
         self.kinds = {**{p: k for p, (k, _) in g.stateful.items()}, **{p: "attrs" for p in g.attr_objects}}
         token = self._token(g)
@@ -292,6 +297,10 @@ class Capturer:
         python["devices"] = dict(sorted(placed.items()))
         for key in ("rng/numpy", "rng/random", "devflags", "devices"):
             digests[key] = fingerprint(python[key])
+        if skip:  # not a stream: what this checkpoint left out (only their digests, above, are kept)
+            python["omitted"] = sorted(k for k in skip if k in tensors)
+            for k in python["omitted"]:
+                del tensors[k]
         events = pool.seal() if pool is not None and copy else []
         if copy and placed and not self._gpu_noted:  # once per recording: how exact its GPU replays can be
             self._gpu_noted = True
@@ -531,6 +540,36 @@ def _nonpersistent_buffers(module) -> dict:
             if b is not None:
                 out[f"{mname}.{bname}" if mname else bname] = b
     return out
+
+
+def _in_place_digests(tensors: dict) -> dict:
+    from .checkpoint import tensor_digests
+
+    return tensor_digests(tensors)
+
+
+def _dead_keys(g: Graph, ns: dict, dead) -> set[str]:
+    """Tensor keys of this walk that ``dead`` (:class:`liveness.Dead`) says the next unit recomputes first:
+    activations bound to a root name, and gradients the body clears before its backward pass."""
+    keys = set()
+    for name in dead.names:
+        t = g.tensors.get(name)
+        if t is not None and name not in g.aliases:
+            keys |= {f"val/{name}", f"valgrad/{name}"}
+    cleared: set = set()
+    for how, name in dead.cleared:
+        obj = ns.get(name)
+        if how == "list" and isinstance(obj, (list, tuple)):
+            cleared |= {id(p) for p in obj if isinstance(p, torch.Tensor)}
+        elif how == "zero_grad" and isinstance(obj, torch.optim.Optimizer):
+            cleared |= {id(p) for group in obj.param_groups for p in group["params"]}
+        elif how == "zero_grad" and isinstance(obj, torch.nn.Module):
+            cleared |= {id(p) for p in obj.parameters()}
+    if cleared:
+        keys |= {f"valgrad/{path}" for path, t in g.tensors.items() if id(t) in cleared}
+        keys |= {f"grad/{path}" for path, (kind, obj) in g.stateful.items()
+                 if kind == "module" and all(id(p) in cleared for p in obj.parameters())}
+    return keys
 
 
 def _restore_module(module, path, tensors, python):
