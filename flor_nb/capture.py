@@ -19,18 +19,15 @@ containers, instance attributes and module attributes, and sorts what it meets:
 Every object gets one *path* (``trainer.model``, ``log['hist']``), the first
 found in breadth-first order, which names it in checkpoints and verdicts and
 finds its live counterpart when restoring.
+
+This module is the walk itself; the roots are found by :mod:`~flor_nb.roots`, objects sorted by
+:mod:`~flor_nb.kinds`, paths made and resolved by :mod:`~flor_nb.paths`, and tensors that are references
+told from values by :mod:`~flor_nb.tensor_refs`.
 """
 from __future__ import annotations
 
-import ast
-import io
 import os
-import re
-import socket
-import sqlite3
-import threading
 import types
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -38,43 +35,23 @@ import numpy as np
 import torch
 
 from . import frameworks
+from .kinds import _ATOMIC_TYPES, CODE, DATA, kind_of, output_kind, unsaveable
+from .kinds import ATOMIC, _unsaveable  # noqa: F401 - importable from here, as before the split
+from .paths import attr_path, child_path, item_path
+from .paths import resolve  # noqa: F401 - importable from here, as before the split
+from .roots import Scope, root_names
+from .roots import reads  # noqa: F401 - importable from here, as before the split
+from .tensor_refs import classify_tensors, optimizer_state_refs
 
-ATOMIC = (type(None), bool, int, float, complex, str, bytes, np.bool_, np.number, torch.dtype, torch.device,
-          torch.Size, range, slice, type(Ellipsis))
-_ATOMIC_TYPES = frozenset(t for t in ATOMIC if t not in (np.number,))
-CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type,
-        types.MethodWrapperType, types.WrapperDescriptorType, types.MethodDescriptorType,
-        types.BuiltinMethodType, staticmethod, classmethod, property)
-DATA = (torch.utils.data.DataLoader, torch.utils.data.Dataset, torch.utils.data.Sampler)
-_LOCKS = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
-          threading.Semaphore, threading.Thread)
-_UNSAVEABLE = {
-    types.GeneratorType: "a generator: its position in the loop cannot be saved",
-    types.CoroutineType: "a coroutine cannot be saved",
-    types.AsyncGeneratorType: "an async generator cannot be saved",
-    types.FrameType: "a frame cannot be saved",
-    types.TracebackType: "a traceback cannot be saved",
-    memoryview: "a memoryview cannot be saved",
-    weakref.ref: "a weak reference cannot be saved",
-}
 _MODULE_INTERNAL = frozenset(vars(torch.nn.Module()))
 # Scheduler attributes that are not state: the optimizer (captured on its own) and the lr functions (code).
 _NOT_STATE_ATTRS = frozenset({"optimizer", "lr_lambdas", "lr_lambda"})
+
 
 def limits() -> dict:
     """Size limits of what is captured; a run records them so its replays walk the same way."""
     return {"max_objects": int(os.environ.get("FLOR_NB_MAX_OBJECTS", 1_000_000)),  # Python objects per root
             "max_bytes": int(float(os.environ.get("FLOR_NB_MAX_VALUE_BYTES", 1 << 30)))}  # per tensor or array
-
-
-@dataclass
-class Scope:
-    """Names a cell touches. ``only`` (``--state a,b``) narrows the roots; ``extra`` (``+a,+b``) adds."""
-
-    assigned: set
-    free: set
-    extra: set = field(default_factory=set)
-    only: set | None = None
 
 
 @dataclass
@@ -104,165 +81,6 @@ class Graph:
 
     def token(self, obj):
         return self.refs.get(id(obj))
-
-
-def kind_of(obj) -> str | None:
-    """How an object's state is saved, or None when it is saved by value."""
-    if isinstance(obj, torch.nn.Module):
-        return "module"
-    if isinstance(obj, torch.optim.Optimizer):
-        return "optimizer"
-    if isinstance(obj, torch.Generator):
-        return "torch_generator"
-    if isinstance(obj, np.random.Generator):
-        return "np_generator"
-    if isinstance(obj, np.random.RandomState):
-        return "np_randomstate"
-    if isinstance(obj, (type,) + DATA):
-        return None
-    fw = frameworks.kind(obj)  # a framework's trainer; or a framework object saved another way
-    if fw is not None:
-        return "framework" if fw == "framework" else None
-    t = type(obj)
-    if callable(getattr(t, "state_dict", None)) and callable(getattr(t, "load_state_dict", None)):
-        return "stateful"  # LR schedulers, grad scalers, and any object that declares its own state
-    return None
-
-
-# -- roots -----------------------------------------------------------------------------
-def _code_names(code: types.CodeType) -> set[str]:
-    names, stack = set(), [code]
-    while stack:
-        c = stack.pop()
-        names.update(c.co_names)
-        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    return names
-
-
-def _user_class(cls, ns) -> bool:
-    return isinstance(cls, type) and cls.__module__ == ns.get("__name__", "__main__") and ns.get(cls.__name__) is cls
-
-
-def reads(obj, ns) -> set[str]:
-    """Global names that code defined in ``ns`` may read when ``obj`` is called or used."""
-    if isinstance(obj, types.MethodType):
-        obj = obj.__func__
-    if isinstance(obj, types.FunctionType):
-        return _code_names(obj.__code__) if obj.__globals__ is ns else set()
-    cls = obj if isinstance(obj, type) else type(obj)
-    if not _user_class(cls, ns):
-        return set()
-    names = {cls.__name__}
-    for klass in cls.__mro__:
-        if not _user_class(klass, ns):
-            continue
-        for member in vars(klass).values():
-            for fn in (member, getattr(member, "__func__", None), getattr(member, "fget", None),
-                       getattr(member, "fset", None)):
-                if isinstance(fn, types.FunctionType):
-                    names |= _code_names(fn.__code__)
-    return names
-
-
-def root_names(ns: dict, scope: Scope) -> tuple[set, set]:
-    """(names to capture, names left out by ``--state``): the cell's names and what its code reads."""
-    found, queue = set(), list(scope.assigned | scope.free | scope.extra)
-    while queue:
-        name = queue.pop()
-        if name in found or name not in ns or name.startswith("__"):
-            continue
-        found.add(name)
-        queue.extend(n for n in reads(ns[name], ns) if n not in found)
-    if scope.only is None:
-        return found, set()
-    keep = {n for n in (scope.only | scope.extra) if n in ns}
-    return keep, {n for n in found - keep if not isinstance(ns[n], CODE)}
-
-
-# -- paths -----------------------------------------------------------------------------
-def child_path(path: str, key) -> str:
-    """``path.key`` for an attribute (digits too: ``model.0`` in a Sequential), else ``path['key']``."""
-    if isinstance(key, str) and _ATTR.fullmatch(key):
-        return f"{path}.{key}"
-    return f"{path}[{key!r}]"
-
-
-def attr_path(path: str, dotted: str) -> str:
-    """``model`` + ``encoder.layers.0`` -> ``model.encoder.layers.0``."""
-    for part in dotted.split(".") if dotted else ():
-        path = child_path(path, part)
-    return path
-
-
-def item_path(path: str, key) -> str:
-    if type(key) in (str, int, bool, float) or key is None:
-        return f"{path}[{key!r}]"
-    return f"{path}[#{type(key).__name__}]"
-
-
-_ATTR = re.compile(r"[A-Za-z0-9_]+")
-_PART = re.compile(r"\.([A-Za-z0-9_]+)|\[((?:'[^']*'|\"[^\"]*\"|[^\]])*)\]")
-
-
-def resolve(ns: dict, path: str):
-    """The object at ``path`` (``a.b[0]['k']``) in ``ns``; raises LookupError when it is not there."""
-    m = re.match(r"[A-Za-z_][A-Za-z0-9_]*", path)
-    if m is None or m.group(0) not in ns:
-        raise LookupError(path)
-    obj, pos = ns[m.group(0)], m.end()
-    while pos < len(path):
-        m = _PART.match(path, pos)
-        if m is None:
-            raise LookupError(path)
-        try:
-            if m.group(1) is not None:
-                obj = getattr(obj, m.group(1))
-            else:
-                obj = obj[ast.literal_eval(m.group(2))]
-        except (AttributeError, KeyError, IndexError, TypeError, ValueError, SyntaxError):
-            raise LookupError(path) from None
-        pos = m.end()
-    return obj
-
-
-# -- the walk --------------------------------------------------------------------------
-_OUTPUT_MODULES = ("tqdm", "wandb", "mlflow", "torch.utils.tensorboard", "tensorboardX", "logging")
-
-
-def output_kind(obj) -> str | None:
-    """What an output-only object is (a progress bar, a log file, a metrics writer), or None.
-
-    Outputs are rebuilt by the recorded cells, not restored: they do not feed training.
-    """
-    t = type(obj)
-    if isinstance(obj, io.IOBase):
-        return "an open file"
-    module = t.__module__ or ""
-    if module.startswith(("lightning", "pytorch_lightning")) and frameworks.kind(obj) == "output":
-        return f"a lightning {t.__name__}"  # checkpoint writers, loggers, progress bars
-    if module.startswith(_OUTPUT_MODULES) and not isinstance(obj, type):
-        return f"a {module.partition('.')[0]} {t.__name__}"
-    return None
-
-
-def unsaveable(obj) -> str | None:
-    """Why ``obj`` cannot be saved, or None."""
-    t = type(obj)
-    reason = _UNSAVEABLE.get(t)
-    if reason:
-        return reason
-    if isinstance(obj, _LOCKS):
-        return f"a {t.__name__} (threading) cannot be saved"
-    if isinstance(obj, (socket.socket, sqlite3.Connection, sqlite3.Cursor)):
-        return f"a {t.__name__} (a connection) cannot be saved"
-    if isinstance(obj, torch.utils.data.dataloader._BaseDataLoaderIter):
-        return "a DataLoader iterator kept across epochs: its position in the data cannot be saved"
-    return None
-
-
-def _unsaveable(obj) -> bool:
-    """Objects the pickler leaves out (the live ones stay): unsaveable ones and outputs."""
-    return unsaveable(obj) is not None or output_kind(obj) is not None
 
 
 def _atomic_seq(values) -> bool:
@@ -354,8 +172,8 @@ def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_b
                                     "raise FLOR_NB_MAX_OBJECTS to capture it)")
             continue
         _children(obj, path, root, queue, count, g)
-    _classify_tensors(g, params)
-    _optimizer_state_refs(g, seen)
+    classify_tensors(g, params)
+    optimizer_state_refs(g, seen)
     for path, values in g.chunked.items():
         g.identity[id(values)] = ("chunks", path)
     g.owners = seen
@@ -484,80 +302,3 @@ def _framework(g: Graph, path, trainer, queue, root):
                 queue.append((root, child_path(p, k), v))
         else:
             queue.append((root, p, child))
-
-
-def _classify_tensors(g: Graph, params: dict):
-    """Tensors that are parameters or buffers of a captured module are references; others are values."""
-    for store in (g.tensors, g.big):
-        for path in list(store):
-            t = store[path]
-            if id(t) in params:
-                del store[path]
-                g.refs[id(t)] = ("param", params[id(t)])
-    for path, t in g.big.items():
-        g.refs[id(t)] = ("big", path)
-    for pid, ppath in params.items():
-        g.refs[pid] = ("param", ppath)
-    _find_aliases(g, params)
-    # Parameters an optimizer updates but no captured name reaches: capture them through the optimizer.
-    for path, (kind, opt) in list(g.stateful.items()):
-        if kind != "optimizer":
-            continue
-        for gi, group in enumerate(opt.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if id(p) not in g.refs:
-                    ppath = f"{path}.param_groups[{gi}]['params'][{pi}]"
-                    g.tensors[ppath] = p
-                    g.refs[id(p)] = ("val", ppath)
-
-
-def _storage(t) -> int | None:
-    try:
-        return t.untyped_storage().data_ptr() if t.layout == torch.strided and t.numel() else None
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def _find_aliases(g: Graph, params: dict):
-    """Tensors held by value that share storage with a parameter, buffer or gradient of a captured module:
-    ``best = model.state_dict()`` (no copy) keeps changing as the model trains, so restore must make it a
-    view of the restored parameter again, not an independent copy."""
-    if not g.tensors:
-        return
-    bases: dict = {}
-    for path, (kind, obj) in g.stateful.items():
-        if kind != "module":
-            continue
-        for name, t in list(obj.named_parameters()) + list(obj.named_buffers()):
-            full = attr_path(path, name)
-            for base_path, base in ((full, t), (f"{full}.grad", getattr(t, "grad", None))):
-                ptr = _storage(base) if isinstance(base, torch.Tensor) else None
-                if ptr is not None:
-                    bases.setdefault((ptr, base.dtype, base.device), base_path)
-    for path, t in g.tensors.items():
-        ptr = _storage(t)
-        base = bases.get((ptr, t.dtype, t.device)) if ptr is not None else None
-        if base is not None:
-            g.aliases[path] = (base, t.storage_offset(), list(t.shape), list(t.stride()))
-
-
-def _optimizer_state_refs(g: Graph, seen: dict):
-    """``checkpoint = {"optimizer": opt.state_dict()}`` holds the optimizer's own per-parameter state dicts
-    (and their tensors), which keep changing as it steps: they are references to the live optimizer's state,
-    restored as such, not copies."""
-    for path, (kind, opt) in g.stateful.items():
-        if kind != "optimizer":
-            continue
-        for gi, group in enumerate(opt.param_groups):
-            for pi, p in enumerate(group["params"]):
-                st = opt.state.get(p)
-                if not isinstance(st, dict):
-                    continue
-                if id(st) in seen:
-                    g.identity[id(st)] = g.refs[id(st)] = ("optstate", f"{path}|{gi}|{pi}|")
-                for key, v in st.items():
-                    if isinstance(v, torch.Tensor) and id(v) in seen and isinstance(key, str):
-                        g.refs[id(v)] = ("optstate", f"{path}|{gi}|{pi}|{key}")
-                        for store in (g.tensors, g.big):
-                            for tp in [tp for tp, t in store.items() if t is v]:
-                                del store[tp]

@@ -19,7 +19,7 @@ import pickle
 import types
 from collections import defaultdict
 
-from .capture import DATA, _unsaveable
+from .kinds import DATA, _unsaveable
 
 PROTOCOL = 5
 MISSING = object()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 
-from ..capture import resolve
+from ..paths import resolve
 from ..errors import NoLoopError
 from . import METHODS, NAMES, framework_of
 

@@ -198,7 +198,7 @@ def record(rec, trainer, method, args, kwargs):
 
 def _trainer_tree(snap: dict, trainer, ns) -> dict | None:
     """The recorded state of ``trainer`` in a checkpoint (found by its path in the namespace)."""
-    from ..capture import resolve
+    from ..paths import resolve
 
     for key, tree in snap["tensors"].items():
         if key.startswith("obj/") and isinstance(tree, dict) and tree.get("framework") == "transformers":
