@@ -132,3 +132,30 @@ def test_a_loop_hidden_in_a_function_is_refused_with_the_way_out(store):
     df = flor.replay("hidden", code=marked.replace("            flor.log('loss'", "            flor.log('g', 1.0)\n"
                                                    "            flor.log('loss'"), epochs="1", store=store)
     assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+
+
+WHILE = '''
+it = 0
+while True:
+    xb, yb = X[it % 8 * 16:(it % 8 + 1) * 16], y[it % 8 * 16:(it % 8 + 1) * 16]
+    loss = F.cross_entropy(model(xb), yb)
+    opt.zero_grad(); loss.backward(); opt.step()
+    flor.log("loss", loss.item())
+    it += 1
+    if it >= 10:
+        break
+'''
+
+
+def test_the_iteration_a_while_loop_breaks_in_is_checked_in_replay(store):
+    """The recording digests the state where `break` leaves the loop; replay must compare it there too
+    (a unit left by `break` never reaches the code after its `yield`)."""
+    ns = setup_namespace(1)
+    run = flor.record(WHILE, name="brk", namespace=ns, cells=[f"EPOCHS = 1\n{SETUP}"], store=store,
+                      overhead=float("inf"))
+    assert run.epochs_completed == 10
+    probe = WHILE.replace("    it += 1\n", "    flor.log('w', float(model[0].weight.sum()))\n    it += 1\n")
+    df = flor.replay("brk", code=probe, iters="9", store=store)
+    fid = df.attrs["fidelity"]
+    assert fid["level"] == "faithful", df.attrs["verdict"]
+    assert 9 in fid["state"]["epochs"]  # the break unit's own check
