@@ -35,6 +35,7 @@ from .fingerprint import fingerprint
 from .hashing import hash_bytes
 from .pickling import KEEP, MISSING
 from .snapshot_pool import BufferPool, _host_copy, wait_copies  # noqa: F401 - re-exported
+from .tensor_bytes import _raw, content_hash  # noqa: F401 - re-exported
 from .trees import map_tree, put_leaves, split_leaves
 
 __all__ = ["Scope", "Capturer", "BufferPool", "RestoreError"]
@@ -42,31 +43,6 @@ __all__ = ["Scope", "Capturer", "BufferPool", "RestoreError"]
 
 class RestoreError(FlorError):
     """A checkpoint cannot be put back into the replay's namespace."""
-
-
-def _raw(t) -> memoryview | bytes:
-    """The bytes of a tensor, without a copy where it is contiguous on the CPU."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if not t.numel():
-        return b""
-    if t.is_contiguous() and t.dtype in _NUMPY_DTYPES:  # the fast path: ~3x fewer tensor ops
-        return memoryview(t.numpy()).cast("B")
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
-
-
-_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
-                 torch.uint8, torch.bool, torch.complex64, torch.complex128}
-
-
-def content_hash(value) -> str:
-    """Hash of a tensor's or array's bytes (with dtype and shape)."""
-    if isinstance(value, np.ndarray):
-        head, raw = f"{value.dtype}{value.shape}", np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
-    else:
-        head, raw = f"{value.dtype}{tuple(value.shape)}", _raw(value)
-    return hash_bytes(head.encode() + bytes(raw))
 
 
 class Capturer:
