@@ -1,4 +1,4 @@
-"""Snapshots of everything a recorded epoch reads or changes, and putting them back.
+"""Snapshots of everything a recorded epoch reads or changes, and their digests.
 
 A *snapshot* is a plain dict copied out of the live objects (nothing aliases
 them, so training can go on while it is written)::
@@ -15,165 +15,33 @@ them, so training can go on while it is written)::
     digests:  {stream: digest} of the Python streams (tensor streams are digested when written)
     not_captured, notes, data, roots
 
-What is in it is found by :func:`flor_nb.capture.walk`.
+What is in it is found by :func:`flor_nb.capture.walk`. Putting a snapshot back is in restore.py,
+the host buffers it is copied into in snapshot_pool.py.
 """
 from __future__ import annotations
 
-import itertools
 import pickle
 import random
-import threading
 import warnings
 
 import numpy as np
 import torch
 
-from . import devices, frameworks, pickling
-from .capture import CHUNK, Graph, Scope, _unsaveable, child_path, resolve, walk
+from . import devices, pickling
+from .capture import CHUNK, Graph, Scope, _unsaveable, child_path, walk
 from .capture import limits as capture_limits
-from .errors import FlorError
 from .fingerprint import fingerprint
 from .hashing import hash_bytes
-from .pickling import KEEP, MISSING
-from .trees import map_tree, put_leaves, split_leaves
+from .pickling import KEEP
+from .restore import Restorer, RestoreError, _restore_module  # noqa: F401 - re-exported
+from .snapshot_pool import BufferPool, _host_copy, wait_copies  # noqa: F401 - re-exported
+from .tensor_bytes import _raw, content_hash  # noqa: F401 - re-exported
+from .trees import map_tree, split_leaves
 
 __all__ = ["Scope", "Capturer", "BufferPool", "RestoreError"]
 
 
-class RestoreError(FlorError):
-    """A checkpoint cannot be put back into the replay's namespace."""
-
-
-class BufferPool:
-    """Reusable host tensors for snapshots.
-
-    ``copy_`` into memory already touched is several times faster than ``clone``
-    into fresh pages (measured here: 18 vs 2.2 GB/s); buffers go back to the pool
-    once the writer has persisted their snapshot.
-
-    CUDA tensors go to pinned host buffers (``pin_memory``; default: when CUDA is available),
-    copied with ``non_blocking=True`` on a side stream of their device, never cloned on the GPU
-    (see :func:`flor_nb.devices.staging`). :meth:`seal` ends a snapshot: it records an event per
-    device, makes the training stream wait for it on the GPU (the next kernel that may overwrite a
-    source is ordered after the copy; the training thread itself does not block) and returns the
-    events, which the writer waits for before it reads the buffers.
-    """
-
-    def __init__(self, pin_memory: bool | None = None):
-        self._free: dict = {}
-        self._lock = threading.Lock()
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._streams: dict = {}  # device -> side stream for copies off it
-        self._open: dict = {}  # device -> side stream with copies not yet sealed
-
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        how = devices.staging(t)
-        if how == "pool":
-            return self._buffer(t, pinned=False).copy_(t)
-        if how == "pinned":
-            return self.copy_async(t)
-        if how == "host":
-            return t.to("cpu", copy=True)
-        return t.clone()
-
-    def _buffer(self, t: torch.Tensor, pinned: bool) -> torch.Tensor:
-        key = (t.dtype, tuple(t.shape), pinned)
-        with self._lock:
-            free = self._free.get(key)
-            buf = free.pop() if free else None
-        if buf is None:
-            buf = torch.empty(key[1], dtype=t.dtype, pin_memory=pinned)
-        return buf
-
-    def copy_async(self, t: torch.Tensor, stream=None) -> torch.Tensor:
-        """Copy ``t`` into a pooled (pinned, when the pool pins) host buffer without blocking: on a side
-        stream of ``t``'s device when it is a CUDA tensor (``stream`` overrides it), else a plain copy."""
-        buf = self._buffer(t, pinned=self.pin_memory)
-        if t.device.type != "cuda":
-            return buf.copy_(t, non_blocking=self.pin_memory)
-        side = stream or self._side(t.device)
-        with torch.cuda.stream(side):
-            buf.copy_(t, non_blocking=True)
-        t.record_stream(side)  # memory freed by training is not reused before the copy has read it
-        return buf
-
-    def _side(self, device):
-        side = self._open.get(device)
-        if side is None:
-            side = self._streams.get(device)
-            if side is None:
-                side = self._streams[device] = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))  # copy what training computed so far
-            self._open[device] = side
-        return side
-
-    def seal(self) -> list:
-        """End a snapshot's copies: the events the writer must wait for (empty: nothing is in flight)."""
-        events = []
-        for device, side in self._open.items():
-            event = torch.cuda.Event()
-            event.record(side)
-            torch.cuda.current_stream(device).wait_event(event)  # GPU-side: later writes wait for the copy
-            events.append(event)
-        self._open = {}
-        return events
-
-    def release(self, snap: dict | None):
-        if snap is None:
-            return
-        stack = list(snap["tensors"].values())
-        with self._lock:
-            while stack:
-                tree = stack.pop()
-                if isinstance(tree, torch.Tensor):
-                    if tree.device.type == "cpu" and tree.layout == torch.strided and tree.is_contiguous():
-                        pinned = self.pin_memory and tree.is_pinned()
-                        self._free.setdefault((tree.dtype, tuple(tree.shape), pinned), []).append(tree)
-                elif isinstance(tree, dict):
-                    stack.extend(tree.values())
-                elif isinstance(tree, (list, tuple)):
-                    stack.extend(tree)
-
-
-def wait_copies(snap: dict) -> None:
-    """Block until a snapshot's device-to-host copies have landed (the writer calls it before reading)."""
-    for event in snap.get("events") or ():
-        event.synchronize()
-
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A snapshot's copy without a pool: on the host, never a second copy in GPU memory."""
-    t = t.detach()
-    return t.clone() if devices.staging(t) in ("pool", "clone") else t.to("cpu", copy=True)
-
-
-def _raw(t) -> memoryview | bytes:
-    """The bytes of a tensor, without a copy where it is contiguous on the CPU."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if not t.numel():
-        return b""
-    if t.is_contiguous() and t.dtype in _NUMPY_DTYPES:  # the fast path: ~3x fewer tensor ops
-        return memoryview(t.numpy()).cast("B")
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
-
-
-_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
-                 torch.uint8, torch.bool, torch.complex64, torch.complex128}
-
-
-def content_hash(value) -> str:
-    """Hash of a tensor's or array's bytes (with dtype and shape)."""
-    if isinstance(value, np.ndarray):
-        head, raw = f"{value.dtype}{value.shape}", np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
-    else:
-        head, raw = f"{value.dtype}{tuple(value.shape)}", _raw(value)
-    return hash_bytes(head.encode() + bytes(raw))
-
-
-class Capturer:
+class Capturer(Restorer):
     """Captures and restores the state a cell's epochs depend on, in one namespace.
 
     ``order``: root names to walk first (the recording's, when verifying a replay).
@@ -376,155 +244,6 @@ class Capturer:
         snap = self.snapshot(copy=False)
         return {**tensor_digests(snap["tensors"]), **snap["digests"], ROOTS: snap["roots"]}
 
-    # -- restore -------------------------------------------------------------------------
-    def restore(self, snap: dict) -> list[str]:
-        """Put a snapshot back into the namespace; returns problems found (a big value that differs)."""
-        ns, tensors, python = self.ns, snap["tensors"], snap["python"]
-        if "vmeta" not in python:
-            return _restore_legacy(ns, snap)
-        resolved: dict = {}
-        memo: dict = {}  # for merge(): objects that tokens resolve to are live already, taken as they are
-
-        def live(path):
-            try:
-                return resolve(ns, path)
-            except LookupError:
-                return MISSING
-
-        referenced: dict = {}  # id -> live object a token resolved to: merged as itself, never walked into
-
-        def token(kind, path):
-            obj = _token(kind, path)
-            if obj is not KEEP and obj is not MISSING:
-                memo[id(obj)] = (obj, obj)
-                referenced[id(obj)] = obj
-            return obj
-
-        def _token(kind, path):
-            key = (kind, path)
-            if key in resolved:
-                return resolved[key]
-            if kind == "keep":
-                return KEEP
-            if kind == "global":
-                obj = live(path)
-                if obj is MISSING:
-                    raise RestoreError(f"{path} is not defined in the replay: the recorded cells defined it. "
-                                       "Keep its definition in the cells the run depends on.")
-                return obj
-            if kind == "optstate":  # the restored optimizer's own state dict (or a tensor in it)
-                opt_path, gi, pi, key = path.split("|")
-                opt = live(opt_path)
-                st = opt.state.get(opt.param_groups[int(gi)]["params"][int(pi)]) if opt is not MISSING else None
-                if st is None:
-                    return KEEP
-                return st if not key else st.get(key, KEEP)
-            obj = live(path)
-            return KEEP if obj is MISSING else obj
-
-        def leaves_of(path):
-            data = python.get(f"leaves/{path}")
-            return pickling.loads(data, token) if data is not None else []
-
-        for key, chunks in python.items():
-            if key.startswith("chunks/"):
-                resolved[("chunks", key[7:])] = list(itertools.chain.from_iterable(pickle.loads(c) for c in chunks))
-        meta = python["vmeta"]
-        aliases = python.get("aliases", {})
-        self.placed = placed = python.get("devices") or {}
-        used: set = set()
-        for key, value in tensors.items():  # tensors held by value, in place where they already exist
-            kind, _, path = key.partition("/")
-            if kind == "val":
-                dev = self.device_map.device(placed.get(key, "cpu"))  # recorded there (or where the map says)
-                value = devices.move(value, dev)
-                grad = tensors.get(f"valgrad/{path}")
-                grad = None if grad is None else devices.move(grad, self.device_map.device(
-                    placed.get(f"valgrad/{path}", "cpu")))
-            if kind == "val" and path in aliases and _alias(live, aliases[path], value) is not None:
-                resolved[("val", path)] = _alias(live, aliases[path], value)  # a view of the parameter, again
-            elif kind == "val":
-                resolved[("val", path)] = _put_tensor(live(path), value, meta.get(path, False), used, grad)
-            elif kind == "arr":
-                resolved[("arr", path)] = _put_array(live(path), value, meta[path], used)
-        order = {"module": 0, "optimizer": 1}
-        objs = []
-        for key in tensors:
-            kind, _, path = key.partition("/")
-            if kind == "obj":
-                obj = live(path)
-                if obj is MISSING:
-                    raise RestoreError(f"The replay has no {path!r} to restore into: the recorded cells made it. "
-                                       "Re-run the cells that define it, or replay with the recorded cells.")
-                objs.append((order.get(_kind(obj), 2), path, obj))
-        for _, path, obj in sorted(objs, key=lambda x: x[0]):
-            tree = put_leaves(tensors[f"obj/{path}"], leaves_of(path))
-            resolved[("obj", path)] = obj
-            if isinstance(obj, torch.Generator):
-                recorded_on = placed.get(f"obj/{path}", "cpu")
-                if obj.device.type != torch.device(recorded_on).type:  # Philox state into a CPU generator: no
-                    self.lost_rng.add(f"{path} ({recorded_on})")
-                else:
-                    obj.set_state(tree)
-            elif isinstance(obj, torch.optim.Optimizer):
-                _add_groups(obj, python.get(f"groups/{path}") or [], token)
-                obj.load_state_dict(tree)
-            elif frameworks.kind(obj) == "framework":
-                frameworks.load_state_dict(obj, tree)
-            else:
-                obj.load_state_dict(tree)
-            if isinstance(obj, torch.nn.Module):
-                _restore_module(obj, path, tensors, python)
-        for key, value in python.items():
-            kind, _, path = key.partition("/")
-            if kind == "npgen":
-                resolve(ns, path).bit_generator.state = value
-            elif kind == "nprs":
-                resolve(ns, path).set_state(value)
-        for key, data in python.items():
-            if not key.startswith("py/"):
-                continue
-            unit = pickling.loads(data, token)
-            if unit is KEEP:
-                continue
-            for i, obj in referenced.items():  # a trainer reached by reference is not a value to merge
-                memo.setdefault(i, (obj, obj))
-            for name, value in unit["roots"].items():
-                if value is KEEP:
-                    continue
-                ns[name] = pickling.merge(value, ns.get(name, MISSING), memo)
-            for path, attrs in list(unit["module_attrs"].items()) + list(unit["attrs"].items()):
-                target = live(path)
-                if target is MISSING:
-                    continue
-                for k, v in attrs.items():
-                    if v is KEEP:
-                        continue
-                    if type(target) is dict:  # a framework's metrics, kept key by key
-                        target[k] = pickling.merge(v, target.get(k, MISSING), memo)
-                    else:
-                        object.__setattr__(target, k, pickling.merge(v, getattr(target, k, MISSING), memo))
-        problems = []
-        for path, h in python.get("big", {}).items():
-            value = live(path)
-            if value is MISSING or content_hash(value) != h:
-                problems.append(f"{path} (too large to store) differs from the recording")
-        torch.set_rng_state(tensors["rng/torch"])
-        self.lost_rng.update(devices.set_cuda_rng_states(tensors.get("rng/cuda"), self.device_map))
-        np.random.set_state(python["rng/numpy"])
-        random.setstate(python["rng/random"])
-        if "devflags" in python:  # the settings in force when this state was captured
-            self.flag_problems = devices.apply_flags(python["devflags"], env=False)
-        return problems
-
-
-def _kind(obj):
-    if isinstance(obj, torch.nn.Module):
-        return "module"
-    if isinstance(obj, torch.optim.Optimizer):
-        return "optimizer"
-    return "other"
-
 
 def _state_attrs(obj) -> dict:
     from .capture import _NOT_STATE_ATTRS
@@ -570,107 +289,3 @@ def _dead_keys(g: Graph, ns: dict, dead) -> set[str]:
         keys |= {f"grad/{path}" for path, (kind, obj) in g.stateful.items()
                  if kind == "module" and all(id(p) in cleared for p in obj.parameters())}
     return keys
-
-
-def _restore_module(module, path, tensors, python):
-    grads = tensors.get(f"grad/{path}", {})
-    for n, p in module.named_parameters():  # on the parameter's device, wherever the checkpoint was loaded
-        p.grad = grads[n].to(p.device, copy=True) if n in grads else None
-    for name, value in tensors.get(f"buf/{path}", {}).items():
-        owner, _, bname = name.rpartition(".")
-        m = module.get_submodule(owner) if owner else module
-        with torch.no_grad():
-            m._buffers[bname].copy_(value)
-    for m, flag in zip(module.modules(), python.get(f"train/{path}", [])):
-        m.training = flag
-    for p, flag in zip(module.parameters(), python.get(f"reqgrad/{path}", [])):
-        p.requires_grad_(flag)
-
-
-def _add_groups(opt, groups: list, token):
-    """Parameter groups added during training (``add_param_group``) exist in the recording, not yet here."""
-    if len(groups) < len(opt.param_groups):
-        raise RestoreError(f"The optimizer has {len(opt.param_groups)} parameter groups here but "
-                           f"{len(groups)} in the recording. Replay with the recorded cells.")
-    for toks in groups[len(opt.param_groups):]:
-        params = [token(*t) for t in toks]
-        if any(p is KEEP or not isinstance(p, torch.Tensor) for p in params):
-            raise RestoreError("A parameter group added during training holds tensors the replay cannot find.")
-        opt.add_param_group({"params": params})
-
-
-def _alias(live, alias, value):
-    """A view into the live parameter/gradient storage a recorded tensor shared, or None if it cannot be one."""
-    base_path, offset, shape, stride = alias
-    base = live(base_path)
-    if not isinstance(base, torch.Tensor) or base.dtype != value.dtype or base.device != value.device:
-        return None
-    try:
-        return base.detach().as_strided(shape, stride, offset)
-    except RuntimeError:
-        return None
-
-
-def _put_tensor(live, value, requires_grad, used: set, grad):
-    if (isinstance(live, torch.Tensor) and id(live) not in used and live.shape == value.shape
-            and live.dtype == value.dtype and live.device == value.device):
-        used.add(id(live))
-        with torch.no_grad():
-            live.copy_(value)
-        target = live
-    else:
-        target = value.clone()
-    if target.is_leaf and (target.is_floating_point() or target.is_complex()):
-        target.requires_grad_(bool(requires_grad))
-    if target.is_leaf:
-        target.grad = None if grad is None else grad.to(target.device, copy=True)
-    return target
-
-
-def _put_array(live, value, dtype, used: set):
-    arr = value.numpy().astype(dtype, copy=True)
-    if (isinstance(live, np.ndarray) and id(live) not in used and live.shape == arr.shape
-            and live.dtype == arr.dtype and live.flags.writeable):
-        used.add(id(live))
-        live[...] = arr
-        return live
-    return arr
-
-
-def _restore_legacy(ns, snap):
-    """Checkpoints of flor_nb 0.1 (schema 2): variables pickled one by one."""
-    import pickle
-
-    tensors, python = snap["tensors"], snap["python"]
-    for key, value in tensors.items():
-        kind, _, path = key.partition("/")
-        if kind == "obj":
-            obj = resolve(ns, path)
-            obj.set_state(value) if isinstance(obj, torch.Generator) else obj.load_state_dict(value)
-        elif kind == "grad":
-            for n, p in resolve(ns, path).named_parameters():
-                p.grad = value[n].clone() if n in value else None
-    for key, value in python.items():
-        kind, _, path = key.partition("/")
-        if kind == "train":
-            for m, flag in zip(resolve(ns, path).modules(), value):
-                m.training = flag
-        elif kind == "npgen":
-            resolve(ns, path).bit_generator.state = value
-        elif kind == "nprs":
-            resolve(ns, path).set_state(value)
-        elif kind == "var":
-            ns[path] = pickle.loads(value)
-    for key, value in tensors.items():
-        kind, _, name = key.partition("/")
-        if kind == "var":
-            live = ns.get(name)
-            if isinstance(live, torch.Tensor) and live.requires_grad and live.shape == value.shape:
-                with torch.no_grad():
-                    live.copy_(value)
-            else:
-                ns[name] = value.clone()
-    torch.set_rng_state(tensors["rng/torch"])
-    np.random.set_state(python["rng/numpy"])
-    random.setstate(python["rng/random"])
-    return []

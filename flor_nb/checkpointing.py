@@ -1,0 +1,117 @@
+"""Checkpoints while a cell records: when one is due, taking its snapshot, writing it on the writer thread.
+
+The training thread copies a snapshot into :class:`~flor_nb.snapshot_pool.BufferPool` buffers and hands
+it to the writer thread, which writes its blobs, files and index row. A failed write stops checkpoints,
+never training.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+from . import checkpoint, disk, objstore, runtime
+from .errors import NotCapturedWarning
+
+
+class Checkpointing:
+    """The checkpoint half of :class:`~flor_nb.recorder.Recorder` (which holds the attributes used here)."""
+
+    def _due(self, k) -> bool:
+        """Checkpoint unit k? Every unit while affordable; else every ``_period_ckpt`` units (see :meth:`_tune`).
+
+        After the first unit, training never waits for the writer: while it is still writing the
+        previous checkpoint, this one is deferred to a later unit (a digest still checks the state here).
+        With a big state (1.6 GB at 100M params) a write can outlast an epoch; waiting blocked training
+        for seconds per epoch, and a second snapshot in flight doubled the memory the snapshot pool holds.
+        The first unit (no unit time known yet) waits for the start checkpoint, so it gets one.
+        """
+        if self.checkpoint_error or k - self._last_ckpt < self._period_ckpt:
+            return False
+        if math.isinf(self.overhead):  # every unit, whatever it costs (--overhead inf)
+            return True
+        return not (self._recent and self.writer.busy())
+
+    def _snapshot(self, dead=None):
+        start = time.perf_counter()
+        snap = self.capturer.snapshot(pool=self.pool, dead=dead)
+        seconds = time.perf_counter() - start
+        self._announce(snap)
+        return snap, seconds
+
+    def _announce(self, snap):
+        """Say once, when first seen, what cannot be captured: replay could not restore it."""
+        new = {p: why for p, why in snap["not_captured"].items() if p not in self.not_captured}
+        self.notes.update(snap["notes"])
+        self.data.update(snap["data"])
+        self.outputs.update(snap["outputs"])
+        self.roots = snap["roots"]
+        if new:
+            self.not_captured.update(new)
+            listed = "; ".join(f"{p}: {why}" for p, why in new.items())
+            warnings.warn(f"flor_nb: not captured in {self.run.label}: {listed}. Replay rebuilds "
+                          f"{'it' if len(new) == 1 else 'these'} from the recorded cells instead of restoring "
+                          "the recorded state; a replay that reads them says so in its verdict.",
+                          NotCapturedWarning, stacklevel=4)
+
+    def _checkpoint(self, epoch: int, kind: str, taken, end_taken=None):
+        if taken is None or self.checkpoint_error:
+            return
+        snap, copy_seconds = taken
+        end_snap, end_seconds = end_taken or (None, 0.0)
+        if not self.objects:
+            self.objects = self.capturer.kinds
+        waited = self.writer.submit_checkpoint(self._persist, epoch, kind, snap, end_snap)
+        self.snapshot_seconds.append(copy_seconds + end_seconds + waited)
+        self._last_ckpt = self._last_digest = epoch
+        self._check_writer()
+
+    def _persist(self, epoch, kind, snap, end_snap):
+        """On the writer thread: blobs and files, then the index row. A full disk frees the store's
+        reserve, so log rows keep fitting after checkpoints stop."""
+        start = time.perf_counter()
+        try:
+            self._write_checkpoint(epoch, kind, snap, end_snap)
+        except BaseException as e:
+            if disk.is_full(e):
+                disk.release_reserve(self.store.home)
+            raise
+        finally:
+            self.write_seconds.append(time.perf_counter() - start)
+
+    def _write_checkpoint(self, epoch, kind, snap, end_snap):
+        rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"
+        parts = checkpoint.split(snap)
+        end_parts = None if end_snap is None else checkpoint.split(end_snap)
+        if epoch >= 0:
+            where = [(epoch, kind, parts)] + ([(epoch, "end", end_parts)] if end_parts else [])
+            self.store.add_digests(self.run.id, [(e, k, runtime.to_json(p[3])) for e, k, p in where])
+        home = objstore.root(self.store.home, self.run.env)  # the store's folder, or the run's blob location
+        info = checkpoint.write(home, rel, snap, parts=parts)
+        end_rel = end = None
+        if end_snap is not None:
+            end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
+            end = checkpoint.write(home, end_rel, end_snap, parts=end_parts)
+        self.store.add_checkpoint(
+            self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
+            info["checksum"], runtime.to_json(info["digests"]),
+            None if end is None else runtime.to_json(end["digests"]), end_rel)
+        self.checkpointed.append(epoch)
+        self.pool.release(snap)  # written: its buffers can hold the next snapshot
+        self.pool.release(end_snap)
+        if self.thinner is not None:
+            self.thinner.add(epoch, kind, [(rel, info), (end_rel, end)])
+
+    def _check_writer(self):
+        """Surface a failed checkpoint write once, as what it is: it stops checkpoints, never training."""
+        if self.writer.errors and not self.checkpoint_error:
+            e = self.writer.errors[0]
+            after = f"checkpoints stopped after epoch {max(self.checkpointed, default=-1)}"
+            advice = ("Training goes on and its logs keep being stored; replay starts from the nearest earlier "
+                      "checkpoint.")
+            if disk.is_full(e):
+                self.checkpoint_error = f"{after}: {disk.full_message(self.store.home, 'a checkpoint did not fit')}"
+                advice += " Free space before recording again."
+            else:
+                self.checkpoint_error = f"{after}: writing a checkpoint failed with {type(e).__name__}: {e}"
+            warnings.warn(f"flor_nb: {self.checkpoint_error}. {advice}", stacklevel=3)
