@@ -78,6 +78,8 @@ class Checkpointing:
             raise
         finally:
             self.write_seconds.append(time.perf_counter() - start)
+            if epoch == -1:  # written (or failed): units may count as stored from now on (rows.py)
+                self._start_written.set()
 
     def _write_checkpoint(self, epoch, kind, snap, end_snap):
         rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"

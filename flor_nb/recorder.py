@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import threading
 import time
 import warnings
 
@@ -95,6 +96,7 @@ class Recorder(RowCommits, Checkpointing):
         self._total = None  # units the loop will run, when known
         self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
+        self._start_written = threading.Event()  # set by the writer once the start checkpoint is on disk
 
     # -- the API (hot path: keep it tiny) ----------------------------------------
     def log(self, name, value):
@@ -168,11 +170,12 @@ class Recorder(RowCommits, Checkpointing):
         if self.progress is not None:
             self.progress = self.progress(total)  # a factory until the epoch count is known
         if self.resume_at is None:
+            submitted = len(self.snapshot_seconds)
             self._checkpoint(-1, "start", self._snapshot())
             # Every unit replays from this state. Training does not wait for its write (10-15 ms with the
             # fsyncs); no unit is counted as stored before it is on disk (rows.py), so none is ever left
             # without a checkpoint below it.
-            self._start_pending = True
+            self._start_pending = len(self.snapshot_seconds) > submitted
 
     def begin_unit(self, k: int):
         """Unit k (an epoch, an iteration) starts."""

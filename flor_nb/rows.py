@@ -44,7 +44,7 @@ class RowCommits:
         """
         start = time.perf_counter()
         if completed is not None and self._start_pending:
-            if self.writer.busy():  # rows go in now; the units count as stored once the start checkpoint is
+            if not self._start_written.is_set():  # rows go in now; units count as stored once it is on disk
                 completed = None
             else:
                 self._start_pending = False
