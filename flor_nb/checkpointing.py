@@ -69,7 +69,7 @@ class Checkpointing:
     def _persist(self, epoch, kind, snap, end_snap):
         """On the writer thread: blobs and files, then the index row. A full disk frees the store's
         reserve, so log rows keep fitting after checkpoints stop."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             self._write_checkpoint(epoch, kind, snap, end_snap)
         except BaseException as e:
@@ -78,6 +78,7 @@ class Checkpointing:
             raise
         finally:
             self.write_seconds.append(time.perf_counter() - start)
+            self.write_cpu_seconds.append(time.thread_time() - cpu)
             if epoch == -1:  # written (or failed): units may count as stored from now on (rows.py)
                 self._start_written.set()
 

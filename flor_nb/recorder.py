@@ -8,7 +8,7 @@ import threading
 import time
 import warnings
 
-from . import disk, liveness, runtime, state, validate
+from . import disk, liveness, machine, runtime, state, validate
 from .checkpointing import Checkpointing
 from .errors import DiskFullError, NotCapturedWarning, StoreError
 from .rows import RowCommits
@@ -58,6 +58,7 @@ class Recorder(RowCommits, Checkpointing):
         self.digest_seconds: list[float] = []  # blocking time per digest (epochs without a checkpoint)
         self.digest_errors: list = []  # [unit, error] of digests that failed (the first few)
         self.write_seconds: list[float] = []  # writer-thread time per checkpoint
+        self.write_cpu_seconds: list[float] = []  # of it, CPU (the rest waits for the disk)
         self.checkpointed: list[int] = []
         self.not_captured: dict = {}  # path -> reason, announced once when first seen
         self.notes: dict = {}
@@ -94,6 +95,7 @@ class Recorder(RowCommits, Checkpointing):
         self.liveness_input = None  # (code, loops choice, dependency sources): see _dead()
         self._dead = None  # liveness.Dead, judged once the first unit has bound the body's names
         self._total = None  # units the loop will run, when known
+        self._busy = None  # see _cores_busy
         self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
         self._start_written = threading.Event()  # set by the writer once the start checkpoint is on disk
@@ -227,6 +229,15 @@ class Recorder(RowCommits, Checkpointing):
             self._flush(k)
 
     # -- at unit boundaries: periods, step exits, digests (checkpoints: checkpointing.py) --
+    @property
+    def _cores_busy(self) -> bool:
+        """Training's torch threads leave no core for the writer."""
+        if self._busy is None:
+            import torch
+
+            self._busy = torch.get_num_threads() >= machine.usable_cpus()
+        return self._busy
+
     def _tune(self):
         """Periods from measured costs: checkpoint every ceil(C / (budget * t)) units, digest every
         ceil(D / (1% * t)), with t the median recent unit time. Called at boundaries only."""
@@ -235,10 +246,12 @@ class Recorder(RowCommits, Checkpointing):
         t = max(sorted(self._recent)[len(self._recent) // 2], 1e-9)
         if self.snapshot_seconds:
             c = sorted(self.snapshot_seconds[-5:])[len(self.snapshot_seconds[-5:]) // 2]
-            if t < _FLUSH_SECONDS and self.write_seconds:
-                # Short units: the writer's work (hashing, fsync) competes for the same few cores within
-                # the period, so it counts too. Long units leave it idle time between checkpoints.
-                c += sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2]
+            if self.write_cpu_seconds and (t < _COMMIT_UNIT_SECONDS or self._cores_busy):
+                # The writer's CPU work (hashing, copying; not its waits for the disk) takes a core from
+                # training when torch uses every core, or within the period of many tiny units. With a
+                # free core (1 torch thread on 2) and units of 0.1 s and more it costs training nothing:
+                # counting its 0.3-0.8 s of fsyncs there spaced 0.6 s epochs' checkpoints 36 apart.
+                c += sorted(self.write_cpu_seconds[-5:])[len(self.write_cpu_seconds[-5:]) // 2]
             # And never sooner than the writer can finish the previous one: with a big state (100M params:
             # 1.6 GB a checkpoint, tens of seconds on a busy disk) the next snapshot would wait for it.
             w = sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2] if self.write_seconds else 0.0
