@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import run_measurement, HERE, Ctx, Row, Timer, add_args, interleaved, med, secs, spread
-from workload import EPOCH_PROBE, STEP_PROBE, TRAIN, namespace
+from workload import EPOCH_PROBE, STEP_PROBE, TRAIN, namespace, run_plain
 
 
 def _check(df, probe: str, expect_rows: int) -> str:
@@ -220,6 +220,20 @@ def measure_step_probe(ctx: Ctx) -> list[Row]:
         rows.append(Row("4", f"step-level probe, one epoch ({label}, k={k}) / one training epoch",
                         f"{meds[k] / epoch:.2f}x", "<= 1.15x", spread([s / epoch for s in res[k]], "{:.2f}", "x"),
                         detail, {"seconds": res[k], "epoch_plain": epoch, "timings": parts[k]}))
+    # The probe's own cost (a norm over every parameter at every step): one training epoch with the probe in
+    # it, interleaved with one without, is what a run that had the probe from the start pays per epoch.
+    one = replace(cfg, epochs=1)
+    with_probe, without = [], []
+    for _ in range(max(3, ctx.reps)):
+        without.append(run_plain(one, TRAIN))
+        with_probe.append(run_plain(one, STEP_PROBE))
+    probed = med(with_probe)
+    for label, k in (("early", ks[0]), ("late", ks[-1])):
+        rows.append(Row("4b", f"step-level probe, one epoch ({label}, k={k}) / one training epoch with the probe",
+                        f"{meds[k] / probed:.2f}x", "<= 1.15x", spread([s / probed for s in res[k]], "{:.2f}", "x"),
+                        f"replay {secs(meds[k])} vs one epoch with the probe {secs(probed)} (without it "
+                        f"{secs(med(without))}: the probe itself costs {med(with_probe) / med(without) - 1:+.0%})",
+                        {"seconds": res[k], "epoch_probed": with_probe, "epoch_plain_1": without}))
     flat = max(meds.values()) / min(meds.values())
     rows.append(Row("4", "step-level probe: slowest k / fastest k", f"{flat:.2f}x", "~1.0 (flat in k)", "",
                     ", ".join(f"k={k}: {secs(v)}" for k, v in meds.items())
