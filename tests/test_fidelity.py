@@ -167,20 +167,21 @@ def test_another_thread_drawing_from_random_is_not_blamed_on_a_read_only_probe(s
     stop = threading.Event()
 
     def chatter():
-        while not stop.is_set():
+        while not stop.is_set():  # many draws in every epoch (torch ops release the GIL)
             random.random()
-            stop.wait(0.001)
 
+    # The epoch sleeps (releases the GIL) a while, so the thread draws in every epoch, however short.
+    code = "import time\n" + TRAIN.replace("    sched.step()\n", "    time.sleep(0.02)\n    sched.step()\n")
     ns = setup_namespace(3)
     thread = threading.Thread(target=chatter, daemon=True)
     thread.start()
     try:
-        flor.record(TRAIN, name="noisy", namespace=ns, cells=[f"EPOCHS = 3\n{SETUP}"], store=store,
+        flor.record(code, name="noisy", namespace=ns, cells=[f"EPOCHS = 3\n{SETUP}"], store=store,
                     overhead=float("inf"))
     finally:
         stop.set()
         thread.join()
-    probe = TRAIN.replace("    sched.step()\n", "    flor.log('wn', weight_norm(model))\n    sched.step()\n")
+    probe = code.replace("    sched.step()\n", "    flor.log('wn', weight_norm(model))\n    sched.step()\n")
     df = flor.replay("noisy", code=probe, epochs="1", store=store)
     verdict = df.attrs["verdict"]
     assert not df.attrs["fidelity"]["faithful"], verdict
@@ -188,6 +189,8 @@ def test_another_thread_drawing_from_random_is_not_blamed_on_a_read_only_probe(s
     assert "another thread of the recording or the replaying process" in verdict, verdict
     assert "drew random numbers the recording did not" not in verdict, verdict
 
-    drawing = TRAIN.replace("    sched.step()\n", "    flor.log('r', random.random())\n    sched.step()\n")
+    # 1,000 draws: never the count the thread happened to draw in that epoch of the recording
+    drawing = code.replace("    sched.step()\n", "    flor.log('r', sum(random.random() for _ in range(1000)))\n"
+                                                  "    sched.step()\n")
     df = flor.replay("noisy", code=drawing, epochs="1", store=store)
     assert "the replayed code drew random numbers the recording did not" in df.attrs["verdict"], df.attrs["verdict"]
