@@ -175,8 +175,8 @@ class Recorder(RowCommits, Checkpointing):
             submitted = len(self.snapshot_seconds)
             self._checkpoint(-1, "start", self._snapshot())
             # Every unit replays from this state. Training does not wait for its write (10-15 ms with the
-            # fsyncs); no unit is counted as stored before it is on disk (rows.py), so none is ever left
-            # without a checkpoint below it.
+            # fsyncs) before the first unit; the first commit of a unit count waits for it (rows.py), so
+            # no unit is ever stored without a checkpoint below it.
             self._start_pending = len(self.snapshot_seconds) > submitted
 
     def begin_unit(self, k: int):
@@ -376,8 +376,6 @@ class Recorder(RowCommits, Checkpointing):
             self._step_snap = step_snap
             self._account(k, seconds)
             self._end_epoch(k, seconds, (step_snap, end_snap, end_digest))
-        if self._start_pending:  # a cell shorter than the start checkpoint's write
-            self.start_wait = self.writer.drain()
         rows, self.rows = self.rows, []
         # What was logged after the loop (or in a unit an exception left), and units not flushed yet.
         digests, self._pending_digests = self._pending_digests, []
