@@ -37,6 +37,10 @@ def init(queue, owner=None):
     """Pool initializer: the progress queue; exit when ``owner`` (the kernel) dies."""
     global _events
     _events = queue
+    # Progress events are best effort: a worker exits without flushing them. Otherwise a worker whose
+    # unread events filled the pipe never exits, and the kernel (or pytest) waiting for the pool at
+    # shutdown hangs with it (seen at the end of a full test run: Queue._finalize_join in the worker).
+    queue.cancel_join_thread()
     # Jupyter interrupts a kernel by signalling its process group: a warm worker must not die of it (the
     # kernel cancels a running replay itself, see executor.cancel).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -130,3 +130,25 @@ def test_warm_workers_import_an_edited_module_again(store, tmp_path):
     time.sleep(1.1)  # a new mtime second: Python's own bytecode cache must see the edit too
     mod.write_text("SCALE = 2\n")
     assert scales() == {2}  # every warm worker that had imported it reads the edited file
+
+
+def _chatty(n):
+    from flor_nb import worker
+
+    for i in range(n):  # far more than a pipe holds (64 kB), and nobody reads them
+        worker.emit({"replay": 0, "epoch": i, "pad": "x" * 2000})
+    return n
+
+
+def test_a_worker_with_unread_progress_events_still_exits():
+    """Progress events nobody read must not keep a worker alive at shutdown: the pool's shutdown (at a
+    kernel's exit, at the end of a test session) would wait for it forever."""
+    import threading
+
+    from flor_nb.executor import LocalExecutor
+
+    ex = LocalExecutor(1)
+    assert ex._pool.submit(_chatty, 200).result(timeout=120) == 200
+    done = threading.Event()
+    threading.Thread(target=lambda: (ex._pool.shutdown(wait=True), done.set()), daemon=True).start()
+    assert done.wait(60), "the worker did not exit: its unread events blocked it"
