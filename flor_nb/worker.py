@@ -40,7 +40,8 @@ def init(queue, owner=None):
     # Progress events are best effort: a worker exits without flushing them. Otherwise a worker whose
     # unread events filled the pipe never exits, and the kernel (or pytest) waiting for the pool at
     # shutdown hangs with it (seen at the end of a full test run: Queue._finalize_join in the worker).
-    queue.cancel_join_thread()
+    if hasattr(queue, "cancel_join_thread"):  # a multiprocessing queue (the Dask path passes none)
+        queue.cancel_join_thread()
     # Jupyter interrupts a kernel by signalling its process group: a warm worker must not die of it (the
     # kernel cancels a running replay itself, see executor.cancel).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
