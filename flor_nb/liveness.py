@@ -200,12 +200,19 @@ def for_record(code: str, choice: dict, sources, ns: dict) -> Dead:
     return dead_at_unit_start(loop, function_reads([code, *sources]), _judge(ns)) if loop is not None else Dead()
 
 
-def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sources) -> tuple[set, bool]:
-    """:func:`needs` for an edited cell: what it reads first of what recording left out."""
+def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sources,
+               edited=()) -> tuple[set, bool]:
+    """:func:`needs` for an edited cell: what it reads first of what recording left out.
+
+    ``edited``: sources of dependency cells edited for this replay. The calls before the clearing were
+    judged with the recorded functions; an edited one that mentions gradients may now read them first."""
     from .edits import added_lines
 
-    return needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]),
-                 added_lines(recorded_code, code))
+    names, grads = needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]),
+                         added_lines(recorded_code, code))
+    if recorded.cleared and any(_words(ast.parse(src)) & _READS_GRADS for src in edited):
+        grads = True
+    return names, grads
 
 
 def _epoch_loop(code: str, choice: dict):

@@ -51,7 +51,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     selected = parse_epochs(epochs, run.epochs_completed, run.label)
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
-    left_out, left_why = _left_out(run, code, deps, ckpts)  # checkpoints lacking what the edited code reads first
+    left_out, left_why = _left_out(run, code, deps, ckpts, list((cells or {}).values()))  # checkpoints lacking what the edited code reads first
     kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items() if e not in left_out}
     helper = (hint or {}).get("helper")
     touched = helper_touched(run.code, code, helper, hint) if helper else changes(run.code, code, hint)
@@ -321,14 +321,14 @@ def _warn_moved(hint, loops):
                       stacklevel=4)
 
 
-def _left_out(run: Run, code: str, deps, ckpts) -> tuple[set, str]:
+def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, str]:
     """(epochs, why): checkpoints that left out values the edited code reads before it recomputes them
     (see liveness.py), so the plan starts from others; (set(), "") when it needs nothing they lack."""
     dead = liveness.Dead.from_json(run.state.get("dead"))
     if not dead:
         return set(), ""
     names, grads = liveness.for_replay(dead, code, run.code, run.state.get("loops") or {},
-                                       [c["source"] for c in deps])
+                                       [c["source"] for c in deps], edited)
     if not names and not grads:
         return set(), ""
     omitting = run.state.get("omitting")  # None: a run killed before it ended; any end checkpoint may lack them
