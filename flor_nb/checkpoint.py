@@ -9,9 +9,10 @@ nothing more. A checkpoint file (schema 4) holds::
 
 The skeleton is the tensor tree with each tensor replaced by a reference
 (``torch.save``, loaded with ``weights_only=True``); the Python part is a
-pickle of plain values (RNG states, flags) and references to pickled blobs.
+pickle of plain values (flags, small pickled groups) and references to pickled
+blobs (larger groups, long lists' chunks, RNG states: an unchanged one is stored once).
 The header names the hash algorithm and carries an HMAC of each pickled blob
-(see signing.py). On load, in this order: the trailing xxh3 tells damage (a
+(see signing.py; truncated to 128 bits). On load, in this order: the trailing xxh3 tells damage (a
 flipped or missing byte anywhere: :class:`CorruptCheckpointError`, naming the
 file); the HMAC tells whether this user wrote it (else
 :class:`~flor_nb.errors.UntrustedStoreError`); only then is anything unpickled.
@@ -47,6 +48,9 @@ SCHEMA = 4
 _READS = (2, 3, 4)
 _UNSIGNED = (2, 3)  # written before checkpoints were signed: readable once the user trusts the store
 _PY_BLOBS = ("py/", "leaves/")  # Python entries stored as blobs (pickled bytes)
+_PY_OBJECTS = ("rng/", "nprs/", "npgen/")  # RNG states: pickled into blobs, so an unchanged one is stored once
+_INLINE = 160  # a pickled entry under this many bytes stays in the file: a blob's reference and MAC cost more
+_MAC_BYTES = 16  # a pickled blob's HMAC-SHA256, truncated to 128 bits
 ROOTS = "__roots__"  # not a stream: the roots' order, kept with the digests
 _TAG, _CHECK = 32, 16  # trailer: HMAC-SHA256, then xxh3-128 of everything before it
 _HEX = re.compile(r"[0-9a-f]{16,128}")
@@ -109,9 +113,20 @@ def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]
     python = {}
     for key, value in snap["python"].items():
         if key.startswith(_PY_BLOBS) and isinstance(value, bytes):
+            if len(value) < _INLINE:
+                python[key] = value  # the file's HMAC covers it
+                continue
             h = hash_bytes(value, algorithm)
             blobs.setdefault(h, value)
             python[key] = {"__pyblob__": h}
+        elif key.startswith(_PY_OBJECTS):
+            raw = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            if len(raw) < _INLINE:
+                python[key] = value
+                continue
+            h = hash_bytes(raw, algorithm)
+            blobs.setdefault(h, raw)
+            python[key] = {"__pyobj__": h}
         elif key.startswith("chunks/"):  # a long list: one blob per chunk, so unchanged chunks dedup
             hashes = []
             for chunk in value:
@@ -163,7 +178,7 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
         "digests": digest,
         "roots": snap.get("roots", []),
         "not_captured": snap.get("not_captured", {}),
-        "macs": {h: signing.mac(blobs[h], "blob").hex() for h in pyblobs},
+        "macs": {h: signing.mac(blobs[h], "blob")[:_MAC_BYTES].hex() for h in pyblobs},
         "zeros": sorted(zeros),
     }
     data = _seal(rel, header, skel, py)
@@ -282,6 +297,8 @@ def read(home: Path, rel: str) -> dict:
     for key, value in python.items():
         if isinstance(value, dict) and "__pyblob__" in value:
             python[key] = _signed_blob(blob, macs, value["__pyblob__"], home, rel)
+        elif isinstance(value, dict) and "__pyobj__" in value:  # signed by this user: verified just before
+            python[key] = pickle.loads(_signed_blob(blob, macs, value["__pyobj__"], home, rel))
         elif isinstance(value, dict) and "__pyblobs__" in value:
             python[key] = [_signed_blob(blob, macs, h, home, rel) for h in value["__pyblobs__"]]
     return {"tensors": tensors, "python": python, "header": header}
@@ -303,8 +320,8 @@ def py_hashes(python: dict) -> set:
     """The blobs a checkpoint's Python part refers to: pickled groups and the chunks of long lists."""
     found: set = set()
     for v in python.values():
-        if isinstance(v, dict) and "__pyblob__" in v:
-            found.add(v["__pyblob__"])
+        if isinstance(v, dict) and ("__pyblob__" in v or "__pyobj__" in v):
+            found.add(v.get("__pyblob__") or v["__pyobj__"])
         elif isinstance(v, dict) and "__pyblobs__" in v:
             found.update(v["__pyblobs__"])
     return found
@@ -330,7 +347,8 @@ def resign(home: Path, rel: str) -> None:
     skel, py, algorithm = _parts(path, data, header, hlen)
     pyblobs = header["macs"] if header.get("schema") == SCHEMA and "macs" in header else _pyblob_refs(py)
     header = {**header, "schema": SCHEMA, "hash": algorithm,
-              "macs": {h: signing.mac(_blob(Path(home), h, algorithm), "blob").hex() for h in sorted(pyblobs)}}
+              "macs": {h: signing.mac(_blob(Path(home), h, algorithm), "blob")[:_MAC_BYTES].hex()
+                       for h in sorted(pyblobs)}}
     disk.write_atomic(path, _seal(rel, header, skel, py))
 
 
@@ -360,7 +378,7 @@ def _pyblob_refs(py: bytes) -> set:
             continue
         if key_seen and isinstance(value, str):
             refs.add(value)
-        key_seen = value == "__pyblob__"
+        key_seen = value in ("__pyblob__", "__pyobj__")
         in_list = value == "__pyblobs__"
         last = value
     return refs

@@ -92,7 +92,9 @@ def mac(data, context: str = "") -> bytes:
 
 
 def verify(data, tag: bytes, context: str = "") -> bool:
-    return bool(tag) and hmac.compare_digest(mac(data, context), bytes(tag))
+    """Whether ``tag`` is :func:`mac` of ``data``, or its first 16 bytes or more (blob tags are truncated)."""
+    tag = bytes(tag)
+    return len(tag) >= 16 and hmac.compare_digest(mac(data, context)[:len(tag)], tag)
 
 
 # -- runs -----------------------------------------------------------------------------------

@@ -119,9 +119,10 @@ def test_a_damaged_blob_every_checkpoint_shares_is_named_once(store):
     """A value that never changes is one blob for all checkpoints: no intact state is left, and replay says so."""
     code = ("for epoch in range(4):\n    for i in range(3):\n        w = cfg['scale'] * (epoch + i)\n"
             "        flor.log('w', w)\n")
+    setup = "cfg = {'scale': 2.0, 'note': 'constant ' * 40}"  # over checkpoint._INLINE: a blob, not in the file
     ns = {"flor": flor}
-    exec("cfg = {'scale': 2.0, 'note': 'constant'}", ns)
-    run = flor.record(code, name="shared", namespace=ns, cells=["cfg = {'scale': 2.0, 'note': 'constant'}"],
+    exec(setup, ns)
+    run = flor.record(code, name="shared", namespace=ns, cells=[setup],
                       store=store, overhead=float("inf"))
     _, python, _, _ = checkpoint.split(checkpoint.read(store.home, store.checkpoints(run.id)[2]["end_path"]))
     h = python["py/cfg"]["__pyblob__"]

@@ -71,6 +71,28 @@ def test_chunked_lists_are_referenced(tmp_path):
     assert len(checkpoint.references(tmp_path, "a.ckpt")) == 2
 
 
+def test_rng_states_are_blobs_stored_once_and_small_values_stay_in_the_file(tmp_path):
+    """An RNG state that did not change costs one blob for all checkpoints; a small pickled group is no blob."""
+    import pickle
+    import random
+
+    import numpy as np
+
+    def snap(i):
+        return {"tensors": {}, "python": {"rng/numpy": np.random.get_state(), "rng/random": random.getstate(),
+                                          "py/i": pickle.dumps(i), "py/big": pickle.dumps(list(range(200)))}}
+
+    first = checkpoint.write(tmp_path, "a.ckpt", snap(1))
+    second = checkpoint.write(tmp_path, "b.ckpt", snap(2))
+    assert len(first["new_blobs"]) == 3  # both RNG states and the big group; i stays in the file
+    assert second["new_blobs"] == []  # nothing changed but i
+    assert second["bytes"] < 3000  # the RNG states alone are about 6.5 kB when pickled into every file
+    assert checkpoint.references(tmp_path, "a.ckpt") == checkpoint.references(tmp_path, "b.ckpt")
+    back = checkpoint.read(tmp_path, "b.ckpt")["python"]
+    assert back["rng/numpy"][0] == "MT19937" and (back["rng/numpy"][1] == np.random.get_state()[1]).all()
+    assert back["rng/random"] == random.getstate() and pickle.loads(back["py/i"]) == 2
+
+
 # -- the budget -----------------------------------------------------------------------------------
 def test_parse_size():
     assert thinning.parse_size("2GB") == 2e9

@@ -141,3 +141,12 @@ def test_the_store_and_the_key_are_private(store, tmp_path):
     assert not loose_dirs, loose_dirs
     key = signing.key_path()
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+
+
+def test_a_blob_tag_shorter_than_128_bits_is_refused(store):
+    from flor_nb import signing
+
+    tag = signing.mac(b"payload", "blob")
+    assert signing.verify(b"payload", tag[:16], "blob") and signing.verify(b"payload", tag, "blob")
+    assert not signing.verify(b"payload", tag[:15], "blob") and not signing.verify(b"payload", b"", "blob")
+    assert not signing.verify(b"payloaD", tag[:16], "blob")
