@@ -168,8 +168,8 @@ def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_b
             g.not_captured[path] = f"{t.__name__}: {reason}"
             continue
         if count[0] > max_objects:
-            g.not_captured[root] = (f"{type(ns[root]).__name__} too large to capture (over {max_objects:,} objects; "
-                                    "raise FLOR_NB_MAX_OBJECTS to capture it)")
+            g.not_captured[root] = (f"{type(ns[root]).__name__}{_size(ns[root])} too large to capture (over "
+                                    f"{max_objects:,} objects; raise FLOR_NB_MAX_OBJECTS to capture it)")
             continue
         _children(obj, path, root, queue, count, g)
     classify_tensors(g, params)
@@ -196,6 +196,14 @@ def _data(g: Graph, path, obj, queue, root):
 
 
 CHUNK = 1024  # items per stored chunk of a long list: a history that grows rewrites only its last chunk
+
+
+def _size(obj) -> str:
+    """' of N items' for a container the walk gave up on, so the user sees how large it is; '' otherwise."""
+    try:
+        return f" of {len(obj):,} items"
+    except Exception:  # noqa: BLE001 - no len(), or a __len__ that raises: the type alone is said
+        return ""
 
 
 def _children(obj, path, root, queue, count, g=None):

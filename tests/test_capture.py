@@ -354,6 +354,23 @@ def test_values_too_large_to_store_are_checked_by_hash(store, monkeypatch):
     assert "X (too large to store) differs from the recording when restoring epoch 1" in bad.attrs["verdict"]
 
 
+def test_a_value_too_large_to_capture_is_listed_and_named_in_the_verdict(store, monkeypatch):
+    """Past FLOR_NB_MAX_OBJECTS a container is not cut off silently: it is announced, with the limit, when it
+    first grows past it, listed with the run, and a replay that reads it says so."""
+    monkeypatch.setenv("FLOR_NB_MAX_OBJECTS", "5000")  # seen grows by 4,000 tuples (12,000 objects) an epoch
+    code = TRAIN.replace("seen.extend([loss.item()] * 500)", "seen.extend((loss.item(), i) for i in range(500))")
+    with pytest.warns(NotCapturedWarning, match=r"seen: list of 4,000 items too large to capture \(over 5,000 "
+                                                r"objects; raise FLOR_NB_MAX_OBJECTS"):  # its size when first over
+        run = record(store, code=code, name="huge")
+    assert list(run.state["not_captured"]) == ["seen"]
+    assert flor.runs(store=store).set_index("name").loc["huge", "not_captured"] == "seen"
+    probed = code.replace("    sched.step()\n", "    flor.log('seen_len', len(seen))\n    sched.step()\n")
+    df = flor.replay("huge", code=probed, epochs="3", store=store)
+    fid, v = df.attrs["fidelity"], df.attrs["verdict"]
+    assert list(fid["not_captured_read"]) == ["seen"] and fid["level"] in ("caveats", "not faithful")
+    assert "Not captured but read by the replayed code: seen (list of 4,000 items too large to capture" in v, v
+
+
 def test_files_the_replayed_code_writes_are_named(store, tmp_path):
     """Re-running an epoch re-runs its side effects (an early-stopping helper saving the best model)."""
     setup = SETUP + "def save_best(m, path):\n    torch.save(m.state_dict(), path)\n"

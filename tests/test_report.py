@@ -185,3 +185,20 @@ def test_plots_break_where_epochs_were_not_replayed():
 
     xs, ys = _break_gaps([1, 1, 3, 3], [10, 11, 30, 31], [0.1, 0.2, 0.3, 0.4])
     assert xs[:2] == [10, 11] and xs[3:] == [30, 31] and ys[2] != ys[2]  # NaN between epochs 1 and 3
+
+
+def test_report_lists_what_was_not_captured(store):
+    setup = SETUP + ("import threading\nclass Guard:\n    def __init__(self):\n"
+                     "        self.lock, self.n = threading.Lock(), 0\nguard = Guard()\n")
+    code = TRAIN.replace("    history.append(acc)\n", "    guard.n += 1\n    history.append(acc)\n")
+    ns = {"flor": flor, "EPOCHS": 3}
+    exec(setup, ns)
+    with pytest.warns(UserWarning, match="guard.lock"):
+        flor.record(code, name="locked", namespace=ns, cells=[f"EPOCHS = 3\n{setup}"], store=store)
+    nb = nbformat.read(flor.report("locked", store=store), as_version=4)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert r"**Warning.** Not captured in locked@1: guard.lock \(lock: a lock \(threading\) cannot be saved\)" \
+        in markdown, markdown  # markdown punctuation escaped
+    tables = "".join(o["data"].get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                     if "data" in o)
+    assert "not captured" in tables and "guard.lock" in tables

@@ -13,7 +13,7 @@ from flor_nb.widgets import Panel, ui
 
 import flor_nb as flor
 from flor_nb import probes as P
-from flor_nb.errors import UnknownRunError
+from flor_nb.errors import NotCapturedWarning, UnknownRunError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -383,3 +383,31 @@ def test_report_button_links_a_visible_report(recorded, store, tmp_path):
     assert panel.error_out.outputs == ()
     assert (tmp_path / "flor_reports" / "small@1.ipynb").exists() and (tmp_path / "flor_reports" / "small@1.html").exists()
     assert 'href="flor_reports/small@1.ipynb"' in panel.report_link.value
+
+
+def test_a_replay_that_is_not_faithful_is_shown_red(recorded):
+    """A probe drawing from numpy's global RNG changes training: the panel must not show it like a success."""
+    panel = flor.ui()
+    panel.editor.code_lines.value = 13
+    panel.editor.code_box.value = 'flor.log("draw", float(np.random.rand()))'
+    panel.editor.add_button.click()
+    assert panel.editor.problems == []
+    panel.epoch_text.value = "2"
+    _replay(panel)
+    verdict = panel.results.verdict.value
+    assert "Replay NOT faithful: numpy&#x27;s global RNG differs" in verdict, verdict  # HTML-escaped
+    assert "flor-verdict bad" in verdict and "flor-verdict ok" not in verdict
+    assert "NOT faithful" in panel.outcome.value and "flor-badge bad" in panel.outcome.value
+    assert "flor-status bad" in panel.status.value
+
+
+def test_what_was_not_captured_is_shown_before_any_replay(store):
+    setup = SETUP + ("import threading\nclass Guard:\n    def __init__(self):\n"
+                     "        self.lock, self.n = threading.Lock(), 0\nguard = Guard()\n")
+    code = TRAIN.replace("    history.append(acc)\n", "    guard.n += 1\n    history.append(acc)\n")
+    ns = {"flor": flor, "EPOCHS": 3}
+    exec(setup, ns)
+    with pytest.warns(NotCapturedWarning, match="guard.lock"):
+        flor.record(code, name="locked", namespace=ns, cells=[f"EPOCHS = 3\n{setup}"], store=store)
+    panel = ui("locked")
+    assert "flor-status warn" in panel.status.value and "not captured: guard.lock" in panel.status.value
