@@ -140,3 +140,71 @@ def test_rows_that_never_fit_end_the_run_saying_what_is_replayable(small_disk):
     run = flor.get_run("lost", store=home)
     assert run.status in ("failed", "interrupted") and run.epochs_completed == int(stored[1]) + 1  # not 'running'
     assert flor.replay("lost", epochs=f"0-{stored[1]}", store=home).attrs["fidelity"]["faithful"]
+
+
+def _record_plain(home, name):
+    ns = {"flor": flor}
+    exec(SETUP, ns)
+    return flor.record(TRAIN, name=name, namespace=ns, cells=[SETUP], store=home, overhead=float("inf"),
+                       max_store="inf")
+
+
+@pytest.mark.timeout(240)
+def test_a_writer_error_that_is_not_a_full_disk_is_reported_as_what_it_is(tmp_path, monkeypatch):
+    """An I/O error is not a full disk: the warnings and the final error name it, and never blame free space.
+
+    The faults are raised where the real ones come from: the checkpoint file write (EIO) and SQLite inside the
+    row transaction ('disk I/O error'), so the store's own error translation and the recorder's reporting run."""
+    import sqlite3
+
+    from flor_nb import checkpoint
+    from flor_nb.store import Store
+
+    home = tmp_path / ".flor"
+    real_write = checkpoint.write
+
+    def write(root, rel, *args, **kwargs):
+        if "epoch-00002" in rel:
+            raise OSError(errno.EIO, "Input/output error", rel)
+        return real_write(root, rel, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write", write)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = _record_plain(home, "eio")
+    said = " ".join(str(w.message) for w in caught)
+    assert "checkpoints stopped after epoch 1: writing a checkpoint failed with OSError: [Errno 5] Input/output " \
+           "error" in said, said
+    assert "full" not in said and "free" not in said, said
+    assert run.status == "finished" and run.epochs_completed == 10  # training and its rows went on
+    acc = flor.dataframe("acc", run="eio", store=home).dropna(subset=["acc"])
+    assert sorted(acc["epoch"]) == list(range(10))
+    monkeypatch.setattr(checkpoint, "write", real_write)
+
+    real_insert, broken = Store._insert_groups, {"on": False}
+    real_commit = Store.commit_epoch
+
+    def commit_epoch(self, run_id, groups, digests=(), completed=None, **kwargs):
+        broken["on"] = broken["on"] or (completed is not None and completed >= 4)  # epochs 0-2 get stored
+        return real_commit(self, run_id, groups, digests, completed, **kwargs)
+
+    def insert_groups(self, db, run_id, groups, kind, *args, **kwargs):
+        if kind == "recorded" and broken["on"]:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_insert(self, db, run_id, groups, kind, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "commit_epoch", commit_epoch)
+    monkeypatch.setattr(Store, "_insert_groups", insert_groups)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(errors.StoreError) as info:
+        warnings.simplefilter("always")
+        _record_plain(home, "io")
+    message, said = str(info.value), " ".join(str(w.message) for w in caught)
+    assert not isinstance(info.value, errors.DiskFullError), message
+    assert "storing log rows failed" in said and "disk I/O error" in said, said
+    assert re.search(r"storing log rows failed \(StoreError: .*OperationalError: disk I/O error.*\)\. Epochs 0-2 are "
+                     r"stored and replayable; the logs of \d trained epoch\(s\) after them are lost", message), message
+    assert "Free space" not in message and "space returns" not in said, (message, said)  # not a full disk
+    monkeypatch.undo()
+    run = flor.get_run("io", store=home)
+    assert run.status == "failed" and run.epochs_completed == 3  # not 'running'
+    assert flor.replay("io", epochs="0-2", store=home).attrs["fidelity"]["faithful"]
