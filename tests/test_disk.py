@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import pathlib
 import re
 import subprocess
 import sys
@@ -53,9 +54,19 @@ for epoch in range(10):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 16 MB tmpfs: a real file system that fills up (ENOSPC)."""
+    yield from _tmpfs(tmp_path, "16m")
+
+
+@pytest.fixture
+def tight_disk(tmp_path):
+    """A 13 MB tmpfs: four 3 MB checkpoints fit, then the reserve is all the rows have."""
+    yield from _tmpfs(tmp_path, "13m")
+
+
+def _tmpfs(tmp_path, size):
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         pytest.skip(f"a real full disk needs a small tmpfs, and mounting one was refused here: {done.stderr.strip()}")
@@ -110,6 +121,29 @@ def test_checkpoints_stop_rows_go_on_and_reads_work_on_a_full_disk(small_disk):
     (small_disk / "filler").unlink()
     df = flor.replay("full", epochs=9, store=home)  # from the last checkpoint that fitted
     assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+
+
+@pytest.mark.timeout(240)
+def test_a_checkpoint_queued_as_the_disk_filled_leaves_the_rows_their_room(tight_disk):
+    """The writer learns that a checkpoint did not fit only after the next one is queued. Written anyway, that
+    one ate the space the released reserve had freed for log rows: the last epochs' logs were lost and the run's
+    status could not be stored (bench/faults.py's disk trial, 13 MB). It must not be written, and a checkpoint
+    that failed half-way must leave no file behind."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import faults
+
+    home = tight_disk / ".flor"
+    child = faults.start_child(home, tight_disk.parent / "marks", name="tight", epochs=10, state_mb=3.0,
+                               step_sleep=0.0, max_store="inf")
+    err = child.communicate(timeout=200)[1].decode()
+    assert child.returncode == 0, err[-3000:]
+    assert "checkpoints stopped after epoch" in err and "held in memory" not in err, err[-3000:]
+    run = flor.get_run("tight", store=home)
+    assert run.status == "finished" and run.epochs_completed == 10
+    assert sorted(flor.dataframe("acc", run="tight", store=home).dropna(subset=["acc"])["epoch"]) == list(range(10))
+    indexed = {rel for row in flor.get_store(home).checkpoints(run.id).values()
+               for rel in (row["path"], row["end_path"]) if rel}
+    assert {str(p.relative_to(home)) for p in (home / "checkpoints").rglob("*.ckpt")} == indexed
 
 
 @pytest.mark.timeout(240)
