@@ -86,16 +86,20 @@ cfg = dict(EPOCHS=int(sys.argv[2]), STATE_MB=float(sys.argv[3]), STEP_SLEEP=floa
 cells = "".join(f"{k} = {v!r}\n" for k, v in cfg.items()) + MARK + SETUP
 ns = {"flor": flor}
 exec(cells, ns)
-flor.record(TRAIN, name=sys.argv[5], namespace=ns, cells=[cells], store=sys.argv[1], overhead=float("inf"))
+flor.record(TRAIN, name=sys.argv[5], namespace=ns, cells=[cells], store=sys.argv[1], overhead=float("inf"),
+            max_store=sys.argv[6] if len(sys.argv) > 6 else None)
 """
 
 
-def start_child(store, marks, name="faults", epochs=8, state_mb=4.0, step_sleep=0.01) -> subprocess.Popen:
-    """Start a process recording ``name`` into ``store``; it appends epoch markers to ``marks``."""
+def start_child(store, marks, name="faults", epochs=8, state_mb=4.0, step_sleep=0.01,
+                max_store=None) -> subprocess.Popen:
+    """Start a process recording ``name`` into ``store``; it appends epoch markers to ``marks``.
+    ``max_store``: the store budget (None: the default, a quarter of the free space)."""
     Path(marks).parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLOR_FAULT_MARKS": str(marks)}
+    extra = [] if max_store is None else [str(max_store)]
     return subprocess.Popen([sys.executable, "-c", CHILD, str(store), str(epochs), str(state_mb), str(step_sleep),
-                             name], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             name, *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def read_marks(marks) -> list[str]:
@@ -283,18 +287,21 @@ def damage_trials(n: int, rng: random.Random, work: Path) -> dict:
             if target.startswith("checkpoint"):
                 flip(st.home / ckpts[epoch]["path"], rng, truncate=target.endswith("truncate"))
             elif target in ("tensor_blob", "py_blob"):
+                held = {rel: set(checkpoint.split(checkpoint.read(st.home, rel))[2]) for row in ckpts.values()
+                        for rel in filter(None, (row["path"], row["end_path"]))}
                 snap = checkpoint.read(st.home, ckpts[epoch]["path"])
                 _, python, blobs, _ = checkpoint.split(snap)
                 py = {v["__pyblob__"] for v in python.values() if isinstance(v, dict) and "__pyblob__" in v}
                 pool = sorted(py if target == "py_blob" else set(blobs) - py)
-                used_once = [h for h in pool if sum(h in str(r["path"]) for r in ckpts.values()) == 0]
-                h = rng.choice(used_once or pool)
+                # Prefer a blob the fewest checkpoint files hold: one every checkpoint shares leaves none intact.
+                holders = {h: sum(h in holds for holds in held.values()) for h in pool}
+                h = rng.choice([h for h in pool if holders[h] == min(holders.values())])
                 flip(st.home / "blobs" / h[:2] / h, rng)
             else:
                 want = {(r["epoch"], r["value"]) for r in st.logs([run.id]) if r["name"] == "acc"}
                 st.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 st.close()
-                flor.api._stores.clear()
+                flor.store._STORES.clear()
                 raw = bytearray((d / "flor.db").read_bytes())
                 _, v = sorted(want)[epoch]
                 import struct
@@ -336,7 +343,10 @@ def disk_trials(n: int, rng: random.Random, work: Path) -> dict:
             return {"trials": 0, "skipped": "mounting a tmpfs was refused (not root?)"}
         try:
             marks = mount.parent / f"marks{i}"
-            child = start_child(mount / ".flor", marks, name=f"d{i}", epochs=10, state_mb=3.0, step_sleep=0.0)
+            # No store budget (as tests/test_disk.py): the default one, a quarter of the free space, thins
+            # checkpoints so that the disk never fills, and the trial would test nothing.
+            child = start_child(mount / ".flor", marks, name=f"d{i}", epochs=10, state_mb=3.0, step_sleep=0.0,
+                                max_store="inf")
             err = child.communicate(timeout=600)[1].decode()
             moved_on, _ = seen(marks)
             res = inspect(mount / ".flor", f"d{i}")

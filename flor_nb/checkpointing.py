@@ -6,7 +6,9 @@ never training.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 import warnings
 
@@ -71,6 +73,12 @@ class Checkpointing:
         reserve, so log rows keep fitting after checkpoints stop."""
         start, cpu = time.perf_counter(), time.thread_time()
         try:
+            if self.writer.errors:
+                # Checkpoints stopped: an earlier write failed after this one was queued. Writing it
+                # would fill the space a full disk's released reserve freed for log rows.
+                self.pool.release(snap)
+                self.pool.release(end_snap)
+                return
             self._write_checkpoint(epoch, kind, snap, end_snap)
         except BaseException as e:
             if disk.is_full(e):
@@ -92,13 +100,20 @@ class Checkpointing:
         home = objstore.root(self.store.home, self.run.env)  # the store's folder, or the run's blob location
         info = checkpoint.write(home, rel, snap, parts=parts)
         end_rel = end = None
-        if end_snap is not None:
-            end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
-            end = checkpoint.write(home, end_rel, end_snap, parts=end_parts)
-        self.store.add_checkpoint(
-            self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
-            info["checksum"], runtime.to_json(info["digests"]),
-            None if end is None else runtime.to_json(end["digests"]), end_rel)
+        try:
+            if end_snap is not None:
+                end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
+                end = checkpoint.write(home, end_rel, end_snap, parts=end_parts)
+            self.store.add_checkpoint(
+                self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
+                info["checksum"], runtime.to_json(info["digests"]),
+                None if end is None else runtime.to_json(end["digests"]), end_rel)
+        except BaseException:
+            if not objstore.is_url(home):  # never indexed: of no use to a replay, and it holds space
+                for written in filter(None, (rel, end_rel if end else None)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(disk.inside(home, written))
+            raise
         self.checkpointed.append(epoch)
         self.pool.release(snap)  # written: its buffers can hold the next snapshot
         self.pool.release(end_snap)

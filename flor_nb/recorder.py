@@ -387,12 +387,14 @@ class Recorder(RowCommits, Checkpointing):
         held = max(self.completed - stored, 0)
         lost = None
         if self._held:
-            why = disk.full_message(self.store.home, "the log rows could not be written") \
-                if disk.is_full(self.held_error) else f"storing log rows failed ({type(self.held_error).__name__}: " \
-                f"{self.held_error})"
+            full = disk.is_full(self.held_error)
+            why = disk.full_message(self.store.home, "the log rows could not be written") if full else \
+                f"storing log rows failed ({type(self.held_error).__name__}: {str(self.held_error).rstrip('.')})"
+            fix = "Free space on that disk and record again." if full else \
+                "Fix what the error names (the store's folder or disk), then record again."
             lost = (f"{self.run.label}: {why}. " + (f"Epochs 0-{stored - 1} are stored and replayable; " if stored
                     else "No epoch is stored; ") + f"the logs of {held or 'the last'} trained epoch(s) after them are "
-                    f"lost. Free space on that disk and record again.")
+                    f"lost. {fix}")
             status, error = "failed", lost
         args = {**self.base_args, **self.args}
         try:

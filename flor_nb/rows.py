@@ -81,10 +81,12 @@ class RowCommits:
         self.held_error = e
         if first:
             stored = self._stored_units()
-            why = disk.full_message(self.store.home, "log rows do not fit") if disk.is_full(e) else \
-                f"storing log rows failed with {type(e).__name__}: {e}"
+            full = disk.is_full(e)
+            why = disk.full_message(self.store.home, "log rows do not fit") if full else \
+                f"storing log rows failed with {type(e).__name__}: {str(e).rstrip('.')}"
+            when = "as soon as space returns" if full else "with the next commit that succeeds"
             warnings.warn(f"flor_nb: {self.run.label}: {why}. Training goes on; the rows are held in memory and "
-                          f"written as soon as space returns (units 0-{stored - 1} are stored).", stacklevel=4)
+                          f"written {when} (units 0-{stored - 1} are stored).", stacklevel=4)
 
     def _stored_units(self) -> int:
         """Units whose rows are in the store (the held ones are not)."""

@@ -106,6 +106,27 @@ def test_pool_is_sized_from_the_cpus_this_process_may_use(tmp_path):
     assert out.stdout.split() == ["1", "1"], out.stderr[-2000:]
 
 
+def test_pool_is_capped_by_a_cgroup_cpu_quota(tmp_path):
+    """A container's CPU quota (cgroup v2 cpu.max, v1 cpu.cfs_quota_us) caps the pool below the affinity mask."""
+    root = tmp_path / "cgroup"
+    (root / "cpu").mkdir(parents=True)
+    (root / "cpu.max").write_text("150000 100000\n")  # v2: 1.5 CPUs
+    (root / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")  # v1: the same quota, where the host has v1
+    (root / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    code = ("import os, pathlib, sys; "
+            "from flor_nb import executor, machine; machine._CGROUP = pathlib.Path(sys.argv[1]); "
+            "print(len(os.sched_getaffinity(0)), machine.cpu_quota(), machine.usable_cpus(), executor.local().workers)")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    affinity, quota, usable, workers = out.stdout.split()
+    assert quota == "1.5" and usable == workers == "1", out.stdout  # floor(1.5), whatever the affinity allows
+    (root / "cpu.max").write_text("max 100000\n")  # no limit: the affinity mask decides
+    (root / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, cwd=tmp_path)
+    affinity, quota, usable, workers = out.stdout.split()
+    assert quota == "None" and usable == workers == affinity, out.stdout + out.stderr[-2000:]
+
+
 def test_one_pool_per_process():
     from flor_nb import executor
 
