@@ -24,7 +24,7 @@ USAGE = """\
                   [--executor dask://HOST:PORT]  where segments run (default: local worker processes)
 %flor resume RUN [--store PATH] [--trust]     continue a run a crash or interrupt stopped
 %flor runs                                   list recorded runs (size on disk, last metrics, hyperparameters)
-%flor ui [RUN]                               open the replay panel
+%flor ui [RUN] [--executor dask://HOST:PORT] open the replay panel
 %flor report RUN [--all-versions] [--out PATH] [--html]   write a notebook (and HTML) report to flor_reports/
 %flor rm NAME[@VERSION] ...                  delete runs (NAME: every version) and print what was freed
 %flor du                                     show what the store holds on disk
@@ -85,6 +85,8 @@ _REPORT.add_argument("--out", default=None, help="a folder or .ipynb path (defau
 _REPORT.add_argument("--html", action="store_true", help="also write a self-contained .html")
 _UI = _parser("ui", "Open the replay panel: pick a run, add probes, pick epochs on the curve, replay, compare.")
 _UI.add_argument("run", nargs="?", default=None, help="NAME or NAME@VERSION (default: the latest run)")
+_UI.add_argument("--executor", default=None, help="where the panel's replays run: local (default; or "
+                                                  "$FLOR_NB_EXECUTOR), or a Dask scheduler: dask://host:8786")
 _RUNS = _parser("runs", "List recorded runs: status, epochs, size on disk, hyperparameters, last metrics.")
 _RM = _parser("rm", "Delete runs with their checkpoints, logs, replays and probes, then the blobs nothing else "
                     "refers to. Asks nothing; prints what was freed. Refuses a run that is being recorded.")
@@ -115,7 +117,8 @@ class FlorMagics(Magics):
         %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead FRACTION] [--max-store SIZE] [--store PATH]
         %%flor replay RUN [--epochs SPEC] [--workers N] [--executor dask://HOST:PORT] [--store PATH] [--trust]
         %flor resume RUN [--store PATH] [--trust]
-        %flor runs | %flor ui [RUN] | %flor report RUN [--all-versions] [--out PATH] [--html]
+        %flor runs | %flor ui [RUN] [--executor dask://HOST:PORT]
+        %flor report RUN [--all-versions] [--out PATH] [--html]
         %flor rm NAME[@VERSION] ... | %flor du | %flor gc
         Each command takes --help.
         """
@@ -217,7 +220,7 @@ class FlorMagics(Magics):
 
     def _ui(self, words, cell):
         a = _UI.parse_args(words)
-        return flor_nb.ui(a.run, store=a.store)
+        return flor_nb.ui(a.run, store=a.store, executor=a.executor)
 
     def _report(self, words, cell):
         a = _REPORT.parse_args(words)

@@ -31,11 +31,12 @@ def report(run, path=None, html=False, store=None, all_versions=False):
     return reporting.report(run, path=path, html=html, store=store, all_versions=all_versions)
 
 
-def ui(run=None, store=None):
-    """Show the replay panel for ``run`` (default: the latest run). Needs ipywidgets."""
+def ui(run=None, store=None, executor=None):
+    """Show the replay panel for ``run`` (default: the latest run). Needs ipywidgets. ``executor``: where its
+    replays run, as in :func:`replay` (a Dask client or ``"dask://host:port"``; the panel can change it)."""
     import importlib  # the engine imports no UI: the panel's module is loaded only when asked for
 
-    return importlib.import_module("flor_nb.widgets").ui(run, store=store)
+    return importlib.import_module("flor_nb.widgets").ui(run, store=store, executor=executor)
 
 
 def load_ipython_extension(ip):

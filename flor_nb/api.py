@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pandas as pd
 
-from . import housekeeping, plan
+from . import executor as executors, housekeeping, plan
 from .errors import FlorError
 from .probe_check import edited_code
 from .instrument import recorded_loops
@@ -200,14 +200,15 @@ def last_result(run, store=None):
     return frame
 
 
-def estimate(run, probes: list[Probe], epochs=None, workers=None, store=None) -> dict:
+def estimate(run, probes: list[Probe], epochs=None, workers=None, store=None, executor=None) -> dict:
     """What a replay of ``epochs`` with ``probes`` will do and how long it should take (runs nothing).
 
     See :func:`flor_nb.plan.estimate`; raises :class:`~flor_nb.probe_check.ProbeError` for bad probes.
+    ``executor`` as in :func:`flor_nb.replay`: a cluster's workers, not this machine's cores, bound the plan.
     """
     st = get_store(store)
     run = st.find_run(run)
-    prepared = prepare(st, run, edited_code(run, probes), epochs, None, workers)
+    prepared = prepare(st, run, edited_code(run, probes), epochs, None, workers, slots=executors.slots(executor))
     inside = [p.title for p, yes in zip(probes, in_step_loop(run, probes)) if yes]
     return plan.estimate(run, prepared, inside)
 

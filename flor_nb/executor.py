@@ -321,6 +321,16 @@ def resolve(executor=None):
     return executor
 
 
+def slots(executor=None) -> int | None:
+    """How many segments ``executor`` (as :func:`resolve` takes it) runs at once when it is not this machine's
+    pool, else None (this machine's cores decide). Asks a cluster for its workers; never starts the local pool."""
+    if executor is None:
+        executor = os.environ.get(ENV) or None
+    if executor is None or executor == "local" or isinstance(executor, LocalExecutor):
+        return None
+    return getattr(resolve(executor), "slots", None)
+
+
 def local(workers: int | None = None) -> LocalExecutor:
     """The warm executor: one per process, with one worker per usable CPU, created once and reused.
 

@@ -115,6 +115,31 @@ def put(url: str, rel: str, data) -> None:
         _SEEN.add((url, rel))
 
 
+def check(location) -> None:
+    """Fail before training, naming the fix, when checkpoints cannot be written to ``location`` (a missing
+    package such as s3fs, credentials, a bucket): a failed write during training only warns and trains on
+    without checkpoints, and a run without checkpoints cannot be replayed. A URL gets a small object written
+    and removed; a folder, its nearest existing parent checked for write access (nothing is created)."""
+    if not is_url(location):
+        parent = os.path.abspath(location)
+        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+        if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+            raise ObjectStoreError(f"Cannot write checkpoints to {location}: {parent} is not a folder you can write. "
+                                   "Pick another (blobs=, FLOR_NB_BLOBS, --store).")
+        return
+    rel = f".flor-nb-write-check-{uuid.uuid4().hex}"
+    try:
+        put(location, rel, b"")
+        fs, root_path = _fs(location)
+        fs.rm_file(f"{root_path}/{rel}")
+    except ObjectStoreError as e:
+        raise ObjectStoreError(f"{str(e).rstrip('.')}. Nothing was recorded: fix the location (its package, "
+                               "credentials, bucket) or record without it.") from None
+    except Exception as e:  # noqa: BLE001 - botocore's credential errors are not OSErrors
+        raise ObjectStoreError(f"Cannot write to {location}: {type(e).__name__}: {e}. Nothing was recorded: fix "
+                               "the location (its credentials, bucket) or record without it.") from None
+
 
 def root(home, env: dict | None):
     """Where a run's checkpoint files and blobs are: its recorded blob location, else the store's folder."""

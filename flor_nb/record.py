@@ -102,6 +102,8 @@ def record(
     if objstore.is_url(store):  # --store s3://...: the blobs go there, the index stays with the notebook
         blobs, store = blobs or store, None
     blobs = objstore.location(blobs)
+    if blobs:
+        objstore.check(blobs)  # unreachable or not writable: fail now, not after training without checkpoints
     store = api.get_store(store)
     budget = thinning.budget_for(max_store, store.home)  # a bad size fails before anything runs
     ns = {"__name__": "__main__"} if namespace is None else namespace

@@ -179,3 +179,62 @@ def test_the_replay_magic_takes_an_executor_and_its_progress_bar_moves(ip, clien
     err = capsys.readouterr().err
     bars = re.findall(r"replay m: +\d+%.*?(\d+)/(\d+) \[", err)  # the bar, driven by Dask's events
     assert bars and bars[-1][0] == bars[-1][1] and int(bars[-1][0]) >= 2, err
+
+
+def test_the_panel_replays_on_the_cluster(store, client, one_thread, monkeypatch, ip):
+    """The panel takes an executor (flor.ui(executor=...), %flor ui --executor, its executor box): its replays,
+    progress and plan go through the cluster, whose workers (not this machine's cores) bound the plan."""
+    from flor_nb import machine
+
+    _record(store)
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 1)  # this machine alone would plan 1 worker
+    panel = flor.ui("small", executor=client)
+    address = client.scheduler.address.replace("tcp://", "dask://")
+    assert panel.executor.value == address
+    panel.editor.kind.value = "grad_norm"  # the preset goes after loss.backward()
+    panel.editor.add_button.click()
+    panel.epoch_text.value = "1-4"
+    assert "with 2 workers" in panel.estimate.value, panel.estimate.value
+    panel.replay_button.click()
+    assert panel.wait(120), "replay did not finish"
+    df = panel.result
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    assert df["grad_norm"].notna().sum() == 24
+    cluster_pids = set(client.run(_replay_process).values())  # after the replay: an earlier test killed some
+    assert {t["pid"] for t in df.attrs["fidelity"]["timings"]} == cluster_pids  # both workers, through Dask
+    assert panel.progress.value == panel.progress.max == 4 and panel.progress.bar_style == "success"
+
+    # the box takes an address; blank is flor.replay's default ($FLOR_NB_EXECUTOR, else this machine)
+    for text, env in ((address, None), ("", address)):
+        if env:
+            monkeypatch.setenv("FLOR_NB_EXECUTOR", env)
+        panel.executor.value = text
+        panel.epoch_text.value = "2"
+        panel.replay_button.click()
+        assert panel.wait(60), "replay did not finish"
+        timings = panel.result.attrs["fidelity"]["timings"]
+        assert panel.result.attrs["fidelity"]["level"] == "faithful" and timings[0]["pid"] in cluster_pids
+
+    magic = ip.run_cell(f"%flor ui small --executor {address}").result
+    assert magic.executor.value == address and magic._executor() == address
+
+
+def test_dask_workers_import_an_edited_module_again(store, client, one_thread, tmp_path):
+    """Dask workers keep what their replay process imported: a module the user edited is imported afresh."""
+    mod = tmp_path / "helper_mod_dask.py"
+    mod.write_text("SCALE = 1\n")
+    cells = [f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport helper_mod_dask\nEPOCHS = 4\n{SETUP}"]
+    ns = {"flor": flor}
+    exec(cells[0], ns)
+    flor.record(TRAIN, name="mod", namespace=ns, cells=cells, store=store, overhead=float("inf"))
+    probed = TRAIN.replace("    sched.step()\n", "    flor.log('scale', helper_mod_dask.SCALE)\n    sched.step()\n")
+
+    def scales():
+        df = flor.replay("mod", code=probed, epochs="0-3", executor=client)
+        assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+        return set(df["scale"].dropna())
+
+    assert scales() == {1}
+    time.sleep(1.1)  # a new mtime second: Python's own bytecode cache must see the edit too
+    mod.write_text("SCALE = 2\n")
+    assert scales() == {2}  # every worker's replay process reads the edited file

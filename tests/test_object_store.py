@@ -2,6 +2,7 @@
 127.0.0.1, as s3fs's own tests do) and on a shared folder; replayed on a real Dask cluster."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -133,3 +134,18 @@ def test_a_shared_folder_for_the_blobs(store, client, one_thread, tmp_path, monk
             _flip_a_byte(lambda p: p.read_bytes(), lambda p, b: p.write_bytes(b), path)
     with pytest.raises(flor.FlorError, match=rf"Blob {shared}/blobs/\S+ is damaged"):
         flor.replay("shared", code=PROBE, epochs="2", executor=client)
+
+
+def test_a_location_that_cannot_be_written_fails_before_training(store, s3, tmp_path):
+    """A missing bucket (or credentials, or a read-only folder) is named before training: a checkpoint write
+    that fails mid-run only warns, and the run would train on without checkpoints, unreplayable."""
+    with pytest.raises(flor.FlorError, match=r"s3://no-such-bucket-flor/x.*Nothing was recorded"):
+        _record("nobucket", blobs="s3://no-such-bucket-flor/x")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere
+        with pytest.raises(flor.FlorError, match=r"Cannot write checkpoints to .*locked/blobs"):
+            _record("locked", blobs=str(locked / "blobs"))
+    assert flor.runs().empty  # nothing was recorded, not even a failed run
+    _record("fine", blobs=f"s3://{BUCKET}/fine")
+    assert not [k for k in s3.find(f"{BUCKET}/fine") if ".flor-nb-write-check" in k]

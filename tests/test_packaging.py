@@ -66,3 +66,41 @@ def test_packaging_metadata():
     deps = " ".join(meta["dependencies"])
     for name in ("jinja2", "anywidget", "torch>=2.3"):
         assert name in deps
+
+
+NO_CLUSTER = """
+import sys
+for name in ("distributed", "dask", "s3fs"):  # as if the optional extras were not installed
+    sys.modules[name] = None
+sys.path.insert(0, {tests!r})
+import flor_nb as flor, flor_nb.extension, flor_nb.widgets
+from conftest import SETUP, TRAIN, setup_namespace
+flor.record(TRAIN, name="plain", namespace=setup_namespace(3), cells=["EPOCHS = 3\\n" + SETUP], overhead=float("inf"))
+probe = TRAIN.replace("    sched.step()", "    flor.log('w', weight_norm(model))\\n    sched.step()")
+df = flor.replay("plain", code=probe, epochs="1-2", workers=2)
+print(df.attrs["fidelity"]["level"], int(df["w"].notna().sum()))
+try:
+    flor.replay("plain", epochs="1", executor="dask://127.0.0.1:8786")
+except flor.FlorError as e:
+    print(type(e).__name__, e)
+try:
+    flor.record(TRAIN, name="s3", namespace=setup_namespace(1), cells=["EPOCHS = 1\\n" + SETUP], blobs="s3://b/p")
+    print("recorded without checkpoints")
+except flor.FlorError as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_no_cluster_no_cost_without_dask_or_s3fs(store):
+    """Dask and s3fs are optional extras: without them flor_nb imports, records and replays on this machine's
+    pool, and asking for a cluster or an s3:// location names the extra to install."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FLOR_NB_EXECUTOR", "FLOR_NB_BLOBS")}
+    out = subprocess.run([sys.executable, "-c", NO_CLUSTER.format(tests=str(ROOT / "tests"))], capture_output=True,
+                         text=True, env=env, cwd=store.home.parent, timeout=280)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "faithful 2", out.stdout + out.stderr
+    assert lines[1] == "DaskUnavailable Replay on dask://127.0.0.1:8786 needs Dask: pip install 'flor_nb[dask]'."
+    assert lines[2].startswith("ObjectStoreError Blob location s3://b/p") and "flor_nb[s3]" in lines[2], lines[2]
+    assert "Nothing was recorded" in lines[2]

@@ -12,10 +12,11 @@ from .panel import Panel
 __all__ = ["Panel", "ui"]
 
 
-def ui(run=None, store=None) -> Panel:
-    """The replay panel for ``run`` (``NAME`` or ``NAME@VERSION``; default: the latest run)."""
+def ui(run=None, store=None, executor=None) -> Panel:
+    """The replay panel for ``run`` (``NAME`` or ``NAME@VERSION``; default: the latest run); its replays run on
+    ``executor`` (as in :func:`flor_nb.replay`; default ``$FLOR_NB_EXECUTOR``, else this machine's workers)."""
     import flor_nb
 
     if run is not None:
         flor_nb.get_store(store).find_run(run)  # an unknown run raises here, naming the known ones
-    return Panel(run=run, store=store)
+    return Panel(run=run, store=store, executor=executor)

@@ -23,6 +23,7 @@ from flor_nb import probe_check as C
 from flor_nb import probes as P
 from flor_nb.background import CANCELLED, FAILED, ReplayHandle, start_replay
 from flor_nb.errors import FlorError
+from flor_nb.executor import ENV
 from flor_nb.plan import format_epochs, format_seconds, parse_epochs
 
 from . import plots, results, static
@@ -45,7 +46,7 @@ class Panel(W.VBox, Callbacks):
     ``panel.wait()`` do what the Replay button does, for scripts and tests.
     """
 
-    def __init__(self, run=None, store=None):
+    def __init__(self, run=None, store=None, executor=None):
         super().__init__(layout=layout(width="100%"))
         self.add_class("flor-panel")
         self.store = flor_nb.get_store(store)
@@ -76,6 +77,12 @@ class Panel(W.VBox, Callbacks):
         self.workers = W.Dropdown(description="workers", value=0, layout=layout(width="180px"),
                                   options=[("auto", 0)] + [(str(i), i) for i in range(1, cpus + 1)])
         self.workers.observe(self._on_workers, "value")
+        # Where replays run: blank is flor.replay's default ($FLOR_NB_EXECUTOR, else this machine's workers).
+        self._given_executor = executor  # a Dask client (or any executor) passed in; shown by its address
+        default = os.environ.get(ENV) or "local"
+        self.executor = W.Text(description="executor", value=_executor_text(executor), continuous_update=False,
+                               placeholder=f"{default} (or dask://host:8786)", layout=layout(width="300px"))
+        self.executor.observe(self._on_workers, "value")
         self.estimate = W.HTML()
         self.replay_button = W.Button(description="Replay", icon="play", button_style="success")
         self.replay_button.on_click(self._on_replay)
@@ -105,7 +112,7 @@ class Panel(W.VBox, Callbacks):
             self.editor,
             W.HTML(section("3", "Epochs", "click or drag on the curve, or type them")),
             self.curve,
-            W.HBox([self.metric, self.epoch_text, self.workers], layout=layout(flex_flow="row wrap")),
+            W.HBox([self.metric, self.epoch_text, self.workers, self.executor], layout=layout(flex_flow="row wrap")),
             W.HTML(section("4", "Replay")),
             self.estimate,
             W.HBox([self.replay_button, self.cancel_button, self.outcome, self.progress, self.clock],
@@ -277,12 +284,22 @@ class Panel(W.VBox, Callbacks):
 
     @guarded
     def _on_workers(self, change):
-        """Choose the workers."""
+        """Choose the workers, or where they are."""
         self._update_estimate()
 
     # -- estimate and replay -------------------------------------------------
+    def _executor(self):
+        """What the executor box names: the executor passed in while its address is shown, else the text."""
+        text = self.executor.value.strip()
+        if not text:
+            return None
+        if self._given_executor is not None and text == _executor_text(self._given_executor):
+            return self._given_executor
+        return text
+
     def _plan(self) -> dict:
-        return api.estimate(self.run, self.probes, self._epoch_spec(), self.workers.value or None, self.store)
+        return api.estimate(self.run, self.probes, self._epoch_spec(), self.workers.value or None, self.store,
+                            executor=self._executor())
 
     def _update_estimate(self):
         if self.run is None:
@@ -326,7 +343,8 @@ class Panel(W.VBox, Callbacks):
         self.cancel_button.disabled = False
         self._set_status("busy", f"Replaying epochs {format_epochs(plan['epochs'])} of {self.run.label}\u2026")
         self.job = start_replay(self.run.label, code, self._epoch_spec(), workers=plan["workers"], store=self.store,
-                                plan=plan, on_change=self._on_progress, on_done=self._on_done)
+                                plan=plan, on_change=self._on_progress, on_done=self._on_done,
+                                executor=self._executor())
         self._render_progress(self.job)
         return self.job
 
@@ -475,3 +493,15 @@ def report_links(path: Path) -> str:
     if Path(path).with_suffix(".html").exists():
         links += f' \u00b7 <a href="{esc(html_rel)}" target="_blank">HTML</a>'
     return f'<span class="flor-muted">Report: </span>{links}'
+
+
+def _executor_text(executor) -> str:
+    """How the executor box shows ``executor``: a Dask client as ``dask://host:port``."""
+    if executor is None:
+        return ""
+    if isinstance(executor, str):
+        return executor
+    address = getattr(getattr(executor, "scheduler", None), "address", None)
+    if isinstance(address, str):
+        return address.replace("tcp://", "dask://", 1)
+    return type(executor).__name__
