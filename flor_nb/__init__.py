@@ -6,13 +6,12 @@ the epochs you need from checkpoints, with a check that the replay is faithful.
 from .api import checkpoints, dataframe, du, get_run, get_store, replays, runs
 from .background import start_replay
 from .devices import deterministic
-from .housekeeping import delete, gc
+from .housekeeping import delete, gc, trust
 from .errors import FlorError
 from .record import record
 from .replay import replay
 from .resume import resume
 from .runtime import While, arg, fit, log, loop  # While, fit: for instrumented cells
-from .signing import trust
 
 __version__ = "0.1.0"
 

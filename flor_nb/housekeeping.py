@@ -1,4 +1,4 @@
-"""What a store holds on disk: each run's size, deleting runs, and collecting blobs nothing refers to.
+"""What a store holds on disk: each run's size, deleting runs, collecting blobs nothing refers to, trusting a store.
 
 Checkpoints share content-addressed blobs (a frozen backbone is stored once for
 every run that has it), so a run's *size* counts every blob it refers to, and
@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, signing
 from .errors import FlorError
 from .store import Run, Store, get_store
 
@@ -233,6 +233,30 @@ def _remove_orphans(st: Store) -> int:
         if _mtime(path) < old:
             freed += _remove(path)
     return freed
+
+
+# -- trusting a store ---------------------------------------------------------------------
+def trust(store=None) -> dict:
+    """Vouch for a store: re-sign its recorded cells and checkpoints with your key.
+
+    Only do this for a store whose origin you trust: afterwards replay runs its code. Damaged
+    checkpoint files are not signed (replay routes around them). Returns what was signed.
+    """
+    st = get_store(store)
+    runs = st.all_runs()
+    for run in runs:
+        st.set_signature(run.id, signing.sign_run(run.name, run.version, run.code, run.deps))
+    signed, damaged = 0, {}
+    for path in sorted(st.home.rglob("*.ckpt")):
+        rel = path.relative_to(st.home).as_posix()
+        try:
+            checkpoint.resign(st.home, rel)
+            signed += 1
+        except checkpoint.CorruptCheckpointError as e:
+            damaged[rel] = str(e)
+    log.warning("flor_nb: trusted %s: signed %d run(s) and %d checkpoint file(s)%s", st.home, len(runs), signed,
+                   f"; {len(damaged)} damaged file(s) left unsigned" if damaged else "")
+    return {"store": str(st.home), "runs": len(runs), "checkpoints": signed, "damaged": damaged}
 
 
 def _mtime(path: Path) -> float:

@@ -22,7 +22,7 @@ from .errors import FlorError, NoLoopError
 from .edits import find_helper, helper_code
 from .instrument import RUNTIME, instrument
 from .recorder import Recorder, spec_of
-from .store import Run, Store
+from .store import Run, Store, get_store
 
 from .thinning import Thinner
 
@@ -95,8 +95,6 @@ def record(
     max_store : disk budget for the run's checkpoints, ``"2GB"`` or bytes; over it, older checkpoints are
         thinned (see thinning.py). None: a quarter of the free disk space, at most 20 GB; ``"inf"``: none.
     """
-    from . import api
-
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
     name, overhead = validate.run_name(name), validate.overhead(overhead)
     if objstore.is_url(store):  # --store s3://...: the blobs go there, the index stays with the notebook
@@ -104,7 +102,7 @@ def record(
     blobs = objstore.location(blobs)
     if blobs:
         objstore.check(blobs)  # unreachable or not writable: fail now, not after training without checkpoints
-    store = api.get_store(store)
+    store = get_store(store)
     budget = thinning.budget_for(max_store, store.home)  # a bad size fails before anything runs
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import executor as executors
-from . import checkpoint, devices, liveness, machine, runtime, signing, thinning, validate
+from . import checkpoint, devices, housekeeping, liveness, machine, runtime, signing, thinning, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .edits import changes, helper_touched
@@ -131,7 +131,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     epochs = _units(epochs, iters)
     store = get_store(store)
     if trust_store:
-        signing.trust(store)
+        housekeeping.trust(store)
     run = store.find_run(run)
     signing.check_run(run, store.home)  # replay executes its cells: only if this user signed them
     devices.check_available(devices.DeviceMap(device))  # a device this machine lacks: refused before any work

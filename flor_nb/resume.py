@@ -22,14 +22,14 @@ import warnings
 
 import torch
 
-from . import checkpoint, runtime, signing, state, validate
+from . import checkpoint, housekeeping, runtime, signing, state, validate
 from .cells import analyze, strip_shell
 from .clock import clock_names
 from .errors import FlorError, NoCheckpointError
 from .instrument import RUNTIME, instrument, recorded_loops
 from .record import _progress_bar, execute
 from .recorder import Recorder
-from .store import RECORDING, Run
+from .store import RECORDING, Run, get_store
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +126,10 @@ def resume(run, namespace: dict | None = None, store=None, progress: bool = Fals
 
     Returns the run, with the resumed epochs; its logs and checkpoints continue the same ``name@version``.
     """
-    from . import api
-
     __tracebackhide__ = True
-    st = api.get_store(store)
+    st = get_store(store)
     if trust_store:
-        signing.trust(st)
+        housekeeping.trust(st)
     run = st.find_run(run)  # a run left 'running' by a dead process is marked interrupted here
     signing.check_run(run, st.home)
     _check_resumable(run)

@@ -6,7 +6,7 @@ flor_nb writes that a replay or a resume executes or unpickles is signed with
 HMAC-SHA256 under a key kept outside the store (``$XDG_CONFIG_HOME/flor_nb/key``,
 by default ``~/.config/flor_nb/key``, created on first use, readable by you
 only): each run's recorded cells, each checkpoint file, and the pickled blobs a
-checkpoint names. Replay refuses what does not verify; :func:`trust` re-signs a
+checkpoint names. Replay refuses what does not verify; :func:`flor_nb.housekeeping.trust` re-signs a
 store whose origin you vouch for. Signatures do not depend on where the store
 lies, so a store you move or copy keeps working.
 """
@@ -132,30 +132,3 @@ def refusal(home, what: str) -> str:
             "Replaying runs its recorded cells and unpickles its checkpoints, and either can run any program as "
             f"you. If you trust where this store came from, run flor.trust({str(home)!r}) once (or add --trust "
             "to the %%flor line): it checks the store for damage and re-signs it with your key.")
-
-
-# -- trusting a store ---------------------------------------------------------------------
-def trust(store=None) -> dict:
-    """Vouch for a store: re-sign its recorded cells and checkpoints with your key.
-
-    Only do this for a store whose origin you trust: afterwards replay runs its code. Damaged
-    checkpoint files are not signed (replay routes around them). Returns what was signed.
-    """
-    from . import checkpoint
-    from .api import get_store
-
-    st = get_store(store)
-    runs = st.all_runs()
-    for run in runs:
-        st.set_signature(run.id, sign_run(run.name, run.version, run.code, run.deps))
-    signed, damaged = 0, {}
-    for path in sorted(st.home.rglob("*.ckpt")):
-        rel = path.relative_to(st.home).as_posix()
-        try:
-            checkpoint.resign(st.home, rel)
-            signed += 1
-        except checkpoint.CorruptCheckpointError as e:
-            damaged[rel] = str(e)
-    logger.warning("flor_nb: trusted %s: signed %d run(s) and %d checkpoint file(s)%s", st.home, len(runs), signed,
-                   f"; {len(damaged)} damaged file(s) left unsigned" if damaged else "")
-    return {"store": str(st.home), "runs": len(runs), "checkpoints": signed, "damaged": damaged}

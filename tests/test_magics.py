@@ -125,6 +125,23 @@ def test_engine_never_imports_ipython_or_shells():
                 pytest.fail(f"print() in library code: {path.name}:{node.lineno}")
 
 
+def test_the_store_is_reached_without_a_function_level_import():
+    """get_store lives in store.py and decode_value in api.py: no engine module imports them (or api) inside a
+    function to dodge an import cycle."""
+    found = []
+    for path in sorted((ROOT / "flor_nb").rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    names = {a.name for a in node.names}
+                    if names & {"get_store", "decode_value"} or (node.module in (None, "") and "api" in names) \
+                            or (node.module or "").endswith("api") and node.level:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == [], found
+
+
 def test_unfaithful_verdict_and_not_captured_state_go_to_stderr(ip, capsys):
     run(ip, SETUP)
     run(ip, MODEL + "import numpy as np, threading\nclass Guard:\n    def __init__(self):\n"
