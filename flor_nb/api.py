@@ -215,7 +215,7 @@ def estimate(run, probes: list[Probe], epochs=None, workers=None, store=None, ex
 
 def du(store=None) -> pd.DataFrame:
     """The store's disk use: one row per run (size, what deleting it frees), then unreferenced blobs,
-    the database and the total. ``attrs`` holds the byte counts."""
+    the database, the full-disk reserve and the total. ``attrs`` holds the byte counts."""
     u = housekeeping.usage(store)
     rows = [{"what": x.run.label, "status": x.run.status, "size": housekeeping.format_bytes(x.size),
              "frees": housekeeping.format_bytes(x.unique), "bytes": x.size} for x in u.runs]
@@ -224,6 +224,9 @@ def du(store=None) -> pd.DataFrame:
                  "bytes": u.unreferenced})
     rows.append({"what": "database", "status": "", "size": housekeeping.format_bytes(u.database), "frees": "",
                  "bytes": u.database})
+    if u.reserve:  # a small store's total is mostly this: say what it is
+        rows.append({"what": "reserve kept for a full disk (released when the disk fills)", "status": "",
+                     "size": housekeeping.format_bytes(u.reserve), "frees": "", "bytes": u.reserve})
     rows.append({"what": f"total ({u.home})", "status": "", "size": housekeeping.format_bytes(u.total), "frees": "",
                  "bytes": u.total})
     frame = pd.DataFrame(rows, columns=["what", "status", "size", "frees", "bytes"])

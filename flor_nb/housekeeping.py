@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint, signing
+from . import checkpoint, disk, signing
 from .errors import FlorError
 from .store import Run, Store, get_store
 
@@ -51,6 +51,7 @@ class Usage:
     unreferenced: int  # blobs no checkpoint refers to: what flor.gc() frees
     database: int
     total: int  # everything under the store folder
+    reserve: int = 0  # the file kept so log rows still fit when the disk fills (see disk.py)
 
 
 def _size(path: Path) -> int:
@@ -122,7 +123,7 @@ def usage(store=None) -> Usage:
     referenced = set(count)
     database = sum(_size(st.home / n) for n in ("flor.db", "flor.db-wal", "flor.db-shm"))
     return Usage(st.home, runs, sum(sizes.values()), sum(s for h, s in sizes.items() if h not in referenced),
-                 database, _tree_size(st.home))
+                 database, _tree_size(st.home), _size(st.home / disk.RESERVE))
 
 
 def _live_recordings(st: Store, except_ids=()) -> list[Run]:

@@ -101,6 +101,10 @@ def test_nothing_is_collected_while_a_recording_is_alive(store):
     assert freed.blobs == 1 and not orphan.exists() and freed.bytes == 1000
     du = flor.du(store)
     assert list(du["what"][:2]) == ["done@1", "live@1"] and du.attrs["unreferenced"] == 0
+    reserve = store.home / ".reserve"  # the full-disk reserve: most of a small store's total, so it is named
+    assert reserve.exists(), "a store on a disk with room keeps its reserve"
+    row = du[du["what"].str.startswith("reserve kept for a full disk")]
+    assert len(row) == 1 and row["bytes"].iloc[0] == reserve.stat().st_size and du["what"].iloc[-1].startswith("total")
 
 
 def test_a_crashed_recorder_does_not_block_collection(store):
