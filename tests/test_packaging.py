@@ -66,6 +66,8 @@ def test_packaging_metadata():
     deps = " ".join(meta["dependencies"])
     for name in ("jinja2", "anywidget", "torch>=2.3"):
         assert name in deps
+    torch = next(d.split("#")[0].strip() for d in meta["dependencies"] if d.startswith("torch"))
+    assert f"`{torch}`" in (ROOT / "README.md").read_text(), "the README quotes the torch the package asks for"
 
 
 NO_CLUSTER = """
