@@ -107,7 +107,21 @@ def browser():
 
 def _shot(locator_or_page, tmp_path: Path, name: str, **kw) -> Path:
     path = tmp_path / name
-    locator_or_page.screenshot(path=str(path), **kw)
+    if hasattr(locator_or_page, "scroll_into_view_if_needed"):
+        # An element: bring its top to the top of the notebook's own scroller, then shoot that part of the viewport.
+        # A plain element shot of a tall element reaches past the viewport, and Chromium captures that by resizing
+        # the view: Notebook 7 re-lays out (after a theme change above all) and the shot showed a cut-off panel.
+        locator_or_page.evaluate("""e => { let p = e.parentElement;
+            while (p && !(p.scrollHeight > p.clientHeight + 1 && ['auto', 'scroll'].includes(getComputedStyle(p).overflowY)))
+                p = p.parentElement;
+            if (p) p.scrollTop += e.getBoundingClientRect().top - p.getBoundingClientRect().top; }""")
+        box, view = locator_or_page.bounding_box(), locator_or_page.page.viewport_size
+        if box and box["y"] >= 0 and box["y"] + box["height"] <= view["height"]:
+            locator_or_page.page.screenshot(path=str(path), clip=box, **kw)
+        else:
+            locator_or_page.screenshot(path=str(path), **kw)
+    else:
+        locator_or_page.screenshot(path=str(path), **kw)
     OUT.mkdir(exist_ok=True)
     shutil.copy(path, OUT / name)
     return path
@@ -190,6 +204,8 @@ def _drive_panel(page, tmp_path: Path, prefix: str):
     assert plot.evaluate("img => img.naturalWidth") > 200
     bars = _scrollbars(page)
     assert bars == [], bars
+    _unclipped(page)
+    _full_height(page)
     _shot(panel, tmp_path, f"{prefix}-panel-results.png")
     return panel
 
@@ -232,6 +248,8 @@ def _error_next_to_the_button(page, tmp_path: Path, prefix: str):
     where = error.bounding_box()
     assert 0 <= where["y"] - (button["y"] + button["height"]) < 120, (button, where)
     _shot(page.locator(".flor-panel .flor-replay-msg").locator(".."), tmp_path, f"{prefix}-error-at-button.png")
+    _in_dark(page, page.locator(".flor-panel .flor-replay-msg").locator(".."), tmp_path,
+             f"{prefix}-error-at-button-dark.png", texts=[".flor-panel .flor-replay-msg .flor-error"])
     row = page.locator(".flor-panel .widget-hbox", has=page.locator(".flor-probe", has_text="ratio")).last
     row.locator("button", has_text="Remove").click()
     page.locator(".flor-panel .flor-probe", has_text="ratio").wait_for(state="detached", timeout=30_000)
@@ -288,6 +306,45 @@ def _dark_theme(page, tmp_path: Path, prefix: str):
     page.wait_for_function("() => document.body.dataset.jpThemeLight === 'true'", timeout=30_000)
 
 
+def _in_dark(page, locator, tmp_path: Path, name: str, texts=()):
+    """Shoot ``locator`` in JupyterLab Dark too (the done-means asks for each state light and dark); the text of
+    ``texts`` (selectors) must stay readable there (WCAG >= 4.5). Back to the light theme after."""
+    page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+    page.wait_for_timeout(1000)
+    try:
+        for selector in texts:
+            ratio = _contrast(page.locator(selector).first)
+            assert ratio >= 4.5, (selector, ratio)
+        _shot(locator, tmp_path, name)
+    finally:
+        page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})")
+        page.wait_for_function("() => document.body.dataset.jpThemeLight === 'true'", timeout=30_000)
+
+
+def _full_height(page):
+    """Notebook 7 squeezes an output taller than ~1,800 px into a 24em scroll box (autoScrollOutputs), and checks
+    again at every output change: once the static copy has followed the results, the panel keeps its height."""
+    page.wait_for_function("""() => [...document.querySelectorAll('.flor-static')].some(s => s.textContent
+        .includes('Faithful replay'))""", timeout=30_000)
+    page.wait_for_timeout(500)
+    box = page.evaluate("""() => { const p = document.querySelector('.flor-panel'), o = p.closest('.jp-OutputArea');
+        return [o.getBoundingClientRect().height, p.getBoundingClientRect().height, getComputedStyle(o).maxHeight,
+                o.closest('.jp-CodeCell').className]; }""")
+    assert box[0] >= box[1] and box[2] == "none", box
+
+
+def _unclipped(page):
+    """The runs list and the code listing keep their right border inside the panel (a 100%-wide widget plus its
+    margin used to be cut off by the panel's overflow-x: hidden)."""
+    cut = page.evaluate("""() => [...document.querySelectorAll('.flor-panel .flor-runs, .flor-panel .flor-lines')]
+        .map(e => { let p = e.parentElement; while (p && getComputedStyle(p).overflowX !== 'hidden')
+            p = p.parentElement; const r = e.getBoundingClientRect(), q = p.getBoundingClientRect();
+            return [e.className, r.right, q.right - parseFloat(getComputedStyle(p).borderRightWidth)]; })
+        .filter(([, right, edge]) => right > edge + 0.5)""")
+    assert cut == [], cut
+
+
 def _cancel_keeps_finished_epochs(page, tmp_path: Path, prefix: str):
     """The slow run: cancel once epoch 0's segment is kept; its values show under a partial-results banner."""
     page.locator(".flor-panel .flor-runs select option", has_text="slow@1").click()
@@ -307,6 +364,8 @@ def _cancel_keeps_finished_epochs(page, tmp_path: Path, prefix: str):
     assert rows.count() == 1 and rows.first.locator("td").first.inner_text() == "0"
     assert page.locator(".flor-panel .flor-chips span.lost").count() >= 1
     _shot(page.locator(".flor-panel .flor-results").locator(".."), tmp_path, f"{prefix}-cancelled.png")
+    _in_dark(page, page.locator(".flor-panel .flor-results").locator(".."), tmp_path, f"{prefix}-cancelled-dark.png",
+             texts=[".flor-panel .flor-verdict.warn", ".flor-panel .flor-chips span.lost"])
 
 
 def _report_from_the_file_browser(page, server, tmp_path: Path):
@@ -329,6 +388,9 @@ def _report_from_the_file_browser(page, server, tmp_path: Path):
     report = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-RenderedMarkdown h1",
                           has_text="Run report: demo@1")
     report.wait_for(timeout=60_000)
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-RenderedMarkdown h2", has_text="Checkpoints").wait_for(
+        timeout=60_000)
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output img").first.wait_for(timeout=30_000)
     _shot(page, tmp_path, "lab-report-opened.png")
     page.evaluate("window.jupyterapp.commands.execute('application:close')")  # back to panel.ipynb
     discard = page.locator(".jp-Dialog button", has_text="Discard")
@@ -360,6 +422,8 @@ def _static_after_shutdown(page, server, tmp_path: Path, prefix: str, expect: st
     assert static.locator("table.dataframe").count() >= 1 and static.locator("img.flor-plot").count() >= 1
     assert expect in static.inner_text()
     _shot(static, tmp_path, f"{prefix}-static-after-reload.png")
+    _in_dark(page, static, tmp_path, f"{prefix}-static-after-reload-dark.png",
+             texts=[".flor-static .flor-verdict", ".flor-static table.dataframe th"])
 
 
 def _api(server, method, path):

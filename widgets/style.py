@@ -35,6 +35,13 @@ CSS = """
 .flor-panel .widget-box { overflow-x: hidden; }  /* one scroll box only: the results table's own */
 .flor-panel select, .flor-panel .jp-OutputArea-output, .flor-panel .widget-output { max-width: 100%;
   box-sizing: border-box; }
+/* Notebook 7 puts an output taller than ~1,800 px into a 24em scroll box (its autoScrollOutputs): after a
+   replay the panel would shrink to its first 300 px, Replay button and results scrolled away */
+.jp-CodeCell.jp-mod-outputsScrolled .jp-Cell-outputArea:has(.flor-panel, .flor-static) { max-height: none;
+  overflow-y: visible; }
+.jp-CodeCell.jp-mod-outputsScrolled .jp-Cell-outputArea:has(.flor-panel, .flor-static)::after { display: none; }
+/* a 100%-wide list plus its widget margin spilled 2 px past the panel, which hid its right border */
+.flor-panel .widget-select { max-width: calc(100% - 2 * var(--jp-widgets-margin, 2px)); }
 .flor-panel .flor-title, .flor-static .flor-title { font-size: 15px; font-weight: 600; }
 .flor-panel .flor-muted, .flor-static .flor-muted { color: var(--flor-muted); }
 .flor-panel .flor-section { margin: 12px 0 4px 0; padding-top: 6px; border-top: 1px solid var(--flor-border);
