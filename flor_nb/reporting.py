@@ -349,9 +349,15 @@ class _Builder:
         deps = {c["count"]: c["source"] for c in r.deps}
         for n, rep in enumerate(reps, start=1):
             fid = rep.get("fidelity") or {}
-            verdict = verdict_text(fid) if fid.get("metrics") is not None else f"Replay {rep['status']}: no verdict."
+            if fid.get("metrics") is not None:
+                verdict = verdict_text(fid)
+            elif fid.get("error"):  # its first paragraph: what was raised, and where
+                verdict = f"Replay {rep['status']}: {str(fid['error']).strip().split(chr(10) * 2)[0][:400]}"
+            else:
+                verdict = f"Replay {rep['status']}: no verdict."
             dur = "" if rep.get("duration") is None else f" in {rep['duration']:.1f} s"
-            probes = ", ".join(rep["probes"]) or ("none kept" if rep["status"] == "cancelled" else "none")
+            # a failed or cancelled replay stored no values: its probes are in the diff below, not "none"
+            probes = ", ".join(rep["probes"]) or ("none kept" if rep["status"] in ("cancelled", "failed") else "none")
             lines = [f"#### Replay {n}: epochs {_format_epochs(rep['epochs'])}, probes "
                      f"{_md(probes)} ({_md(_outcome(rep))})",
                      f"{_md(rep['status'].capitalize())}{dur}. {_md(verdict)}", ""]

@@ -180,6 +180,16 @@ def test_cancelled_replay_is_reported_as_partial(recorded, store):
     assert "(faithful)" not in markdown
 
 
+def test_failed_replay_is_reported_with_its_error_and_no_kept_probes(recorded, store):
+    code = TRAIN.replace("opt.step()", "flor.log('ratio', 1 / (epoch - 1)); opt.step()")
+    with pytest.raises(FlorError, match="ZeroDivisionError"):
+        flor.replay("small", code=code, epochs="1", store=store)
+    markdown = "\n".join(c.source for c in nbformat.read(flor.report("small@1"), as_version=4).cells)
+    assert "Replay 1: epochs 1, probes none kept (failed)" in markdown  # not "probes none": the diff shows one
+    assert "Replay failed: The replayed code raised ZeroDivisionError" in markdown and "no verdict" not in markdown
+    assert "+        flor.log('ratio'" in markdown
+
+
 def test_plots_break_where_epochs_were_not_replayed():
     from flor_nb.reporting import _break_gaps
 
