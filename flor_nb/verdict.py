@@ -296,7 +296,7 @@ def verdict_text(fidelity: dict) -> str:
     parts = []
     for name, m in fidelity["metrics"].items():
         if m["verdict"] == "exact":
-            parts.append(f"{name} exact ({m['compared']} values)")
+            parts.append(f"{name} exact ({m['compared']} value{'s' if m['compared'] != 1 else ''})")
         elif m["verdict"] == "close":
             parts.append(f"{name} within tolerance ({m['exact']} of {m['compared']} values exact, "
                          f"max abs diff {m['max_abs_diff']:.3g})")

@@ -136,8 +136,11 @@ def _replay_process():
 
 
 def test_a_replay_process_killed_mid_task_is_a_clear_error(store, client, one_thread):
-    _record(store, SLOW, "slow")
-    job = flor.start_replay("slow", code=SLOW, epochs="0-4", executor=client)
+    # Epochs of over 1 s: the kill follows the first epoch's progress event, which Dask relays late under
+    # load; with 0.4 s epochs a late event once let every segment finish first (failed once in ~10 loaded runs).
+    slower = SLOW.replace("time.sleep(0.4)", "time.sleep(1.0)")
+    _record(store, slower, "slow")
+    job = flor.start_replay("slow", code=slower, epochs="0-4", executor=client)
     deadline = time.monotonic() + 30
     while not job.ran and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -147,7 +150,7 @@ def test_a_replay_process_killed_mid_task_is_a_clear_error(store, client, one_th
     assert job.state == "failed" and isinstance(job.error, ReplayError)
     assert "The replay process of Dask worker tcp://" in str(job.error)
     assert "died while replaying the segment of epochs" in str(job.error) and "exit code -9" in str(job.error)
-    df = flor.replay("slow", code=SLOW, epochs="4", executor=client)
+    df = flor.replay("slow", code=slower, epochs="4", executor=client)
     assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
 
 

@@ -273,7 +273,7 @@ def test_hf_trainer_with_accumulation_early_stopping_and_checkpoints(store, tmp_
     df = flor.replay("ga", epochs="0,3", workers=1, store=store)  # two segments, one after the other in one process
     verdict = df.attrs["verdict"]
     assert verdict.startswith("Faithful replay"), verdict
-    assert "train/train_loss exact (1 values)" in verdict  # the summary HF logs after the last epoch
+    assert "train/train_loss exact (1 value)" in verdict  # the summary HF logs after the last epoch
     assert "out/checkpoint-" in verdict or "hf-out/checkpoint-" in verdict  # HF's own checkpoints, named as written
 
 

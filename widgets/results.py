@@ -205,7 +205,7 @@ class ResultsView(W.VBox, Callbacks):
         self.verdict.value = head + verdict_html(frame.attrs)
         levels = split_levels(frame) if not frame.empty else {}
         with self.quiet():
-            self.rows.options = [(f"per {k} ({len(v)} rows)", k) for k, v in levels.items()] or [("no rows", "epoch")]
+            self.rows.options = [(f"per {k} ({len(v)} row{'s' if len(v) != 1 else ''})", k) for k, v in levels.items()] or [("no rows", "epoch")]
             self.rows.value = next(iter(levels), "epoch")
             self._sort_options()
         self._render_table()
