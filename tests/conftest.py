@@ -108,6 +108,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _tolerate_unknown_removals(cluster):
+    """distributed's SpecCluster raises KeyError, at close, for a 'remove' of a worker its cached list does not
+    hold (dask/distributed#5407): here a worker a test SIGKILLed and its nanny restarted. Seen once in CI as an
+    error at the teardown of the Dask tests' cluster; the cluster itself had closed its workers."""
+    update = cluster._update_worker_status
+
+    def tolerant(op, msg):
+        try:
+            update(op, msg)
+        except KeyError:
+            if op != "remove":
+                raise
+
+    cluster._update_worker_status = tolerant
+
+
 @contextlib.contextmanager
 def dask_client():
     """A real 2-process LocalCluster and its Client, with the replay processes started ahead."""
@@ -117,6 +133,7 @@ def dask_client():
 
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
                                   worker_dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+        _tolerate_unknown_removals(cluster)
         prestart(c, ["torch", "numpy"])  # the replay processes start here, not in the first test
         try:
             yield c
