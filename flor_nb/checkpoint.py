@@ -111,29 +111,21 @@ def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]
     digests.update(snap.get("digests", {}))
     digests[ROOTS] = snap.get("roots", [])  # the walk order: a replay walks the same way to compare
     python = {}
+
+    def keep(raw: bytes) -> str:  # a blob, stored once per content
+        h = hash_bytes(raw, algorithm)
+        blobs.setdefault(h, raw)
+        return h
+
     for key, value in snap["python"].items():
         if key.startswith(_PY_BLOBS) and isinstance(value, bytes):
-            if len(value) < _INLINE:
-                python[key] = value  # the file's HMAC covers it
-                continue
-            h = hash_bytes(value, algorithm)
-            blobs.setdefault(h, value)
-            python[key] = {"__pyblob__": h}
+            # small ones stay in the file (its HMAC covers them): a blob's reference and MAC cost more
+            python[key] = value if len(value) < _INLINE else {"__pyblob__": keep(value)}
         elif key.startswith(_PY_OBJECTS):
             raw = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            if len(raw) < _INLINE:
-                python[key] = value
-                continue
-            h = hash_bytes(raw, algorithm)
-            blobs.setdefault(h, raw)
-            python[key] = {"__pyobj__": h}
+            python[key] = value if len(raw) < _INLINE else {"__pyobj__": keep(raw)}
         elif key.startswith("chunks/"):  # a long list: one blob per chunk, so unchanged chunks dedup
-            hashes = []
-            for chunk in value:
-                h = hash_bytes(chunk, algorithm)
-                blobs.setdefault(h, chunk)
-                hashes.append(h)
-            python[key] = {"__pyblobs__": hashes}
+            python[key] = {"__pyblobs__": [keep(chunk) for chunk in value]}
         else:
             python[key] = value
     return skeleton, python, blobs, digests

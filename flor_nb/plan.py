@@ -21,10 +21,6 @@ _COST = {FULL: 1.0, SKIP: 0.1}  # relative cost of an epoch, for splitting work 
 _RUN_ON_SECONDS = 10.0  # a replay runs on this long past its last unit to reach a recorded check of the state
 
 
-def _epochs_word(n: int) -> str:
-    return "epoch" if n == 1 else "epochs"
-
-
 def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
     """``3``, ``2-5``, ``1,4,7-9``, an int or a list of ints -> sorted epochs (0-based)."""
     if completed <= 0:
@@ -261,9 +257,10 @@ def estimate(run, prepared: dict, inside: list[str] = ()) -> dict:
     run_on = sum(e > max(s.keep) for s in segs for e in s.modes)
     extra = prepared["epochs_to_run"] - n - run_on
     workers = prepared["workers"]
+    plural = "s" if extra != 1 else ""
     text = (f"Replays {n} epoch{'s' if n != 1 else ''} ({format_epochs(prepared['epochs'])}) of {run.label} with "
             f"{workers} worker{'s' if workers != 1 else ''}: {where}"
-            f"{f' ({extra} earlier {_epochs_word(extra)} re-run to reach them)' if extra > 0 else ''}"
+            f"{f' ({extra} earlier epoch{plural} re-run to reach them)' if extra > 0 else ''}"
             f"{f' ({run_on} more run on to reach a recorded check of the state)' if run_on > 0 else ''}. "
             f"Steps: {step}. Expect {when}.")
     if prepared.get("thinned"):  # checkpoints thinned under the store budget: say what they cost

@@ -25,6 +25,13 @@ _MAX_TIMES = 10_000  # unit times kept with a run (a step-only loop runs many mo
 _DIGEST_BUDGET = 0.01
 
 
+
+def _recent_median(seconds: list) -> float:
+    """The median of the last 5 measurements: one slow outlier does not move a period."""
+    last = sorted(seconds[-5:])
+    return last[len(last) // 2]
+
+
 class Recorder(RowCommits, Checkpointing):
     """The session while a cell records.
 
@@ -245,20 +252,20 @@ class Recorder(RowCommits, Checkpointing):
             return
         t = max(sorted(self._recent)[len(self._recent) // 2], 1e-9)
         if self.snapshot_seconds:
-            c = sorted(self.snapshot_seconds[-5:])[len(self.snapshot_seconds[-5:]) // 2]
+            c = _recent_median(self.snapshot_seconds)
             if self.write_cpu_seconds and (t < _COMMIT_UNIT_SECONDS or self._cores_busy):
                 # The writer's CPU work (hashing, copying; not its waits for the disk) takes a core from
                 # training when torch uses every core, or within the period of many tiny units. With a
                 # free core (1 torch thread on 2) and units of 0.1 s and more it costs training nothing:
                 # counting its 0.3-0.8 s of fsyncs there spaced 0.6 s epochs' checkpoints 36 apart.
-                c += sorted(self.write_cpu_seconds[-5:])[len(self.write_cpu_seconds[-5:]) // 2]
+                c += _recent_median(self.write_cpu_seconds)
             # And never sooner than the writer can finish the previous one: with a big state (100M params:
             # 1.6 GB a checkpoint, tens of seconds on a busy disk) the next snapshot would wait for it.
-            w = sorted(self.write_seconds[-5:])[len(self.write_seconds[-5:]) // 2] if self.write_seconds else 0.0
+            w = _recent_median(self.write_seconds) if self.write_seconds else 0.0
             keep_up = 1 if math.isinf(self.overhead) else math.ceil(w / t)  # inf: every unit, whatever it costs
             self._period_ckpt = max(1, math.ceil(c / (self.overhead * t)), keep_up)
         if self.digest_seconds:
-            d = sorted(self.digest_seconds[-5:])[len(self.digest_seconds[-5:]) // 2]
+            d = _recent_median(self.digest_seconds)
             self._period_digest = max(1, min(self._period_ckpt, math.ceil(d / (_DIGEST_BUDGET * t))))
 
     def _step_exit_ok(self) -> bool:
