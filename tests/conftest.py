@@ -50,6 +50,32 @@ def setup_namespace(epochs=5):
     return ns
 
 
+def record_importing(store, folder, module: str):
+    """Record 4 epochs whose setup cell imports ``module`` (``SCALE = 1``, written in ``folder``) as run "mod";
+    return the module's file and the training cell with a probe logging ``module.SCALE`` every epoch."""
+    path = folder / f"{module}.py"
+    path.write_text("SCALE = 1\n")
+    cells = [f"import sys\nsys.path.insert(0, {str(folder)!r})\nimport {module}\nEPOCHS = 4\n{SETUP}"]
+    ns = {"flor": flor}
+    exec(cells[0], ns)
+    flor.record(TRAIN, name="mod", namespace=ns, cells=cells, store=store, overhead=float("inf"))
+    return path, TRAIN.replace("    sched.step()\n", f"    flor.log('scale', {module}.SCALE)\n    sched.step()\n")
+
+
+def record_with_a_lock(store):
+    """Record run "locked": 3 epochs that update an object holding a threading.Lock, which cannot be captured
+    (the recording warns that guard.lock is not captured)."""
+    from flor_nb.errors import NotCapturedWarning
+
+    setup = SETUP + ("import threading\nclass Guard:\n    def __init__(self):\n"
+                     "        self.lock, self.n = threading.Lock(), 0\nguard = Guard()\n")
+    code = TRAIN.replace("    history.append(acc)\n", "    guard.n += 1\n    history.append(acc)\n")
+    ns = {"flor": flor, "EPOCHS": 3}
+    exec(setup, ns)
+    with pytest.warns(NotCapturedWarning, match="guard.lock"):
+        flor.record(code, name="locked", namespace=ns, cells=[f"EPOCHS = 3\n{setup}"], store=store)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _signing_key_in_a_temp_dir(tmp_path_factory):
     """The per-user signing key lives in $XDG_CONFIG_HOME/flor_nb: the tests' own, never the user's."""

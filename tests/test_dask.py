@@ -15,7 +15,7 @@ from flor_nb.dask_executor import DaskExecutor
 from flor_nb.errors import ReplayError
 from flor_nb.executor import ReplayCancelled
 
-from conftest import SETUP, TRAIN, dask_client, setup_namespace
+from conftest import SETUP, TRAIN, dask_client, record_importing, setup_namespace
 from test_magics import ip  # noqa: F401 - the IPython shell fixture
 
 distributed = pytest.importorskip("distributed")
@@ -224,13 +224,7 @@ def test_the_panel_replays_on_the_cluster(store, client, one_thread, monkeypatch
 
 def test_dask_workers_import_an_edited_module_again(store, client, one_thread, tmp_path):
     """Dask workers keep what their replay process imported: a module the user edited is imported afresh."""
-    mod = tmp_path / "helper_mod_dask.py"
-    mod.write_text("SCALE = 1\n")
-    cells = [f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport helper_mod_dask\nEPOCHS = 4\n{SETUP}"]
-    ns = {"flor": flor}
-    exec(cells[0], ns)
-    flor.record(TRAIN, name="mod", namespace=ns, cells=cells, store=store, overhead=float("inf"))
-    probed = TRAIN.replace("    sched.step()\n", "    flor.log('scale', helper_mod_dask.SCALE)\n    sched.step()\n")
+    mod, probed = record_importing(store, tmp_path, "helper_mod_dask")
 
     def scales():
         df = flor.replay("mod", code=probed, epochs="0-3", executor=client)

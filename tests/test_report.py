@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import SETUP, TRAIN, setup_namespace
+from conftest import SETUP, TRAIN, record_with_a_lock, setup_namespace
 
 import flor_nb as flor
 from flor_nb.errors import FlorError
@@ -198,13 +198,7 @@ def test_plots_break_where_epochs_were_not_replayed():
 
 
 def test_report_lists_what_was_not_captured(store):
-    setup = SETUP + ("import threading\nclass Guard:\n    def __init__(self):\n"
-                     "        self.lock, self.n = threading.Lock(), 0\nguard = Guard()\n")
-    code = TRAIN.replace("    history.append(acc)\n", "    guard.n += 1\n    history.append(acc)\n")
-    ns = {"flor": flor, "EPOCHS": 3}
-    exec(setup, ns)
-    with pytest.warns(UserWarning, match="guard.lock"):
-        flor.record(code, name="locked", namespace=ns, cells=[f"EPOCHS = 3\n{setup}"], store=store)
+    record_with_a_lock(store)
     nb = nbformat.read(flor.report("locked", store=store), as_version=4)
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert r"**Warning.** Not captured in locked@1: guard.lock \(lock: a lock \(threading\) cannot be saved\)" \

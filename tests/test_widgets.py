@@ -8,12 +8,12 @@ import sys
 import time
 
 import pytest
-from conftest import SETUP, TRAIN, setup_namespace
+from conftest import SETUP, TRAIN, record_with_a_lock, setup_namespace
 from flor_nb.widgets import Panel, ui
 
 import flor_nb as flor
 from flor_nb import probes as P
-from flor_nb.errors import NotCapturedWarning, UnknownRunError
+from flor_nb.errors import UnknownRunError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -402,12 +402,6 @@ def test_a_replay_that_is_not_faithful_is_shown_red(recorded):
 
 
 def test_what_was_not_captured_is_shown_before_any_replay(store):
-    setup = SETUP + ("import threading\nclass Guard:\n    def __init__(self):\n"
-                     "        self.lock, self.n = threading.Lock(), 0\nguard = Guard()\n")
-    code = TRAIN.replace("    history.append(acc)\n", "    guard.n += 1\n    history.append(acc)\n")
-    ns = {"flor": flor, "EPOCHS": 3}
-    exec(setup, ns)
-    with pytest.warns(NotCapturedWarning, match="guard.lock"):
-        flor.record(code, name="locked", namespace=ns, cells=[f"EPOCHS = 3\n{setup}"], store=store)
+    record_with_a_lock(store)
     panel = ui("locked")
     assert "flor-status warn" in panel.status.value and "not captured: guard.lock" in panel.status.value

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import flor_nb as flor
-from conftest import SETUP, TRAIN
+from conftest import TRAIN, record_importing
 from flor_nb import errors
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -135,13 +135,7 @@ def test_one_pool_per_process():
 
 @pytest.mark.timeout(180)
 def test_warm_workers_import_an_edited_module_again(store, tmp_path):
-    mod = tmp_path / "helper_mod.py"
-    mod.write_text("SCALE = 1\n")
-    cells = [f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport helper_mod\nEPOCHS = 4\n{SETUP}"]
-    ns = {"flor": flor}
-    exec(cells[0], ns)
-    flor.record(TRAIN, name="mod", namespace=ns, cells=cells, store=store, overhead=float("inf"))
-    probed = TRAIN.replace("    sched.step()\n", "    flor.log('scale', helper_mod.SCALE)\n    sched.step()\n")
+    mod, probed = record_importing(store, tmp_path, "helper_mod")
 
     def scales():
         df = flor.replay("mod", code=probed, epochs="0-3", store=store, workers=2)
