@@ -129,7 +129,8 @@ class DaskExecutor:
                                          key=f"flor-replay-{task['label']}-{seg['first']}-{seg['last']}-{uuid.uuid4().hex[:8]}")
                 index[fut.key] = i
                 self._futures.append(fut)
-            for fut in as_completed(self._futures):
+            # On this client's loop: a kernel that only named a dask:// address has no default client.
+            for fut in as_completed(self._futures, loop=self.client.loop):
                 i = index[fut.key]
                 try:
                     results[i] = fut.result()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pandas as pd
@@ -235,3 +238,35 @@ def test_dask_workers_import_an_edited_module_again(store, client, one_thread, t
     time.sleep(1.1)  # a new mtime second: Python's own bytecode cache must see the edit too
     mod.write_text("SCALE = 2\n")
     assert scales() == {2}  # every worker's replay process reads the edited file
+
+
+ADDRESS_ONLY = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import distributed
+    import flor_nb as flor
+    from conftest import SETUP, TRAIN, setup_namespace
+
+    if __name__ == "__main__":
+        ns = setup_namespace(3)
+        flor.record(TRAIN, name="a", namespace=ns, cells=[f"EPOCHS = 3\\n{{SETUP}}"], store={store!r},
+                    overhead=float("inf"))
+        with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1,
+                                      dashboard_address=None) as cluster:  # no Client made here
+            address = cluster.scheduler_address.replace("tcp://", "dask://")
+            df = flor.replay("a", code={probe!r}, epochs="1-2", store={store!r}, executor=address)
+        print(df.attrs["fidelity"]["level"], int(df["grad_norm"].notna().sum()))
+""")
+
+
+@pytest.mark.timeout(180)
+def test_a_dask_address_alone_replays_in_a_process_with_no_client(tmp_path):
+    """As in a fresh kernel that only names --executor dask://...: no distributed Client is the default one
+    (as_completed used to look for one: "No clients found")."""
+    script = tmp_path / "address_only.py"
+    script.write_text(ADDRESS_ONLY.format(tests=os.path.dirname(__file__), store=str(tmp_path / ".flor"),
+                                          probe=STEP_PROBE))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=170, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    level, rows = out.stdout.split()[-2:]
+    assert level == "faithful" and int(rows) > 0, out.stdout
