@@ -143,6 +143,7 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     new_bytes = 0
     new = []
     remote = objstore.is_url(home)
+    local: list = []  # (path, bytes) of the new blobs of a local store: written together, one flush
     for h, raw in blobs.items():
         if h in zeros:
             continue
@@ -154,9 +155,11 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
             continue
         path = Path(home) / "blobs" / h[:2] / h
         if not path.exists():
-            disk.write_atomic(path, raw)
+            local.append((path, raw))
             new_bytes += len(raw)
             new.append(h)
+    if local:
+        disk.write_all_atomic(local, home)
     buf = io.BytesIO()
     torch.save(skeleton, buf)
     skel = buf.getvalue()

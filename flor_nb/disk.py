@@ -9,12 +9,15 @@ private to the user (0600 files, 0700 folders).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
 import re
 import shutil
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -104,6 +107,68 @@ def write_atomic(path, data) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _load_syncfs():
+    """libc's ``syncfs`` (Linux): flush one filesystem's dirty data and metadata in one journal commit."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _flush_filesystem(folder) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(folder))
+    finally:
+        os.close(fd)
+
+
+def write_all_atomic(items, home) -> None:
+    """Write many new files of one store: each to a temp file, then one flush of the filesystem
+    (``syncfs``) for all of them, then the renames and a second flush, instead of one fsync each.
+
+    On this VM's disk 100 fsyncs of a checkpoint's blobs took 40-50 ms of the writer's time and slowed
+    training on the other core by more than that. A file appears under its name only once its bytes are
+    on disk, and the renames are on disk before this returns (the checkpoint file naming them is written
+    after). Where ``syncfs`` is missing (not Linux), each file is written by :func:`write_atomic`.
+    Nothing is left on failure."""
+    items = list(items)
+    if _SYNCFS is None or len(items) < 2:
+        for path, data in items:
+            write_atomic(path, data)
+        return
+    temps: list = []
+    try:
+        for path, data in items:
+            path = Path(path)
+            make_dir(path.parent)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
+            temps.append((tmp, path))
+            with open_private(tmp) as f:
+                f.write(data)
+        _flush_filesystem(home)
+        while temps:
+            tmp, path = temps[-1]
+            os.replace(tmp, path)
+            temps.pop()
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    _flush_filesystem(home)
 
 
 # -- the reserve -------------------------------------------------------------------------

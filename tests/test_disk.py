@@ -242,3 +242,24 @@ def test_a_writer_error_that_is_not_a_full_disk_is_reported_as_what_it_is(tmp_pa
     run = flor.get_run("io", store=home)
     assert run.status == "failed" and run.epochs_completed == 3  # not 'running'
     assert flor.replay("io", epochs="0-2", store=home).attrs["fidelity"]["faithful"]
+
+
+def test_blobs_written_together_appear_whole_and_a_failure_leaves_nothing(tmp_path):
+    """A checkpoint's new blobs are written in one go (one filesystem flush, not one fsync each): each appears
+    with its bytes under its name, private to the user; when one cannot be written, none is left behind,
+    temp files included."""
+    from flor_nb import disk
+
+    items = [(tmp_path / "blobs" / f"{i:02x}" / f"{i:02x}{'ab' * 15}", bytes([i]) * (1000 + i)) for i in range(40)]
+    disk.write_all_atomic(items, tmp_path)
+    for path, data in items:
+        assert path.read_bytes() == data
+        assert path.stat().st_mode & 0o077 == 0
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    (tmp_path / "blocked").write_bytes(b"a file where a folder must go")
+    bad = [(tmp_path / "more" / f"f{i}", b"x" * 10) for i in range(5)]
+    bad.insert(3, (tmp_path / "blocked" / "inside", b"cannot be written"))
+    with pytest.raises(OSError):
+        disk.write_all_atomic(bad, tmp_path)
+    assert [p for p in (tmp_path / "more").rglob("*") if p.is_file()] == []  # no blob, no temp file
