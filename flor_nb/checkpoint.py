@@ -4,8 +4,9 @@ Every tensor, and every pickled group of Python values, is stored once by the
 hash of its bytes under ``blobs/``, so what did not change since the last
 checkpoint (a frozen backbone, a dataset held in memory, a config) costs
 nothing more. A pickled blob is stored zlib-compressed (``FLZ1 | 8-byte length | zlib``) where that
-saves a tenth or more; its name, and its HMAC, stay those of the uncompressed bytes. Tensor blobs are
-stored raw (float weights barely compress). A checkpoint file (schema 5) holds::
+saves a tenth or more; its name, and its HMAC, stay those of the uncompressed bytes. So is a torch
+generator's state (its 624 words are held in 8 bytes each). Other tensor blobs are stored raw (float
+weights barely compress, for much CPU). A checkpoint file (schema 5) holds::
 
     FLORCKPT | 8-byte header length | zlib(JSON header) | zlib(skeleton) | zlib(Python part) | HMAC (32) | xxh3-128 (16)
 
@@ -150,13 +151,13 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     map_tree(skeleton, lambda r: tensor_blobs.setdefault(r["__blob__"], blobs[r["__blob__"]]), _is_ref)
     zeros = zero_blobs(tensor_blobs, algorithm)
     pyblobs = sorted(py_hashes(python))
-    pickled = set(pyblobs)
+    packable = set(pyblobs) | _generator_states(skeleton)
     stored: dict = {}  # blob -> bytes it takes in the store
     new = []
     remote = objstore.is_url(home)
     for h, raw in blobs.items():
         if h not in zeros:
-            stored[h], created = _put_blob(home, h, raw, h in pickled)
+            stored[h], created = _put_blob(home, h, raw, h in packable)
             if created:
                 new.append(h)
     buf = io.BytesIO()
@@ -186,26 +187,34 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     }
 
 
-def _put_blob(home, h: str, raw: bytes, pickled: bool) -> tuple[int, bool]:
-    """Store blob ``h`` unless it is there: (the bytes it takes in the store, whether this call wrote it)."""
+def _generator_states(skeleton: dict) -> set:
+    """The blobs of torch generators' states: an entry (``rng/torch``, ``obj/<a Generator>``) that is one
+    uint8 tensor."""
+    return {r["__blob__"] for key, r in skeleton.items()
+            if key.startswith(("rng/", "obj/")) and _is_ref(r) and r["dtype"] == "uint8"}
+
+
+def _put_blob(home, h: str, raw: bytes, pack: bool) -> tuple[int, bool]:
+    """Store blob ``h`` (compressed when ``pack``) unless it is there: (the bytes it takes in the store,
+    whether this call wrote it)."""
     rel = f"blobs/{h[:2]}/{h}"
     if objstore.is_url(home):
         if objstore.exists(home, rel):  # no size without a request: that of the bytes it was written as
-            return len(_pack(raw) if pickled else raw), False
-        data = _pack(raw) if pickled else raw
+            return len(_pack(raw) if pack else raw), False
+        data = _pack(raw) if pack else raw
         objstore.put(home, rel, data)
         return len(data), True
     path = Path(home) / rel
     try:
         return path.stat().st_size, False
     except FileNotFoundError:
-        data = _pack(raw) if pickled else raw
+        data = _pack(raw) if pack else raw
         disk.write_atomic(path, data)
         return len(data), True
 
 
 def _pack(raw: bytes) -> bytes:
-    """A pickled blob as stored: compressed behind ``FLZ1`` and its length where that saves a tenth, else raw."""
+    """A blob as stored: compressed behind ``FLZ1`` and its length where that saves a tenth, else raw."""
     packed = zlib.compress(raw)
     if len(_PACKED) + 8 + len(packed) > 0.9 * len(raw):
         return raw

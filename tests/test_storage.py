@@ -106,7 +106,7 @@ def _stored(home):
     return {p.name: p.read_bytes() for p in (home / "blobs").rglob("*") if p.is_file()}
 
 
-def test_pickled_blobs_are_stored_compressed_and_tensors_raw(tmp_path):
+def test_pickled_blobs_and_generator_states_are_stored_compressed_and_tensors_raw(tmp_path):
     ns, scope, snap = _history_snapshot()
     info = checkpoint.write(tmp_path, "a.ckpt", snap)
     skeleton, python, blobs, _ = checkpoint.split(snap)
@@ -118,6 +118,8 @@ def test_pickled_blobs_are_stored_compressed_and_tensors_raw(tmp_path):
     numpy_state = python["rng/numpy"]["__pyobj__"]  # 624 random words: compressing saves nothing, stored raw
     assert stored[numpy_state] == blobs[numpy_state]
     assert stored[skeleton["val/w"]["__blob__"]] == blobs[skeleton["val/w"]["__blob__"]]  # a tensor: raw
+    generator = skeleton["obj/g"]["__blob__"]  # a torch generator's state: 624 words in 8 bytes each
+    assert stored[generator].startswith(b"FLZ1") and len(stored[generator]) < 0.9 * len(blobs[generator])
     assert info["blobs"] == {h: len(b) for h, b in stored.items()}  # sizes are those stored
     assert info["bytes"] == sum(map(len, stored.values())) + info["file_bytes"]
     back = checkpoint.read(tmp_path, "a.ckpt")
