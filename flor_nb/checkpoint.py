@@ -3,9 +3,16 @@
 Every tensor, and every pickled group of Python values, is stored once by the
 hash of its bytes under ``blobs/``, so what did not change since the last
 checkpoint (a frozen backbone, a dataset held in memory, a config) costs
-nothing more. A checkpoint file (schema 4) holds::
+nothing more. A pickled blob is stored zlib-compressed (``FLZ1 | 8-byte length | zlib``) where that
+saves a tenth or more; its name, and its HMAC, stay those of the uncompressed bytes. So is a torch
+generator's state (its 624 words are held in 8 bytes each). Other tensor blobs are stored raw (float
+weights barely compress, for much CPU). A checkpoint file (schema 5) holds::
 
-    FLORCKPT | 8-byte header length | JSON header | skeleton | Python part | HMAC (32) | xxh3-128 (16)
+    FLORCKPT | 8-byte header length | zlib(JSON header) | zlib(skeleton) | zlib(Python part) | HMAC (32) | xxh3-128 (16)
+
+The header's ``parts`` and ``checksums`` are the lengths and hashes of the two compressed parts as
+stored, ``sizes`` their lengths once inflated. Schemas 2-4 (still read) store all three uncompressed;
+a header that starts with ``{`` is one of theirs.
 
 The skeleton is the tensor tree with each tensor replaced by a reference
 (``torch.save``, loaded with ``weights_only=True``); the Python part is a
@@ -15,8 +22,9 @@ The header names the hash algorithm and carries an HMAC of each pickled blob
 (see signing.py; truncated to 128 bits). On load, in this order: the trailing xxh3 tells damage (a
 flipped or missing byte anywhere: :class:`CorruptCheckpointError`, naming the
 file); the HMAC tells whether this user wrote it (else
-:class:`~flor_nb.errors.UntrustedStoreError`); only then is anything unpickled.
-Files are written to a temp name, fsynced and renamed.
+:class:`~flor_nb.errors.UntrustedStoreError`); only then are the parts inflated and anything unpickled.
+Files are written to a temp name, flushed to disk and renamed: a checkpoint's new blobs together, with one
+filesystem flush before their renames and one after (:func:`flor_nb.disk.write_all_atomic`), then its file.
 ``home`` may also be a URL (``s3://bucket/prefix``): then :mod:`flor_nb.objstore` reads and
 writes the files and blobs (one upload per object, which S3 makes atomic).
 A tensor whose bytes are all zero (Adam's state of parameters that got no
@@ -32,6 +40,7 @@ import pickle
 import pickletools
 import re
 import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -44,8 +53,8 @@ from .state import _raw, wait_copies
 from .trees import map_tree
 
 MAGIC = b"FLORCKPT"
-SCHEMA = 4
-_READS = (2, 3, 4)
+SCHEMA = 5
+_READS = (2, 3, 4, 5)
 _UNSIGNED = (2, 3)  # written before checkpoints were signed: readable once the user trusts the store
 _PY_BLOBS = ("py/", "leaves/")  # Python entries stored as blobs (pickled bytes)
 _PY_OBJECTS = ("rng/", "nprs/", "npgen/")  # RNG states: pickled into blobs, so an unchanged one is stored once
@@ -54,6 +63,8 @@ _MAC_BYTES = 16  # a pickled blob's HMAC-SHA256, truncated to 128 bits
 ROOTS = "__roots__"  # not a stream: the roots' order, kept with the digests
 _TAG, _CHECK = 32, 16  # trailer: HMAC-SHA256, then xxh3-128 of everything before it
 _HEX = re.compile(r"[0-9a-f]{16,128}")
+_PACKED = b"FLZ1"  # a compressed pickled blob: FLZ1 | 8-byte little-endian uncompressed length | zlib data
+_MAX_HEADER = 64 << 20  # a compressed header inflating to more is refused (a damaged or hostile file)
 
 
 class CorruptCheckpointError(FlorError):
@@ -140,7 +151,9 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     tensor_blobs: dict = {}
     map_tree(skeleton, lambda r: tensor_blobs.setdefault(r["__blob__"], blobs[r["__blob__"]]), _is_ref)
     zeros = zero_blobs(tensor_blobs, algorithm)
-    new_bytes = 0
+    pyblobs = sorted(py_hashes(python))
+    packable = set(pyblobs) | _generator_states(skeleton)
+    stored: dict = {}  # blob -> bytes it takes in the store
     new = []
     remote = objstore.is_url(home)
     local: list = []  # (path, bytes) of the new blobs of a local store: written together, one flush
@@ -148,15 +161,16 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
         if h in zeros:
             continue
         if remote:
-            if not objstore.exists(home, f"blobs/{h[:2]}/{h}"):
-                objstore.put(home, f"blobs/{h[:2]}/{h}", raw)
-                new_bytes += len(raw)
-                new.append(h)
-            continue
-        path = Path(home) / "blobs" / h[:2] / h
-        if not path.exists():
-            local.append((path, raw))
-            new_bytes += len(raw)
+            stored[h], created = _put_remote(home, h, raw, h in packable)
+        else:
+            path = Path(home) / "blobs" / h[:2] / h
+            try:
+                stored[h], created = path.stat().st_size, False
+            except FileNotFoundError:
+                data = _pack(raw) if h in packable else raw
+                local.append((path, data))
+                stored[h], created = len(data), True
+        if created:
             new.append(h)
     if local:
         disk.write_all_atomic(local, home)
@@ -164,12 +178,9 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     torch.save(skeleton, buf)
     skel = buf.getvalue()
     py = pickle.dumps(python, protocol=pickle.HIGHEST_PROTOCOL)
-    pyblobs = sorted(py_hashes(python))
     header = {
         "schema": SCHEMA,
         "hash": algorithm,
-        "parts": [len(skel), len(py)],
-        "checksums": [hash_bytes(skel, algorithm), hash_bytes(py, algorithm)],
         "digests": digest,
         "roots": snap.get("roots", []),
         "not_captured": snap.get("not_captured", {}),
@@ -179,15 +190,52 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     data = _seal(rel, header, skel, py)
     objstore.put(home, rel, data) if remote else disk.write_atomic(disk.inside(home, rel), data)
     return {
-        "bytes": new_bytes + len(data),
+        "bytes": sum(stored[h] for h in new) + len(data),
         "logical_bytes": sum(len(r) for h, r in blobs.items() if h not in zeros) + len(data),
         "checksum": hash_bytes(data, algorithm),
         "digests": digest,
         "file_bytes": len(data),
-        "blobs": {h: len(r) for h, r in blobs.items() if h not in zeros},  # every blob the file refers to
+        "blobs": stored,  # every blob the file refers to, with the bytes it takes stored
         "new_blobs": new,  # the blobs this write created (the others were on disk already)
         "zero_bytes": sum(len(blobs[h]) for h in zeros),
     }
+
+
+def _generator_states(skeleton: dict) -> set:
+    """The blobs of torch generators' states: an entry (``rng/torch``, ``obj/<a Generator>``) that is one
+    uint8 tensor."""
+    return {r["__blob__"] for key, r in skeleton.items()
+            if key.startswith(("rng/", "obj/")) and _is_ref(r) and r["dtype"] == "uint8"}
+
+
+def _put_remote(url, h: str, raw: bytes, pack: bool) -> tuple[int, bool]:
+    """Upload blob ``h`` (compressed when ``pack``) unless it is there: (the bytes it takes in the store,
+    whether this call wrote it)."""
+    rel = f"blobs/{h[:2]}/{h}"
+    if objstore.exists(url, rel):  # no size without a request: that of the bytes it was written as
+        return len(_pack(raw) if pack else raw), False
+    data = _pack(raw) if pack else raw
+    objstore.put(url, rel, data)
+    return len(data), True
+
+
+def _pack(raw: bytes) -> bytes:
+    """A blob as stored: compressed behind ``FLZ1`` and its length where that saves a tenth, else raw."""
+    packed = zlib.compress(raw)
+    if len(_PACKED) + 8 + len(packed) > 0.9 * len(raw):
+        return raw
+    return _PACKED + struct.pack("<Q", len(raw)) + packed
+
+
+def _inflate(data, most: int) -> bytes | None:
+    """The one zlib stream ``data`` holds, inflated; None when it is damaged, inflates to more than
+    ``most`` bytes, or is followed by anything."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, most + 1)
+    except (zlib.error, OverflowError):
+        return None
+    return out if d.eof and not d.unused_data and len(out) <= most else None
 
 
 def _home(home):
@@ -196,9 +244,13 @@ def _home(home):
 
 
 def _seal(rel: str, header: dict, skel: bytes, py: bytes) -> bytes:
-    """The file's bytes: the body, its HMAC (bound to the file's place in the store), its xxh3."""
-    head = json.dumps(header).encode()
-    body = MAGIC + struct.pack("<Q", len(head)) + head + skel + py
+    """The file's bytes: the body (header, skeleton and Python part, each compressed), its HMAC (bound to
+    the file's place in the store), its xxh3. ``header`` gets the parts' lengths and checksums."""
+    parts = [zlib.compress(skel), zlib.compress(py)]
+    header = {**header, "parts": [len(p) for p in parts], "sizes": [len(skel), len(py)],
+              "checksums": [hash_bytes(p, header["hash"]) for p in parts]}
+    head = zlib.compress(json.dumps(header).encode())
+    body = MAGIC + struct.pack("<Q", len(head)) + head + b"".join(parts)
     tag = signing.mac(body, f"checkpoint:{rel}")
     return body + tag + xxhash.xxh3_128_digest(body + tag)
 
@@ -215,10 +267,16 @@ def _open(home: Path, rel: str):
         raise CorruptCheckpointError(f"{path} is not a flor_nb checkpoint (damaged or replaced).", str(path))
     sealed = len(data) > 16 + _TAG + _CHECK and xxhash.xxh3_128_digest(data[:-_CHECK]) == data[-_CHECK:]
     (hlen,) = struct.unpack("<Q", data[8:16])
+    head = data[16:16 + hlen]
+    if not head.startswith(b"{"):  # schema 5 on: compressed, so only an intact file's is inflated
+        if not sealed:
+            raise CorruptCheckpointError(f"Checkpoint {path} is damaged (checksum mismatch: flipped or missing "
+                                         "bytes). Replay from another epoch.", str(path))
+        head = _inflate(head, _MAX_HEADER)
     try:
-        header = json.loads(data[16:16 + hlen])
+        header = json.loads(head)
         schema = header.get("schema")
-    except (ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError):
         raise CorruptCheckpointError(f"Checkpoint {path} is damaged (its header does not parse). "
                                      "Replay from another epoch.", str(path)) from None
     if schema not in _READS:
@@ -234,7 +292,7 @@ def _open(home: Path, rel: str):
 
 
 def _parts(path, data, header, hlen):
-    """(skeleton bytes, Python bytes, hash algorithm), checked against the header's checksums."""
+    """(skeleton bytes, Python bytes, hash algorithm) as stored, checked against the header's checksums."""
     algorithms = [header["hash"]] if "hash" in header else ["xxh3_128", "blake2b_128"]  # schema 2 did not say
     if not all(known(a) for a in algorithms):
         raise CorruptCheckpointError(f"{path} was hashed with {header['hash']}, which this flor_nb does not know.",
@@ -253,13 +311,27 @@ def _parts(path, data, header, hlen):
     return skel, py, algorithm
 
 
+def _inflated(path, header, skel: bytes, py: bytes) -> tuple[bytes, bytes]:
+    """The skeleton and Python part of a checked file, inflated (schema 5 on) to the sizes its header names."""
+    if header["schema"] < 5:
+        return skel, py
+    sizes = header.get("sizes")
+    if not (isinstance(sizes, list) and len(sizes) == 2 and all(isinstance(n, int) and n >= 0 for n in sizes)):
+        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (its header lacks its parts' sizes).", str(path))
+    out = [_inflate(part, n) for part, n in zip((skel, py), sizes)]
+    if any(o is None or len(o) != n for o, n in zip(out, sizes)):
+        raise CorruptCheckpointError(f"Checkpoint {path} is damaged (its parts do not inflate). "
+                                     "Replay from another epoch.", str(path))
+    return out[0], out[1]
+
+
 def _signed(home: Path, rel: str):
     """(skeleton, Python part, hash algorithm, header) of a file that is intact and signed by this user."""
     path, data, header, hlen, end, sealed = _open(home, rel)
     skel, py, algorithm = _parts(path, data, header, hlen)  # damage first: it is named as such
     if not sealed or not signing.verify(data[:end], data[end:end + _TAG], f"checkpoint:{rel}"):
         raise UntrustedStoreError(signing.refusal(home, f"checkpoint {rel}"))
-    return skel, py, algorithm, header
+    return (*_inflated(path, header, skel, py), algorithm, header)
 
 
 def read(home: Path, rel: str) -> dict:
@@ -336,11 +408,12 @@ def resign(home: Path, rel: str) -> None:
     """Sign a checkpoint file and its pickled blobs with this user's key (see :func:`flor_nb.trust`).
 
     Damaged files and blobs are refused (:class:`CorruptCheckpointError`); nothing is unpickled.
-    Files of schema 2 and 3 (unsigned) are rewritten as schema 4.
+    Files of older schemas are rewritten as schema 5.
     """
     path, data, header, hlen, end, _ = _open(Path(home), rel)
     skel, py, algorithm = _parts(path, data, header, hlen)
-    pyblobs = header["macs"] if header.get("schema") == SCHEMA and "macs" in header else _pyblob_refs(py)
+    skel, py = _inflated(path, header, skel, py)
+    pyblobs = header["macs"] if header.get("schema") >= 4 and "macs" in header else _pyblob_refs(py)
     header = {**header, "schema": SCHEMA, "hash": algorithm,
               "macs": {h: signing.mac(_blob(Path(home), h, algorithm), "blob")[:_MAC_BYTES].hex()
                        for h in sorted(pyblobs)}}
@@ -380,6 +453,7 @@ def _pyblob_refs(py: bytes) -> set:
 
 
 def _blob(home, h: str, algorithm: str) -> bytearray:
+    """The bytes whose hash is ``h``: a blob as stored, or (a compressed pickled blob) inflated."""
     if not isinstance(h, str) or not _HEX.fullmatch(h):
         raise CorruptCheckpointError(f"A checkpoint in {home} names the blob {h!r}, which is not a blob hash.")
     remote = objstore.is_url(home)
@@ -389,9 +463,14 @@ def _blob(home, h: str, algorithm: str) -> bytearray:
     except FileNotFoundError:
         raise CorruptCheckpointError(f"Blob {path} is missing. Replay other epochs or record again.",
                                      str(path)) from None
-    if hash_bytes(raw, algorithm) != h:
-        raise CorruptCheckpointError(f"Blob {path} is damaged (hash mismatch). Replay other epochs.", str(path))
-    return raw
+    if hash_bytes(raw, algorithm) == h:
+        return raw
+    if raw.startswith(_PACKED) and len(raw) >= len(_PACKED) + 8:
+        (size,) = struct.unpack("<Q", raw[4:12])
+        out = _inflate(memoryview(raw)[12:], size)
+        if out is not None and len(out) == size and hash_bytes(out, algorithm) == h:
+            return bytearray(out)
+    raise CorruptCheckpointError(f"Blob {path} is damaged (hash mismatch). Replay other epochs.", str(path))
 
 
 
@@ -403,6 +482,7 @@ def references(home: Path, rel: str) -> set[str]:
     """
     path, data, header, hlen, _, _ = _open(_home(home), rel)
     skel, py, _ = _parts(path, data, header, hlen)
+    skel, py = _inflated(path, header, skel, py)
     found: set[str] = set()
     for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
         map_tree(tree, lambda r: found.add(r["__blob__"]), _is_ref)

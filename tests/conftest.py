@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import zlib
 
 import pytest
+import xxhash
 
 import flor_nb as flor
+from flor_nb import signing
+from flor_nb.hashing import hash_bytes
 
 SETUP = '''
 import random
@@ -60,6 +65,29 @@ def record_importing(store, folder, module: str):
     exec(cells[0], ns)
     flor.record(TRAIN, name="mod", namespace=ns, cells=cells, store=store, overhead=float("inf"))
     return path, TRAIN.replace("    sched.step()\n", f"    flor.log('scale', {module}.SCALE)\n    sched.step()\n")
+
+
+def uncompress_checkpoint(path, rel: str, schema: int) -> None:
+    """Rewrite the checkpoint file at ``path`` (``rel`` in its store) as flor_nb wrote schema ``schema`` (2-4):
+    header, skeleton and Python part uncompressed; sealed with this user's key from schema 4 on, unsealed
+    before (schema 2 does not name its hash either)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[8:16], "little")
+    header = json.loads(zlib.decompress(data[16:16 + n]))
+    n_skel, n_py = header["parts"]
+    skel = zlib.decompress(data[16 + n:16 + n + n_skel])
+    py = zlib.decompress(data[16 + n + n_skel:16 + n + n_skel + n_py])
+    del header["sizes"]
+    header.update(schema=schema, parts=[len(skel), len(py)],
+                  checksums=[hash_bytes(skel, header["hash"]), hash_bytes(py, header["hash"])])
+    if schema == 2:
+        del header["hash"]
+    head = json.dumps(header).encode()
+    body = b"FLORCKPT" + len(head).to_bytes(8, "little") + head + skel + py
+    if schema >= 4:
+        tag = signing.mac(body, f"checkpoint:{rel}")
+        body += tag + xxhash.xxh3_128_digest(body + tag)
+    path.write_bytes(body)
 
 
 def record_with_a_lock(store):

@@ -5,7 +5,6 @@ with a run that had them from the start (same seeds), or checks the verdict name
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 
@@ -15,6 +14,8 @@ import torch
 import flor_nb as flor
 from flor_nb import checkpoint, hashing
 from flor_nb.errors import FlorError, NotCapturedWarning
+
+from conftest import uncompress_checkpoint
 
 SETUP = '''
 import random
@@ -291,18 +292,18 @@ def test_checkpoints_name_their_hash_and_old_ones_still_verify(recorded, store):
     assert back["header"]["hash"] == "blake2b_128"
     assert torch.equal(back["tensors"]["obj/model"]["0.weight"], snap["tensors"]["obj/model"]["0.weight"])
     path = store.home / "old.ckpt"
-    data = path.read_bytes()
-    n = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16:16 + n])
-    del header["hash"]
-    header["schema"] = 2
-    new = json.dumps(header).encode()
-    path.write_bytes(data[:8] + len(new).to_bytes(8, "little") + new + data[16 + n:-48])  # schema 2: no signature
+    uncompress_checkpoint(path, "old.ckpt", 4)  # schema 4: signed, nothing compressed
+    assert torch.equal(checkpoint.read(store.home, "old.ckpt")["tensors"]["obj/model"]["0.weight"],
+                       snap["tensors"]["obj/model"]["0.weight"])
+    checkpoint.resign(store.home, "old.ckpt")  # rewritten as the current schema
+    assert checkpoint.read(store.home, "old.ckpt")["header"]["schema"] == checkpoint.SCHEMA
+    uncompress_checkpoint(path, "old.ckpt", 2)  # schema 2: no signature, no hash named
     with pytest.raises(flor.errors.UntrustedStoreError, match="not signed with your key"):
         checkpoint.read(store.home, "old.ckpt")
     flor.trust(store.home)  # unsigned files of an older flor_nb are read once the user vouches for the store
-    assert torch.equal(checkpoint.read(store.home, "old.ckpt")["tensors"]["obj/model"]["0.weight"],
-                       snap["tensors"]["obj/model"]["0.weight"])
+    back = checkpoint.read(store.home, "old.ckpt")
+    assert back["header"]["schema"] == checkpoint.SCHEMA
+    assert torch.equal(back["tensors"]["obj/model"]["0.weight"], snap["tensors"]["obj/model"]["0.weight"])
     assert hashing.known("blake2b_128") and "xxhash" in open(flor.__file__.replace("flor_nb/__init__.py",
                                                                                 "pyproject.toml")).read()
 

@@ -1,12 +1,15 @@
 """Damaged checkpoints, blobs and database bytes are detected and named; replay routes around them."""
 from __future__ import annotations
 
+import pickle
 import re
 import struct
 import warnings
 
 import numpy as np
 import pytest
+import torch
+import xxhash
 
 import flor_nb as flor
 from flor_nb import checkpoint, errors
@@ -59,6 +62,42 @@ def test_damaged_tensor_blob_is_named_and_replay_falls_back(recorded, store, how
     with pytest.warns(UserWarning, match=rf"Blob .*{h} is damaged"):
         df = flor.replay("small", epochs=3, store=store)
     assert df.attrs["fidelity"]["faithful"] and "2" in df.attrs["fidelity"]["damaged_checkpoints"]
+
+
+@pytest.mark.parametrize("where", ["header", "part"])
+@pytest.mark.parametrize("resealed", [False, True])
+def test_damaged_compressed_checkpoint_file_is_named(tmp_path, where, resealed):
+    checkpoint.write(tmp_path, "a.ckpt", {"tensors": {"w": {"x": torch.randn(4)}}, "python": {"i": 1}})
+    path = tmp_path / "a.ckpt"
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[8:16], "little")
+    data[16 + n // 2 if where == "header" else 16 + n + 3] ^= 0x10
+    if resealed:  # its xxh3 made to match: the damage is still found, before the HMAC is checked
+        data[-16:] = xxhash.xxh3_128_digest(bytes(data[:-16]))
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=rf"{re.escape(str(path))} is damaged"):
+        checkpoint.read(tmp_path, "a.ckpt")
+
+
+@pytest.mark.parametrize("how", ["flipped", "longer", "shorter", "huge", "trailing", "not zlib"])
+def test_damaged_compressed_blob_is_named(tmp_path, how):
+    snap = {"tensors": {}, "python": {"py/cfg": pickle.dumps({"note": "constant " * 200})}}
+    checkpoint.write(tmp_path, "a.ckpt", snap)
+    path = checkpoint.blob_path(tmp_path, checkpoint.split(snap)[1]["py/cfg"]["__pyblob__"])
+    data = bytearray(path.read_bytes())
+    assert data.startswith(b"FLZ1")
+    n = int.from_bytes(data[4:12], "little")  # the declared length: that of the pickle
+    if how == "flipped":
+        data[len(data) // 2] ^= 0x10
+    elif how in ("longer", "shorter", "huge"):
+        data[4:12] = {"longer": n + 1, "shorter": n - 1, "huge": 2 ** 64 - 1}[how].to_bytes(8, "little")
+    elif how == "trailing":
+        data += b"\0"
+    else:
+        data[12:] = b"x" * (len(data) - 12)
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=rf"Blob {re.escape(str(path))} is damaged"):
+        checkpoint.read(tmp_path, "a.ckpt")
 
 
 def _value_position(db_path, value: float) -> int:

@@ -93,6 +93,58 @@ def test_rng_states_are_blobs_stored_once_and_small_values_stay_in_the_file(tmp_
     assert back["rng/random"] == random.getstate() and pickle.loads(back["py/i"]) == 2
 
 
+# -- compressed pickled blobs ----------------------------------------------------------------------
+def _history_snapshot():
+    """A loss history of 5000 float32 values (5 chunks), a torch generator, a tensor; with the RNG states."""
+    lossi = [float(torch.tensor(i / 7).log10()) for i in range(1, 5001)]
+    ns = {"__name__": "__main__", "lossi": lossi, "g": torch.Generator().manual_seed(7), "w": torch.randn(64, 64)}
+    scope = flor.state.Scope(set(), {"lossi", "g", "w"})
+    return ns, scope, flor.state.Capturer(ns, scope).snapshot()
+
+
+def _stored(home):
+    return {p.name: p.read_bytes() for p in (home / "blobs").rglob("*") if p.is_file()}
+
+
+def test_pickled_blobs_and_generator_states_are_stored_compressed_and_tensors_raw(tmp_path):
+    ns, scope, snap = _history_snapshot()
+    info = checkpoint.write(tmp_path, "a.ckpt", snap)
+    skeleton, python, blobs, _ = checkpoint.split(snap)
+    pickled = checkpoint.py_hashes(python)
+    assert len(python["chunks/lossi"]["__pyblobs__"]) == 5 and python["rng/random"]["__pyobj__"] in pickled
+    stored = _stored(tmp_path)
+    for h in python["chunks/lossi"]["__pyblobs__"] + [python["rng/random"]["__pyobj__"]]:
+        assert stored[h].startswith(b"FLZ1") and len(stored[h]) < 0.9 * len(blobs[h]), h
+    numpy_state = python["rng/numpy"]["__pyobj__"]  # 624 random words: compressing saves nothing, stored raw
+    assert stored[numpy_state] == blobs[numpy_state]
+    assert stored[skeleton["val/w"]["__blob__"]] == blobs[skeleton["val/w"]["__blob__"]]  # a tensor: raw
+    generator = skeleton["obj/g"]["__blob__"]  # a torch generator's state: 624 words in 8 bytes each
+    assert stored[generator].startswith(b"FLZ1") and len(stored[generator]) < 0.9 * len(blobs[generator])
+    assert info["blobs"] == {h: len(b) for h, b in stored.items()}  # sizes are those stored
+    assert info["bytes"] == sum(map(len, stored.values())) + info["file_bytes"]
+    back = checkpoint.read(tmp_path, "a.ckpt")
+    assert back["python"]["chunks/lossi"] == snap["python"]["chunks/lossi"]
+    assert back["python"]["rng/random"] == snap["python"]["rng/random"]
+    assert torch.equal(back["tensors"]["val/w"], ns["w"]) and torch.equal(back["tensors"]["obj/g"], ns["g"].get_state())
+    fresh = {"__name__": "__main__", "lossi": [], "g": torch.Generator(), "w": torch.zeros(64, 64)}
+    flor.state.Capturer(fresh, scope).restore(back)
+    assert fresh["lossi"] == ns["lossi"] and torch.equal(fresh["g"].get_state(), ns["g"].get_state())
+    checkpoint.verify(tmp_path, "a.ckpt")
+
+
+def test_a_store_with_uncompressed_pickled_blobs_still_reads(tmp_path):
+    """Stores of flor_nb before compression hold pickled blobs raw, under the same names."""
+    _, _, snap = _history_snapshot()
+    checkpoint.write(tmp_path, "a.ckpt", snap)
+    _, python, blobs, _ = checkpoint.split(snap)
+    for h in checkpoint.py_hashes(python):
+        checkpoint.blob_path(tmp_path, h).write_bytes(blobs[h])
+    back = checkpoint.read(tmp_path, "a.ckpt")
+    assert back["python"]["chunks/lossi"] == snap["python"]["chunks/lossi"]
+    assert back["python"]["rng/random"] == snap["python"]["rng/random"]
+    checkpoint.verify(tmp_path, "a.ckpt")
+
+
 # -- the budget -----------------------------------------------------------------------------------
 def test_parse_size():
     assert thinning.parse_size("2GB") == 2e9
