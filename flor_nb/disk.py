@@ -109,9 +109,16 @@ def write_atomic(path, data) -> None:
         raise
 
 
+def _reports_errors(release: str) -> bool:
+    """Whether a Linux kernel of this release reports writeback errors from ``syncfs`` (5.8 and later)."""
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return bool(m) and (int(m[1]), int(m[2])) >= (5, 8)
+
+
 def _load_syncfs():
-    """libc's ``syncfs`` (Linux): flush one filesystem's dirty data and metadata in one journal commit."""
-    if not sys.platform.startswith("linux"):
+    """libc's ``syncfs`` (Linux): flush one filesystem's dirty data and metadata in one journal commit.
+    None where it cannot tell a failed write (kernels before 5.8): then each file is fsynced."""
+    if not sys.platform.startswith("linux") or not _reports_errors(os.uname().release):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -142,7 +149,8 @@ def write_all_atomic(items, home) -> None:
     On this VM's disk 100 fsyncs of a checkpoint's blobs took 40-50 ms of the writer's time and slowed
     training on the other core by more than that. A file appears under its name only once its bytes are
     on disk, and the renames are on disk before this returns (the checkpoint file naming them is written
-    after). Where ``syncfs`` is missing (not Linux), each file is written by :func:`write_atomic`.
+    after). Where ``syncfs`` is missing or cannot report a failed write (not Linux, Linux before 5.8),
+    each file is written by :func:`write_atomic`.
     Nothing is left on failure."""
     items = list(items)
     if _SYNCFS is None or len(items) < 2:

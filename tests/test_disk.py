@@ -263,3 +263,13 @@ def test_blobs_written_together_appear_whole_and_a_failure_leaves_nothing(tmp_pa
     with pytest.raises(OSError):
         disk.write_all_atomic(bad, tmp_path)
     assert [p for p in (tmp_path / "more").rglob("*") if p.is_file()] == []  # no blob, no temp file
+
+
+@pytest.mark.parametrize("release, batched", [("6.18.44-fc-v669", True), ("5.8.0", True), ("5.7.19-generic", False),
+                                              ("4.19.0-25-amd64", False), ("weird", False)])
+def test_blobs_are_flushed_together_only_where_a_failed_flush_is_reported(release, batched):
+    """syncfs reports a failed write only from Linux 5.8: on older kernels each blob keeps its own fsync, so an I/O
+    error still stops checkpoints when it happens instead of surfacing as a damaged blob at replay."""
+    from flor_nb import disk
+
+    assert disk._reports_errors(release) is batched
