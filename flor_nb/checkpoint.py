@@ -473,7 +473,6 @@ def _blob(home, h: str, algorithm: str) -> bytearray:
     raise CorruptCheckpointError(f"Blob {path} is damaged (hash mismatch). Replay other epochs.", str(path))
 
 
-
 def references(home: Path, rel: str) -> set[str]:
     """The blobs a checkpoint file refers to (tensors and pickled Python parts), unpickling nothing.
 
