@@ -372,9 +372,17 @@ def _report_from_the_file_browser(page, server, tmp_path: Path):
     """Write report -> a link in the panel, and flor_reports/ in the file browser opens the report."""
     page.locator(".flor-panel .flor-runs select option", has_text="demo@1").click()
     page.locator(".flor-panel .flor-status", has_text="demo@1").wait_for(timeout=30_000)
-    page.locator(".flor-panel button", has_text="Write report").click()
     link = page.locator(".flor-panel a.flor-report-link")
-    link.wait_for(timeout=60_000)
+    for attempt in range(2):
+        # The run switch above re-renders the panel; on a loaded machine a click landing mid re-render is
+        # lost (CI, 23:51 UTC: the button kept its focus ring, the kernel stayed idle, no report was written).
+        page.locator(".flor-panel button", has_text="Write report").click()
+        try:
+            link.wait_for(timeout=45_000 if attempt == 0 else 60_000)
+            break
+        except playwright_api.TimeoutError:
+            if attempt == 1:
+                raise
     assert link.get_attribute("href") == "flor_reports/demo@1.ipynb"
     assert (server["root"] / "flor_reports" / "demo@1.html").exists()
     page.evaluate("window.jupyterapp.commands.execute('filebrowser:activate')")
