@@ -195,7 +195,7 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
         "checksum": hash_bytes(data, algorithm),
         "digests": digest,
         "file_bytes": len(data),
-        "blobs": stored,  # every blob the file refers to, with the bytes it takes stored
+        "blobs": stored,  # every blob the file refers to, with the bytes it takes stored (see _put_remote)
         "new_blobs": new,  # the blobs this write created (the others were on disk already)
         "zero_bytes": sum(len(blobs[h]) for h in zeros),
     }
@@ -210,10 +210,11 @@ def _generator_states(skeleton: dict) -> set:
 
 def _put_remote(url, h: str, raw: bytes, pack: bool) -> tuple[int, bool]:
     """Upload blob ``h`` (compressed when ``pack``) unless it is there: (the bytes it takes in the store,
-    whether this call wrote it)."""
+    whether this call wrote it). A blob already there counts its raw length: its stored size would cost a
+    request or compressing it again, every checkpoint, and nothing thins a remote location (record.py)."""
     rel = f"blobs/{h[:2]}/{h}"
-    if objstore.exists(url, rel):  # no size without a request: that of the bytes it was written as
-        return len(_pack(raw) if pack else raw), False
+    if objstore.exists(url, rel):
+        return len(raw), False
     data = _pack(raw) if pack else raw
     objstore.put(url, rel, data)
     return len(data), True

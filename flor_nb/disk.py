@@ -92,11 +92,16 @@ def open_private(path, mode: str = "wb"):
     return open(fd, mode)
 
 
+def _temp_name(path: Path) -> Path:
+    """Where ``path`` is written before its rename: this process and thread's own (``_TMP`` finds it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
+
+
 def write_atomic(path, data) -> None:
     """Write ``data`` to ``path`` through a temp file, fsynced and renamed; nothing is left on failure."""
     path = Path(path)
     make_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
+    tmp = _temp_name(path)
     try:
         with open_private(tmp) as f:
             f.write(data)
@@ -162,17 +167,14 @@ def write_all_atomic(items, home) -> None:
         for path, data in items:
             path = Path(path)
             make_dir(path.parent)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
-            temps.append((tmp, path))
-            with open_private(tmp) as f:
+            temps.append((_temp_name(path), path))
+            with open_private(temps[-1][0]) as f:
                 f.write(data)
         _flush_filesystem(home)
-        while temps:
-            tmp, path = temps[-1]
+        for tmp, path in temps:
             os.replace(tmp, path)
-            temps.pop()
     except BaseException:
-        for tmp, _ in temps:
+        for tmp, _ in temps:  # those renamed already are gone: nothing to unlink
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise

@@ -30,7 +30,6 @@ _DIGEST_BUDGET = 0.01
 _ITER_SHARES = (0.6, 0.25)  # of the overhead budget: checkpoints, digests (the rest: the per-unit path)
 
 
-
 def _recent_median(seconds: list) -> float:
     """The median of the last 5 measurements: one slow outlier does not move a period."""
     last = sorted(seconds[-5:])
