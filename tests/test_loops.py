@@ -171,8 +171,7 @@ def _tuned(unit, snapshot, writer_cpu, digest, commit, overhead=0.02):
     rec = types.SimpleNamespace(
         _recent=collections.deque([unit] * 9), snapshot_seconds=[snapshot] * 5, write_cpu_seconds=[writer_cpu] * 5,
         write_seconds=[writer_cpu] * 5, digest_seconds=[digest] * 5, commit_seconds=[commit] * 5,
-        overhead=overhead, _busy=False, _period_ckpt=1, _period_digest=1)
-    rec._cores_busy = False
+        overhead=overhead, _cores_busy=False, _period_ckpt=1, _period_digest=1)
     Recorder._tune(rec)
     return rec._period_ckpt, rec._period_digest
 
