@@ -9,10 +9,12 @@ Two workloads written the way people write them (neither is our own shape of cel
 
 Each repetition runs the cell plainly (``flor`` a no-op) and recorded (default overhead budget), in
 alternating order (ABBA), each from a freshly built namespace, at one torch thread. Printed: the median
-overhead of wall time and of process CPU time with their range, what recording did (checkpoints, digests),
-and the store: bytes written per kept checkpoint against the bytes of model + optimizer state.
+overhead of wall time, of process CPU time and of the main thread's CPU time, each with its range; with
+``--control`` also the plain cell against a second plain run (the noise floor of these pairs); what recording
+did (checkpoints, digests), and the store: bytes written per kept checkpoint against the bytes of model +
+optimizer state.
 
-    .venv/bin/python bench/iterations.py [--reps 3] [--steps 20000] [--iters 1500]
+    .venv/bin/python bench/iterations.py [--reps 3] [--steps 20000] [--iters 1500] [--control]
 """
 from __future__ import annotations
 
@@ -164,34 +166,45 @@ def state_bytes(ns) -> int:
     return total
 
 
-def measure(name, setup, train, n_name, n, reps):
+def _spread(xs) -> str:
+    xs = sorted(xs)
+    return f"{statistics.median(xs):+.1%} ({xs[0]:+.1%} .. {xs[-1]:+.1%})"
+
+
+def measure(name, setup, train, n_name, n, reps, control=False):
+    """ABBA pairs of the plain and the recorded cell (with ``control``, a second plain arm: the noise floor,
+    the same cell against itself). Wall time, process CPU time, and the main thread's CPU time (the
+    training thread's own cost, without the writer's)."""
     import flor_nb
 
-    plain, recorded, plain_cpu, rec_cpu, runs = [], [], [], [], []
+    arms = ("plain", "record") + (("plain2",) if control else ())
+    wall, cpu, main_cpu = ({a: [] for a in arms} for _ in range(3))
+    runs = []
     for rep in range(reps):
-        for mode in (("plain", "record") if rep % 2 == 0 else ("record", "plain")):
-            if mode == "plain":
-                ns = namespace(setup, n_name, n, NoFlor)
-                w, c = time.perf_counter(), time.process_time()
-                exec(train, ns)
-                plain.append(time.perf_counter() - w)
-                plain_cpu.append(time.process_time() - c)
+        for mode in (arms if rep % 2 == 0 else arms[::-1]):
+            ns = namespace(setup, n_name, n, flor_nb if mode == "record" else NoFlor)
+            store = tempfile.mkdtemp()
+            w, c, t = time.perf_counter(), time.process_time(), time.thread_time()
+            if mode == "record":
+                run = flor_nb.record(train, name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_"), namespace=ns,
+                                     cells=[f"{n_name} = {n}\n{setup}"], store=store)
             else:
-                ns = namespace(setup, n_name, n, flor_nb)
-                store = tempfile.mkdtemp()
-                w, c = time.perf_counter(), time.process_time()
-                run = flor_nb.record(train, name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_"), namespace=ns, cells=[f"{n_name} = {n}\n{setup}"], store=store)
-                recorded.append(time.perf_counter() - w)
-                rec_cpu.append(time.process_time() - c)
+                exec(train, ns)
+            wall[mode].append(time.perf_counter() - w)
+            cpu[mode].append(time.process_time() - c)
+            main_cpu[mode].append(time.thread_time() - t)
+            if mode == "record":
                 runs.append((flor_nb.get_store(store), run, state_bytes(ns)))
-    over = sorted(r / p - 1 for r, p in zip(recorded, plain))
-    cpu = sorted(r / p - 1 for r, p in zip(rec_cpu, plain_cpu))
+
+    def over(d, arm="record"):
+        return _spread(r / p - 1 for r, p in zip(d[arm], d["plain"]))
+
     st, run, raw = runs[-1]
     ck = st.checkpoints(run.id)
     kept = [c for e, c in ck.items() if e >= 0]
     per = statistics.median(c["bytes"] for c in kept) if kept else 0
-    print(f"| {name} | {n:,} | {statistics.median(plain):.2f} s | {statistics.median(over):+.1%} "
-          f"({over[0]:+.1%} .. {over[-1]:+.1%}) | {statistics.median(cpu):+.1%} ({cpu[0]:+.1%} .. {cpu[-1]:+.1%}) | "
+    print(f"| {name} | {n:,} | {statistics.median(wall['plain']):.2f} s | {over(wall)} | {over(cpu)} | "
+          f"{over(main_cpu)} | {over(wall, 'plain2') if control else ''} | "
           f"{len(kept)} | {len(st.digests(run.id))} | {per / 1e3:.1f} kB | {raw / 1e3:.1f} kB | {per / raw:.2f}x |")
 
 
@@ -201,17 +214,20 @@ def main():
     p.add_argument("--steps", type=int, default=20000, help="iterations of the step-only loop")
     p.add_argument("--iters", type=int, default=1500, help="iterations of the while loop")
     p.add_argument("--only", default="step,while")
+    p.add_argument("--control", action="store_true",
+                   help="a second plain arm in every rep: the plain cell against itself, the noise floor")
     a = p.parse_args()
     torch.set_num_threads(1)
     print(f"# iteration loops: {a.reps} interleaved pairs, 1 torch thread, default overhead budget; "
           f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}\n")
-    print("| workload | iterations | plain (median) | wall overhead (range) | CPU overhead (range) | checkpoints kept "
+    print("| workload | iterations | plain (median) | wall overhead (range) | process CPU overhead (range) "
+          "| main-thread CPU overhead (range) | plain vs plain, wall (range) | checkpoints kept "
           "| digests | bytes written per kept checkpoint | model + optimizer state | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     if "step" in a.only:
-        measure("step-only (makemore)", STEP_SETUP, STEP_TRAIN, "max_steps", a.steps, a.reps)
+        measure("step-only (makemore)", STEP_SETUP, STEP_TRAIN, "max_steps", a.steps, a.reps, a.control)
     if "while" in a.only:
-        measure("while (nanoGPT)", WHILE_SETUP, WHILE_TRAIN, "max_iters", a.iters, a.reps)
+        measure("while (nanoGPT)", WHILE_SETUP, WHILE_TRAIN, "max_iters", a.iters, a.reps, a.control)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}; command: {' '.join(sys.argv)}")
 
 

@@ -4,9 +4,11 @@ Every tensor, and every pickled group of Python values, is stored once by the
 hash of its bytes under ``blobs/``, so what did not change since the last
 checkpoint (a frozen backbone, a dataset held in memory, a config) costs
 nothing more. A pickled blob is stored zlib-compressed (``FLZ1 | 8-byte length | zlib``) where that
-saves a tenth or more; its name, and its HMAC, stay those of the uncompressed bytes. So is a torch
-generator's state (its 624 words are held in 8 bytes each). Other tensor blobs are stored raw (float
-weights barely compress, for much CPU). A checkpoint file (schema 5) holds::
+saves a tenth or more; its name, and its HMAC, stay those of the uncompressed bytes. A torch generator's
+state (its 624 words are held in 8 bytes each) and a history of floats (``fchunks/``, a loss list kept
+as float32 or float64 tensors) are compressed with their bytes shuffled by value width
+(``FLZ2 | length | width | zlib``), so zero halves and exponents sit together. Other tensor blobs are
+stored raw (float weights barely compress, for much CPU). A checkpoint file (schema 6) holds::
 
     FLORCKPT | 8-byte header length | zlib(JSON header) | zlib(skeleton) | zlib(Python part) | HMAC (32) | xxh3-128 (16)
 
@@ -14,8 +16,9 @@ The header's ``parts`` and ``checksums`` are the lengths and hashes of the two c
 stored, ``sizes`` their lengths once inflated. Schemas 2-4 (still read) store all three uncompressed;
 a header that starts with ``{`` is one of theirs.
 
-The skeleton is the tensor tree with each tensor replaced by a reference
-(``torch.save``, loaded with ``weights_only=True``); the Python part is a
+The skeleton is the tensor tree with each tensor replaced by a reference (a pickle of containers and
+plain values only, loaded by an unpickler that refuses any class; ``torch.save`` before schema 6, loaded
+with ``weights_only=True``); the Python part is a
 pickle of plain values (flags, small pickled groups) and references to pickled
 blobs (larger groups, long lists' chunks, RNG states: an unchanged one is stored once).
 The header names the hash algorithm and carries an HMAC of each pickled blob
@@ -53,8 +56,8 @@ from .state import _raw, wait_copies
 from .trees import map_tree
 
 MAGIC = b"FLORCKPT"
-SCHEMA = 5
-_READS = (2, 3, 4, 5)
+SCHEMA = 6
+_READS = (2, 3, 4, 5, 6)
 _UNSIGNED = (2, 3)  # written before checkpoints were signed: readable once the user trusts the store
 _PY_BLOBS = ("py/", "leaves/")  # Python entries stored as blobs (pickled bytes)
 _PY_OBJECTS = ("rng/", "nprs/", "npgen/")  # RNG states: pickled into blobs, so an unchanged one is stored once
@@ -64,6 +67,8 @@ ROOTS = "__roots__"  # not a stream: the roots' order, kept with the digests
 _TAG, _CHECK = 32, 16  # trailer: HMAC-SHA256, then xxh3-128 of everything before it
 _HEX = re.compile(r"[0-9a-f]{16,128}")
 _PACKED = b"FLZ1"  # a compressed pickled blob: FLZ1 | 8-byte little-endian uncompressed length | zlib data
+_SHUFFLED = b"FLZ2"  # a compressed tensor blob: FLZ2 | 8-byte length | 1-byte width | zlib(bytes shuffled)
+_NOT_STREAMS = ("fchunks/",)  # tensor entries that are storage only: their list is digested as chunks/<path>
 _MAX_HEADER = 64 << 20  # a compressed header inflating to more is refused (a damaged or hostile file)
 
 
@@ -110,7 +115,7 @@ def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:
     """Per-entry digests of the tensor part, equal for equal states."""
     blobs: dict = {}
     return {key: hash_bytes(repr(map_tree(v, lambda t: _ref(t, blobs, algorithm))).encode(), algorithm)
-            for key, v in tensors.items()}
+            for key, v in tensors.items() if not key.startswith(_NOT_STREAMS)}
 
 
 def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]:
@@ -118,7 +123,8 @@ def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]
     wait_copies(snap)  # copies off a GPU are asynchronous: the buffers are read only once they landed
     blobs: dict = {}
     skeleton = {key: map_tree(value, lambda t: _ref(t, blobs, algorithm)) for key, value in snap["tensors"].items()}
-    digests = {key: hash_bytes(repr(value).encode(), algorithm) for key, value in skeleton.items()}
+    digests = {key: hash_bytes(repr(value).encode(), algorithm) for key, value in skeleton.items()
+               if not key.startswith(_NOT_STREAMS)}
     digests.update(snap.get("digests", {}))
     digests[ROOTS] = snap.get("roots", [])  # the walk order: a replay walks the same way to compare
     python = {}
@@ -152,7 +158,7 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     map_tree(skeleton, lambda r: tensor_blobs.setdefault(r["__blob__"], blobs[r["__blob__"]]), _is_ref)
     zeros = zero_blobs(tensor_blobs, algorithm)
     pyblobs = sorted(py_hashes(python))
-    packable = set(pyblobs) | _generator_states(skeleton)
+    packable = {h: 1 for h in pyblobs} | _shuffled(skeleton)  # blob -> width of its values (1: as it is)
     stored: dict = {}  # blob -> bytes it takes in the store
     new = []
     remote = objstore.is_url(home)
@@ -161,26 +167,25 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
         if h in zeros:
             continue
         if remote:
-            stored[h], created = _put_remote(home, h, raw, h in packable)
+            stored[h], created = _put_remote(home, h, raw, packable.get(h))
         else:
             path = Path(home) / "blobs" / h[:2] / h
             try:
                 stored[h], created = path.stat().st_size, False
             except FileNotFoundError:
-                data = _pack(raw) if h in packable else raw
+                data = _pack(raw, packable[h]) if h in packable else raw
                 local.append((path, data))
                 stored[h], created = len(data), True
         if created:
             new.append(h)
     if local:
         disk.write_all_atomic(local, home)
-    buf = io.BytesIO()
-    torch.save(skeleton, buf)
-    skel = buf.getvalue()
+    skel = pickle.dumps(skeleton, protocol=pickle.HIGHEST_PROTOCOL)  # dicts, lists, str, int: see _skeleton
     py = pickle.dumps(python, protocol=pickle.HIGHEST_PROTOCOL)
     header = {
         "schema": SCHEMA,
         "hash": algorithm,
+        "skeleton": "plain",
         "digests": digest,
         "roots": snap.get("roots", []),
         "not_captured": snap.get("not_captured", {}),
@@ -201,31 +206,62 @@ def write(home: Path, rel: str, snap: dict, algorithm: str = DEFAULT, parts=None
     }
 
 
-def _generator_states(skeleton: dict) -> set:
-    """The blobs of torch generators' states: an entry (``rng/torch``, ``obj/<a Generator>``) that is one
-    uint8 tensor."""
-    return {r["__blob__"] for key, r in skeleton.items()
-            if key.startswith(("rng/", "obj/")) and _is_ref(r) and r["dtype"] == "uint8"}
+def _shuffled(skeleton: dict) -> dict:
+    """Tensor blobs worth compressing, with the width their bytes are shuffled by: a torch generator's state
+    (``rng/torch``, ``obj/<a Generator>``: one uint8 tensor holding 624 words in 8 bytes each, half zero)
+    and a history of floats (``fchunks/``; float32 from ``loss.item()`` has a near-constant exponent byte)."""
+    out = {}
+    for key, r in skeleton.items():
+        if key.startswith(("rng/", "obj/")) and _is_ref(r) and r["dtype"] == "uint8":
+            out[r["__blob__"]] = 8
+        elif key.startswith("fchunks/"):
+            for ref in r:
+                out[ref["__blob__"]] = 4 if ref["dtype"] == "float32" else 8
+    return out
 
 
-def _put_remote(url, h: str, raw: bytes, pack: bool) -> tuple[int, bool]:
-    """Upload blob ``h`` (compressed when ``pack``) unless it is there: (the bytes it takes in the store,
+def _put_remote(url, h: str, raw: bytes, pack: int | None) -> tuple[int, bool]:
+    """Upload blob ``h`` (compressed when ``pack`` names a width) unless it is there: (the bytes it takes in the store,
     whether this call wrote it). A blob already there counts its raw length: its stored size would cost a
     request or compressing it again, every checkpoint, and nothing thins a remote location (record.py)."""
     rel = f"blobs/{h[:2]}/{h}"
     if objstore.exists(url, rel):
         return len(raw), False
-    data = _pack(raw) if pack else raw
+    data = _pack(raw, pack) if pack else raw
     objstore.put(url, rel, data)
     return len(data), True
 
 
-def _pack(raw: bytes) -> bytes:
-    """A blob as stored: compressed behind ``FLZ1`` and its length where that saves a tenth, else raw."""
-    packed = zlib.compress(raw)
-    if len(_PACKED) + 8 + len(packed) > 0.9 * len(raw):
-        return raw
-    return _PACKED + struct.pack("<Q", len(raw)) + packed
+def _pack(raw: bytes, width: int = 1) -> bytes:
+    """A blob as stored: compressed where that saves a tenth, else raw. ``FLZ1 | length | zlib(bytes)``,
+    or with ``width`` > 1 ``FLZ2 | length | width | zlib(bytes shuffled)``: byte k of every value first, for
+    each k, so the bytes that barely change (exponents, zero halves) sit together and compress."""
+    if width > 1 and len(raw) % width == 0:
+        data = bytes(raw)
+        shuffled = b"".join(data[k::width] for k in range(width))
+        packed = _SHUFFLED + struct.pack("<QB", len(raw), width) + zlib.compress(shuffled)
+    else:
+        packed = _PACKED + struct.pack("<Q", len(raw)) + zlib.compress(raw)
+    return raw if len(packed) > 0.9 * len(raw) else packed
+
+
+def _unpack(raw) -> bytes | None:
+    """A blob's bytes from their stored form (:func:`_pack`); None when it is not packed or is damaged."""
+    if raw.startswith(_PACKED) and len(raw) >= len(_PACKED) + 8:
+        (size,) = struct.unpack("<Q", raw[4:12])
+        out = _inflate(memoryview(raw)[12:], size)
+        return out if out is not None and len(out) == size else None
+    if raw.startswith(_SHUFFLED) and len(raw) >= len(_SHUFFLED) + 9:
+        size, width = struct.unpack("<QB", raw[4:13])
+        out = _inflate(memoryview(raw)[13:], size)
+        if out is None or len(out) != size or not width or size % width:
+            return None
+        n = size // width
+        whole = bytearray(size)
+        for k in range(width):
+            whole[k::width] = out[k * n:(k + 1) * n]
+        return bytes(whole)
+    return None
 
 
 def _inflate(data, most: int) -> bytes | None:
@@ -342,7 +378,7 @@ def read(home: Path, rel: str) -> dict:
     """
     skel, py, algorithm, header = _signed(_home(home), rel)
     macs = header.get("macs") or {}
-    skeleton = torch.load(io.BytesIO(skel), weights_only=True)
+    skeleton = _skeleton(skel, header, rel)
     zeros = set(header.get("zeros", ()))
     cache: dict = {}
 
@@ -372,6 +408,25 @@ def read(home: Path, rel: str) -> dict:
     return {"tensors": tensors, "python": python, "header": header}
 
 
+class _Plain(pickle.Unpickler):
+    """Unpickles containers and plain values only: a skeleton names no class or function."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"a skeleton names {module}.{name}")
+
+
+def _skeleton(skel: bytes, header: dict, rel: str) -> dict:
+    """A checkpoint's tensor tree with references in place of tensors: a plain pickle from schema 6
+    (``"skeleton": "plain"``; nothing but dicts, lists, tuples, str, numbers), ``torch.save`` before."""
+    if header.get("skeleton") != "plain":
+        return torch.load(io.BytesIO(skel), weights_only=True)
+    try:
+        return _Plain(io.BytesIO(skel)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise CorruptCheckpointError(f"Checkpoint {rel} is damaged (its tensor tree does not load: {e}). "
+                                     "Replay from another epoch.", rel) from None
+
+
 def _is_ref(x) -> bool:
     return isinstance(x, dict) and "__blob__" in x
 
@@ -396,10 +451,11 @@ def py_hashes(python: dict) -> set:
 
 
 def verify(home: Path, rel: str) -> None:
-    """Check a checkpoint file and every blob it names, unpickling nothing; raise what :func:`read` would."""
+    """Check a checkpoint file and every blob it names, unpickling no object (the skeleton is plain
+    containers); raise what :func:`read` would."""
     skel, _, algorithm, header = _signed(_home(home), rel)
     refs: set = set()
-    for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
+    for tree in _skeleton(skel, header, rel).values():
         map_tree(tree, lambda r: refs.add(r["__blob__"]), _is_ref)
     for h in sorted((refs - set(header.get("zeros", ()))) | set(header.get("macs") or {})):
         _blob(_home(home), h, algorithm)
@@ -409,7 +465,7 @@ def resign(home: Path, rel: str) -> None:
     """Sign a checkpoint file and its pickled blobs with this user's key (see :func:`flor_nb.trust`).
 
     Damaged files and blobs are refused (:class:`CorruptCheckpointError`); nothing is unpickled.
-    Files of older schemas are rewritten as schema 5.
+    Files of older schemas are rewritten in the current one.
     """
     path, data, header, hlen, end, _ = _open(Path(home), rel)
     skel, py, algorithm = _parts(path, data, header, hlen)
@@ -466,16 +522,14 @@ def _blob(home, h: str, algorithm: str) -> bytearray:
                                      str(path)) from None
     if hash_bytes(raw, algorithm) == h:
         return raw
-    if raw.startswith(_PACKED) and len(raw) >= len(_PACKED) + 8:
-        (size,) = struct.unpack("<Q", raw[4:12])
-        out = _inflate(memoryview(raw)[12:], size)
-        if out is not None and len(out) == size and hash_bytes(out, algorithm) == h:
-            return bytearray(out)
+    out = _unpack(raw)
+    if out is not None and hash_bytes(out, algorithm) == h:
+        return bytearray(out)
     raise CorruptCheckpointError(f"Blob {path} is damaged (hash mismatch). Replay other epochs.", str(path))
 
 
 def references(home: Path, rel: str) -> set[str]:
-    """The blobs a checkpoint file refers to (tensors and pickled Python parts), unpickling nothing.
+    """The blobs a checkpoint file refers to (tensors and pickled Python parts), unpickling no object.
 
     Raises :class:`CorruptCheckpointError` when the file is missing or damaged: a caller that
     frees space must then keep every blob (it cannot tell which ones the file needs).
@@ -484,7 +538,7 @@ def references(home: Path, rel: str) -> set[str]:
     skel, py, _ = _parts(path, data, header, hlen)
     skel, py = _inflated(path, header, skel, py)
     found: set[str] = set()
-    for tree in torch.load(io.BytesIO(skel), weights_only=True).values():
+    for tree in _skeleton(skel, header, rel).values():
         map_tree(tree, lambda r: found.add(r["__blob__"]), _is_ref)
     found.update(header["macs"] if "macs" in header else _pyblob_refs(py))
     return found - set(header.get("zeros", ()))

@@ -81,6 +81,9 @@ class Restorer:
         for key, chunks in python.items():
             if key.startswith("chunks/"):
                 resolved[("chunks", key[7:])] = list(itertools.chain.from_iterable(pickle.loads(c) for c in chunks))
+        for key, chunks in tensors.items():  # a history of floats: float32 ones widen exactly
+            if key.startswith("fchunks/"):
+                resolved[("chunks", key[8:])] = list(itertools.chain.from_iterable(t.tolist() for t in chunks))
         meta = python["vmeta"]
         aliases = python.get("aliases", {})
         self.placed = placed = python.get("devices") or {}

@@ -7,9 +7,11 @@ them, so training can go on while it is written)::
               grad/<path>    {param name: grad} of a module;  buf/<path>: its non-persistent buffers
               val/<path>     a tensor held by value (valgrad/<path>: its .grad);  arr/<path>: a numpy array
               rng/torch
+              fchunks/<path> a long list of floats (a loss history) in tensors of up to CHUNK values (not a stream)
     python:   py/<root>      one pickle of the roots that share objects, with module attributes and the
                              attributes of objects whose state_dict() failed (see pickling.py)
               leaves/<path>  non-tensor leaves of a state_dict (numpy scalars, ...), pickled
+              chunks/<path>  a long list of other plain values, one pickle per chunk
               train/<path>, reqgrad/<path>, groups/<path>, npgen/<path>, nprs/<path>, vmeta,
               rng/numpy, rng/random, big
     digests:  {stream: digest} of the Python streams (tensor streams are digested when written)
@@ -59,6 +61,7 @@ class Capturer(Restorer):
         self.lost_rng: set = set()  # generators recorded on a device with no counterpart here
         self.flag_problems: list = []  # recorded determinism settings that could not be set here
         self._gpu_noted = False
+        self._fchunks: dict = {}  # path -> (length, hashes of its CHUNK pickles, stored pieces): _float_chunks
 
     # -- capture -------------------------------------------------------------------------
     def snapshot(self, copy: bool = True, pool: BufferPool | None = None, dead=None) -> dict:
@@ -128,7 +131,11 @@ class Capturer(Restorer):
                       for i in range(0, len(values), CHUNK)]
             digests[f"chunks/{path}"] = hash_bytes(b"".join(chunks))
             if copy:
-                python[f"chunks/{path}"] = chunks
+                floats = self._float_chunks(path, values, chunks)
+                if floats is None:
+                    python[f"chunks/{path}"] = chunks
+                else:  # a history of floats (a loss list): tensors, so stored compactly and never unpickled
+                    tensors[f"fchunks/{path}"] = floats
         python["vmeta"] = dict(sorted(meta.items()))
         python["aliases"] = dict(sorted(g.aliases.items()))
         python["big"] = {path: content_hash(v) for path, v in sorted(g.big.items())}
@@ -234,6 +241,46 @@ class Capturer(Restorer):
             except Exception as e:  # noqa: BLE001
                 self.unpicklable[where] = f"cannot be pickled ({type(e).__name__}: {e})"[:300]
                 return pickling.dumps(KEEP, {}, self.ns_name, self.ns, self.bad)
+
+    def _float_chunks(self, path: str, values: list, chunks: list) -> list | None:
+        """A long list of floats as tensors of up to CHUNK values each: float32 where every value of the piece
+        is one exactly (``loss.item()`` of a float32 loss is), else float64; bit for bit, NaN payloads and
+        -0.0 included. None when an item is not a float (an int, a bool): the list is then pickled.
+
+        Pieces already stored stay as they are while the values they hold have not changed (``chunks``, the
+        list's pickles per CHUNK, tell): a history that grows adds pieces for its new values only. A last
+        piece under CHUNK // 4 values is written again next time; one that long is kept, so a history
+        checkpointed every few hundred steps does not rewrite a partial chunk each time."""
+        known = self._fchunks.get(path)
+        n, same_to = len(values), 0
+        if known is not None:  # how far the list is what it was at the last snapshot
+            old_n, old_hashes, pieces = known
+            for j, h in enumerate(old_hashes):
+                lo, hi = j * CHUNK, min((j + 1) * CHUNK, old_n)
+                if hi > n:
+                    break
+                now = chunks[j] if hi == min((j + 1) * CHUNK, n) else pickle.dumps(
+                    values[lo:hi], protocol=pickle.HIGHEST_PROTOCOL)
+                if hash_bytes(now) != h:
+                    break
+                same_to = hi
+            pieces = [p for p in pieces if p[1] <= same_to and not p[3]]
+        else:
+            pieces = []
+        start = pieces[-1][1] if pieces else 0
+        while start < n:
+            end = min(start + CHUNK, n)
+            part = values[start:end]
+            if not all(type(v) is float for v in part):
+                self._fchunks.pop(path, None)
+                return None
+            wide = torch.tensor(part, dtype=torch.float64)
+            narrow = wide.to(torch.float32)
+            exact = torch.equal(narrow.to(torch.float64).view(torch.int64), wide.view(torch.int64))
+            pieces.append((start, end, narrow if exact else wide, end - start < CHUNK // 4))
+            start = end
+        self._fchunks[path] = (n, [hash_bytes(c) for c in chunks], pieces)
+        return [p[2] for p in pieces]
 
     def digests(self) -> dict:
         """Digests of every stream, now (tensors hashed in place): how a replay checks it matches."""

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import pickle
 import zlib
 
 import pytest
+import torch
 import xxhash
 
 import flor_nb as flor
@@ -78,6 +81,10 @@ def uncompress_checkpoint(path, rel: str, schema: int) -> None:
     skel = zlib.decompress(data[16 + n:16 + n + n_skel])
     py = zlib.decompress(data[16 + n + n_skel:16 + n + n_skel + n_py])
     del header["sizes"]
+    if header.pop("skeleton", None) == "plain":  # before schema 6 the skeleton was written by torch.save
+        buf = io.BytesIO()
+        torch.save(pickle.loads(skel), buf)
+        skel = buf.getvalue()
     header.update(schema=schema, parts=[len(skel), len(py)],
                   checksums=[hash_bytes(skel, header["hash"]), hash_bytes(py, header["hash"])])
     if schema == 2:

@@ -79,22 +79,32 @@ def test_damaged_compressed_checkpoint_file_is_named(tmp_path, where, resealed):
         checkpoint.read(tmp_path, "a.ckpt")
 
 
-@pytest.mark.parametrize("how", ["flipped", "longer", "shorter", "huge", "trailing", "not zlib"])
-def test_damaged_compressed_blob_is_named(tmp_path, how):
-    snap = {"tensors": {}, "python": {"py/cfg": pickle.dumps({"note": "constant " * 200})}}
+@pytest.mark.parametrize("kind", ["pickled", "shuffled"])
+@pytest.mark.parametrize("how", ["flipped", "longer", "shorter", "huge", "trailing", "not zlib", "width"])
+def test_damaged_compressed_blob_is_named(tmp_path, how, kind):
+    """A pickled blob (FLZ1) and a float history's piece (FLZ2: bytes shuffled by width)."""
+    if kind == "pickled":
+        snap = {"tensors": {}, "python": {"py/cfg": pickle.dumps({"note": "constant " * 200})}}
+        h = checkpoint.split(snap)[1]["py/cfg"]["__pyblob__"]
+    else:
+        snap = {"tensors": {"fchunks/lossi": [torch.linspace(0, 1, 1024)]}, "python": {}}
+        h = checkpoint.split(snap)[0]["fchunks/lossi"][0]["__blob__"]
     checkpoint.write(tmp_path, "a.ckpt", snap)
-    path = checkpoint.blob_path(tmp_path, checkpoint.split(snap)[1]["py/cfg"]["__pyblob__"])
+    path = checkpoint.blob_path(tmp_path, h)
     data = bytearray(path.read_bytes())
-    assert data.startswith(b"FLZ1")
-    n = int.from_bytes(data[4:12], "little")  # the declared length: that of the pickle
+    assert data.startswith(b"FLZ1" if kind == "pickled" else b"FLZ2")
+    start = 12 if kind == "pickled" else 13
+    n = int.from_bytes(data[4:12], "little")  # the declared length: that of the pickle, or of the tensor
     if how == "flipped":
         data[len(data) // 2] ^= 0x10
     elif how in ("longer", "shorter", "huge"):
         data[4:12] = {"longer": n + 1, "shorter": n - 1, "huge": 2 ** 64 - 1}[how].to_bytes(8, "little")
     elif how == "trailing":
         data += b"\0"
+    elif how == "width":  # FLZ2's width byte (FLZ1's first byte of zlib data)
+        data[12] = 3 if kind == "shuffled" else 0
     else:
-        data[12:] = b"x" * (len(data) - 12)
+        data[start:] = b"x" * (len(data) - start)
     path.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CorruptCheckpointError, match=rf"Blob {re.escape(str(path))} is damaged"):
         checkpoint.read(tmp_path, "a.ckpt")

@@ -2,7 +2,11 @@
 without ever making a replay wrong (see flor_nb/thinning.py)."""
 from __future__ import annotations
 
+import json
 import math
+import pickle
+import struct
+import zlib
 
 import pytest
 import torch
@@ -93,56 +97,153 @@ def test_rng_states_are_blobs_stored_once_and_small_values_stay_in_the_file(tmp_
     assert back["rng/random"] == random.getstate() and pickle.loads(back["py/i"]) == 2
 
 
-# -- compressed pickled blobs ----------------------------------------------------------------------
-def _history_snapshot():
+# -- compressed blobs, float histories ------------------------------------------------------------
+def _history_snapshot(lossi=None):
     """A loss history of 5000 float32 values (5 chunks), a torch generator, a tensor; with the RNG states."""
-    lossi = [float(torch.tensor(i / 7).log10()) for i in range(1, 5001)]
+    lossi = [float(torch.tensor(i / 7).log10()) for i in range(1, 5001)] if lossi is None else lossi
     ns = {"__name__": "__main__", "lossi": lossi, "g": torch.Generator().manual_seed(7), "w": torch.randn(64, 64)}
     scope = flor.state.Scope(set(), {"lossi", "g", "w"})
-    return ns, scope, flor.state.Capturer(ns, scope).snapshot()
+    cap = flor.state.Capturer(ns, scope)
+    return ns, scope, cap.snapshot(), cap
 
 
 def _stored(home):
     return {p.name: p.read_bytes() for p in (home / "blobs").rglob("*") if p.is_file()}
 
 
-def test_pickled_blobs_and_generator_states_are_stored_compressed_and_tensors_raw(tmp_path):
-    ns, scope, snap = _history_snapshot()
+def _restored(scope, snap_or_home, rel="a.ckpt"):
+    back = checkpoint.read(snap_or_home, rel)
+    fresh = {"__name__": "__main__", "lossi": [], "g": torch.Generator(), "w": torch.zeros(64, 64)}
+    flor.state.Capturer(fresh, scope).restore(back)
+    return fresh
+
+
+def _bits(values):
+    return [struct.pack("<d", v) for v in values]
+
+
+def test_blobs_are_stored_compressed_where_it_pays_and_a_float_history_as_float32(tmp_path):
+    ns, scope, snap, _ = _history_snapshot()
     info = checkpoint.write(tmp_path, "a.ckpt", snap)
-    skeleton, python, blobs, _ = checkpoint.split(snap)
-    pickled = checkpoint.py_hashes(python)
-    assert len(python["chunks/lossi"]["__pyblobs__"]) == 5 and python["rng/random"]["__pyobj__"] in pickled
+    skeleton, python, blobs, digests = checkpoint.split(snap)
+    pieces = skeleton["fchunks/lossi"]  # float32 values, widened: stored as float32 tensors, never pickled
+    assert [p["dtype"] for p in pieces] == ["float32"] * 5 and sum(p["shape"][0] for p in pieces) == 5000
+    assert "chunks/lossi" not in python and not any(k.startswith("fchunks/") for k in digests)
     stored = _stored(tmp_path)
-    for h in python["chunks/lossi"]["__pyblobs__"] + [python["rng/random"]["__pyobj__"]]:
-        assert stored[h].startswith(b"FLZ1") and len(stored[h]) < 0.9 * len(blobs[h]), h
+    for p in pieces:  # shuffled by 4 bytes, then zlib: 4 bytes a value become about 3.4
+        assert stored[p["__blob__"]].startswith(b"FLZ2") and len(stored[p["__blob__"]]) < 0.9 * len(blobs[p["__blob__"]])
+    rng = python["rng/random"]["__pyobj__"]  # a pickled blob
+    assert stored[rng].startswith(b"FLZ1") and len(stored[rng]) < 0.9 * len(blobs[rng])
     numpy_state = python["rng/numpy"]["__pyobj__"]  # 624 random words: compressing saves nothing, stored raw
     assert stored[numpy_state] == blobs[numpy_state]
     assert stored[skeleton["val/w"]["__blob__"]] == blobs[skeleton["val/w"]["__blob__"]]  # a tensor: raw
     generator = skeleton["obj/g"]["__blob__"]  # a torch generator's state: 624 words in 8 bytes each
-    assert stored[generator].startswith(b"FLZ1") and len(stored[generator]) < 0.9 * len(blobs[generator])
+    assert stored[generator].startswith(b"FLZ2") and len(stored[generator]) < 0.6 * len(blobs[generator])
     assert info["blobs"] == {h: len(b) for h, b in stored.items()}  # sizes are those stored
     assert info["bytes"] == sum(map(len, stored.values())) + info["file_bytes"]
     back = checkpoint.read(tmp_path, "a.ckpt")
-    assert back["python"]["chunks/lossi"] == snap["python"]["chunks/lossi"]
     assert back["python"]["rng/random"] == snap["python"]["rng/random"]
     assert torch.equal(back["tensors"]["val/w"], ns["w"]) and torch.equal(back["tensors"]["obj/g"], ns["g"].get_state())
-    fresh = {"__name__": "__main__", "lossi": [], "g": torch.Generator(), "w": torch.zeros(64, 64)}
-    flor.state.Capturer(fresh, scope).restore(back)
-    assert fresh["lossi"] == ns["lossi"] and torch.equal(fresh["g"].get_state(), ns["g"].get_state())
+    fresh = _restored(scope, tmp_path)
+    assert _bits(fresh["lossi"]) == _bits(ns["lossi"]) and all(type(v) is float for v in fresh["lossi"])
+    assert torch.equal(fresh["g"].get_state(), ns["g"].get_state())
     checkpoint.verify(tmp_path, "a.ckpt")
+    assert {p["__blob__"] for p in pieces} <= checkpoint.references(tmp_path, "a.ckpt")  # gc keeps them
 
 
-def test_a_store_with_uncompressed_pickled_blobs_still_reads(tmp_path):
-    """Stores of flor_nb before compression hold pickled blobs raw, under the same names."""
-    _, _, snap = _history_snapshot()
+def test_a_float_history_comes_back_bit_for_bit_and_other_lists_stay_pickled(tmp_path):
+    nan = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_DEAD_BEEF))[0]  # a NaN with a payload
+    odd = [0.1 * i for i in range(3000)] + [-0.0, float("inf"), nan, 5e-324]  # not float32: kept as float64
+    ns, scope, snap, _ = _history_snapshot(odd)
     checkpoint.write(tmp_path, "a.ckpt", snap)
-    _, python, blobs, _ = checkpoint.split(snap)
-    for h in checkpoint.py_hashes(python):
+    skeleton, *_ = checkpoint.split(snap)
+    assert {p["dtype"] for p in skeleton["fchunks/lossi"]} == {"float64"}
+    assert _bits(_restored(scope, tmp_path)["lossi"]) == _bits(odd)
+    mixed = [float(i) for i in range(3000)] + [7, True]  # an int and a bool among them: pickled
+    ns, scope, snap, _ = _history_snapshot(mixed)
+    checkpoint.write(tmp_path, "b.ckpt", snap)
+    skeleton, python, *_ = checkpoint.split(snap)
+    assert "fchunks/lossi" not in skeleton and len(python["chunks/lossi"]["__pyblobs__"]) == 3
+    back = _restored(scope, tmp_path, "b.ckpt")["lossi"]
+    assert back == mixed and [type(v) for v in back] == [type(v) for v in mixed]
+
+
+def test_a_growing_history_writes_its_new_values_only_and_a_change_is_written_again(tmp_path):
+    lossi = [float(torch.tensor(i / 7).log10()) for i in range(1, 2201)]
+    ns, scope, _, cap = _history_snapshot(lossi)
+    written = []
+
+    def checkpoint_now(rel):
+        info = checkpoint.write(tmp_path, rel, cap.snapshot())
+        written.append(info)
+        skeleton, *_ = checkpoint.split(cap.snapshot())
+        return [(p["shape"][0], p["__blob__"]) for p in skeleton["fchunks/lossi"]], info
+
+    first, _ = checkpoint_now("1.ckpt")  # 1024 + 1024 + 152: the last piece is short, so written again
+    assert [n for n, _ in first] == [1024, 1024, 152]
+    lossi.extend(float(torch.tensor(i / 3).log10()) for i in range(1, 2001))
+    second, info = checkpoint_now("2.ckpt")  # the full pieces stay; new values from 2048 on
+    assert [n for n, _ in second] == [1024, 1024, 1024, 1024, 104] and second[:2] == first[:2]
+    assert set(info["new_blobs"]) & {h for _, h in second} == {h for _, h in second[2:]}
+    lossi.extend([0.5] * 400)  # the 104 values are now part of a piece of 504: kept from here on
+    third, _ = checkpoint_now("3.ckpt")
+    assert [n for n, _ in third] == [1024, 1024, 1024, 1024, 504] and third[:4] == second[:4]
+    lossi.extend([0.25] * 10)
+    fourth, info = checkpoint_now("4.ckpt")
+    assert fourth[:5] == third and [n for n, _ in fourth] == [1024] * 4 + [504, 10]
+    lossi[1500] = -1.0  # changed in place: that piece and every later one are written again
+    fifth, _ = checkpoint_now("5.ckpt")
+    assert fifth[0] == first[0] and fifth[1] != first[1] and sum(n for n, _ in fifth) == len(lossi)
+    del lossi[3000:]  # shorter
+    sixth, _ = checkpoint_now("6.ckpt")
+    assert sum(n for n, _ in sixth) == 3000
+    for rel, expect in (("5.ckpt", None), ("6.ckpt", lossi)):
+        got = _restored(scope, tmp_path, rel)["lossi"]
+        if expect is not None:
+            assert _bits(got) == _bits(expect)
+    assert _restored(scope, tmp_path, "5.ckpt")["lossi"][1500] == -1.0
+
+
+def test_a_store_with_uncompressed_blobs_still_reads(tmp_path):
+    """Stores of flor_nb before compression hold pickled blobs and generator states raw, same names."""
+    ns, scope, snap, _ = _history_snapshot([float(i) for i in range(3000)] + [1])  # pickled chunks
+    checkpoint.write(tmp_path, "a.ckpt", snap)
+    skeleton, python, blobs, _ = checkpoint.split(snap)
+    for h in checkpoint.py_hashes(python) | {skeleton["obj/g"]["__blob__"]}:
         checkpoint.blob_path(tmp_path, h).write_bytes(blobs[h])
     back = checkpoint.read(tmp_path, "a.ckpt")
     assert back["python"]["chunks/lossi"] == snap["python"]["chunks/lossi"]
     assert back["python"]["rng/random"] == snap["python"]["rng/random"]
+    assert _restored(scope, tmp_path)["lossi"] == ns["lossi"]
     checkpoint.verify(tmp_path, "a.ckpt")
+
+
+def test_a_skeleton_that_names_a_class_is_refused_before_anything_runs(tmp_path):
+    """A schema-6 skeleton is containers and plain values: an unpickler that names any class refuses it,
+    even in a file this user's key signed."""
+    _, _, snap, _ = _history_snapshot()
+    checkpoint.write(tmp_path, "a.ckpt", snap)
+    path = tmp_path / "a.ckpt"
+    data = path.read_bytes()
+    n = int.from_bytes(data[8:16], "little")
+    header = json.loads(zlib.decompress(data[16:16 + n]))
+    for key in ("parts", "sizes", "checksums"):
+        del header[key]
+    marker = tmp_path / "ran"
+    evil = pickle.dumps({"val/w": _Run(str(marker))})
+    path.write_bytes(checkpoint._seal("a.ckpt", header, evil, pickle.dumps({"vmeta": {}})))
+    for call in (checkpoint.read, checkpoint.verify, checkpoint.references):
+        with pytest.raises(checkpoint.CorruptCheckpointError, match="tensor tree does not load"):
+            call(tmp_path, "a.ckpt")
+    assert not marker.exists()
+
+
+class _Run:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 # -- the budget -----------------------------------------------------------------------------------
