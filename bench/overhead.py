@@ -13,7 +13,10 @@ setup (same seed, fresh model and optimizer) and collects garbage. Per timed cel
 The figure is the median of the per-pair ratios recorded/plain - 1, with the IQR and range; a breakdown
 says where the extra time went.
 
-    .venv/bin/python bench/overhead.py [--pairs 8] [--epochs 4] [--scale 1.0] [--threads 1] [--out FILE]
+With ``--control`` every pair also runs the plain cell a second time: the plain cell against itself is the
+noise floor the overhead is read against.
+
+    .venv/bin/python bench/overhead.py [--pairs 8] [--epochs 4] [--scale 1.0] [--threads 1] [--control] [--out FILE]
 """
 from __future__ import annotations
 
@@ -154,6 +157,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads in the kernel (0: torch's default)")
     p.add_argument("--record-args", default="", help="extra %%%%flor record options, e.g. '--no-progress'")
     p.add_argument("--out", default=None, help="markdown file to write (and .json beside it)")
+    p.add_argument("--control", action="store_true",
+                   help="a second plain cell in every pair: the plain cell against itself, the noise floor")
     a = p.parse_args()
     cfg = Config(epochs=a.epochs, scale=a.scale, threads=a.threads)
     setup = setup_code(cfg)
@@ -169,14 +174,15 @@ def main():
         time.sleep(15)  # the prestarted replay workers import torch: let them settle before timing
         timed(kernel, setup, plain_cell, False)  # warm-up, not counted: first-run imports and caches
         timed(kernel, setup, record_cell, True)
+        arms = ("plain", "record") + (("plain2",) if a.control else ())
         for i in range(a.pairs):
-            order = (False, True) if i % 2 == 0 else (True, False)
-            got = {}
-            for recorded in order:
-                got[recorded] = timed(kernel, setup, record_cell if recorded else plain_cell, recorded)
-            pairs.append({"plain": got[False], "record": got[True]})
-            r, q = got[True], got[False]
-            print(f"pair {i}: plain {q['wall']:.2f} s, recorded {r['wall']:.2f} s ({r['wall'] / q['wall'] - 1:+.1%}); "
+            order = arms if i % 2 == 0 else arms[::-1]
+            got = {arm: timed(kernel, setup, record_cell if arm == "record" else plain_cell, arm == "record")
+                   for arm in order}
+            pairs.append(got)
+            r, q = got["record"], got["plain"]
+            again = f", plain again {got['plain2']['wall']:.2f} s" if a.control else ""
+            print(f"pair {i}: plain {q['wall']:.2f} s, recorded {r['wall']:.2f} s ({r['wall'] / q['wall'] - 1:+.1%}){again}; "
                   f"CPU {q['process']:.2f} / {r['process']:.2f} s; load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         kernel.close()
@@ -214,6 +220,13 @@ def report(a, pairs, load0, load1, started) -> str:
         rec = [x["record"][key] for x in pairs]
         rel = describe(ratio(key), pct) if key != "children" else "-"
         lines.append(f"| {what} | {ms(med(plain))} | {ms(med(rec))} | {describe(diff(key), ms)} | {rel} |")
+    if "plain2" in pairs[0]:  # the noise floor: the plain cell against itself, in the same pairs
+        for key, what in (("wall", "wall"), ("main", "main thread CPU")):
+            again = [x["plain2"][key] for x in pairs]
+            lines.append(f"| control: plain cell run again, {what} | {ms(med([x['plain'][key] for x in pairs]))} | "
+                         f"{ms(med(again))} (plain again) | "
+                         f"{describe([x['plain2'][key] - x['plain'][key] for x in pairs], ms)} | "
+                         f"{describe([x['plain2'][key] / x['plain'][key] - 1 for x in pairs], pct)} |")
     # per thread, by name: the writer thread has ended by the time the cell ends: its CPU comes from the engine
     names = sorted({n for x in pairs for side in ("plain", "record") for n in by_name(x[side]["threads"])})
     for n in names:
