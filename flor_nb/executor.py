@@ -43,6 +43,7 @@ class ReplayCancelled(FlorError):
 
 # torch._dynamo loads lazily on the first optimizer (~1 s): have the server pay for it once.
 _PRELOAD = ["torch", "torch._dynamo", "numpy", "flor_nb.worker"]
+_STOP = "__flor_pump_stop__"  # put on the event queue when a run ends: its pump stops at once
 
 
 def prestart(store=None):
@@ -203,6 +204,8 @@ class LocalExecutor:
                     raise
         finally:
             stop.set()
+            with contextlib.suppress(Exception):  # wake the pump now, not at its next 50 ms poll
+                self._events.put({_STOP: True})
             pump.join(timeout=2)
         return results
 
@@ -212,7 +215,8 @@ class LocalExecutor:
                 event = self._events.get(timeout=0.05)
             except (queue.Empty, OSError, EOFError):
                 continue
-            self._deliver(event, on_event)
+            if _STOP not in event:  # a run's end: this one's, or one a pump that had stopped left behind
+                self._deliver(event, on_event)
 
     def _drain(self, on_event):
         while True:
@@ -220,7 +224,8 @@ class LocalExecutor:
                 event = self._events.get_nowait()
             except (queue.Empty, OSError, EOFError):
                 return
-            self._deliver(event, on_event)
+            if _STOP not in event:
+                self._deliver(event, on_event)
 
     def _deliver(self, event, on_event):
         if "started" in event:  # for the executor only: which workers began a segment
