@@ -183,7 +183,7 @@ def measure(name, setup, train, n_name, n, reps, control=False):
     for rep in range(reps):
         for mode in (arms if rep % 2 == 0 else arms[::-1]):
             ns = namespace(setup, n_name, n, flor_nb if mode == "record" else NoFlor)
-            store = tempfile.mkdtemp()
+            store = tempfile.mkdtemp() if mode == "record" else None
             w, c, t = time.perf_counter(), time.process_time(), time.thread_time()
             if mode == "record":
                 run = flor_nb.record(train, name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_"), namespace=ns,

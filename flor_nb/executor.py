@@ -215,8 +215,7 @@ class LocalExecutor:
                 event = self._events.get(timeout=0.05)
             except (queue.Empty, OSError, EOFError):
                 continue
-            if _STOP not in event:  # a run's end: this one's, or one a pump that had stopped left behind
-                self._deliver(event, on_event)
+            self._deliver(event, on_event)
 
     def _drain(self, on_event):
         while True:
@@ -224,10 +223,11 @@ class LocalExecutor:
                 event = self._events.get_nowait()
             except (queue.Empty, OSError, EOFError):
                 return
-            if _STOP not in event:
-                self._deliver(event, on_event)
+            self._deliver(event, on_event)
 
     def _deliver(self, event, on_event):
+        if _STOP in event:  # a run's end: this one's, or one a pump that had stopped left behind
+            return
         if "started" in event:  # for the executor only: which workers began a segment
             self._started.add(event.get("pid"))
             return

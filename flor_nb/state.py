@@ -251,22 +251,21 @@ class Capturer(Restorer):
         list's pickles per CHUNK, tell): a history that grows adds pieces for its new values only. A last
         piece under CHUNK // 4 values is written again next time; one that long is kept, so a history
         checkpointed every few hundred steps does not rewrite a partial chunk each time."""
+        hashes = [hash_bytes(c) for c in chunks]
         known = self._fchunks.get(path)
-        n, same_to = len(values), 0
+        n, same_to, pieces = len(values), 0, []
         if known is not None:  # how far the list is what it was at the last snapshot
             old_n, old_hashes, pieces = known
             for j, h in enumerate(old_hashes):
                 lo, hi = j * CHUNK, min((j + 1) * CHUNK, old_n)
                 if hi > n:
                     break
-                now = chunks[j] if hi == min((j + 1) * CHUNK, n) else pickle.dumps(
-                    values[lo:hi], protocol=pickle.HIGHEST_PROTOCOL)
-                if hash_bytes(now) != h:
+                now = hashes[j] if hi == min((j + 1) * CHUNK, n) else hash_bytes(pickle.dumps(
+                    values[lo:hi], protocol=pickle.HIGHEST_PROTOCOL))  # the old last chunk, since grown
+                if now != h:
                     break
                 same_to = hi
             pieces = [p for p in pieces if p[1] <= same_to and not p[3]]
-        else:
-            pieces = []
         start = pieces[-1][1] if pieces else 0
         while start < n:
             end = min(start + CHUNK, n)
@@ -279,7 +278,7 @@ class Capturer(Restorer):
             exact = torch.equal(narrow.to(torch.float64).view(torch.int64), wide.view(torch.int64))
             pieces.append((start, end, narrow if exact else wide, end - start < CHUNK // 4))
             start = end
-        self._fchunks[path] = (n, [hash_bytes(c) for c in chunks], pieces)
+        self._fchunks[path] = (n, hashes, pieces)
         return [p[2] for p in pieces]
 
     def digests(self) -> dict:
