@@ -11,7 +11,7 @@
 
 Without CUDA it says so and exits 0. Not yet run on a GPU (none was available to this issue).
 
-    .venv/bin/python bench/gpu.py [--reps 3] [--epochs 6] [--gb 1.0] [--json out.json]
+    .venv/bin/python bench/gpu.py [--reps 3] [--epochs 6] [--n 8192] [--gb 1.0] [--json out.json]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ SETUP = '''
 import torch, torch.nn as nn, torch.nn.functional as F
 torch.manual_seed(0)
 device = "cuda"
-X = torch.randn(8192, 3, 32, 32, device=device); y = torch.randint(0, 10, (8192,), device=device)
+X = torch.randn(N, 3, 32, 32, device=device); y = torch.randint(0, 10, (N,), device=device)
 model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
                       nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2),
                       nn.Flatten(), nn.Linear(128 * 8 * 8, 1024), nn.ReLU(), nn.Dropout(0.3),
@@ -62,8 +62,11 @@ class _NoFlor:
         return value
 
 
+N = 8192  # examples per epoch (--n)
+
+
 def _plain(epochs):
-    ns = {"flor": _NoFlor, "EPOCHS": epochs}
+    ns = {"flor": _NoFlor, "EPOCHS": epochs, "N": N}
     exec(SETUP, ns)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -75,11 +78,11 @@ def _plain(epochs):
 def _recorded(epochs, overhead, home):
     import flor_nb as flor
 
-    ns = {"flor": flor, "EPOCHS": epochs}
+    ns = {"flor": flor, "EPOCHS": epochs, "N": N}
     exec(SETUP, ns)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    run = flor.record(TRAIN, name="gpu", namespace=ns, cells=[f"EPOCHS = {epochs}\n{SETUP}"],
+    run = flor.record(TRAIN, name="gpu", namespace=ns, cells=[f"EPOCHS = {epochs}\nN = {N}\n{SETUP}"],
                       store=flor.get_store(home), overhead=overhead, progress=False)
     torch.cuda.synchronize()
     return time.perf_counter() - t, run
@@ -166,8 +169,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--n", type=int, default=N, help="examples per epoch (default %(default)s)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    globals()["N"] = a.n
     if not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA GPU here; nothing measured.")
         return 0
