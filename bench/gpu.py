@@ -1,7 +1,11 @@
 """GPU figures for issue 11: record overhead on CUDA, snapshot blocking ms per GB, GPU memory overhead.
 
+* **digest cost**: the training thread's blocking time for one state digest (a unit that gets no
+  checkpoint) of the bench's model + Adam on the GPU, hashed through the pinned staging buffer and, as
+  before it, through a fresh ``.cpu()`` copy; interleaved.
 * **record overhead**: a CNN with dropout trained with AMP on CUDA, plain (``flor`` a no-op) and recorded
-  (default budget, and a checkpoint every epoch), in alternating order (ABBA); median and range.
+  (default budget; a checkpoint every epoch; the default budget with unstaged digests), the order
+  rotated each repetition; median and range, and the engine's own accounting of each arm.
 * **snapshot blocking**: :meth:`Capturer.snapshot` of a model + Adam state of about ``--gb`` GB on the GPU
   into the pinned pool: the time the training thread is blocked (the copies themselves run on a side
   stream; the writer waits for them), per GB, the first snapshot (pinned buffers allocated) and later
@@ -9,7 +13,7 @@
 * **GPU memory overhead**: ``torch.cuda.max_memory_allocated`` during snapshots, minus before.
 * **flor.deterministic() cost**: the same plain training with and without the recipe.
 
-Without CUDA it says so and exits 0. Not yet run on a GPU (none was available to this issue).
+Without CUDA it says so and exits 0. Figures: bench/results-gpu.md.
 
     .venv/bin/python bench/gpu.py [--reps 3] [--epochs 6] [--n 8192] [--gb 1.0] [--json out.json]
 """
@@ -92,21 +96,70 @@ def _spread(xs):
     return f"{statistics.median(xs):.3f} (range {min(xs):.3f}-{max(xs):.3f}, n={len(xs)})"
 
 
-def record_overhead(reps, epochs):
-    plain, budget, every = [], [], []
+ARMS = {"budget": 0.02, "every": float("inf"), "budget_unstaged": 0.02}
+
+
+def _engine(run) -> dict:
+    """The engine's own accounting of one recorded cell (training-thread blocking, writer time)."""
+    t = run.timings or {}
+    return {"epochs_s": t.get("epoch_seconds"), "checkpoints": len(t.get("snapshot_seconds") or []),
+            "snapshot_s": sum(t.get("snapshot_seconds") or []), "digests": len(t.get("digest_seconds") or []),
+            "digest_s": sum(t.get("digest_seconds") or []), "writer_s": t.get("writer_seconds"),
+            "writer_cpu_s": t.get("writer_cpu_seconds"), "commit_s": sum(t.get("commit_seconds") or [])}
+
+
+def record_overhead(reps, epochs, arms=("budget", "every", "budget_unstaged")):
+    """Plain vs recorded arms, rotated each repetition. ``budget_unstaged``: the default budget with GPU
+    tensors digested through a fresh .cpu() copy (before the pinned staging buffer)."""
+    from flor_nb import tensor_bytes
+
+    times = {a: [] for a in ("plain", *arms)}
+    engine = {a: [] for a in arms}
+    names = list(times)
     for r in range(reps):
-        order = ["plain", "budget", "every"] if r % 2 == 0 else ["every", "budget", "plain"]
-        for what in order:
+        order = names[r % len(names):] + names[:r % len(names)]
+        for what in (order if r % 2 == 0 else order[::-1]):
             with tempfile.TemporaryDirectory() as home:
                 if what == "plain":
-                    plain.append(_plain(epochs))
-                else:
-                    s, _ = _recorded(epochs, 0.02 if what == "budget" else float("inf"), home)
-                    (budget if what == "budget" else every).append(s)
-    p = statistics.median(plain)
-    return {"plain_s": plain, "budget_s": budget, "every_epoch_s": every,
-            "overhead_budget": statistics.median(budget) / p - 1,
-            "overhead_every_epoch": statistics.median(every) / p - 1}
+                    times["plain"].append(_plain(epochs))
+                    continue
+                tensor_bytes.STAGED = what != "budget_unstaged"
+                try:
+                    s, run = _recorded(epochs, ARMS[what], home)
+                finally:
+                    tensor_bytes.STAGED = True
+                times[what].append(s)
+                engine[what].append(_engine(run))
+    p = statistics.median(times["plain"])
+    return {"seconds": times, "engine": engine,
+            "overhead": {a: statistics.median(times[a]) / p - 1 for a in arms}}
+
+
+def digest_cost(reps):
+    """Blocking ms of one state digest (a unit without a checkpoint) of the bench's model + Adam on the GPU:
+    staged through the pinned buffer vs a fresh .cpu() copy, interleaved."""
+    from flor_nb import state, tensor_bytes
+
+    ns = {"flor": _NoFlor, "EPOCHS": 1, "N": N, "__name__": "__main__"}
+    exec(SETUP, ns)
+    exec(TRAIN, ns)
+    cap = state.Capturer(ns, state.Scope(assigned={"model", "opt", "scaler"}, free=set()))
+    out = {"staged_ms": [], "unstaged_ms": []}
+    digests = {}
+    for r in range(reps + 1):
+        for staged in ((True, False) if r % 2 == 0 else (False, True)):
+            tensor_bytes.STAGED = staged
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            d = cap.digests()
+            ms = (time.perf_counter() - t) * 1e3
+            if r:  # the first round warms up (the pinned buffer is allocated once)
+                out["staged_ms" if staged else "unstaged_ms"].append(ms)
+            digests[staged] = d
+    tensor_bytes.STAGED = True
+    out["equal"] = digests[True] == digests[False]
+    out["state_mb"] = sum(t.numel() * t.element_size() for t in ns["model"].state_dict().values()) * 4 / 2 ** 20
+    return out
 
 
 def snapshot_cost(gb, reps):
@@ -171,6 +224,7 @@ def main():
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--n", type=int, default=N, help="examples per epoch (default %(default)s)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--skip-deterministic", action="store_true", help="do not measure flor.deterministic()'s cost")
     a = ap.parse_args()
     globals()["N"] = a.n
     if not torch.cuda.is_available():
@@ -178,17 +232,29 @@ def main():
         return 0
     out = {"gpu": torch.cuda.get_device_name(torch.cuda.current_device()), "torch": torch.__version__}
     _plain(1)  # warm up: CUDA context, cuDNN, allocator
+    out["digest"] = digest_cost(max(3, a.reps))
     out["record"] = record_overhead(a.reps, a.epochs)
     out["snapshot"] = snapshot_cost(a.gb, a.reps)
-    out["deterministic"] = deterministic_cost(a.reps, a.epochs)
-    r, s, d = out["record"], out["snapshot"], out["deterministic"]
+    if not a.skip_deterministic:
+        out["deterministic"] = deterministic_cost(a.reps, a.epochs)
+    r, s, g = out["record"], out["snapshot"], out["digest"]
     print(f"GPU: {out['gpu']}, torch {out['torch']}")
-    print(f"record overhead, default budget: {r['overhead_budget']:+.1%}; checkpoint every epoch: "
-          f"{r['overhead_every_epoch']:+.1%} (plain {_spread(r['plain_s'])} s)")
+    print(f"one digest of model + Adam (~{g['state_mb']:.0f} MB): staged {_spread(g['staged_ms'])} ms, fresh .cpu() "
+          f"{_spread(g['unstaged_ms'])} ms; same digests: {g['equal']}")
+    print(f"record overhead vs plain {_spread(r['seconds']['plain'])} s: " + "; ".join(
+        f"{a} {v:+.1%} ({_spread(r['seconds'][a])} s)" for a, v in r["overhead"].items()))
+    for arm, runs in r["engine"].items():
+        e = runs[len(runs) // 2]
+        print(f"  engine, {arm} (middle rep): {e['checkpoints']} checkpoints blocking {e['snapshot_s']*1e3:.0f} ms, "
+              f"{e['digests']} digests blocking {e['digest_s']*1e3:.0f} ms, commits {e['commit_s']*1e3:.0f} ms, "
+              f"writer {e['writer_s']:.2f} s ({e['writer_cpu_s']:.2f} s CPU); epochs "
+              f"{[round(x, 3) for x in e['epochs_s'] or []]}")
     print(f"snapshot of {s['state_gb']:.2f} GB: blocking {_spread(s['blocking_ms_per_gb'])} ms/GB (first, pinned "
           f"buffers allocated: {s['first_blocking_ms_per_gb']:.1f} ms/GB); copies landed after "
           f"{_spread(s['landed_ms_per_gb'])} ms/GB; GPU memory overhead {s['gpu_memory_overhead_mb']:.1f} MB")
-    print(f"flor.deterministic(): {d['cost']:+.1%} training time ({_spread(d['off_s'])} s without)")
+    if "deterministic" in out:
+        d = out["deterministic"]
+        print(f"flor.deterministic(): {d['cost']:+.1%} training time ({_spread(d['off_s'])} s without)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

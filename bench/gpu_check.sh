@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a machine with CUDA and no package index (see scripts/device_wheels.sh):
 # the CUDA tests (tests/test_gpu.py, test_device.py, test_nanogpt.py) and bench/gpu.py. Logs go to $OUT
-# (or ./gpu-out). Each part runs even if an earlier one failed.
+# (or ./gpu-out). Each part runs even if an earlier one failed. TESTS and BENCH_ARGS narrow a rerun.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -15,7 +15,7 @@ $PY -c "import torch, flor_nb, flor_nb.extension, ipykernel, nbclient; print('to
   torch.cuda.get_device_name(), 'flor_nb from', flor_nb.__file__)" 2>&1 | tee -a "$OUT/env.txt"
 lscpu | grep -E "^CPU\(s\)|Model name" | tee -a "$OUT/env.txt"
 timeout "${TESTS_S:-330}" $PY -m pytest -q -p no:cacheprovider -rA -s --timeout 280 \
-  tests/test_gpu.py tests/test_nanogpt.py tests/test_device.py 2>&1 | tee "$OUT/tests.log" | grep -v "^iter \|^step "
-timeout "${BENCH_S:-150}" $PY bench/gpu.py --reps 3 --epochs 6 --n 32768 --gb 1.0 --json "$OUT/gpu.json" 2>&1 \
+  ${TESTS:-tests/test_gpu.py tests/test_nanogpt.py tests/test_device.py} 2>&1 | tee "$OUT/tests.log" | grep -v "^iter \|^step "
+[ -n "${SKIP_BENCH:-}" ] || timeout "${BENCH_S:-150}" $PY bench/gpu.py ${BENCH_ARGS:---reps 3 --epochs 6 --n 32768 --gb 1.0} --json "$OUT/gpu.json" 2>&1 \
   | tee "$OUT/bench.log"
 mv flor_nb.src flor_nb

@@ -53,6 +53,7 @@ from . import disk, objstore, signing
 from .errors import FlorError, UntrustedStoreError
 from .hashing import DEFAULT, hash_bytes, known
 from .state import _raw, wait_copies
+from .tensor_bytes import hash_tensor
 from .trees import map_tree
 
 MAGIC = b"FLORCKPT"
@@ -112,9 +113,11 @@ def zero_blobs(blobs: dict, algorithm: str = DEFAULT) -> set[str]:
 
 
 def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:
-    """Per-entry digests of the tensor part, equal for equal states."""
-    blobs: dict = {}
-    return {key: hash_bytes(repr(map_tree(v, lambda t: _ref(t, blobs, algorithm))).encode(), algorithm)
+    """Per-entry digests of the tensor part, equal for equal states (and to those :func:`split` makes)."""
+    def ref(t):
+        return {"__blob__": hash_tensor(t, algorithm), "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape)}
+    return {key: hash_bytes(repr(map_tree(v, ref)).encode(), algorithm)
             for key, v in tensors.items() if not key.startswith(_NOT_STREAMS)}
 
 

@@ -141,9 +141,8 @@ def deterministic(warn_only: bool = False) -> dict:
     is read when cuBLAS starts). It sets ``torch.use_deterministic_algorithms(True)`` (an op with no
     deterministic kernel then raises; ``warn_only=True``: warns), ``cudnn.deterministic = True``,
     ``cudnn.benchmark = False``, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` and turns TF32 off (full fp32
-    matmuls and convolutions). Cost: slower GPU training, typically from a few percent (convolutions
-    without autotuned kernels) to several times (fp32 instead of TF32 matmuls on Ampere and later);
-    not measured by flor_nb yet (no GPU was available to it). Replay reapplies what the recording
+    matmuls and convolutions). Cost: slower GPU training; +32% for bench/gpu.py's CNN with fp16 autocast
+    on an H100 (more where fp32 matmuls would otherwise use TF32). Replay reapplies what the recording
     used, so record with these on to replay exactly.
     """
     before = flags()

@@ -397,7 +397,7 @@ def tolerance_mode(results) -> dict | None:
     lost = sorted({d for i in infos for d in i.get("lost_rng", [])})
     reasons = tolerance_reasons(recorded, flags, device_map, lost, infos[0].get("recorded_gpus") or (),
                                 infos[0].get("gpus_here") or ())
-    if device_map and not recorded and any(i.get("recorded_cuda_available") for i in infos):
+    if device_map and not recorded and any(i.get("recorded_cuda_available") and not i.get("restored") for i in infos):
         # no checkpoint was restored (a segment from the start): where the recording ran is unknown
         reasons.append(f"replayed with device={device_map!r} a run recorded on a machine with CUDA, without a "
                        "restored checkpoint to tell where its tensors lived")
@@ -420,6 +420,11 @@ def _tolerance_text(fidelity, tol, parts, compared, epochs, unit_word) -> str:
     state_part = (f"training state digests differ in {len(differ)} stream(s) ({', '.join(differ[:4])}"
                   f"{' ...' if len(differ) > 4 else ''}), as expected at the bit level" if differ else
                   "training state digests identical to the recording")
+    if not differ and not tol.get("max_abs_diff"):  # exact this time, but nothing made it so: say both
+        return (f"Replay reproduced the recording bit for bit this time (max abs diff 0), but exactness is not "
+                f"guaranteed for this run, so it is judged within tolerance (rtol {tol['rtol']:g}, atol "
+                f"{tol['atol']:g}). Why not guaranteed: {why}. {metric_part[0].upper()}{metric_part[1:]}; "
+                f"{state_part}")
     return (f"{head} (compared with rtol {tol['rtol']:g}, atol {tol['atol']:g}; max abs diff "
             f"{tol.get('max_abs_diff', 0.0):.3g}). Why not exact: {why}. {metric_part[0].upper()}{metric_part[1:]}; "
             f"{state_part}")

@@ -6,6 +6,7 @@ import io
 import logging
 import linecache
 import os
+import re
 import signal
 import tempfile
 import sys
@@ -117,7 +118,11 @@ class Replayer:
         self.devices = {"device_map": task.get("device"), "recorded": [], "flags": gpu.get("flags"),
                         "recorded_cuda_available": gpu.get("cuda_available"), "lost_rng": [],
                         "flag_problems": [], "mapped": [], "misplaced": [],
-                        "recorded_gpus": gpu.get("devices") or [], "gpus_here": None}
+                        "recorded_gpus": gpu.get("devices") or [], "gpus_here": None, "restored": False}
+        # CUDA generators recorded but with no CUDA here: lost only if the recording drew from them
+        self._cuda_rng_unplaced: str | None = None  # their digest as restored
+        self._cuda_rng_pending: set = set()  # cuda:i, until a check tells whether they were drawn from
+        self._cuda_rng_checked = False  # a check since the last restore found them unchanged
 
     def log(self, name, value):
         if self.epoch in self.keep and not self.setup:
@@ -160,7 +165,13 @@ class Replayer:
             info["gpus_here"] = devices.environment()["devices"]
         if "devflags" in snap["python"]:
             info["flags"] = snap["python"]["devflags"]
-        info["lost_rng"] = sorted(set(info["lost_rng"]) | cap.lost_rng)
+        info["restored"] = True
+        cuda_gens = {g for g in cap.lost_rng if _CUDA_GEN.match(g)}
+        self._cuda_rng_pending |= cuda_gens
+        self._cuda_rng_unplaced = (checkpoint.tensor_digests({"rng/cuda": snap["tensors"]["rng/cuda"]})["rng/cuda"]
+                                   if cuda_gens and "rng/cuda" in snap["tensors"] else None)
+        self._cuda_rng_checked = False
+        info["lost_rng"] = sorted(set(info["lost_rng"]) | (cap.lost_rng - cuda_gens))
         info["flag_problems"] = sorted(set(info["flag_problems"]) | set(cap.flag_problems))
         roots = [r for r in cap.order if r in self.ns]
         info["mapped"] = sorted(set(info["mapped"]) | set(devices.map_device_values(self.ns, roots, cap.device_map,
@@ -279,6 +290,11 @@ class Replayer:
         except Exception as e:  # noqa: BLE001 - the unit stays unchecked, and the verdict says so
             logger.warning("flor_nb: could not check the state of unit %s: %s", k, e)
 
+    def lost_cuda_rng(self):
+        """The recording drew from CUDA generators this replay has no counterpart for: say so."""
+        info = self.devices
+        info["lost_rng"] = sorted(set(info["lost_rng"]) | self._cuda_rng_pending)
+
     def _verify(self, epoch: int, digests: dict, where: str):
         """Compare every captured stream with its digest recorded at the same point of the same epoch."""
         recorded = digests.get(str(epoch))
@@ -289,6 +305,12 @@ class Replayer:
         compared = sorted(k for k in recorded if k != checkpoint.ROOTS and not self._excluded(k))
         differ = [k for k in compared if k in live and live[k] != recorded[k]]
         missing = [k for k in compared if k not in live]
+        if "rng/cuda" in missing and self._cuda_rng_unplaced is not None:
+            if recorded["rng/cuda"] == self._cuda_rng_unplaced:  # nothing drew from them since: not lost
+                missing.remove("rng/cuda")
+                self._cuda_rng_checked = True
+            else:
+                self.lost_cuda_rng()
         skipped = sorted(k for k in recorded if k != checkpoint.ROOTS and self._excluded(k))
         self.checks.append({"epoch": epoch, "where": where, "streams": compared, "not_compared": skipped})
         if differ or missing:
@@ -313,6 +335,9 @@ def run_segment(task: dict) -> dict:
         result = _run_segment(task, flor_nb)
     result["devices"]["flag_problems"] = sorted(set(result["devices"]["flag_problems"]) | set(failed))
     return result
+
+
+_CUDA_GEN = re.compile(r"^cuda:\d+$")  # a CUDA generator set_cuda_rng_states could not place
 
 
 def _recorded_devices(snap: dict) -> set:
@@ -404,6 +429,8 @@ def _run_segment(task: dict, flor_nb) -> dict:
         if saved_main is not None:
             sys.modules["__main__"] = saved_main
         freshness.remember(began_ns)
+    if rep._cuda_rng_pending and not rep._cuda_rng_checked:
+        rep.lost_cuda_rng()  # never checked: whether the recording drew from them is unknown
     rows = []
     for name, epoch, step, seq, value in rep.rows:
         if isinstance(value, np.ndarray) and task.get("arrays") == "return":  # a remote worker: the client stores it

@@ -1,7 +1,6 @@
 """The whole loop on CUDA: record with dropout and AMP, replay in fresh worker processes, replay GPU -> CPU.
 
-Skipped where CUDA is absent. NOT yet run on a GPU: written against the torch CUDA API and the
-device-agnostic logic that test_device.py checks on the CPU.
+Skipped where CUDA is absent (CI). Run on an NVIDIA H100 with bench/gpu_check.sh (bench/results-gpu.md).
 """
 from __future__ import annotations
 
@@ -142,6 +141,27 @@ def test_snapshot_goes_to_pinned_host_memory_without_a_gpu_copy():
     again = cap.snapshot(pool=pool)
     state.wait_copies(again)
     assert buffers(again) == first  # the pinned buffers are reused, none allocated again
+
+
+@pytest.mark.parametrize("piece", [1 << 20, 32 << 20])
+def test_gpu_tensors_hash_through_the_pinned_buffer_as_their_cpu_copies_do(monkeypatch, piece):
+    from flor_nb import tensor_bytes
+    from flor_nb.checkpoint import tensor_digests
+    from flor_nb.hashing import hash_bytes
+
+    monkeypatch.setattr(tensor_bytes, "STAGE_BYTES", piece)  # 1 MiB: a 12 MB tensor goes in 12 pieces
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tensors = {"big": torch.randn(3_000_000, device="cuda", generator=g),
+               "strided": torch.randn(700, 1000, device="cuda", generator=g).t(),
+               "bf16": torch.randn(4097, device="cuda", generator=g).bfloat16(),
+               "mask": torch.rand(999, device="cuda", generator=g) > 0.5,
+               "empty": torch.empty(0, 3, device="cuda"), "scalar": torch.tensor(7, device="cuda")}
+    for name, t in tensors.items():
+        assert tensor_bytes.hash_tensor(t, "xxh3_128") == hash_bytes(tensor_bytes._raw(t.cpu())), name
+    on_cpu = {"obj/x": {k: t.cpu() for k, t in tensors.items()}}
+    assert tensor_digests({"obj/x": tensors}) == tensor_digests(on_cpu)
+    monkeypatch.setattr(tensor_bytes, "STAGED", False)
+    assert tensor_digests({"obj/x": tensors}) == tensor_digests(on_cpu)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
