@@ -48,6 +48,8 @@ class Checkpointing:
         self.data.update(snap["data"])
         self.outputs.update(snap["outputs"])
         self.roots = snap["roots"]
+        if not self._gpu_state:
+            self._gpu_state = any("cuda" in str(where) for where in (snap["python"].get("devices") or {}).values())
         if new:
             self.not_captured.update(new)
             listed = "; ".join(f"{p}: {why}" for p, why in new.items())

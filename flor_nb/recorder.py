@@ -107,6 +107,7 @@ class Recorder(RowCommits, Checkpointing):
         self._dead = None  # liveness.Dead, judged once the first unit has bound the body's names
         self._total = None  # units the loop will run, when known
         self._busy = None  # see _cores_busy
+        self._gpu_state = False  # a snapshot held CUDA tensors (see _cores_busy)
         self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
         self._start_written = threading.Event()  # set by the writer once the start checkpoint is on disk
@@ -242,12 +243,14 @@ class Recorder(RowCommits, Checkpointing):
     # -- at unit boundaries: periods, step exits, digests (checkpoints: checkpointing.py) --
     @property
     def _cores_busy(self) -> bool:
-        """Training's torch threads leave no core for the writer."""
+        """Training's torch threads leave no core for the writer: torch uses every core, and the state is
+        not on a GPU (GPU training runs its kernels there; torch's CPU threads sit idle, 16 of 16 on an H100
+        machine, where counting the writer's CPU against training spaced checkpoints ~10 epochs apart)."""
         if self._busy is None:
             import torch
 
             self._busy = torch.get_num_threads() >= machine.usable_cpus()
-        return self._busy
+        return self._busy and not self._gpu_state
 
     def _tune(self):
         """Periods from measured costs: checkpoint every ceil(C / (budget * t)) units, digest every

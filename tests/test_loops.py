@@ -161,7 +161,7 @@ def test_the_iteration_a_while_loop_breaks_in_is_checked_in_replay(store):
     assert 9 in fid["state"]["epochs"]  # the break unit's own check
 
 
-def _tuned(unit, snapshot, writer_cpu, digest, commit, overhead=0.02):
+def _tuned(unit, snapshot, writer_cpu, digest, commit, overhead=0.02, cores_busy=False):
     """The periods the recorder picks from these measured costs (seconds), as at any boundary."""
     import collections
     import types
@@ -171,7 +171,7 @@ def _tuned(unit, snapshot, writer_cpu, digest, commit, overhead=0.02):
     rec = types.SimpleNamespace(
         _recent=collections.deque([unit] * 9), snapshot_seconds=[snapshot] * 5, write_cpu_seconds=[writer_cpu] * 5,
         write_seconds=[writer_cpu] * 5, digest_seconds=[digest] * 5, commit_seconds=[commit] * 5,
-        overhead=overhead, _cores_busy=False, _period_ckpt=1, _period_digest=1)
+        overhead=overhead, _cores_busy=cores_busy, _period_ckpt=1, _period_digest=1)
     Recorder._tune(rec)
     return rec._period_ckpt, rec._period_digest
 
@@ -186,6 +186,27 @@ def test_iterations_keep_all_boundary_work_inside_the_overhead_budget(overhead):
     spent = ((snap + cpu + commit) / p_ckpt + (digest + commit) / p_digest) / unit
     assert spent <= 0.86 * overhead, (p_ckpt, p_digest, spent)
     assert p_digest < p_ckpt  # replays between checkpoints are still checked
+
+
+def test_the_writers_cpu_counts_against_training_only_when_training_uses_the_cores():
+    """torch's CPU threads on every core: the writer's CPU time is taken from training, unless the state
+    lives on a GPU (its CPU threads idle). Seen on an H100 machine: checkpoints ~10 one-second epochs apart."""
+    import types
+
+    import torch
+
+    from flor_nb import machine
+    from flor_nb.recorder import Recorder
+
+    for busy, gpu, counted in ((True, False, True), (True, True, False), (False, False, False)):
+        rec = types.SimpleNamespace(_busy=busy, _gpu_state=gpu)
+        assert Recorder._cores_busy.fget(rec) is counted
+    rec = types.SimpleNamespace(_busy=None, _gpu_state=False)
+    Recorder._cores_busy.fget(rec)
+    assert rec._busy == (torch.get_num_threads() >= machine.usable_cpus())
+    # 1 s epochs, 10 ms snapshots, 0.2 s of writer CPU a checkpoint (the H100 run): every epoch when not counted
+    assert _tuned(1.0, 10e-3, 0.2, 20e-3, 1e-3, cores_busy=True)[0] == 11
+    assert _tuned(1.0, 10e-3, 0.2, 20e-3, 1e-3, cores_busy=False)[0] == 1
 
 
 def test_epochs_still_get_a_digest_each_when_it_is_cheap():
