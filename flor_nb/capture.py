@@ -275,6 +275,8 @@ def _stateful(g: Graph, path, kind, obj, queue, root, params):
             for bname, b in m.named_buffers(recurse=False):
                 if b is not None:
                     params.setdefault(id(b), child_path(mpath, bname))
+            if _compiled_wrapper(m):  # torch.compile's wrapper: its state is its _orig_mod's, walked as a submodule
+                continue
             internal = frameworks.internal_attrs(type(m))
             user = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNAL and k not in internal}
             if user and mpath not in g.module_attrs:
@@ -282,6 +284,14 @@ def _stateful(g: Graph, path, kind, obj, queue, root, params):
                 g.owner[mpath] = root
                 for k, v in user.items():
                     queue.append((root, child_path(mpath, k), v))
+
+
+def _compiled_wrapper(m) -> bool:
+    """``torch.compile(model)``'s ``OptimizedModule``: its own attributes are dynamo's (the compiled forward, its
+    context with the graphs it compiled), rebuilt when the cells run ``torch.compile`` again; walking them
+    reached FX graphs deep enough to stop pickling, and with it every variable that shared their unit."""
+    t = type(m)
+    return t.__name__ == "OptimizedModule" and t.__module__.startswith("torch._dynamo")
 
 
 def _framework(g: Graph, path, trainer, queue, root):

@@ -31,6 +31,9 @@ class Keep:
     def __repr__(self):
         return "<not captured>"
 
+    def __reduce__(self):  # unpickles as the one KEEP, so ``is KEEP`` holds for a whole unit left out
+        return "KEEP"
+
 
 KEEP = Keep()
 

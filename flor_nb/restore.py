@@ -140,7 +140,7 @@ class Restorer:
             if not key.startswith("py/"):
                 continue
             unit = pickling.loads(data, token)
-            if unit is KEEP:
+            if isinstance(unit, pickling.Keep):  # a checkpoint of an older flor_nb holds a copy of KEEP
                 continue
             for i, obj in referenced.items():  # a trainer reached by reference is not a value to merge
                 memo.setdefault(i, (obj, obj))

@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 _events = None  # a multiprocessing queue set by the pool initializer
 # Writes that are not the user's files: caches of libraries (torch.compile, matplotlib), the interpreter.
+# torch.compile's C++ backend also writes headers into fresh tempfile.mkdtemp() folders and probes /dev/null.
 _NOT_USER_FILES = [os.path.expanduser("~/.cache"), os.path.expanduser("~/.config/matplotlib"), sys.prefix,
-                   os.path.join(tempfile.gettempdir(), "torchinductor_")]
+                   os.path.join(tempfile.gettempdir(), "torchinductor_"), os.path.join(tempfile.gettempdir(), "tmp"),
+                   os.devnull]
 
 
 def init(queue, owner=None):
@@ -414,7 +416,9 @@ def _run_segment(task: dict, flor_nb) -> dict:
         filename = f"<flor replay {task['label']}>"
         linecache.cache[filename] = (len(task["code"]), None, task["code"].splitlines(keepends=True), filename)
         try:
-            with WriteWatch(ignore=_NOT_USER_FILES + [task["home"]]) as watch:
+            cwd = os.path.abspath(task.get("cwd") or os.getcwd())  # a notebook in /tmp/tmpX: its writes are its own
+            ignore = [p for p in _NOT_USER_FILES if not cwd.startswith(os.path.abspath(p))] + [task["home"]]
+            with WriteWatch(ignore=ignore) as watch:
                 exec(compile(tree, filename, "exec"), ns)
         except _ReplayDone:
             pass
