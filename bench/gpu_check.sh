@@ -14,8 +14,9 @@ mv flor_nb flor_nb.src  # import the installed wheel (with flor_nb.extension), n
 $PY -c "import torch, flor_nb, flor_nb.extension, ipykernel, nbclient; print('torch', torch.__version__, \
   torch.cuda.get_device_name(), 'flor_nb from', flor_nb.__file__)" 2>&1 | tee -a "$OUT/env.txt"
 lscpu | grep -E "^CPU\(s\)|Model name" | tee -a "$OUT/env.txt"
-timeout "${TESTS_S:-330}" $PY -m pytest -q -p no:cacheprovider -rA -s --timeout 280 \
-  ${TESTS:-tests/test_gpu.py tests/test_nanogpt.py tests/test_device.py} 2>&1 | tee "$OUT/tests.log" | grep -v "^iter \|^step "
+# eval: TESTS may quote a -k expression, e.g. TESTS="tests/test_gpu.py -k 'not notebook'"
+eval "timeout ${TESTS_S:-330} $PY -m pytest -q -p no:cacheprovider -rA -s --timeout 280 \
+  ${TESTS:-tests/test_gpu.py tests/test_nanogpt.py tests/test_device.py}" 2>&1 | tee "$OUT/tests.log" | grep -v "^iter \|^step "
 [ -n "${SKIP_BENCH:-}" ] || timeout "${BENCH_S:-150}" $PY bench/gpu.py ${BENCH_ARGS:---reps 3 --epochs 6 --n 32768 --gb 1.0} --json "$OUT/gpu.json" 2>&1 \
   | tee "$OUT/bench.log"
 mv flor_nb.src flor_nb
