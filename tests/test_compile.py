@@ -28,6 +28,7 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 unoptimized_model = model
 model = torch.compile(model, backend="eager")
 raw_model = model
+object.__setattr__(model, "seen", 0)  # an attribute of the wrapper itself (older torch kept user attributes there)
 '''
 TRAIN = '''
 for epoch in range(3):
@@ -37,9 +38,11 @@ for epoch in range(3):
         loss.backward()
         optimizer.step()
         flor.log("loss", loss.item())
+        object.__setattr__(model, "seen", model.__dict__["seen"] + 1)
 '''
 PROBED = TRAIN.replace('        optimizer.step()\n', '        flor.log("gn", float(sum(p.grad.norm() ** 2 for p in '
-                       'raw_model.parameters())))\n        optimizer.step()\n')
+                       'raw_model.parameters())))\n        flor.log("seen", model.__dict__["seen"])\n'
+                       '        optimizer.step()\n')
 
 
 def _record(store, name, code):
@@ -55,9 +58,10 @@ def test_a_compiled_model_is_captured_and_replays_like_probes_from_the_start(sto
     truth = _record(store, "truth", PROBED)
     df = flor.replay("compiled", code=PROBED, epochs="1", store=store)
     assert df.attrs["fidelity"]["level"] == verdict.FAITHFUL, df.attrs["verdict"]
-    want = flor.dataframe("gn", run=truth.label, store=store)
+    want = flor.dataframe("gn", "seen", run=truth.label, store=store)
     got, want = (f[f["epoch"] == 1].dropna(subset=["gn"]) for f in (df, want))
     assert len(got) == 3 and list(got["gn"]) == list(want["gn"])
+    assert list(got["seen"]) == list(want["seen"]) == [3, 4, 5]  # the wrapper's own attribute, restored
     assert "wrote" not in df.attrs["verdict"]  # dynamo's scratch files are not the user's
 
 
