@@ -10,6 +10,9 @@ PY=${PY:-python3}
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl/*.whl} \
   || exit 1
 export PYTHONPATH=/tmp/site
+# tests/test_nanogpt.py reads nanoGPT's train.py and model.py from a carried, git-ignored .nanogpt/ (public code
+# stays out of the repository); without it that test is skipped
+[ -f .nanogpt/train.py ] && export FLOR_NANOGPT=$PWD/.nanogpt
 mv flor_nb flor_nb.src  # import the installed wheel (with flor_nb.extension), not the bare source folder
 $PY -c "import torch, flor_nb, flor_nb.extension, ipykernel, nbclient; print('torch', torch.__version__, \
   torch.cuda.get_device_name(), 'flor_nb from', flor_nb.__file__)" 2>&1 | tee -a "$OUT/env.txt"

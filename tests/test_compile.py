@@ -2,28 +2,54 @@
 
 ``torch.compile(model)`` returns an ``OptimizedModule`` whose own attributes are dynamo's (the compiled
 forward, a context holding the graphs it compiled). Walking them reached FX graphs too deep to pickle,
-and every variable that shared their pickle unit (the model, the optimizer, the batches) was lost. The
-``eager`` backend builds the same wrapper in a second, without a C++ compiler.
+and every variable that shared their pickle unit (the model, the optimizer, the batches) was lost: found
+on nanoGPT's train.py with ``compile = True``, its default. The model here has nanoGPT's shape (weight
+tying, causal SDPA attention, ``raw_model``/``unoptimized_model`` aliases); the ``eager`` backend builds
+the same wrapper in a second, without a C++ compiler.
 """
 from __future__ import annotations
 
-import pathlib
 import pickle
-
-import pandas as pd
 
 import flor_nb as flor
 from flor_nb import pickling, verdict
 
-NANOGPT = pathlib.Path(__file__).resolve().parent / "nanogpt"
-SETUP = f'''
-import sys
-sys.path.insert(0, {str(NANOGPT)!r})
-import torch
-from model import GPT, GPTConfig
+SETUP = '''
+import torch, torch.nn as nn, torch.nn.functional as F
 torch.manual_seed(0)
+
+class Block(nn.Module):  # a pre-norm transformer block with causal attention through SDPA
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2, self.heads = nn.LayerNorm(d), nn.LayerNorm(d), heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(0.1))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for z in self.qkv(self.ln1(x)).split(d, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab=32, block=16, d=16, layers=2, heads=2):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 does
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
 X = torch.randint(0, 32, (8, 16)); Y = torch.randint(0, 32, (8, 16))
-model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.1, bias=False))
+model = TinyGPT()
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 unoptimized_model = model
 model = torch.compile(model, backend="eager")
