@@ -275,27 +275,13 @@ def _stateful(g: Graph, path, kind, obj, queue, root, params):
             for bname, b in m.named_buffers(recurse=False):
                 if b is not None:
                     params.setdefault(id(b), child_path(mpath, bname))
-            # torch.compile's wrapper: dynamo's attributes are code; its state is its _orig_mod's, walked as a
-            # submodule; anything else set on the wrapper is the user's
-            internal = _DYNAMO_ATTRS if _compiled_wrapper(m) else frameworks.internal_attrs(type(m))
+            internal = frameworks.internal_attrs(type(m))
             user = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNAL and k not in internal}
             if user and mpath not in g.module_attrs:
                 g.module_attrs[mpath] = user
                 g.owner[mpath] = root
                 for k, v in user.items():
                     queue.append((root, child_path(mpath, k), v))
-
-
-_DYNAMO_ATTRS = frozenset({"_super_module_initialized", "_torchdynamo_orig_callable", "_torchdynamo_wrapper_id",
-                           "dynamo_ctx", "forward", "_forward", "get_compiler_config"})
-
-
-def _compiled_wrapper(m) -> bool:
-    """``torch.compile(model)``'s ``OptimizedModule``: its own attributes are dynamo's (the compiled forward, its
-    context with the graphs it compiled), rebuilt when the cells run ``torch.compile`` again; walking them
-    reached FX graphs deep enough to stop pickling, and with it every variable that shared their unit."""
-    t = type(m)
-    return t.__name__ == "OptimizedModule" and t.__module__.startswith("torch._dynamo")
 
 
 def _framework(g: Graph, path, trainer, queue, root):

@@ -107,15 +107,24 @@ def user_attrs(trainer) -> dict:
 _internal: dict = {}
 
 
+# torch.compile's OptimizedModule: the compiled forward and dynamo's context with the graphs it compiled
+# (walking them reached FX graphs too deep to pickle, and every variable sharing their unit went with them).
+# Its state is its _orig_mod's, walked as a submodule; anything else set on the wrapper is the user's.
+_DYNAMO_ATTRS = frozenset({"_super_module_initialized", "_torchdynamo_orig_callable", "_torchdynamo_wrapper_id",
+                           "dynamo_ctx", "forward", "_forward", "get_compiler_config"})
+
+
 def internal_attrs(module_type) -> frozenset:
-    """Attributes a framework's module base class sets itself (a LightningModule's ``_trainer``,
-    ``_current_fx_name``): not the user's state."""
+    """Attributes a module base class sets itself, not the user's state: a LightningModule's ``_trainer``
+    and ``_current_fx_name``, torch.compile's wrapper's compiled forward and dynamo context."""
     try:
         return _internal[module_type]
     except KeyError:
         pass
     out = frozenset()
-    if any((k.__module__ or "").startswith(("lightning.", "pytorch_lightning.")) for k in module_type.__mro__):
+    if module_type.__name__ == "OptimizedModule" and module_type.__module__.startswith("torch._dynamo"):
+        out = _DYNAMO_ATTRS
+    elif any((k.__module__ or "").startswith(("lightning.", "pytorch_lightning.")) for k in module_type.__mro__):
         out = adapter("lightning").module_internal(module_type)
     _internal[module_type] = out
     return out
