@@ -165,7 +165,8 @@ class Restorer:
             if value is MISSING or content_hash(value) != h:
                 problems.append(f"{path} (too large to store) differs from the recording")
         torch.set_rng_state(tensors["rng/torch"])
-        self.lost_rng.update(devices.set_cuda_rng_states(tensors.get("rng/cuda"), self.device_map))
+        # kept apart: lost only if the recording drew from them, which a replay's checks tell (worker.py)
+        self.unplaced_cuda_rng = set(devices.set_cuda_rng_states(tensors.get("rng/cuda"), self.device_map))
         np.random.set_state(python["rng/numpy"])
         random.setstate(python["rng/random"])
         if "devflags" in python:  # the settings in force when this state was captured

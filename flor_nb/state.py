@@ -59,6 +59,7 @@ class Capturer(Restorer):
         self.device_map = devices.DeviceMap()  # where restored tensors go (replay with device=...)
         self.placed: dict = {}  # key -> recorded device(s), of the last restored snapshot
         self.lost_rng: set = set()  # generators recorded on a device with no counterpart here
+        self.unplaced_cuda_rng: set = set()  # cuda:i whose recorded generator state the last restore could not set
         self.flag_problems: list = []  # recorded determinism settings that could not be set here
         self._gpu_noted = False
         self._fchunks: dict = {}  # path -> (length, hashes of its CHUNK pickles, stored pieces): _float_chunks

@@ -6,7 +6,6 @@ import io
 import logging
 import linecache
 import os
-import re
 import signal
 import tempfile
 import sys
@@ -168,12 +167,12 @@ class Replayer:
         if "devflags" in snap["python"]:
             info["flags"] = snap["python"]["devflags"]
         info["restored"] = True
-        cuda_gens = {g for g in cap.lost_rng if _CUDA_GEN.match(g)}
+        cuda_gens = cap.unplaced_cuda_rng
         self._cuda_rng_pending |= cuda_gens
         self._cuda_rng_unplaced = (checkpoint.tensor_digests({"rng/cuda": snap["tensors"]["rng/cuda"]})["rng/cuda"]
                                    if cuda_gens and "rng/cuda" in snap["tensors"] else None)
         self._cuda_rng_checked = False
-        info["lost_rng"] = sorted(set(info["lost_rng"]) | (cap.lost_rng - cuda_gens))
+        info["lost_rng"] = sorted(set(info["lost_rng"]) | cap.lost_rng)
         info["flag_problems"] = sorted(set(info["flag_problems"]) | set(cap.flag_problems))
         roots = [r for r in cap.order if r in self.ns]
         info["mapped"] = sorted(set(info["mapped"]) | set(devices.map_device_values(self.ns, roots, cap.device_map,
@@ -337,9 +336,6 @@ def run_segment(task: dict) -> dict:
         result = _run_segment(task, flor_nb)
     result["devices"]["flag_problems"] = sorted(set(result["devices"]["flag_problems"]) | set(failed))
     return result
-
-
-_CUDA_GEN = re.compile(r"^cuda:\d+$")  # a CUDA generator set_cuda_rng_states could not place
 
 
 def _recorded_devices(snap: dict) -> set:
