@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 
-from . import checkpoint, disk, objstore, runtime
+from . import checkpoint, devices, disk, objstore, runtime
 from .errors import NotCapturedWarning
 
 
@@ -49,7 +49,7 @@ class Checkpointing:
         self.outputs.update(snap["outputs"])
         self.roots = snap["roots"]
         if not self._gpu_state:
-            self._gpu_state = any("cuda" in str(where) for where in (snap["python"].get("devices") or {}).values())
+            self._gpu_state = devices.on_cuda(snap["python"].get("devices") or {})
         if new:
             self.not_captured.update(new)
             listed = "; ".join(f"{p}: {why}" for p, why in new.items())

@@ -360,10 +360,14 @@ def uncaptured(placed: dict) -> dict:
             for k in sorted(kinds - {"cpu", "cuda", "meta"})}
 
 
+def on_cuda(placed: dict) -> bool:
+    """Whether a snapshot's ``devices`` (path -> device, or a list of devices) put anything on CUDA."""
+    return any(d.startswith("cuda") for w in placed.values() for d in ([w] if isinstance(w, str) else w))
+
+
 def recording_note(placed: dict, recorded_flags: dict) -> str | None:
     """What to tell the user once when a run trains on CUDA with settings that rule out exact replay."""
-    on_cuda = any(d.startswith("cuda") for w in placed.values() for d in ([w] if isinstance(w, str) else w))
-    reasons = nondeterministic(recorded_flags) if on_cuda else []
+    reasons = nondeterministic(recorded_flags) if on_cuda(placed) else []
     if not reasons:
         return None
     short = "; ".join(r.split(" (")[0].removeprefix("recorded ") for r in reasons)
