@@ -91,7 +91,18 @@ def _ref(t: torch.Tensor, blobs: dict, algorithm: str) -> dict:
     raw = _raw(t)
     h = hash_bytes(raw, algorithm)
     blobs.setdefault(h, raw)
+    return _ref_to(h, t)
+
+
+def _ref_to(h: str, t: torch.Tensor) -> dict:
+    """A tensor's place in a skeleton: its blob, dtype and shape."""
     return {"__blob__": h, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+
+
+def _stream_digests(skeleton: dict, algorithm: str) -> dict:
+    """One digest per tensor stream, from its skeleton (blob hashes, dtypes, shapes)."""
+    return {key: hash_bytes(repr(value).encode(), algorithm) for key, value in skeleton.items()
+            if not key.startswith(_NOT_STREAMS)}
 
 
 _ZERO_HASHES: dict = {}  # (bytes, algorithm) -> hash of that many zero bytes
@@ -114,11 +125,9 @@ def zero_blobs(blobs: dict, algorithm: str = DEFAULT) -> set[str]:
 
 def tensor_digests(tensors: dict, algorithm: str = DEFAULT) -> dict:
     """Per-entry digests of the tensor part, equal for equal states (and to those :func:`split` makes)."""
-    def ref(t):
-        return {"__blob__": hash_tensor(t, algorithm), "dtype": str(t.dtype).removeprefix("torch."),
-                "shape": list(t.shape)}
-    return {key: hash_bytes(repr(map_tree(v, ref)).encode(), algorithm)
-            for key, v in tensors.items() if not key.startswith(_NOT_STREAMS)}
+    skeleton = {key: map_tree(v, lambda t: _ref_to(hash_tensor(t, algorithm), t))
+                for key, v in tensors.items() if not key.startswith(_NOT_STREAMS)}
+    return _stream_digests(skeleton, algorithm)
 
 
 def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]:
@@ -126,8 +135,7 @@ def split(snap: dict, algorithm: str = DEFAULT) -> tuple[dict, dict, dict, dict]
     wait_copies(snap)  # copies off a GPU are asynchronous: the buffers are read only once they landed
     blobs: dict = {}
     skeleton = {key: map_tree(value, lambda t: _ref(t, blobs, algorithm)) for key, value in snap["tensors"].items()}
-    digests = {key: hash_bytes(repr(value).encode(), algorithm) for key, value in skeleton.items()
-               if not key.startswith(_NOT_STREAMS)}
+    digests = _stream_digests(skeleton, algorithm)
     digests.update(snap.get("digests", {}))
     digests[ROOTS] = snap.get("roots", [])  # the walk order: a replay walks the same way to compare
     python = {}
