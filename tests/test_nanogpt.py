@@ -26,13 +26,12 @@ import os
 import pathlib
 import re
 
-import nbformat
 import pandas as pd
 import pytest
 import torch
-from nbclient import NotebookClient
 
 import flor_nb as flor
+from test_shapes import execute, text
 
 pytestmark = pytest.mark.slow  # real kernels
 
@@ -98,16 +97,6 @@ PROBES = ["grad_norm", "lr"]
 ITERS = (30, 40)
 
 
-def _execute(cells, cwd):
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
-    return nb
-
-
-def _text(cell) -> str:
-    return "\n".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in cell.outputs)
-
-
 def _values(frame):
     lo, hi = ITERS
     rows = frame[(frame["epoch"] >= lo) & (frame["epoch"] <= hi)].dropna(subset=PROBES, how="all")
@@ -125,18 +114,18 @@ def test_nanogpt_train_py_records_and_replays_like_probes_from_the_start(store, 
     setup = ["%load_ext flor_nb", *(["flor.deterministic()"] if recipe else []),
              IMPORTS_AND_DEFAULTS, CONFIG, DDP_SETUP, PREPARE, SETUP]
 
-    recorded = _execute([*setup, "%%flor record --name nano --no-progress\n" + LOOP], tmp_path)
-    rec_out = _text(recorded.cells[-1])
+    recorded = execute([*setup, "%%flor record --name nano --no-progress\n" + LOOP], tmp_path)
+    rec_out = text(recorded.cells[-1])
     assert "iter 60: loss" in rec_out and "Not captured" not in rec_out, rec_out[-3000:]
     if CUDA and not recipe:  # told at record time that exact replay is ruled out, and how to get it
         assert "non-deterministic settings" in rec_out and "flor.deterministic()" in rec_out, rec_out[-3000:]
 
-    _execute([*setup, "%%flor record --name truth --no-progress\n" + PROBED], tmp_path)
+    execute([*setup, "%%flor record --name truth --no-progress\n" + PROBED], tmp_path)
 
     pkl = tmp_path / "replayed.pkl"
-    fresh = _execute(["%load_ext flor_nb", f"%%flor replay nano --iters {ITERS[0]}-{ITERS[1]} --no-progress\n"
+    fresh = execute(["%load_ext flor_nb", f"%%flor replay nano --iters {ITERS[0]}-{ITERS[1]} --no-progress\n"
                       + PROBED, f"_.to_pickle({str(pkl)!r})"], tmp_path)
-    verdict = _text(fresh.cells[1])
+    verdict = text(fresh.cells[1])
     got, want = _values(pd.read_pickle(pkl)), _values(flor.dataframe(*PROBES, run="truth", store=store))
     assert len(want) == ITERS[1] - ITERS[0] + 1 and set(got) == set(want), (sorted(got), sorted(want), verdict)
     print(f"\n[nanogpt recipe={recipe} cuda={CUDA}] verdict:\n{verdict}\n"
