@@ -5,7 +5,7 @@
   before it, through a fresh ``.cpu()`` copy; interleaved.
 * **record overhead**: a CNN with dropout trained with AMP on CUDA, plain (``flor`` a no-op) and recorded
   (default budget; a checkpoint every epoch; the default budget with unstaged digests), the order
-  rotated each repetition; median and range, and the engine's own accounting of each arm.
+  reversed every other repetition; median and range, and the engine's own accounting of each arm.
 * **snapshot blocking**: :meth:`Capturer.snapshot` of a model + Adam state of about ``--gb`` GB on the GPU
   into the pinned pool: the time the training thread is blocked (the copies themselves run on a side
   stream; the writer waits for them), per GB, the first snapshot (pinned buffers allocated) and later
@@ -31,6 +31,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from common import interleaved  # noqa: E402
 
 SETUP = '''
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -109,27 +112,24 @@ def _engine(run) -> dict:
 
 
 def record_overhead(reps, epochs, arms=("budget", "every", "budget_unstaged")):
-    """Plain vs recorded arms, rotated each repetition. ``budget_unstaged``: the default budget with GPU
-    tensors digested through a fresh .cpu() copy (before the pinned staging buffer)."""
+    """Plain vs recorded arms, their order reversed every other repetition. ``budget_unstaged``: the default
+    budget with GPU tensors digested through a fresh .cpu() copy (before the pinned staging buffer)."""
     from flor_nb import tensor_bytes
 
     times = {a: [] for a in ("plain", *arms)}
     engine = {a: [] for a in arms}
-    names = list(times)
-    for r in range(reps):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for what in (order if r % 2 == 0 else order[::-1]):
+    for _, what in interleaved(reps, list(times)):
+        if what == "plain":
+            times["plain"].append(_plain(epochs))
+            continue
+        tensor_bytes.STAGED = what != "budget_unstaged"
+        try:
             with tempfile.TemporaryDirectory() as home:
-                if what == "plain":
-                    times["plain"].append(_plain(epochs))
-                    continue
-                tensor_bytes.STAGED = what != "budget_unstaged"
-                try:
-                    s, run = _recorded(epochs, ARMS[what], home)
-                finally:
-                    tensor_bytes.STAGED = True
-                times[what].append(s)
-                engine[what].append(_engine(run))
+                s, run = _recorded(epochs, ARMS[what], home)
+        finally:
+            tensor_bytes.STAGED = True
+        times[what].append(s)
+        engine[what].append(_engine(run))
     p = statistics.median(times["plain"])
     return {"seconds": times, "engine": engine,
             "overhead": {a: statistics.median(times[a]) / p - 1 for a in arms}}
