@@ -65,9 +65,13 @@ class _NoFlor:
         return value
 
 
-def _cell(recorded: bool, width: int, epochs: int) -> tuple[list, dict | None]:
+def _cell(arm: str, width: int, epochs: int) -> tuple[list, dict | None]:
+    """One cell: ``plain``, or recorded with checkpoints written by the writer ``thread`` or the saver ``process``."""
     import flor_nb as flor
     from flor_nb import checkpoint
+
+    recorded = arm != "plain"
+    os.environ["FLOR_NB_SAVER"] = arm if recorded else "process"
 
     ns = {"flor": flor if recorded else _NoFlor, "EPOCHS": epochs, "W": width, "SPIN": SPIN, "spin": spin,
           "__name__": "__main__"}
@@ -81,6 +85,8 @@ def _cell(recorded: bool, width: int, epochs: int) -> tuple[list, dict | None]:
         st = flor.get_store(home)
         last = st.checkpoints(run.id)[-1]["path"]
         sizes = [checkpoint.blob_path(home, h).stat().st_size for h in checkpoint.references(home, last)]
+    assert run.timings["saver"]["process"] == (len(run.timings["snapshot_seconds"]) if arm == "process" else 0), \
+        run.timings["saver"]
     return ns["lost"][1:], {"timings": run.timings, "blob_sizes": sizes}  # epoch 0 follows the start checkpoint
 
 
@@ -125,26 +131,33 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    plain, recorded, thread, process, sizes, writer_cpu = [], [], [], [], None, []
-    for r in range(a.reps):
-        for what in (("plain", "recorded") if r % 2 == 0 else ("recorded", "plain")):
-            lost, info = _cell(what == "recorded", a.width, a.epochs)
-            (recorded if info else plain).append(statistics.median(lost))
-            if info:
-                sizes = info["blob_sizes"]
-                t = info["timings"]
-                writer_cpu.append(t["writer_cpu_seconds"] / max(1, len(t["snapshot_seconds"])))
-        for kind in (("thread", "process") if r % 2 == 0 else ("process", "thread")):
-            (thread if kind == "thread" else process).append(_background(kind, sizes, SPIN * a.epochs))
+    from bench.common import interleaved
+
+    arms = ("plain", "thread", "process")
+    lost = {a: [] for a in arms + ("file work in a thread", "file work in a process")}
+    writer_cpu = {"thread": [], "process": []}
+    sizes = None
+    _cell("process", a.width, 2)  # warm-up: the forkserver the saver forks from starts once per process
+    for r, arm in interleaved(a.reps, list(arms)):
+        stalls, info = _cell(arm, a.width, a.epochs)
+        lost[arm].append(statistics.median(stalls))
+        if info:
+            sizes = info["blob_sizes"]
+            t = info["timings"]
+            writer_cpu[arm].append(sum(t["write_cpu_seconds"]) / max(1, len(t["write_cpu_seconds"])))
+        if arm != arms[-1 if r % 2 == 0 else 0]:
+            continue  # the file-work stand-ins run once a repetition, after its last cell
+        for kind in ("thread", "process"):
+            lost[f"file work in a {kind}"].append(_background(kind, sizes, SPIN * a.epochs))
     ms = lambda xs: f"{statistics.median(xs) * 1e3:.1f} ms (range {min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f})"  # noqa: E731
     print(f"training-thread stalls per {SPIN} s epoch, {a.reps} reps, state of width {a.width} "
           f"({sum(sizes) / 2 ** 20:.1f} MB in {len(sizes)} blob files a checkpoint):")
-    print(f"  plain:                                  {ms(plain)}")
-    print(f"  recorded, a checkpoint every epoch:     {ms(recorded)}; writer CPU "
-          f"{statistics.median(writer_cpu) * 1e3:.0f} ms a checkpoint")
-    print(f"  the blob files' work in a thread:       {ms(thread)}")
-    print(f"  the same work in a separate process:    {ms(process)}")
-
+    print(f"  plain:                                            {ms(lost['plain'])}")
+    for arm in ("thread", "process"):
+        print(f"  recorded, a checkpoint every epoch, {arm:7s} saver: {ms(lost[arm])}; writer CPU "
+              f"{statistics.median(writer_cpu[arm]) * 1e3:.0f} ms a checkpoint (the saver's included)")
+    print(f"  the blob files' work in a thread:                 {ms(lost['file work in a thread'])}")
+    print(f"  the same work in a separate process:              {ms(lost['file work in a process'])}")
 
 if __name__ == "__main__":
     sys.exit(main())

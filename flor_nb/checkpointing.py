@@ -1,19 +1,23 @@
 """Checkpoints while a cell records: when one is due, taking its snapshot, writing it on the writer thread.
 
 The training thread copies a snapshot into :class:`~flor_nb.snapshot_pool.BufferPool` buffers and hands
-it to the writer thread, which writes its blobs, files and index row. A failed write stops checkpoints,
-never training.
+it to the writer thread, which has the saver process (saver.py) write its blobs and file, or writes them
+itself, then stores the index row. A failed write stops checkpoints, never training.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
 import warnings
 
-from . import checkpoint, devices, disk, objstore, runtime
+from . import devices, disk, objstore, runtime, saver
 from .errors import NotCapturedWarning
+from .saver import SaverGone
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointing:
@@ -74,6 +78,7 @@ class Checkpointing:
         """On the writer thread: blobs and files, then the index row. A full disk frees the store's
         reserve, so log rows keep fitting after checkpoints stop."""
         start, cpu = time.perf_counter(), time.thread_time()
+        saver_cpu = 0.0
         try:
             if self.writer.errors:
                 # Checkpoints stopped: an earlier write failed after this one was queued. Writing it
@@ -81,38 +86,40 @@ class Checkpointing:
                 self.pool.release(snap)
                 self.pool.release(end_snap)
                 return
-            self._write_checkpoint(epoch, kind, snap, end_snap)
+            saver_cpu = self._write_checkpoint(epoch, kind, snap, end_snap)
         except BaseException as e:
             if disk.is_full(e):
                 disk.release_reserve(self.store.home)
             raise
         finally:
             self.write_seconds.append(time.perf_counter() - start)
-            self.write_cpu_seconds.append(time.thread_time() - cpu)
+            self.write_cpu_seconds.append(time.thread_time() - cpu + saver_cpu)
             if epoch == -1:  # written (or failed): units may count as stored from now on (rows.py)
                 self._start_written.set()
 
-    def _write_checkpoint(self, epoch, kind, snap, end_snap):
-        rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.{kind}.ckpt"
-        parts = checkpoint.split(snap)
-        end_parts = None if end_snap is None else checkpoint.split(end_snap)
-        if epoch >= 0:
-            where = [(epoch, kind, parts)] + ([(epoch, "end", end_parts)] if end_parts else [])
-            self.store.add_digests(self.run.id, [(e, k, runtime.to_json(p[3])) for e, k, p in where])
+    def _write_checkpoint(self, epoch, kind, snap, end_snap) -> float:
+        """Write one checkpoint (by the saver process when there is one) and index it; returns the saver's CPU
+        seconds (the writer thread's own are counted by :meth:`_persist`)."""
+        folder = f"checkpoints/{self.run.name}@{self.run.version}"
+        rel = f"{folder}/epoch-{epoch:05d}.{kind}.ckpt"
+        end_rel = None if end_snap is None else f"{folder}/epoch-{epoch:05d}.end.ckpt"
         home = objstore.root(self.store.home, self.run.env)  # the store's folder, or the run's blob location
-        info = checkpoint.write(home, rel, snap, parts=parts)
-        end_rel = end = None
+        out = self._save(home, rel, snap, end_rel, end_snap)
+        info, end = out["info"], out["end"]
         try:
-            if end_snap is not None:
-                end_rel = f"checkpoints/{self.run.name}@{self.run.version}/epoch-{epoch:05d}.end.ckpt"
-                end = checkpoint.write(home, end_rel, end_snap, parts=end_parts)
+            digests = out["digests"]
+            if epoch >= 0 and digests[0] is not None:
+                where = [(epoch, kind, digests[0])] + ([(epoch, "end", digests[1])] if digests[1] is not None else [])
+                self.store.add_digests(self.run.id, [(e, k, runtime.to_json(d)) for e, k, d in where])
+            if out["error"] is not None:
+                raise out["error"]
             self.store.add_checkpoint(
                 self.run.id, epoch, kind, rel, info["bytes"] + (end["bytes"] if end else 0), info["logical_bytes"],
                 info["checksum"], runtime.to_json(info["digests"]),
                 None if end is None else runtime.to_json(end["digests"]), end_rel)
         except BaseException:
             if not objstore.is_url(home):  # never indexed: of no use to a replay, and it holds space
-                for written in filter(None, (rel, end_rel if end else None)):
+                for written in [r for r, i in ((rel, info), (end_rel, end)) if i is not None]:
                     with contextlib.suppress(OSError):
                         os.unlink(disk.inside(home, written))
             raise
@@ -121,6 +128,17 @@ class Checkpointing:
         self.pool.release(end_snap)
         if self.thinner is not None:
             self.thinner.add(epoch, kind, [(rel, info), (end_rel, end)])
+        return out["cpu"] if out.get("by") == "process" else 0.0
+
+    def _save(self, home, rel, snap, end_rel, end_snap) -> dict:
+        """:func:`flor_nb.saver.save_here`, by the saver process when it is up, else on this (writer) thread."""
+        if self.saver is not None and self.saver.usable():
+            try:
+                return {**self.saver.save(home, rel, snap, end_rel, end_snap), "by": "process"}
+            except SaverGone as e:
+                log.warning("flor_nb: %s while writing %s; it and later checkpoints of %s are written by the "
+                            "kernel's writer thread instead (nothing is lost).", e, rel, self.run.label)
+        return saver.save_here(home, rel, snap, end_rel, end_snap)
 
     def _check_writer(self):
         """Surface a failed checkpoint write once, as what it is: it stops checkpoints, never training."""

@@ -112,16 +112,21 @@ def _recent_imports(store) -> list[str]:
     return sorted(names)
 
 
+def context():
+    """The start method of flor_nb's processes (replay workers, the checkpoint saver): ``forkserver`` with torch
+    imported in the server where the platform has it (never fork: it deadlocks torch); spawn elsewhere (Windows)."""
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 class LocalExecutor:
     """Worker processes on this machine (``forkserver``, never ``fork``)."""
 
     def __init__(self, workers: int):
         self.workers = workers
-        # forkserver where the platform has it (never fork: it deadlocks torch); spawn elsewhere (Windows)
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload(_PRELOAD)
-        self._ctx = ctx
+        ctx = self._ctx = context()
         self._events = ctx.Queue()
         self._pool = self._new_pool()
         self._cancelled = threading.Event()

@@ -8,10 +8,11 @@ import threading
 import time
 import warnings
 
-from . import disk, liveness, machine, runtime, state, validate
+from . import disk, liveness, machine, runtime, saver, state, validate
 from .checkpointing import Checkpointing
 from .errors import DiskFullError, NotCapturedWarning, StoreError
 from .rows import RowCommits
+from .shared_buffers import SharedBuffers
 from .store import RECORDING, Run, Store
 from .writer import Writer
 
@@ -62,6 +63,10 @@ class Recorder(RowCommits, Checkpointing):
         self.progress = progress
         self.writer = Writer()
         self.pool = state.BufferPool()
+        self.saver = None  # the process that writes checkpoints, where it can (saver.py)
+        if not self.pool.pin_memory and saver.mode() == "process":
+            self.pool.shared = SharedBuffers()
+            self.saver = saver.Saver(self.pool.shared)
         self.thinner = thinner  # keeps the run's checkpoints under the store budget (see thinning.py)
         self.epoch_seconds: list[float] = []  # of the first units (all of them for epochs)
         self.unit_seconds_total = 0.0
@@ -403,6 +408,8 @@ class Recorder(RowCommits, Checkpointing):
         self._commit(rows, self.completed or None, [(e, w, runtime.to_json(d)) for e, w, d in digests],
                      tuple(range(self._flushed_units, min(self.completed, self.replace_below))))
         self.writer.close()  # every checkpoint submitted is on disk before the run is closed
+        if self.saver is not None:
+            self.saver.close()
         self._check_writer()
         stored = self._stored_units()
         held = max(self.completed - stored, 0)
@@ -466,11 +473,18 @@ class Recorder(RowCommits, Checkpointing):
                 "write_seconds": self.write_seconds,
                 "writer_seconds": self.writer.busy_seconds,
                 "writer_cpu_seconds": self.writer.cpu_seconds,
+                "saver": self._saver_summary(),
                 "commit_seconds": self.commit_seconds,
                 "start_checkpoint_wait": self.start_wait,
                 "overhead_budget": self.overhead,
             },
         )
+
+    def _saver_summary(self) -> dict:
+        """Who wrote the checkpoints: the saver process (how many) and, if it went away, why."""
+        if self.saver is None:
+            return {"process": 0, "why_not": "FLOR_NB_SAVER=thread, a GPU's pinned snapshots, or no memfd/forkserver here"}
+        return {"process": self.saver.saved, "why_not": self.saver.gone}
 
 
 def spec_of(scope: state.Scope) -> dict:

@@ -13,7 +13,8 @@ class BufferPool:
 
     ``copy_`` into memory already touched is several times faster than ``clone``
     into fresh pages (measured here: 18 vs 2.2 GB/s); buffers go back to the pool
-    once the writer has persisted their snapshot.
+    once the writer has persisted their snapshot. With ``shared`` (a
+    :class:`~flor_nb.shared_buffers.SharedBuffers`), CPU buffers live in shared memory for the saver process.
 
     CUDA tensors go to pinned host buffers (``pin_memory``; default: when CUDA is available),
     copied with ``non_blocking=True`` on a side stream of their device, never cloned on the GPU
@@ -23,7 +24,8 @@ class BufferPool:
     events, which the writer waits for before it reads the buffers.
     """
 
-    def __init__(self, pin_memory: bool | None = None):
+    def __init__(self, pin_memory: bool | None = None, shared=None):
+        self.shared = shared  # SharedBuffers: unpinned buffers in memory a saver process maps (saver.py)
         self._free: dict = {}
         self._lock = threading.Lock()
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -46,6 +48,8 @@ class BufferPool:
         with self._lock:
             free = self._free.get(key)
             buf = free.pop() if free else None
+        if buf is None and self.shared is not None and not pinned:
+            buf = self.shared.empty(key[1], t.dtype)
         if buf is None:
             buf = torch.empty(key[1], dtype=t.dtype, pin_memory=pinned)
         return buf

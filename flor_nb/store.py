@@ -76,7 +76,10 @@ _JSON_COLS = ("deps", "args", "env", "state", "timings")
 def _to_run(row) -> Run:
     d = dict(row)
     for key in _JSON_COLS:
-        d[key] = json.loads(d[key]) if d[key] else ({} if key != "deps" else [])
+        try:
+            d[key] = json.loads(d[key]) if d[key] else ({} if key != "deps" else [])
+        except ValueError as e:  # a page cut off the file reads as zeros: damage, named as SQLite names it
+            raise sqlite3.DatabaseError("database disk image is malformed") from e
     return Run(**d)
 
 

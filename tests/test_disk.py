@@ -202,6 +202,7 @@ def test_a_writer_error_that_is_not_a_full_disk_is_reported_as_what_it_is(tmp_pa
             raise OSError(errno.EIO, "Input/output error", rel)
         return real_write(root, rel, *args, **kwargs)
 
+    monkeypatch.setenv("FLOR_NB_SAVER", "thread")  # the fault is patched into this process
     monkeypatch.setattr(checkpoint, "write", write)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -91,6 +91,7 @@ def test_full_disk_keeps_training_and_earlier_checkpoints(store, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(home, rel, snap, **kw)
 
+    monkeypatch.setenv("FLOR_NB_SAVER", "thread")  # the fault is patched into this process
     monkeypatch.setattr(checkpoint, "write", write)
     with pytest.warns(UserWarning, match="checkpoints stopped"):
         run = _record(store, TRAIN, "full")
@@ -107,6 +108,7 @@ def test_no_checkpoint_at_all(store, monkeypatch):
     def write(home, rel, snap, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    monkeypatch.setenv("FLOR_NB_SAVER", "thread")  # the fault is patched into this process
     monkeypatch.setattr(checkpoint, "write", write)
     with pytest.warns(UserWarning):
         _record(store, TRAIN, "nockpt", epochs=2)

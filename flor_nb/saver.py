@@ -1,0 +1,265 @@
+"""Checkpoints persisted by a separate saver process, off the training process's GIL (REFT's design).
+
+The training thread copies a snapshot into shared-memory buffers (:mod:`flor_nb.shared_buffers`); the
+writer thread hands the saver a small message naming those buffers, plus the snapshot's pickled Python
+part through a shared mailbox, and waits, blocked, for the answer. The saver hashes, compresses and
+writes the blobs and the checkpoint file (the same :func:`flor_nb.checkpoint.split` and
+:func:`~flor_nb.checkpoint.write` a thread would run) and answers with their digests and sizes; the
+writer thread then stores the index rows. Measured here (``bench/gil_stalls.py``): a thread doing that file
+work costs a Python-bound training thread about 8 ms per checkpoint of GIL hand-backs, a process 0.6 ms.
+
+The saver is forked from the forkserver the replay workers use (torch already imported there), started
+in the background; until it is up, and for good if it dies or cannot start, checkpoints are written by
+the writer thread as before (:func:`save_here`): nothing is lost, the run's timings say which did it.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+from multiprocessing import reduction
+
+import torch
+
+from . import checkpoint, lifeline, signing
+from .shared_buffers import SharedBuffers, available
+from .state import wait_copies
+from .trees import map_tree
+
+log = logging.getLogger(__name__)
+
+_FDS_PER_MESSAGE = 250  # SCM_RIGHTS carries at most 253 descriptors per message on Linux
+
+
+class SaverGone(RuntimeError):
+    """The saver process ended or could not be reached; the checkpoint is written by the thread instead."""
+
+
+def mode() -> str:
+    """``process`` where checkpoints can be persisted by a saver process here, else ``thread``.
+
+    ``FLOR_NB_SAVER=thread`` keeps them in the kernel's writer thread.
+    """
+    if os.environ.get("FLOR_NB_SAVER", "process") == "thread" or not available():
+        return "thread"
+    import multiprocessing as mp
+
+    return "process" if "forkserver" in mp.get_all_start_methods() else "thread"
+
+
+def save_here(home, rel, snap, end_rel=None, end_snap=None) -> dict:
+    """Split and write a checkpoint (and its end snapshot) in this process.
+
+    Returns ``digests`` (per snapshot, made even when writing fails, so the run keeps them), ``info`` and
+    ``end`` (what :func:`flor_nb.checkpoint.write` returned), ``error`` (the exception, or None) and ``cpu``.
+    """
+    cpu = time.thread_time()
+    out = {"digests": [None, None], "info": None, "end": None, "error": None}
+    try:
+        parts = checkpoint.split(snap)
+        end_parts = None if end_snap is None else checkpoint.split(end_snap)
+        out["digests"] = [parts[3], None if end_parts is None else end_parts[3]]
+        out["info"] = checkpoint.write(home, rel, snap, parts=parts)
+        if end_snap is not None:
+            out["end"] = checkpoint.write(home, end_rel, end_snap, parts=end_parts)
+    except BaseException as e:  # noqa: BLE001 - handed back to the writer, which reports it
+        out["error"] = e
+    out["cpu"] = time.thread_time() - cpu
+    return out
+
+
+class _Shared:
+    """A tensor in a shared buffer, as the saver finds it: buffer id, dtype name, shape."""
+
+    __slots__ = ("bid", "dtype", "shape")
+
+    def __init__(self, bid, dtype, shape):
+        self.bid, self.dtype, self.shape = bid, dtype, shape
+
+    def __getstate__(self):
+        return (self.bid, self.dtype, self.shape)
+
+    def __setstate__(self, state):
+        self.bid, self.dtype, self.shape = state
+
+
+class Saver:
+    """The kernel's end of one recording's saver process (see the module doc)."""
+
+    def __init__(self, buffers: SharedBuffers):
+        self.buffers = buffers
+        self.gone: str | None = None  # why checkpoints went back to the thread, once they did
+        self.saved = 0  # checkpoints the process wrote
+        self._proc = self._conn = self._sock = None
+        self._mailbox = None  # (id, mmap, fd to send or None)
+        self._boxes = 0
+        self._ready = threading.Event()
+        main = sys.modules.get("__main__")
+        if getattr(main, "__file__", None) is None:  # a kernel: fork the saver while training starts
+            threading.Thread(target=self._start, name="flor_nb-saver-start", daemon=True).start()
+        else:  # a script: start it now, its __main__ hidden (see executor._no_main), before training runs
+            self._start()
+
+    def _start(self):
+        from . import executor
+
+        try:
+            ctx = executor.context()
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=serve, args=(child, os.getpid(), dict(os.environ), str(signing.key_path())),
+                               name="flor_nb-saver", daemon=True)
+            with executor._no_main():
+                proc.start()
+            child.close()
+            self._proc, self._conn = proc, parent
+            self._sock = socket.fromfd(parent.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        except Exception as e:  # noqa: BLE001 - no saver: the writer thread writes, as before
+            self.gone = f"the saver process could not start ({type(e).__name__}: {e})"
+            log.info("flor_nb: %s; checkpoints are written by a thread", self.gone)
+        finally:
+            self._ready.set()
+
+    def usable(self) -> bool:
+        return self._ready.is_set() and self.gone is None
+
+    def save(self, home, rel, snap, end_rel=None, end_snap=None) -> dict:
+        """:func:`save_here`, run by the saver process; raises :class:`SaverGone` when it is not there."""
+        job = {"home": home, "rel": rel, "end_rel": end_rel, "snap": self._encode(snap), "end": self._encode(end_snap)}
+        data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        new = self.buffers.take_new()
+        box = self._box(len(data))
+        box[1][:len(data)] = data
+        if box[2] is not None:
+            new.append((box[0], box[2]))
+            self._mailbox = (box[0], box[1], None)
+        try:
+            self._conn.send({"fds": [[bid for bid, _ in chunk] for chunk in _chunks(new)], "mailbox": (box[0], len(data))})
+            for chunk in _chunks(new):
+                reduction.sendfds(self._sock, [fd for _, fd in chunk])
+            reply = self._conn.recv()
+        except (EOFError, OSError) as e:
+            raise SaverGone(self._lost(e)) from None
+        finally:
+            for _, fd in new:
+                os.close(fd)
+        self.saved += 1
+        return reply
+
+    def _encode(self, snap):
+        if snap is None:
+            return None
+        wait_copies(snap)
+
+        def leaf(t):
+            bid = self.buffers.ref(t)
+            return t if bid is None else _Shared(bid, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+        out = {key: snap[key] for key in ("python", "digests", "roots", "not_captured") if key in snap}
+        out["tensors"] = {key: map_tree(value, leaf) for key, value in snap["tensors"].items()}
+        return out
+
+    def _box(self, n: int):
+        """The mailbox, grown to hold ``n`` bytes: (id, mmap, fd when the saver has not been sent it)."""
+        if self._mailbox is None or len(self._mailbox[1]) < n:
+            size = max(1 << 20, 1 << (n - 1).bit_length())
+            fd = os.memfd_create("flor_nb-mailbox", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            self._boxes += 1
+            self._mailbox = (f"box{self._boxes}", mmap.mmap(fd, size), fd)
+        return self._mailbox
+
+    def _lost(self, error) -> str:
+        code = None
+        if self._proc is not None:
+            self._proc.join(2)
+            code = self._proc.exitcode
+        how = (f"was killed by signal {-code}" if code is not None and code < 0 else
+               f"exited with code {code}" if code is not None else f"stopped answering ({type(error).__name__})")
+        self.gone = f"the checkpoint saver process (pid {getattr(self._proc, 'pid', '?')}) {how}"
+        return self.gone
+
+    def close(self):
+        """Stop the saver (after the writer has drained) and free what it held."""
+        self._ready.wait(30)
+        if self._conn is not None:
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._conn.close()
+            self._sock.close()
+        if self._mailbox is not None and self._mailbox[2] is not None:
+            os.close(self._mailbox[2])
+        self.buffers.close()
+
+
+def _chunks(items: list) -> list:
+    return [items[i:i + _FDS_PER_MESSAGE] for i in range(0, len(items), _FDS_PER_MESSAGE)]
+
+
+# -- the saver process ---------------------------------------------------------------------------------
+
+
+def serve(conn, owner: int, environ: dict, key: str):
+    """The saver's loop: map the buffers it is sent, write each checkpoint asked, answer; end on EOF."""
+    lifeline.watch(owner)  # the kernel died (even by SIGKILL): nothing is left to write for
+    os.environ.clear()
+    os.environ.update(environ)  # a forkserver's environment may predate the kernel's (object store settings)
+    signing.use_key(key)
+    try:  # let training threads win the cores, as the writer thread does
+        os.setpriority(os.PRIO_PROCESS, 0, 10)
+    except OSError:
+        pass
+    sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+    maps: dict = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        for ids in msg["fds"]:
+            for bid, fd in zip(ids, reduction.recvfds(sock, len(ids))):
+                if isinstance(bid, str):  # a new mailbox: the old one goes
+                    for old in [k for k in maps if isinstance(k, str)]:
+                        maps.pop(old).close()
+                maps[bid] = mmap.mmap(fd, os.fstat(fd).st_size)
+                os.close(fd)
+        box, n = msg["mailbox"]
+        cpu = time.process_time()
+        job = pickle.loads(maps[box][:n])
+        reply = save_here(job["home"], job["rel"], _decode(job["snap"], maps), job["end_rel"],
+                          _decode(job["end"], maps))
+        reply["cpu"] = time.process_time() - cpu  # the whole process's: hashing and compressing may use threads
+        conn.send(_sendable(reply))
+
+
+def _decode(snap, maps):
+    if snap is None:
+        return None
+
+    def tensor(s: _Shared):
+        return torch.frombuffer(maps[s.bid], dtype=torch.uint8).view(getattr(torch, s.dtype)).view(s.shape)
+
+    snap["tensors"] = {key: map_tree(v, tensor, lambda x: isinstance(x, _Shared)) for key, v in snap["tensors"].items()}
+    return snap
+
+
+def _sendable(reply: dict) -> dict:
+    """The reply, its error made picklable (the type and message kept, and errno for a full disk)."""
+    error = reply.get("error")
+    if error is not None:
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:  # noqa: BLE001
+            reply["error"] = RuntimeError(f"{type(error).__name__}: {error}")
+    return reply

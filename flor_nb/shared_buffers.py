@@ -1,0 +1,71 @@
+"""Snapshot buffers in anonymous shared memory, so a saver process reads a snapshot without a copy.
+
+Each buffer is a ``memfd`` (Linux), sized and allocated up front with ``posix_fallocate`` (a full
+memory limit fails here, as an error, not later as a SIGBUS inside a copy), and mapped into this
+process. Its file descriptor goes to the saver once (:meth:`SharedBuffers.take_new`), which maps the
+same pages; nothing has a name, so nothing outlives both processes, even after a SIGKILL.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    """Can buffers be shared this way here (Linux ``memfd_create``)?"""
+    return hasattr(os, "memfd_create") and hasattr(os, "posix_fallocate")
+
+
+class SharedBuffers:
+    """Host tensors backed by memfds: ``empty`` makes one; ``ref`` names one for the saver."""
+
+    def __init__(self):
+        self._by_ptr: dict[int, tuple[int, int]] = {}  # data pointer -> (buffer id, bytes)
+        self._new: list[tuple[int, int]] = []  # (buffer id, fd) the saver has not been sent yet
+        self._next = 0
+        self.failed: str | None = None  # why the last allocation fell back to private memory
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
+        """A contiguous CPU tensor in shared memory, or None (empty tensor, or no room: the caller allocates)."""
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if not nbytes:
+            return None
+        fd = os.memfd_create("flor_nb-snapshot", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
+            mm = mmap.mmap(fd, nbytes)
+        except OSError as e:
+            os.close(fd)
+            self.failed = f"{type(e).__name__}: {e}"
+            log.info("flor_nb: a %d-byte snapshot buffer did not fit in shared memory (%s); it goes to the saver "
+                     "by copy", nbytes, e)
+            return None
+        t = torch.frombuffer(mm, dtype=torch.uint8).view(dtype).view(tuple(shape))
+        bid, self._next = self._next, self._next + 1
+        self._by_ptr[t.data_ptr()] = (bid, nbytes)
+        self._new.append((bid, fd))
+        return t
+
+    def ref(self, t: torch.Tensor) -> int | None:
+        """The buffer id of ``t`` when it is one of these buffers, whole; else None."""
+        if t.device.type != "cpu" or t.layout != torch.strided:
+            return None
+        hit = self._by_ptr.get(t.data_ptr())
+        if hit is None or hit[1] != t.nbytes or not t.is_contiguous():
+            return None
+        return hit[0]
+
+    def take_new(self) -> list[tuple[int, int]]:
+        """The (id, fd) pairs not handed over yet; the caller sends and closes the fds."""
+        new, self._new = self._new, []
+        return new
+
+    def close(self):
+        for _, fd in self.take_new():
+            os.close(fd)

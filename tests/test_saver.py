@@ -1,0 +1,106 @@
+"""The checkpoint saver process: it writes what the writer thread would, and a saver killed mid-recording
+loses no checkpoint (the writer thread takes over, and says so in the run's timings and the log)."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+
+import pytest
+
+import flor_nb as flor
+from flor_nb.shared_buffers import available
+from flor_nb.store import Store
+
+pytestmark = pytest.mark.skipif(not (available() and "forkserver" in mp.get_all_start_methods()),
+                                reason="no saver process on this platform (needs memfd_create and forkserver)")
+
+SETUP = '''
+import os, signal, multiprocessing
+import torch, torch.nn as nn, torch.nn.functional as F
+torch.manual_seed(0)
+X = torch.randn(96, 8); y = (X[:, 0] > 0).long()
+model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+none = torch.zeros(0, 3)  # no bytes: it reaches the saver by copy, not shared memory
+seen = torch.zeros((), dtype=torch.int64)
+losses = []
+def kill_saver(epoch):
+    """SIGKILL this recording's saver process at KILL_AT (a no-op where KILL_AT is not set)."""
+    if globals().get("KILL_AT") == epoch:
+        for p in multiprocessing.active_children():
+            if p.name == "flor_nb-saver":
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(5)
+'''
+TRAIN = '''
+for epoch in range(6):
+    kill_saver(epoch)
+    for i in range(0, 96, 32):
+        loss = F.cross_entropy(model(X[i:i + 32]), y[i:i + 32])
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+        flor.log("loss", loss.item())
+    seen += 1
+    none = torch.zeros(0, epoch + 1)
+'''
+PROBE = TRAIN.replace('flor.log("loss", loss.item())',
+                      'flor.log("loss", loss.item()); flor.log("w", float(model[0].weight.detach().sum()))')
+
+
+def _record(home, name, kill_at=None):
+    ns = {"flor": flor}
+    exec(SETUP, ns)
+    if kill_at is not None:
+        ns["KILL_AT"] = kill_at
+    return flor.record(TRAIN, name=name, namespace=ns, cells=[SETUP], store=home, overhead=float("inf"),
+                       progress=False)
+
+
+def _savers() -> list:
+    return [p for p in mp.active_children() if p.name == "flor_nb-saver"]
+
+
+@pytest.mark.timeout(240)
+def test_the_saver_process_writes_the_checkpoints_the_writer_thread_would(tmp_path, monkeypatch):
+    home = tmp_path / ".flor"
+    by_process = _record(home, "proc")
+    # 6 epochs' checkpoints; the start one too unless the saver was still starting (in a kernel it starts in
+    # the background, and an in-process IPython shell of an earlier test leaves this process looking like one)
+    assert by_process.timings["saver"]["process"] in (6, 7) and by_process.timings["saver"]["why_not"] is None
+    assert not _savers()  # it ended with the recording
+    monkeypatch.setenv("FLOR_NB_SAVER", "thread")
+    by_thread = _record(home, "thread")
+    assert by_thread.timings["saver"]["process"] == 0
+    store = Store(home)
+    assert store.digests(by_process.id) == store.digests(by_thread.id)  # the same state, stream by stream
+    assert sorted(store.checkpoints(by_process.id)) == list(range(-1, 6))
+    monkeypatch.delenv("FLOR_NB_SAVER")
+    out = flor.replay("proc", code=PROBE, epochs=[3], store=home)
+    assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
+    truth = _record_probed(tmp_path / "truth")
+    assert out.dropna(subset=["w"])["w"].tolist() == truth[truth["epoch"] == 3].dropna(subset=["w"])["w"].tolist()
+
+
+def _record_probed(home):
+    ns = {"flor": flor}
+    exec(SETUP, ns)
+    flor.record(PROBE, name="truth", namespace=ns, cells=[SETUP], store=home, progress=False)
+    return flor.dataframe("w", run="truth", store=home)
+
+
+@pytest.mark.timeout(240)
+def test_a_saver_killed_mid_recording_loses_no_checkpoint(tmp_path, caplog):
+    home = tmp_path / ".flor"
+    with caplog.at_level(logging.WARNING, logger="flor_nb"):
+        run = _record(home, "killed", kill_at=3)
+    assert run.status == "finished" and run.epochs_completed == 6
+    why = run.timings["saver"]["why_not"]
+    assert "was killed by signal 9" in why, run.timings["saver"]
+    assert 1 <= run.timings["saver"]["process"] <= 4  # epochs 0-2 (and the start) by the process, at most
+    assert sorted(Store(home).checkpoints(run.id)) == list(range(-1, 6))  # none lost: the thread wrote the rest
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "was killed by signal 9" in said and "written by the kernel's writer thread instead" in said, said
+    assert not _savers()
+    for epoch in (2, 4):  # one checkpoint written by the saver, one by the thread after it died
+        out = flor.replay("killed", code=PROBE, epochs=[epoch], store=home)
+        assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
