@@ -144,7 +144,8 @@ def main():
         if info:
             sizes = info["blob_sizes"]
             t = info["timings"]
-            writer_cpu[arm].append(sum(t["write_cpu_seconds"]) / max(1, len(t["write_cpu_seconds"])))
+            cpu = t["writer_cpu_seconds"] + t["saver"]["cpu_seconds"]
+            writer_cpu[arm].append(cpu / max(1, len(t["snapshot_seconds"])))
         if arm != arms[-1 if r % 2 == 0 else 0]:
             continue  # the file-work stand-ins run once a repetition, after its last cell
         for kind in ("thread", "process"):

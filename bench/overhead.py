@@ -16,7 +16,8 @@ says where the extra time went.
 With ``--control`` every pair also runs the plain cell a second time: the plain cell against itself is the
 noise floor the overhead is read against.
 
-    .venv/bin/python bench/overhead.py [--pairs 8] [--epochs 4] [--scale 1.0] [--threads 1] [--control] [--out FILE]
+    .venv/bin/python bench/overhead.py [--pairs 8] [--epochs 4] [--scale 1.0] [--threads 1] [--control]
+        [--thread-arm] [--out FILE]
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ if _RECORDED:
     _out["engine"] = {"label": _run.label, "epochs": _t["epoch_seconds"], "snapshot": _t["snapshot_seconds"],
                       "digest": _t["digest_seconds"], "write": _t["write_seconds"],
                       "writer_busy": _t["writer_seconds"], "writer_cpu": _t.get("writer_cpu_seconds"),
+                      "saver": _t.get("saver"),
                       "duration": _run.duration, "checkpoints": len(flor.checkpoints(_run.label))}
 print("ACCOUNT " + _json.dumps(_out))
 '''
@@ -120,8 +122,8 @@ class Kernel:
         self.km.shutdown_kernel(now=True)
 
 
-def timed(kernel, setup, cell, recorded) -> dict:
-    kernel.run(setup + "\n_gc.collect()\n")
+def timed(kernel, setup, cell, recorded, saver="process") -> dict:
+    kernel.run(setup + f"\n_gc.collect()\n_os.environ['FLOR_NB_SAVER'] = {saver!r}\n")
     kernel.run(f"_RECORDED = {recorded}\n_a0 = _flor_account()")
     wall, _ = kernel.run(cell)
     _, out = kernel.run(AFTER)
@@ -157,6 +159,9 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads in the kernel (0: torch's default)")
     p.add_argument("--record-args", default="", help="extra %%%%flor record options, e.g. '--no-progress'")
     p.add_argument("--out", default=None, help="markdown file to write (and .json beside it)")
+    p.add_argument("--thread-arm", action="store_true",
+                   help="a third arm in every pair: recorded with checkpoints written by the kernel's writer thread "
+                        "(FLOR_NB_SAVER=thread) instead of the saver process")
     p.add_argument("--control", action="store_true",
                    help="a second plain cell in every pair: the plain cell against itself, the noise floor")
     a = p.parse_args()
@@ -174,14 +179,18 @@ def main():
         time.sleep(15)  # the prestarted replay workers import torch: let them settle before timing
         timed(kernel, setup, plain_cell, False)  # warm-up, not counted: first-run imports and caches
         timed(kernel, setup, record_cell, True)
-        arms = ("plain", "record") + (("plain2",) if a.control else ())
+        arms = ("plain", "record") + (("thread",) if a.thread_arm else ()) + (("plain2",) if a.control else ())
         for i in range(a.pairs):
             order = arms if i % 2 == 0 else arms[::-1]
-            got = {arm: timed(kernel, setup, record_cell if arm == "record" else plain_cell, arm == "record")
+            got = {arm: timed(kernel, setup, plain_cell if arm.startswith("plain") else record_cell,
+                              not arm.startswith("plain"), "thread" if arm == "thread" else "process")
                    for arm in order}
             pairs.append(got)
             r, q = got["record"], got["plain"]
             again = f", plain again {got['plain2']['wall']:.2f} s" if a.control else ""
+            if a.thread_arm:
+                again += f", recorded by the writer thread {got['thread']['wall']:.2f} s " \
+                         f"({got['thread']['wall'] / q['wall'] - 1:+.1%})"
             print(f"pair {i}: plain {q['wall']:.2f} s, recorded {r['wall']:.2f} s ({r['wall'] / q['wall'] - 1:+.1%}){again}; "
                   f"CPU {q['process']:.2f} / {r['process']:.2f} s; load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
@@ -227,6 +236,18 @@ def report(a, pairs, load0, load1, started) -> str:
                          f"{ms(med(again))} (plain again) | "
                          f"{describe([x['plain2'][key] - x['plain'][key] for x in pairs], ms)} | "
                          f"{describe([x['plain2'][key] / x['plain'][key] - 1 for x in pairs], pct)} |")
+    if "thread" in pairs[0]:  # the same recording, its checkpoints written by the kernel's writer thread
+        for key, what in (("wall", "wall"), ("main", "main thread CPU")):
+            th = [x["thread"][key] for x in pairs]
+            lines.append(f"| recorded, checkpoints by the writer thread (FLOR_NB_SAVER=thread), {what} | "
+                         f"{ms(med([x['plain'][key] for x in pairs]))} | {ms(med(th))} | "
+                         f"{describe([x['thread'][key] - x['plain'][key] for x in pairs], ms)} | "
+                         f"{describe([x['thread'][key] / x['plain'][key] - 1 for x in pairs], pct)} |")
+        lines.append(f"| recorded by the saver process against by the writer thread, wall | "
+                     f"{ms(med([x['thread']['wall'] for x in pairs]))} (thread) | "
+                     f"{ms(med([x['record']['wall'] for x in pairs]))} | "
+                     f"{describe([x['record']['wall'] - x['thread']['wall'] for x in pairs], ms)} | "
+                     f"{describe([x['record']['wall'] / x['thread']['wall'] - 1 for x in pairs], pct)} |")
     # per thread, by name: the writer thread has ended by the time the cell ends: its CPU comes from the engine
     names = sorted({n for x in pairs for side in ("plain", "record") for n in by_name(x[side]["threads"])})
     for n in names:
@@ -247,6 +268,7 @@ def report(a, pairs, load0, load1, started) -> str:
         "training thread blocked in digests": [sum(e["digest"]) for e in eng],
         "writer thread busy (wall)": [e["writer_busy"] for e in eng],
         "writer thread CPU": [e["writer_cpu"] or 0.0 for e in eng],
+        "saver process CPU (it runs beside the kernel)": [(e.get("saver") or {}).get("cpu_seconds", 0.0) for e in eng],
         "epochs (engine's clock, sum)": [sum(e["epochs"]) for e in eng],
         "cell wall outside the epochs (instrument, setup, finish, print)":
             [x["record"]["wall"] - sum(x["record"]["engine"]["epochs"]) for x in pairs],

@@ -12,7 +12,6 @@ from . import disk, liveness, machine, runtime, saver, state, validate
 from .checkpointing import Checkpointing
 from .errors import DiskFullError, NotCapturedWarning, StoreError
 from .rows import RowCommits
-from .shared_buffers import SharedBuffers
 from .store import RECORDING, Run, Store
 from .writer import Writer
 
@@ -65,8 +64,9 @@ class Recorder(RowCommits, Checkpointing):
         self.pool = state.BufferPool()
         self.saver = None  # the process that writes checkpoints, where it can (saver.py)
         if not self.pool.pin_memory and saver.mode() == "process":
-            self.pool.shared = SharedBuffers()
-            self.saver = saver.Saver(self.pool.shared)
+            self.saver = saver.current()
+            self.pool.shared = self.saver.buffers
+            self._saved_before, self._saver_cpu_before = self.saver.saved, self.saver.cpu_seconds
         self.thinner = thinner  # keeps the run's checkpoints under the store budget (see thinning.py)
         self.epoch_seconds: list[float] = []  # of the first units (all of them for epochs)
         self.unit_seconds_total = 0.0
@@ -408,8 +408,8 @@ class Recorder(RowCommits, Checkpointing):
         self._commit(rows, self.completed or None, [(e, w, runtime.to_json(d)) for e, w, d in digests],
                      tuple(range(self._flushed_units, min(self.completed, self.replace_below))))
         self.writer.close()  # every checkpoint submitted is on disk before the run is closed
-        if self.saver is not None:
-            self.saver.close()
+        if self.saver is not None:  # the saver stays for the next recording, and so do the buffers it can keep
+            self.saver.forget(self.pool.close())
         self._check_writer()
         stored = self._stored_units()
         held = max(self.completed - stored, 0)
@@ -481,10 +481,12 @@ class Recorder(RowCommits, Checkpointing):
         )
 
     def _saver_summary(self) -> dict:
-        """Who wrote the checkpoints: the saver process (how many) and, if it went away, why."""
+        """Who wrote the checkpoints: the saver process (how many, its CPU seconds) and, if it went away, why."""
         if self.saver is None:
-            return {"process": 0, "why_not": "FLOR_NB_SAVER=thread, a GPU's pinned snapshots, or no memfd/forkserver here"}
-        return {"process": self.saver.saved, "why_not": self.saver.gone}
+            return {"process": 0, "cpu_seconds": 0.0,
+                    "why_not": "FLOR_NB_SAVER=thread, a GPU's pinned snapshots, or no memfd/forkserver here"}
+        return {"process": self.saver.saved - self._saved_before,
+                "cpu_seconds": self.saver.cpu_seconds - self._saver_cpu_before, "why_not": self.saver.gone}
 
 
 def spec_of(scope: state.Scope) -> dict:

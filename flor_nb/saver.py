@@ -88,13 +88,31 @@ class _Shared:
         self.bid, self.dtype, self.shape = state
 
 
+_current: list = []  # [the Saver of this process], while it lives
+_current_lock = threading.Lock()
+
+
+def current() -> Saver:
+    """This process's saver: the running one, or a new one (with new buffers) if there is none or it died.
+
+    One saver serves every recording of a kernel, one checkpoint at a time, and keeps their buffers mapped
+    between recordings (see :mod:`flor_nb.shared_buffers`); it ends with the kernel.
+    """
+    with _current_lock:
+        if not _current or _current[0].gone is not None:
+            _current[:] = [Saver(SharedBuffers())]
+        return _current[0]
+
+
 class Saver:
-    """The kernel's end of one recording's saver process (see the module doc)."""
+    """The kernel's end of the saver process (see the module doc). Use :func:`current`."""
 
     def __init__(self, buffers: SharedBuffers):
         self.buffers = buffers
         self.gone: str | None = None  # why checkpoints went back to the thread, once they did
         self.saved = 0  # checkpoints the process wrote
+        self.cpu_seconds = 0.0  # the process's CPU time writing them
+        self._lock = threading.Lock()  # one job at a time on the connection
         self._proc = self._conn = self._sock = None
         self._mailbox = None  # (id, mmap, fd to send or None)
         self._boxes = 0
@@ -111,8 +129,7 @@ class Saver:
         try:
             ctx = executor.context()
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=serve, args=(child, os.getpid(), dict(os.environ), str(signing.key_path())),
-                               name="flor_nb-saver", daemon=True)
+            proc = ctx.Process(target=serve, args=(child, os.getpid()), name="flor_nb-saver", daemon=True)
             with executor._no_main():
                 proc.start()
             child.close()
@@ -128,9 +145,29 @@ class Saver:
         return self._ready.is_set() and self.gone is None
 
     def save(self, home, rel, snap, end_rel=None, end_snap=None) -> dict:
-        """:func:`save_here`, run by the saver process; raises :class:`SaverGone` when it is not there."""
-        job = {"home": home, "rel": rel, "end_rel": end_rel, "snap": self._encode(snap), "end": self._encode(end_snap)}
+        """:func:`save_here`, run by the saver process; raises :class:`SaverGone` when it is not there.
+
+        The job carries this process's environment and signing key: a forkserver's environment may predate
+        the kernel's (object store settings), and the key may have moved since the saver started."""
+        job = {"home": home, "rel": rel, "end_rel": end_rel, "snap": self._encode(snap), "end": self._encode(end_snap),
+               "environ": dict(os.environ), "key": str(signing.key_path())}
         data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            return self._send(data)
+
+    def forget(self, ids: list[int]):
+        """Have the saver unmap buffers this process no longer keeps (no answer is awaited)."""
+        if not ids or not self.usable():
+            return
+        with self._lock:
+            try:
+                self._conn.send({"drop": ids})
+            except OSError as e:
+                self._lost(e)
+
+    def _send(self, data: bytes) -> dict:
+        if self.gone is not None:
+            raise SaverGone(self.gone)
         new = self.buffers.take_new()
         box = self._box(len(data))
         box[1][:len(data)] = data
@@ -148,6 +185,7 @@ class Saver:
             for _, fd in new:
                 os.close(fd)
         self.saved += 1
+        self.cpu_seconds += reply["cpu"]
         return reply
 
     def _encode(self, snap):
@@ -184,7 +222,7 @@ class Saver:
         return self.gone
 
     def close(self):
-        """Stop the saver (after the writer has drained) and free what it held."""
+        """Stop the saver and free what it held (tests; a kernel's saver ends with the kernel)."""
         self._ready.wait(30)
         if self._conn is not None:
             try:
@@ -208,12 +246,9 @@ def _chunks(items: list) -> list:
 # -- the saver process ---------------------------------------------------------------------------------
 
 
-def serve(conn, owner: int, environ: dict, key: str):
+def serve(conn, owner: int):
     """The saver's loop: map the buffers it is sent, write each checkpoint asked, answer; end on EOF."""
     lifeline.watch(owner)  # the kernel died (even by SIGKILL): nothing is left to write for
-    os.environ.clear()
-    os.environ.update(environ)  # a forkserver's environment may predate the kernel's (object store settings)
-    signing.use_key(key)
     try:  # let training threads win the cores, as the writer thread does
         os.setpriority(os.PRIO_PROCESS, 0, 10)
     except OSError:
@@ -227,20 +262,36 @@ def serve(conn, owner: int, environ: dict, key: str):
             return
         if msg is None:
             return
+        if "drop" in msg:
+            for bid in msg["drop"]:
+                _unmap(maps.pop(bid, None))
+            continue
         for ids in msg["fds"]:
             for bid, fd in zip(ids, reduction.recvfds(sock, len(ids))):
                 if isinstance(bid, str):  # a new mailbox: the old one goes
                     for old in [k for k in maps if isinstance(k, str)]:
-                        maps.pop(old).close()
+                        _unmap(maps.pop(old))
                 maps[bid] = mmap.mmap(fd, os.fstat(fd).st_size)
                 os.close(fd)
         box, n = msg["mailbox"]
         cpu = time.process_time()
         job = pickle.loads(maps[box][:n])
+        if job["environ"] != os.environ:
+            os.environ.clear()
+            os.environ.update(job["environ"])
+        signing.use_key(job["key"])
         reply = save_here(job["home"], job["rel"], _decode(job["snap"], maps), job["end_rel"],
                           _decode(job["end"], maps))
         reply["cpu"] = time.process_time() - cpu  # the whole process's: hashing and compressing may use threads
         conn.send(_sendable(reply))
+
+
+def _unmap(m):
+    try:
+        if m is not None:
+            m.close()
+    except BufferError:  # a tensor of the last job still views it: unmapped when that is freed
+        pass
 
 
 def _decode(snap, maps):

@@ -4,16 +4,22 @@ Each buffer is a ``memfd`` (Linux), sized and allocated up front with ``posix_fa
 memory limit fails here, as an error, not later as a SIGBUS inside a copy), and mapped into this
 process. Its file descriptor goes to the saver once (:meth:`SharedBuffers.take_new`), which maps the
 same pages; nothing has a name, so nothing outlives both processes, even after a SIGKILL.
+
+Buffers outlive a recording: the next recording of the kernel borrows them again (already mapped by the
+saver, their pages already touched), up to :data:`KEEP_BYTES` of them; the rest are unmapped.
 """
 from __future__ import annotations
 
 import logging
 import mmap
 import os
+import threading
 
 import torch
 
 log = logging.getLogger(__name__)
+
+KEEP_BYTES = int(float(os.environ.get("FLOR_NB_SNAPSHOT_KEEP_BYTES", 256 << 20)))  # kept between recordings
 
 
 def available() -> bool:
@@ -22,16 +28,23 @@ def available() -> bool:
 
 
 class SharedBuffers:
-    """Host tensors backed by memfds: ``empty`` makes one; ``ref`` names one for the saver."""
+    """Host tensors backed by memfds: ``empty`` makes (or lends again) one; ``ref`` names one for the saver."""
 
     def __init__(self):
         self._by_ptr: dict[int, tuple[int, int]] = {}  # data pointer -> (buffer id, bytes)
         self._new: list[tuple[int, int]] = []  # (buffer id, fd) the saver has not been sent yet
+        self._free: dict = {}  # (dtype, shape) -> buffers a finished recording gave back
+        self._lock = threading.Lock()
         self._next = 0
         self.failed: str | None = None  # why the last allocation fell back to private memory
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
         """A contiguous CPU tensor in shared memory, or None (empty tensor, or no room: the caller allocates)."""
+        shape = tuple(shape)
+        with self._lock:
+            free = self._free.get((dtype, shape))
+            if free:
+                return free.pop()
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if not nbytes:
             return None
@@ -46,11 +59,27 @@ class SharedBuffers:
             log.info("flor_nb: a %d-byte snapshot buffer did not fit in shared memory (%s); it goes to the saver "
                      "by copy", nbytes, e)
             return None
-        t = torch.frombuffer(mm, dtype=torch.uint8).view(dtype).view(tuple(shape))
-        bid, self._next = self._next, self._next + 1
-        self._by_ptr[t.data_ptr()] = (bid, nbytes)
-        self._new.append((bid, fd))
+        t = torch.frombuffer(mm, dtype=torch.uint8).view(dtype).view(shape)
+        with self._lock:
+            bid, self._next = self._next, self._next + 1
+            self._by_ptr[t.data_ptr()] = (bid, nbytes)
+            self._new.append((bid, fd))
         return t
+
+    def give_back(self, buffers) -> list[int]:
+        """Buffers a recording is done with: kept for the next one up to :data:`KEEP_BYTES` (the smallest first,
+        so the most tensors are reused); returns the ids of the others, which the caller has the saver unmap."""
+        mine = sorted((t for t in buffers if self.ref(t) is not None), key=lambda t: t.nbytes)
+        dropped = []
+        with self._lock:
+            kept = sum(t.nbytes for ts in self._free.values() for t in ts)
+            for t in mine:
+                if kept + t.nbytes <= KEEP_BYTES:
+                    self._free.setdefault((t.dtype, tuple(t.shape)), []).append(t)
+                    kept += t.nbytes
+                else:
+                    dropped.append(self._by_ptr.pop(t.data_ptr())[0])  # unmapped here once the tensor is freed
+        return dropped
 
     def ref(self, t: torch.Tensor) -> int | None:
         """The buffer id of ``t`` when it is one of these buffers, whole; else None."""
@@ -63,7 +92,8 @@ class SharedBuffers:
 
     def take_new(self) -> list[tuple[int, int]]:
         """The (id, fd) pairs not handed over yet; the caller sends and closes the fds."""
-        new, self._new = self._new, []
+        with self._lock:
+            new, self._new = self._new, []
         return new
 
     def close(self):

@@ -26,6 +26,7 @@ class BufferPool:
 
     def __init__(self, pin_memory: bool | None = None, shared=None):
         self.shared = shared  # SharedBuffers: unpinned buffers in memory a saver process maps (saver.py)
+        self._borrowed: list = []  # the shared buffers this pool holds, given back by close()
         self._free: dict = {}
         self._lock = threading.Lock()
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -50,6 +51,8 @@ class BufferPool:
             buf = free.pop() if free else None
         if buf is None and self.shared is not None and not pinned:
             buf = self.shared.empty(key[1], t.dtype)
+            if buf is not None:
+                self._borrowed.append(buf)
         if buf is None:
             buf = torch.empty(key[1], dtype=t.dtype, pin_memory=pinned)
         return buf
@@ -86,6 +89,15 @@ class BufferPool:
             events.append(event)
         self._open = {}
         return events
+
+    def close(self) -> list[int]:
+        """The recording is over: its shared buffers go back for the next one (ids of those unmapped instead)."""
+        if self.shared is None:
+            return []
+        borrowed, self._borrowed = self._borrowed, []
+        with self._lock:
+            self._free = {}
+        return self.shared.give_back(borrowed)
 
     def release(self, snap: dict | None):
         if snap is None:

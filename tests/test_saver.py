@@ -1,5 +1,6 @@
-"""The checkpoint saver process: it writes what the writer thread would, and a saver killed mid-recording
-loses no checkpoint (the writer thread takes over, and says so in the run's timings and the log)."""
+"""The checkpoint saver process: it writes what the writer thread would, serves the next recording with the
+same buffers, and a saver killed mid-recording loses no checkpoint (the writer thread takes over, and says so
+in the run's timings and the log; the next recording starts a new saver)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ import multiprocessing as mp
 import pytest
 
 import flor_nb as flor
+from flor_nb import saver
 from flor_nb.shared_buffers import available
 from flor_nb.store import Store
 
@@ -67,7 +69,11 @@ def test_the_saver_process_writes_the_checkpoints_the_writer_thread_would(tmp_pa
     # 6 epochs' checkpoints; the start one too unless the saver was still starting (in a kernel it starts in
     # the background, and an in-process IPython shell of an earlier test leaves this process looking like one)
     assert by_process.timings["saver"]["process"] in (6, 7) and by_process.timings["saver"]["why_not"] is None
-    assert not _savers()  # it ended with the recording
+    (first,) = _savers()  # it stays for the next recording
+    made = saver.current().buffers._next
+    again = _record(home, "again")
+    assert again.timings["saver"] == {**again.timings["saver"], "process": 7, "why_not": None}
+    assert _savers() == [first] and saver.current().buffers._next == made  # same process, same buffers
     monkeypatch.setenv("FLOR_NB_SAVER", "thread")
     by_thread = _record(home, "thread")
     assert by_thread.timings["saver"]["process"] == 0
@@ -100,7 +106,8 @@ def test_a_saver_killed_mid_recording_loses_no_checkpoint(tmp_path, caplog):
     assert sorted(Store(home).checkpoints(run.id)) == list(range(-1, 6))  # none lost: the thread wrote the rest
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "was killed by signal 9" in said and "written by the kernel's writer thread instead" in said, said
-    assert not _savers()
+    after = _record(home, "after")  # the next recording starts a new saver
+    assert after.timings["saver"]["process"] >= 6 and after.timings["saver"]["why_not"] is None, after.timings
     for epoch in (2, 4):  # one checkpoint written by the saver, one by the thread after it died
         out = flor.replay("killed", code=PROBE, epochs=[epoch], store=home)
         assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
