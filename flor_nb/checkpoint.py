@@ -54,7 +54,7 @@ from .errors import FlorError, UntrustedStoreError
 from .hashing import DEFAULT, hash_bytes, known
 from .state import _raw, wait_copies
 from .tensor_bytes import hash_tensor
-from .trees import map_tree
+from .trees import map_tree, sparse_back
 
 MAGIC = b"FLORCKPT"
 SCHEMA = 6
@@ -407,7 +407,7 @@ def read(home: Path, rel: str) -> dict:
             return torch.empty(r["shape"], dtype=dtype)
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(r["shape"]).clone()
 
-    tensors = {k: map_tree(v, tensor, _is_ref) for k, v in skeleton.items()}
+    tensors = {k: sparse_back(map_tree(v, tensor, _is_ref)) for k, v in skeleton.items()}
     python = pickle.loads(py)  # signed by this user: the HMAC above verified
     for key, value in python.items():
         if isinstance(value, dict) and "__pyblob__" in value:

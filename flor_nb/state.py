@@ -38,7 +38,7 @@ from .pickling import KEEP
 from .restore import Restorer, RestoreError, _restore_module  # noqa: F401 - re-exported
 from .snapshot_pool import BufferPool, _host_copy, wait_copies  # noqa: F401 - re-exported
 from .tensor_bytes import _raw, content_hash  # noqa: F401 - re-exported
-from .trees import map_tree, split_leaves
+from .trees import dense_leaf, map_tree, split_leaves
 
 __all__ = ["Scope", "Capturer", "BufferPool", "RestoreError"]
 
@@ -82,9 +82,9 @@ class Capturer(Restorer):
             if where is not None and where != "cpu":
                 placed[key] = where
             if key in skip:  # recomputed before any read: only its digest is kept, so replay still checks it
-                digests.update(_in_place_digests({key: tree}))
+                digests.update(_in_place_digests({key: map_tree(tree, lambda t: dense_leaf(t, _same))}))
                 return None
-            return tree if leaf is None else map_tree(tree, leaf)
+            return map_tree(tree, lambda t: dense_leaf(t, leaf or _same))
         self.order = list(g.roots)
         self.kinds = {**{p: k for p, (k, _) in g.stateful.items()}, **{p: "attrs" for p in g.attr_objects}}
         token = self._token(g)
@@ -336,3 +336,7 @@ def _dead_keys(g: Graph, ns: dict, dead) -> set[str]:
         keys |= {f"grad/{path}" for path, (kind, obj) in g.stateful.items()
                  if kind == "module" and all(id(p) in cleared for p in obj.parameters())}
     return keys
+
+
+def _same(t):
+    return t

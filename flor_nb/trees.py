@@ -9,6 +9,31 @@ import torch
 PLAIN = (int, float, bool, str, type(None))
 
 
+SPARSE = "__sparse_coo__"  # a sparse COO tensor in a snapshot: its dense parts, so they are hashed and stored
+
+
+def dense_leaf(t: torch.Tensor, fn):
+    """``fn(t)``, or for a sparse COO tensor (``nn.Embedding(sparse=True)``'s gradients) a dict of ``fn`` of its
+    indices and values, with its size and whether it is coalesced (:func:`sparse_back` rebuilds it)."""
+    if t.layout != torch.sparse_coo:
+        return fn(t)
+    return {SPARSE: t.is_coalesced(), "indices": fn(t._indices()), "values": fn(t._values()), "size": list(t.shape)}
+
+
+def sparse_back(tree):
+    """A snapshot tree with the sparse tensors :func:`dense_leaf` took apart put back together."""
+    if isinstance(tree, dict):
+        if SPARSE in tree and "indices" in tree:
+            return torch.sparse_coo_tensor(tree["indices"], tree["values"], tree["size"],
+                                           is_coalesced=bool(tree[SPARSE]), check_invariants=True)
+        return {k: sparse_back(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [sparse_back(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(sparse_back(v) for v in tree)
+    return tree
+
+
 def map_tree(tree, fn, is_leaf=lambda x: isinstance(x, torch.Tensor)):
     """Apply ``fn`` to every leaf (default: tensor) of a tree of dicts, lists, tuples; copy the tree."""
     if is_leaf(tree):

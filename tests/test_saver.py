@@ -106,8 +106,9 @@ def test_a_saver_killed_mid_recording_loses_no_checkpoint(tmp_path, caplog):
     assert sorted(Store(home).checkpoints(run.id)) == list(range(-1, 6))  # none lost: the thread wrote the rest
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "was killed by signal 9" in said and "written by the kernel's writer thread instead" in said, said
-    after = _record(home, "after")  # the next recording starts a new saver
-    assert after.timings["saver"]["process"] >= 6 and after.timings["saver"]["why_not"] is None, after.timings
+    after = _record(home, "after")  # the next recording starts a new saver (in the background in a kernel)
+    assert after.timings["saver"]["process"] >= 1 and after.timings["saver"]["why_not"] is None, after.timings
+    assert len(_savers()) == 1
     for epoch in (2, 4):  # one checkpoint written by the saver, one by the thread after it died
         out = flor.replay("killed", code=PROBE, epochs=[epoch], store=home)
         assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
