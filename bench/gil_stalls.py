@@ -5,10 +5,11 @@ sums its own gaps over 0.1 ms (time it could not run). Three measurements, inter
 
 * **plain**: the spin alone, 0.5 s per epoch;
 * **recorded**: the same cell under ``flor.record`` with a checkpoint every epoch (the state: an MLP and
-  Adam, changed every epoch so every checkpoint writes new blobs); stalls per checkpoint;
+  Adam, changed every epoch so every checkpoint writes new blobs), twice: checkpoints persisted by the
+  kernel's writer thread (``FLOR_NB_SAVER=thread``) and by the saver process (the default);
 * **the same file work in a thread vs a process**: files of the recording's blob sizes, hashed, written,
   renamed and synced every 0.5 s by a background thread, then by a background process. The difference is
-  what persisting from a separate process (REFT's saver) would remove.
+  what persisting from a separate process (REFT's saver) can remove at best.
 
     .venv/bin/python bench/gil_stalls.py [--width 600] [--epochs 8] [--reps 3]
 """

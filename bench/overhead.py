@@ -236,6 +236,14 @@ def report(a, pairs, load0, load1, started) -> str:
                          f"{ms(med(again))} (plain again) | "
                          f"{describe([x['plain2'][key] - x['plain'][key] for x in pairs], ms)} | "
                          f"{describe([x['plain2'][key] / x['plain'][key] - 1 for x in pairs], pct)} |")
+    if "plain2" in pairs[0] and len(pairs) > 1:  # against both plain cells of its pair: a linear drift cancels
+        for key, what in (("wall", "wall"), ("main", "main thread CPU")):
+            rel = [x["record"][key] / ((x["plain"][key] + x["plain2"][key]) / 2) - 1 for x in pairs]
+            ctl = [x["plain2"][key] / x["plain"][key] - 1 for x in pairs]
+            se = lambda v: statistics.stdev(v) / len(v) ** 0.5  # noqa: E731
+            lines.append(f"| recorded against the mean of both plain cells, {what}: mean (standard error) | | | | "
+                         f"{statistics.mean(rel):+.2%} (s.e. {se(rel):.2%}); the plain cell against itself "
+                         f"{statistics.mean(ctl):+.2%} (s.e. {se(ctl):.2%}) |")
     if "thread" in pairs[0]:  # the same recording, its checkpoints written by the kernel's writer thread
         for key, what in (("wall", "wall"), ("main", "main thread CPU")):
             th = [x["thread"][key] for x in pairs]

@@ -9,8 +9,9 @@ writer thread then stores the index rows. Measured here (``bench/gil_stalls.py``
 work costs a Python-bound training thread about 8 ms per checkpoint of GIL hand-backs, a process 0.6 ms.
 
 The saver is forked from the forkserver the replay workers use (torch already imported there), started
-in the background; until it is up, and for good if it dies or cannot start, checkpoints are written by
-the writer thread as before (:func:`save_here`): nothing is lost, the run's timings say which did it.
+in the background, and serves every recording of the kernel. Until it is up, and for the rest of a recording
+in which it died (the next recording starts a new one), checkpoints are written by the writer thread as
+before (:func:`save_here`): nothing is lost, and the run's timings say which wrote what.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def current() -> Saver:
     between recordings (see :mod:`flor_nb.shared_buffers`); it ends with the kernel.
     """
     with _current_lock:
+        if _current and _current[0].gone is None and not _current[0].alive():
+            _current[0]._lost(EOFError())  # it died between recordings
         if not _current or _current[0].gone is not None:
             _current[:] = [Saver(SharedBuffers())]
         return _current[0]
@@ -143,6 +146,10 @@ class Saver:
 
     def usable(self) -> bool:
         return self._ready.is_set() and self.gone is None
+
+    def alive(self) -> bool:
+        """Not known dead: still starting, or its process is running."""
+        return not self._ready.is_set() or (self._proc is not None and self._proc.is_alive())
 
     def save(self, home, rel, snap, end_rel=None, end_snap=None) -> dict:
         """:func:`save_here`, run by the saver process; raises :class:`SaverGone` when it is not there.

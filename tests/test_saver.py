@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import signal
 
 import pytest
 
@@ -108,7 +110,12 @@ def test_a_saver_killed_mid_recording_loses_no_checkpoint(tmp_path, caplog):
     assert "was killed by signal 9" in said and "written by the kernel's writer thread instead" in said, said
     after = _record(home, "after")  # the next recording starts a new saver (in the background in a kernel)
     assert after.timings["saver"]["process"] >= 1 and after.timings["saver"]["why_not"] is None, after.timings
-    assert len(_savers()) == 1
+    (idle,) = _savers()
+    os.kill(idle.pid, signal.SIGKILL)  # killed between recordings: the next one sees it is gone before using it
+    idle.join(5)
+    later = _record(home, "later")
+    assert later.timings["saver"]["process"] >= 1 and later.timings["saver"]["why_not"] is None, later.timings
+    assert [p.pid for p in _savers()] != [idle.pid]
     for epoch in (2, 4):  # one checkpoint written by the saver, one by the thread after it died
         out = flor.replay("killed", code=PROBE, epochs=[epoch], store=home)
         assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
