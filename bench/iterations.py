@@ -171,6 +171,9 @@ def _spread(xs) -> str:
     return f"{statistics.median(xs):+.1%} ({xs[0]:+.1%} .. {xs[-1]:+.1%})"
 
 
+notes: list = []  # printed after the table
+
+
 def measure(name, setup, train, n_name, n, reps, control=False):
     """ABBA pairs of the plain and the recorded cell (with ``control``, a second plain arm: the noise floor,
     the same cell against itself). Wall time, process CPU time, and the main thread's CPU time (the
@@ -199,6 +202,13 @@ def measure(name, setup, train, n_name, n, reps, control=False):
     def over(d, arm="record"):
         return _spread(r / p - 1 for r, p in zip(d[arm], d["plain"]))
 
+    if control and reps > 1:  # against both plain cells of the rep: a linear drift cancels; mean and its s.e.
+        rel = [r / ((p + q) / 2) - 1 for r, p, q in zip(wall["record"], wall["plain"], wall["plain2"])]
+        ctl = [q / p - 1 for p, q in zip(wall["plain"], wall["plain2"])]
+        se = lambda v: statistics.stdev(v) / len(v) ** 0.5  # noqa: E731
+        notes.append(f"{name}: recorded against the mean of both plain cells, wall: mean {statistics.mean(rel):+.2%} "
+                     f"(s.e. {se(rel):.2%}); the plain cell against itself {statistics.mean(ctl):+.2%} "
+                     f"(s.e. {se(ctl):.2%}); {reps} reps")
     st, run, raw = runs[-1]
     ck = st.checkpoints(run.id)
     kept = [c for e, c in ck.items() if e >= 0]
@@ -218,6 +228,10 @@ def main():
                    help="a second plain arm in every rep: the plain cell against itself, the noise floor")
     a = p.parse_args()
     torch.set_num_threads(1)
+    from flor_nb import saver
+
+    if saver.mode() == "process":  # in a script the saver starts with the first recording: start it untimed
+        saver.current()
     print(f"# iteration loops: {a.reps} interleaved pairs, 1 torch thread, default overhead budget; "
           f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| workload | iterations | plain (median) | wall overhead (range) | process CPU overhead (range) "
@@ -228,6 +242,8 @@ def main():
         measure("step-only (makemore)", STEP_SETUP, STEP_TRAIN, "max_steps", a.steps, a.reps, a.control)
     if "while" in a.only:
         measure("while (nanoGPT)", WHILE_SETUP, WHILE_TRAIN, "max_iters", a.iters, a.reps, a.control)
+    for line in notes:
+        print(f"\n{line}")
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}; command: {' '.join(sys.argv)}")
 
 

@@ -15,6 +15,7 @@ before (:func:`save_here`): nothing is lost, and the run's timings say which wro
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import mmap
 import os
@@ -103,8 +104,18 @@ def current() -> Saver:
         if _current and _current[0].gone is None and not _current[0].alive():
             _current[0]._lost(EOFError())  # it died between recordings
         if not _current or _current[0].gone is not None:
+            if not _current:
+                atexit.register(_hang_up)
             _current[:] = [Saver(SharedBuffers())]
         return _current[0]
+
+
+def _hang_up():
+    """At exit: close this end of the saver's connection; the saver reads EOF and ends."""
+    for saver in _current:
+        for end in (saver._sock, saver._conn):
+            if end is not None:
+                end.close()
 
 
 class Saver:
@@ -226,6 +237,9 @@ class Saver:
         how = (f"was killed by signal {-code}" if code is not None and code < 0 else
                f"exited with code {code}" if code is not None else f"stopped answering ({type(error).__name__})")
         self.gone = f"the checkpoint saver process (pid {getattr(self._proc, 'pid', '?')}) {how}"
+        for end in (self._sock, self._conn):
+            if end is not None:
+                end.close()
         return self.gone
 
     def close(self):

@@ -31,7 +31,9 @@ class SharedBuffers:
     """Host tensors backed by memfds: ``empty`` makes (or lends again) one; ``ref`` names one for the saver."""
 
     def __init__(self):
-        self._by_ptr: dict[int, tuple[int, int]] = {}  # data pointer -> (buffer id, bytes)
+        # data pointer -> (buffer id, bytes, the tensor): held, so its memory is never freed while registered and
+        # its address never names another tensor (which the saver would read from the old mapping)
+        self._by_ptr: dict[int, tuple[int, int, torch.Tensor]] = {}
         self._new: list[tuple[int, int]] = []  # (buffer id, fd) the saver has not been sent yet
         self._free: dict = {}  # (dtype, shape) -> buffers a finished recording gave back
         self._lock = threading.Lock()
@@ -62,7 +64,7 @@ class SharedBuffers:
         t = torch.frombuffer(mm, dtype=torch.uint8).view(dtype).view(shape)
         with self._lock:
             bid, self._next = self._next, self._next + 1
-            self._by_ptr[t.data_ptr()] = (bid, nbytes)
+            self._by_ptr[t.data_ptr()] = (bid, nbytes, t)
             self._new.append((bid, fd))
         return t
 
