@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import devices, objstore, runtime, state, thinning, validate
+from . import devices, objstore, runtime, saver, state, thinning, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError
@@ -97,6 +97,7 @@ def record(
     """
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
     name, overhead = validate.run_name(name), validate.overhead(overhead)
+    saver.mode()  # a bad FLOR_NB_SAVER fails here, before anything is recorded
     if objstore.is_url(store):  # --store s3://...: the blobs go there, the index stays with the notebook
         blobs, store = blobs or store, None
     blobs = objstore.location(blobs)

@@ -5,8 +5,9 @@ writer thread hands the saver a small message naming those buffers, plus the sna
 part through a shared mailbox, and waits, blocked, for the answer. The saver hashes, compresses and
 writes the blobs and the checkpoint file (the same :func:`flor_nb.checkpoint.split` and
 :func:`~flor_nb.checkpoint.write` a thread would run) and answers with their digests and sizes; the
-writer thread then stores the index rows. Measured here (``bench/gil_stalls.py``): a thread doing that file
-work costs a Python-bound training thread about 8 ms per checkpoint of GIL hand-backs, a process 0.6 ms.
+writer thread then stores the index rows. Measured here (``bench/gil_stalls.py``, a 5.6 MB checkpoint): a
+Python-bound training thread lost 9.5 ms per checkpoint to the GIL while a writer thread persisted it, 1.5 ms
+while the saver did.
 
 The saver is forked from the forkserver the replay workers use (torch already imported there), started
 in the background, and serves every recording of the kernel. Until it is up, and for the rest of a recording
@@ -29,6 +30,7 @@ from multiprocessing import reduction
 import torch
 
 from . import checkpoint, lifeline, signing
+from .errors import InputError
 from .shared_buffers import SharedBuffers, available
 from .state import wait_copies
 from .trees import map_tree
@@ -47,7 +49,11 @@ def mode() -> str:
 
     ``FLOR_NB_SAVER=thread`` keeps them in the kernel's writer thread.
     """
-    if os.environ.get("FLOR_NB_SAVER", "process") == "thread" or not available():
+    chosen = os.environ.get("FLOR_NB_SAVER") or "process"
+    if chosen not in ("process", "thread"):
+        raise InputError(f"FLOR_NB_SAVER={chosen!r} is not allowed: use 'process' (the default: checkpoints are "
+                         "written by a saver process) or 'thread' (by a thread of this process).")
+    if chosen == "thread" or not available():
         return "thread"
     import multiprocessing as mp
 

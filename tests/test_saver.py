@@ -119,3 +119,10 @@ def test_a_saver_killed_mid_recording_loses_no_checkpoint(tmp_path, caplog):
     for epoch in (2, 4):  # one checkpoint written by the saver, one by the thread after it died
         out = flor.replay("killed", code=PROBE, epochs=[epoch], store=home)
         assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
+
+
+def test_a_bad_saver_setting_is_refused_before_anything_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOR_NB_SAVER", "proc")
+    with pytest.raises(flor.errors.InputError, match=r"FLOR_NB_SAVER='proc' is not allowed: use 'process'"):
+        _record(tmp_path, "bad")
+    assert Store(tmp_path).all_runs() == []
