@@ -128,13 +128,16 @@ class Checkpointing:
         self.pool.release(end_snap)
         if self.thinner is not None:
             self.thinner.add(epoch, kind, [(rel, info), (end_rel, end)])
-        return out["cpu"] if out.get("by") == "process" else 0.0
+        return out.get("cpu", 0.0)
 
     def _save(self, home, rel, snap, end_rel, end_snap) -> dict:
         """:func:`flor_nb.saver.save_here`, by the saver process when it is up, else on this (writer) thread."""
         if self.saver is not None and self.saver.usable():
             try:
-                return {**self.saver.save(home, rel, snap, end_rel, end_snap), "by": "process"}
+                out = self.saver.save(home, rel, snap, end_rel, end_snap)
+                self.saver_writes += 1
+                self.saver_cpu += out["cpu"]
+                return out
             except SaverGone as e:
                 log.warning("flor_nb: %s while writing %s; it and later checkpoints of %s are written by the "
                             "kernel's writer thread instead (nothing is lost).", e, rel, self.run.label)

@@ -63,10 +63,10 @@ class Recorder(RowCommits, Checkpointing):
         self.writer = Writer()
         self.pool = state.BufferPool()
         self.saver = None  # the process that writes checkpoints, where it can (saver.py)
+        self.saver_writes, self.saver_cpu = 0, 0.0  # checkpoints of this run it wrote, and its CPU seconds
         if not self.pool.pin_memory and saver.mode() == "process":
             self.saver = saver.current()
             self.pool.shared = self.saver.buffers
-            self._saved_before, self._saver_cpu_before = self.saver.saved, self.saver.cpu_seconds
         self.thinner = thinner  # keeps the run's checkpoints under the store budget (see thinning.py)
         self.epoch_seconds: list[float] = []  # of the first units (all of them for epochs)
         self.unit_seconds_total = 0.0
@@ -482,11 +482,9 @@ class Recorder(RowCommits, Checkpointing):
 
     def _saver_summary(self) -> dict:
         """Who wrote the checkpoints: the saver process (how many, its CPU seconds) and, if it went away, why."""
-        if self.saver is None:
-            return {"process": 0, "cpu_seconds": 0.0,
-                    "why_not": "FLOR_NB_SAVER=thread, a GPU's pinned snapshots, or no memfd/forkserver here"}
-        return {"process": self.saver.saved - self._saved_before,
-                "cpu_seconds": self.saver.cpu_seconds - self._saver_cpu_before, "why_not": self.saver.gone}
+        why = "FLOR_NB_SAVER=thread, a GPU's pinned snapshots, or no memfd/forkserver here" if self.saver is None \
+            else self.saver.gone
+        return {"process": self.saver_writes, "cpu_seconds": self.saver_cpu, "why_not": why}
 
 
 def spec_of(scope: state.Scope) -> dict:

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from multiprocessing import reduction
+from typing import NamedTuple
 
 import torch
 
@@ -64,9 +65,9 @@ def save_here(home, rel, snap, end_rel=None, end_snap=None) -> dict:
     """Split and write a checkpoint (and its end snapshot) in this process.
 
     Returns ``digests`` (per snapshot, made even when writing fails, so the run keeps them), ``info`` and
-    ``end`` (what :func:`flor_nb.checkpoint.write` returned), ``error`` (the exception, or None) and ``cpu``.
+    ``end`` (what :func:`flor_nb.checkpoint.write` returned) and ``error`` (the exception, or None). The saver
+    adds ``cpu``, its CPU seconds for the job.
     """
-    cpu = time.thread_time()
     out = {"digests": [None, None], "info": None, "end": None, "error": None}
     try:
         parts = checkpoint.split(snap)
@@ -77,23 +78,15 @@ def save_here(home, rel, snap, end_rel=None, end_snap=None) -> dict:
             out["end"] = checkpoint.write(home, end_rel, end_snap, parts=end_parts)
     except BaseException as e:  # noqa: BLE001 - handed back to the writer, which reports it
         out["error"] = e
-    out["cpu"] = time.thread_time() - cpu
     return out
 
 
-class _Shared:
+class _Shared(NamedTuple):
     """A tensor in a shared buffer, as the saver finds it: buffer id, dtype name, shape."""
 
-    __slots__ = ("bid", "dtype", "shape")
-
-    def __init__(self, bid, dtype, shape):
-        self.bid, self.dtype, self.shape = bid, dtype, shape
-
-    def __getstate__(self):
-        return (self.bid, self.dtype, self.shape)
-
-    def __setstate__(self, state):
-        self.bid, self.dtype, self.shape = state
+    bid: int
+    dtype: str
+    shape: tuple
 
 
 _current: list = []  # [the Saver of this process], while it lives
@@ -119,9 +112,7 @@ def current() -> Saver:
 def _hang_up():
     """At exit: close this end of the saver's connection; the saver reads EOF and ends."""
     for saver in _current:
-        for end in (saver._sock, saver._conn):
-            if end is not None:
-                end.close()
+        saver.hang_up()
 
 
 class Saver:
@@ -130,8 +121,6 @@ class Saver:
     def __init__(self, buffers: SharedBuffers):
         self.buffers = buffers
         self.gone: str | None = None  # why checkpoints went back to the thread, once they did
-        self.saved = 0  # checkpoints the process wrote
-        self.cpu_seconds = 0.0  # the process's CPU time writing them
         self._lock = threading.Lock()  # one job at a time on the connection
         self._proc = self._conn = self._sock = None
         self._mailbox = None  # (id, mmap, fd to send or None)
@@ -208,8 +197,6 @@ class Saver:
         finally:
             for _, fd in new:
                 os.close(fd)
-        self.saved += 1
-        self.cpu_seconds += reply["cpu"]
         return reply
 
     def _encode(self, snap):
@@ -243,27 +230,14 @@ class Saver:
         how = (f"was killed by signal {-code}" if code is not None and code < 0 else
                f"exited with code {code}" if code is not None else f"stopped answering ({type(error).__name__})")
         self.gone = f"the checkpoint saver process (pid {getattr(self._proc, 'pid', '?')}) {how}"
+        self.hang_up()
+        return self.gone
+
+    def hang_up(self):
+        """Close this end of the connection: the saver reads EOF and ends."""
         for end in (self._sock, self._conn):
             if end is not None:
                 end.close()
-        return self.gone
-
-    def close(self):
-        """Stop the saver and free what it held (tests; a kernel's saver ends with the kernel)."""
-        self._ready.wait(30)
-        if self._conn is not None:
-            try:
-                self._conn.send(None)
-            except OSError:
-                pass
-            self._proc.join(5)
-            if self._proc.is_alive():
-                self._proc.kill()
-            self._conn.close()
-            self._sock.close()
-        if self._mailbox is not None and self._mailbox[2] is not None:
-            os.close(self._mailbox[2])
-        self.buffers.close()
 
 
 def _chunks(items: list) -> list:
@@ -285,9 +259,7 @@ def serve(conn, owner: int):
     while True:
         try:
             msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
+        except (EOFError, OSError):  # the kernel hung up (hang_up) or died
             return
         if "drop" in msg:
             for bid in msg["drop"]:

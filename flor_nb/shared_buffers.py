@@ -97,7 +97,3 @@ class SharedBuffers:
         with self._lock:
             new, self._new = self._new, []
         return new
-
-    def close(self):
-        for _, fd in self.take_new():
-            os.close(fd)
