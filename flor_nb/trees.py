@@ -22,16 +22,12 @@ def dense_leaf(t: torch.Tensor, fn):
 
 def sparse_back(tree):
     """A snapshot tree with the sparse tensors :func:`dense_leaf` took apart put back together."""
-    if isinstance(tree, dict):
-        if SPARSE in tree and "indices" in tree:
-            return torch.sparse_coo_tensor(tree["indices"], tree["values"], tree["size"],
-                                           is_coalesced=bool(tree[SPARSE]), check_invariants=True)
-        return {k: sparse_back(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [sparse_back(v) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(sparse_back(v) for v in tree)
-    return tree
+    return map_tree(tree, _sparse, lambda x: isinstance(x, dict) and SPARSE in x and "indices" in x)
+
+
+def _sparse(parts: dict) -> torch.Tensor:
+    return torch.sparse_coo_tensor(parts["indices"], parts["values"], parts["size"],
+                                   is_coalesced=bool(parts[SPARSE]), check_invariants=True)
 
 
 def map_tree(tree, fn, is_leaf=lambda x: isinstance(x, torch.Tensor)):
