@@ -109,6 +109,16 @@ def med(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def against_both(recorded, before, after) -> str:
+    """Recorded cells against the mean of the plain cells run around them (a linear drift cancels), as a mean
+    with its standard error, beside the plain cell against itself: what resolves a few percent on a noisy VM."""
+    rel = [r / ((p + q) / 2) - 1 for r, p, q in zip(recorded, before, after)]
+    ctl = [q / p - 1 for p, q in zip(before, after)]
+    se = lambda v: statistics.stdev(v) / len(v) ** 0.5  # noqa: E731
+    return (f"{statistics.mean(rel):+.2%} (s.e. {se(rel):.2%}); the plain cell against itself "
+            f"{statistics.mean(ctl):+.2%} (s.e. {se(ctl):.2%})")
+
+
 def pct(x: float) -> str:
     return f"{x * 100:+.1f}%"
 

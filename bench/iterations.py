@@ -29,6 +29,9 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import against_both  # noqa: E402
 
 STEP_SETUP = '''
 import torch, torch.nn.functional as F
@@ -203,12 +206,8 @@ def measure(name, setup, train, n_name, n, reps, control=False):
         return _spread(r / p - 1 for r, p in zip(d[arm], d["plain"]))
 
     if control and reps > 1:  # against both plain cells of the rep: a linear drift cancels; mean and its s.e.
-        rel = [r / ((p + q) / 2) - 1 for r, p, q in zip(wall["record"], wall["plain"], wall["plain2"])]
-        ctl = [q / p - 1 for p, q in zip(wall["plain"], wall["plain2"])]
-        se = lambda v: statistics.stdev(v) / len(v) ** 0.5  # noqa: E731
-        notes.append(f"{name}: recorded against the mean of both plain cells, wall: mean {statistics.mean(rel):+.2%} "
-                     f"(s.e. {se(rel):.2%}); the plain cell against itself {statistics.mean(ctl):+.2%} "
-                     f"(s.e. {se(ctl):.2%}); {reps} reps")
+        notes.append(f"{name}: recorded against the mean of both plain cells, wall: mean "
+                     f"{against_both(wall['record'], wall['plain'], wall['plain2'])}; {reps} reps")
     st, run, raw = runs[-1]
     ck = st.checkpoints(run.id)
     kept = [c for e, c in ck.items() if e >= 0]

@@ -34,6 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from common import against_both  # noqa: E402
 from workload import TRAIN, Config, setup_code  # noqa: E402
 
 ACCOUNT = r'''
@@ -209,8 +210,6 @@ def main():
 def report(a, pairs, load0, load1, started) -> str:
     pct = lambda x: f"{x:+.2%}"  # noqa: E731
     ms = lambda s: f"{s * 1e3:.0f} ms"  # noqa: E731
-    ratio = lambda key: [x["record"][key] / x["plain"][key] - 1 for x in pairs]  # noqa: E731
-    diff = lambda key: [x["record"][key] - x["plain"][key] for x in pairs]  # noqa: E731
     eng = [x["record"]["engine"] for x in pairs]
     plain_wall = med([x["plain"]["wall"] for x in pairs])
     lines = [
@@ -223,39 +222,30 @@ def report(a, pairs, load0, load1, started) -> str:
         "| measure | plain cell | recorded cell | recorded - plain (per pair) | recorded / plain - 1 (per pair) |",
         "|---|---|---|---|---|",
     ]
+    def row(what, base, arm, key, base_tag="", arm_tag="", rel=True):
+        """One table row: ``arm`` against ``base`` in ``key``, medians and per-pair differences and ratios."""
+        return (f"| {what} | {ms(med([x[base][key] for x in pairs]))}{base_tag} | "
+                f"{ms(med([x[arm][key] for x in pairs]))}{arm_tag} | "
+                f"{describe([x[arm][key] - x[base][key] for x in pairs], ms)} | "
+                f"{describe([x[arm][key] / x[base][key] - 1 for x in pairs], pct) if rel else '-'} |")
+
     for key, what in (("wall", "wall, as the client sees it"), ("process", "kernel process CPU (all threads)"),
                       ("main", "main thread CPU (training)"), ("children", "child processes CPU (replay workers)")):
-        plain = [x["plain"][key] for x in pairs]
-        rec = [x["record"][key] for x in pairs]
-        rel = describe(ratio(key), pct) if key != "children" else "-"
-        lines.append(f"| {what} | {ms(med(plain))} | {ms(med(rec))} | {describe(diff(key), ms)} | {rel} |")
+        lines.append(row(what, "plain", "record", key, rel=key != "children"))
     if "plain2" in pairs[0]:  # the noise floor: the plain cell against itself, in the same pairs
         for key, what in (("wall", "wall"), ("main", "main thread CPU")):
-            again = [x["plain2"][key] for x in pairs]
-            lines.append(f"| control: plain cell run again, {what} | {ms(med([x['plain'][key] for x in pairs]))} | "
-                         f"{ms(med(again))} (plain again) | "
-                         f"{describe([x['plain2'][key] - x['plain'][key] for x in pairs], ms)} | "
-                         f"{describe([x['plain2'][key] / x['plain'][key] - 1 for x in pairs], pct)} |")
+            lines.append(row(f"control: plain cell run again, {what}", "plain", "plain2", key, arm_tag=" (plain again)"))
     if "plain2" in pairs[0] and len(pairs) > 1:  # against both plain cells of its pair: a linear drift cancels
         for key, what in (("wall", "wall"), ("main", "main thread CPU")):
-            rel = [x["record"][key] / ((x["plain"][key] + x["plain2"][key]) / 2) - 1 for x in pairs]
-            ctl = [x["plain2"][key] / x["plain"][key] - 1 for x in pairs]
-            se = lambda v: statistics.stdev(v) / len(v) ** 0.5  # noqa: E731
+            both = against_both(*([x[arm][key] for x in pairs] for arm in ("record", "plain", "plain2")))
             lines.append(f"| recorded against the mean of both plain cells, {what}: mean (standard error) | | | | "
-                         f"{statistics.mean(rel):+.2%} (s.e. {se(rel):.2%}); the plain cell against itself "
-                         f"{statistics.mean(ctl):+.2%} (s.e. {se(ctl):.2%}) |")
+                         f"{both} |")
     if "thread" in pairs[0]:  # the same recording, its checkpoints written by the kernel's writer thread
         for key, what in (("wall", "wall"), ("main", "main thread CPU")):
-            th = [x["thread"][key] for x in pairs]
-            lines.append(f"| recorded, checkpoints by the writer thread (FLOR_NB_SAVER=thread), {what} | "
-                         f"{ms(med([x['plain'][key] for x in pairs]))} | {ms(med(th))} | "
-                         f"{describe([x['thread'][key] - x['plain'][key] for x in pairs], ms)} | "
-                         f"{describe([x['thread'][key] / x['plain'][key] - 1 for x in pairs], pct)} |")
-        lines.append(f"| recorded by the saver process against by the writer thread, wall | "
-                     f"{ms(med([x['thread']['wall'] for x in pairs]))} (thread) | "
-                     f"{ms(med([x['record']['wall'] for x in pairs]))} | "
-                     f"{describe([x['record']['wall'] - x['thread']['wall'] for x in pairs], ms)} | "
-                     f"{describe([x['record']['wall'] / x['thread']['wall'] - 1 for x in pairs], pct)} |")
+            lines.append(row(f"recorded, checkpoints by the writer thread (FLOR_NB_SAVER=thread), {what}", "plain",
+                             "thread", key))
+        lines.append(row("recorded by the saver process against by the writer thread, wall", "thread", "record",
+                         "wall", base_tag=" (thread)"))
     # per thread, by name: the writer thread has ended by the time the cell ends: its CPU comes from the engine
     names = sorted({n for x in pairs for side in ("plain", "record") for n in by_name(x[side]["threads"])})
     for n in names:
