@@ -274,3 +274,22 @@ def test_blobs_are_flushed_together_only_where_a_failed_flush_is_reported(releas
     from flor_nb import disk
 
     assert disk._reports_errors(release) is batched
+
+
+def test_files_written_in_pieces_hold_every_byte(tmp_path):
+    """write_atomic and write_all_atomic write in 1 MB calls (bench/write_chunks.py): sizes around the piece
+    boundary, and a tensor's bytes seen through a float32 memoryview, come back exactly."""
+    import os
+
+    import torch
+
+    from flor_nb import disk
+
+    big = os.urandom((5 << 19) + 3)  # 2.5 MB and 3 bytes
+    t = torch.arange(300_000, dtype=torch.float32)
+    items = {"a": big, "b": big[: 1 << 20], "c": big[: (1 << 20) + 1], "d": b"", "e": memoryview(t.numpy())}
+    disk.write_all_atomic([(tmp_path / "all" / k, v) for k, v in items.items()], tmp_path)
+    for k, v in items.items():
+        disk.write_atomic(tmp_path / "one" / k, v)
+        for folder in ("all", "one"):
+            assert (tmp_path / folder / k).read_bytes() == bytes(v), (folder, k)
