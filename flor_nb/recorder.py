@@ -248,13 +248,18 @@ class Recorder(RowCommits, Checkpointing):
     # -- at unit boundaries: periods, step exits, digests (checkpoints: checkpointing.py) --
     @property
     def _cores_busy(self) -> bool:
-        """Training's torch threads leave no core for the writer: torch uses every core, and the state is
-        not on a GPU (GPU training runs its kernels there; torch's CPU threads sit idle, 16 of 16 on an H100
-        machine, where counting the writer's CPU against training spaced checkpoints ~10 epochs apart)."""
+        """Recording's own CPU (the writer thread, the saver process) is taken from training: fewer than two
+        cores are left free of torch's threads, and the state is not on a GPU.
+
+        One free core is not enough: on this project's 2-core VMs a load of 10% of one core beside a
+        one-thread training loop slowed it by 9-14% (``bench/core_coupling.py``), and a recording at one
+        thread was 3.7% slower than plain where the blocking copies alone were 0.75%. A GPU's training runs
+        its kernels there (torch's CPU threads idle, 16 of 16 on an H100 machine, where counting the writer's
+        CPU against training spaced checkpoints ~10 epochs apart)."""
         if self._busy is None:
             import torch
 
-            self._busy = torch.get_num_threads() >= machine.usable_cpus()
+            self._busy = machine.usable_cpus() - torch.get_num_threads() < 2
         return self._busy and not self._gpu_state
 
     def _tune(self):
@@ -273,10 +278,9 @@ class Recorder(RowCommits, Checkpointing):
         if self.snapshot_seconds:
             c = _recent_median(self.snapshot_seconds) + commit
             if self.write_cpu_seconds and (t < _COMMIT_UNIT_SECONDS or self._cores_busy):
-                # The writer's CPU work (hashing, copying; not its waits for the disk) takes a core from
-                # training when torch uses every core, or within the period of many tiny units. With a
-                # free core (1 torch thread on 2) and units of 0.1 s and more it costs training nothing:
-                # counting its 0.3-0.8 s of fsyncs there spaced 0.6 s epochs' checkpoints 36 apart.
+                # The writer's and the saver's CPU work (hashing, copying, system calls; not waits for the
+                # disk) is taken from training when cores are short (see _cores_busy), or within the period
+                # of many tiny units. With two or more cores free, units of 0.1 s and more do not pay it.
                 c += _recent_median(self.write_cpu_seconds)
             # And never sooner than the writer can finish the previous one: with a big state (100M params:
             # 1.6 GB a checkpoint, tens of seconds on a busy disk) the next snapshot would wait for it.
