@@ -17,6 +17,8 @@ from flor_nb import plots
 from flor_nb.cells import kernel_edits
 from flor_nb.errors import FlorError
 
+from .progress import ProgressLine
+
 USAGE = """\
 %%flor record [--name NAME] [--state a,b|+a,+b] [--overhead 0.02] [--max-store 2GB] [--store PATH]   record the cell below
 %%flor replay RUN [--epochs SPEC | --iters SPEC] [--workers N] [--store PATH] [--trust]  replay it with the edited cell below
@@ -156,7 +158,7 @@ class FlorMagics(Magics):
         history = list(self.tracker.cells)  # post_run_cell has not run for this cell yet
         run = flor_nb.record(
             self.shell.transform_cell(cell), name=a.name, namespace=self.shell.user_ns, history=history,
-            state_spec=a.state, store=a.store, progress=not a.no_progress, overhead=a.overhead,
+            state_spec=a.state, store=a.store, progress=not a.no_progress and ProgressLine, overhead=a.overhead,
             max_store=a.max_store,
         )
         _show_run(run, a.store)
@@ -207,7 +209,8 @@ class FlorMagics(Magics):
     def _resume(self, words, cell):
         __tracebackhide__ = True
         a = _RESUME.parse_args(words)
-        run = flor_nb.resume(a.run, namespace=self.shell.user_ns, store=a.store, progress=not a.no_progress,
+        run = flor_nb.resume(a.run, namespace=self.shell.user_ns, store=a.store,
+                             progress=not a.no_progress and ProgressLine,
                              trust_store=a.trust)
         note = (run.state.get("resumes") or [{}])[-1]
         how = "objects rebuilt from its recorded cells" if note.get("rebuilt") else "the kernel's live objects"

@@ -70,7 +70,7 @@ def record(
     cells: list[str] | None = None,
     state_spec: str | None = None,
     store: Store | str | None = None,
-    progress: bool = False,
+    progress=False,
     overhead: float = 0.02,
     blobs: str | None = None,
     max_store=None,
@@ -87,6 +87,7 @@ def record(
     cells : for scripts, the sources that rebuild the namespace on replay, in order; the run's
         args are those set since the previous record (and by ``code``).
     state_spec : ``"a,b"`` narrows the checkpointed names, ``"+a,+b"`` adds to them.
+    progress : True for a tqdm bar over the units, or a front end's own bar (see :func:`bar_factory`).
     overhead : checkpoint time budget as a fraction of training time (every epoch while it fits;
         ``float("inf")``: every epoch, whatever it costs).
     blobs : where checkpoint files and blobs go: a folder (shared with replay workers) or an fsspec URL
@@ -139,7 +140,7 @@ def record(
                            env={**environment(), **({"blobs": blobs} if blobs else {})},
                            state={"loops": choice, "capture": 2, "spec": spec_of(scope)})
     try:
-        bar = (lambda total: _progress_bar(run, total)) if progress else None
+        bar = bar_factory(progress, run)
         # Checkpoints kept elsewhere (s3://, a shared folder) are not thinned: the budget is this disk's.
         thinner = None if blobs else Thinner(store, run, budget, max_store is None)
         recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
@@ -189,6 +190,15 @@ def _warn_unrebuildable(missing, ns, name):
         warnings.warn(f"flor_nb: replay of run {name!r} will not be able to rebuild {', '.join(lost)}: no earlier "
                       "cell that replay re-runs creates it (a %%flor cell or code outside the notebook did). "
                       "Create it in a cell of its own, run that cell, and record again.", stacklevel=3)
+
+
+def bar_factory(progress, run):
+    """``progress``: false (no bar), True (a tqdm bar), or a callable ``(label, total) -> bar`` (a front end's
+    own, with tqdm's ``update``, ``set_postfix`` and ``close``). Returns what the recorder calls with the
+    unit count once it is known."""
+    if callable(progress):
+        return lambda total: progress(run.label, total)
+    return (lambda total: _progress_bar(run, total)) if progress else None
 
 
 def _progress_bar(run, total):

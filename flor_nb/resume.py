@@ -27,7 +27,7 @@ from .cells import analyze, strip_shell
 from .clock import clock_names
 from .errors import FlorError, NoCheckpointError
 from .instrument import RUNTIME, instrument, recorded_loops
-from .record import _progress_bar, execute
+from .record import bar_factory, execute
 from .recorder import Recorder
 from .store import RECORDING, Run, get_store
 
@@ -114,7 +114,7 @@ class _Rebuilding:
         return iterable
 
 
-def resume(run, namespace: dict | None = None, store=None, progress: bool = False, trust_store: bool = False) -> Run:
+def resume(run, namespace: dict | None = None, store=None, progress=False, trust_store: bool = False) -> Run:
     """Continue recording ``run`` (``NAME`` or ``NAME@VERSION``) after a crash or an interrupt.
 
     Parameters
@@ -151,7 +151,7 @@ def resume(run, namespace: dict | None = None, store=None, progress: bool = Fals
     run = st.find_run(run.label)
     logger.warning("flor_nb: resuming %s at epoch %d from the checkpoint after epoch %d (%s)", run.label, first,
                    first - 1, "objects rebuilt from the recorded cells" if rebuilt else "the kernel's live objects")
-    bar = (lambda total: _progress_bar(run, total)) if progress else None
+    bar = bar_factory(progress, run)
     try:
         recorder = Resumer(st, run, ns, scope, first, snap, bar, run.timings.get("overhead_budget") or 0.02)
     except BaseException as e:  # not left 'running': it can be resumed again

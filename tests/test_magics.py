@@ -410,3 +410,20 @@ def test_dataloader_workers_with_a_notebook_dataset_and_quiet_setup(ip, capsys):
     assert df["b"].notna().sum() == 8 and "setup says hello" not in out
     run(ip, "%%flor replay dlw --epochs 2 --no-progress --show-setup\n" + probe)
     assert "setup says hello" in capsys.readouterr().out
+
+
+def test_the_record_progress_line_is_one_display_updated_in_place(ip):
+    """The recording's progress is one display (HTML with a text twin), updated as units end and shown in
+    its final state at the end: no widget, and no more updates than units."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, SETUP)
+    run(ip, MODEL)
+    with capture_output() as captured:
+        run(ip, "%%flor record --name shown\n" + TRAIN)
+    shown = [o.data for o in captured.outputs]
+    assert shown and all(set(d) == {"text/plain", "text/html"} for d in shown), shown
+    assert len(shown) <= 1 + 4 + 1, shown  # the first display, at most one update per epoch, the close
+    assert shown[0]["text/plain"].startswith("shown@1: 0/4 epochs"), shown[0]
+    assert re.match(r"shown@1: 4/4 epochs \[00:\d\d, [\d.]+ epoch/s\] loss=\S+, last=\S+$", shown[-1]["text/plain"]), shown
+    assert '<progress value="4" max="4"' in shown[-1]["text/html"]

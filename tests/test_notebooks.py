@@ -40,6 +40,9 @@ def test_quickstart(store, tmp_path):
     nb = execute(nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4), tmp_path)
     rec = text(outputs(nb, "%%flor record --name digits"))
     assert re.search(r"flor_nb: finished digits@1: 8 epochs in [\d.]+s, \d+ checkpoints \([\d.]+ MB\)", rec), rec
+    # the progress line, updated in place to its last state (one display, not a widget)
+    assert re.search(r"digits@1: 8/8 epochs \[\d\d:\d\d, [\d.]+ epoch/s\] \w+=", rec), rec
+    assert '<progress value="8" max="8"' in rec, rec
     assert "digits" in text(outputs(nb, "flor.runs()"))
     rep = outputs(nb, "%%flor replay digits --epochs 2,5")
     assert "Faithful replay: recorded metrics reproduced exactly" in text(rep)
