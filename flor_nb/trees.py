@@ -10,22 +10,40 @@ PLAIN = (int, float, bool, str, type(None))
 
 
 SPARSE = "__sparse_coo__"  # a sparse COO tensor in a snapshot: its dense parts, so they are hashed and stored
+COMPRESSED = "__sparse_compressed__"  # a CSR, CSC, BSR or BSC tensor: its layout's name, with its dense parts
+_LAYOUTS = {torch.sparse_csr: ("csr", "crow_indices", "col_indices"),
+            torch.sparse_csc: ("csc", "ccol_indices", "row_indices"),
+            torch.sparse_bsr: ("bsr", "crow_indices", "col_indices"),
+            torch.sparse_bsc: ("bsc", "ccol_indices", "row_indices")}
+_BY_NAME = {name: layout for layout, (name, _, _) in _LAYOUTS.items()}
 
 
 def dense_leaf(t: torch.Tensor, fn):
-    """``fn(t)``, or for a sparse COO tensor (``nn.Embedding(sparse=True)``'s gradients) a dict of ``fn`` of its
-    indices and values, with its size and whether it is coalesced (:func:`sparse_back` rebuilds it)."""
-    if t.layout != torch.sparse_coo:
+    """``fn(t)``, or for a sparse tensor a dict of ``fn`` of its dense parts (:func:`sparse_back` rebuilds it):
+    a COO tensor (``nn.Embedding(sparse=True)``'s gradients) gives its indices and values, its size and
+    whether it is coalesced; a compressed one (CSR, CSC, BSR, BSC: an adjacency matrix) its layout, its
+    compressed and plain indices, its values and its size."""
+    if t.layout == torch.strided:
         return fn(t)
-    return {SPARSE: t.is_coalesced(), "indices": fn(t._indices()), "values": fn(t._values()), "size": list(t.shape)}
+    if t.layout == torch.sparse_coo:
+        return {SPARSE: t.is_coalesced(), "indices": fn(t._indices()), "values": fn(t._values()),
+                "size": list(t.shape)}
+    if t.layout in _LAYOUTS:
+        name, compressed, plain = _LAYOUTS[t.layout]
+        return {COMPRESSED: name, "compressed": fn(getattr(t, compressed)()), "plain": fn(getattr(t, plain)()),
+                "values": fn(t.values()), "size": list(t.shape)}
+    return fn(t)
 
 
 def sparse_back(tree):
     """A snapshot tree with the sparse tensors :func:`dense_leaf` took apart put back together."""
-    return map_tree(tree, _sparse, lambda x: isinstance(x, dict) and SPARSE in x and "indices" in x)
+    return map_tree(tree, _sparse, lambda x: isinstance(x, dict) and "values" in x and (SPARSE in x or COMPRESSED in x))
 
 
 def _sparse(parts: dict) -> torch.Tensor:
+    if COMPRESSED in parts:
+        return torch.sparse_compressed_tensor(parts["compressed"], parts["plain"], parts["values"], parts["size"],
+                                              layout=_BY_NAME[parts[COMPRESSED]], check_invariants=True)
     return torch.sparse_coo_tensor(parts["indices"], parts["values"], parts["size"],
                                    is_coalesced=bool(parts[SPARSE]), check_invariants=True)
 
