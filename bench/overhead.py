@@ -17,7 +17,7 @@ With ``--control`` every pair also runs the plain cell a second time: the plain 
 noise floor the overhead is read against.
 
     .venv/bin/python bench/overhead.py [--pairs 8] [--epochs 4] [--scale 1.0] [--threads 1] [--control]
-        [--thread-arm] [--out FILE]
+        [--thread-arm] [--budget-arm FRACTION ...] [--out FILE]
 """
 from __future__ import annotations
 
@@ -163,6 +163,8 @@ def main():
     p.add_argument("--thread-arm", action="store_true",
                    help="a third arm in every pair: recorded with checkpoints written by the kernel's writer thread "
                         "(FLOR_NB_SAVER=thread) instead of the saver process")
+    p.add_argument("--budget-arm", type=float, action="append", default=[], metavar="FRACTION",
+                   help="another arm in every pair (repeatable): recorded with --overhead FRACTION")
     p.add_argument("--control", action="store_true",
                    help="a second plain cell in every pair: the plain cell against itself, the noise floor")
     a = p.parse_args()
@@ -180,11 +182,15 @@ def main():
         time.sleep(15)  # the prestarted replay workers import torch: let them settle before timing
         timed(kernel, setup, plain_cell, False)  # warm-up, not counted: first-run imports and caches
         timed(kernel, setup, record_cell, True)
-        arms = ("plain", "record") + (("thread",) if a.thread_arm else ()) + (("plain2",) if a.control else ())
+        budget_cells = {f"budget {b:g}": f"%%flor record --name ovh --overhead {b!r} {a.record_args}\n" + TRAIN
+                        for b in a.budget_arm}
+        arms = (("plain", "record") + (("thread",) if a.thread_arm else ()) + tuple(budget_cells)
+                + (("plain2",) if a.control else ()))
+        cells = {"plain": plain_cell, "plain2": plain_cell, "record": record_cell, "thread": record_cell, **budget_cells}
         for i in range(a.pairs):
             order = arms if i % 2 == 0 else arms[::-1]
-            got = {arm: timed(kernel, setup, plain_cell if arm.startswith("plain") else record_cell,
-                              not arm.startswith("plain"), "thread" if arm == "thread" else "process")
+            got = {arm: timed(kernel, setup, cells[arm], not arm.startswith("plain"),
+                              "thread" if arm == "thread" else "process")
                    for arm in order}
             pairs.append(got)
             r, q = got["record"], got["plain"]
@@ -192,6 +198,8 @@ def main():
             if a.thread_arm:
                 again += f", recorded by the writer thread {got['thread']['wall']:.2f} s " \
                          f"({got['thread']['wall'] / q['wall'] - 1:+.1%})"
+            for arm in budget_cells:
+                again += f", {arm} {got[arm]['wall']:.2f} s ({got[arm]['wall'] / q['wall'] - 1:+.1%})"
             print(f"pair {i}: plain {q['wall']:.2f} s, recorded {r['wall']:.2f} s ({r['wall'] / q['wall'] - 1:+.1%}){again}; "
                   f"CPU {q['process']:.2f} / {r['process']:.2f} s; load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
@@ -246,6 +254,14 @@ def report(a, pairs, load0, load1, started) -> str:
                              "thread", key))
         lines.append(row("recorded by the saver process against by the writer thread, wall", "thread", "record",
                          "wall", base_tag=" (thread)"))
+    for arm in [k for k in pairs[0] if k.startswith("budget ")]:  # the same recording at another overhead budget
+        lines.append(row(f"recorded with --overhead {arm[7:]}, wall", "plain", arm, "wall"))
+        if "plain2" in pairs[0] and len(pairs) > 1:
+            both = against_both(*([x[k]["wall"] for x in pairs] for k in (arm, "plain", "plain2")))
+            lines.append(f"| recorded with --overhead {arm[7:]} against the mean of both plain cells, wall: mean "
+                         f"(standard error) | | | | {both} |")
+        lines.append(f"| recorded with --overhead {arm[7:]}: checkpoints per cell | | "
+                     f"{med([x[arm]['engine']['checkpoints'] for x in pairs]):.0f} | | |")
     # per thread, by name: the writer thread has ended by the time the cell ends: its CPU comes from the engine
     names = sorted({n for x in pairs for side in ("plain", "record") for n in by_name(x[side]["threads"])})
     for n in names:
