@@ -1,9 +1,8 @@
 """The progress line of a recording cell: one display, updated in place (HTML, with a plain-text twin).
 
-tqdm's notebook bar is an ipywidgets box of three widgets: building it and moving it cost a recorded
-6-epoch cell about 24 ms in a kernel (7 ms to build, about 3 ms per update), a third of all the cell's time
-outside its epochs. One display update is one message, and it shows the same in a notebook saved to HTML
-or read as text, where a widget shows as ``HBox(...)``.
+tqdm's notebook bar is an ipywidgets box of three widgets, each update a few messages: in a kernel a bar
+moved 6 times added 19 ms to a cell, this line 11 ms (12 interleaved runs each, 2026-11-27). A display shows
+the same in a notebook saved to HTML or read as text, where a widget shows as ``HBox(...)``.
 """
 from __future__ import annotations
 

@@ -252,7 +252,7 @@ class Recorder(RowCommits, Checkpointing):
         cores are left free of torch's threads, and the state is not on a GPU.
 
         One free core is not enough: on this project's 2-core VMs a load of 10% of one core beside a
-        one-thread training loop slowed it by 9-14% (``bench/core_coupling.py``), and a recording at one
+        one-thread training loop slowed it by 8-13% (``bench/core_coupling.py``), and a recording at one
         thread was 3.7% slower than plain where the blocking copies alone were 0.75%. A GPU's training runs
         its kernels there (torch's CPU threads idle, 16 of 16 on an H100 machine, where counting the writer's
         CPU against training spaced checkpoints ~10 epochs apart)."""

@@ -425,5 +425,6 @@ def test_the_record_progress_line_is_one_display_updated_in_place(ip):
     assert shown and all(set(d) == {"text/plain", "text/html"} for d in shown), shown
     assert len(shown) <= 1 + 4 + 1, shown  # the first display, at most one update per epoch, the close
     assert shown[0]["text/plain"].startswith("shown@1: 0/4 epochs"), shown[0]
-    assert re.match(r"shown@1: 4/4 epochs \[00:\d\d, [\d.]+ epoch/s\] loss=\S+, last=\S+$", shown[-1]["text/plain"]), shown
+    last = shown[-1]["text/plain"]
+    assert re.match(r"shown@1: 4/4 epochs \[00:\d\d, [\d.]+ epoch/s\] loss=\S+, last=\S+$", last), shown
     assert '<progress value="4" max="4"' in shown[-1]["text/html"]
