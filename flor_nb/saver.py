@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -250,6 +251,9 @@ def _chunks(items: list) -> list:
 def serve(conn, owner: int):
     """The saver's loop: map the buffers it is sent, write each checkpoint asked, answer; end on EOF."""
     lifeline.watch(owner)  # the kernel died (even by SIGKILL): nothing is left to write for
+    # Jupyter interrupts a kernel (stops a training cell) by signalling its process group, this process with it:
+    # it must not die of it, nor fail the write in progress. It ends on EOF or with the kernel.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:  # let training threads win the cores, as the writer thread does
         os.setpriority(os.PRIO_PROCESS, 0, 10)
     except OSError:

@@ -29,12 +29,13 @@ none = torch.zeros(0, 3)  # no bytes: it reaches the saver by copy, not shared m
 seen = torch.zeros((), dtype=torch.int64)
 losses = []
 def kill_saver(epoch):
-    """SIGKILL this recording's saver process at KILL_AT (a no-op where KILL_AT is not set)."""
+    """Send this recording's saver process SIGNAL (SIGKILL) at KILL_AT (a no-op where KILL_AT is not set)."""
     if globals().get("KILL_AT") == epoch:
+        sig = globals().get("SIGNAL", signal.SIGKILL)
         for p in multiprocessing.active_children():
             if p.name == "flor_nb-saver":
-                os.kill(p.pid, signal.SIGKILL)
-                p.join(5)
+                os.kill(p.pid, sig)
+                p.join(5 if sig == signal.SIGKILL else 0.5)
 '''
 TRAIN = '''
 for epoch in range(6):
@@ -51,11 +52,11 @@ PROBE = TRAIN.replace('flor.log("loss", loss.item())',
                       'flor.log("loss", loss.item()); flor.log("w", float(model[0].weight.detach().sum()))')
 
 
-def _record(home, name, kill_at=None):
+def _record(home, name, kill_at=None, sig=signal.SIGKILL):
     ns = {"flor": flor}
     exec(SETUP, ns)
     if kill_at is not None:
-        ns["KILL_AT"] = kill_at
+        ns["KILL_AT"], ns["SIGNAL"] = kill_at, sig
     return flor.record(TRAIN, name=name, namespace=ns, cells=[SETUP], store=home, overhead=float("inf"),
                        progress=False)
 
@@ -119,6 +120,22 @@ def test_a_saver_killed_mid_recording_loses_no_checkpoint(tmp_path, caplog):
     for epoch in (2, 4):  # one checkpoint written by the saver, one by the thread after it died
         out = flor.replay("killed", code=PROBE, epochs=[epoch], store=home)
         assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
+
+
+def test_an_interrupt_of_the_kernel_leaves_the_saver_alone(tmp_path):
+    """Jupyter interrupts a kernel (the way to stop a training cell) by sending SIGINT to its process group,
+    which holds the saver. The saver ignores it, mid-recording and idle; it used to die of KeyboardInterrupt, so
+    the writer thread took over with a warning and the next recording started a new saver with new buffers."""
+    home = tmp_path / ".flor"
+    run = _record(home, "interrupted", kill_at=3, sig=signal.SIGINT)
+    assert run.timings["saver"]["why_not"] is None and run.timings["saver"]["process"] >= 6, run.timings
+    (alive,) = _savers()
+    os.kill(alive.pid, signal.SIGINT)  # between recordings
+    alive.join(0.5)
+    assert alive.is_alive()
+    again = _record(home, "again")
+    assert [p.pid for p in _savers()] == [alive.pid], again.timings
+    assert again.timings["saver"]["why_not"] is None and again.timings["saver"]["process"] >= 6, again.timings
 
 
 def test_a_bad_saver_setting_is_refused_before_anything_is_recorded(tmp_path, monkeypatch):
