@@ -143,3 +143,51 @@ def test_a_bad_saver_setting_is_refused_before_anything_is_recorded(tmp_path, mo
     with pytest.raises(flor.errors.InputError, match=r"FLOR_NB_SAVER='proc' is not allowed: use 'process'"):
         _record(tmp_path, "bad")
     assert Store(tmp_path).all_runs() == []
+
+
+@pytest.mark.slow  # a real kernel
+@pytest.mark.timeout(300)
+def test_interrupting_a_recording_kernel_stops_training_not_the_saver(store, tmp_path):
+    """Kernel > Interrupt during a recorded cell, as a user stops training (jupyter_client signals the kernel's
+    process group): the run ends 'interrupted' with every checkpoint written by the saver, which lives on and
+    serves the next recording."""
+    import time
+
+    from test_resume import KERNEL_SETUP, KERNEL_TRAIN, _Kernel
+
+    savers = "import multiprocessing as _mp\nprint([p.pid for p in _mp.active_children() if p.name == 'flor_nb-saver'])"
+    k = _Kernel(tmp_path)
+    try:
+        k.run("%load_ext flor_nb")
+        k.run(KERNEL_SETUP)
+        short = KERNEL_TRAIN.replace("range(8)", "range(2)")
+        k.run("%%flor record --name warm --no-progress\n" + short)  # the saver starts in the background
+        deadline = time.monotonic() + 60
+        while k.run(savers).strip() == "[]" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        msg_id = k.kc.execute("%%flor record --name stopped --no-progress --overhead inf\n" + KERNEL_TRAIN)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if flor.get_run("stopped", store=store).epochs_completed >= 3:
+                    break
+            except flor.FlorError:  # not created yet
+                pass
+            time.sleep(0.1)
+        k.km.interrupt_kernel()
+        while True:  # the interrupted cell's reply: the kernel aborts what was queued behind it
+            reply = k.kc.get_shell_msg(timeout=60)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        after = k.run(savers).strip()
+        run = flor.get_run("stopped", store=store)
+        assert run.status == "interrupted" and 3 <= run.epochs_completed < 8, (run.status, run.epochs_completed)
+        assert run.timings["saver"]["why_not"] is None, run.timings["saver"]
+        assert run.timings["saver"]["process"] >= run.epochs_completed, run.timings["saver"]  # a checkpoint each
+        assert after != "[]", after
+        k.run("%%flor record --name next --no-progress\n" + short)
+        assert k.run(savers).strip() == after  # the same saver process
+        assert flor.get_run("next", store=store).timings["saver"]["why_not"] is None
+    finally:
+        k.close()
