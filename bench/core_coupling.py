@@ -84,13 +84,14 @@ def main(argv=None):
                     if load is not None:
                         load.kill()
                         load.wait()
-    print(f"| training beside | cell seconds, median | slower than alone, per rep: median (range) |\n|---|---|---|")
+    print("| training beside | cell seconds, median | slower than alone, per rep: median (range) |\n|---|---|---|")
     for arm in arms:
         ratios = [x / y - 1 for x, y in zip(got[arm], got["alone"])]
         what = {"alone": "nothing", "spin": f"a spin loop, {a.duty:.0%} of a core",
                 "write": f"hash + write + flush, {a.duty:.0%} of a core"}[arm]
         slower = "-" if arm == "alone" else f"{statistics.median(ratios):+.1%} ({spread(ratios, '{:+.1%}')})"
         print(f"| {what} | {statistics.median(got[arm]):.3f} | {slower} |")
+
 
 if __name__ == "__main__":
     main()
