@@ -193,15 +193,16 @@ def _warn_unrebuildable(missing, ns, name):
 
 
 def bar_factory(progress, run):
-    """``progress``: false (no bar), True (a tqdm bar), or a callable ``(label, total) -> bar`` (a front end's
-    own, with tqdm's ``update``, ``set_postfix`` and ``close``). Returns what the recorder calls with the
-    unit count once it is known."""
+    """``progress``: false (no bar), True (a tqdm bar), or a callable ``(label, total, unit)`` returning a bar (a
+    front end's own, with tqdm's ``update``, ``set_postfix`` and ``close``). Returns what the recorder calls with
+    the unit count once it is known. ``unit`` is "iteration" for a loop of iterations, else "epoch"."""
+    unit = "iteration" if (run.state.get("loops") or {}).get("unit") == "iterations" else "epoch"
     if callable(progress):
-        return lambda total: progress(run.label, total)
-    return (lambda total: _progress_bar(run, total)) if progress else None
+        return lambda total: progress(run.label, total, unit)
+    return (lambda total: _progress_bar(run, total, unit)) if progress else None
 
 
-def _progress_bar(run, total):
+def _progress_bar(run, total, unit="epoch"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=run.label, unit="epoch", leave=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=run.label, unit=unit, leave=True, dynamic_ncols=True)

@@ -428,3 +428,19 @@ def test_the_record_progress_line_is_one_display_updated_in_place(ip):
     last = shown[-1]["text/plain"]
     assert re.match(r"shown@1: 4/4 epochs \[00:\d\d, [\d.]+ epoch/s\] loss=\S+, last=\S+$", last), shown
     assert '<progress value="4" max="4"' in shown[-1]["text/html"]
+
+
+def test_the_progress_line_of_a_while_loop_counts_iterations(ip):
+    """A while loop has no known length: the line counts iterations, with no bar."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, SETUP)
+    run(ip, MODEL)
+    loop = ("it = 0\nwhile it < 40:\n    idx = torch.randint(0, 96, (16,))\n"
+            "    loss = F.cross_entropy(model(X[idx]), y[idx])\n"
+            "    opt.zero_grad(); loss.backward(); opt.step()\n    flor.log('loss', loss.item())\n    it += 1\n")
+    with capture_output() as captured:
+        run(ip, "%%flor record --name iters\n" + loop)
+    last = captured.outputs[-1].data
+    assert re.match(r"iters@1: 40 iterations \[00:\d\d, [\d.]+ iteration/s\]", last["text/plain"]), last
+    assert "<progress" not in last["text/html"]
