@@ -393,7 +393,8 @@ class Recorder(RowCommits, Checkpointing):
         self._commit(rows, k + 1, [(e, w, runtime.to_json(d)) for e, w, d in digests], replace)
         self._flushed_at = time.perf_counter()
         units, self._flushed_units = k + 1 - self._flushed_units, k + 1
-        self._latest = {n: v for n, e, _, v in rows[-64:] if e == k and isinstance(v, (int, float))}
+        latest = {n: v for n, e, _, v in rows[-64:] if e == k and isinstance(v, (int, float))}
+        self._latest = latest or self._latest  # a flush with no new values (the cell's end) keeps the last shown
         if self.progress is not None and not callable(self.progress):
             self.progress.set_postfix({n: f"{v:.4g}" for n, v in self._latest.items()}, refresh=False)
             self.progress.update(units)

@@ -444,3 +444,19 @@ def test_the_progress_line_of_a_while_loop_counts_iterations(ip):
     last = captured.outputs[-1].data
     assert re.match(r"iters@1: 40 iterations \[00:\d\d, [\d.]+ iteration/s\]", last["text/plain"]), last
     assert "<progress" not in last["text/html"]
+
+
+def test_the_progress_line_keeps_the_last_values_when_a_unit_logs_none(ip):
+    """The line shows the latest logged values: a last epoch that logs nothing (or the cell's final flush, as
+    seen in a real kernel) does not blank them."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, SETUP)
+    run(ip, MODEL)
+    quiet_end = TRAIN.replace('    flor.log("last", history[-1])\n', '    if epoch < 3:\n        flor.log("last", history[-1])\n')
+    quiet_end = quiet_end.replace('        flor.log("loss", loss.item())\n', '        if epoch < 3:\n            flor.log("loss", loss.item())\n')
+    assert quiet_end.count("if epoch < 3") == 2
+    with capture_output() as captured:
+        run(ip, "%%flor record --name quiet\n" + quiet_end)
+    last = captured.outputs[-1].data["text/plain"]
+    assert re.match(r"quiet@1: 4/4 epochs \[00:\d\d, [\d.]+ epoch/s\] loss=\S+, last=\S+$", last), last
