@@ -118,7 +118,29 @@ def context():
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(_PRELOAD)
+        with _sigint_ignored():
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
     return ctx
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while the forkserver is spawned, so it starts ignoring it (a disposition survives exec; a
+    blocked mask does not: the server's was empty). Jupyter interrupts a kernel by signalling its process group,
+    and the forkserver ignores SIGINT only once it has imported torch, seconds after ``%load_ext``: an interrupt
+    then killed it, and the next replay started it cold. Its children (replay workers, the saver) ignore SIGINT
+    anyway. Only the main thread may change it; the spawn takes a few milliseconds."""
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or old is None:  # None: set outside Python
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class LocalExecutor:

@@ -191,3 +191,50 @@ def test_interrupting_a_recording_kernel_stops_training_not_the_saver(store, tmp
         assert flor.get_run("next", store=store).timings["saver"]["why_not"] is None
     finally:
         k.close()
+
+
+@pytest.mark.slow  # a real kernel
+@pytest.mark.timeout(300)
+def test_an_interrupt_right_after_load_ext_leaves_the_forkserver_alone(store, tmp_path):
+    """Kernel > Interrupt in the seconds after `%load_ext flor_nb`, while the forkserver imports torch: it used to
+    die of KeyboardInterrupt (the next replay started it cold); it starts with SIGINT blocked now."""
+    import time
+
+    from test_resume import _Kernel
+    from test_workers import _alive
+
+    k = _Kernel(tmp_path)
+    try:
+        # the cell goes on after %load_ext: the forkserver starts while a cell runs, when the kernel does not
+        # ignore SIGINT (when idle it does, and a server started then inherits that)
+        msg_id = k.kc.execute("%load_ext flor_nb\nimport time\ntime.sleep(10)")
+        deadline = time.monotonic() + 60
+        while not _forkservers_of(k.pid):
+            assert time.monotonic() < deadline, "no forkserver after %load_ext"
+            time.sleep(0.02)
+        time.sleep(0.2)
+        k.km.interrupt_kernel()  # the kernel's process group: the forkserver is still importing torch
+        while k.kc.get_shell_msg(timeout=60)["parent_header"].get("msg_id") != msg_id:
+            pass
+        pid = k.run("import multiprocessing.forkserver as _fs\nprint(_fs._forkserver._forkserver_pid)").strip()
+        time.sleep(6)  # it has imported what it preloads, or died of the interrupt
+        assert _alive(int(pid)), "the forkserver died of the interrupt"
+        assert k.run("print(_fs._forkserver._forkserver_pid)").strip() == pid
+        k.run("%%flor record --name after --no-progress\nfor epoch in range(2):\n    flor.log('x', epoch)\n")
+    finally:
+        k.close()
+
+
+def _forkservers_of(pid: int) -> list:
+    """Child processes of ``pid`` running multiprocessing's forkserver (from /proc)."""
+    import pathlib
+
+    found = []
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"forkserver" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
