@@ -437,24 +437,31 @@ for epoch in range(4):
 '''
 
 
+def _checkpointed_and_replayed(tmp_path, name, setup, train, probe, column):
+    """Record ``train`` (checkpoint every epoch) and a truth run with ``probe`` from the start: every checkpoint
+    and digest is kept, and the epoch-2 replay with the probe is faithful and equals the truth's ``column``."""
+    runs = {}
+    for label, code in ((name, train), ("truth", probe)):
+        ns = {"flor": flor}
+        exec(setup, ns)
+        runs[label] = flor.record(code, name=label, namespace=ns, cells=[setup], store=tmp_path,
+                                  overhead=float("inf"), progress=False)
+    run = runs[name]
+    assert run.state["checkpoint_error"] is None and not run.state["digest_errors"], run.state
+    assert sorted(flor.get_store(tmp_path).checkpoints(run.id)) == list(range(-1, 4))
+    out = flor.replay(name, code=probe, epochs=[2], store=tmp_path)
+    assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
+    truth = flor.dataframe(column, run="truth", store=tmp_path).dropna(subset=[column])
+    got = out.dropna(subset=[column])[column].tolist()
+    assert got and got == truth[truth["epoch"] == 2][column].tolist()
+
+
 def test_sparse_gradients_are_checkpointed_and_restored(tmp_path):
     """nn.Embedding(sparse=True) leaves sparse COO gradients: they used to stop every checkpoint and digest
     ("unsupported memory format option Contiguous"); now their indices and values are stored and rebuilt."""
     probe = SPARSE_TRAIN.replace('flor.log("loss", loss.item())',
                                  'flor.log("loss", loss.item()); flor.log("w", float(emb.weight.detach().sum()))')
-    runs = {}
-    for name, code in (("sparse", SPARSE_TRAIN), ("truth", probe)):
-        ns = {"flor": flor}
-        exec(SPARSE_SETUP, ns)
-        runs[name] = flor.record(code, name=name, namespace=ns, cells=[SPARSE_SETUP], store=tmp_path,
-                                 overhead=float("inf"), progress=False)
-    run = runs["sparse"]
-    assert run.state["checkpoint_error"] is None and not run.state["digest_errors"], run.state
-    assert sorted(flor.get_store(tmp_path).checkpoints(run.id)) == list(range(-1, 4))
-    out = flor.replay("sparse", code=probe, epochs=[2], store=tmp_path)
-    assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
-    truth = flor.dataframe("w", run="truth", store=tmp_path).dropna(subset=["w"])
-    assert out.dropna(subset=["w"])["w"].tolist() == truth[truth["epoch"] == 2]["w"].tolist()
+    _checkpointed_and_replayed(tmp_path, "sparse", SPARSE_SETUP, SPARSE_TRAIN, probe, "w")
 
 
 CSR_SETUP = '''
@@ -481,17 +488,4 @@ def test_compressed_sparse_tensors_are_checkpointed_and_restored(tmp_path):
     epoch 2 restores the A of epoch 1's end, and its probe values are those of a run with the probe."""
     probe = CSR_TRAIN.replace('flor.log("loss", loss.item())',
                               'flor.log("loss", loss.item()); flor.log("a", float(A.values().sum()))')
-    runs = {}
-    for name, code in (("csr", CSR_TRAIN), ("truth", probe)):
-        ns = {"flor": flor}
-        exec(CSR_SETUP, ns)
-        runs[name] = flor.record(code, name=name, namespace=ns, cells=[CSR_SETUP], store=tmp_path,
-                                 overhead=float("inf"), progress=False)
-    run = runs["csr"]
-    assert run.state["checkpoint_error"] is None and not run.state["digest_errors"], run.state
-    assert sorted(flor.get_store(tmp_path).checkpoints(run.id)) == list(range(-1, 4))
-    out = flor.replay("csr", code=probe, epochs=[2], store=tmp_path)
-    assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
-    truth = flor.dataframe("a", run="truth", store=tmp_path).dropna(subset=["a"])
-    got = out.dropna(subset=["a"])["a"].tolist()
-    assert got and got == truth[truth["epoch"] == 2]["a"].tolist()
+    _checkpointed_and_replayed(tmp_path, "csr", CSR_SETUP, CSR_TRAIN, probe, "a")
