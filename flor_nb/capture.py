@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import types
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -51,7 +52,8 @@ _NOT_STATE_ATTRS = frozenset({"optimizer", "lr_lambdas", "lr_lambda"})
 def limits() -> dict:
     """Size limits of what is captured; a run records them so its replays walk the same way."""
     return {"max_objects": int(os.environ.get("FLOR_NB_MAX_OBJECTS", 1_000_000)),  # Python objects per root
-            "max_bytes": int(float(os.environ.get("FLOR_NB_MAX_VALUE_BYTES", 1 << 30)))}  # per tensor or array
+            "max_bytes": int(float(os.environ.get("FLOR_NB_MAX_VALUE_BYTES", 1 << 30))),  # per tensor or array
+            "weak_refs": True}  # runs recorded before weak references were saved replay without them
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Graph:
     notes: dict = field(default_factory=dict)  # path -> how it was captured, when not the usual way
     data: dict = field(default_factory=dict)  # path -> type name of data objects (not copied)
     outputs: dict = field(default_factory=dict)  # path -> what it is: progress bars, log files, writers
+    weak: dict = field(default_factory=dict)  # path -> a weak reference to an object the state holds (pickled as one)
     keep: list = field(default_factory=list)  # every object visited, alive while ids are in use
 
     def token(self, obj):
@@ -87,12 +90,14 @@ def _atomic_seq(values) -> bool:
     return set(map(type, values)) <= _ATOMIC_TYPES
 
 
-def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_bytes: int | None = None) -> Graph:
+def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_bytes: int | None = None,
+         weak_refs: bool = False) -> Graph:
     """Find everything to capture from ``ns`` (see the module docstring).
 
     ``order``: root names to visit first (a replay passes the recording's order so that
     objects reachable by several paths get the same path as when they were recorded).
-    ``max_objects``, ``max_bytes``: see :func:`limits` (the defaults).
+    ``max_objects``, ``max_bytes``, ``weak_refs``: see :func:`limits` (the defaults; a run recorded before
+    ``weak_refs`` left every weak reference out, and its replays do too, so their pickles compare).
     """
     lim = limits()
     max_objects = lim["max_objects"] if max_objects is None else max_objects
@@ -163,6 +168,11 @@ def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_b
         if out:
             g.outputs[path] = out
             continue
+        if t is weakref.ref and weak_refs:  # saved when what it points to is captured (after the walk: _weak_refs)
+            g.weak[path] = obj
+            continue
+        if t is weakref.ref:
+            g.refs[id(obj)] = ("keep", "")  # left out, as a run recorded before weak references were saved did
         reason = unsaveable(obj)
         if reason:
             g.not_captured[path] = f"{t.__name__}: {reason}"
@@ -174,12 +184,26 @@ def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_b
         _children(obj, path, root, queue, count, g)
     classify_tensors(g, params)
     optimizer_state_refs(g, seen)
+    _weak_refs(g)
     for path, values in g.chunked.items():
         g.identity[id(values)] = ("chunks", path)
     g.owners = seen
     g.units = {r: unit(r) for r in g.roots}
     g.owner = {p: unit(r) for p, r in g.owner.items()}
     return g
+
+
+def _weak_refs(g: Graph):
+    """A weak reference is saved as one to the same object when the captured state holds that object (an LSTM's
+    ``_flat_weight_refs`` point at its own parameters): restore makes it point at the restored object. One to
+    anything else cannot be restored, and is listed."""
+    for path, ref in list(g.weak.items()):
+        target = ref()
+        if target is None or id(target) not in g.refs:
+            del g.weak[path]
+            g.not_captured[path] = ("ReferenceType: a weak reference cannot be saved (" + (
+                "its object is gone)" if target is None else
+                f"it points at a {type(target).__name__} the captured state does not hold)"))
 
 
 def _data(g: Graph, path, obj, queue, root):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import pickle
 import types
+import weakref
 from collections import defaultdict
 
 from .kinds import DATA, _unsaveable
@@ -57,6 +58,11 @@ class RefPickler(pickle.Pickler):
         if tok is not None:
             return _ref, tok
         if id(obj) in self.bad or type(obj) in self.bad:
+            return _ref, ("keep", "")
+        if type(obj) is weakref.ref:  # to an object with a token (capture._weak_refs): a new one to its restored self
+            target = obj()
+            if target is not None and id(target) in self.refs:
+                return weakref.ref, (target,)
             return _ref, ("keep", "")
         if isinstance(obj, (type, types.FunctionType)):
             name = getattr(obj, "__qualname__", "")
@@ -145,6 +151,8 @@ def _mergeable(t) -> bool:
     if t in (list, dict, set, defaultdict):
         return True
     if t.__module__ in ("builtins", "collections") or not isinstance(getattr(t, "__dict__", None), types.MappingProxyType):
+        return False
+    if not t.__dictoffset__:  # its instances have no attributes to merge into (a weak reference)
         return False
     # Plain instances only: an object that pickles itself its own way is replaced, not merged.
     return (t.__reduce_ex__ is object.__reduce_ex__ and t.__reduce__ is object.__reduce__

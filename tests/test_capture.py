@@ -489,3 +489,64 @@ def test_compressed_sparse_tensors_are_checkpointed_and_restored(tmp_path):
     probe = CSR_TRAIN.replace('flor.log("loss", loss.item())',
                               'flor.log("loss", loss.item()); flor.log("a", float(A.values().sum()))')
     _checkpointed_and_replayed(tmp_path, "csr", CSR_SETUP, CSR_TRAIN, probe, "a")
+
+
+WEAK_SETUP = '''
+import weakref
+import torch, torch.nn as nn, torch.nn.functional as F
+torch.manual_seed(0)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 8)  # keeps _flat_weight_refs: weak references to its own parameters
+        self.fc = nn.Linear(8, 2)
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][-1])
+net = Net()
+opt = torch.optim.Adam(net.parameters(), lr=0.05)
+X = torch.randn(5, 16, 3); y = (X.sum((0, 2)) > 0).long()
+watch = {"fc": weakref.ref(net.fc.weight)}  # a weak reference of the user's, to captured state
+class Registry: pass
+registry = Registry()
+elsewhere = weakref.ref(registry)  # to an object the cell never reads
+'''
+WEAK_TRAIN = '''
+for epoch in range(4):
+    for i in range(2):
+        loss = F.cross_entropy(net(X), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        flor.log("loss", loss.item())
+    assert watch["fc"]() is net.fc.weight and elsewhere() is not None
+'''
+
+
+def test_weak_references_to_captured_state_are_saved_and_point_at_the_restored_objects(tmp_path):
+    """An LSTM holds weak references to its own parameters: they were listed as not captured, so every replay
+    of an LSTM said "Not captured but read by the replayed code". A weak reference to an object the state holds
+    is now saved as one, and a replay's points at the restored object; one to anything else is still listed."""
+    probe = WEAK_TRAIN.replace('flor.log("loss", loss.item())',
+                               'flor.log("loss", loss.item()); flor.log("w", float(watch["fc"]().sum()))')
+    ns = {"flor": flor}
+    exec(WEAK_SETUP, ns)
+    run = flor.record(WEAK_TRAIN, name="weak", namespace=ns, cells=[WEAK_SETUP], store=tmp_path,
+                      overhead=float("inf"), progress=False)
+    assert list(run.state["not_captured"]) == ["elsewhere"], run.state["not_captured"]
+    assert "a Registry the captured state does not hold" in run.state["not_captured"]["elsewhere"]
+    _checkpointed_and_replayed(tmp_path, "lstm", WEAK_SETUP, WEAK_TRAIN, probe, "w")
+    out = flor.replay("lstm", code=probe, epochs=[2], store=tmp_path)
+    assert "_flat_weight_refs" not in out.attrs["verdict"] and "elsewhere" in out.attrs["verdict"], out.attrs["verdict"]
+
+
+def test_a_run_recorded_before_weak_references_were_saved_still_replays_faithfully(tmp_path, monkeypatch):
+    """Its checkpoints left weak references out: its replays walk the same way, so the pickles compare."""
+    from flor_nb import capture, state
+    old = {k: v for k, v in capture.limits().items() if k != "weak_refs"}
+    monkeypatch.setattr(state, "capture_limits", lambda: dict(old))
+    ns = {"flor": flor}
+    exec(WEAK_SETUP, ns)
+    flor.record(WEAK_TRAIN, name="old", namespace=ns, cells=[WEAK_SETUP], store=tmp_path,
+                overhead=float("inf"), progress=False)
+    monkeypatch.undo()
+    out = flor.replay("old", epochs=[2], store=tmp_path)
+    assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
+    assert "_flat_weight_refs" in out.attrs["verdict"], out.attrs["verdict"]  # listed, as it was recorded
