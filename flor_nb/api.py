@@ -253,5 +253,8 @@ def summary(run: Run, store=None) -> str:
     size = sum(c["bytes"] for c in ckpts.values())
     dur = f" in {run.duration:.1f}s" if run.duration is not None else ""
     unit = "iterations" if recorded_loops(run.state).get("unit") == "iterations" else "epochs"
-    return (f"flor_nb: {run.status} {run.label}: {run.epochs_completed} {unit}{dur}, "
-            f"{len(ckpts)} checkpoints ({size / 1e6:.1f} MB), store {st.home}")
+    n = run.epochs_completed or 0
+    own = plan.loop_values(run.state, range(n)) if n else ""
+    return (f"flor_nb: {run.status} {run.label}: {n} {unit}{dur}"
+            + (f" (numbered 0-{n - 1} in replays; {own} in the loop)" if own else "")
+            + f", {len(ckpts)} checkpoints ({size / 1e6:.1f} MB), store {st.home}")

@@ -21,8 +21,9 @@ _COST = {FULL: 1.0, SKIP: 0.1}  # relative cost of an epoch, for splitting work 
 _RUN_ON_SECONDS = 10.0  # a replay runs on this long past its last unit to reach a recorded check of the state
 
 
-def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
-    """``3``, ``2-5``, ``1,4,7-9``, an int or a list of ints -> sorted epochs (0-based)."""
+def parse_epochs(spec, completed: int, label: str = "the run", state: dict | None = None) -> list[int]:
+    """``3``, ``2-5``, ``1,4,7-9``, an int or a list of ints -> sorted epochs (0-based).
+    ``state``: the run's, so an error can say what the loop's own variable was (:func:`loop_values`)."""
     if completed <= 0:
         raise EpochSpecError(f"{label} completed no epoch, so there is nothing to replay. Record it again.")
     if spec is None or spec == "" or spec == "all":
@@ -31,8 +32,10 @@ def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
     def check(lo: int, hi: int):  # before any range is built: "0-99999999999" must not allocate
         if lo < 0 or hi >= completed:
             bad = lo if lo < 0 else max(lo, completed)
-            raise EpochSpecError(f"Epoch {bad} is out of range: {label} completed epochs 0-{completed - 1}. "
-                                 f"Choose epochs in 0-{completed - 1}.")
+            own = loop_values(state, range(completed))
+            raise EpochSpecError(f"Epoch {bad} is out of range: {label} completed epochs 0-{completed - 1}"
+                                 + (f" (numbered from 0; they are {own} in its loop)" if own else "")
+                                 + f". Choose epochs in 0-{completed - 1}.")
 
     epochs: set = set()
     if isinstance(spec, int) and not isinstance(spec, bool):
@@ -58,6 +61,22 @@ def parse_epochs(spec, completed: int, label: str = "the run") -> list[int]:
             check(lo, hi)
             epochs.update(range(lo, hi + 1))
     return sorted(epochs)
+
+
+def loop_values(state: dict, epochs) -> str:
+    """What the recorded loop's own variable was at ``epochs``: "`epoch` = 4-5" for ``for epoch in
+    range(1, n + 1)``, whose printed epoch numbers are one more than flor_nb's; "" for a loop from 0 or
+    one that is not over a range."""
+    r = (state or {}).get("loop_range")
+    if not r or not epochs:
+        return ""
+    start, step = r
+    header = (((state.get("loops") or {}).get("epoch") or {}).get("header") or "")
+    m = re.match(r"\s*for\s+([A-Za-z_]\w*)\s+in\b", header)
+    values = [start + e * step for e in sorted(epochs)]
+    shown = format_epochs(values) if step == 1 and min(values) >= 0 else \
+        ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+    return f"`{m.group(1)}` = {shown}" if m else f"the loop's value = {shown}"
 
 
 def _what_is_wrong(part: str, completed: int) -> str:

@@ -88,6 +88,7 @@ class Recorder(RowCommits, Checkpointing):
         self._step_snap = None
         self._left_epoch = None  # (epoch, seconds, step snapshot, end snapshot, end digest): left by break/exception
         self._in_loop = False
+        self.loop_range = None  # [start, step] of a range(1, n + 1)-like epoch loop: replays name its values
         self._done = False
         self._seq: dict = {}
         self._last_ckpt = -1
@@ -161,6 +162,8 @@ class Recorder(RowCommits, Checkpointing):
         flushes happen at boundaries the overhead budget sets."""
         __tracebackhide__ = True
         self.open_loop(len(iterable) if hasattr(iterable, "__len__") else None)
+        if type(iterable) is range and (iterable.start, iterable.step) != (0, 1):
+            self.loop_range = [iterable.start, iterable.step]
         first = 0
         if self.resume_at is not None:  # a resumed run: skip the stored epochs, restore, go on (resume.py)
             first, iterable = self.resume_at(iterable)
@@ -467,6 +470,7 @@ class Recorder(RowCommits, Checkpointing):
                 "digest_errors": self.digest_errors,
                 "store_budget": None if self.thinner is None else self.thinner.summary(),
                 "omitting": self.omitting,
+                "loop_range": self.loop_range,
                 "spec": spec_of(self.scope),
             },
             timings={

@@ -16,7 +16,7 @@ from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .edits import changes, helper_touched
 from .instrument import instrument, parse, recorded_loops
-from .plan import parse_epochs, plan
+from .plan import format_epochs, loop_values, parse_epochs, plan
 from .state import content_hash
 from .store import Run, Store, get_store
 from .cells import analyze
@@ -48,7 +48,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
             raise FlorError(f"Cell In[{count}] is not a dependency of {run.label} (its cells: {known}).")
         parse(source, what=f"edited cell In[{count}]")
         match[0]["source"] = source
-    selected = parse_epochs(epochs, run.epochs_completed, run.label)
+    selected = parse_epochs(epochs, run.epochs_completed, run.label, run.state)
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     left_out, left_why = _left_out(run, code, deps, ckpts, list((cells or {}).values()))  # checkpoints lacking what the edited code reads first
@@ -109,7 +109,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "thinned": thinned,
         "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None) + (
             f". {thinning.plan_text(run, thinned)}" if thinned else "") + (
-            f". {left_why}" if left_why else ""),
+            f". {left_why}" if left_why else "") + _own_numbers(run, selected, hint),
     }
 
 
@@ -351,6 +351,16 @@ def _describe(selected, segments, workers, touched, unit=None) -> str:
     why = ("the probes change the step loop" if touched["step"] else "the probes sit outside the step loop")
     return (f"replay {len(selected)} epoch(s) as {len(segments)} segment(s) on {workers} worker(s): "
             f"{full} epoch(s) in full, {skip} with the step loop skipped ({why})")
+
+
+def _own_numbers(run: Run, selected, hint) -> str:
+    """For a loop such as ``for epoch in range(1, n + 1)``: the numbers its own variable had, which are the
+    ones its prints showed, beside flor_nb's (which count passes from 0)."""
+    own = loop_values(run.state, selected)
+    if not own:
+        return ""
+    unit = "iterations" if (hint or {}).get("unit") == "iterations" else "epochs"
+    return f". {unit.capitalize()} count the loop's passes from 0: {unit} {format_epochs(selected)} are {own}"
 
 
 def _units(epochs, iters):

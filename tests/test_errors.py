@@ -158,3 +158,20 @@ def test_kernel_death_mid_record_keeps_completed_epochs(store, tmp_path):
     assert run.status == "interrupted" and run.epochs_completed == 3
     df = flor.replay("died", epochs="0-2", store=store)
     assert df.attrs["fidelity"]["faithful"] and df.attrs["fidelity"]["metrics"]["acc"]["compared"] == 3
+
+
+def test_a_loop_counted_from_one_is_told_apart_from_flor_nbs_numbers(store):
+    """``for epoch in range(1, EPOCHS + 1)`` prints epochs 1-5 while flor_nb numbers them 0-4: asking for the
+    printed epoch 5 must not silently give another one. The plan and the range error say what `epoch` was."""
+    code = TRAIN.replace("for epoch in range(EPOCHS):", "for epoch in range(1, EPOCHS + 1):")
+    assert code != TRAIN
+    from flor_nb.api import summary
+    run = _record(store, code, "from1")
+    assert "5 epochs in" in summary(run, store) and "(numbered 0-4 in replays; `epoch` = 1-5 in the loop)" in \
+        summary(run, store), summary(run, store)
+    df = flor.replay("from1", epochs="3-4", store=store)
+    assert "epochs 3-4 are `epoch` = 4-5" in df.attrs["fidelity"]["plan"], df.attrs["fidelity"]["plan"]
+    with pytest.raises(errors.EpochSpecError, match=r"completed epochs 0-4 \(numbered from 0; they are `epoch` = 1-5"):
+        flor.replay("from1", epochs=5, store=store)
+    _record(store, TRAIN, "from0")  # counted from 0: nothing to add
+    assert "count the loop's passes" not in flor.replay("from0", epochs=1, store=store).attrs["fidelity"]["plan"]
