@@ -107,9 +107,10 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "epochs_skipping_steps": skipped,
         "estimate_seconds": None if mean is None else mean * max(load),
         "thinned": thinned,
-        "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None) + (
+        "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None,
+                             _own_numbers(run, selected)) + (
             f". {thinning.plan_text(run, thinned)}" if thinned else "") + (
-            f". {left_why}" if left_why else "") + _own_numbers(run, selected, hint),
+            f". {left_why}" if left_why else ""),
     }
 
 
@@ -340,27 +341,24 @@ def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, str]:
                     f"{len(epochs)} {unit} left {them} out, so the replay starts from checkpoints that kept everything")
 
 
-def _describe(selected, segments, workers, touched, unit=None) -> str:
+def _describe(selected, segments, workers, touched, unit=None, own="") -> str:
     full = sum(m == "full" for s in segments for m in s.modes.values())
     skip = sum(m == "skip" for s in segments for m in s.modes.values())
     if unit == "iterations":
         run_on = sum(e > max(s.keep) for s in segments for e in s.modes)
-        return (f"replay {len(selected)} iteration(s) as {len(segments)} segment(s) on {workers} worker(s): "
+        return (f"replay {len(selected)} iteration(s){own} as {len(segments)} segment(s) on {workers} worker(s): "
                 f"{full} iteration(s) run" + (f", {run_on} of them past the last one asked for, to reach a "
                                               "recorded check of the state" if run_on else ""))
     why = ("the probes change the step loop" if touched["step"] else "the probes sit outside the step loop")
-    return (f"replay {len(selected)} epoch(s) as {len(segments)} segment(s) on {workers} worker(s): "
+    return (f"replay {len(selected)} epoch(s){own} as {len(segments)} segment(s) on {workers} worker(s): "
             f"{full} epoch(s) in full, {skip} with the step loop skipped ({why})")
 
 
-def _own_numbers(run: Run, selected, hint) -> str:
-    """For a loop such as ``for epoch in range(1, n + 1)``: the numbers its own variable had, which are the
-    ones its prints showed, beside flor_nb's (which count passes from 0)."""
+def _own_numbers(run: Run, selected) -> str:
+    """For a loop such as ``for epoch in range(1, n + 1)``: " (numbered from 0: 3-4, where `epoch` = 4-5)",
+    the numbers its own variable had (the ones its prints showed) beside flor_nb's; "" for other loops."""
     own = loop_values(run.state, selected)
-    if not own:
-        return ""
-    unit = "iterations" if (hint or {}).get("unit") == "iterations" else "epochs"
-    return f". {unit.capitalize()} count the loop's passes from 0: {unit} {format_epochs(selected)} are {own}"
+    return f" (numbered from 0: {format_epochs(selected)}, where {own})" if own else ""
 
 
 def _units(epochs, iters):

@@ -170,8 +170,8 @@ def test_a_loop_counted_from_one_is_told_apart_from_flor_nbs_numbers(store):
     assert "5 epochs in" in summary(run, store) and "(numbered 0-4 in replays; `epoch` = 1-5 in the loop)" in \
         summary(run, store), summary(run, store)
     df = flor.replay("from1", epochs="3-4", store=store)
-    assert "epochs 3-4 are `epoch` = 4-5" in df.attrs["fidelity"]["plan"], df.attrs["fidelity"]["plan"]
+    assert "replay 2 epoch(s) (numbered from 0: 3-4, where `epoch` = 4-5) as" in df.attrs["fidelity"]["plan"], df.attrs["fidelity"]["plan"]
     with pytest.raises(errors.EpochSpecError, match=r"completed epochs 0-4 \(numbered from 0; they are `epoch` = 1-5"):
         flor.replay("from1", epochs=5, store=store)
     _record(store, TRAIN, "from0")  # counted from 0: nothing to add
-    assert "count the loop's passes" not in flor.replay("from0", epochs=1, store=store).attrs["fidelity"]["plan"]
+    assert "numbered from 0" not in flor.replay("from0", epochs=1, store=store).attrs["fidelity"]["plan"]
