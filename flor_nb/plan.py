@@ -89,8 +89,9 @@ def _what_is_wrong(part: str, completed: int) -> str:
     return f"{part!r} is not an epoch number or a range"
 
 
-def format_epochs(epochs, sep: str = ",") -> str:
-    """[1, 4, 7, 8, 9] -> '1,4,7-9' (what :func:`parse_epochs` reads)."""
+def format_epochs(epochs, sep: str = ", ") -> str:
+    """[1, 4, 7, 8, 9] -> '1, 4, 7-9' (what :func:`parse_epochs` reads). Spaced, so that iterations 1 and 474
+    never read as one thousand four hundred and seventy-four."""
     parts, run = [], []
     for e in sorted(epochs):
         if run and e == run[-1] + 1:

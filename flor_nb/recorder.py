@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
+import re
 import threading
 import time
 import warnings
@@ -28,6 +30,19 @@ _DIGEST_BUDGET = 0.01
 # 2 us, 0.6% of a 300 us makemore step). With 2% for checkpoints plus 1% for digests on top, a step-only
 # loop measured +3.5..+4.3% against plain (engine accounting: checkpoints 2.1%, digests 1%, commits 0.6%).
 _ITER_SHARES = (0.6, 0.25)  # of the overhead budget: checkpoints, digests (the rest: the per-unit path)
+
+
+def own_range(iterable) -> list | None:
+    """[start, step] of an epoch loop over ``range(1, n + 1)`` or ``itertools.count(1)``, whose own numbers are
+    not flor_nb's (passes from 0); None for one from 0 by 1, or over anything else."""
+    if type(iterable) is range:
+        r = [iterable.start, iterable.step]
+    elif type(iterable) is itertools.count:  # its repr is its only public state: count(1), count(1, 2)
+        m = re.fullmatch(r"count\((-?\d+)(?:, (-?\d+))?\)", repr(iterable))
+        r = [int(m[1]), int(m[2] or 1)] if m else None
+    else:
+        r = None
+    return r if r and r != [0, 1] else None
 
 
 def _recent_median(seconds: list) -> float:
@@ -162,8 +177,7 @@ class Recorder(RowCommits, Checkpointing):
         flushes happen at boundaries the overhead budget sets."""
         __tracebackhide__ = True
         self.open_loop(len(iterable) if hasattr(iterable, "__len__") else None)
-        if type(iterable) is range and (iterable.start, iterable.step) != (0, 1):
-            self.loop_range = [iterable.start, iterable.step]
+        self.loop_range = own_range(iterable)
         first = 0
         if self.resume_at is not None:  # a resumed run: skip the stored epochs, restore, go on (resume.py)
             first, iterable = self.resume_at(iterable)

@@ -494,4 +494,4 @@ def _mpl(text: str) -> str:
 
 def _format_epochs(values) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
-    return format_epochs(values, sep=", ")
+    return format_epochs(values)

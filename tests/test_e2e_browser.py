@@ -352,7 +352,7 @@ def _cancel_keeps_finished_epochs(page, tmp_path: Path, prefix: str):
     epochs = page.locator(".flor-panel .flor-epochs input")
     epochs.fill("0,2-4")
     epochs.press("Enter")
-    page.locator(".flor-panel .flor-estimate", has_text="Replays 4 epochs (0,2-4)").wait_for(timeout=15_000)
+    page.locator(".flor-panel .flor-estimate", has_text="Replays 4 epochs (0, 2-4)").wait_for(timeout=15_000)
     page.locator(".flor-panel button", has_text="Replay").first.click()
     page.locator(".flor-panel .flor-chips span.done", has_text="epoch 0").wait_for(timeout=90_000)
     page.locator(".flor-panel button", has_text="Cancel").click()

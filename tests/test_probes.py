@@ -125,9 +125,9 @@ def test_probes_are_remembered_per_run_version(recorded, store):
 def test_estimate_says_what_replay_will_do(recorded, store):
     est = api.estimate(recorded, [P.Probe(8, 'flor.log("gn", grad_norm(model))')], "1,3-4", 1, store)
     assert est["epochs"] == [1, 3, 4] and est["workers"] == 1
-    assert "Replays 3 epochs (1,3-4) of small@1 with 1 worker" in est["text"]
+    assert "Replays 3 epochs (1, 3-4) of small@1 with 1 worker" in est["text"]
     assert "epochs 3-4 from the checkpoint after epoch 2" in est["text"]
-    assert est["step_loop"] == "run in epochs 1,3-4 (gn logs at every step)"
+    assert est["step_loop"] == "run in epochs 1, 3-4 (gn logs at every step)"
     assert "a recorded epoch took" in est["text"]
     est = api.estimate(recorded, [PS.preset(recorded, "lr")], "2", None, store)
     assert est["step_loop"].startswith("skipped in every epoch") and est["workers"] == 1
@@ -154,7 +154,7 @@ def test_runs_table_and_last_result(recorded, store):
 
 
 def test_format_helpers():
-    assert plan.format_epochs([1, 4, 7, 8, 9]) == "1,4,7-9"
+    assert plan.format_epochs([1, 4, 7, 8, 9]) == "1, 4, 7-9"
     assert parse_epochs(plan.format_epochs([0, 2, 3]), 5) == [0, 2, 3]
     assert plan.format_seconds(0.0123) == "12 ms" and plan.format_seconds(75) == "75 s"
     assert plan.format_seconds(3725) == "1 h 02 min"
@@ -179,5 +179,5 @@ def test_an_unchecked_end_names_the_check_to_replay_to():
                 "unit": "iterations", "state": {"epochs": [69], "unchecked": [70, 90], "streams": 101,
                                                 "diverged": [], "next_check": 120}}
     text = verdict_text(fidelity)
-    assert "NOT checked at or after iteration 70,90" in text
+    assert "NOT checked at or after iteration 70, 90" in text
     assert "replay through iteration 120, the next recorded check" in text

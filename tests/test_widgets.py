@@ -149,7 +149,7 @@ def test_epoch_controls_and_the_metric_curve(recorded):
     panel.curve.selected = [1, 2]  # what a click and a drag on the curve send
     assert panel.epoch_text.value == "1-2" and "Replays 2 epochs (1-2)" in panel.estimate.value
     panel.curve.selected = [0, 3, 4]  # shift/ctrl-clicks
-    assert panel.epoch_text.value == "0,3-4" and "Replays 3 epochs (0,3-4)" in panel.estimate.value
+    assert panel.epoch_text.value == "0, 3-4" and "Replays 3 epochs (0, 3-4)" in panel.estimate.value
     panel.epoch_text.value = "1-2"
     assert panel.curve.selected == [1, 2]
     panel.epoch_text.value = "7"
@@ -239,7 +239,7 @@ def test_cancel_keeps_the_finished_epochs_and_says_so(store):
     assert "epoch 0 \u2714" in panel.chips.value and "epoch 3 cancelled" in panel.chips.value
     df = panel.result  # the kept epoch, in the table, under a partial-results banner, never a green one
     assert sorted(df["epoch"].unique()) == [0] and len(df) == 6 + 1
-    assert "Cancelled: partial results for epoch 0 of 0,2-3" in panel.results.verdict.value
+    assert "Cancelled: partial results for epoch 0 of 0, 2-3" in panel.results.verdict.value
     assert "flor-verdict warn" in panel.results.verdict.value and "flor-verdict ok" not in panel.results.verdict.value
     assert "partial: epoch 0 kept" in panel.outcome.value and "flor-badge warn" in panel.outcome.value
     assert _html(panel.results.table_out).count("<tr>") == 1 + 1  # the epoch-level row of epoch 0
