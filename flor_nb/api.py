@@ -255,6 +255,6 @@ def summary(run: Run, store=None) -> str:
     unit = "iterations" if recorded_loops(run.state).get("unit") == "iterations" else "epochs"
     n = run.epochs_completed or 0
     own = plan.loop_values(run.state, range(n)) if n else ""
-    return (f"flor_nb: {run.status} {run.label}: {n} {unit}{dur}"
+    return (f"flor_nb: {run.status} {run.label}: {n} {unit[:-1] if n == 1 else unit}{dur}"
             + (f" (numbered 0-{n - 1} in replays; {own} in the loop)" if own else "")
             + f", {len(ckpts)} checkpoints ({size / 1e6:.1f} MB), store {st.home}")

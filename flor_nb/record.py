@@ -15,10 +15,10 @@ import warnings
 import numpy as np
 import torch
 
-from . import devices, objstore, runtime, saver, state, thinning, validate
+from . import devices, hash_seed, objstore, runtime, saver, state, thinning, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
-from .errors import FlorError, NoLoopError
+from .errors import FlorError, NoLoopError, NotCapturedWarning
 from .edits import find_helper, helper_code
 from .instrument import RUNTIME, instrument
 from .recorder import Recorder, spec_of
@@ -44,6 +44,7 @@ def environment() -> dict:
         "start_method": multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_start_method(),
         "host": platform.node(),
         "gpu": devices.environment(),  # CUDA devices, versions, determinism settings at the start
+        "hashseed": hash_seed.environment(),  # a replay in another process hashes strings alike only if set
     }
     for mod in ("pandas", "sklearn", "flor_nb"):
         m = sys.modules.get(mod)
@@ -117,6 +118,9 @@ def record(
         deps = [Cell(i, src) for i, src in enumerate(cells or [], start=1)]
         args = since_last  # a script has no cells to tell them apart: the args set since the last record
     ns[RUNTIME] = sys.modules["flor_nb"]
+    hashes = hash_seed.record_warning([("the recorded cell", code)] + [(f"In[{c.count}]", c.source) for c in deps])
+    if hashes:
+        warnings.warn(f"flor_nb: {hashes}", NotCapturedWarning, stacklevel=3)
     free, assigned = analyze(code)
     only, extra = parse_state(state_spec)
     unknown = sorted(n for n in (only or set()) | extra if n not in ns and n not in assigned)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import executor as executors
-from . import checkpoint, devices, housekeeping, liveness, machine, runtime, signing, thinning, validate
+from . import checkpoint, devices, hash_seed, housekeeping, liveness, machine, runtime, signing, thinning, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .edits import changes, helper_touched
@@ -179,7 +179,9 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     modes = {int(e): m for res in results for e, m in res["modes"].items()}
     recorded = store.logs([run.id], kind="recorded")
     recorded_names = {r["name"] for r in recorded}
-    state = {**run.state, "clock_metrics": sorted(set(run.state.get("clock_metrics", ())) | clock_names(p["code"])[1])}
+    state = {**run.state, "clock_metrics": sorted(set(run.state.get("clock_metrics", ())) | clock_names(p["code"])[1]),
+             "hash_cause": hash_seed.divergence_cause(run.env.get("hashseed"), [("the recorded cell", run.code)] + [
+                 (f"In[{c['count']}]", c["source"]) for c in p["cells"]])}
     fidelity = check(_by_content(recorded, store.home), _by_content(rows, store.home), modes, results,
                      recorded_code=run.code, code=p["code"],
                      edited_cells=p["edited_cells"], run_state=state,

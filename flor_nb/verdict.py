@@ -116,7 +116,8 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     unchecked = set(modes) - covered
     level = NOT_FAITHFUL if not faithful else (CAVEATS if read or unchecked or tol else FAITHFUL)
     draws = probes_draw(recorded_code, code, edited_cells)
-    cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws) if not faithful else None
+    cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws,
+                   run_state.get("hash_cause")) if not faithful else None
     if tol:
         tol["state_differs"] = sorted({s for e in expected for s in e["differ"] + e["missing"]})
         tol["max_abs_diff"] = max((m["max_abs_diff"] for m in metrics.values()), default=0.0)
@@ -191,7 +192,7 @@ def _only_global_rng(diverged) -> list[str]:
     return sorted(streams) if streams and streams <= set(_GLOBAL_RNG) else []
 
 
-def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=True) -> str:
+def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=True, hashes=None) -> str:
     changed = changed_lines(recorded_code, code) if recorded_code and code else []
     if changed:  # certain: the code that trained is not the code that replayed
         where = ", ".join(map(str, changed[:6])) + (" ..." if len(changed) > 6 else "")
@@ -216,6 +217,8 @@ def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=
     elif diverged and code != recorded_code:
         causes.append("a probe changed training (make probes read-only: wrap them in torch.no_grad(), do not draw "
                       "random numbers, switch back any mode they change, e.g. model.train() after model.eval())")
+    if hashes:  # the code depends on string hashes, which this process computes otherwise (hash_seed.py)
+        causes.append(hashes)
     if not causes:
         names = ", ".join(metric_bad) or "the state"
         causes.append(f"{names} differ although nothing was edited: something the recording did not capture, the "
