@@ -79,6 +79,7 @@ class Graph:
     notes: dict = field(default_factory=dict)  # path -> how it was captured, when not the usual way
     data: dict = field(default_factory=dict)  # path -> type name of data objects (not copied)
     outputs: dict = field(default_factory=dict)  # path -> what it is: progress bars, log files, writers
+    attr_owner: dict = field(default_factory=dict)  # module_attrs path -> the object whose attributes they are
     weak: dict = field(default_factory=dict)  # path -> a weak reference to an object the state holds (pickled as one)
     keep: list = field(default_factory=list)  # every object visited, alive while ids are in use
 
@@ -303,6 +304,7 @@ def _stateful(g: Graph, path, kind, obj, queue, root, params):
             user = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNAL and k not in internal}
             if user and mpath not in g.module_attrs:
                 g.module_attrs[mpath] = user
+                g.attr_owner[mpath] = m
                 g.owner[mpath] = root
                 for k, v in user.items():
                     queue.append((root, child_path(mpath, k), v))
@@ -316,6 +318,7 @@ def _framework(g: Graph, path, trainer, queue, root):
     attrs = frameworks.user_attrs(trainer)
     if attrs:
         g.module_attrs[path] = attrs
+        g.attr_owner[path] = trainer
         g.owner[path] = root
         for k, v in attrs.items():
             queue.append((root, child_path(path, k), v))

@@ -7,6 +7,9 @@ replay unfaithful. Found by taint: a value computed from a clock call, or from a
 from __future__ import annotations
 
 import ast
+import inspect
+import textwrap
+import types
 
 _CLOCK_ATTRS = {"time", "perf_counter", "monotonic", "process_time", "time_ns", "perf_counter_ns",
                 "monotonic_ns", "process_time_ns", "thread_time", "thread_time_ns", "default_timer",
@@ -76,3 +79,99 @@ def clock_names(source: str) -> tuple[set[str], set[str]]:
                 and isinstance(node.args[0].value, str) and _tainted(node.args[1], names, bare)):
             logged.add(node.args[0].value)
     return names, logged
+
+
+# -- attributes of objects: ``self.iter_time = time.time()`` in a trainer class (minGPT's Trainer) -----------
+_NO_SOURCE = {"torch", "numpy", "pandas", "sklearn", "transformers", "lightning", "pytorch_lightning"}  # not read
+CLOCK = "<wall clock>"  # what a clock attribute digests as: its presence is compared, its value is not
+
+
+def _self_attr(node, me: str):
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me:
+        return node.attr
+    return None
+
+
+def _functions(klass):
+    for v in vars(klass).values():
+        if isinstance(v, (staticmethod, classmethod)):
+            v = v.__func__
+        elif isinstance(v, property):
+            v = v.fset
+        if isinstance(v, types.FunctionType):
+            yield v
+
+
+def _methods(cls):
+    """(first argument name, function node) of each method of ``cls`` and its bases whose source is known:
+    a file's, or a notebook cell's (kept in linecache by IPython)."""
+    for klass in cls.__mro__:
+        if klass.__module__.partition(".")[0] in _NO_SOURCE:
+            continue
+        for fn in _functions(klass):
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+            except (OSError, TypeError, SyntaxError, IndentationError):
+                continue
+            node = tree.body[0] if tree.body else None
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.args.args:
+                yield node.args.args[0].arg, node
+
+
+def attrs_of(cls) -> frozenset:
+    """Attributes that methods of ``cls`` set from the wall clock: ``self.t = time.time()``, and what is
+    computed from them (``self.dt = now - self.t``). Found in the class's source, if it has one."""
+    methods = list(_methods(cls))
+    attrs: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for me, fn in methods:
+            names: set[str] = set()  # clock-derived locals of this method
+            assigns = [n for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))]
+            for _ in range(len(assigns) + 1):
+                grew = False
+                for node in assigns:
+                    if node.value is None:
+                        continue
+                    hit = _tainted(node.value, names, _BARE) or any(
+                        _self_attr(n, me) in attrs for n in ast.walk(node.value))
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    for t in targets:
+                        for n in ast.walk(t):
+                            a = _self_attr(n, me)
+                            if hit and a is not None and a not in attrs:
+                                attrs.add(a)
+                                changed = grew = True
+                            if hit and isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and n.id not in names:
+                                names.add(n.id)
+                                grew = True
+                if not grew:
+                    break
+    return frozenset(attrs)
+
+
+class ClockAttrs:
+    """Type -> its clock attributes, for digests (``fingerprint(..., skip=)``). A recording analyzes each
+    type it meets and stores what it found (:meth:`found`); a replay uses exactly that, so both digest alike."""
+
+    def __init__(self, recorded: dict | None = None, analyze: bool = True):
+        self.known = {k: frozenset(v) for k, v in (recorded or {}).items()}
+        self.analyze = analyze
+        self._by_type: dict = {}
+
+    def __call__(self, t) -> frozenset:
+        hit = self._by_type.get(t)
+        if hit is None:
+            name = f"{t.__module__}.{t.__qualname__}"
+            hit = self.known.get(name)
+            if hit is None:
+                hit = attrs_of(t) if self.analyze and t.__module__.partition(".")[0] not in _NO_SOURCE \
+                    else frozenset()
+                if hit:
+                    self.known[name] = hit
+            self._by_type[t] = hit
+        return hit
+
+    def found(self) -> dict:
+        return {k: sorted(v) for k, v in sorted(self.known.items()) if v}

@@ -18,14 +18,15 @@ from array import array
 
 import numpy as np
 
+from .clock import CLOCK
 from .hashing import new_hasher
 
 _PACK = {float: ("d", b"Lf"), int: ("q", b"Li")}
 
 
 class _Encoder:
-    def __init__(self, token):
-        self.token = token
+    def __init__(self, token, skip=None):
+        self.token, self.skip = token, skip
         self.memo: dict[int, int] = {}
         self.keep: list = []
 
@@ -68,7 +69,7 @@ class _Encoder:
         elif t is dict:
             self._mapping(x, b"d", h)
         elif t is set or t is frozenset:
-            parts = sorted(fingerprint(v, self.token).encode() for v in x)
+            parts = sorted(fingerprint(v, self.token, self.skip).encode() for v in x)
             h.update(b"S%d:" % len(parts) + b"".join(parts))
         else:
             self._object(x, h)
@@ -120,14 +121,19 @@ class _Encoder:
         h.update(b"F" + f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}".encode())
         self.encode(tuple(a if not isinstance(a, type) else f"{a.__module__}.{a.__qualname__}" for a in args or ()), h)
         state = rest[0]
+        if isinstance(state, dict) and self.skip is not None:
+            clock = self.skip(t)  # attributes its methods set from the wall clock: present, not compared
+            if clock:
+                state = {k: CLOCK if k in clock else v for k, v in state.items()}
         if isinstance(state, dict):
             self._mapping(state, b"D", h)
         elif state is not None:
             self.encode(state, h)
 
 
-def fingerprint(value, token=lambda obj: None) -> str:
-    """A hex digest of ``value``. ``token(obj)`` names objects captured on their own (else None)."""
+def fingerprint(value, token=lambda obj: None, skip=None) -> str:
+    """A hex digest of ``value``. ``token(obj)`` names objects captured on their own (else None);
+    ``skip(type)`` names attributes of that type's objects that hold wall-clock values (clock.ClockAttrs)."""
     h = new_hasher()
-    _Encoder(token).encode(value, h)
+    _Encoder(token, skip).encode(value, h)
     return h.hexdigest()

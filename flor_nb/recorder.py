@@ -480,6 +480,7 @@ class Recorder(RowCommits, Checkpointing):
                 "limits": self.capturer.limits,
                 "clock_vars": sorted(self.clock[0]),
                 "clock_metrics": sorted(self.clock[1]),
+                "clock_attrs": self.capturer.clock_attrs.found(),
                 "checkpoint_error": self.checkpoint_error,
                 "digest_errors": self.digest_errors,
                 "store_budget": None if self.thinner is None else self.thinner.summary(),

@@ -285,6 +285,7 @@ def _tasks(store: Store, run: Run, p: dict, token: str, device=None) -> list[dic
         "scope": _scope_spec(run),
         "roots": run.state.get("roots") or [],
         "limits": run.state.get("limits"),
+        "clock_attrs": run.state.get("clock_attrs") or {},
         "cwd": run.env.get("cwd"),
         "start_method": run.env.get("start_method"),
         "exclude": _unchecked_streams(run, p["code"]),

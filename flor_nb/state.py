@@ -32,6 +32,7 @@ import torch
 from . import devices, pickling
 from .capture import CHUNK, Graph, Scope, _unsaveable, child_path, walk
 from .capture import limits as capture_limits
+from .clock import CLOCK, ClockAttrs
 from .fingerprint import fingerprint
 from .hashing import hash_bytes
 from .pickling import KEEP
@@ -63,6 +64,9 @@ class Capturer(Restorer):
         self.flag_problems: list = []  # recorded determinism settings that could not be set here
         self._gpu_noted = False
         self._fchunks: dict = {}  # path -> (length, hashes of its CHUNK pickles, stored pieces): _float_chunks
+        # Attributes set from the wall clock (a trainer's self.iter_time) are not compared. A replay sets this to
+        # the recording's, so both digest the same attributes; runs recorded before it compare them all.
+        self.clock_attrs = ClockAttrs()
 
     # -- capture -------------------------------------------------------------------------
     def snapshot(self, copy: bool = True, pool: BufferPool | None = None, dead=None) -> dict:
@@ -155,11 +159,14 @@ class Capturer(Restorer):
         units = self._units(g)
         for root in g.roots:
             if root not in g.not_captured and root not in g.outputs:
-                digests[f"var/{root}"] = fingerprint(self.ns[root], token)
+                digests[f"var/{root}"] = fingerprint(self.ns[root], token, self.clock_attrs)
         # One stream per attribute: an attribute a probe adds (a hook handle) is new, not a difference.
+        owners = {**g.attr_owner, **g.attr_objects}
         for path, attrs in list(g.module_attrs.items()) + [(p, _state_attrs(o)) for p, o in g.attr_objects.items()]:
+            clock = self.clock_attrs(type(owners[path])) if path in owners else ()
             for k, v in attrs.items():
-                digests[f"attrs/{child_path(path, k)}"] = fingerprint(v, token)
+                digests[f"attrs/{child_path(path, k)}"] = fingerprint(CLOCK if k in clock else v, token,
+                                                                      self.clock_attrs)
         if copy:
             for rep, value in units.items():
                 python[f"py/{rep}"] = self._dumps(value, g, rep, g.identity if self._reaches(g, rep) else None)

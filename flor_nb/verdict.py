@@ -138,7 +138,10 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
         "problems": problems,
         "not_compared": {"variables": sorted({k.partition("/")[2] for c in checks for k in c.get("not_compared", ())
                                               if k.startswith("var/") and k[4:] in clock_vars}),
-                         "metrics": sorted(n for n, m in metrics.items() if m["verdict"] == "clock")},
+                         "metrics": sorted(n for n, m in metrics.items() if m["verdict"] == "clock"),
+                         **({"attributes": [f"{', '.join(a)} of {t.rpartition('.')[2]} objects"
+                                            for t, a in run_state["clock_attrs"].items()]}
+                            if run_state.get("clock_attrs") else {})},
         "not_captured_read": read,
         "cause": cause,
         "epochs": sorted(modes),
@@ -367,6 +370,7 @@ def verdict_text(fidelity: dict) -> str:
     nc = fidelity.get("not_compared", {})
     clock = [f"{word}{'s' if len(nc[k]) > 1 else ''} {', '.join(nc[k])}"
              for k, word in (("metrics", "metric"), ("variables", "variable")) if nc.get(k)]
+    clock += [f"attribute{'s' if ',' in a else ''} {a}" for a in nc.get("attributes", [])]
     if clock:
         out += f". Not compared (wall-clock values, different in every run): {'; '.join(clock)}"
     damaged = fidelity.get("damaged_checkpoints") or {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, devices, freshness, lifeline, runtime, signing, state, validate
+from .clock import ClockAttrs
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .edits import helper_code
@@ -408,6 +409,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         free, assigned = analyze(task["code"])
         rep.scope = state.Scope(assigned=assigned, free=free, **task.get("scope", {}))
         rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or (), limits=task.get("limits"))
+        rep.capturer.clock_attrs = ClockAttrs(task.get("clock_attrs"), analyze=False)  # the recording's, exactly
         rep.capturer.device_map = devices.DeviceMap(task.get("device"))
         filename = f"<flor replay {task['label']}>"
         linecache.cache[filename] = (len(task["code"]), None, task["code"].splitlines(keepends=True), filename)

@@ -194,3 +194,70 @@ def test_another_thread_drawing_from_random_is_not_blamed_on_a_read_only_probe(s
                                                   "    sched.step()\n")
     df = flor.replay("noisy", code=drawing, epochs="1", store=store)
     assert "the replayed code drew random numbers the recording did not" in df.attrs["verdict"], df.attrs["verdict"]
+
+
+TIMED_SETUP = '''
+import time
+import torch, torch.nn as nn, torch.nn.functional as F
+torch.manual_seed(0)
+class Trainer:  # a trainer of the user's that times itself, as minGPT's does (self.iter_time = time.time())
+    def __init__(self, model):
+        self.model, self.iters = model, 0
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    def step(self, X, y):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(self.model(X), y)
+        self.opt.zero_grad(); loss.backward(); self.opt.step()
+        self.iters += 1
+        self.last_dt = time.perf_counter() - t0
+        self.rate = self.iters / self.last_dt
+        return loss
+X = torch.randn(32, 4); y = (X[:, 0] > 0).long()
+trainer = Trainer(nn.Linear(4, 2))
+'''
+TIMED_TRAIN = '''
+for epoch in range(4):
+    for i in range(2):
+        loss = trainer.step(X, y)
+        flor.log("loss", loss.item())
+'''
+
+
+def test_attributes_an_objects_methods_set_from_the_clock_are_not_compared(store):
+    """A trainer object that keeps its step time (minGPT's iter_time, iter_dt) differs in every run: its replay
+    was 'NOT faithful: variable trainer differs', blaming the probe. Its methods' clock attributes are now found
+    in its source, left out of the comparison and named; everything else in it is still compared."""
+    import linecache
+    name = "<cell In[1]>"  # as IPython keeps a cell's source, so the class's methods can be read
+    linecache.cache[name] = (len(TIMED_SETUP), None, TIMED_SETUP.splitlines(keepends=True), name)
+    ns = {"flor": flor, "__name__": "__main__"}
+    exec(compile(TIMED_SETUP, name, "exec"), ns)
+    run = flor.record(TIMED_TRAIN, name="timed", namespace=ns, cells=[TIMED_SETUP], store=store,
+                      overhead=float("inf"), progress=False)
+    assert run.state["clock_attrs"] == {"__main__.Trainer": ["last_dt", "rate"]}
+    probed = TIMED_TRAIN.replace('        flor.log("loss", loss.item())\n',
+                                 '        flor.log("loss", loss.item())\n        flor.log("iters", trainer.iters)\n')
+    out = flor.replay("timed", code=probed, epochs=[2], store=store)
+    v = out.attrs["verdict"]
+    assert out.attrs["fidelity"]["faithful"], v
+    assert "Not compared (wall-clock values, different in every run): attributes last_dt, rate of Trainer" in v, v
+    assert out.dropna(subset=["iters"])["iters"].tolist() == [5, 6]
+    # trainer.iters is still compared: a replay that changes it diverges, and says so
+    bad = probed.replace('        flor.log("iters", trainer.iters)\n', '        trainer.iters += 1\n')
+    v = flor.replay("timed", code=bad, epochs=[2], store=store).attrs["verdict"]
+    assert "NOT faithful" in v and "trainer" in v, v
+
+
+def test_clock_attributes_are_found_through_the_values_computed_from_them():
+    from flor_nb.clock import attrs_of
+    ns = {"__name__": "__main__"}
+    import linecache
+    linecache.cache["<cell In[2]>"] = (len(TIMED_SETUP), None, TIMED_SETUP.splitlines(keepends=True), "<cell In[2]>")
+    exec(compile(TIMED_SETUP, "<cell In[2]>", "exec"), ns)
+    assert attrs_of(ns["Trainer"]) == {"last_dt", "rate"}  # rate: computed from last_dt; iters: not the clock
+
+    class Sub(ns["Trainer"]):
+        def log(self):
+            self.stamp = self.rate * 2  # from a clock attribute of the base class
+            self.count = self.iters
+    assert attrs_of(Sub) == {"last_dt", "rate", "stamp"}
