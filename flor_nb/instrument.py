@@ -11,7 +11,10 @@ the user's lines.
 from __future__ import annotations
 
 import ast
+import inspect
+import os
 import re
+import textwrap
 import types
 from dataclasses import dataclass
 
@@ -351,6 +354,49 @@ def _hidden_loop(tree):
     return None
 
 
+def _called_loop(tree, ns):
+    """(what the cell calls, where its loop is, line of the call) for a training loop inside a function or
+    method the cell calls but does not define (``trainer.run()`` of minGPT's Trainer); None if none has one."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        fn = _resolve_static(node.func, ns)
+        fn = getattr(fn, "__func__", fn)
+        if not isinstance(fn, types.FunctionType):
+            continue
+        try:
+            src = parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, ProbeSyntaxError):
+            continue
+        loops = [f for f in ast.walk(src) if isinstance(f, (ast.For, ast.While)) and _calls(f, {"backward", "step"}, set())]
+        if loops:
+            line = fn.__code__.co_firstlineno + loops[0].lineno - 1
+            path = fn.__code__.co_filename
+            if os.path.isabs(path) and path.startswith(os.getcwd() + os.sep):
+                path = os.path.relpath(path)
+            where = f"{fn.__qualname__}, {path} line {line}"
+            return ast.unparse(node.func), where, node.lineno
+    return None
+
+
+def _resolve_static(expr, ns):
+    """The object ``a.b.c`` names in ``ns``, read without running properties or ``__getattr__``."""
+    if isinstance(expr, ast.Name):
+        return ns.get(expr.id)
+    if isinstance(expr, ast.Attribute):
+        base = _resolve_static(expr.value, ns)
+        if base is None:
+            return None
+        try:
+            value = inspect.getattr_static(base, expr.attr)
+        except AttributeError:
+            return None
+        if isinstance(value, types.FunctionType) and not isinstance(base, type):
+            return types.MethodType(value, base)
+        return value
+    return None
+
+
 def _hinted(loops, hint):
     """The loop a run chose (``{"header", "nth"}``), found again by its header; None if it is gone."""
     same = [f for f in loops if header(f) == hint["header"]]
@@ -394,6 +440,14 @@ def _find(tree: ast.Module, what: str, hint=None, ns=None, trainers=frozenset())
                 f"The training loop is inside {fn}() (line {loop}){where}: flor_nb records the loop written in the "
                 f"cell. Move the loop into the cell, or mark it where it is: `for epoch in flor.loop('epoch', ...):` "
                 f"at line {loop}.")
+        called = _called_loop(tree, ns) if ns else None
+        if called:
+            name, where, line = called
+            raise NoLoopError(
+                f"The training loop is inside {name}() ({where}), which the cell calls at line {line}: flor_nb "
+                "checkpoints a loop written in the cell, and cannot enter that one. Copy the loop into the cell, or "
+                f"record the call as one unit (a replay then re-runs all of it, from the state before it, and "
+                f"checks the state after it):\n    for _ in flor.loop('epoch', range(1)):\n        {name}()")
         raise NoLoopError(
             f"This {what} has no training loop, so there are no epochs or iterations to checkpoint. "
             "Put the training loop in the cell (for epoch in range(EPOCHS): ..., or a while loop), "

@@ -223,3 +223,55 @@ def test_the_writers_cpu_counts_against_training_only_when_training_leaves_fewer
 def test_epochs_still_get_a_digest_each_when_it_is_cheap():
     """Units of a second: a 1.5 ms digest is 0.15%, so every epoch is checked, as before."""
     assert _tuned(1.0, 20e-3, 0.3, 1.5e-3, 0.5e-3)[1] == 1
+
+
+TRAINER_PY = '''
+import time
+import torch
+
+
+class Trainer:  # the shape of minGPT's: the loop lives in a method of a library class, callbacks reach out
+    def __init__(self, model, X, y, iters):
+        self.model, self.X, self.y, self.iters = model, X, y, iters
+        self.callbacks = []
+
+    def run(self):
+        opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.iter_num, self.iter_time = 0, time.time()
+        while True:
+            i = torch.randint(0, len(self.X), (16,))
+            self.loss = torch.nn.functional.cross_entropy(self.model(self.X[i]), self.y[i])
+            opt.zero_grad(); self.loss.backward(); opt.step()
+            for cb in self.callbacks:
+                cb(self)
+            self.iter_num += 1
+            self.iter_time = time.time()
+            if self.iter_num >= self.iters:
+                break
+'''
+
+
+def test_a_loop_inside_a_library_method_is_named_and_one_unit_records_it(store, tmp_path, monkeypatch):
+    """minGPT's demo calls trainer.run(), whose while loop is in mingpt/trainer.py: the refusal names that loop
+    and offers the call as one unit, which records and replays faithfully with a probe in the cell's callback."""
+    (tmp_path / "mytrainer.py").write_text(TRAINER_PY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    setup = ("import torch\nfrom mytrainer import Trainer\ntorch.manual_seed(0)\nX = torch.randn(64, 4)\n"
+             "y = (X[:, 0] > 0).long()\ntrainer = Trainer(torch.nn.Linear(4, 2), X, y, iters=30)\n")
+    cell = "def on_batch(t):\n    flor.log('loss', t.loss.item())\ntrainer.callbacks = [on_batch]\ntrainer.run()\n"
+    ns = {"flor": flor, "__name__": "__main__"}
+    exec(setup, ns)
+    with pytest.raises(flor.FlorError, match=r"(?s)inside trainer\.run\(\) \(Trainer\.run, .*mytrainer\.py line 14\), "
+                                             r"which the cell calls at line 4.*for _ in flor\.loop\('epoch', "
+                                             r"range\(1\)\):\n        trainer\.run\(\)"):
+        flor.record(cell, name="lib", namespace=ns, cells=[setup], store=store)
+    assert store.all_runs() == []
+    unit = cell.replace("trainer.run()\n", "for _ in flor.loop('epoch', range(1)):\n    trainer.run()\n")
+    flor.record(unit, name="lib", namespace=ns, cells=[setup], store=store, progress=False)
+    probed = unit.replace("    flor.log('loss', t.loss.item())\n",
+                          "    flor.log('loss', t.loss.item())\n    flor.log('it', t.iter_num)\n")
+    df = flor.replay("lib", code=probed, epochs=0, store=store)
+    fid = df.attrs["fidelity"]
+    assert fid["faithful"] and fid["metrics"]["loss"]["compared"] == 30, df.attrs["verdict"]
+    assert "iter_time of Trainer objects" in df.attrs["verdict"]  # its clock attribute: named, not compared
+    assert df.dropna(subset=["it"])["it"].tolist() == list(range(30))
