@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pickle
 
+import sys
+
 import pytest
 
 import flor_nb as flor
@@ -254,9 +256,10 @@ class Trainer:  # the shape of minGPT's: the loop lives in a method of a library
 def test_a_loop_inside_a_library_method_is_named_and_one_unit_records_it(store, tmp_path, monkeypatch):
     """minGPT's demo calls trainer.run(), whose while loop is in mingpt/trainer.py: the refusal names that loop
     and offers the call as one unit, which records and replays faithfully with a probe in the cell's callback."""
-    (tmp_path / "mytrainer.py").write_text(TRAINER_PY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    setup = ("import torch\nfrom mytrainer import Trainer\ntorch.manual_seed(0)\nX = torch.randn(64, 4)\n"
+    (tmp_path / "mytrainer.py").write_text(TRAINER_PY)  # beside the notebook (the store fixture's cwd)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    setup = ("import sys, torch\nsys.path.insert(0, '.')\nfrom mytrainer import Trainer\ntorch.manual_seed(0)\n"
+             "X = torch.randn(64, 4)\n"
              "y = (X[:, 0] > 0).long()\ntrainer = Trainer(torch.nn.Linear(4, 2), X, y, iters=30)\n")
     cell = "def on_batch(t):\n    flor.log('loss', t.loss.item())\ntrainer.callbacks = [on_batch]\ntrainer.run()\n"
     ns = {"flor": flor, "__name__": "__main__"}
