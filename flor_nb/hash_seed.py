@@ -46,11 +46,11 @@ def hash_calls(sources) -> list[str]:
 
 def unordered_sets(sources) -> list[str]:
     """'In[N] line L' for each set built and not sorted on the spot (``list(set(text))``): iterating it follows
-    the string hashes. ``sorted(set(text))`` and ``x in {"a", "b"}`` are not listed."""
+    the string hashes. ``sorted(list(set(text)))`` and ``x in {"a", "b"}`` are not listed."""
     found = []
     for label, tree in _trees(sources):
-        ordered = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-                   and n.func.id == "sorted" for a in n.args}
+        ordered = {id(x) for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                   and n.func.id == "sorted" for a in n.args for x in ast.walk(a)}  # sorted(list(set(words)))
         ordered |= {id(c) for n in ast.walk(tree) if isinstance(n, ast.Compare)  # x in {...}: membership only
                     for op, c in zip(n.ops, n.comparators) if isinstance(op, (ast.In, ast.NotIn))}
         lines = sorted({n.lineno for n in ast.walk(tree) if id(n) not in ordered and (

@@ -235,14 +235,14 @@ _RNG_NAMES = {"rng/torch": "torch's global RNG", "rng/numpy": "numpy's global RN
               "rng/random": "Python's random module", "rng/cuda": "the CUDA generators"}
 
 
-def describe(event: dict, kinds: dict | None = None, draws: bool = True) -> str:
+def describe(event: dict, kinds: dict | None = None, draws: bool = True, unit: str = "epoch") -> str:
     """The divergence's likely cause, in words: what differs, where, and what usually causes it."""
     kinds = kinds or {}
     stream = first_cause(event, kinds)
     kind, _, path = stream.partition("/")
     epoch = event["epoch"]
-    at = {"end": f"after epoch {epoch}", "step": f"at the end of epoch {epoch}'s step loop",
-          "restore": f"when epoch {epoch} was restored"}[event["where"]]
+    at = {"end": f"after {unit} {epoch}", "step": f"at the end of {unit} {epoch}'s step loop",
+          "restore": f"when {unit} {epoch} was restored"}[event["where"]]
     missing = stream in event["missing"]
     rng = "the replayed code drew random numbers the recording did not"
     if kind == "rng":
@@ -350,7 +350,7 @@ def verdict_text(fidelity: dict) -> str:
         details = []
         if state["diverged"]:
             first = state["diverged"][0]
-            details.append(describe(first, kinds, fidelity.get("probes_draw", True)))
+            details.append(describe(first, kinds, fidelity.get("probes_draw", True), unit_word))
             others = sorted({s for e in state["diverged"] for s in e["differ"] + e["missing"]}
                             - {first_cause(first, kinds)})
             if others:

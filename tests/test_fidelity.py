@@ -261,3 +261,10 @@ def test_clock_attributes_are_found_through_the_values_computed_from_them():
             self.stamp = self.rate * 2  # from a clock attribute of the base class
             self.count = self.iters
     assert attrs_of(Sub) == {"last_dt", "rate", "stamp"}
+
+
+def test_a_divergence_in_an_iteration_loop_is_placed_at_an_iteration():
+    from flor_nb.verdict import describe
+    event = {"epoch": 640, "where": "end", "differ": ["var/best_loss"], "missing": []}
+    assert describe(event, unit="iteration") == "variable best_loss differs after iteration 640"
+    assert describe(event) == "variable best_loss differs after epoch 640"

@@ -75,3 +75,11 @@ def test_with_pythonhashseed_set_the_same_code_replays_faithfully(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.path.dirname(__file__)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "OK" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_only_sets_whose_order_can_leak_are_named():
+    from flor_nb.hash_seed import hash_calls, unordered_sets
+    src = [("In[2]", "vocab = list(set(text))\nchars = sorted(list(set(''.join(words))))\n"
+                     "assert split in {'train', 'test'}\nseen = {w for w in words}\nh = hash(b'x') % 4\n")]
+    assert unordered_sets(src) == ["In[2] line 1", "In[2] line 4"]  # not the sorted one, not a membership test
+    assert hash_calls(src) == ["In[2] line 5"]
