@@ -45,6 +45,7 @@ from .roots import reads  # noqa: F401 - importable from here, as before the spl
 from .tensor_refs import classify_tensors, optimizer_state_refs
 
 _MODULE_INTERNAL = frozenset(vars(torch.nn.Module()))
+_LOADER_ITER = torch.utils.data.dataloader._BaseDataLoaderIter
 # Scheduler attributes that are not state: the optimizer (captured on its own) and the lr functions (code).
 _NOT_STATE_ATTRS = frozenset({"optimizer", "lr_lambdas", "lr_lambda"})
 
@@ -53,7 +54,8 @@ def limits() -> dict:
     """Size limits of what is captured; a run records them so its replays walk the same way."""
     return {"max_objects": int(os.environ.get("FLOR_NB_MAX_OBJECTS", 1_000_000)),  # Python objects per root
             "max_bytes": int(float(os.environ.get("FLOR_NB_MAX_VALUE_BYTES", 1 << 30))),  # per tensor or array
-            "weak_refs": True}  # runs recorded before weak references were saved replay without them
+            "weak_refs": True,  # runs recorded before weak references were saved replay without them
+            "iterators": True}  # and before DataLoader iterators were saved as their position
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Graph:
     data: dict = field(default_factory=dict)  # path -> type name of data objects (not copied)
     outputs: dict = field(default_factory=dict)  # path -> what it is: progress bars, log files, writers
     attr_owner: dict = field(default_factory=dict)  # module_attrs path -> the object whose attributes they are
+    iterators: dict = field(default_factory=dict)  # path -> a DataLoader iterator kept across units: saved as its position
     weak: dict = field(default_factory=dict)  # path -> a weak reference to an object the state holds (pickled as one)
     keep: list = field(default_factory=list)  # every object visited, alive while ids are in use
 
@@ -92,13 +95,14 @@ def _atomic_seq(values) -> bool:
 
 
 def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_bytes: int | None = None,
-         weak_refs: bool = False) -> Graph:
+         weak_refs: bool = False, iterators: bool = False) -> Graph:
     """Find everything to capture from ``ns`` (see the module docstring).
 
     ``order``: root names to visit first (a replay passes the recording's order so that
     objects reachable by several paths get the same path as when they were recorded).
-    ``max_objects``, ``max_bytes``, ``weak_refs``: see :func:`limits` (the defaults; a run recorded before
-    ``weak_refs`` left every weak reference out, and its replays do too, so their pickles compare).
+    ``max_objects``, ``max_bytes``, ``weak_refs``, ``iterators``: see :func:`limits` (the defaults; a run
+    recorded before ``weak_refs`` left every weak reference out, and its replays do too, so their pickles
+    compare; one recorded before ``iterators`` has no iterator positions, so they stay "not captured").
     """
     lim = limits()
     max_objects = lim["max_objects"] if max_objects is None else max_objects
@@ -168,6 +172,12 @@ def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_b
         out = output_kind(obj)
         if out:
             g.outputs[path] = out
+            continue
+        if iterators and isinstance(obj, _LOADER_ITER) and not obj._persistent_workers:
+            g.iterators[path] = obj  # its position is saved (state.py); a replay brings its rebuilt one there
+            g.notes[path] = ("a DataLoader iterator kept across units: saved as its position; a replay advances the "
+                             "one its cells rebuild to it, drawing the batches again without training on them")
+            g.refs[id(obj)] = ("keep", "")
             continue
         if t is weakref.ref and weak_refs:  # saved when what it points to is captured (after the walk: _weak_refs)
             g.weak[path] = obj

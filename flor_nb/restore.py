@@ -7,6 +7,7 @@ live objects; RNG states and determinism settings are set last.
 from __future__ import annotations
 
 import itertools
+import logging
 import pickle
 import random
 
@@ -19,6 +20,8 @@ from .paths import resolve
 from .pickling import KEEP, MISSING
 from .tensor_bytes import content_hash
 from .trees import put_leaves
+
+logger = logging.getLogger(__name__)
 
 
 class RestoreError(FlorError):
@@ -44,6 +47,14 @@ class Restorer:
                 return MISSING
 
         referenced: dict = {}  # id -> live object a token resolved to: merged as itself, never walked into
+        for path, (seed, n) in python.get("iters", {}).items():
+            it = live(path)
+            why = advance(it, path, seed, n)
+            if why:  # its digest ("iters") then differs at the next check, which names it
+                logger.info("flor_nb: %s", why)
+            elif it is not MISSING:
+                self.advanced.add(path)  # a verdict that diverges names it as a possible cause
+        problems = []
 
         def token(kind, path):
             obj = _token(kind, path)
@@ -159,7 +170,6 @@ class Restorer:
                         target[k] = pickling.merge(v, target.get(k, MISSING), memo)
                     else:
                         object.__setattr__(target, k, pickling.merge(v, getattr(target, k, MISSING), memo))
-        problems = []
         for path, h in python.get("big", {}).items():
             value = live(path)
             if value is MISSING or content_hash(value) != h:
@@ -172,6 +182,29 @@ class Restorer:
         if "devflags" in python:  # the settings in force when this state was captured
             self.flag_problems = devices.apply_flags(python["devflags"], env=False)
         return problems
+
+
+def advance(it, path: str, seed: int, n: int) -> str | None:
+    """Bring a DataLoader iterator the replay's cells rebuilt to where the recording's was: the same one (its
+    base seed, drawn when it was made) having yielded ``n`` batches. The batches on the way are drawn again and
+    dropped. Done before anything else is restored, so the RNGs it draws from are then put back. Returns why it
+    could not be done, or None. Where it could not, and the replay reads it, the iterator's digest ("iters":
+    base seed and batches drawn) differs at the next check of the state, which names it."""
+    if it is MISSING:  # the replayed code makes it (again) before reading it, or fails on the name
+        return None
+    if not isinstance(it, torch.utils.data.dataloader._BaseDataLoaderIter):
+        return f"{path} (a DataLoader iterator) is not one in the replay, so it starts elsewhere in the data"
+    if int(it._base_seed) != seed:
+        return (f"{path} is another DataLoader iterator than the recording's (made again since: another base "
+                "seed), so the replay draws other batches")
+    if it._num_yielded > n:
+        return f"{path} has drawn {it._num_yielded} batches, past the recording's {n}: the replay draws other batches"
+    try:
+        for _ in range(n - it._num_yielded):
+            next(it)
+    except StopIteration:
+        return f"{path} ran out after {it._num_yielded} batches, before the recording's {n}"
+    return None
 
 
 def _kind(obj):

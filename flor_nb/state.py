@@ -67,6 +67,7 @@ class Capturer(Restorer):
         # Attributes set from the wall clock (a trainer's self.iter_time) are not compared. A replay sets this to
         # the recording's, so both digest the same attributes; runs recorded before it compare them all.
         self.clock_attrs = ClockAttrs()
+        self.advanced: set = set()  # DataLoader iterators a restore drew forward to their recorded position
 
     # -- capture -------------------------------------------------------------------------
     def snapshot(self, copy: bool = True, pool: BufferPool | None = None, dead=None) -> dict:
@@ -144,6 +145,8 @@ class Capturer(Restorer):
         python["vmeta"] = dict(sorted(meta.items()))
         python["aliases"] = dict(sorted(g.aliases.items()))
         python["big"] = {path: content_hash(v) for path, v in sorted(g.big.items())}
+        if g.iterators:  # DataLoader iterators kept across units: which one (its base seed) and how far it got
+            python["iters"] = {path: [int(it._base_seed), int(it._num_yielded)] for path, it in sorted(g.iterators.items())}
         for key, value in python.items():
             if not key.startswith("chunks/"):
                 digests[key] = fingerprint(value, token)

@@ -116,8 +116,9 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     unchecked = set(modes) - covered
     level = NOT_FAITHFUL if not faithful else (CAVEATS if read or unchecked or tol else FAITHFUL)
     draws = probes_draw(recorded_code, code, edited_cells)
+    advanced = sorted({p for r in results for p in r.get("advanced", ())})
     cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws,
-                   run_state.get("hash_cause")) if not faithful else None
+                   run_state.get("hash_cause"), advanced) if not faithful else None
     if tol:
         tol["state_differs"] = sorted({s for e in expected for s in e["differ"] + e["missing"]})
         tol["max_abs_diff"] = max((m["max_abs_diff"] for m in metrics.values()), default=0.0)
@@ -157,8 +158,8 @@ def _by_epoch(events) -> dict:
 
 
 # Streams that cause others to differ come first: a mode switch or a random draw changes the weights after it.
-_CAUSES = ("devflags", "devices", "train/", "reqgrad/", "rng/", "npgen/", "nprs/", "groups/", "var/", "attrs/",
-           "vmeta", "big")
+_CAUSES = ("devflags", "devices", "train/", "reqgrad/", "iters", "rng/", "npgen/", "nprs/", "groups/", "var/",
+           "attrs/", "vmeta", "big")  # iters: an iterator remade at another point draws its seeds from the RNGs
 
 
 def first_cause(event: dict, kinds: dict) -> str:
@@ -195,7 +196,8 @@ def _only_global_rng(diverged) -> list[str]:
     return sorted(streams) if streams and streams <= set(_GLOBAL_RNG) else []
 
 
-def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=True, hashes=None) -> str:
+def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=True, hashes=None,
+           advanced=()) -> str:
     changed = changed_lines(recorded_code, code) if recorded_code and code else []
     if changed:  # certain: the code that trained is not the code that replayed
         where = ", ".join(map(str, changed[:6])) + (" ..." if len(changed) > 6 else "")
@@ -210,14 +212,26 @@ def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=
     if edited_cells:
         causes.append("an edited dependency cell changed training (keep edits to helpers to added flor.log lines)")
     foreign = _only_global_rng(diverged) if not draws and not metric_bad else []
-    if foreign:  # no probe line draws: a function a probe calls, or another thread, is as likely
+    remade = any("iters" in e["differ"] for e in diverged)
+    if remade:
+        causes.append("a DataLoader iterator kept across units was made again during the recording (when its data "
+                      "ran out), so the replay could not bring the one its cells rebuilt to the recorded position "
+                      "and drew other batches; replay units from before it was first made again, or give the loader "
+                      "a sampler that does not run out (RandomSampler(..., replacement=True, num_samples=...))")
+    elif advanced:  # drawn forward to their position: right only if they start their order as they did
+        causes.append(f"the DataLoader iterator {', '.join(advanced[:4])} was brought to its recorded position by "
+                      "drawing its batches again, but the order it draws is fixed when it yields its first batch, "
+                      "from a generator or RNG the replay could not put back as it was at that moment, so it "
+                      "yielded other batches (make the iterator where you first draw from it, or give its "
+                      "DataLoader a torch.Generator of its own)")
+    if foreign and not remade:  # no probe line draws: a function a probe calls, or another thread, is as likely
         names = " and ".join(_RNG_NAMES[s] for s in foreign)
         causes.append(f"a function a probe calls drew from {names} (an evaluation helper that samples batches, "
                       "say; log values that need no random numbers, or compute them after training)")
         causes.append(f"another thread of the recording or the replaying process drew from {names} while it ran "
                       "(an in-process server, a Dask client, a background loader); record and replay with nothing "
                       "else running in the kernel")
-    elif diverged and code != recorded_code:
+    elif diverged and code != recorded_code and not remade:
         causes.append("a probe changed training (make probes read-only: wrap them in torch.no_grad(), do not draw "
                       "random numbers, switch back any mode they change, e.g. model.train() after model.eval())")
     if hashes:  # the code depends on string hashes, which this process computes otherwise (hash_seed.py)
@@ -254,6 +268,10 @@ def describe(event: dict, kinds: dict | None = None, draws: bool = True, unit: s
     if stream == "devflags":
         return (f"the GPU determinism settings differ {at}: the replayed code changed them (cudnn.benchmark, "
                 "use_deterministic_algorithms, TF32), or this torch could not set the recorded ones")
+    if stream == "iters":
+        return (f"the position of a DataLoader iterator kept across {unit}s differs {at}: the replay could not bring "
+                "the one its cells rebuilt to the recording's (made again during the recording, or drawn from before "
+                "the loop), so it drew other batches")
     if stream == "devices":
         return f"the devices of the tensors differ {at}: the replayed code moved a model or tensor to another device"
     if kind == "npgen":

@@ -449,6 +449,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         "setup_output": rep.setup_output[-20000:],
         "writes": sorted(watch.files),
         "roots": list(rep.capturer.order) if rep.capturer else [],
+        "advanced": sorted(rep.capturer.advanced) if rep.capturer else [],
         "problems": rep.problems,
         "devices": rep.devices,
         "segment": task["segment"],
