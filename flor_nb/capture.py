@@ -82,7 +82,7 @@ class Graph:
     data: dict = field(default_factory=dict)  # path -> type name of data objects (not copied)
     outputs: dict = field(default_factory=dict)  # path -> what it is: progress bars, log files, writers
     attr_owner: dict = field(default_factory=dict)  # module_attrs path -> the object whose attributes they are
-    iterators: dict = field(default_factory=dict)  # path -> a DataLoader iterator kept across units: saved as its position
+    iterators: dict = field(default_factory=dict)  # path -> a DataLoader iterator kept across units (its position)
     weak: dict = field(default_factory=dict)  # path -> a weak reference to an object the state holds (pickled as one)
     keep: list = field(default_factory=list)  # every object visited, alive while ids are in use
 

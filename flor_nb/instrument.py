@@ -11,16 +11,14 @@ the user's lines.
 from __future__ import annotations
 
 import ast
-import inspect
-import os
 import re
-import textwrap
 import types
 from dataclasses import dataclass
 
 import torch
 
 from .errors import AmbiguousLoopError, NoLoopError, ProbeSyntaxError
+from .hidden_loops import called_loop
 
 RUNTIME = "__flor__"  # name the instrumented code uses for the flor_nb module
 
@@ -343,6 +341,10 @@ def _pick_epoch(tops, ns, trainers):
     return cands[0] if cands else None
 
 
+def _trains(loop) -> bool:
+    return _calls(loop, {"backward", "step"}, set())
+
+
 def _hidden_loop(tree):
     """(function, line of its loop, line of its call) for a loop that trains inside a function the cell defines."""
     for fn in (n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
@@ -351,49 +353,6 @@ def _hidden_loop(tree):
             call = next((n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
                          and n.func.id == fn.name), None)
             return fn.name, loops[0].lineno, call
-    return None
-
-
-def _called_loop(tree, ns):
-    """(what the cell calls, where its loop is, line of the call) for a training loop inside a function or
-    method the cell calls but does not define (``trainer.run()`` of minGPT's Trainer); None if none has one."""
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        fn = _resolve_static(node.func, ns)
-        fn = getattr(fn, "__func__", fn)
-        if not isinstance(fn, types.FunctionType):
-            continue
-        try:
-            src = parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, ProbeSyntaxError):
-            continue
-        loops = [f for f in ast.walk(src) if isinstance(f, (ast.For, ast.While)) and _calls(f, {"backward", "step"}, set())]
-        if loops:
-            line = fn.__code__.co_firstlineno + loops[0].lineno - 1
-            path = fn.__code__.co_filename
-            if os.path.isabs(path) and path.startswith(os.getcwd() + os.sep):
-                path = os.path.relpath(path)
-            where = f"{fn.__qualname__}, {path} line {line}"
-            return ast.unparse(node.func), where, node.lineno
-    return None
-
-
-def _resolve_static(expr, ns):
-    """The object ``a.b.c`` names in ``ns``, read without running properties or ``__getattr__``."""
-    if isinstance(expr, ast.Name):
-        return ns.get(expr.id)
-    if isinstance(expr, ast.Attribute):
-        base = _resolve_static(expr.value, ns)
-        if base is None:
-            return None
-        try:
-            value = inspect.getattr_static(base, expr.attr)
-        except AttributeError:
-            return None
-        if isinstance(value, types.FunctionType) and not isinstance(base, type):
-            return types.MethodType(value, base)
-        return value
     return None
 
 
@@ -440,7 +399,7 @@ def _find(tree: ast.Module, what: str, hint=None, ns=None, trainers=frozenset())
                 f"The training loop is inside {fn}() (line {loop}){where}: flor_nb records the loop written in the "
                 f"cell. Move the loop into the cell, or mark it where it is: `for epoch in flor.loop('epoch', ...):` "
                 f"at line {loop}.")
-        called = _called_loop(tree, ns) if ns else None
+        called = called_loop(tree, ns, _trains) if ns else None
         if called:
             name, where, line = called
             raise NoLoopError(

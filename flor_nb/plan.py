@@ -11,6 +11,7 @@ it needs no earlier state at all (an *independent* epoch).
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -61,6 +62,19 @@ def parse_epochs(spec, completed: int, label: str = "the run", state: dict | Non
             check(lo, hi)
             epochs.update(range(lo, hi + 1))
     return sorted(epochs)
+
+
+def own_range(iterable) -> list | None:
+    """[start, step] of an epoch loop over ``range(1, n + 1)`` or ``itertools.count(1)``, whose own numbers are
+    not flor_nb's (passes from 0); None for one from 0 by 1, or over anything else."""
+    if type(iterable) is range:
+        r = [iterable.start, iterable.step]
+    elif type(iterable) is itertools.count:  # its repr is its only public state: count(1), count(1, 2)
+        m = re.fullmatch(r"count\((-?\d+)(?:, (-?\d+))?\)", repr(iterable))
+        r = [int(m[1]), int(m[2] or 1)] if m else None
+    else:
+        r = None
+    return r if r and r != [0, 1] else None
 
 
 def loop_values(state: dict, epochs) -> str:

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import math
-import re
 import threading
 import time
 import warnings
@@ -13,6 +11,7 @@ import warnings
 from . import disk, liveness, machine, runtime, saver, state, validate
 from .checkpointing import Checkpointing
 from .errors import DiskFullError, NotCapturedWarning, StoreError
+from .plan import own_range
 from .rows import RowCommits
 from .store import RECORDING, Run, Store
 from .writer import Writer
@@ -30,19 +29,6 @@ _DIGEST_BUDGET = 0.01
 # 2 us, 0.6% of a 300 us makemore step). With 2% for checkpoints plus 1% for digests on top, a step-only
 # loop measured +3.5..+4.3% against plain (engine accounting: checkpoints 2.1%, digests 1%, commits 0.6%).
 _ITER_SHARES = (0.6, 0.25)  # of the overhead budget: checkpoints, digests (the rest: the per-unit path)
-
-
-def own_range(iterable) -> list | None:
-    """[start, step] of an epoch loop over ``range(1, n + 1)`` or ``itertools.count(1)``, whose own numbers are
-    not flor_nb's (passes from 0); None for one from 0 by 1, or over anything else."""
-    if type(iterable) is range:
-        r = [iterable.start, iterable.step]
-    elif type(iterable) is itertools.count:  # its repr is its only public state: count(1), count(1, 2)
-        m = re.fullmatch(r"count\((-?\d+)(?:, (-?\d+))?\)", repr(iterable))
-        r = [int(m[1]), int(m[2] or 1)] if m else None
-    else:
-        r = None
-    return r if r and r != [0, 1] else None
 
 
 def _recent_median(seconds: list) -> float:

@@ -146,7 +146,8 @@ class Capturer(Restorer):
         python["aliases"] = dict(sorted(g.aliases.items()))
         python["big"] = {path: content_hash(v) for path, v in sorted(g.big.items())}
         if g.iterators:  # DataLoader iterators kept across units: which one (its base seed) and how far it got
-            python["iters"] = {path: [int(it._base_seed), int(it._num_yielded)] for path, it in sorted(g.iterators.items())}
+            python["iters"] = {path: [int(it._base_seed), int(it._num_yielded)]
+                               for path, it in sorted(g.iterators.items())}
         for key, value in python.items():
             if not key.startswith("chunks/"):
                 digests[key] = fingerprint(value, token)

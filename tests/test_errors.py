@@ -170,12 +170,14 @@ def test_a_loop_counted_from_one_is_told_apart_from_flor_nbs_numbers(store):
     assert "5 epochs in" in summary(run, store) and "(numbered 0-4 in replays; `epoch` = 1-5 in the loop)" in \
         summary(run, store), summary(run, store)
     df = flor.replay("from1", epochs="3-4", store=store)
-    assert "replay 2 epoch(s) (numbered from 0: 3-4, where `epoch` = 4-5) as" in df.attrs["fidelity"]["plan"], df.attrs["fidelity"]["plan"]
+    plan = df.attrs["fidelity"]["plan"]
+    assert "replay 2 epoch(s) (numbered from 0: 3-4, where `epoch` = 4-5) as" in plan, plan
     with pytest.raises(errors.EpochSpecError, match=r"completed epochs 0-4 \(numbered from 0; they are `epoch` = 1-5"):
         flor.replay("from1", epochs=5, store=store)
     import itertools
-    from flor_nb.recorder import own_range  # which loops have numbers of their own
-    assert [own_range(x) for x in (range(1, 6), itertools.count(1), itertools.count(3, 2))] == [[1, 1], [1, 1], [3, 2]]
+    from flor_nb.plan import own_range  # which loops have numbers of their own
+    assert [own_range(x) for x in (range(1, 6), itertools.count(1), itertools.count(3, 2))] == \
+        [[1, 1], [1, 1], [3, 2]]
     assert [own_range(x) for x in (range(5), itertools.count(), itertools.count(0.5), [1, 2])] == [None] * 4
     _record(store, TRAIN, "from0")  # counted from 0: nothing to add
     assert "numbered from 0" not in flor.replay("from0", epochs=1, store=store).attrs["fidelity"]["plan"]

@@ -29,7 +29,8 @@ for epoch in range(3):
     opt.zero_grad(); loss.backward(); opt.step()
     flor.log("loss", loss.item())
 '''
-PROBED = TRAIN.replace('    flor.log("loss", loss.item())\n', '    flor.log("loss", loss.item())\n    flor.log("n", len(rows))\n')
+PROBED = TRAIN.replace('    flor.log("loss", loss.item())\n',
+                       '    flor.log("loss", loss.item())\n    flor.log("n", len(rows))\n')
 assert PROBED != TRAIN
 
 needs_random = pytest.mark.skipif(not sys.flags.hash_randomization or os.environ.get("PYTHONHASHSEED"),

@@ -1,0 +1,156 @@
+"""Public training code, kept verbatim except for data and size, recorded in a real kernel and replayed in a
+fresh one, with probe values compared to a run that had the probes from the start.
+
+Public code stays out of this repository: each test reads it from a checkout named by an environment variable
+and is skipped without one (fetch the repositories and point the variables at them):
+
+* ``FLOR_MAKEMORE``: karpathy/makemore (``makemore.py``, ``names.txt``). Its ``while True`` loop draws batches
+  from an ``InfiniteDataLoader`` with 4 worker processes, an iterator kept across iterations.
+* ``FLOR_MINGPT``: karpathy/minGPT (``mingpt/``, ``demo.ipynb``). Its loop is inside ``Trainer.run()``; the demo's
+  dataset splits by ``hash()``; the trainer keeps wall-clock attributes.
+* ``FLOR_PYTORCH_EXAMPLES``: pytorch/examples (``word_language_model/``). An LSTM (weak references to its own
+  parameters), ``for epoch in range(1, args.epochs+1)`` inside ``try``, the learning rate annealed in a global,
+  the model saved to a file when it improves, the batch loop in ``train()``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import textwrap
+
+import nbformat
+import pandas as pd
+import pytest
+
+import flor_nb as flor
+from test_shapes import execute, text
+
+pytestmark = pytest.mark.slow  # real kernels
+
+
+def _checkout(var: str, *files: str) -> pathlib.Path:
+    root = pathlib.Path(os.environ.get(var, "/nonexistent"))
+    if not all((root / f).exists() for f in files):
+        pytest.skip(f"set {var} to a checkout holding {', '.join(files)}")
+    return root
+
+
+def _between(src: str, start: str, end: str | None) -> str:
+    i = src.index(start)
+    return src[i:src.index(end, i)] if end else src[i:]
+
+
+def _values(frame, names, units=None) -> dict:
+    out = {}
+    for _, r in frame.iterrows():
+        for n in names:
+            if n in frame and not pd.isna(r[n]) and (units is None or r["epoch"] in units):
+                out[(n, int(r["epoch"]), None if pd.isna(r["step"]) else int(r["step"]), int(r["seq"]))] = r[n]
+    return out
+
+
+def _same_as_from_the_start(pkl, names, store) -> dict:
+    got = _values(pd.read_pickle(pkl), names)
+    want = _values(flor.dataframe(*names, run="truth", store=store), {k[1] for k in got})
+    assert got and got == want, {k: (got.get(k), want.get(k)) for k in set(got) | set(want)
+                                 if got.get(k) != want.get(k)}
+    return got
+
+
+@pytest.mark.timeout(900)
+def test_makemore_while_loop_with_an_infinite_dataloader(store, tmp_path):
+    pytest.importorskip("tensorboard")  # makemore.py writes TensorBoard summaries
+    root = _checkout("FLOR_MAKEMORE", "makemore.py", "names.txt")
+    src = (root / "makemore.py").read_text()
+    shutil.copy(root / "names.txt", tmp_path / "names.txt")
+    defs = _between(src, '"""\nyou give this script', "# ----------------------------------------------------------"
+                    "-------------------\nif __name__ == '__main__':")
+    main = textwrap.dedent(_between(src, "    # parse command line args", "    # training loop")).replace(
+        "args = parser.parse_args()",  # size only: 700 steps of a small transformer
+        "args = parser.parse_args(['--max-steps', '700', '--n-layer', '2', '--n-embd', '32', '--n-embd2', '32'])")
+    loop = textwrap.dedent(_between(src, "    # training loop", None))
+    probed = loop.replace("loss.backward()\n", "loss.backward()\n    flor.log('loss', loss.item())\n", 1)
+    assert "batch_loader.next()" in loop and probed != loop
+
+    rec = text(execute(["%load_ext flor_nb", defs, main, "%%flor record --name mm --no-progress\n" + loop],
+                       tmp_path).cells[3])
+    assert "flor_nb: finished mm@1: 700 iterations" in rec and "Not captured" not in rec, rec[-2000:]
+    execute(["%load_ext flor_nb", defs, main, "%%flor record --name truth --no-progress\n" + probed], tmp_path)
+    pkl = tmp_path / "replayed.pkl"
+    fresh = execute(["%load_ext flor_nb", "%%flor replay mm --iters 600-620 --no-progress\n" + probed,
+                     f"_.to_pickle({str(pkl)!r})"], tmp_path)
+    verdict = text(fresh.cells[1])
+    assert "Faithful replay" in verdict, verdict[-3000:]
+    assert len(_same_as_from_the_start(pkl, ["loss"], store)) == 21
+
+
+@pytest.mark.timeout(900)
+def test_mingpt_demo_trainer_run(store, tmp_path, monkeypatch):
+    root = _checkout("FLOR_MINGPT", "mingpt/trainer.py", "demo.ipynb")
+    shutil.copytree(root / "mingpt", tmp_path / "mingpt")
+    monkeypatch.setenv("PYTHONHASHSEED", "0")  # its SortDataset splits by hash(): see test_hash_seed.py
+    cells = [''.join(c['source']) for c in json.loads((root / "demo.ipynb").read_text())['cells']
+             if c['cell_type'] == 'code']
+    cells[4] = cells[4].replace("train_config.max_iters = 2000", "train_config.max_iters = 200")  # size
+    train = cells[5]
+    assert train.rstrip().endswith("trainer.run()")
+
+    refused = execute(["%load_ext flor_nb", *cells[:5], nbformat.v4.new_code_cell(
+        "%%flor record --name mingpt\n" + train, metadata={"tags": ["raises-exception"]})], tmp_path)
+    said = "\n".join(o.get("evalue", "") + o.get("text", "") for o in refused.cells[-1].outputs)
+    assert "inside trainer.run() (Trainer.run, mingpt/trainer.py line" in said, said
+
+    unit = train.replace("trainer.run()", "for _ in flor.loop('epoch', range(1)):\n    trainer.run()")
+    probed = unit.replace("    if trainer.iter_num % 100 == 0:\n",
+                          "    flor.log('loss', trainer.loss.item())\n    if trainer.iter_num % 100 == 0:\n")
+    execute(["%load_ext flor_nb", *cells[:5], "%%flor record --name mingpt --no-progress\n" + unit], tmp_path)
+    execute(["%load_ext flor_nb", *cells[:5], "%%flor record --name truth --no-progress\n" + probed], tmp_path)
+    pkl = tmp_path / "replayed.pkl"
+    fresh = execute(["%load_ext flor_nb", "%%flor replay mingpt --epochs 0 --no-progress\n" + probed,
+                     f"_.to_pickle({str(pkl)!r})"], tmp_path)
+    verdict = text(fresh.cells[1])
+    assert "Faithful replay" in verdict and "attributes iter_dt, iter_time of Trainer objects" in verdict, verdict
+    assert len(_same_as_from_the_start(pkl, ["loss"], store)) == 200
+
+
+@pytest.mark.timeout(900)
+def test_word_language_model(store, tmp_path):
+    root = _checkout("FLOR_PYTORCH_EXAMPLES", "word_language_model/main.py",
+                     "word_language_model/data/wikitext-2/valid.txt")
+    wlm = root / "word_language_model"
+    src = (wlm / "main.py").read_text()
+    for f in ("data.py", "model.py"):
+        shutil.copy(wlm / f, tmp_path / f)
+    valid = (wlm / "data" / "wikitext-2" / "valid.txt").read_text(encoding="utf8")  # data: a small slice
+    (tmp_path / "small").mkdir()
+    for name, part in (("train", valid[:60000]), ("valid", valid[60000:72000]), ("test", valid[72000:84000])):
+        (tmp_path / "small" / f"{name}.txt").write_text(part, encoding="utf8")
+    args = ("['--epochs', '6', '--emsize', '32', '--nhid', '32', '--nlayers', '1', '--bptt', '20', "
+            "'--batch_size', '10', '--log-interval', '20', '--data', './small']")
+    setup = _between(src, "# coding: utf-8", "##########################################################"
+                     "#####################\n# Training code").replace("args = parser.parse_args()",
+                                                                      f"args = parser.parse_args({args})")
+    funcs = _between(src, "def repackage_hidden", "# Loop over epochs.")
+    loop = _between(src, "# Loop over epochs.", "# Load the best saved model.")
+    step = "        total_loss += loss.item()\n"
+    funcs_probed = funcs.replace(step, step + "        flor.log('loss', loss.item())\n")
+    loop_probed = loop.replace("        val_loss = evaluate(val_data)\n",
+                               "        val_loss = evaluate(val_data)\n        flor.log('lr', lr)\n")
+    assert funcs_probed != funcs and loop_probed != loop
+
+    rec = text(execute(["%load_ext flor_nb", setup, funcs, "%%flor record --name wlm --no-progress\n" + loop],
+                       tmp_path).cells[3])
+    assert "6 epochs" in rec and "`epoch` = 1-6 in the loop" in rec and "Not captured" not in rec, rec[-2000:]
+    execute(["%load_ext flor_nb", setup, funcs_probed, "%%flor record --name truth --no-progress\n" + loop_probed],
+            tmp_path)
+    pkl = tmp_path / "replayed.pkl"
+    fresh = execute(["%load_ext flor_nb", funcs_probed,  # the helper edited in the fresh kernel
+                     "%%flor replay wlm --epochs 3-4 --no-progress\n" + loop_probed, f"_.to_pickle({str(pkl)!r})"],
+                    tmp_path)
+    verdict = text(fresh.cells[2])
+    assert "Faithful replay" in verdict and "where `epoch` = 4-5" in verdict, verdict[-3000:]
+    assert "model.pt" in verdict  # the file its loop saves is named as written by the replay
+    got = _same_as_from_the_start(pkl, ["loss", "lr"], store)
+    assert {k[1] for k in got} == {3, 4}
