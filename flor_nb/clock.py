@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
+import sys
 import textwrap
 import types
 
@@ -82,7 +84,14 @@ def clock_names(source: str) -> tuple[set[str], set[str]]:
 
 
 # -- attributes of objects: ``self.iter_time = time.time()`` in a trainer class (minGPT's Trainer) -----------
-_NO_SOURCE = {"torch", "numpy", "pandas", "sklearn", "transformers", "lightning", "pytorch_lightning"}  # not read
+def _users(klass) -> bool:
+    """Whether ``klass`` is the user's: defined in the notebook (or a script) or in a file under the working
+    directory (minGPT's ``mingpt/trainer.py`` beside the notebook). Installed libraries are not read: reading
+    their sources costs time on the training thread, and their trainers have adapters (frameworks.py)."""
+    if klass.__module__ in ("__main__", "builtins"):  # builtins: a class exec'd in a dict without __name__
+        return True
+    path = getattr(sys.modules.get(klass.__module__), "__file__", None) or ""
+    return path.startswith(os.getcwd() + os.sep) and "-packages" + os.sep not in path
 CLOCK = "<wall clock>"  # what a clock attribute digests as: its presence is compared, its value is not
 
 
@@ -106,7 +115,7 @@ def _methods(cls):
     """(first argument name, function node) of each method of ``cls`` and its bases whose source is known:
     a file's, or a notebook cell's (kept in linecache by IPython)."""
     for klass in cls.__mro__:
-        if klass.__module__.partition(".")[0] in _NO_SOURCE:
+        if not _users(klass):
             continue
         for fn in _functions(klass):
             try:
@@ -166,8 +175,7 @@ class ClockAttrs:
             name = f"{t.__module__}.{t.__qualname__}"
             hit = self.known.get(name)
             if hit is None:
-                hit = attrs_of(t) if self.analyze and t.__module__.partition(".")[0] not in _NO_SOURCE \
-                    else frozenset()
+                hit = attrs_of(t) if self.analyze and _users(t) else frozenset()
                 if hit:
                     self.known[name] = hit
             self._by_type[t] = hit
