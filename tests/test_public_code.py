@@ -53,7 +53,7 @@ def _values(frame, names, units=None) -> dict:
 
 def _same_as_from_the_start(pkl, names, store) -> dict:
     got = _values(pd.read_pickle(pkl), names)
-    want = _values(flor.dataframe(*names, run="truth", store=store), {k[1] for k in got})
+    want = _values(flor.dataframe(*names, run="truth", store=store), names, {k[1] for k in got})
     assert got and got == want, {k: (got.get(k), want.get(k)) for k in set(got) | set(want)
                                  if got.get(k) != want.get(k)}
     return got
