@@ -348,7 +348,7 @@ def _trains(loop) -> bool:
 def _hidden_loop(tree):
     """(function, line of its loop, line of its call) for a loop that trains inside a function the cell defines."""
     for fn in (n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
-        loops = [f for f in ast.walk(fn) if isinstance(f, (ast.For, ast.While)) and _calls(f, {"backward", "step"}, set())]
+        loops = [f for f in ast.walk(fn) if isinstance(f, (ast.For, ast.While)) and _trains(f)]
         if loops:
             call = next((n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
                          and n.func.id == fn.name), None)
