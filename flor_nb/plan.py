@@ -87,9 +87,13 @@ def loop_values(state: dict, epochs) -> str:
     start, step = r
     header = (((state.get("loops") or {}).get("epoch") or {}).get("header") or "")
     m = re.match(r"\s*for\s+([A-Za-z_]\w*)\s+in\b", header)
-    values = [start + e * step for e in sorted(epochs)]
-    shown = format_epochs(values) if step == 1 and min(values) >= 0 else \
-        ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+    if isinstance(epochs, range) and epochs.step == 1 and step == 1 and start + epochs[0] >= 0:
+        first = start + epochs[0]  # every pass of a long run: its ends, not a list of 200,000 values
+        shown = f"{first}-{first + len(epochs) - 1}" if len(epochs) > 1 else str(first)
+    else:
+        values = [start + e * step for e in sorted(epochs)]
+        shown = format_epochs(values) if step == 1 and min(values) >= 0 else \
+            ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
     return f"`{m.group(1)}` = {shown}" if m else f"the loop's value = {shown}"
 
 
