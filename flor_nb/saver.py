@@ -228,7 +228,10 @@ class Saver:
         if self._proc is not None:
             self._proc.join(2)
             code = self._proc.exitcode
+        # 255: the forkserver's status pipe was empty (another thread, e.g. multiprocessing.active_children(),
+        # read the status first), not an exit code the saver chose: it never exits with 255.
         how = (f"was killed by signal {-code}" if code is not None and code < 0 else
+               "ended (its exit status could not be read)" if code == 255 else
                f"exited with code {code}" if code is not None else f"stopped answering ({type(error).__name__})")
         self.gone = f"the checkpoint saver process (pid {getattr(self._proc, 'pid', '?')}) {how}"
         self.hang_up()

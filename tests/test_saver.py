@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not (available() and "forkserver" in mp.get_all_
                                 reason="no saver process on this platform (needs memfd_create and forkserver)")
 
 SETUP = '''
-import os, signal, multiprocessing
+import os, select, signal, multiprocessing
 import torch, torch.nn as nn, torch.nn.functional as F
 torch.manual_seed(0)
 X = torch.randn(96, 8); y = (X[:, 0] > 0).long()
@@ -34,8 +34,12 @@ def kill_saver(epoch):
         sig = globals().get("SIGNAL", signal.SIGKILL)
         for p in multiprocessing.active_children():
             if p.name == "flor_nb-saver":
+                fd = os.pidfd_open(p.pid)
                 os.kill(p.pid, sig)
-                p.join(5 if sig == signal.SIGKILL else 0.5)
+                # Wait for it to end without reading its exit status: the writer thread reads it (a second
+                # reader of a forkserver child's status finds the pipe empty, and reads exit code 255).
+                select.select([fd], [], [], 5 if sig == signal.SIGKILL else 0.5)
+                os.close(fd)
 '''
 TRAIN = '''
 for epoch in range(6):
