@@ -8,7 +8,7 @@ import threading
 import time
 import warnings
 
-from . import disk, liveness, machine, runtime, saver, state, validate
+from . import cpu_math, disk, liveness, machine, runtime, saver, state, validate
 from .checkpointing import Checkpointing
 from .errors import DiskFullError, NotCapturedWarning, StoreError
 from .plan import own_range
@@ -52,6 +52,7 @@ class Recorder(RowCommits, Checkpointing):
                  thinner=None):
         self.store, self.run, self.ns, self.scope = store, run, ns, scope
         RECORDING.add((str(store.db_path), run.id))
+        cpu_math.settle()  # the recording's first vector math call is exact, as a replay's is (see cpu_math)
         self.capturer = state.Capturer(ns, scope)
         self.overhead = overhead
         self.epoch = None

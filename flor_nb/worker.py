@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, devices, freshness, lifeline, runtime, signing, state, validate
+from . import checkpoint, cpu_math, devices, freshness, lifeline, runtime, signing, state, validate
 from .clock import ClockAttrs
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
@@ -62,6 +62,7 @@ def warm_up(modules=()):
 
     import torch
 
+    cpu_math.settle()  # before the first parallel op below makes torch's second thread (see cpu_math)
     for name in modules:
         try:
             importlib.import_module(name)
@@ -327,6 +328,7 @@ def run_segment(task: dict) -> dict:
 
     emit({"started": task["replay_id"], "segment": task["segment"]["first"], "pid": os.getpid()})
     torch.set_num_threads(task["threads"])  # the recorded count: float reductions depend on it
+    cpu_math.settle()  # exact vector math from the first call (a worker started without a warm-up)
     _start_method(task.get("start_method"))
     if task.get("key"):
         signing.use_key(task["key"])
