@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 import flor_nb
+from flor_nb import cpu_math
 
 from .magics import FlorMagics
 from .tracker import CellTracker
@@ -20,6 +21,8 @@ def load_ipython_extension(ip):
     _trackers[id(ip)] = tracker
     ip.register_magics(FlorMagics(ip, tracker))
     ip.user_ns["flor"] = flor_nb
+    # Exact vector math in this kernel from now on, so the cells a replay re-runs compute here as they will there
+    cpu_math.settle()
     from flor_nb.executor import prestart
 
     try:

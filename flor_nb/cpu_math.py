@@ -11,8 +11,8 @@ elements, the first VML call of the worker) came out approximate in its second h
 processes (measured with a forkserver like the replay pool's, after its warm-up op, on this 2-core VM), so
 the first replayed epoch diverged by a few ulps and its verdict said "NOT faithful". The recording kernel
 can hit the same race at its first such call. One call on a few elements, on one thread, first, sets VML
-up: 0 of 60 after it. :func:`settle` makes that call; the recorder and every replay worker call it before
-any user code runs.
+up: 0 of 60 after it. :func:`settle` makes that call: ``%load_ext flor_nb`` (so the cells a replay re-runs
+compute in the kernel as they will in the worker), the recorder, and every replay worker before its cells.
 """
 from __future__ import annotations
 
