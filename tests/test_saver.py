@@ -38,7 +38,9 @@ def kill_saver(epoch):
                 os.kill(p.pid, sig)
                 # Wait for it to end without reading its exit status: the writer thread reads it (a second
                 # reader of a forkserver child's status finds the pipe empty, and reads exit code 255).
-                select.select([fd], [], [], 5 if sig == signal.SIGKILL else 0.5)
+                waiting = select.poll()  # poll, not select: a long test run has fds numbered past select's 1024
+                waiting.register(fd, select.POLLIN)
+                waiting.poll(5000 if sig == signal.SIGKILL else 500)
                 os.close(fd)
 '''
 TRAIN = '''
