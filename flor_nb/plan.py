@@ -87,13 +87,12 @@ def loop_values(state: dict, epochs) -> str:
     start, step = r
     header = (((state.get("loops") or {}).get("epoch") or {}).get("header") or "")
     m = re.match(r"\s*for\s+([A-Za-z_]\w*)\s+in\b", header)
-    if isinstance(epochs, range) and epochs.step == 1 and step == 1 and start + epochs[0] >= 0:
-        first = start + epochs[0]  # every pass of a long run: its ends, not a list of 200,000 values
-        shown = f"{first}-{first + len(epochs) - 1}" if len(epochs) > 1 else str(first)
+    if isinstance(epochs, range) and epochs.step == 1 and step == 1:
+        values = range(start + epochs.start, start + epochs.stop)  # every pass of a long run: kept a range
     else:
         values = [start + e * step for e in sorted(epochs)]
-        shown = format_epochs(values) if step == 1 and min(values) >= 0 else \
-            ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+    shown = format_epochs(values) if step == 1 and values[0] >= 0 else \
+        ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
     return f"`{m.group(1)}` = {shown}" if m else f"the loop's value = {shown}"
 
 
@@ -110,6 +109,8 @@ def _what_is_wrong(part: str, completed: int) -> str:
 def format_epochs(epochs, sep: str = ", ") -> str:
     """[1, 4, 7, 8, 9] -> '1, 4, 7-9' (what :func:`parse_epochs` reads). Spaced, so that iterations 1 and 474
     never read as one thousand four hundred and seventy-four."""
+    if isinstance(epochs, range) and epochs.step == 1 and epochs:  # its ends, not a list of 200,000 values
+        return str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
     parts, run = [], []
     for e in sorted(epochs):
         if run and e == run[-1] + 1:
