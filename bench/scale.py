@@ -71,11 +71,10 @@ class CountingPool(state.BufferPool):
     """The snapshot pool, counting the bytes it allocates (a buffer is allocated only when none is free)."""
     allocated = 0
 
-    def copy(self, t):
-        key = (t.dtype, tuple(t.shape))
-        if not self._free.get(key):
+    def _buffer(self, t, pinned):
+        if not self._free.get((t.dtype, tuple(t.shape), pinned)):
             CountingPool.allocated += t.numel() * t.element_size()
-        return super().copy(t)
+        return super()._buffer(t, pinned)
 
 
 state.BufferPool = CountingPool
