@@ -7,22 +7,23 @@ are as big as the model. :func:`dead_at_unit_start` finds such values, syntactic
 (it answers "dead" only when every pass through the body assigns or clears them before any read), so
 end-of-unit checkpoints can leave them out (their digests are still kept: replay checks them).
 
-Replay runs the same analysis on the edited code (:func:`needs`): a probe that reads such a value first
-makes it live, and the replay then starts from a checkpoint that kept it. Nothing is ever restored from
-a checkpoint that lacks what the replayed code reads.
+In an epoch loop whose step loop clears the gradients first (``for x, y in loader: opt.zero_grad(); ...``),
+:func:`dead_grads_through_steps` lets both checkpoints of an epoch, at the step loop's exit and at its end,
+leave the gradients out (a quarter of an Adam checkpoint).
+
+Replay runs the same analysis on the edited code (:func:`needs`, :func:`needs_through_steps`): a probe that
+reads such a value first makes it live, and the replay then starts from a checkpoint that kept it (or runs
+the step loop it would have skipped). Nothing is ever restored from a checkpoint that lacks what the replayed
+code reads. Whether a call may read the gradients is judged in :mod:`flor_nb.grad_reads`.
 """
 from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
 
+from .grad_reads import DYNAMIC, READS_GRADS, may_read_grads, probe_judge, record_judge, words
+
 _ESCAPES = (ast.Break, ast.Continue, ast.Return, ast.Raise)
-_DYNAMIC = {"globals", "locals", "vars", "eval", "exec", "__import__", "__dict__"}
-_READS_GRADS = {"grad", "backward", "step", "zero_grad", "clip_grad_norm_", "clip_grad_value_", "getattr",
-                "named_parameters", "grad_norm", "autograd"}
-# A probe line before the clearing may call these and still not read gradients.
-_SAFE_CALLS = {"log", "float", "int", "len", "round", "abs", "min", "max", "sum", "str", "bool", "item", "mean",
-               "std", "norm", "detach", "cpu", "numpy", "tolist", "numel", "size", "float", "clone"}
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,20 @@ class Dead:
     cleared: tuple = ()  # ("list", name) | ("zero_grad", name): gradients cleared before any read
     clear_line: int | None = None  # line of the statement that clears them (for the probe check at replay)
     reasons: dict = field(default_factory=dict)  # why a candidate is not dead (for diagnostics)
+    steps: bool = False  # the clearing is in the step loop: the step-exit state leaves the gradients out too
 
     def __bool__(self):
         return bool(self.names or self.cleared)
 
     def to_json(self) -> dict:
-        return {"names": sorted(self.names), "cleared": [list(c) for c in self.cleared], "clear_line": self.clear_line}
+        return {"names": sorted(self.names), "cleared": [list(c) for c in self.cleared], "clear_line": self.clear_line,
+                **({"steps": True} if self.steps else {})}
 
     @classmethod
     def from_json(cls, d: dict | None) -> "Dead":
         d = d or {}
-        return cls(frozenset(d.get("names", ())), tuple(tuple(c) for c in d.get("cleared", ())), d.get("clear_line"))
+        return cls(frozenset(d.get("names", ())), tuple(tuple(c) for c in d.get("cleared", ())), d.get("clear_line"),
+                   steps=bool(d.get("steps")))
 
 
 def _loads(node) -> set[str]:
@@ -77,21 +81,10 @@ def function_reads(sources) -> set[str] | None:
         except SyntaxError:
             return None
         for node in ast.walk(tree):
-            if isinstance(node, ast.Name) and node.id in _DYNAMIC:
+            if isinstance(node, ast.Name) and node.id in DYNAMIC:
                 return None
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
                 out |= _loads(node)
-    return out
-
-
-def _words(node) -> set[str]:
-    """Names and attribute names a node mentions."""
-    out = set()
-    for n in ast.walk(node):
-        if isinstance(n, ast.Name):
-            out.add(n.id)
-        elif isinstance(n, ast.Attribute):
-            out.add(n.attr)
     return out
 
 
@@ -119,11 +112,11 @@ def dead_at_unit_start(loop, reads_in_functions, library_call=None) -> Dead:
 
     ``reads_in_functions``: :func:`function_reads` of the cell and its dependency cells (None: give up).
     ``library_call(call) -> bool``: whether a call cannot read gradients (record time, with the namespace);
-    without it, only calls in :data:`_SAFE_CALLS` are trusted.
+    without it, only calls in :data:`SAFE_CALLS` are trusted.
     """
     if not isinstance(loop, ast.For) or loop.orelse or reads_in_functions is None:
         return Dead()
-    if any(isinstance(n, ast.Name) and n.id in _DYNAMIC for n in ast.walk(loop)):
+    if any(isinstance(n, ast.Name) and n.id in DYNAMIC for n in ast.walk(loop)):
         return Dead()
     deleted = {t.id for n in ast.walk(loop) if isinstance(n, ast.Delete) for t in n.targets if isinstance(t, ast.Name)}
     read, assigned, escaped = set(), set(), False
@@ -140,7 +133,7 @@ def dead_at_unit_start(loop, reads_in_functions, library_call=None) -> Dead:
             continue
         read |= _loads(stmt)
         if not grads_read:
-            grads_read = _may_read_grads(stmt, library_call)
+            grads_read = may_read_grads(stmt, library_call)
         for name in _targets(stmt) - read - assigned:
             if name not in reads_in_functions and name not in deleted:
                 dead.add(name)
@@ -149,21 +142,41 @@ def dead_at_unit_start(loop, reads_in_functions, library_call=None) -> Dead:
     return Dead(frozenset(dead), tuple(cleared), clear_line)
 
 
-def _may_read_grads(stmt, library_call) -> bool:
-    if _words(stmt) & _READS_GRADS:
-        return True
-    for call in (n for n in ast.walk(stmt) if isinstance(n, ast.Call)):
-        if library_call is not None:
-            if not library_call(call):
-                return True
-        elif _call_name(call) not in _SAFE_CALLS:
-            return True
-    return False
+def dead_grads_through_steps(epoch, step, library_call) -> Dead:
+    """The gradients of an epoch loop whose step loop clears them before reading them (``for x, y in loader:
+    opt.zero_grad(); ...``): ``Dead(cleared, line, steps=True)``, else ``Dead()``.
+
+    Both checkpoints of an epoch (at the step loop's exit and at the epoch's end) may then leave them out:
+    every epoch reaches the step loop and clears them before any read, and the code after the step loop,
+    which a replay that skips the step loop runs from the step-exit state, reads none. (A step loop that
+    runs no batch in the next epoch would carry them: replay's state check says so.)
+    """
+    first, tail = _grads_through_steps(epoch, step, library_call, library_call)
+    if first is None or not first[0] or tail:
+        return Dead()
+    return Dead(cleared=first[0], clear_line=first[1], steps=True)
 
 
-def _call_name(call) -> str | None:
-    f = call.func
-    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+def _grads_through_steps(epoch, step, library_call, forgiven):
+    """((clearings before any read of the gradients, line of the last), whether the code after the step loop may
+    read them), scanning the epoch body up to the step loop, then the step loop's first pass; (None, True) for a
+    shape this does not judge (the step loop not a statement of the epoch body, an ``else:``, dynamic names)."""
+    if not (isinstance(epoch, ast.For) and isinstance(step, ast.For)) or epoch.orelse or step.orelse:
+        return None, True
+    at = next((j for j, stmt in enumerate(epoch.body) if stmt is step), None)
+    if at is None or any(isinstance(n, ast.Name) and n.id in DYNAMIC for n in ast.walk(epoch)):
+        return None, True
+    cleared, line = [], None
+    for stmt in [*epoch.body[:at], ast.Expr(step.iter), *step.body]:
+        clear = _clearing(stmt)
+        if clear is not None:
+            cleared.append(clear)
+            line = stmt.lineno
+            continue
+        if may_read_grads(stmt, library_call, forgiven) or any(isinstance(n, _ESCAPES) for n in ast.walk(stmt)):
+            break
+    tail = any(may_read_grads(stmt, library_call, forgiven) for stmt in epoch.body[at + 1:])
+    return (tuple(cleared), line), tail
 
 
 def needs(recorded: Dead, loop, reads_in_functions, added_lines=()) -> tuple[set, bool]:
@@ -187,116 +200,76 @@ def needs(recorded: Dead, loop, reads_in_functions, added_lines=()) -> tuple[set
                 if _clearing(stmt) is not None:
                     break
                 lines = set(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1))
-                if lines & added and _may_read_grads(stmt, None):
+                if lines & added and may_read_grads(stmt, None):
                     grads = True
                     break
     return names, grads
 
 
+def needs_through_steps(recorded: Dead, epoch, step, sources, added_lines=()) -> tuple[bool, bool]:
+    """For a run whose checkpoints left the gradients out at both points of an epoch (``Dead.steps``): whether
+    the edited code may read them (before the clearing: no checkpoint that left them out can be entered; after
+    the step loop: an epoch whose checkpoint left them out cannot skip its step loop).
+
+    The recorded statements were judged at record time, with the namespace; the probe lines
+    (``added_lines``) are judged here, from the cells' code (:func:`probe_judge`)."""
+    if epoch is None or step is None:
+        return True, True
+    added = set(added_lines)
+
+    def recorded_line(call) -> bool:
+        return not (set(range(call.lineno, (call.end_lineno or call.lineno) + 1)) & added)
+
+    probe = probe_judge(sources)
+    first, tail = _grads_through_steps(epoch, step, lambda c: recorded_line(c) or probe(c), recorded_line)
+    if first is None:
+        return True, True
+    return not set(recorded.cleared) <= set(first[0]), tail
+
+
 # -- record time: the loop in the cell, with the namespace to judge calls ---------------------------------
 def for_record(code: str, choice: dict, sources, ns: dict) -> Dead:
     """:func:`dead_at_unit_start` for the recorded cell, once a unit has run (the body's names are bound)."""
-    loop = _epoch_loop(code, choice)
-    return dead_at_unit_start(loop, function_reads([code, *sources]), _judge(ns)) if loop is not None else Dead()
+    epoch, step = _loops(code, choice)
+    if epoch is None:
+        return Dead()
+    if step is not None:
+        return dead_grads_through_steps(epoch, step, record_judge(ns))
+    return dead_at_unit_start(epoch, function_reads([code, *sources]), record_judge(ns))
 
 
 def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sources,
-               edited=()) -> tuple[set, bool]:
-    """:func:`needs` for an edited cell: what it reads first of what recording left out.
+               edited=()) -> tuple[set, bool, bool]:
+    """What an edited cell reads of what recording left out: (names, gradients before the clearing, gradients
+    after the step loop); the last is only for a run whose step-exit states left them out (``Dead.steps``).
 
     ``edited``: sources of dependency cells edited for this replay. The calls before the clearing were
     judged with the recorded functions; an edited one that mentions gradients may now read them first."""
     from .edits import added_lines
 
-    names, grads = needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]),
-                         added_lines(recorded_code, code))
-    if recorded.cleared and any(_words(ast.parse(src)) & _READS_GRADS for src in edited):
-        grads = True
-    return names, grads
+    added = added_lines(recorded_code, code)
+    if recorded.steps:
+        names, (grads, tail) = set(), needs_through_steps(recorded, *_loops(code, choice), [code, *sources], added)
+    else:
+        names, grads = needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]), added)
+        tail = False
+    if recorded.cleared and any(words(ast.parse(src)) & READS_GRADS for src in edited):
+        grads, tail = True, recorded.steps
+    return names, grads, tail
 
 
 def _epoch_loop(code: str, choice: dict):
+    return _loops(code, choice)[0]
+
+
+def _loops(code: str, choice: dict):
+    """(epoch loop, step loop or None) of the cell; (None, None) when the epoch loop is not a plain ``for``."""
     from .instrument import _find
 
     try:
-        epoch = _find(ast.parse(code), "cell", hint=choice)[0]
+        epoch, step = _find(ast.parse(code), "cell", hint=choice)[:2]
     except Exception:  # noqa: BLE001 - no loop found: nothing is dead
-        return None
-    return epoch if isinstance(epoch, ast.For) else None
+        return None, None
+    return (epoch, step if isinstance(step, ast.For) else None) if isinstance(epoch, ast.For) else (None, None)
 
 
-def _judge(ns: dict, depth: int = 3):
-    """``library_call(call)``: True when the call cannot read gradients: torch, numpy and builtins, methods
-    of tensors and arrays, and functions or modules of the notebook whose code (followed ``depth`` calls
-    deep) names nothing that reads gradients."""
-    import types
-
-    import numpy as np
-    import torch
-
-    user = ns.get("__name__", "__main__")
-
-    def safe(obj, d) -> bool:
-        if isinstance(obj, (torch.Tensor, np.ndarray, types.ModuleType, types.BuiltinFunctionType,
-                            int, float, str)):
-            return getattr(obj, "__name__", "") != user
-        if isinstance(obj, types.MethodType):
-            return safe(obj.__func__, d)
-        if isinstance(obj, types.FunctionType):
-            if obj.__module__ != user:
-                return True
-            return d > 0 and _code_safe(obj.__code__, obj.__globals__, d)
-        if isinstance(obj, type):
-            return obj.__module__ != user or (d > 0 and all(
-                _code_safe(f.__code__, getattr(f, "__globals__", ns), d) for f in vars(obj).values()
-                if isinstance(f, types.FunctionType)))
-        cls = type(obj)
-        if cls.__module__ != user:  # an instance of a library class (nn.Linear, a tensor view)
-            return not isinstance(obj, torch.optim.Optimizer)
-        return safe(cls, d)
-
-    def _code_safe(code, globs, d) -> bool:
-        names = set(code.co_names)
-        for const in code.co_consts:
-            if isinstance(const, types.CodeType):
-                names |= set(const.co_names)
-        if names & _READS_GRADS or names & _DYNAMIC:
-            return False
-        return all(safe(globs[n], d - 1) for n in names if n in globs and _is_user(globs[n]))
-
-    def _is_user(obj) -> bool:
-        mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
-        return mod == user and not isinstance(obj, (int, float, str, bool, type(None)))
-
-    def library_call(call) -> bool:
-        f = call.func
-        while isinstance(f, ast.Attribute):
-            f = f.value
-        if isinstance(f, ast.Call):
-            return library_call(f)
-        if not isinstance(f, ast.Name):
-            return False
-        obj = ns.get(f.id, __builtins__.get(f.id) if isinstance(__builtins__, dict) else getattr(__builtins__, f.id, None))
-        if obj is None:
-            return False
-        if isinstance(call.func, ast.Attribute):
-            target = obj
-            for attr in _attr_chain(call.func)[:-1]:
-                target = getattr(target, attr, None)
-                if target is None:
-                    return False
-            if isinstance(target, (torch.Tensor, np.ndarray, types.ModuleType)):
-                return getattr(target, "__name__", "") != user
-            meth = getattr(target, _attr_chain(call.func)[-1], None)
-            return meth is not None and safe(meth, depth)
-        return safe(obj, depth)
-
-    return library_call
-
-
-def _attr_chain(node) -> list[str]:
-    out = []
-    while isinstance(node, ast.Attribute):
-        out.append(node.attr)
-        node = node.value
-    return out[::-1]

@@ -117,6 +117,7 @@ class Recorder(RowCommits, Checkpointing):
         self._busy = None  # see _cores_busy
         self._gpu_state = False  # a snapshot held CUDA tensors (see _cores_busy)
         self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
+        self.omitting_steps: list[int] = []  # epochs whose step-exit state left out the gradients (Dead.steps)
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
         self._start_written = threading.Event()  # set by the writer once the start checkpoint is on disk
 
@@ -305,7 +306,7 @@ class Recorder(RowCommits, Checkpointing):
     def _at_step_exit(self):
         self._step_exits += 1
         if self._step_exits == 1 and self._due(self.epoch):
-            self._step_snap = self._snapshot()
+            self._step_snap = self._snapshot(self._dead_at(self.epoch, step_exit=True))
         else:
             self._step_snap = None  # the step loop ran twice: only an epoch-end checkpoint is exact
 
@@ -337,26 +338,34 @@ class Recorder(RowCommits, Checkpointing):
         self.digest_seconds.append(time.perf_counter() - start)
         return digests
 
-    def _dead_at(self, k):
-        """What unit k's end checkpoint may leave out (see liveness.py): only between two units of a loop
-        of known length with no step loop, never after the last unit (the code after the loop reads it)."""
-        if (self.liveness_input is None or self._step_exits or self._total is None or k >= self._total - 1
-                or self.resume_at is not None):
+    def _dead_at(self, k, step_exit=False):
+        """What unit k's checkpoint may leave out (see liveness.py): only between two units of a loop of known
+        length, never after the last unit (the code after the loop reads it). With a step loop, only the
+        gradients it clears first, at its exit (``step_exit``) and at the unit's end.
+
+        The calls are judged with the namespace once the first unit has bound the body's names; at the first step
+        exit a call the epoch's tail has not bound yet counts as reading them, so only a "dead" answer is kept."""
+        if self.liveness_input is None or self._total is None or k >= self._total - 1 or self.resume_at is not None:
             return None
         if self._dead is None:
             code, choice, sources = self.liveness_input
             try:
-                self._dead = liveness.for_record(code, choice, sources, self.ns)
+                dead = liveness.for_record(code, choice, sources, self.ns)
             except Exception as e:  # noqa: BLE001 - an optimisation: store everything instead
                 logger.info("flor_nb: liveness analysis failed (%s); checkpoints keep every value", e)
-                self._dead = liveness.Dead()
+                dead = liveness.Dead()
+            if step_exit and not dead:
+                return None  # judged again at the unit's end
+            self._dead = dead
             if self._dead:  # kept with the run now: a replay of a run killed later must know it too
                 self.run.state = {**self.run.state, "dead": self._dead.to_json()}
                 try:
                     self.store.update_run(self.run.id, state=self.run.state)
                 except StoreError:
                     self.liveness_input, self._dead = None, liveness.Dead()  # unknown to replay: omit nothing
-        return self._dead or None
+        if not self._dead or self._dead.steps != bool(self._step_exits):
+            return None
+        return self._dead
 
     # -- epoch boundary ----------------------------------------------------------
     def _end_epoch(self, k, seconds, left=None):
@@ -370,19 +379,25 @@ class Recorder(RowCommits, Checkpointing):
             step_snap = self._step_snap
             dead = self._dead_at(k)
             end_snap = self._snapshot(dead) if self._due(k) else None
-            if end_snap is not None and end_snap[0]["python"].get("omitted"):
-                self.omitting.append(k)
             end_digest = self._end_digest(end_snap, k)
         else:
             step_snap, end_snap, end_digest = left
-        if end_digest is not None and not (self._step_exit_ok() and step_snap is not None):
-            self._pending_digests.append((k, "end", end_digest))
-        self._store_digests()
-        if self._step_exit_ok() and step_snap is not None:
+            dead = None
+        step_ok = self._step_exit_ok() and step_snap is not None
+        if step_ok and end_snap is None:
             # The epoch-end state too: replay of the next epoch starts from it without re-running
             # this epoch's tail, and checks a probe after the step loop against it. Its tensors
             # barely differ from the step-exit ones, so they are stored once (dedup).
-            self._checkpoint(k, "step", step_snap, end_snap or self._snapshot())
+            end_snap = self._snapshot(dead)
+        if end_snap is not None and end_snap[0]["python"].get("omitted"):
+            self.omitting.append(k)
+        if step_ok and step_snap[0]["python"].get("omitted"):
+            self.omitting_steps.append(k)
+        if end_digest is not None and not step_ok:
+            self._pending_digests.append((k, "end", end_digest))
+        self._store_digests()
+        if step_ok:
+            self._checkpoint(k, "step", step_snap, end_snap)
         elif end_snap is not None:
             self._checkpoint(k, "end", end_snap)
         self._check_writer()
@@ -472,6 +487,7 @@ class Recorder(RowCommits, Checkpointing):
                 "digest_errors": self.digest_errors,
                 "store_budget": None if self.thinner is None else self.thinner.summary(),
                 "omitting": self.omitting,
+                "omitting_steps": self.omitting_steps,
                 "loop_range": self.loop_range,
                 "spec": spec_of(self.scope),
             },

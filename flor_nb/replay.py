@@ -51,8 +51,11 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     selected = parse_epochs(epochs, run.epochs_completed, run.label, run.state)
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
-    left_out, left_why = _left_out(run, code, deps, ckpts, list((cells or {}).values()))  # checkpoints lacking what the edited code reads first
+    # Checkpoints lacking what the edited code reads first; step-exit states lacking what it reads after the steps.
+    left_out, no_skip, left_why = _left_out(run, code, deps, ckpts, list((cells or {}).values()))
     kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items() if e not in left_out}
+    kinds = {e: "end" if e in no_skip and k == "both" else k for e, k in kinds.items()
+             if not (e in no_skip and k == "step")}
     helper = (hint or {}).get("helper")
     touched = helper_touched(run.code, code, helper, hint) if helper else changes(run.code, code, hint)
     if cells:  # an edited helper may run inside the step loop
@@ -325,23 +328,46 @@ def _warn_moved(hint, loops):
                       stacklevel=4)
 
 
-def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, str]:
-    """(epochs, why): checkpoints that left out values the edited code reads before it recomputes them
-    (see liveness.py), so the plan starts from others; (set(), "") when it needs nothing they lack."""
+def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, set, str]:
+    """(epochs, steps, why): checkpoints that left out values the edited code reads before it recomputes them
+    (see liveness.py), so the plan starts from others; epochs whose step-exit state lacks the gradients that
+    the edited code after the step loop reads, so they run their step loop; (set(), set(), "") when it
+    needs nothing they lack."""
     dead = liveness.Dead.from_json(run.state.get("dead"))
     if not dead:
-        return set(), ""
-    names, grads = liveness.for_replay(dead, code, run.code, run.state.get("loops") or {},
-                                       [c["source"] for c in deps], edited)
+        return set(), set(), ""
+    names, grads, tail = liveness.for_replay(dead, code, run.code, run.state.get("loops") or {},
+                                             [c["source"] for c in deps], edited)
+    if dead.steps:
+        return _left_out_steps(run, ckpts, grads, tail)
     if not names and not grads:
-        return set(), ""
+        return set(), set(), ""
     omitting = run.state.get("omitting")  # None: a run killed before it ended; any end checkpoint may lack them
     epochs = set(omitting) if omitting is not None else {e for e, r in ckpts.items() if e >= 0 and r["kind"] == "end"}
     what = ", ".join(sorted(names)) + (" and " if names and grads else "") + ("the gradients" if grads else "")
     unit = "iterations" if (run.state.get("loops") or {}).get("unit") == "iterations" else "epochs"
     them = "them" if grads or len(names) > 1 else "it"
-    return epochs, (f"The probes read {what} before the loop body recomputes {them}; the checkpoints of "
-                    f"{len(epochs)} {unit} left {them} out, so the replay starts from checkpoints that kept everything")
+    return epochs, set(), (f"The probes read {what} before the loop body recomputes {them}; the checkpoints of "
+                           f"{len(epochs)} {unit} left {them} out, so the replay starts from checkpoints that kept "
+                           "everything")
+
+
+def _left_out_steps(run: Run, ckpts, grads: bool, tail: bool) -> tuple[set, set, str]:
+    """:func:`_left_out` for a run whose epochs' checkpoints left out the gradients their step loop clears first."""
+    if not grads and not tail:
+        return set(), set(), ""
+    state = run.state
+    ends = state.get("omitting")  # None: a run killed before it ended; any of its checkpoints may lack them
+    steps = state.get("omitting_steps")
+    ends = set(ends) if ends is not None else {e for e in ckpts if e >= 0}
+    steps = set(steps) if steps is not None else {e for e in ckpts if e >= 0}
+    if grads:
+        return ends | steps, set(), (
+            f"The probes read the gradients before the step loop clears them; the checkpoints of {len(ends | steps)} "
+            "epochs left them out, so the replay starts from checkpoints that kept everything")
+    return set(), steps, (
+        f"The probes after the step loop read the gradients, which the step-exit states of {len(steps)} epochs "
+        "left out: those epochs run their step loop")
 
 
 def _describe(selected, segments, workers, touched, unit=None, own="") -> str:

@@ -140,6 +140,8 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
         "not_compared": {"variables": sorted({k.partition("/")[2] for c in checks for k in c.get("not_compared", ())
                                               if k.startswith("var/") and k[4:] in clock_vars}),
                          "metrics": sorted(n for n, m in metrics.items() if m["verdict"] == "clock"),
+                         **({"gradients": sorted({c["epoch"] for c in checks if c.get("left_out")})}
+                            if any(c.get("left_out") for c in checks) else {}),
                          **({"attributes": [f"{', '.join(a)} of {t.rpartition('.')[2]} objects"
                                             for t, a in run_state["clock_attrs"].items()]}
                             if run_state.get("clock_attrs") else {})},
@@ -391,6 +393,11 @@ def verdict_text(fidelity: dict) -> str:
     clock += [f"attribute{'s' if ',' in a else ''} {a}" for a in nc.get("attributes", [])]
     if clock:
         out += f". Not compared (wall-clock values, different in every run): {'; '.join(clock)}"
+    if nc.get("gradients"):
+        n = len(nc["gradients"])
+        out += (f". Gradients not compared at the end of epoch{'s' if n > 1 else ''} "
+                f"{format_epochs(nc['gradients'])}: this replay skipped the step loop there, and the checkpoint "
+                "left them out (the next epoch's step loop clears them before any read)")
     damaged = fidelity.get("damaged_checkpoints") or {}
     if damaged:
         out += (f". Damaged checkpoint{'s' if len(damaged) > 1 else ''} of epoch{'s' if len(damaged) > 1 else ''} "

@@ -112,6 +112,7 @@ class Replayer:
         self.checks: list = []  # {epoch, where, streams}: what was compared
         self.problems: list = []
         self.exclude = set(task.get("exclude") or ())
+        self.unreplayed: set = set()  # keys the restored step-exit state left out: not compared at this epoch's end
         self.epoch_seconds: dict = {}
         self.restore_seconds = 0.0
         self._in_loop = False
@@ -159,6 +160,7 @@ class Replayer:
         self.problems.extend(f"{p} when restoring epoch {epoch}" for p in problems)
         self._note_devices(snap)
         self.restore_seconds += time.perf_counter() - t
+        return snap
 
     def _note_devices(self, snap: dict):
         """What the verdict needs to judge devices: where the state was recorded, with which settings."""
@@ -182,8 +184,11 @@ class Replayer:
         info["misplaced"] = sorted(set(info["misplaced"]) | set(devices.misplaced(self.ns, roots, cap.device_map)))
 
     def _skipped(self):
-        """The step loop, memoized: put back the state it left, run none of it."""
-        self._restore("step_paths", self.epoch)
+        """The step loop, memoized: put back the state it left, run none of it. Gradients that state left out
+        (the next epoch's step loop clears them first) are not compared at this epoch's end: nothing ran
+        that computes them."""
+        snap = self._restore("step_paths", self.epoch)
+        self.unreplayed = set(snap["python"].get("omitted", ()))
         return
         yield  # a generator that yields nothing
 
@@ -214,6 +219,7 @@ class Replayer:
             if k > self.last:
                 break
             self.epoch, self.step, self.last_step, self.mode = k, None, None, self.modes[k]
+            self.unreplayed = set()
             if k == self.first and not isinstance(iterable, runtime.While):
                 self._enter(k)
             t = time.perf_counter()
@@ -262,6 +268,7 @@ class Replayer:
         """Unit k starts; the first unit of the segment is entered from its checkpoint (``snap``, if read)."""
         self._in_loop = True
         self.epoch, self.step, self.last_step, self.mode = k, None, None, self.modes.get(k, FULL)
+        self.unreplayed = set()
         if k == self.first:
             self._enter(k, snap)
         self._unit_start = time.perf_counter()
@@ -305,7 +312,8 @@ class Replayer:
             return
         self.capturer.order = recorded.get(checkpoint.ROOTS) or self.capturer.order
         live = self.capturer.digests()
-        compared = sorted(k for k in recorded if k != checkpoint.ROOTS and not self._excluded(k))
+        left_out = sorted(k for k in recorded if k in self.unreplayed) if where == "end" else []
+        compared = sorted(k for k in recorded if k != checkpoint.ROOTS and not self._excluded(k) and k not in left_out)
         differ = [k for k in compared if k in live and live[k] != recorded[k]]
         missing = [k for k in compared if k not in live]
         if "rng/cuda" in missing and self._cuda_rng_unplaced is not None:
@@ -315,7 +323,8 @@ class Replayer:
             else:
                 self.lost_cuda_rng()
         skipped = sorted(k for k in recorded if k != checkpoint.ROOTS and self._excluded(k))
-        self.checks.append({"epoch": epoch, "where": where, "streams": compared, "not_compared": skipped})
+        self.checks.append({"epoch": epoch, "where": where, "streams": compared, "not_compared": skipped,
+                            **({"left_out": left_out} if left_out else {})})
         if differ or missing:
             self.divergence.append({"epoch": epoch, "where": where, "differ": differ, "missing": missing})
 

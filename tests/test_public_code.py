@@ -154,3 +154,42 @@ def test_word_language_model(store, tmp_path):
     assert "model.pt" in verdict  # the file its loop saves is named as written by the replay
     got = _same_as_from_the_start(pkl, ["loss", "lr"], store)
     assert {k[1] for k in got} == {3, 4}
+
+
+@pytest.mark.timeout(900)
+def test_cifar10_tutorial_leaves_the_gradients_out(store, tmp_path):
+    """``FLOR_PYTORCH_TUTORIALS``: pytorch/tutorials (``beginner_source/blitz/cifar10_tutorial.py``). Its epoch loop
+    calls ``optimizer.zero_grad()`` first in the batch loop, so checkpoints leave the gradients out; a probe after
+    the batch loop that reads them makes those epochs run their batch loop, one that does not skips it."""
+    root = _checkout("FLOR_PYTORCH_TUTORIALS", "beginner_source/blitz/cifar10_tutorial.py")
+    src = (root / "beginner_source" / "blitz" / "cifar10_tutorial.py").read_text()
+    data = textwrap.dedent("""\
+        import torch
+        torch.manual_seed(0)  # data: random images instead of CIFAR10 (no download); the loader as written
+        trainset = torch.utils.data.TensorDataset(torch.randn(480, 3, 32, 32).clamp(-1, 1), torch.randint(0, 10, (480,)))
+        trainloader = torch.utils.data.DataLoader(trainset, batch_size=4, shuffle=True, num_workers=2)
+        """)
+    net = _between(src, "import torch.nn as nn", "#####")
+    opt = _between(src, "import torch.optim as optim", "#####")
+    loop = _between(src, "for epoch in range(2):", "print('Finished Training')")
+    loop = loop.replace("range(2)", "range(5)").replace("2000", "40").replace("1999", "39")  # size
+    after = "            running_loss = 0.0\n"
+    assert loop.endswith(after + "\n")
+    weight = loop + "    flor.log('fc3', float(net.fc3.weight.detach().norm()))\n"
+    grad = loop + "    flor.log('fc3_grad', float(net.fc3.weight.grad.norm()))\n"
+    cells = ["%load_ext flor_nb", data, net, opt]
+    execute([*cells, "%%flor record --name cifar --overhead inf --no-progress\n" + loop], tmp_path)
+    recorded = store.find_run("cifar")
+    assert recorded.state["dead"]["steps"] and recorded.state["omitting_steps"], recorded.state.get("dead")
+    for name, code in (("truth_w", weight), ("truth_g", grad)):
+        execute([*cells, f"%%flor record --name {name} --no-progress\n" + code], tmp_path)
+    for probe, code, truth, plan in (("fc3", weight, "truth_w", "with the step loop skipped"),
+                                     ("fc3_grad", grad, "truth_g", "run their step loop")):
+        pkl = tmp_path / f"{probe}.pkl"
+        fresh = execute(["%load_ext flor_nb", f"%%flor replay cifar --epochs 2-3 --no-progress\n{code}",
+                         f"_.to_pickle({str(pkl)!r})"], tmp_path)
+        verdict = text(fresh.cells[1])
+        assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
+        got = _values(pd.read_pickle(pkl), [probe])
+        want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
+        assert got and got == want, (got, want)

@@ -1,0 +1,145 @@
+"""An epoch loop whose step loop clears the gradients first (``opt.zero_grad()`` at the top of the batch loop):
+its checkpoints leave the gradients out, at the step loop's exit and at the epoch's end (about a quarter of an
+Adam checkpoint), and replay never restores them where the replayed code reads them."""
+from __future__ import annotations
+
+import ast
+
+import pandas as pd
+import pytest
+
+import flor_nb as flor
+from flor_nb import checkpoint, liveness
+
+SETUP = '''
+import torch
+torch.manual_seed(0)
+X, Y = torch.randn(192, 16), torch.randint(0, 4, (192,))
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=32, shuffle=True)
+
+def evaluate(m):
+    m.eval()  # the method, not the builtin eval: the helper still reads no gradient
+    with torch.no_grad():
+        return float((m(X).argmax(1) == Y).float().mean())
+'''
+TRAIN = '''
+for epoch in range(6):
+    model.train()
+    for x, y in loader:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        flor.log("loss", loss.item())
+    sched.step()
+    flor.log("acc", evaluate(model))
+'''
+TAIL = TRAIN.replace('    flor.log("acc"', '    flor.log("w", float(model[0].weight.detach().norm()))\n    flor.log("acc"')
+TAIL_GRAD = TRAIN.replace('    flor.log("acc"', '    flor.log("g", float(model[0].weight.grad.norm()))\n    flor.log("acc"')
+FIRST_GRAD = TRAIN.replace('        opt.zero_grad()\n', '        g0 = model[0].weight.grad\n'
+                           '        flor.log("prev_g", 0.0 if g0 is None else float(g0.sum()))\n'
+                           '        opt.zero_grad()\n')
+
+
+def record(store, name, code):
+    ns = {"flor": flor}
+    exec(SETUP, ns)
+    return flor.record(code, name=name, namespace=ns, cells=[SETUP], store=store, overhead=float("inf"))
+
+
+def values(frame, name):
+    rows = frame[frame[name].notna()] if name in frame else frame.iloc[0:0]
+    return [(int(r["epoch"]), None if pd.isna(r["step"]) else int(r["step"]), r[name]) for _, r in rows.iterrows()]
+
+
+def test_both_checkpoints_of_an_epoch_leave_out_the_gradients_its_step_loop_clears_first(store):
+    run = record(store, "cnn", TRAIN)
+    assert run.state["dead"] == {"names": [], "cleared": [["zero_grad", "opt"]], "clear_line": 5, "steps": True}
+    last = run.epochs_completed - 1
+    assert run.state["omitting"] and run.state["omitting_steps"]
+    assert last not in run.state["omitting"] + run.state["omitting_steps"]  # the code after the loop may read them
+    assert run.state["omitting_steps"] == run.state["omitting"] == list(range(last))
+    ckpts = store.checkpoints(run.id)
+    k = run.state["omitting_steps"][0]
+    for path in (ckpts[k]["path"], ckpts[k]["end_path"]):
+        snap = checkpoint.read(store.home, path)
+        assert "grad/model" not in snap["tensors"] and snap["python"]["omitted"] == ["grad/model"]
+        assert "obj/model" in snap["tensors"] and "obj/opt" in snap["tensors"]
+    assert "grad/model" in ckpts[k]["digest"] and "grad/model" in ckpts[k]["end_digest"]  # still checked
+    assert "grad/model" in checkpoint.read(store.home, ckpts[last]["end_path"])["tensors"]
+
+
+@pytest.mark.parametrize("code, name, plan_says", [
+    (TAIL, "w", "with the step loop skipped"),
+    (TAIL_GRAD, "g", "those epochs run their step loop"),
+    (FIRST_GRAD, "prev_g", "starts from checkpoints that kept everything"),
+])
+def test_replay_is_exact_wherever_the_probe_reads_the_gradients(store, code, name, plan_says):
+    record(store, "run", TRAIN)
+    record(store, "truth", code)
+    df = flor.replay("run", code=code, epochs="2-3", store=store)
+    fidelity = df.attrs["fidelity"]
+    assert fidelity["faithful"], df.attrs["verdict"]
+    assert plan_says in fidelity["plan"], fidelity["plan"]
+    truth = flor.dataframe(name, run="truth", store=store)
+    got = values(df, name)
+    assert got and got == [v for v in values(truth, name) if v[0] in (2, 3)]
+    if code is TAIL:  # the skipped step loops computed no gradients: the verdict says they were not compared
+        assert "Gradients not compared at the end of epochs 2-3" in df.attrs["verdict"], df.attrs["verdict"]
+        assert fidelity["not_compared"]["gradients"] == [2, 3]
+    else:
+        assert "gradients" not in fidelity["not_compared"]
+
+
+def _judge(body: str) -> liveness.Dead:
+    epoch = ast.parse(body).body[0]
+    step = next(n for n in ast.walk(epoch) if isinstance(n, ast.For) and n is not epoch)
+    return liveness.dead_grads_through_steps(epoch, step, lambda call: not (
+        isinstance(call.func, ast.Attribute) and call.func.attr == "step" and call.func.value.id == "opt"))
+
+
+def test_the_gradients_are_left_out_only_where_nothing_reads_them():
+    ok = "for e in r:\n    m.train()\n    for x in d:\n        opt.zero_grad()\n        l(x).backward()\n        opt.step()\n"
+    assert _judge(ok).cleared == (("zero_grad", "opt"),) and _judge(ok).steps
+    assert _judge(ok + "    sched.step()\n").steps  # a scheduler's step() reads no gradient
+    assert not _judge(ok + "    clip(m.weight.grad)\n")  # the code after the step loop reads them
+    assert not _judge(ok + "    opt.step()\n")  # an optimizer's step does
+    assert not _judge(ok.replace("    m.train()\n", "    if e < 2:\n        continue\n"))  # may not reach the steps
+    assert not _judge(ok.replace("    m.train()\n", "    log(m.weight.grad)\n"))  # read before the clearing
+    accumulate = "for e in r:\n    for x in d:\n        l(x).backward()\n        opt.step()\n        opt.zero_grad()\n"
+    assert not _judge(accumulate)  # cleared after the read: they carry into the next epoch
+    nested = "for e in r:\n    with ctx:\n        for x in d:\n            opt.zero_grad()\n"
+    assert not _judge(nested)  # the step loop is not a statement of the epoch body
+
+
+def test_a_probe_calling_a_helper_that_reads_gradients_needs_them():
+    dead = liveness.Dead((), (("zero_grad", "opt"),), 5, steps=True)
+    assert liveness.for_replay(dead, TAIL, TRAIN, {}, [SETUP]) == (set(), False, False)
+    helper = "def grad_norm(m):\n    return sum(float(p.grad.norm()) for p in m.parameters())\n"
+    wrapper = "def stats(m):\n    return grad_norm(m)\n"
+    probe = TRAIN.replace('    flor.log("acc"', '    flor.log("s", stats(model))\n    flor.log("acc"')
+    assert liveness.for_replay(dead, probe, TRAIN, {}, [SETUP, helper, wrapper]) == (set(), False, True)
+    assert liveness.for_replay(dead, probe, TRAIN, {}, [SETUP, "def stats(m):\n    return 1.0\n"])[2] is False
+
+
+@pytest.mark.parametrize("probe, reads", [
+    ("sched.get_last_lr()[0]", False),
+    ("torch.nn.functional.cross_entropy(model(X), Y).item()", False),  # a library function, a module's forward
+    ("model.custom_summary()", True),  # a method it cannot judge
+    ("float(model[0].weight.grad.norm())", True),
+    ("gradtools.gn(model)", True),  # a module file beside the notebook that reads them
+    ("gn(model)", True),
+    ("weights.wn(model)", False),  # one that does not
+])
+def test_probes_calling_code_outside_the_cells_are_judged_where_it_can_be_read(tmp_path, monkeypatch, probe, reads):
+    (tmp_path / "gradtools.py").write_text("def gn(m):\n    return float(m[0].weight.grad.norm())\n")
+    (tmp_path / "weights.py").write_text("def wn(m):\n    return float(m[0].weight.detach().norm())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dead = liveness.Dead((), (("zero_grad", "opt"),), 5, steps=True)
+    imports = "import gradtools, weights\nfrom gradtools import gn\n"
+    code = TRAIN.replace('    flor.log("acc"', f'    flor.log("p", {probe})\n    flor.log("acc"')
+    assert liveness.for_replay(dead, code, TRAIN, {}, [SETUP, imports]) == (set(), False, reads)
