@@ -11,9 +11,18 @@ import ast
 DYNAMIC = {"globals", "locals", "vars", "eval", "exec", "__import__", "__dict__"}
 READS_GRADS = {"grad", "backward", "step", "zero_grad", "clip_grad_norm_", "clip_grad_value_", "getattr",
                "named_parameters", "grad_norm", "autograd"}
+# Names with "grad" in them that switch autograd on or off, or mark tensors: they read no gradient.
+GRAD_MODES = {"no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled", "requires_grad", "requires_grad_",
+              "grad_fn"}
 # A probe line before the clearing may call these and still not read gradients.
 SAFE_CALLS = {"log", "float", "int", "len", "round", "abs", "min", "max", "sum", "str", "bool", "item", "mean",
               "std", "norm", "detach", "cpu", "numpy", "tolist", "numel", "size", "float", "clone"}
+
+
+def gradient_words(names) -> set[str]:
+    """The names that may read gradients: :data:`READS_GRADS`, and any other with "grad" in it
+    (``get_grad_norm``, ``grads``) but :data:`GRAD_MODES`."""
+    return {n for n in names if n in READS_GRADS or ("grad" in n.lower() and n not in GRAD_MODES)}
 
 
 def dynamic(node) -> bool:
@@ -38,10 +47,10 @@ def may_read_grads(stmt, library_call, forgiven=None) -> bool:
     """``forgiven(call) -> bool``: calls whose method name alone does not count (``scheduler.step()``: the
     recorder judged the object, which is no optimizer)."""
     named = words(stmt)
-    if forgiven is not None and named & READS_GRADS:
+    if forgiven is not None and gradient_words(named):
         named = words(stmt, skip={id(c.func) for c in ast.walk(stmt) if isinstance(c, ast.Call)
                                   and isinstance(c.func, ast.Attribute) and forgiven(c)})
-    if named & READS_GRADS:
+    if gradient_words(named):
         return True
     for call in (n for n in ast.walk(stmt) if isinstance(n, ast.Call)):
         if library_call is not None:
@@ -86,7 +95,7 @@ def probe_judge(sources):
                 imports.update({a.asname or a.name: node.module for a in node.names})
 
     def risky(node) -> bool:
-        return bool(words(node) & READS_GRADS) or dynamic(node)
+        return bool(gradient_words(words(node))) or dynamic(node)
 
     tainted = {name for name, nodes in defs.items() if any(risky(n) for n in nodes)}
     grew = True
@@ -152,7 +161,7 @@ def _module_reads_nothing(module: str) -> bool:
     folder = os.path.dirname(origin) if origin.endswith("__init__.py") else None
     files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".py")] if folder else [origin]
     try:
-        return not any(words(ast.parse(open(f, encoding="utf8").read())) & READS_GRADS for f in files)
+        return not any(gradient_words(words(ast.parse(open(f, encoding="utf8").read()))) for f in files)
     except (OSError, SyntaxError, ValueError):
         return False
 
@@ -192,7 +201,7 @@ def record_judge(ns: dict, depth: int = 3):
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 names |= set(const.co_names)
-        if names & READS_GRADS or _loaded_globals(code) & DYNAMIC or "__dict__" in names:
+        if gradient_words(names) or _loaded_globals(code) & DYNAMIC or "__dict__" in names:
             return False
         return all(safe(globs[n], d - 1) for n in names if n in globs and _is_user(globs[n]))
 

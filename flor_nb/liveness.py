@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 
-from .grad_reads import DYNAMIC, READS_GRADS, may_read_grads, probe_judge, record_judge, words
+from .grad_reads import DYNAMIC, gradient_words, may_read_grads, probe_judge, record_judge, words
 
 _ESCAPES = (ast.Break, ast.Continue, ast.Return, ast.Raise)
 
@@ -253,7 +253,7 @@ def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sour
     else:
         names, grads = needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]), added)
         tail = False
-    if recorded.cleared and any(words(ast.parse(src)) & READS_GRADS for src in edited):
+    if recorded.cleared and any(gradient_words(words(ast.parse(src))) for src in edited):
         grads, tail = True, recorded.steps
     return names, grads, tail
 

@@ -133,6 +133,7 @@ def test_a_probe_calling_a_helper_that_reads_gradients_needs_them():
     ("gradtools.gn(model)", True),  # a module file beside the notebook that reads them
     ("gn(model)", True),
     ("weights.wn(model)", False),  # one that does not
+    ("torchlib.get_grad_norm(model)", True),  # a library function whose name says it reads them
 ])
 def test_probes_calling_code_outside_the_cells_are_judged_where_it_can_be_read(tmp_path, monkeypatch, probe, reads):
     (tmp_path / "gradtools.py").write_text("def gn(m):\n    return float(m[0].weight.grad.norm())\n")
@@ -140,6 +141,6 @@ def test_probes_calling_code_outside_the_cells_are_judged_where_it_can_be_read(t
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     dead = liveness.Dead((), (("zero_grad", "opt"),), 5, steps=True)
-    imports = "import gradtools, weights\nfrom gradtools import gn\n"
+    imports = "import gradtools, weights\nfrom gradtools import gn\nimport torch as torchlib\n"
     code = TRAIN.replace('    flor.log("acc"', f'    flor.log("p", {probe})\n    flor.log("acc"')
     assert liveness.for_replay(dead, code, TRAIN, {}, [SETUP, imports]) == (set(), False, reads)
