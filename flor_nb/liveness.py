@@ -8,8 +8,8 @@ are as big as the model. :func:`dead_at_unit_start` finds such values, syntactic
 end-of-unit checkpoints can leave them out (their digests are still kept: replay checks them).
 
 In an epoch loop whose step loop clears the gradients first (``for x, y in loader: opt.zero_grad(); ...``),
-:func:`dead_grads_through_steps` lets both checkpoints of an epoch, at the step loop's exit and at its end,
-leave the gradients out (a quarter of an Adam checkpoint).
+:func:`dead_through_steps` lets both checkpoints of an epoch, at the step loop's exit and at its end, leave
+the gradients out (a quarter of an Adam checkpoint), and the last batch's variables.
 
 Replay runs the same analysis on the edited code (:func:`needs`, :func:`needs_through_steps`): a probe that
 reads such a value first makes it live, and the replay then starts from a checkpoint that kept it (or runs
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .grad_reads import DYNAMIC, gradient_words, may_read_grads, probe_judge, record_judge, words
 
@@ -142,41 +143,67 @@ def dead_at_unit_start(loop, reads_in_functions, library_call=None) -> Dead:
     return Dead(frozenset(dead), tuple(cleared), clear_line)
 
 
-def dead_grads_through_steps(epoch, step, library_call) -> Dead:
-    """The gradients of an epoch loop whose step loop clears them before reading them (``for x, y in loader:
-    opt.zero_grad(); ...``): ``Dead(cleared, line, steps=True)``, else ``Dead()``.
+def dead_through_steps(epoch, step, library_call, reads_in_functions=None) -> Dead:
+    """What an epoch loop with a step loop recomputes before reading it, in every epoch: ``Dead(names, cleared,
+    line, steps=True)``, else ``Dead()``.
 
-    Both checkpoints of an epoch (at the step loop's exit and at the epoch's end) may then leave them out:
-    every epoch reaches the step loop and clears them before any read, and the code after the step loop,
-    which a replay that skips the step loop runs from the step-exit state, reads none. (A step loop that
-    runs no batch in the next epoch would carry them: replay's state check says so.)
+    The gradients, when the step loop clears them first (``for x, y in loader: opt.zero_grad(); ...``), and
+    variables the epoch body or the step loop's first pass assign before any read (the last batch's
+    ``inputs``, ``outputs``, ``loss``). Both checkpoints of an epoch (at the step loop's exit and at the epoch's
+    end) may leave them out: the next epoch recomputes them first, and the code after the step loop, which a
+    replay that skips the step loop runs from the step-exit state, reads none of them. (A step loop that runs
+    no batch in the next epoch would carry them: replay's state check says so.) ``reads_in_functions``:
+    :func:`function_reads` of the cells (None: no variable is left out).
     """
-    first, tail = _grads_through_steps(epoch, step, library_call, library_call)
-    if first is None or not first[0] or tail:
+    scan = _scan_through_steps(epoch, step, library_call, library_call, reads_in_functions)
+    if scan is None:
         return Dead()
-    return Dead(cleared=first[0], clear_line=first[1], steps=True)
+    cleared = () if scan.tail_grads else scan.cleared
+    names = frozenset(scan.names - scan.tail_names)
+    if not cleared and not names:
+        return Dead()
+    return Dead(names, cleared, scan.clear_line if cleared else None, steps=True)
 
 
-def _grads_through_steps(epoch, step, library_call, forgiven):
-    """((clearings before any read of the gradients, line of the last), whether the code after the step loop may
-    read them), scanning the epoch body up to the step loop, then the step loop's first pass; (None, True) for a
-    shape this does not judge (the step loop not a statement of the epoch body, an ``else:``, dynamic names)."""
+@dataclass
+class _Scan:
+    cleared: tuple  # clearings of the gradients before any read of them
+    clear_line: int | None
+    names: set  # variables assigned before any read, from the epoch's start through the step loop's first pass
+    tail_grads: bool  # the code after the step loop may read the gradients
+    tail_names: set  # variables it reads
+
+
+def _scan_through_steps(epoch, step, library_call, forgiven, reads_in_functions) -> _Scan | None:
+    """Scan the epoch body up to the step loop, then the step loop's header and first pass, then the code after
+    it; None for a shape this does not judge (the step loop not a statement of the epoch body, an ``else:``,
+    dynamic names)."""
     if not (isinstance(epoch, ast.For) and isinstance(step, ast.For)) or epoch.orelse or step.orelse:
-        return None, True
+        return None
     at = next((j for j, stmt in enumerate(epoch.body) if stmt is step), None)
     if at is None or any(isinstance(n, ast.Name) and n.id in DYNAMIC for n in ast.walk(epoch)):
-        return None, True
-    cleared, line = [], None
-    for stmt in [*epoch.body[:at], ast.Expr(step.iter), *step.body]:
-        clear = _clearing(stmt)
+        return None
+    header = ast.Assign(targets=[step.target], value=step.iter, lineno=step.lineno, end_lineno=step.lineno)
+    deleted = {t.id for n in ast.walk(epoch) if isinstance(n, ast.Delete) for t in n.targets if isinstance(t, ast.Name)}
+    read, assigned, dead = set(), set(), set()
+    cleared, line, grads_read = [], None, False
+    for stmt in [*epoch.body[:at], header, *step.body]:
+        clear = None if grads_read else _clearing(stmt)
+        read |= _loads(stmt)
         if clear is not None:
             cleared.append(clear)
             line = stmt.lineno
             continue
-        if may_read_grads(stmt, library_call, forgiven) or any(isinstance(n, _ESCAPES) for n in ast.walk(stmt)):
+        if not grads_read:
+            grads_read = may_read_grads(stmt, library_call, forgiven)
+        if reads_in_functions is not None:
+            dead |= {n for n in _targets(stmt) - read - assigned if n not in reads_in_functions and n not in deleted}
+        assigned |= _targets(stmt)
+        if any(isinstance(n, _ESCAPES) for n in ast.walk(stmt)):
             break
-    tail = any(may_read_grads(stmt, library_call, forgiven) for stmt in epoch.body[at + 1:])
-    return (tuple(cleared), line), tail
+    tail = epoch.body[at + 1:]
+    return _Scan(tuple(cleared), line, dead, any(may_read_grads(stmt, library_call, forgiven) for stmt in tail),
+                 {n for stmt in tail for n in _loads(stmt)})
 
 
 def needs(recorded: Dead, loop, reads_in_functions, added_lines=()) -> tuple[set, bool]:
@@ -206,25 +233,38 @@ def needs(recorded: Dead, loop, reads_in_functions, added_lines=()) -> tuple[set
     return names, grads
 
 
-def needs_through_steps(recorded: Dead, epoch, step, sources, added_lines=()) -> tuple[bool, bool]:
-    """For a run whose checkpoints left the gradients out at both points of an epoch (``Dead.steps``): whether
-    the edited code may read them (before the clearing: no checkpoint that left them out can be entered; after
-    the step loop: an epoch whose checkpoint left them out cannot skip its step loop).
+class Needs(NamedTuple):
+    """What an edited cell reads of what recording left out."""
+
+    names: set  # variables it reads before the body recomputes them: checkpoints that left them out are not entered
+    grads: bool  # the gradients, likewise
+    tail: tuple = ()  # what the code after the step loop reads of what step-exit states left out (``Dead.steps``)
+
+
+def needs_through_steps(recorded: Dead, epoch, step, sources, added_lines=()) -> Needs:
+    """:class:`Needs` of an edited cell whose recording left values out at both points of an epoch (``Dead.steps``):
+    read before they are recomputed, no checkpoint that left them out can be entered; read after the step loop,
+    an epoch whose step-exit state left them out runs its step loop.
 
     The recorded statements were judged at record time, with the namespace; the probe lines
     (``added_lines``) are judged here, from the cells' code (:func:`probe_judge`)."""
+    grads_word = ("the gradients",) if recorded.cleared else ()
+    everything = Needs(set(recorded.names), bool(recorded.cleared), grads_word + tuple(sorted(recorded.names)))
     if epoch is None or step is None:
-        return True, True
+        return everything
     added = set(added_lines)
 
     def recorded_line(call) -> bool:
         return not (set(range(call.lineno, (call.end_lineno or call.lineno) + 1)) & added)
 
     probe = probe_judge(sources)
-    first, tail = _grads_through_steps(epoch, step, lambda c: recorded_line(c) or probe(c), recorded_line)
-    if first is None:
-        return True, True
-    return not set(recorded.cleared) <= set(first[0]), tail
+    scan = _scan_through_steps(epoch, step, lambda c: recorded_line(c) or probe(c), recorded_line,
+                               function_reads(sources))
+    if scan is None:
+        return everything
+    names = set(recorded.names)
+    tail = (grads_word if scan.tail_grads else ()) + tuple(sorted(names & scan.tail_names))
+    return Needs(names - scan.names, not set(recorded.cleared) <= set(scan.cleared), tail)
 
 
 # -- record time: the loop in the cell, with the namespace to judge calls ---------------------------------
@@ -233,15 +273,14 @@ def for_record(code: str, choice: dict, sources, ns: dict) -> Dead:
     epoch, step = _loops(code, choice)
     if epoch is None:
         return Dead()
+    reads = function_reads([code, *sources])
     if step is not None:
-        return dead_grads_through_steps(epoch, step, record_judge(ns))
-    return dead_at_unit_start(epoch, function_reads([code, *sources]), record_judge(ns))
+        return dead_through_steps(epoch, step, record_judge(ns), reads)
+    return dead_at_unit_start(epoch, reads, record_judge(ns))
 
 
-def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sources,
-               edited=()) -> tuple[set, bool, bool]:
-    """What an edited cell reads of what recording left out: (names, gradients before the clearing, gradients
-    after the step loop); the last is only for a run whose step-exit states left them out (``Dead.steps``).
+def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sources, edited=()) -> Needs:
+    """What an edited cell reads of what recording left out (:class:`Needs`).
 
     ``edited``: sources of dependency cells edited for this replay. The calls before the clearing were
     judged with the recorded functions; an edited one that mentions gradients may now read them first."""
@@ -249,13 +288,12 @@ def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sour
 
     added = added_lines(recorded_code, code)
     if recorded.steps:
-        names, (grads, tail) = set(), needs_through_steps(recorded, *_loops(code, choice), [code, *sources], added)
+        out = needs_through_steps(recorded, *_loops(code, choice), [code, *sources], added)
     else:
-        names, grads = needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]), added)
-        tail = False
+        out = Needs(*needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]), added))
     if recorded.cleared and any(gradient_words(words(ast.parse(src))) for src in edited):
-        grads, tail = True, recorded.steps
-    return names, grads, tail
+        out = out._replace(grads=True)
+    return out
 
 
 def _epoch_loop(code: str, choice: dict):

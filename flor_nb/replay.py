@@ -330,44 +330,31 @@ def _warn_moved(hint, loops):
 
 def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, set, str]:
     """(epochs, steps, why): checkpoints that left out values the edited code reads before it recomputes them
-    (see liveness.py), so the plan starts from others; epochs whose step-exit state lacks the gradients that
-    the edited code after the step loop reads, so they run their step loop; (set(), set(), "") when it
-    needs nothing they lack."""
+    (see liveness.py), so the plan starts from others; epochs whose step-exit state lacks what the edited code
+    after the step loop reads, so they run their step loop; (set(), set(), "") when it needs nothing they lack."""
     dead = liveness.Dead.from_json(run.state.get("dead"))
     if not dead:
         return set(), set(), ""
-    names, grads, tail = liveness.for_replay(dead, code, run.code, run.state.get("loops") or {},
-                                             [c["source"] for c in deps], edited)
-    if dead.steps:
-        return _left_out_steps(run, ckpts, grads, tail)
-    if not names and not grads:
-        return set(), set(), ""
-    omitting = run.state.get("omitting")  # None: a run killed before it ended; any end checkpoint may lack them
-    epochs = set(omitting) if omitting is not None else {e for e, r in ckpts.items() if e >= 0 and r["kind"] == "end"}
-    what = ", ".join(sorted(names)) + (" and " if names and grads else "") + ("the gradients" if grads else "")
-    unit = "iterations" if (run.state.get("loops") or {}).get("unit") == "iterations" else "epochs"
-    them = "them" if grads or len(names) > 1 else "it"
-    return epochs, set(), (f"The probes read {what} before the loop body recomputes {them}; the checkpoints of "
-                           f"{len(epochs)} {unit} left {them} out, so the replay starts from checkpoints that kept "
-                           "everything")
-
-
-def _left_out_steps(run: Run, ckpts, grads: bool, tail: bool) -> tuple[set, set, str]:
-    """:func:`_left_out` for a run whose epochs' checkpoints left out the gradients their step loop clears first."""
-    if not grads and not tail:
+    need = liveness.for_replay(dead, code, run.code, run.state.get("loops") or {}, [c["source"] for c in deps],
+                               edited)
+    if not need.names and not need.grads and not need.tail:
         return set(), set(), ""
     state = run.state
-    ends = state.get("omitting")  # None: a run killed before it ended; any of its checkpoints may lack them
-    steps = state.get("omitting_steps")
-    ends = set(ends) if ends is not None else {e for e in ckpts if e >= 0}
-    steps = set(steps) if steps is not None else {e for e in ckpts if e >= 0}
-    if grads:
-        return ends | steps, set(), (
-            f"The probes read the gradients before the step loop clears them; the checkpoints of {len(ends | steps)} "
-            "epochs left them out, so the replay starts from checkpoints that kept everything")
-    return set(), steps, (
-        f"The probes after the step loop read the gradients, which the step-exit states of {len(steps)} epochs "
-        "left out: those epochs run their step loop")
+    # None: a run killed before it ended; any of its checkpoints may lack them
+    ends = set(state["omitting"]) if state.get("omitting") is not None else \
+        {e for e, r in ckpts.items() if e >= 0 and (dead.steps or r["kind"] == "end")}
+    steps = set(state["omitting_steps"]) if state.get("omitting_steps") is not None else {e for e in ckpts if e >= 0}
+    unit = "iterations" if (state.get("loops") or {}).get("unit") == "iterations" else "epochs"
+    if need.names or need.grads:
+        epochs = ends | steps if dead.steps else ends
+        what = ", ".join(sorted(need.names)) + (" and " if need.names and need.grads else "") + \
+            ("the gradients" if need.grads else "")
+        them = "them" if need.grads or len(need.names) > 1 else "it"
+        return epochs, set(), (f"The probes read {what} before the loop body recomputes {them}; the checkpoints of "
+                               f"{len(epochs)} {unit} left {them} out, so the replay starts from checkpoints that "
+                               "kept everything")
+    return set(), steps, (f"The probes after the step loop may read {', '.join(need.tail)}, which the step-exit "
+                          f"states of {len(steps)} epochs left out: those epochs run their step loop")
 
 
 def _describe(selected, segments, workers, touched, unit=None, own="") -> str:

@@ -83,6 +83,16 @@ def changed_lines(recorded: str, edited: str) -> list[int]:
     return out
 
 
+def _stream_words(keys) -> str:
+    """``grad/model``, ``val/inputs`` -> "the gradients of model, inputs"."""
+    out = []
+    for k in keys:
+        kind, _, path = k.partition("/")
+        out.append(f"the gradients of {path}" if kind == "grad" else f"the gradient of {path}" if kind == "valgrad"
+                   else path)
+    return ", ".join(out)
+
+
 def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", edited_cells=None,
           run_state=None, reads=()) -> dict:
     """The fidelity of a replay, as a JSON-able dict (see the module docstring)."""
@@ -140,7 +150,9 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
         "not_compared": {"variables": sorted({k.partition("/")[2] for c in checks for k in c.get("not_compared", ())
                                               if k.startswith("var/") and k[4:] in clock_vars}),
                          "metrics": sorted(n for n, m in metrics.items() if m["verdict"] == "clock"),
-                         **({"gradients": sorted({c["epoch"] for c in checks if c.get("left_out")})}
+                         **({"left_out": {"epochs": sorted({c["epoch"] for c in checks if c.get("left_out")}),
+                                          "values": sorted({k for c in checks for k in c.get("left_out", ())
+                                                            if k.partition("/")[0] in ("grad", "val", "valgrad")})}}
                             if any(c.get("left_out") for c in checks) else {}),
                          **({"attributes": [f"{', '.join(a)} of {t.rpartition('.')[2]} objects"
                                             for t, a in run_state["clock_attrs"].items()]}
@@ -393,11 +405,12 @@ def verdict_text(fidelity: dict) -> str:
     clock += [f"attribute{'s' if ',' in a else ''} {a}" for a in nc.get("attributes", [])]
     if clock:
         out += f". Not compared (wall-clock values, different in every run): {'; '.join(clock)}"
-    if nc.get("gradients"):
-        n = len(nc["gradients"])
-        out += (f". Gradients not compared at the end of epoch{'s' if n > 1 else ''} "
-                f"{format_epochs(nc['gradients'])}: this replay skipped the step loop there, and the checkpoint "
-                "left them out (the next epoch's step loop clears them before any read)")
+    left = nc.get("left_out")
+    if left:
+        n = len(left["epochs"])
+        out += (f". Not compared at the end of epoch{'s' if n > 1 else ''} {format_epochs(left['epochs'])}, where this "
+                f"replay skipped the step loop: {_stream_words(left['values'])} (the checkpoint left them out; the "
+                "next epoch recomputes them before any read)")
     damaged = fidelity.get("damaged_checkpoints") or {}
     if damaged:
         out += (f". Damaged checkpoint{'s' if len(damaged) > 1 else ''} of epoch{'s' if len(damaged) > 1 else ''} "

@@ -188,7 +188,9 @@ class Replayer:
         (the next epoch's step loop clears them first) are not compared at this epoch's end: nothing ran
         that computes them."""
         snap = self._restore("step_paths", self.epoch)
-        self.unreplayed = set(snap["python"].get("omitted", ()))
+        omitted = set(snap["python"].get("omitted", ()))
+        names = {k.partition("/")[2] for k in omitted if k.startswith("val/")}
+        self.unreplayed = omitted | {f"{kind}/{n}" for n in names for kind in ("var", "vmeta", "valgrad")}
         return
         yield  # a generator that yields nothing
 

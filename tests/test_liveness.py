@@ -123,6 +123,6 @@ def test_liveness_is_conservative():
 def test_an_edited_helper_that_mentions_gradients_needs_them():
     """Calls before the clearing were judged with the recorded helpers; an edited helper may read p.grad."""
     dead = liveness.Dead(frozenset({"h"}), (("list", "parameters"),), 8)
-    assert liveness.for_replay(dead, TRAIN, TRAIN, {}, [SETUP]) == (set(), False, False)
+    assert liveness.for_replay(dead, TRAIN, TRAIN, {}, [SETUP]) == (set(), False, ())
     helper = "def batch():\n    flor.log('g', float(W1.grad.norm()))\n    return torch.randint(0, 27, (32,))\n"
-    assert liveness.for_replay(dead, TRAIN, TRAIN, {}, [SETUP, helper], edited=[helper])[1] is True
+    assert liveness.for_replay(dead, TRAIN, TRAIN, {}, [SETUP, helper], edited=[helper]).grads is True

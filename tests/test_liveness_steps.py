@@ -1,6 +1,7 @@
 """An epoch loop whose step loop clears the gradients first (``opt.zero_grad()`` at the top of the batch loop):
 its checkpoints leave the gradients out, at the step loop's exit and at the epoch's end (about a quarter of an
-Adam checkpoint), and replay never restores them where the replayed code reads them."""
+Adam checkpoint), and the last batch's variables, and replay never restores them where the replayed code reads
+them."""
 from __future__ import annotations
 
 import ast
@@ -39,6 +40,7 @@ for epoch in range(6):
 '''
 TAIL = TRAIN.replace('    flor.log("acc"', '    flor.log("w", float(model[0].weight.detach().norm()))\n    flor.log("acc"')
 TAIL_GRAD = TRAIN.replace('    flor.log("acc"', '    flor.log("g", float(model[0].weight.grad.norm()))\n    flor.log("acc"')
+TAIL_BATCH = TRAIN.replace('    flor.log("acc"', '    flor.log("last_x", float(x.sum()))\n    flor.log("acc"')
 FIRST_GRAD = TRAIN.replace('        opt.zero_grad()\n', '        g0 = model[0].weight.grad\n'
                            '        flor.log("prev_g", 0.0 if g0 is None else float(g0.sum()))\n'
                            '        opt.zero_grad()\n')
@@ -57,7 +59,8 @@ def values(frame, name):
 
 def test_both_checkpoints_of_an_epoch_leave_out_the_gradients_its_step_loop_clears_first(store):
     run = record(store, "cnn", TRAIN)
-    assert run.state["dead"] == {"names": [], "cleared": [["zero_grad", "opt"]], "clear_line": 5, "steps": True}
+    assert run.state["dead"] == {"names": ["loss", "x", "y"], "cleared": [["zero_grad", "opt"]], "clear_line": 5,
+                                 "steps": True}
     last = run.epochs_completed - 1
     assert run.state["omitting"] and run.state["omitting_steps"]
     assert last not in run.state["omitting"] + run.state["omitting_steps"]  # the code after the loop may read them
@@ -66,16 +69,18 @@ def test_both_checkpoints_of_an_epoch_leave_out_the_gradients_its_step_loop_clea
     k = run.state["omitting_steps"][0]
     for path in (ckpts[k]["path"], ckpts[k]["end_path"]):
         snap = checkpoint.read(store.home, path)
-        assert "grad/model" not in snap["tensors"] and snap["python"]["omitted"] == ["grad/model"]
+        assert "grad/model" not in snap["tensors"] and "val/x" not in snap["tensors"]
+        assert set(snap["python"]["omitted"]) == {"grad/model", "val/loss", "val/x", "val/y"}
         assert "obj/model" in snap["tensors"] and "obj/opt" in snap["tensors"]
     assert "grad/model" in ckpts[k]["digest"] and "grad/model" in ckpts[k]["end_digest"]  # still checked
-    assert "grad/model" in checkpoint.read(store.home, ckpts[last]["end_path"])["tensors"]
+    assert {"grad/model", "val/x"} <= set(checkpoint.read(store.home, ckpts[last]["end_path"])["tensors"])
 
 
 @pytest.mark.parametrize("code, name, plan_says", [
     (TAIL, "w", "with the step loop skipped"),
     (TAIL_GRAD, "g", "those epochs run their step loop"),
     (FIRST_GRAD, "prev_g", "starts from checkpoints that kept everything"),
+    (TAIL_BATCH, "last_x", "may read x, which the step-exit states"),
 ])
 def test_replay_is_exact_wherever_the_probe_reads_the_gradients(store, code, name, plan_says):
     record(store, "run", TRAIN)
@@ -87,18 +92,19 @@ def test_replay_is_exact_wherever_the_probe_reads_the_gradients(store, code, nam
     truth = flor.dataframe(name, run="truth", store=store)
     got = values(df, name)
     assert got and got == [v for v in values(truth, name) if v[0] in (2, 3)]
-    if code is TAIL:  # the skipped step loops computed no gradients: the verdict says they were not compared
-        assert "Gradients not compared at the end of epochs 2-3" in df.attrs["verdict"], df.attrs["verdict"]
-        assert fidelity["not_compared"]["gradients"] == [2, 3]
+    if code is TAIL:  # the skipped step loops computed none of it: the verdict says it was not compared
+        assert ("Not compared at the end of epochs 2-3, where this replay skipped the step loop: the gradients of "
+                "model, loss, x, y") in df.attrs["verdict"], df.attrs["verdict"]
+        assert fidelity["not_compared"]["left_out"]["epochs"] == [2, 3]
     else:
-        assert "gradients" not in fidelity["not_compared"]
+        assert "left_out" not in fidelity["not_compared"]
 
 
-def _judge(body: str) -> liveness.Dead:
+def _judge(body: str, reads=None) -> liveness.Dead:
     epoch = ast.parse(body).body[0]
     step = next(n for n in ast.walk(epoch) if isinstance(n, ast.For) and n is not epoch)
-    return liveness.dead_grads_through_steps(epoch, step, lambda call: not (
-        isinstance(call.func, ast.Attribute) and call.func.attr == "step" and call.func.value.id == "opt"))
+    return liveness.dead_through_steps(epoch, step, lambda call: not (
+        isinstance(call.func, ast.Attribute) and call.func.attr == "step" and call.func.value.id == "opt"), reads)
 
 
 def test_the_gradients_are_left_out_only_where_nothing_reads_them():
@@ -113,16 +119,22 @@ def test_the_gradients_are_left_out_only_where_nothing_reads_them():
     assert not _judge(accumulate)  # cleared after the read: they carry into the next epoch
     nested = "for e in r:\n    with ctx:\n        for x in d:\n            opt.zero_grad()\n"
     assert not _judge(nested)  # the step loop is not a statement of the epoch body
+    batch = "for e in r:\n    for x in d:\n        out = m(x)\n        opt.zero_grad()\n        l(out).backward()\n"
+    assert _judge(batch, set()).names == {"x", "out"}
+    assert _judge(batch + "    log(out)\n", set()).names == {"x"}  # read after the step loop: kept
+    assert _judge(batch, {"out"}).names == {"x"}  # a function of the cells reads it: kept
+    assert _judge(batch.replace("        out = m(x)\n", "        if x is None:\n            continue\n"
+                                "        out = m(x)\n"), set()).names == {"x"}  # may be skipped
 
 
 def test_a_probe_calling_a_helper_that_reads_gradients_needs_them():
     dead = liveness.Dead((), (("zero_grad", "opt"),), 5, steps=True)
-    assert liveness.for_replay(dead, TAIL, TRAIN, {}, [SETUP]) == (set(), False, False)
+    assert liveness.for_replay(dead, TAIL, TRAIN, {}, [SETUP]) == (set(), False, ())
     helper = "def grad_norm(m):\n    return sum(float(p.grad.norm()) for p in m.parameters())\n"
     wrapper = "def stats(m):\n    return grad_norm(m)\n"
     probe = TRAIN.replace('    flor.log("acc"', '    flor.log("s", stats(model))\n    flor.log("acc"')
-    assert liveness.for_replay(dead, probe, TRAIN, {}, [SETUP, helper, wrapper]) == (set(), False, True)
-    assert liveness.for_replay(dead, probe, TRAIN, {}, [SETUP, "def stats(m):\n    return 1.0\n"])[2] is False
+    assert liveness.for_replay(dead, probe, TRAIN, {}, [SETUP, helper, wrapper]) == (set(), False, ("the gradients",))
+    assert liveness.for_replay(dead, probe, TRAIN, {}, [SETUP, "def stats(m):\n    return 1.0\n"]).tail == ()
 
 
 @pytest.mark.parametrize("probe, reads", [
@@ -143,4 +155,4 @@ def test_probes_calling_code_outside_the_cells_are_judged_where_it_can_be_read(t
     dead = liveness.Dead((), (("zero_grad", "opt"),), 5, steps=True)
     imports = "import gradtools, weights\nfrom gradtools import gn\nimport torch as torchlib\n"
     code = TRAIN.replace('    flor.log("acc"', f'    flor.log("p", {probe})\n    flor.log("acc"')
-    assert liveness.for_replay(dead, code, TRAIN, {}, [SETUP, imports]) == (set(), False, reads)
+    assert liveness.for_replay(dead, code, TRAIN, {}, [SETUP, imports]).tail == (("the gradients",) if reads else ())
