@@ -292,6 +292,9 @@ def _tasks(store: Store, run: Run, p: dict, token: str, device=None) -> list[dic
         "cwd": run.env.get("cwd"),
         "start_method": run.env.get("start_method"),
         "exclude": _unchecked_streams(run, p["code"]),
+        # Variables the next epoch recomputes first: where a skipped step loop left them out, not compared.
+        "left_out_names": (run.state.get("dead") or {}).get("names", []) if (run.state.get("dead") or {}).get(
+            "steps") else [],
         "key": str(signing.key_path()),  # the worker verifies checkpoints with this user's key
         "device": devices.DeviceMap(device).to_json(),  # checked here: a bad device fails before workers start
         "gpu": run.env.get("gpu"),

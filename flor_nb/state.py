@@ -345,7 +345,8 @@ def _dead_keys(g: Graph, ns: dict, dead) -> set[str]:
     if cleared:
         keys |= {f"valgrad/{path}" for path, t in g.tensors.items() if id(t) in cleared}
         keys |= {f"grad/{path}" for path, (kind, obj) in g.stateful.items()
-                 if kind == "module" and all(id(p) in cleared for p in obj.parameters())}
+                 if kind == "module" and all(id(p) in cleared for p in obj.parameters())
+                 and next(obj.parameters(), None) is not None}
     return keys
 
 

@@ -90,6 +90,7 @@ def _stream_words(keys) -> str:
         kind, _, path = k.partition("/")
         out.append(f"the gradients of {path}" if kind == "grad" else f"the gradient of {path}" if kind == "valgrad"
                    else path)
+    out = list(dict.fromkeys(out))  # a variable is named once
     return ", ".join(out)
 
 
@@ -152,7 +153,7 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
                          "metrics": sorted(n for n, m in metrics.items() if m["verdict"] == "clock"),
                          **({"left_out": {"epochs": sorted({c["epoch"] for c in checks if c.get("left_out")}),
                                           "values": sorted({k for c in checks for k in c.get("left_out", ())
-                                                            if k.partition("/")[0] in ("grad", "val", "valgrad")})}}
+                                                            if k.partition("/")[0] in ("grad", "var", "valgrad")})}}
                             if any(c.get("left_out") for c in checks) else {}),
                          **({"attributes": [f"{', '.join(a)} of {t.rpartition('.')[2]} objects"
                                             for t, a in run_state["clock_attrs"].items()]}

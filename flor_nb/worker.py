@@ -113,6 +113,7 @@ class Replayer:
         self.problems: list = []
         self.exclude = set(task.get("exclude") or ())
         self.unreplayed: set = set()  # keys the restored step-exit state left out: not compared at this epoch's end
+        self.left_out_names = task.get("left_out_names") or ()
         self.epoch_seconds: dict = {}
         self.restore_seconds = 0.0
         self._in_loop = False
@@ -189,8 +190,10 @@ class Replayer:
         that computes them."""
         snap = self._restore("step_paths", self.epoch)
         omitted = set(snap["python"].get("omitted", ()))
-        names = {k.partition("/")[2] for k in omitted if k.startswith("val/")}
-        self.unreplayed = omitted | {f"{kind}/{n}" for n in names for kind in ("var", "vmeta", "valgrad")}
+        if omitted:  # and the variables that held them (``data``, the batch list its tensors came from)
+            names = {k.partition("/")[2] for k in omitted if k.startswith("val/")} | set(self.left_out_names)
+            omitted |= {f"{kind}/{n}" for n in names for kind in ("var", "vmeta", "val", "valgrad")}
+        self.unreplayed = omitted
         return
         yield  # a generator that yields nothing
 
@@ -314,10 +317,13 @@ class Replayer:
             return
         self.capturer.order = recorded.get(checkpoint.ROOTS) or self.capturer.order
         live = self.capturer.digests()
-        left_out = sorted(k for k in recorded if k in self.unreplayed) if where == "end" else []
-        compared = sorted(k for k in recorded if k != checkpoint.ROOTS and not self._excluded(k) and k not in left_out)
+        compared = sorted(k for k in recorded if k != checkpoint.ROOTS and not self._excluded(k))
         differ = [k for k in compared if k in live and live[k] != recorded[k]]
         missing = [k for k in compared if k not in live]
+        # What a skipped step loop left out and the next epoch recomputes first: not compared (where it differs).
+        left_out = sorted(k for k in differ + missing if k in self.unreplayed) if where == "end" else []
+        if left_out:
+            compared, differ, missing = ([k for k in ks if k not in left_out] for ks in (compared, differ, missing))
         if "rng/cuda" in missing and self._cuda_rng_unplaced is not None:
             if recorded["rng/cuda"] == self._cuda_rng_unplaced:  # nothing drew from them since: not lost
                 missing.remove("rng/cuda")

@@ -159,8 +159,9 @@ def test_word_language_model(store, tmp_path):
 @pytest.mark.timeout(900)
 def test_cifar10_tutorial_leaves_the_gradients_out(store, tmp_path):
     """``FLOR_PYTORCH_TUTORIALS``: pytorch/tutorials (``beginner_source/blitz/cifar10_tutorial.py``). Its epoch loop
-    calls ``optimizer.zero_grad()`` first in the batch loop, so checkpoints leave the gradients out; a probe after
-    the batch loop that reads them makes those epochs run their batch loop, one that does not skips it."""
+    calls ``optimizer.zero_grad()`` first in the batch loop, so checkpoints leave the gradients and the last batch
+    out; a probe after the batch loop that reads them makes those epochs run their batch loop, one that does not
+    skips it."""
     root = _checkout("FLOR_PYTORCH_TUTORIALS", "beginner_source/blitz/cifar10_tutorial.py")
     src = (root / "beginner_source" / "blitz" / "cifar10_tutorial.py").read_text()
     data = textwrap.dedent("""\
@@ -177,14 +178,17 @@ def test_cifar10_tutorial_leaves_the_gradients_out(store, tmp_path):
     assert loop.endswith(after + "\n")
     weight = loop + "    flor.log('fc3', float(net.fc3.weight.detach().norm()))\n"
     grad = loop + "    flor.log('fc3_grad', float(net.fc3.weight.grad.norm()))\n"
+    batch = loop + "    flor.log('last_inputs', float(inputs.sum()))\n"
     cells = ["%load_ext flor_nb", data, net, opt]
     execute([*cells, "%%flor record --name cifar --overhead inf --no-progress\n" + loop], tmp_path)
     recorded = store.find_run("cifar")
-    assert recorded.state["dead"]["steps"] and recorded.state["omitting_steps"], recorded.state.get("dead")
-    for name, code in (("truth_w", weight), ("truth_g", grad)):
+    dead = recorded.state["dead"]
+    assert dead["steps"] and {"inputs", "outputs", "loss"} <= set(dead["names"]) and recorded.state["omitting_steps"]
+    for name, code in (("truth_w", weight), ("truth_g", grad), ("truth_b", batch)):
         execute([*cells, f"%%flor record --name {name} --no-progress\n" + code], tmp_path)
     for probe, code, truth, plan in (("fc3", weight, "truth_w", "with the step loop skipped"),
-                                     ("fc3_grad", grad, "truth_g", "run their step loop")):
+                                     ("fc3_grad", grad, "truth_g", "run their step loop"),
+                                     ("last_inputs", batch, "truth_b", "run their step loop")):
         pkl = tmp_path / f"{probe}.pkl"
         fresh = execute(["%load_ext flor_nb", f"%%flor replay cifar --epochs 2-3 --no-progress\n{code}",
                          f"_.to_pickle({str(pkl)!r})"], tmp_path)
