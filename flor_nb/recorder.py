@@ -28,6 +28,9 @@ _DIGEST_BUDGET = 0.01
 # boundary work, each boundary's commit included, with a part left for the per-iteration path (about
 # 2 us, 0.6% of a 300 us makemore step). With 2% for checkpoints plus 1% for digests on top, a step-only
 # loop measured +3.5..+4.3% against plain (engine accounting: checkpoints 2.1%, digests 1%, commits 0.6%).
+# An epoch loop's checkpoints that leave values out (see _dead_at) keep everything every this many: a probe that
+# reads what they left out before the epoch recomputes it replays from at most this many checkpoints back.
+_WHOLE_EVERY = 4
 _ITER_SHARES = (0.6, 0.25)  # of the overhead budget: checkpoints, digests (the rest: the per-unit path)
 
 
@@ -118,6 +121,7 @@ class Recorder(RowCommits, Checkpointing):
         self._gpu_state = False  # a snapshot held CUDA tensors (see _cores_busy)
         self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
         self.omitting_steps: list[int] = []  # epochs whose step-exit state left out the gradients (Dead.steps)
+        self._whole = (None, 0)  # (epoch whose checkpoints keep everything, how many such kept so far): _dead_at
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
         self._start_written = threading.Event()  # set by the writer once the start checkpoint is on disk
 
@@ -365,6 +369,11 @@ class Recorder(RowCommits, Checkpointing):
                     self.liveness_input, self._dead = None, liveness.Dead()  # unknown to replay: omit nothing
         if not self._dead or self._dead.steps != bool(self._step_exits):
             return None
+        if self._dead.steps:  # every _WHOLE_EVERY-th checkpoint keeps everything (the start one always does)
+            at, kept = self._whole
+            if at == k or (len(self.omitting) + kept) % _WHOLE_EVERY == _WHOLE_EVERY - 1:
+                self._whole = (k, kept)  # counted in _end_epoch once its checkpoint is taken
+                return None
         return self._dead
 
     # -- epoch boundary ----------------------------------------------------------
@@ -391,6 +400,8 @@ class Recorder(RowCommits, Checkpointing):
             end_snap = self._snapshot(dead)
         if end_snap is not None and end_snap[0]["python"].get("omitted"):
             self.omitting.append(k)
+        elif end_snap is not None and self._whole[0] == k:
+            self._whole = (k, self._whole[1] + 1)
         if step_ok and step_snap[0]["python"].get("omitted"):
             self.omitting_steps.append(k)
         if end_digest is not None and not step_ok:
