@@ -120,7 +120,7 @@ class Recorder(RowCommits, Checkpointing):
         self._busy = None  # see _cores_busy
         self._gpu_state = False  # a snapshot held CUDA tensors (see _cores_busy)
         self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
-        self.omitting_steps: list[int] = []  # epochs whose step-exit state left out the gradients (Dead.steps)
+        self.omitting_steps: list[int] = []  # epochs whose step-exit state left values out (Dead.steps)
         self._whole = (None, 0)  # (epoch whose checkpoints keep everything, how many such kept so far): _dead_at
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
         self._start_written = threading.Event()  # set by the writer once the start checkpoint is on disk
@@ -344,8 +344,9 @@ class Recorder(RowCommits, Checkpointing):
 
     def _dead_at(self, k, step_exit=False):
         """What unit k's checkpoint may leave out (see liveness.py): only between two units of a loop of known
-        length, never after the last unit (the code after the loop reads it). With a step loop, only the
-        gradients it clears first, at its exit (``step_exit``) and at the unit's end.
+        length, never after the last unit (the code after the loop reads it). With a step loop, the gradients it
+        clears first and the last batch's variables, at its exit (``step_exit``) and at the unit's end, but every
+        ``_WHOLE_EVERY``-th checkpoint.
 
         The calls are judged with the namespace once the first unit has bound the body's names; at the first step
         exit a call the epoch's tail has not bound yet counts as reading them, so only a "dead" answer is kept."""

@@ -292,9 +292,7 @@ def _tasks(store: Store, run: Run, p: dict, token: str, device=None) -> list[dic
         "cwd": run.env.get("cwd"),
         "start_method": run.env.get("start_method"),
         "exclude": _unchecked_streams(run, p["code"]),
-        # Variables the next epoch recomputes first: where a skipped step loop left them out, not compared.
-        "left_out_names": (run.state.get("dead") or {}).get("names", []) if (run.state.get("dead") or {}).get(
-            "steps") else [],
+        "left_out_names": _left_out_names(run),
         "key": str(signing.key_path()),  # the worker verifies checkpoints with this user's key
         "device": devices.DeviceMap(device).to_json(),  # checked here: a bad device fails before workers start
         "gpu": run.env.get("gpu"),
@@ -329,6 +327,13 @@ def _warn_moved(hint, loops):
         warnings.warn(f"flor_nb: the recorded step loop `{want['header']}` is not in the edited cell; using {where} "
                       "as the step loop. Keep the loop's header as recorded, or mark it with flor.loop(\"step\", ...).",
                       stacklevel=4)
+
+
+def _left_out_names(run: Run) -> list[str]:
+    """Variables the next epoch recomputes first: where a skipped step loop's state left them out, the worker does
+    not compare them (or the containers that held their tensors) at that epoch's end."""
+    dead = run.state.get("dead") or {}
+    return list(dead.get("names", [])) if dead.get("steps") else []
 
 
 def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, set, str]:

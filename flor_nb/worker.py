@@ -185,9 +185,9 @@ class Replayer:
         info["misplaced"] = sorted(set(info["misplaced"]) | set(devices.misplaced(self.ns, roots, cap.device_map)))
 
     def _skipped(self):
-        """The step loop, memoized: put back the state it left, run none of it. Gradients that state left out
-        (the next epoch's step loop clears them first) are not compared at this epoch's end: nothing ran
-        that computes them."""
+        """The step loop, memoized: put back the state it left, run none of it. What that state left out (the
+        gradients, the last batch: the next epoch recomputes them first) is not compared at this epoch's end:
+        nothing ran that computes it."""
         snap = self._restore("step_paths", self.epoch)
         omitted = set(snap["python"].get("omitted", ()))
         if omitted:  # and the variables that held them (``data``, the batch list its tensors came from)
