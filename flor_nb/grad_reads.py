@@ -141,27 +141,32 @@ SAFE_METHODS = {
 
 
 def _module_reads_nothing(module: str) -> bool:
-    """An imported module: a library (trusted, as at record time), or a file beside the notebook whose code names
-    nothing that reads gradients."""
+    """An imported module: an installed library or the standard library (trusted, as at record time), or the
+    user's own code (a file beside the notebook, a folder on ``sys.path``), trusted only when it names nothing
+    that reads gradients."""
     import importlib.util
     import os
+    import pathlib
+    import sysconfig
 
-    if module.split(".")[0] == "flor_nb":
+    top = module.split(".")[0]
+    if top == "flor_nb":
         return True
     try:
-        spec = importlib.util.find_spec(module.split(".")[0])
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return False
     origin = getattr(spec, "origin", None)
     if not origin or not os.path.isfile(origin):
         return spec is not None and origin in ("built-in", "frozen")
-    here = os.path.realpath(os.getcwd())
-    if not os.path.realpath(origin).startswith(here + os.sep) or "site-packages" in origin:
+    installed = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    where = os.path.realpath(origin)
+    if any(where.startswith(p + os.sep) for p in installed) or "site-packages" in where:
         return True
     folder = os.path.dirname(origin) if origin.endswith("__init__.py") else None
     files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".py")] if folder else [origin]
     try:
-        return not any(gradient_words(words(ast.parse(open(f, encoding="utf8").read()))) for f in files)
+        return not any(gradient_words(words(ast.parse(pathlib.Path(f).read_text(encoding="utf8")))) for f in files)
     except (OSError, SyntaxError, ValueError):
         return False
 
