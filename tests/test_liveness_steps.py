@@ -144,21 +144,22 @@ def test_a_probe_calling_a_helper_that_reads_gradients_needs_them():
     ("torch.nn.functional.cross_entropy(model(X), Y).item()", False),  # a library function, a module's forward
     ("model.custom_summary()", True),  # a method it cannot judge
     ("float(model[0].weight.grad.norm())", True),
-    ("gradtools.gn(model)", True),  # a module file beside the notebook that reads them
+    ("diag.gn(model)", True),  # a module file of the user's that reads them
     ("gn(model)", True),
     ("weights.wn(model)", False),  # one that does not
     ("torchlib.get_grad_norm(model)", True),  # a library function whose name says it reads them
-    ("extgrad.gn(model)", True),  # the user's module in another folder on sys.path
+    ("extdiag.gn(model)", True),  # the user's module in another folder on sys.path
 ])
 def test_probes_calling_code_outside_the_cells_are_judged_where_it_can_be_read(tmp_path, monkeypatch, probe, reads):
-    (tmp_path / "gradtools.py").write_text("def gn(m):\n    return float(m[0].weight.grad.norm())\n")
+    (tmp_path / "diag.py").write_text("def gn(m):\n    return float(m[0].weight.grad.norm())\n")
     (tmp_path / "weights.py").write_text("def wn(m):\n    return float(m[0].weight.detach().norm())\n")
     (tmp_path / "lib").mkdir()
-    (tmp_path / "lib" / "extgrad.py").write_text("def gn(m):\n    return float(m[0].weight.grad.norm())\n")
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lib" / "extdiag.py").write_text("def gn(m):\n    return float(m[0].weight.grad.norm())\n")
+    (tmp_path / "nb").mkdir()
+    monkeypatch.chdir(tmp_path / "nb")  # the modules lie outside the notebook's folder, on sys.path
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(tmp_path / "lib"))
     dead = liveness.Dead((), (("zero_grad", "opt"),), 5, steps=True)
-    imports = "import gradtools, weights, extgrad\nfrom gradtools import gn\nimport torch as torchlib\n"
+    imports = "import diag, weights, extdiag\nfrom diag import gn\nimport torch as torchlib\n"
     code = TRAIN.replace('    flor.log("acc"', f'    flor.log("p", {probe})\n    flor.log("acc"')
     assert liveness.for_replay(dead, code, TRAIN, {}, [SETUP, imports]).tail == (("the gradients",) if reads else ())
