@@ -119,28 +119,35 @@ def dead_at_unit_start(loop, reads_in_functions, library_call=None) -> Dead:
         return Dead()
     if any(isinstance(n, ast.Name) and n.id in DYNAMIC for n in ast.walk(loop)):
         return Dead()
-    deleted = {t.id for n in ast.walk(loop) if isinstance(n, ast.Delete) for t in n.targets if isinstance(t, ast.Name)}
-    read, assigned, escaped = set(), set(), False
-    dead: set = set()
-    cleared, clear_line, grads_read = [], None, False
-    for stmt in loop.body:
-        if escaped:
-            break
-        clear = _clearing(stmt)
-        if clear is not None and not grads_read:
+    cleared, clear_line, dead = _scan(loop.body, library_call, None, reads_in_functions, _deleted(loop))
+    return Dead(frozenset(dead), cleared, clear_line)
+
+
+def _deleted(node) -> set[str]:
+    return {t.id for n in ast.walk(node) if isinstance(n, ast.Delete) for t in n.targets if isinstance(t, ast.Name)}
+
+
+def _scan(stmts, library_call, forgiven, reads_in_functions, deleted) -> tuple[tuple, int | None, set]:
+    """(clearings of the gradients before any read of them, line of the last, variables assigned before any read)
+    over ``stmts`` run in order, up to the first that may leave them (``continue``, ``break``, ``return``,
+    ``raise``). ``reads_in_functions`` None: no variable."""
+    read, assigned, dead = set(), set(), set()
+    cleared, line, grads_read = [], None, False
+    for stmt in stmts:
+        clear = None if grads_read else _clearing(stmt)
+        read |= _loads(stmt)  # a clearing's too: the list's name, the optimizer's
+        if clear is not None:
             cleared.append(clear)
-            clear_line = stmt.lineno
-            read |= _loads(stmt)  # the list's name, the optimizer's
+            line = stmt.lineno
             continue
-        read |= _loads(stmt)
         if not grads_read:
-            grads_read = may_read_grads(stmt, library_call)
-        for name in _targets(stmt) - read - assigned:
-            if name not in reads_in_functions and name not in deleted:
-                dead.add(name)
+            grads_read = may_read_grads(stmt, library_call, forgiven)
+        if reads_in_functions is not None:
+            dead |= {n for n in _targets(stmt) - read - assigned if n not in reads_in_functions and n not in deleted}
         assigned |= _targets(stmt)
-        escaped = any(isinstance(n, _ESCAPES) for n in ast.walk(stmt))
-    return Dead(frozenset(dead), tuple(cleared), clear_line)
+        if any(isinstance(n, _ESCAPES) for n in ast.walk(stmt)):
+            break
+    return tuple(cleared), line, dead
 
 
 def dead_through_steps(epoch, step, library_call, reads_in_functions=None) -> Dead:
@@ -184,25 +191,10 @@ def _scan_through_steps(epoch, step, library_call, forgiven, reads_in_functions)
     if at is None or any(isinstance(n, ast.Name) and n.id in DYNAMIC for n in ast.walk(epoch)):
         return None
     header = ast.Assign(targets=[step.target], value=step.iter, lineno=step.lineno, end_lineno=step.lineno)
-    deleted = {t.id for n in ast.walk(epoch) if isinstance(n, ast.Delete) for t in n.targets if isinstance(t, ast.Name)}
-    read, assigned, dead = set(), set(), set()
-    cleared, line, grads_read = [], None, False
-    for stmt in [*epoch.body[:at], header, *step.body]:
-        clear = None if grads_read else _clearing(stmt)
-        read |= _loads(stmt)
-        if clear is not None:
-            cleared.append(clear)
-            line = stmt.lineno
-            continue
-        if not grads_read:
-            grads_read = may_read_grads(stmt, library_call, forgiven)
-        if reads_in_functions is not None:
-            dead |= {n for n in _targets(stmt) - read - assigned if n not in reads_in_functions and n not in deleted}
-        assigned |= _targets(stmt)
-        if any(isinstance(n, _ESCAPES) for n in ast.walk(stmt)):
-            break
+    cleared, line, dead = _scan([*epoch.body[:at], header, *step.body], library_call, forgiven, reads_in_functions,
+                                _deleted(epoch))
     tail = epoch.body[at + 1:]
-    return _Scan(tuple(cleared), line, dead, any(may_read_grads(stmt, library_call, forgiven) for stmt in tail),
+    return _Scan(cleared, line, dead, any(may_read_grads(stmt, library_call, forgiven) for stmt in tail),
                  {n for stmt in tail for n in _loads(stmt)})
 
 

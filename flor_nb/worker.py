@@ -190,9 +190,8 @@ class Replayer:
         nothing ran that computes it."""
         snap = self._restore("step_paths", self.epoch)
         omitted = set(snap["python"].get("omitted", ()))
-        if omitted:  # and the variables that held them (``data``, the batch list its tensors came from)
-            names = {k.partition("/")[2] for k in omitted if k.startswith("val/")} | set(self.left_out_names)
-            omitted |= {f"{kind}/{n}" for n in names for kind in ("var", "vmeta", "val", "valgrad")}
+        if omitted:  # the variables the run left out, and so the containers that held their tensors (``data``)
+            omitted |= {f"{kind}/{n}" for n in self.left_out_names for kind in ("var", "vmeta", "val", "valgrad")}
         self.unreplayed = omitted
         return
         yield  # a generator that yields nothing
