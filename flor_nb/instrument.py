@@ -170,23 +170,34 @@ def _wrap_while(tree, loop: ast.While):
     raise AssertionError("while loop not found in its tree")
 
 
-def _direct_calls(loop, attrs=("backward", "step")) -> set[str]:
-    """Which of ``attrs`` the loop's own body (not a nested loop) calls as methods."""
+def _direct_calls(loop, attrs=("backward", "step"), ns=None) -> set[str]:
+    """Which of ``attrs`` the loop's own body (not a nested loop) calls as methods; a learning-rate scheduler's
+    ``step()`` (pytorch/examples' MNIST: ``train(...)``, ``test(...)``, ``scheduler.step()``) is not training."""
     found, stack = set(), list(loop.body)
     while stack:
         node = stack.pop()
         if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.FunctionDef, ast.AsyncFunctionDef,
                              ast.ClassDef, ast.Lambda)):
             continue
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in attrs:
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in attrs
+                and not _scheduler(node.func.value, ns)):
             found.add(node.func.attr)
         stack.extend(ast.iter_child_nodes(node))
     return found
 
 
-def _direct_training(loop) -> bool:
+def _scheduler(node, ns) -> bool:
+    if not (ns and isinstance(node, ast.Name)):
+        return False
+    import torch
+
+    return isinstance(ns.get(node.id), (torch.optim.lr_scheduler.LRScheduler,
+                                        torch.optim.lr_scheduler.ReduceLROnPlateau))
+
+
+def _direct_training(loop, ns=None) -> bool:
     """The loop's own body (not a nested loop) calls ``backward()`` or ``step()``: one pass may be one step."""
-    return bool(_direct_calls(loop))
+    return bool(_direct_calls(loop, ns=ns))
 
 
 # -- which loop is which --------------------------------------------------------
@@ -300,7 +311,7 @@ def _pick_step(epoch, candidates, ns, trainers, what):
     loops over data, the outermost that is both, else the outermost of either; evaluation loops last."""
     parents = _parents(epoch)
     cands = [f for f in candidates if not _over_params(f, ns)]
-    direct = _direct_calls(epoch)
+    direct = _direct_calls(epoch, ns=ns)
 
     def micro(f):
         return any(_MICRO_WORDS.search(n) for n in _names_in(f.iter) + _names_in(f.target))
@@ -439,7 +450,7 @@ def instrument(source: str, what: str = "cell", hint: dict | None = None,
         return tree, fit
     epoch, step, explicit, step_explicit, tops, inner = _find(tree, what, hint, namespace, trainers_in(namespace))
     unit = (hint or {}).get("unit") or (
-        "iterations" if isinstance(epoch, ast.While) or (step is None and _direct_training(epoch)) else "epochs")
+        "iterations" if isinstance(epoch, ast.While) or (step is None and _direct_training(epoch, namespace)) else "epochs")
     loops = Loops(epoch.lineno, step.lineno if step else None, explicit, step_explicit, header(epoch),
                   header(step) if step else None, _nth(tops, epoch), _nth(inner, step) if step else 0, unit)
     if isinstance(epoch, ast.While):

@@ -44,6 +44,20 @@ def test_micro_steps_and_eval_loops_leave_the_batch_loop_the_step_loop():
     assert instrument(evals_first)[1].step_line == _step_line(evals_first)
 
 
+def test_a_schedulers_step_in_the_epoch_loop_is_not_a_training_step():
+    """pytorch/examples' MNIST: ``train(...)``, ``test(...)``, ``scheduler.step()``. The batch loop is in the helper;
+    one pass of the cell's loop is an epoch, not one optimizer step."""
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ns = {"opt": opt, "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1), "train": lambda *a: None}
+    cell = "for epoch in range(3):\n    train(model, opt)\n    scheduler.step()\n"
+    assert instrument(cell, namespace=ns)[1].unit == "epochs"
+    assert instrument(cell.replace("scheduler.step()", "opt.step()"), namespace=ns)[1].unit == "iterations"
+    assert instrument(cell)[1].unit == "iterations"  # without the namespace: it may be an optimizer
+
+
 def test_two_training_loops_ask_for_a_marker():
     code = TRAIN.replace("    sched.step()\n", "    for xb, yb in other_loader:\n        loss = F.cross_entropy("
                          "model(xb), yb); loss.backward(); opt.step()\n    sched.step()\n")
