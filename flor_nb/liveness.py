@@ -127,14 +127,17 @@ def _deleted(node) -> set[str]:
     return {t.id for n in ast.walk(node) if isinstance(n, ast.Delete) for t in n.targets if isinstance(t, ast.Name)}
 
 
-def _scan(stmts, library_call, forgiven, reads_in_functions, deleted) -> tuple[tuple, int | None, set]:
+def _scan(stmts, library_call, forgiven, reads_in_functions, deleted, rename=None) -> tuple[tuple, int | None, set]:
     """(clearings of the gradients before any read of them, line of the last, variables assigned before any read)
     over ``stmts`` run in order, up to the first that may leave them (``continue``, ``break``, ``return``,
-    ``raise``). ``reads_in_functions`` None: no variable."""
+    ``raise``). ``reads_in_functions`` None: no variable. ``rename(stmt, clearing)``: the clearing under the
+    cell's name (a helper's parameter -> the variable passed for it), None when it has none."""
     read, assigned, dead = set(), set(), set()
     cleared, line, grads_read = [], None, False
     for stmt in stmts:
         clear = None if grads_read else _clearing(stmt)
+        if clear is not None and rename is not None:
+            clear = rename(stmt, clear)
         read |= _loads(stmt)  # a clearing's too: the list's name, the optimizer's
         if clear is not None:
             cleared.append(clear)
@@ -150,7 +153,7 @@ def _scan(stmts, library_call, forgiven, reads_in_functions, deleted) -> tuple[t
     return tuple(cleared), line, dead
 
 
-def dead_through_steps(epoch, step, library_call, reads_in_functions=None) -> Dead:
+def dead_through_steps(epoch, step, library_call, reads_in_functions=None, helper=None) -> Dead:
     """What an epoch loop with a step loop recomputes before reading it, in every epoch: ``Dead(names, cleared,
     line, steps=True)``, else ``Dead()``.
 
@@ -160,9 +163,10 @@ def dead_through_steps(epoch, step, library_call, reads_in_functions=None) -> De
     end) may leave them out: the next epoch recomputes them first, and the code after the step loop, which a
     replay that skips the step loop runs from the step-exit state, reads none of them. (A step loop that runs
     no batch in the next epoch would carry them: replay's state check says so.) ``reads_in_functions``:
-    :func:`function_reads` of the cells (None: no variable is left out).
+    :func:`function_reads` of the cells (None: no variable is left out). ``helper``: the :class:`Helper` whose
+    body holds ``step``.
     """
-    scan = _scan_through_steps(epoch, step, library_call, library_call, reads_in_functions)
+    scan = _scan_through_steps(epoch, step, library_call, library_call, reads_in_functions, helper)
     if scan is None:
         return Dead()
     cleared = () if scan.tail_grads else scan.cleared
@@ -181,21 +185,142 @@ class _Scan:
     tail_names: set  # variables it reads
 
 
-def _scan_through_steps(epoch, step, library_call, forgiven, reads_in_functions) -> _Scan | None:
+def _scan_through_steps(epoch, step, library_call, forgiven, reads_in_functions, helper=None) -> _Scan | None:
     """Scan the epoch body up to the step loop, then the step loop's header and first pass, then the code after
-    it; None for a shape this does not judge (the step loop not a statement of the epoch body, an ``else:``,
-    dynamic names)."""
+    it; None for a shape this does not judge (the step loop not a statement of the epoch body or of the
+    ``helper`` (:class:`Helper`) it calls, an ``else:``, dynamic names)."""
     if not (isinstance(epoch, ast.For) and isinstance(step, ast.For)) or epoch.orelse or step.orelse:
         return None
-    at = next((j for j, stmt in enumerate(epoch.body) if stmt is step), None)
-    if at is None or any(isinstance(n, ast.Name) and n.id in DYNAMIC for n in ast.walk(epoch)):
+    if any(isinstance(n, ast.Name) and n.id in DYNAMIC for n in ast.walk(epoch)):
         return None
     header = ast.Assign(targets=[step.target], value=step.iter, lineno=step.lineno, end_lineno=step.lineno)
+    if helper is not None:
+        return _scan_helper(epoch, step, header, helper, library_call, forgiven, reads_in_functions)
+    at = next((j for j, stmt in enumerate(epoch.body) if stmt is step), None)
+    if at is None:
+        return None
     cleared, line, dead = _scan([*epoch.body[:at], header, *step.body], library_call, forgiven, reads_in_functions,
                                 _deleted(epoch))
     tail = epoch.body[at + 1:]
     return _Scan(cleared, line, dead, any(may_read_grads(stmt, library_call, forgiven) for stmt in tail),
                  {n for stmt in tail for n in _loads(stmt)})
+
+
+# -- the step loop inside a helper the epoch loop calls (pytorch/examples' MNIST: train(args, model, ...)) ------
+class Helper(NamedTuple):
+    """A function of the cells whose step loop is the run's, called once per epoch by a statement of the body."""
+
+    fn: ast.FunctionDef
+    at: int  # index of the calling statement in the epoch body
+    bound: dict  # the helper's parameter -> the cell's variable passed for it
+    local: frozenset  # the helper's local names
+
+
+def find_helper(epoch, choice: dict, sources) -> tuple[Helper, ast.For] | None:
+    """(:class:`Helper`, its step loop) of a run whose step loop is in a helper (``choice["helper"]``, from
+    :func:`flor_nb.edits.find_helper`), from the last of ``sources`` that defines it; None for a shape this
+    does not judge: the call not a whole statement of the epoch body (``train(...)``, ``loss = train(...)``),
+    the helper named twice in the epoch loop, ``*args`` at the call, the step loop not a statement of the
+    helper's body."""
+    from .edits import _top_defs
+    from .instrument import _fors, _hinted
+
+    want = (choice or {}).get("helper")
+    if not want or not isinstance(epoch, ast.For):
+        return None
+    fn = None
+    for src in sources:
+        fn = _top_defs(src).get(want["name"], fn)
+    if not isinstance(fn, ast.FunctionDef):
+        return None
+    step = _hinted(list(_fors(fn.body, into_loops=True)), want)
+    if not isinstance(step, ast.For) or not any(stmt is step for stmt in fn.body):
+        return None
+    if sum(isinstance(n, ast.Name) and n.id == want["name"] for n in ast.walk(epoch)) != 1:
+        return None
+    at = next((j for j, stmt in enumerate(epoch.body) if isinstance(stmt, (ast.Expr, ast.Assign))
+               and isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Name)
+               and stmt.value.func.id == want["name"]), None)
+    if at is None:
+        return None
+    call = epoch.body[at].value
+    if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+        return None
+    params = [a.arg for a in (*fn.args.posonlyargs, *fn.args.args)]
+    bound = {p: a.id for p, a in zip(params, call.args) if isinstance(a, ast.Name)}
+    bound |= {k.arg: k.value.id for k in call.keywords if isinstance(k.value, ast.Name)}
+    return Helper(fn, at, bound, frozenset(_local_names(fn))), step
+
+
+def _local_names(fn) -> set[str]:
+    """Names local to ``fn``: its parameters and what its body binds, but ``global``/``nonlocal`` ones (a superset:
+    names bound in nested functions count too)."""
+    a = fn.args
+    params = {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, *(v for v in (a.vararg, a.kwarg) if v))}
+    declared = {n for node in ast.walk(fn) if isinstance(node, (ast.Global, ast.Nonlocal)) for n in node.names}
+    stored = {n.id for node in fn.body for n in ast.walk(node) if isinstance(n, ast.Name)
+              and isinstance(n.ctx, (ast.Store, ast.Del))}
+    stored |= {n.name for node in fn.body for n in ast.walk(node)
+               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    return (params | stored) - declared
+
+
+def _root(call) -> str | None:
+    f = call.func
+    while isinstance(f, (ast.Attribute, ast.Subscript, ast.Call)):
+        f = f.func if isinstance(f, ast.Call) else f.value
+    return f.id if isinstance(f, ast.Name) else None
+
+
+def _scan_helper(epoch, step, header, h: Helper, library_call, forgiven, reads_in_functions) -> _Scan | None:
+    """:func:`_scan_through_steps` for a step loop in a helper: the epoch body up to the call, the call's
+    arguments, the helper's body up to its step loop, its header and first pass; the tail is the helper's body
+    after the step loop and the epoch body after the call. Variables are the cell's only (the helper's die with
+    it); a clearing under a parameter's name counts under the cell's variable passed for it."""
+    if any(isinstance(n, ast.Name) and n.id in DYNAMIC for n in ast.walk(h.fn)):
+        return None
+    k = next(j for j, stmt in enumerate(h.fn.body) if stmt is step)
+    stmt = epoch.body[h.at]
+    call = stmt.value
+    args = ast.Expr(value=ast.Tuple(elts=[*call.args, *(kw.value for kw in call.keywords)], ctx=ast.Load()),
+                    lineno=stmt.lineno, end_lineno=stmt.end_lineno)
+    inside = {id(n) for node in h.fn.body for n in ast.walk(node)}
+
+    def rename(where, clear):
+        how, name = clear
+        if id(where) not in inside or name not in h.local:
+            return clear
+        return (how, h.bound[name]) if name in h.bound else None
+
+    cell_pre = [*epoch.body[:h.at], args]
+    if isinstance(stmt, ast.Assign):  # loss = train(...): bound once the helper returns
+        cell_pre.append(ast.Assign(targets=stmt.targets, value=ast.Constant(None), lineno=stmt.lineno,
+                                   end_lineno=stmt.end_lineno))
+    _, _, dead = _scan(cell_pre, library_call, forgiven, reads_in_functions, _deleted(epoch))
+    cleared, line, _ = _scan([*epoch.body[:h.at], args, *h.fn.body[:k], header, *step.body], library_call, forgiven,
+                             None, set(), rename)
+    tail = [*h.fn.body[k + 1:], *epoch.body[h.at + 1:]]
+    return _Scan(cleared, line, dead, any(may_read_grads(s, library_call, forgiven) for s in tail),
+                 {n for s in tail for n in _loads(s)})
+
+
+def helper_judge(h: Helper, cell_judge, local_judge, bound_judge):
+    """``library_call`` for a cell and its helper: calls in the helper on a parameter go to ``bound_judge`` (the
+    namespace with the parameters bound to what the cell passed), on another local to ``local_judge`` (no object
+    to look at), the rest to ``cell_judge``."""
+    inside = {id(n) for node in h.fn.body for n in ast.walk(node)}
+
+    def judge(call) -> bool:
+        if id(call) not in inside:
+            return cell_judge(call)
+        root = _root(call)
+        if root in h.bound:
+            return bound_judge(call)
+        if root in h.local or root is None:
+            return local_judge(call)
+        return cell_judge(call)
+
+    return judge
 
 
 def needs(recorded: Dead, loop, reads_in_functions, added_lines=()) -> tuple[set, bool]:
@@ -233,25 +358,28 @@ class Needs(NamedTuple):
     tail: tuple = ()  # what the code after the step loop reads of what step-exit states left out (``Dead.steps``)
 
 
-def needs_through_steps(recorded: Dead, epoch, step, sources, added_lines=()) -> Needs:
+def needs_through_steps(recorded: Dead, epoch, step, sources, added_lines=(), helper=None, helper_added=()) -> Needs:
     """:class:`Needs` of an edited cell whose recording left values out at both points of an epoch (``Dead.steps``):
     read before they are recomputed, no checkpoint that left them out can be entered; read after the step loop,
     an epoch whose step-exit state left them out runs its step loop.
 
     The recorded statements were judged at record time, with the namespace; the probe lines
-    (``added_lines``) are judged here, from the cells' code (:func:`probe_judge`)."""
+    (``added_lines``; ``helper_added`` in the ``helper``'s cell) are judged here, from the cells' code
+    (:func:`probe_judge`)."""
     grads_word = ("the gradients",) if recorded.cleared else ()
     everything = Needs(set(recorded.names), bool(recorded.cleared), grads_word + tuple(sorted(recorded.names)))
     if epoch is None or step is None:
         return everything
-    added = set(added_lines)
+    added, in_helper = set(added_lines), set(helper_added)
+    inside = {id(n) for node in helper.fn.body for n in ast.walk(node)} if helper is not None else set()
 
     def recorded_line(call) -> bool:
-        return not (set(range(call.lineno, (call.end_lineno or call.lineno) + 1)) & added)
+        lines = set(range(call.lineno, (call.end_lineno or call.lineno) + 1))
+        return not (lines & (in_helper if id(call) in inside else added))
 
     probe = probe_judge(sources)
     scan = _scan_through_steps(epoch, step, lambda c: recorded_line(c) or probe(c), recorded_line,
-                               function_reads(sources))
+                               function_reads(sources), helper)
     if scan is None:
         return everything
     names = set(recorded.names)
@@ -266,26 +394,69 @@ def for_record(code: str, choice: dict, sources, ns: dict) -> Dead:
     if epoch is None:
         return Dead()
     reads = function_reads([code, *sources])
+    if choice.get("helper"):
+        found = find_helper(epoch, choice, sources)
+        if found is None:
+            return Dead()
+        h, step = found
+        bound = dict(ns)
+        for param, var in h.bound.items():  # a parameter is the object passed for it; unknown ones are not judged
+            if var in ns:
+                bound[param] = ns[var]
+            else:
+                bound.pop(param, None)
+        judge = helper_judge(h, record_judge(ns), probe_judge([code, *sources]), record_judge(bound))
+        return dead_through_steps(epoch, step, judge, reads, h)
     if step is not None:
         return dead_through_steps(epoch, step, record_judge(ns), reads)
     return dead_at_unit_start(epoch, reads, record_judge(ns))
 
 
-def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sources, edited=()) -> Needs:
+def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sources, edited=(),
+               recorded_sources=None) -> Needs:
     """What an edited cell reads of what recording left out (:class:`Needs`).
 
     ``edited``: sources of dependency cells edited for this replay. The calls before the clearing were
-    judged with the recorded functions; an edited one that mentions gradients may now read them first."""
+    judged with the recorded functions; an edited one that mentions gradients may now read them first.
+    ``recorded_sources``: the dependency cells as recorded (the lines a helper with the step loop gained are
+    probes; without them, every line of it is judged as one)."""
     from .edits import added_lines
 
     added = added_lines(recorded_code, code)
+    helper = (choice or {}).get("helper")
     if recorded.steps:
-        out = needs_through_steps(recorded, *_loops(code, choice), [code, *sources], added)
+        epoch, step = _loops(code, choice)
+        found = find_helper(epoch, choice, sources) if helper else None
+        if helper and found is None:
+            step = None
+        in_helper = ()
+        if found is not None:
+            step = found[1]
+            was = _defining(recorded_sources or (), helper["name"])
+            fn = found[0].fn
+            in_helper = added_lines(was, _defining(sources, helper["name"])) if was is not None else \
+                range(fn.lineno, fn.end_lineno + 1)
+        out = needs_through_steps(recorded, epoch, step, [code, *sources], added, found and found[0], in_helper)
     else:
         out = Needs(*needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]), added))
-    if recorded.cleared and any(gradient_words(words(ast.parse(src))) for src in edited):
+    # The helper's own lines are judged above; the rest of an edited cell may be called anywhere.
+    if recorded.cleared and any(gradient_words(_words_but(src, helper and helper["name"])) for src in edited):
         out = out._replace(grads=True)
     return out
+
+
+def _defining(sources, name: str) -> str | None:
+    """The last of ``sources`` that defines function ``name`` at its top level."""
+    from .edits import _top_defs
+
+    return next((src for src in reversed(list(sources)) if name in _top_defs(src)), None)
+
+
+def _words_but(src: str, name) -> set[str]:
+    """:func:`words` of a cell but its top-level function ``name``."""
+    tree = ast.parse(src)
+    return words(ast.Module(body=[n for n in tree.body if not (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                                                and n.name == name)], type_ignores=[]))
 
 
 def _epoch_loop(code: str, choice: dict):

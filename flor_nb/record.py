@@ -150,7 +150,7 @@ def record(
         recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
         recorder.clock = clock_names(code)
         recorder.base_args = args
-        if swapped is None and not loops.framework:  # values the next unit recomputes need not be stored
+        if not loops.framework:  # values the next unit recomputes need not be stored
             recorder.liveness_input = (code, choice, [c.source for c in deps])
     except BaseException as e:  # no run is left 'running' by a failure before training starts
         store.update_run(run.id, status="failed", ended=time.time(), error=f"{type(e).__name__}: {e}")

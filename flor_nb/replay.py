@@ -344,7 +344,7 @@ def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, set, st
     if not dead:
         return set(), set(), ""
     need = liveness.for_replay(dead, code, run.code, run.state.get("loops") or {}, [c["source"] for c in deps],
-                               edited)
+                               edited, [c["source"] for c in run.deps])
     if not need.names and not need.grads and not need.tail:
         return set(), set(), ""
     state = run.state

@@ -10,7 +10,8 @@ and is skipped without one (fetch the repositories and point the variables at th
   dataset splits by ``hash()``; the trainer keeps wall-clock attributes.
 * ``FLOR_PYTORCH_EXAMPLES``: pytorch/examples (``word_language_model/``). An LSTM (weak references to its own
   parameters), ``for epoch in range(1, args.epochs+1)`` inside ``try``, the learning rate annealed in a global,
-  the model saved to a file when it improves, the batch loop in ``train()``.
+  the model saved to a file when it improves, the batch loop in ``train()``. Also ``mnist/main.py``: the batch
+  loop in ``train(args, model, device, train_loader, optimizer, epoch)``, ``scheduler.step()`` in the epoch loop.
 """
 from __future__ import annotations
 
@@ -197,3 +198,58 @@ def test_cifar10_tutorial_leaves_the_gradients_out(store, tmp_path):
         got = _values(pd.read_pickle(pkl), [probe])
         want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
         assert got and got == want, (got, want)
+
+
+@pytest.mark.timeout(900)
+def test_mnist_example_leaves_the_gradients_its_train_helper_clears_out(store, tmp_path):
+    """pytorch/examples' ``mnist/main.py``: ``train()`` calls ``optimizer.zero_grad()`` first in its batch loop, so
+    the checkpoints leave the gradients out (a third of an Adadelta checkpoint); a probe after ``train()`` that
+    reads them makes those epochs run the batch loop, one that does not skips it, and a probe added inside the
+    helper in the fresh kernel runs it everywhere."""
+    root = _checkout("FLOR_PYTORCH_EXAMPLES", "mnist/main.py")
+    src = (root / "mnist" / "main.py").read_text()
+    imports = _between(src, "import argparse", "class Net").replace("from torchvision import datasets, transforms\n",
+                                                                   "")
+    net = _between(src, "class Net", "def train(")
+    helpers = _between(src, "def train(", "def main():")
+    setup = textwrap.dedent(_between(src, "    # Training settings", "    for epoch in range(1, args.epochs + 1):"))
+    setup = setup.replace("args = parser.parse_args()",  # size
+                          "args = parser.parse_args(['--epochs', '5', '--batch-size', '32', '--log-interval', '5'])")
+    data = _between(setup, "transform=transforms.Compose", "train_loader = torch")
+    setup = setup.replace(data, textwrap.dedent("""\
+        # data: random images instead of MNIST (no download)
+        dataset1 = torch.utils.data.TensorDataset(torch.randn(320, 1, 28, 28), torch.randint(0, 10, (320,)))
+        dataset2 = torch.utils.data.TensorDataset(torch.randn(200, 1, 28, 28), torch.randint(0, 10, (200,)))
+        """))
+    loop = textwrap.dedent(_between(src, "    for epoch in range(1, args.epochs + 1):", "\n    if args.save_model"))
+    weight = loop + "    flor.log('fc2', float(model.fc2.weight.detach().norm()))\n"
+    grad = loop + "    flor.log('fc2_grad', float(model.fc2.weight.grad.norm()))\n"
+    step = "        optimizer.step()\n"
+    helpers_probed = helpers.replace(step, step + "        flor.log('loss', loss.item())\n")
+    assert helpers_probed != helpers
+    cells = ["%load_ext flor_nb", imports, net, helpers, setup]
+    rec = text(execute([*cells, "%%flor record --name mnist --overhead inf --no-progress\n" + loop],
+                       tmp_path).cells[5])
+    assert "5 epochs" in rec and "Not captured" not in rec, rec[-2000:]
+    recorded = store.find_run("mnist")
+    assert recorded.state["loops"]["helper"]["name"] == "train"
+    assert recorded.state["dead"] == {"names": [], "cleared": [["zero_grad", "optimizer"]], "clear_line": 5,
+                                      "steps": True}
+    assert recorded.state["omitting_steps"] == recorded.state["omitting"] == [0, 1, 2]  # 3 whole, 4 the last
+    for name, code, cells_run in (("truth_w", weight, cells), ("truth_g", grad, cells),
+                                  ("truth_l", loop, [*cells[:3], helpers_probed, setup])):
+        execute([*cells_run, f"%%flor record --name {name} --no-progress\n" + code], tmp_path)
+    for probe, code, truth, plan, before in (
+            ("fc2", weight, "truth_w", "with the step loop skipped", []),
+            ("fc2_grad", grad, "truth_g", "run their step loop", []),
+            ("loss", loop, "truth_l", "2 epoch(s) in full", [helpers_probed])):  # the helper edited in the fresh kernel
+        pkl = tmp_path / f"{probe}.pkl"
+        fresh = execute(["%load_ext flor_nb", *before, f"%%flor replay mnist --epochs 2-3 --no-progress\n{code}",
+                         f"_.to_pickle({str(pkl)!r})"], tmp_path)
+        verdict = text(fresh.cells[1 + len(before)])
+        assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
+        assert "kept everything" not in verdict, verdict[-3000:]  # entered from the checkpoints without gradients
+        got = _values(pd.read_pickle(pkl), [probe])
+        want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
+        assert got and got == want, (got, want)
+
