@@ -148,3 +148,48 @@ def helper_touched(recorded: str, edited: str, helper: dict, hint: dict | None) 
     logs_before = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "log"
                       for s in pre_stmts for n in ast.walk(s))
     return {"step": False, "pre": logs_before or any(epoch.body[0].lineno <= ln < call.lineno for ln in lines)}
+
+
+def helper_reads_after_steps(source: str, helper: dict, cell: str = "") -> list[str]:
+    """Local variables of the helper that its step loop sets or changes and its code after the loop reads
+    (``total += loss.item()`` in the loop, ``return total / n`` after it). A replay that skipped the step loop
+    would run that code on their values from before the loop (the step-exit state holds the cell's variables,
+    not the helper's), so such a helper's step loop always runs. A parameter that every call in the ``cell``
+    passes a variable of the cell for holds the cell's object, restored in place: changing it (``opt.step()``)
+    does not count. ["?"] when the helper is not found."""
+    node = _top_defs(source).get(helper["name"])
+    step = _hinted(list(_fors(node.body, into_loops=True)), helper) if node is not None else None
+    if step is None:
+        return ["?"]
+    from .liveness import _local_names
+
+    local = _local_names(node)
+    params = {a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)}
+    rebound = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+    own = {p for p in params & _passed(cell, node) if p not in rebound}  # still the cell's object wherever it is used
+    changed = {n.id for n in ast.walk(step) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+    for n in ast.walk(step):  # changed through a method, an attribute or an item: losses.append(...), d[k] = v
+        target = n.func.value if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) else \
+            n.value if isinstance(n, (ast.Attribute, ast.Subscript)) and isinstance(n.ctx, ast.Store) else None
+        while isinstance(target, (ast.Attribute, ast.Subscript)):
+            target = target.value
+        if isinstance(target, ast.Name) and target.id not in own:
+            changed.add(target.id)
+    after = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+             and n.lineno > step.end_lineno}
+    return sorted(local & changed & after)
+
+
+def _passed(cell: str, fn) -> set[str]:
+    """Parameters of ``fn`` that every call of it in ``cell`` passes a plain variable for."""
+    params = [a.arg for a in (*fn.args.posonlyargs, *fn.args.args)]
+    out = None
+    for call in (n for n in ast.walk(parse(cell)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                 and n.func.id == fn.name):
+        if any(isinstance(a, ast.Starred) for a in call.args):
+            return set()
+        here = {k.arg for k in call.keywords if k.arg and isinstance(k.value, ast.Name)}
+        here |= {p for p, a in zip(params, call.args) if isinstance(a, ast.Name)}
+        out = here if out is None else out & here
+    return out or set()
+

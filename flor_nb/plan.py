@@ -266,7 +266,7 @@ def estimate(run, prepared: dict, inside: list[str] = ()) -> dict:
     if inside:
         why = f"{', '.join(inside)} log{'s' if len(inside) == 1 else ''} at every step"
     elif prepared["touched"].get("step"):
-        why = "the probes change the step loop"
+        why = prepared["touched"].get("why") or "the probes change the step loop"
     else:
         why = "no state was saved after their last step"
     kept = set(prepared["epochs"])

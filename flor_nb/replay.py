@@ -14,7 +14,7 @@ from . import executor as executors
 from . import checkpoint, devices, hash_seed, housekeeping, liveness, machine, runtime, signing, thinning, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
-from .edits import changes, helper_touched
+from .edits import changes, helper_reads_after_steps, helper_touched
 from .instrument import instrument, parse, recorded_loops
 from .plan import format_epochs, loop_values, parse_epochs, plan
 from .state import content_hash
@@ -60,6 +60,11 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     touched = helper_touched(run.code, code, helper, hint) if helper else changes(run.code, code, hint)
     if cells:  # an edited helper may run inside the step loop
         touched["step"] = True
+    carried = helper_reads_after_steps(next((c["source"] for c in deps if c["count"] == helper["cell"]), ""),
+                                       helper, code) if helper else []
+    if carried and not touched["step"]:  # its locals after a skipped step loop would be those from before it
+        touched = {**touched, "step": True, "why": f"{helper['name']}() reads {', '.join(carried)} after its step "
+                   f"loop, which sets {'them' if len(carried) > 1 else 'it'}"}
     # Float reductions depend on the thread count: replay with the recorded one, so results are
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
@@ -373,7 +378,8 @@ def _describe(selected, segments, workers, touched, unit=None, own="") -> str:
         return (f"replay {len(selected)} iteration(s){own} as {len(segments)} segment(s) on {workers} worker(s): "
                 f"{full} iteration(s) run" + (f", {run_on} of them past the last one asked for, to reach a "
                                               "recorded check of the state" if run_on else ""))
-    why = ("the probes change the step loop" if touched["step"] else "the probes sit outside the step loop")
+    why = touched.get("why") or (
+        "the probes change the step loop" if touched["step"] else "the probes sit outside the step loop")
     return (f"replay {len(selected)} epoch(s){own} as {len(segments)} segment(s) on {workers} worker(s): "
             f"{full} epoch(s) in full, {skip} with the step loop skipped ({why})")
 
