@@ -81,6 +81,7 @@ class Capturer(Restorer):
             leaf = pool.copy if pool is not None else _host_copy
         g = walk(self.ns, self.scope, self.order, **self.limits)
         skip = _dead_keys(g, self.ns, dead) if copy and dead else set()
+        omitted_bytes = 0  # what skip leaves out
 
         def dup(tree, key):
             where = devices.tree_devices(tree)
@@ -88,6 +89,8 @@ class Capturer(Restorer):
                 placed[key] = where
             if key in skip:  # recomputed before any read: only its digest is kept, so replay still checks it
                 digests.update(_in_place_digests({key: map_tree(tree, lambda t: dense_leaf(t, _same))}))
+                nonlocal omitted_bytes
+                omitted_bytes += tensor_bytes(tree)
                 return None
             return map_tree(tree, lambda t: dense_leaf(t, leaf or _same))
         self.order = list(g.roots)
@@ -196,6 +199,7 @@ class Capturer(Restorer):
                 warnings.warn(note, stacklevel=4)
         return {
             "tensors": tensors, "python": python, "digests": digests, "roots": list(g.roots), "events": events,
+            "omitted_bytes": omitted_bytes,
             "not_captured": {**g.not_captured, **self.unpicklable, **devices.uncaptured(placed)},
             "notes": dict(g.notes), "data": dict(g.data),
             "outputs": dict(g.outputs),
@@ -317,6 +321,17 @@ def _nonpersistent_buffers(module) -> dict:
             if b is not None:
                 out[f"{mname}.{bname}" if mname else bname] = b
     return out
+
+
+def tensor_bytes(tree) -> int:
+    """Bytes of the tensors in a snapshot's value (a tensor, or dicts, lists and tuples of them)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
 
 
 def _in_place_digests(tensors: dict) -> dict:
