@@ -8,8 +8,9 @@ import threading
 import time
 import warnings
 
-from . import cpu_math, disk, liveness, machine, runtime, saver, state, validate
+from . import cpu_math, disk, machine, omission, runtime, saver, state, validate
 from .checkpointing import Checkpointing
+from .omission import Omission
 from .errors import DiskFullError, NotCapturedWarning, StoreError
 from .plan import own_range
 from .rows import RowCommits
@@ -28,19 +29,7 @@ _DIGEST_BUDGET = 0.01
 # boundary work, each boundary's commit included, with a part left for the per-iteration path (about
 # 2 us, 0.6% of a 300 us makemore step). With 2% for checkpoints plus 1% for digests on top, a step-only
 # loop measured +3.5..+4.3% against plain (engine accounting: checkpoints 2.1%, digests 1%, commits 0.6%).
-# An epoch loop's checkpoints that leave values out (see _dead_at) keep everything every k-th, k at least this and
-# at most the next: a probe that reads what they left out before the epoch recomputes it replays from at most k
-# checkpoints back. Within those bounds k is the least that keeps the mean checkpoint within _WHOLE_SHARE of the
-# checkpoints that leave them out (Adam: gradients a third of the state, k = 5; SGD with momentum, a half, k = 7).
-_WHOLE_EVERY = (4, 16)
-_WHOLE_SHARE = 0.08
 _ITER_SHARES = (0.6, 0.25)  # of the overhead budget: checkpoints, digests (the rest: the per-unit path)
-
-
-def whole_every(kept: int, omitted: int) -> int:
-    """How often a checkpoint that could leave ``omitted`` bytes out of ``kept`` keeps them (see _WHOLE_EVERY)."""
-    low, high = _WHOLE_EVERY
-    return max(low, min(high, math.ceil(omitted / max(1, _WHOLE_SHARE * kept))))
 
 
 def _recent_median(seconds: list) -> float:
@@ -49,7 +38,7 @@ def _recent_median(seconds: list) -> float:
     return last[len(last) // 2]
 
 
-class Recorder(RowCommits, Checkpointing):
+class Recorder(RowCommits, Checkpointing, Omission):
     """The session while a cell records.
 
     ``flor.log`` only appends to a list; at each unit boundary the rows are
@@ -131,7 +120,7 @@ class Recorder(RowCommits, Checkpointing):
         self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
         self.omitting_steps: list[int] = []  # epochs whose step-exit state left values out (Dead.steps)
         self._whole = (None, 0)  # (epoch whose checkpoints keep everything, how many such kept so far): _dead_at
-        self.whole_every = _WHOLE_EVERY[0]  # set from the sizes of the first checkpoint that leaves values out
+        self.whole_every = omission._WHOLE_EVERY[0]  # set from the sizes of the first checkpoint that leaves values out
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
         self._start_written = threading.Event()  # set by the writer once the start checkpoint is on disk
 
@@ -352,41 +341,6 @@ class Recorder(RowCommits, Checkpointing):
         self.digest_seconds.append(time.perf_counter() - start)
         return digests
 
-    def _dead_at(self, k, step_exit=False):
-        """What unit k's checkpoint may leave out (see liveness.py): only between two units of a loop of known
-        length, never after the last unit (the code after the loop reads it). With a step loop, the gradients it
-        clears first and the last batch's variables, at its exit (``step_exit``) and at the unit's end, but every
-        ``whole_every``-th checkpoint.
-
-        The calls are judged with the namespace once the first unit has bound the body's names; at the first step
-        exit a call the epoch's tail has not bound yet counts as reading them, so only a "dead" answer is kept."""
-        if self.liveness_input is None or self._total is None or k >= self._total - 1 or self.resume_at is not None:
-            return None
-        if self._dead is None:
-            code, choice, sources = self.liveness_input
-            try:
-                dead = liveness.for_record(code, choice, sources, self.ns)
-            except Exception as e:  # noqa: BLE001 - an optimisation: store everything instead
-                logger.info("flor_nb: liveness analysis failed (%s); checkpoints keep every value", e)
-                dead = liveness.Dead()
-            if step_exit and not dead:
-                return None  # judged again at the unit's end
-            self._dead = dead
-            if self._dead:  # kept with the run now: a replay of a run killed later must know it too
-                self.run.state = {**self.run.state, "dead": self._dead.to_json()}
-                try:
-                    self.store.update_run(self.run.id, state=self.run.state)
-                except StoreError:
-                    self.liveness_input, self._dead = None, liveness.Dead()  # unknown to replay: omit nothing
-        if not self._dead or self._dead.steps != bool(self._step_exits):
-            return None
-        if self._dead.steps:  # every whole_every-th checkpoint keeps everything (the start one always does)
-            at, kept = self._whole
-            if at == k or (len(self.omitting) + kept) % self.whole_every == self.whole_every - 1:
-                self._whole = (k, kept)  # counted in _end_epoch once its checkpoint is taken
-                return None
-        return self._dead
-
     # -- epoch boundary ----------------------------------------------------------
     def _end_epoch(self, k, seconds, left=None):
         """Unit k ended at a boundary: store its rows and completion first (a kill, or an OOM in the
@@ -409,16 +363,7 @@ class Recorder(RowCommits, Checkpointing):
             # this epoch's tail, and checks a probe after the step loop against it. Its tensors
             # barely differ from the step-exit ones, so they are stored once (dedup).
             end_snap = self._snapshot(dead)
-        if end_snap is not None and end_snap[0]["python"].get("omitted"):
-            if not self.omitting:  # against the modules' and optimizers' state: what changes every epoch
-                tensors = end_snap[0]["tensors"]
-                trained = {key: t for key, t in tensors.items() if key.startswith("obj/")} or tensors
-                self.whole_every = whole_every(state.tensor_bytes(trained), end_snap[0]["omitted_bytes"])
-            self.omitting.append(k)
-        elif end_snap is not None and self._whole[0] == k:
-            self._whole = (k, self._whole[1] + 1)
-        if step_ok and step_snap[0]["python"].get("omitted"):
-            self.omitting_steps.append(k)
+        self._note_omitted(k, end_snap, step_snap if step_ok else None)
         if end_digest is not None and not step_ok:
             self._pending_digests.append((k, "end", end_digest))
         self._store_digests()

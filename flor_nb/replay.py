@@ -64,7 +64,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
                                        helper, code) if helper else []
     if carried and not touched["step"]:  # its locals after a skipped step loop would be those from before it
         touched = {**touched, "step": True, "why": f"{helper['name']}() reads {', '.join(carried)} after its step "
-                   f"loop, which sets {'them' if len(carried) > 1 else 'it'}"}
+                   f"loop, which sets {'them' if len(carried) > 1 else 'it'}" if carried != ["?"] else
+                   f"the step loop of {helper['name']}() is not in its cell as recorded"}
     # Float reductions depend on the thread count: replay with the recorded one, so results are
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)

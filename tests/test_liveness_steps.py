@@ -112,7 +112,7 @@ def _judge(body: str, reads=None) -> liveness.Dead:
 
 
 def test_how_often_a_checkpoint_keeps_everything_follows_what_the_others_leave_out():
-    from flor_nb.recorder import whole_every
+    from flor_nb.omission import whole_every
 
     assert whole_every(3_000, 1_000) == 5  # Adam, Adadelta: the gradients are a third of their state
     assert whole_every(2_000, 1_000) == 7  # SGD with momentum: a half
