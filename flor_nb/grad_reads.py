@@ -33,14 +33,29 @@ def dynamic(node) -> bool:
 
 
 def words(node, skip=frozenset()) -> set[str]:
-    """Names and attribute names a node mentions (``skip``: ids of attribute nodes whose name does not count)."""
+    """Names and attribute names a node mentions (``skip``: ids of attribute nodes whose name does not count), and
+    the string ``"grad"`` (``operator.attrgetter("grad")``)."""
     out = set()
     for n in ast.walk(node):
         if isinstance(n, ast.Name):
             out.add(n.id)
         elif isinstance(n, ast.Attribute) and id(n) not in skip:
             out.add(n.attr)
+        elif isinstance(n, ast.Constant) and n.value == "grad":
+            out.add("grad")
     return out
+
+
+# Libraries whose functions read no gradient, whatever they are given (torch's that do have "grad" in their names:
+# clip_grad_norm_, autograd.grad). Another installed library given a module, an optimizer or the parameters may
+# (``copy.deepcopy(model)`` copies them; a metrics package may sum their norms behind ``if p.grad is not None``).
+TRUSTED_LIBRARIES = {"torch", "numpy", "math", "flor_nb"}
+
+
+def _mentions(call, holders) -> bool:
+    """Whether a call's arguments name a variable in ``holders`` (or an attribute or item of one)."""
+    return any(isinstance(n, ast.Name) and n.id in holders
+               for a in (*call.args, *(k.value for k in call.keywords)) for n in ast.walk(a))
 
 
 def may_read_grads(stmt, library_call, forgiven=None) -> bool:
@@ -66,12 +81,14 @@ def _call_name(call) -> str | None:
     return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
 
 
-def probe_judge(sources):
+def probe_judge(sources, holders=frozenset()):
     """``library_call`` without a namespace, for probe lines: a call cannot read gradients when it calls
 
     * a function or class of the cells whose code, through the ones it calls, names nothing that reads them;
-    * a function of an imported library (trusted, as at record time); of a module file beside the notebook,
-      when that file names nothing that reads them;
+    * a function of an imported library (trusted, as at record time: but one outside
+      :data:`TRUSTED_LIBRARIES` given one of ``holders``, the variables that hold gradients: the recorded
+      modules and optimizers, the parameter lists cleared); of a module file beside the notebook, when that file
+      names nothing that reads them;
     * a method in :data:`SAFE_METHODS` (``.norm()``, ``.item()``, ``.get_last_lr()``) or of a class of the
       cells judged as above, or a variable itself (``model(x)``), while no class or lambda of the cells
       mentions gradients.
@@ -120,7 +137,8 @@ def probe_judge(sources):
         if root in defs:
             return root not in tainted and (not isinstance(call.func, ast.Attribute) or not objects_tainted)
         if root in imports:
-            return _module_reads_nothing(imports[root])
+            trusted = imports[root].split(".")[0] in TRUSTED_LIBRARIES
+            return _module_reads_nothing(imports[root]) and (trusted or not _mentions(call, holders))
         if isinstance(call.func, ast.Attribute):  # a method of some object
             name = call.func.attr
             return not objects_tainted and (name in SAFE_METHODS or name in methods)
@@ -214,6 +232,24 @@ def record_judge(ns: dict, depth: int = 3):
         mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
         return mod == user and not isinstance(obj, (int, float, str, bool, type(None)))
 
+    def holds(name) -> bool:  # a variable that holds gradients: a module, an optimizer, parameters
+        v = ns.get(name)
+        if isinstance(v, (list, tuple)) and v:
+            v = v[0]
+        return isinstance(v, (torch.nn.Module, torch.optim.Optimizer)) or (
+            isinstance(v, torch.Tensor) and v.requires_grad)
+
+    def given_gradients(call, fn) -> bool:
+        """A library outside TRUSTED_LIBRARIES (``copy.deepcopy``) given a variable that holds gradients."""
+        if fn is None:
+            return False
+        module = getattr(fn, "__module__", None) or type(fn).__module__ or ""
+        if module == user or module.split(".")[0] in (*TRUSTED_LIBRARIES, "builtins"):
+            return False
+        names = {n.id for a in (*call.args, *(k.value for k in call.keywords)) for n in ast.walk(a)
+                 if isinstance(n, ast.Name)}
+        return any(holds(n) for n in names)
+
     def library_call(call) -> bool:
         f = call.func
         while isinstance(f, ast.Attribute):
@@ -231,13 +267,15 @@ def record_judge(ns: dict, depth: int = 3):
                 target = getattr(target, attr, None)
                 if target is None:
                     return False
-            if isinstance(target, (torch.Tensor, np.ndarray, types.ModuleType)):
-                return getattr(target, "__name__", "") != user
+            if isinstance(target, (torch.Tensor, np.ndarray)):
+                return True
             if isinstance(target, torch.optim.Optimizer):  # its methods (step) read the gradients
                 return False
             meth = getattr(target, _attr_chain(call.func)[-1], None)
-            return meth is not None and safe(meth, depth)
-        return safe(obj, depth)
+            if isinstance(target, types.ModuleType):
+                return getattr(target, "__name__", "") != user and not given_gradients(call, meth)
+            return meth is not None and safe(meth, depth) and not given_gradients(call, meth)
+        return safe(obj, depth) and not given_gradients(call, obj)
 
     return library_call
 

@@ -358,14 +358,15 @@ class Needs(NamedTuple):
     tail: tuple = ()  # what the code after the step loop reads of what step-exit states left out (``Dead.steps``)
 
 
-def needs_through_steps(recorded: Dead, epoch, step, sources, added_lines=(), helper=None, helper_added=()) -> Needs:
+def needs_through_steps(recorded: Dead, epoch, step, sources, added_lines=(), helper=None, helper_added=(),
+                        holders=frozenset()) -> Needs:
     """:class:`Needs` of an edited cell whose recording left values out at both points of an epoch (``Dead.steps``):
     read before they are recomputed, no checkpoint that left them out can be entered; read after the step loop,
     an epoch whose step-exit state left them out runs its step loop.
 
     The recorded statements were judged at record time, with the namespace; the probe lines
     (``added_lines``; ``helper_added`` in the ``helper``'s cell) are judged here, from the cells' code
-    (:func:`probe_judge`)."""
+    (:func:`probe_judge`; ``holders``: the variables that hold gradients)."""
     grads_word = ("the gradients",) if recorded.cleared else ()
     everything = Needs(set(recorded.names), bool(recorded.cleared), grads_word + tuple(sorted(recorded.names)))
     if epoch is None or step is None:
@@ -377,7 +378,7 @@ def needs_through_steps(recorded: Dead, epoch, step, sources, added_lines=(), he
         lines = set(range(call.lineno, (call.end_lineno or call.lineno) + 1))
         return not (lines & (in_helper if id(call) in inside else added))
 
-    probe = probe_judge(sources)
+    probe = probe_judge(sources, holders | {name for _, name in recorded.cleared})
     scan = _scan_through_steps(epoch, step, lambda c: recorded_line(c) or probe(c), recorded_line,
                                function_reads(sources), helper)
     if scan is None:
@@ -413,13 +414,13 @@ def for_record(code: str, choice: dict, sources, ns: dict) -> Dead:
 
 
 def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sources, edited=(),
-               recorded_sources=None) -> Needs:
+               recorded_sources=None, holders=frozenset()) -> Needs:
     """What an edited cell reads of what recording left out (:class:`Needs`).
 
     ``edited``: sources of dependency cells edited for this replay. The calls before the clearing were
     judged with the recorded functions; an edited one that mentions gradients may now read them first.
     ``recorded_sources``: the dependency cells as recorded (the lines a helper with the step loop gained are
-    probes; without them, every line of it is judged as one)."""
+    probes; without them, every line of it is judged as one). ``holders``: the recorded modules and optimizers."""
     from .edits import added_lines
 
     added = added_lines(recorded_code, code)
@@ -436,7 +437,8 @@ def for_replay(recorded: Dead, code: str, recorded_code: str, choice: dict, sour
             fn = found[0].fn
             in_helper = added_lines(was, _defining(sources, helper["name"])) if was is not None else \
                 range(fn.lineno, fn.end_lineno + 1)
-        out = needs_through_steps(recorded, epoch, step, [code, *sources], added, found and found[0], in_helper)
+        out = needs_through_steps(recorded, epoch, step, [code, *sources], added, found and found[0], in_helper,
+                                  frozenset(holders))
     else:
         out = Needs(*needs(recorded, _epoch_loop(code, choice), function_reads([code, *sources]), added))
     # The helper's own lines are judged above; the rest of an edited cell may be called anywhere.

@@ -335,6 +335,14 @@ def _warn_moved(hint, loops):
                       stacklevel=4)
 
 
+def _holders(run: Run) -> set[str]:
+    """The recorded variables that hold gradients: modules and optimizers (by their root name)."""
+    import re
+
+    return {re.split(r"[.\[]", path, maxsplit=1)[0] for path, kind in (run.state.get("objects") or {}).items()
+            if kind in ("module", "optimizer")}
+
+
 def _left_out_names(run: Run) -> list[str]:
     """Variables the next epoch recomputes first: where a skipped step loop's state left them out, the worker does
     not compare them (or the containers that held their tensors) at that epoch's end."""
@@ -350,7 +358,7 @@ def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, set, st
     if not dead:
         return set(), set(), ""
     need = liveness.for_replay(dead, code, run.code, run.state.get("loops") or {}, [c["source"] for c in deps],
-                               edited, [c["source"] for c in run.deps])
+                               edited, [c["source"] for c in run.deps], _holders(run))
     if not need.names and not need.grads and not need.tail:
         return set(), set(), ""
     state = run.state

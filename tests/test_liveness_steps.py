@@ -175,3 +175,67 @@ def test_probes_calling_code_outside_the_cells_are_judged_where_it_can_be_read(t
     imports = "import diag, weights, extdiag\nfrom diag import gn\nimport torch as torchlib\n"
     code = TRAIN.replace('    flor.log("acc"', f'    flor.log("p", {probe})\n    flor.log("acc"')
     assert liveness.for_replay(dead, code, TRAIN, {}, [SETUP, imports]).tail == (("the gradients",) if reads else ())
+
+
+def _installed(tmp_path, monkeypatch):
+    """A package installed in a site-packages folder (trusted unread, as installed code is) whose function reads
+    the gradients behind a None guard, under a name that does not say so."""
+    site = tmp_path / "venv" / "lib" / "site-packages"
+    (site / "normstats").mkdir(parents=True)
+    (site / "normstats" / "__init__.py").write_text(
+        "def total(m):\n    return sum(float(p.grad.norm()) for p in m.parameters() if p.grad is not None)\n\n"
+        "def scale(x):\n    return 2.0 * x\n")
+    monkeypatch.syspath_prepend(str(site))
+    return f"import sys\nsys.path.insert(0, {str(site)!r})\nimport normstats\n"  # a cell: replay workers run it
+
+
+@pytest.mark.parametrize("probe, reads", [
+    ("normstats.total(model)", True),  # given the model: it may read them
+    ("normstats.scale(float(model[0].weight.detach().norm()))", True),  # given a tensor of the model's, likewise
+    ("normstats.scale(3.0)", False),  # given nothing that holds them
+    ("torch.linalg.vector_norm(model[0].weight).item()", False),  # torch's functions read none
+    ("operator.attrgetter('grad')(model[0].weight).sum().item()", True),
+])
+def test_an_installed_library_given_the_model_may_read_its_gradients(tmp_path, monkeypatch, probe, reads):
+    _installed(tmp_path, monkeypatch)
+    dead = liveness.Dead((), (("zero_grad", "opt"),), 5, steps=True)
+    imports = "import normstats, operator\n"
+    code = TRAIN.replace('    flor.log("acc"', f'    flor.log("p", {probe})\n    flor.log("acc"')
+    need = liveness.for_replay(dead, code, TRAIN, {}, [SETUP, imports], holders={"model", "opt"})
+    assert need.tail == (("the gradients",) if reads else ())
+
+
+def test_a_replay_runs_the_step_loop_for_a_library_that_reads_the_gradients_unseen(store, tmp_path, monkeypatch):
+    """Before, the library was trusted: the skipped step loops left no gradients, and it summed none (0.0), under
+    a faithful verdict."""
+    cell = _installed(tmp_path, monkeypatch)
+    code = TRAIN.replace('    flor.log("acc"', '    flor.log("gn", normstats.total(model))\n    flor.log("acc"')
+    for name, cell_code in (("run", TRAIN), ("truth", code)):
+        ns = {"flor": flor}
+        exec(SETUP, ns)
+        exec(cell, ns)
+        flor.record(cell_code, name=name, namespace=ns, cells=[SETUP, cell], store=store, overhead=float("inf"))
+    df = flor.replay("run", code=code, epochs="1-2", store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert "those epochs run their step loop" in df.attrs["fidelity"]["plan"]
+    got = values(df, "gn")
+    assert got and got == [v for v in values(flor.dataframe("gn", run="truth", store=store), "gn") if v[0] in (1, 2)]
+    assert all(v[2] > 0 for v in got)
+
+
+def test_a_library_given_the_model_after_the_step_loop_keeps_the_gradients_at_record():
+    import copy
+
+    import torch
+
+    from flor_nb.grad_reads import record_judge
+
+    model = torch.nn.Linear(2, 2)
+    ns = {"copy": copy, "torch": torch, "model": model, "opt": torch.optim.SGD(model.parameters(), lr=0.1),
+          "__name__": "__main__"}
+    judge = record_judge(ns)
+    call = ast.parse("copy.deepcopy(model)").body[0].value  # copies the gradients too
+    assert not judge(call)
+    assert judge(ast.parse("torch.save(model.state_dict(), 'm.pt')").body[0].value)
+    assert judge(ast.parse("copy.deepcopy(3)").body[0].value)
+    assert judge(ast.parse("print(model)").body[0].value)
