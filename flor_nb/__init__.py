@@ -12,6 +12,7 @@ from .record import record
 from .replay import replay
 from .resume import resume
 from .runtime import While, arg, fit, log, loop  # While, fit: for instrumented cells
+from .runtime import carry as _carry  # for an instrumented helper
 
 __version__ = "0.1.0"
 

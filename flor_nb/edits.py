@@ -128,10 +128,34 @@ def helper_code(source: str, helper: dict, filename: str):
         raise NoLoopError(f"The step loop `{helper['header']}` of {helper['name']}() is not in its cell any more. "
                           "Keep the loop's header as recorded, or mark it with flor.loop(\"step\", ...).")
     _wrap(step, "step")
+    if helper.get("carry"):
+        _carry_after(node, step, helper["carry"])
     module = ast.Module(body=[node], type_ignores=[])
     ast.fix_missing_locations(module)
     code = compile(module, filename, "exec")
     return next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == helper["name"])
+
+
+def _carry_after(fn, step, names):
+    """After the helper's step loop: ``__flor_carried__ = __flor__._carry(names, locals())`` and, per name,
+    ``if "total" in __flor_carried__: total = __flor_carried__["total"]`` (a name the loop left unbound stays so).
+    On the loop's last line, so no other line moves."""
+    line = step.end_lineno
+    code = f"__flor_carried__ = __flor__._carry({tuple(names)!r}, locals())\n" + "".join(
+        f"if {n!r} in __flor_carried__:\n    {n} = __flor_carried__[{n!r}]\n" for n in names)
+    stmts = ast.parse(code).body
+    for s in stmts:
+        for n in ast.walk(s):
+            if hasattr(n, "lineno"):
+                n.lineno, n.end_lineno, n.col_offset, n.end_col_offset = line, line, 0, 0
+    for parent in ast.walk(fn):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(parent, field, None)
+            if isinstance(block, list) and any(b is step for b in block):
+                i = next(j for j, b in enumerate(block) if b is step)
+                block[i + 1:i + 1] = stmts
+                return
+    raise NoLoopError(f"The step loop of {fn.name}() is not in a block flor_nb can add to.")
 
 
 def helper_touched(recorded: str, edited: str, helper: dict, hint: dict | None) -> dict:

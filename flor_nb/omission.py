@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 
 from . import liveness, state
 from .errors import StoreError
@@ -16,6 +17,29 @@ logger = logging.getLogger(__name__)
 # k = 7, or 8 with the last batch).
 _WHOLE_EVERY = (4, 16)
 _WHOLE_SHARE = 0.08
+# A helper's variables kept with its step loop's exit state (Omission.carry) up to this many pickled bytes; an epoch
+# whose variables are bigger, or cannot be pickled, runs its step loop in a replay.
+_CARRY_BYTES = 4 << 20
+
+
+def _kept(value):
+    """``value`` as a helper's variable is kept (tensors detached), or ValueError: only plain values (numbers, strings,
+    tensors that are not parameters, arrays, and lists, tuples and dicts of them). A module, an optimizer or any
+    other object may also be reachable from the namespace, and a copy would not be that object in a replay."""
+    import numpy as np
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.ndarray, np.generic)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.nn.Parameter) or (value.is_leaf and value.requires_grad):
+            raise ValueError("a parameter")
+        return value.detach()
+    if type(value) in (list, tuple):
+        return type(value)(_kept(v) for v in value)
+    if type(value) is dict:
+        return {k: _kept(v) for k, v in value.items()}
+    raise ValueError(f"a {type(value).__name__}, not a plain value")
 
 
 def whole_every(kept: int, omitted: int) -> int:
@@ -76,3 +100,22 @@ class Omission:
             self._whole = (k, self._whole[1] + 1)
         if step_snap is not None and step_snap[0]["python"].get("omitted"):
             self.omitting_steps.append(k)
+
+    def carry(self, names, local: dict) -> dict:
+        """A helper's variables that its code after the step loop reads (``runtime.carry``): kept with this epoch's
+        step-exit state, so a replay that skips the loop gives them back; an epoch where they cannot be kept is
+        listed (``uncarried``) and runs its step loop in a replay: one whose variables are not plain values
+        (:func:`_kept`) or pickle to more than ``_CARRY_BYTES``."""
+        values = {n: local[n] for n in names if n in local}
+        snap = self._step_snap if self._step_exits == 1 else None
+        if snap is not None:
+            try:
+                blob = pickle.dumps(_kept(values), protocol=pickle.HIGHEST_PROTOCOL)
+                if len(blob) > _CARRY_BYTES:
+                    raise ValueError(f"{len(blob)} bytes pickled, over {_CARRY_BYTES}")
+            except Exception as e:  # noqa: BLE001 - then this epoch's replay runs its step loop
+                logger.info("flor_nb: %s not kept at epoch %s: %s", ", ".join(names), self.epoch, e)
+                self.uncarried.append(self.epoch)
+            else:
+                snap[0]["python"]["carry"] = blob
+        return values

@@ -19,7 +19,7 @@ from . import devices, hash_seed, objstore, runtime, saver, state, thinning, val
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError, NotCapturedWarning
-from .edits import find_helper, helper_code
+from .edits import find_helper, helper_code, helper_reads_after_steps
 from .instrument import RUNTIME, instrument
 from .recorder import Recorder, spec_of
 from .store import Run, Store, get_store
@@ -133,9 +133,12 @@ def record(
     swapped = None
     if helper is not None:  # the step loop is in a function an earlier cell defined (train(dataloader, ...))
         fn = ns[helper["name"]]
+        source = dict((c.count, c.source) for c in deps)[helper["cell"]]
+        carried = helper_reads_after_steps(source, helper, code)
+        if carried and carried != ["?"]:  # kept with the step loop's exit state, so a replay can still skip it
+            helper["carry"] = carried
         try:
-            swapped = (fn, fn.__code__, helper_code(dict((c.count, c.source) for c in deps)[helper["cell"]], helper,
-                                                    fn.__code__.co_filename))
+            swapped = (fn, fn.__code__, helper_code(source, helper, fn.__code__.co_filename))
             choice["helper"] = helper
         except (SyntaxError, NoLoopError, StopIteration, ValueError) as e:
             logger.info("flor_nb: %s() not instrumented: %s", helper["name"], e)

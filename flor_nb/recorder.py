@@ -119,6 +119,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
         self._gpu_state = False  # a snapshot held CUDA tensors (see _cores_busy)
         self.omitting: list[int] = []  # units whose checkpoint left out values the next unit recomputes
         self.omitting_steps: list[int] = []  # epochs whose step-exit state left values out (Dead.steps)
+        self.uncarried: list[int] = []  # epochs whose step-exit state lacks the helper's variables (Omission.carry)
         self._whole = (None, 0)  # (epoch whose checkpoints keep everything, how many such kept so far): _dead_at
         self.whole_every = omission._WHOLE_EVERY[0]  # set from the sizes of the first checkpoint that leaves values out
         self._start_pending = False  # the start checkpoint is still being written: no unit counts as stored
@@ -459,6 +460,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
                 "store_budget": None if self.thinner is None else self.thinner.summary(),
                 "omitting": self.omitting,
                 "omitting_steps": self.omitting_steps,
+                **({"uncarried": self.uncarried} if self.uncarried else {}),
                 **({"whole_every": self.whole_every} if self.omitting and self._dead and self._dead.steps else {}),
                 "loop_range": self.loop_range,
                 "spec": spec_of(self.scope),

@@ -53,19 +53,22 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     # Checkpoints lacking what the edited code reads first; step-exit states lacking what it reads after the steps.
     left_out, no_skip, left_why = _left_out(run, code, deps, ckpts, list((cells or {}).values()))
-    kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items() if e not in left_out}
-    kinds = {e: "end" if e in no_skip and k == "both" else k for e, k in kinds.items()
-             if not (e in no_skip and k == "step")}
     helper = (hint or {}).get("helper")
     touched = helper_touched(run.code, code, helper, hint) if helper else changes(run.code, code, hint)
     if cells:  # an edited helper may run inside the step loop
         touched["step"] = True
     carried = helper_reads_after_steps(next((c["source"] for c in deps if c["count"] == helper["cell"]), ""),
                                        helper, code) if helper else []
-    if carried and not touched["step"]:  # its locals after a skipped step loop would be those from before it
-        touched = {**touched, "step": True, "why": f"{helper['name']}() reads {', '.join(carried)} after its step "
-                   f"loop, which sets {'them' if len(carried) > 1 else 'it'}" if carried != ["?"] else
-                   f"the step loop of {helper['name']}() is not in its cell as recorded"}
+    if carried and not touched["step"]:
+        if set(carried) <= set(helper.get("carry") or ()):  # kept with the step-exit states: skippable
+            no_skip = set(no_skip) | set(run.state.get("uncarried") or ())  # but where they could not be kept
+        else:  # its locals after a skipped step loop would be those from before it
+            touched = {**touched, "step": True, "why": f"{helper['name']}() reads {', '.join(carried)} after its "
+                       f"step loop, which sets {'them' if len(carried) > 1 else 'it'}" if carried != ["?"] else
+                       f"the step loop of {helper['name']}() is not in its cell as recorded"}
+    kinds = {e: "both" if r["end_path"] else r["kind"] for e, r in ckpts.items() if e not in left_out}
+    kinds = {e: "end" if e in no_skip and k == "both" else k for e, k in kinds.items()
+             if not (e in no_skip and k == "step")}
     # Float reductions depend on the thread count: replay with the recorded one, so results are
     # bit-exact, and by default start only as many workers as the cores allow at that count.
     threads = int(run.env.get("threads") or 1)
@@ -375,6 +378,8 @@ def _left_out(run: Run, code: str, deps, ckpts, edited=()) -> tuple[set, set, st
         return epochs, set(), (f"The probes read {what} before the loop body recomputes {them}; the checkpoints of "
                                f"{len(epochs)} {unit} left {them} out, so the replay starts from checkpoints that "
                                "kept everything")
+    if not steps:  # no step-exit state left them out (a float is never left out: only tensors are)
+        return set(), set(), ""
     return set(), steps, (f"The probes after the step loop may read {', '.join(need.tail)}, which the step-exit "
                           f"states of {len(steps)} epochs left out: those epochs run their step loop")
 

@@ -111,6 +111,14 @@ def loop(name: str, iterable):
     return _session.loop(name, iterable)
 
 
+def carry(names: tuple, local: dict) -> dict:
+    """A helper's variables that its code after the step loop reads (see ``edits.helper_reads_after_steps``), as
+    the instrumented helper assigns them after the loop: the recording keeps them with the step loop's exit state;
+    a replay that skipped the loop gives them back."""
+    own = getattr(_session, "carry", None)
+    return own(names, local) if own is not None else {n: local[n] for n in names if n in local}
+
+
 def fit(trainer, method: str, *args, **kwargs):
     """``trainer.train(...)`` (HF) / ``trainer.fit(...)`` (Lightning) as an instrumented cell calls it:
     recorded or replayed epoch by epoch by the active session (see :mod:`flor_nb.frameworks`)."""

@@ -6,6 +6,7 @@ import io
 import logging
 import linecache
 import os
+import pickle
 import signal
 import tempfile
 import sys
@@ -114,6 +115,7 @@ class Replayer:
         self.exclude = set(task.get("exclude") or ())
         self.unreplayed: set = set()  # keys the restored step-exit state left out: not compared at this epoch's end
         self.left_out_names = task.get("left_out_names") or ()
+        self._carried = None  # the helper's variables kept with the restored step-exit state (pickled)
         self.epoch_seconds: dict = {}
         self.restore_seconds = 0.0
         self._in_loop = False
@@ -140,6 +142,17 @@ class Replayer:
 
     def arg(self, name, default):
         return validate.arg_live(self.args[name]) if name in self.args else default
+
+    def carry(self, names, local: dict) -> dict:
+        """The helper's variables after its step loop: as it left them, or where the loop was skipped, as the
+        recording kept them with that state (see ``Omission.carry``)."""
+        if self.mode != SKIP or self.setup:
+            return {n: local[n] for n in names if n in local}
+        if self._carried is None:
+            raise ReplayError(f"The recording did not keep {', '.join(names)} of the helper at epoch {self.epoch}, "
+                              "whose code after its step loop reads them; replay this epoch with its step loop "
+                              "(an edited helper runs it).")
+        return pickle.loads(self._carried)  # signed by this user: checkpoint.read verified it
 
     def loop(self, name, iterable):
         if self.setup:
@@ -189,6 +202,7 @@ class Replayer:
         gradients, the last batch: the next epoch recomputes them first) is not compared at this epoch's end:
         nothing ran that computes it."""
         snap = self._restore("step_paths", self.epoch)
+        self._carried = snap["python"].get("carry")
         omitted = set(snap["python"].get("omitted", ()))
         if omitted:  # the variables the run left out, and so the containers that held their tensors (``data``)
             omitted |= {f"{kind}/{n}" for n in self.left_out_names for kind in ("var", "vmeta", "val", "valgrad")}

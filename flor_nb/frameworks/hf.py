@@ -220,8 +220,8 @@ def _resume_dir(rep, trainer, snap) -> str | None:
     if tree is None:
         from . import FrameworkError
 
-        raise FrameworkError(f"The checkpoint of this run holds no state of the Trainer the replayed cell trains, "
-                             "so replay cannot start at epoch {rep.first}. Keep the Trainer in a variable of the "
+        raise FrameworkError("The checkpoint of this run holds no state of the Trainer the replayed cell trains, "
+                             f"so replay cannot start at epoch {rep.first}. Keep the Trainer in a variable of the "
                              "recorded cells (trainer = Trainer(...)) and record again.")
     # As the Trainer makes it: its stateful callbacks are registered (it saves their state in checkpoints).
     state = TrainerState(stateful_callbacks=[cb for cb in trainer.callback_handler.callbacks + [trainer.control]
