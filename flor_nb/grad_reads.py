@@ -131,6 +131,8 @@ def probe_judge(sources, holders=frozenset()):
             f = f.value
         if isinstance(f, ast.Call) and not judge(f):
             return False
+        if isinstance(f, ast.Constant) and isinstance(f.value, str):  # "{:.4f}".format(loss): a str method
+            return True
         if not isinstance(f, (ast.Name, ast.Call)):
             return False
         root = f.id if isinstance(f, ast.Name) else None
@@ -199,6 +201,7 @@ def record_judge(ns: dict, depth: int = 3):
     import torch
 
     user = ns.get("__name__", "__main__")
+    judging: set = set()  # ids of the functions and classes being judged further up: a cycle adds nothing
 
     def safe(obj, d) -> bool:
         if isinstance(obj, (torch.Tensor, np.ndarray, types.ModuleType, types.BuiltinFunctionType,
@@ -206,14 +209,25 @@ def record_judge(ns: dict, depth: int = 3):
             return getattr(obj, "__name__", "") != user
         if isinstance(obj, types.MethodType):
             return safe(obj.__func__, d)
+        if isinstance(obj, (types.FunctionType, type)) and id(obj) in judging:
+            return True  # super(Net, self).__init__() in Net's own code: Net is being judged already
         if isinstance(obj, types.FunctionType):
             if obj.__module__ != user:
                 return True
-            return d > 0 and _code_safe(obj.__code__, obj.__globals__, d)
+            judging.add(id(obj))
+            try:
+                return d > 0 and _code_safe(obj.__code__, obj.__globals__, d)
+            finally:
+                judging.discard(id(obj))
         if isinstance(obj, type):
-            return obj.__module__ != user or (d > 0 and all(
-                _code_safe(f.__code__, getattr(f, "__globals__", ns), d) for f in vars(obj).values()
-                if isinstance(f, types.FunctionType)))
+            if obj.__module__ != user:
+                return True
+            judging.add(id(obj))
+            try:
+                return d > 0 and all(_code_safe(f.__code__, getattr(f, "__globals__", ns), d)
+                                     for f in vars(obj).values() if isinstance(f, types.FunctionType))
+            finally:
+                judging.discard(id(obj))
         cls = type(obj)
         if cls.__module__ != user:  # an instance of a library class (nn.Linear, a tensor view)
             return not isinstance(obj, torch.optim.Optimizer)
@@ -256,6 +270,8 @@ def record_judge(ns: dict, depth: int = 3):
             f = f.value
         if isinstance(f, ast.Call):
             return library_call(f)
+        if isinstance(f, ast.Constant) and isinstance(f.value, str):  # "{:.4f}".format(loss): a str method
+            return True
         if not isinstance(f, ast.Name):
             return False
         obj = ns.get(f.id, __builtins__.get(f.id) if isinstance(__builtins__, dict) else getattr(__builtins__, f.id, None))

@@ -239,3 +239,22 @@ def test_a_library_given_the_model_after_the_step_loop_keeps_the_gradients_at_re
     assert judge(ast.parse("torch.save(model.state_dict(), 'm.pt')").body[0].value)
     assert judge(ast.parse("copy.deepcopy(3)").body[0].value)
     assert judge(ast.parse("print(model)").body[0].value)
+
+
+def test_the_record_judge_follows_classes_that_name_themselves_and_trusts_str_methods():
+    """``super(VAE, self).__init__()`` (pytorch/examples' VAE, MNIST) made the judge follow the class into itself
+    until its depth ran out, so any helper using the model counted as reading gradients; ``'{}'.format(x)`` had no
+    name to judge."""
+    import torch
+
+    from flor_nb.grad_reads import record_judge
+
+    ns = {"torch": torch, "__name__": "__main__"}
+    exec("class Net(torch.nn.Module):\n    def __init__(self):\n        super(Net, self).__init__()\n"
+         "        self.fc = torch.nn.Linear(2, 2)\n\n    def forward(self, x):\n        return self.fc(x)\n\n"
+         "model = Net()\n\ndef test():\n    return model(torch.ones(2)).sum()\n\n"
+         "def peek():\n    return float(model.fc.weight.grad.sum())\n", ns)
+    judge = record_judge(ns)
+    assert judge(ast.parse("test()").body[0].value) and judge(ast.parse("model(1)").body[0].value)
+    assert not judge(ast.parse("peek()").body[0].value)
+    assert judge(ast.parse("'{:.4f}'.format(1.0)").body[0].value)
