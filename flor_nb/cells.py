@@ -209,8 +209,8 @@ def reads(source: str) -> tuple[set[str], dict[str, set]]:
     v = _walk(source)
     now = v.free | v.immediate
     for name, names in v.defs.items():
-        if name in v.loads:
-            now |= names
+        if name in v.loads:  # but the cell's own functions and classes (super(VAE, self) in VAE): bound by then
+            now |= names - set(v.defs)
     return now - _BUILTINS, {k: n - _BUILTINS for k, n in v.defs.items()}
 
 

@@ -83,6 +83,20 @@ def test_a_helper_reads_its_globals_when_the_training_cell_calls_it():
     assert missing == {"data"}
 
 
+def test_a_class_that_names_itself_is_bound_by_its_own_cell():
+    """``super(VAE, self).__init__()`` (pytorch/examples' VAE and MNIST): the cell that defines VAE and calls it
+    binds it; the name was reported as missing, with a warning that replay could not rebuild VAE."""
+    from flor_nb.cells import resolve
+
+    history = [
+        Cell(1, "import torch\n"),
+        Cell(2, "class VAE(torch.nn.Module):\n    def __init__(self):\n        super(VAE, self).__init__()\n"
+                "        self.fc = torch.nn.Linear(2, 2)\n\nmodel = VAE()\n"),
+    ]
+    cells, missing = resolve(history, "for epoch in range(3):\n    model(x)\n")
+    assert [c.count for c in cells] == [1, 2] and missing == {"x"}
+
+
 def test_magic_cells_keep_their_body():
     timed = "get_ipython().run_cell_magic('time', '', 'model = torch.nn.Linear(2, 2)\\n')\n"
     captured = "get_ipython().run_cell_magic('capture', 'out --no-stderr', 'import torch\\nX = torch.ones(2)\\n')\n"
