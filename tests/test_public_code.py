@@ -11,7 +11,8 @@ and is skipped without one (fetch the repositories and point the variables at th
 * ``FLOR_PYTORCH_EXAMPLES``: pytorch/examples (``word_language_model/``). An LSTM (weak references to its own
   parameters), ``for epoch in range(1, args.epochs+1)`` inside ``try``, the learning rate annealed in a global,
   the model saved to a file when it improves, the batch loop in ``train()``. Also ``mnist/main.py``: the batch
-  loop in ``train(args, model, device, train_loader, optimizer, epoch)``, ``scheduler.step()`` in the epoch loop.
+  loop in ``train(args, model, device, train_loader, optimizer, epoch)``, ``scheduler.step()`` in the epoch loop;
+  and ``vae/main.py``: ``train(epoch)`` sums ``train_loss`` in its batch loop and prints the average after it.
 """
 from __future__ import annotations
 
@@ -249,6 +250,55 @@ def test_mnist_example_leaves_the_gradients_its_train_helper_clears_out(store, t
         verdict = text(fresh.cells[1 + len(before)])
         assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
         assert "kept everything" not in verdict, verdict[-3000:]  # entered from the checkpoints without gradients
+        got = _values(pd.read_pickle(pkl), [probe])
+        want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
+        assert got and got == want, (got, want)
+
+
+@pytest.mark.timeout(900)
+def test_vae_example_keeps_what_its_train_helper_reads_after_the_batch_loop(store, tmp_path):
+    """pytorch/examples' ``vae/main.py``: ``train(epoch)`` prints ``train_loss / len(...)`` after its batch loop. The
+    recording keeps ``train_loss`` with the batch loop's exit state, so a probe outside the helper still skips the
+    batch loop (which its code after the loop needs: tests/test_helper_locals.py checks the values), and leaves
+    out the gradients it clears first. Data: random images; ``save_image`` (torchvision, not installable here)
+    stands in as ``torch.save``."""
+    root = _checkout("FLOR_PYTORCH_EXAMPLES", "vae/main.py")
+    src = (root / "vae" / "main.py").read_text()
+    head = _between(src, "from __future__ import print_function", "class VAE").replace(
+        "from torchvision import datasets, transforms\n", "").replace(
+        "from torchvision.utils import save_image\n",
+        "def save_image(t, path, nrow=8):  # stands in for torchvision's\n    torch.save(t, path)\n")
+    head = head.replace("args = parser.parse_args()",  # size
+                        "args = parser.parse_args(['--epochs', '5', '--batch-size', '32', '--log-interval', '100'])")
+    head = head.replace(_between(head, "train_loader = torch.utils.data.DataLoader(", "\n\n\n"), textwrap.dedent("""\
+        train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(  # data: random images
+            torch.rand(256, 1, 28, 28), torch.zeros(256)), batch_size=args.batch_size, shuffle=True, **kwargs)
+        test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+            torch.rand(64, 1, 28, 28), torch.zeros(64)), batch_size=args.batch_size, shuffle=False, **kwargs)"""))
+    (tmp_path / "results").mkdir()
+    model = _between(src, "class VAE", "def train(epoch):")
+    helpers = _between(src, "def train(epoch):", 'if __name__ == "__main__":')
+    loop = textwrap.dedent(src[src.index("    for epoch in range(1, args.epochs + 1):"):])
+    weight = loop + "    flor.log('fc4', float(model.fc4.weight.detach().norm()))\n"
+    tail = "    print('====> Epoch: {} Average loss"
+    helpers_probed = helpers.replace(tail, "    flor.log('avg', train_loss / len(train_loader.dataset))\n" + tail)
+    assert helpers_probed != helpers
+    cells = ["%load_ext flor_nb", head, model, helpers]
+    rec = text(execute([*cells, "%%flor record --name vae --overhead inf --no-progress\n" + loop], tmp_path).cells[4])
+    assert "5 epochs" in rec and "will not be able to rebuild" not in rec, rec[-3000:]  # super(VAE, self): bound
+    recorded = store.find_run("vae")
+    assert recorded.state["loops"]["helper"]["carry"] == ["train_loss"]
+    assert recorded.state["dead"]["cleared"] == [["zero_grad", "optimizer"]] and recorded.state["omitting_steps"]
+    for name, code, cells_run in (("truth_w", weight, cells), ("truth_a", loop, [*cells[:3], helpers_probed])):
+        execute([*cells_run, f"%%flor record --name {name} --no-progress\n" + code], tmp_path)
+    for probe, code, truth, plan, before in (
+            ("fc4", weight, "truth_w", "2 with the step loop skipped", []),
+            ("avg", loop, "truth_a", "2 epoch(s) in full", [helpers_probed])):  # the helper edited in the fresh kernel
+        pkl = tmp_path / f"{probe}.pkl"
+        fresh = execute(["%load_ext flor_nb", *before, f"%%flor replay vae --epochs 2-3 --no-progress\n{code}",
+                         f"_.to_pickle({str(pkl)!r})"], tmp_path)
+        verdict = text(fresh.cells[1 + len(before)])
+        assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
         got = _values(pd.read_pickle(pkl), [probe])
         want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
         assert got and got == want, (got, want)
