@@ -178,7 +178,8 @@ def helper_reads_after_steps(source: str, helper: dict, cell: str = "") -> list[
     """Local variables of the helper that its step loop sets or changes and its code after the loop reads
     (``total += loss.item()`` in the loop, ``return total / n`` after it). A replay that skipped the step loop
     would run that code on their values from before the loop (the step-exit state holds the cell's variables,
-    not the helper's), so such a helper's step loop always runs. A parameter that every call in the ``cell``
+    not the helper's): the recording keeps them with that state (``helper["carry"]``, :func:`_carry_after`), and
+    where it did not, the step loop runs. A parameter that every call in the ``cell``
     passes a variable of the cell for holds the cell's object, restored in place: changing it (``opt.step()``)
     does not count. ["?"] when the helper is not found."""
     node = _top_defs(source).get(helper["name"])

@@ -1,4 +1,5 @@
-"""Which values a recording's checkpoints leave out (see liveness.py), and how often one keeps everything."""
+"""What a recording's checkpoints leave out (see liveness.py) and how often one keeps everything; and what a
+step-exit checkpoint keeps of a helper's own variables (:meth:`Omission.carry`)."""
 from __future__ import annotations
 
 import logging
