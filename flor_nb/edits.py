@@ -200,6 +200,9 @@ def helper_reads_after_steps(source: str, helper: dict, cell: str = "") -> list[
             target = target.value
         if isinstance(target, ast.Name) and target.id not in own:
             changed.add(target.id)
+    # or by what it is given to (update(stats)), or iterated by the loop itself (an iterator it advances)
+    given = [a for n in ast.walk(step) if isinstance(n, ast.Call) for a in (*n.args, *(k.value for k in n.keywords))]
+    changed |= {n.id for a in (*given, step.iter) for n in ast.walk(a) if isinstance(n, ast.Name) and n.id not in own}
     after = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
              and n.lineno > step.end_lineno}
     return sorted(local & changed & after)

@@ -89,6 +89,13 @@ def fit(model, loader, opt, stats):
     assert helper_reads_after_steps(src, fit, "for e in r:\n    fit(model, loader, opt, {})\n") == \
         ["last", "seen", "stats"]  # a fresh dict each call: not restored
     assert helper_reads_after_steps(src, {**fit, "header": "for b in other"}, "") == ["?"]
+    given = AVG.replace("    total = 0.0\n", "    total = 0.0\n    stats = {}\n    it = iter(loader)\n").replace(
+        "        total += loss.item()\n", "        total += loss.item()\n        update(stats, loss)\n").replace(
+        "    return total / len(loader)", "    return total / len(loader), stats, next(it, None)")
+    # changed by a function it is given to; an iterator the loop advances
+    assert helper_reads_after_steps(given, hint, AVG_TRAIN) == ["stats", "total"]
+    assert helper_reads_after_steps(given.replace("in loader:", "in it:"), {**hint, "header": "for (x, y) in it"},
+                                    AVG_TRAIN) == ["it", "stats", "total"]
 
 
 def test_only_plain_values_are_kept():
