@@ -203,6 +203,11 @@ def helper_reads_after_steps(source: str, helper: dict, cell: str = "") -> list[
     # or by what it is given to (update(stats)), or iterated by the loop itself (an iterator it advances)
     given = [a for n in ast.walk(step) if isinstance(n, ast.Call) for a in (*n.args, *(k.value for k in n.keywords))]
     changed |= {n.id for a in (*given, step.iter) for n in ast.walk(a) if isinstance(n, ast.Name) and n.id not in own}
+    # or by a function of the helper's own, which reaches its locals (nonlocal total; stats.append(v))
+    inner = [n for n in ast.walk(node) if n is not node and isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                           ast.Lambda))]
+    changed |= {n.id for f in inner for n in ast.walk(f) if isinstance(n, ast.Name) and n.id not in own}
+    changed |= {name for f in inner for n in ast.walk(f) if isinstance(n, ast.Nonlocal) for name in n.names}
     after = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
              and n.lineno > step.end_lineno}
     return sorted(local & changed & after)

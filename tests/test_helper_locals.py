@@ -96,6 +96,10 @@ def fit(model, loader, opt, stats):
     assert helper_reads_after_steps(given, hint, AVG_TRAIN) == ["stats", "total"]
     assert helper_reads_after_steps(given.replace("in loader:", "in it:"), {**hint, "header": "for (x, y) in it"},
                                     AVG_TRAIN) == ["it", "stats", "total"]
+    closure = AVG.replace("    total = 0.0\n", "    total = 0.0\n    seen = []\n\n    def add(v):\n        seen.append(v)\n\n").replace(
+        "        total += loss.item()\n", "        total += loss.item()\n        add(1)\n").replace(
+        "    return total / len(loader)", "    return total / len(seen)")
+    assert helper_reads_after_steps(closure, hint, AVG_TRAIN) == ["seen", "total"]  # changed by add(), its own
 
 
 def test_only_plain_values_are_kept():
