@@ -23,6 +23,7 @@ import textwrap
 import torch
 
 import flor_nb as flor
+from flor_nb.state import tensor_bytes
 from flor_nb.store import Store
 
 
@@ -60,16 +61,6 @@ def cifar(root: pathlib.Path, epochs: int):
     return cells, loop, ("net", "optimizer")
 
 
-def _tensor_bytes(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, dict):
-        return sum(_tensor_bytes(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in x)
-    return 0
-
-
 def measure(name, cells, loop, roots) -> dict:
     ns = {"flor": flor, "__name__": "__main__"}
     for c in cells:
@@ -77,7 +68,7 @@ def measure(name, cells, loop, roots) -> dict:
     store = Store(tempfile.mkdtemp(prefix="flor-bench-"))
     run = flor.record(loop, name=name, namespace=ns, cells=cells, store=store, overhead=float("inf"), progress=False)
     model, opt = (ns[r] for r in roots)
-    raw = _tensor_bytes(model.state_dict()) + _tensor_bytes(opt.state_dict()["state"])
+    raw = tensor_bytes(model.state_dict()) + tensor_bytes(opt.state_dict()["state"])
     ck = flor.checkpoints(name, store=store)
     kept = [int(b) for b in ck[ck["epoch"] >= 0]["bytes"]]
     return {"name": name, "raw": raw, "ratios": [b / raw for b in kept], "whole_every": run.state.get("whole_every"),

@@ -61,6 +61,20 @@ def _same_as_from_the_start(pkl, names, store) -> dict:
     return got
 
 
+def _replays_as_recorded_with_the_probe(store, tmp_path, run, probe, code, truth, plan, before=()) -> str:
+    """Replay epochs 2-3 of ``run`` in a fresh kernel (``before``: cells run there first) with ``code``; its verdict
+    is faithful and names ``plan``, and ``probe``'s values equal those of run ``truth``. Returns the verdict."""
+    pkl = tmp_path / f"{probe}.pkl"
+    fresh = execute(["%load_ext flor_nb", *before, f"%%flor replay {run} --epochs 2-3 --no-progress\n{code}",
+                     f"_.to_pickle({str(pkl)!r})"], tmp_path)
+    verdict = text(fresh.cells[1 + len(before)])
+    assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
+    got = _values(pd.read_pickle(pkl), [probe])
+    want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
+    assert got and got == want, (got, want)
+    return verdict
+
+
 @pytest.mark.timeout(900)
 def test_makemore_while_loop_with_an_infinite_dataloader(store, tmp_path):
     pytest.importorskip("tensorboard")  # makemore.py writes TensorBoard summaries
@@ -191,14 +205,7 @@ def test_cifar10_tutorial_leaves_the_gradients_out(store, tmp_path):
     for probe, code, truth, plan in (("fc3", weight, "truth_w", "with the step loop skipped"),
                                      ("fc3_grad", grad, "truth_g", "run their step loop"),
                                      ("last_inputs", batch, "truth_b", "run their step loop")):
-        pkl = tmp_path / f"{probe}.pkl"
-        fresh = execute(["%load_ext flor_nb", f"%%flor replay cifar --epochs 2-3 --no-progress\n{code}",
-                         f"_.to_pickle({str(pkl)!r})"], tmp_path)
-        verdict = text(fresh.cells[1])
-        assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
-        got = _values(pd.read_pickle(pkl), [probe])
-        want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
-        assert got and got == want, (got, want)
+        _replays_as_recorded_with_the_probe(store, tmp_path, "cifar", probe, code, truth, plan)
 
 
 @pytest.mark.timeout(900)
@@ -244,15 +251,8 @@ def test_mnist_example_leaves_the_gradients_its_train_helper_clears_out(store, t
             ("fc2", weight, "truth_w", "with the step loop skipped", []),
             ("fc2_grad", grad, "truth_g", "run their step loop", []),
             ("loss", loop, "truth_l", "2 epoch(s) in full", [helpers_probed])):  # the helper edited in the fresh kernel
-        pkl = tmp_path / f"{probe}.pkl"
-        fresh = execute(["%load_ext flor_nb", *before, f"%%flor replay mnist --epochs 2-3 --no-progress\n{code}",
-                         f"_.to_pickle({str(pkl)!r})"], tmp_path)
-        verdict = text(fresh.cells[1 + len(before)])
-        assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
+        verdict = _replays_as_recorded_with_the_probe(store, tmp_path, "mnist", probe, code, truth, plan, before)
         assert "kept everything" not in verdict, verdict[-3000:]  # entered from the checkpoints without gradients
-        got = _values(pd.read_pickle(pkl), [probe])
-        want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
-        assert got and got == want, (got, want)
 
 
 @pytest.mark.timeout(900)
@@ -294,12 +294,5 @@ def test_vae_example_keeps_what_its_train_helper_reads_after_the_batch_loop(stor
     for probe, code, truth, plan, before in (
             ("fc4", weight, "truth_w", "2 with the step loop skipped", []),
             ("avg", loop, "truth_a", "2 epoch(s) in full", [helpers_probed])):  # the helper edited in the fresh kernel
-        pkl = tmp_path / f"{probe}.pkl"
-        fresh = execute(["%load_ext flor_nb", *before, f"%%flor replay vae --epochs 2-3 --no-progress\n{code}",
-                         f"_.to_pickle({str(pkl)!r})"], tmp_path)
-        verdict = text(fresh.cells[1 + len(before)])
-        assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
-        got = _values(pd.read_pickle(pkl), [probe])
-        want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
-        assert got and got == want, (got, want)
+        _replays_as_recorded_with_the_probe(store, tmp_path, "vae", probe, code, truth, plan, before)
 
