@@ -213,16 +213,24 @@ def helper_reads_after_steps(source: str, helper: dict, cell: str = "") -> list[
     return sorted(local & changed & after)
 
 
+def call_binding(fn, call) -> dict | None:
+    """{parameter of ``fn``: the variable ``call`` passes for it}, for the arguments that are plain variables;
+    None when ``*args`` hides which parameter gets what (``**kwargs`` binds nothing seen here)."""
+    if any(isinstance(a, ast.Starred) for a in call.args):
+        return None
+    params = [a.arg for a in (*fn.args.posonlyargs, *fn.args.args)]
+    bound = {p: a.id for p, a in zip(params, call.args) if isinstance(a, ast.Name)}
+    return bound | {k.arg: k.value.id for k in call.keywords if k.arg and isinstance(k.value, ast.Name)}
+
+
 def _passed(cell: str, fn) -> set[str]:
     """Parameters of ``fn`` that every call of it in ``cell`` passes a plain variable for."""
-    params = [a.arg for a in (*fn.args.posonlyargs, *fn.args.args)]
     out = None
     for call in (n for n in ast.walk(parse(cell)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
                  and n.func.id == fn.name):
-        if any(isinstance(a, ast.Starred) for a in call.args):
+        bound = call_binding(fn, call)
+        if bound is None:
             return set()
-        here = {k.arg for k in call.keywords if k.arg and isinstance(k.value, ast.Name)}
-        here |= {p for p, a in zip(params, call.args) if isinstance(a, ast.Name)}
-        out = here if out is None else out & here
+        out = set(bound) if out is None else out & set(bound)
     return out or set()
 

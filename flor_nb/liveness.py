@@ -222,7 +222,7 @@ def find_helper(epoch, choice: dict, sources) -> tuple[Helper, ast.For] | None:
     does not judge: the call not a whole statement of the epoch body (``train(...)``, ``loss = train(...)``),
     the helper named twice in the epoch loop, ``*args`` at the call, the step loop not a statement of the
     helper's body."""
-    from .edits import _top_defs
+    from .edits import _top_defs, call_binding
     from .instrument import _fors, _hinted
 
     want = (choice or {}).get("helper")
@@ -244,11 +244,9 @@ def find_helper(epoch, choice: dict, sources) -> tuple[Helper, ast.For] | None:
     if at is None:
         return None
     call = epoch.body[at].value
-    if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+    bound = None if any(k.arg is None for k in call.keywords) else call_binding(fn, call)
+    if bound is None:
         return None
-    params = [a.arg for a in (*fn.args.posonlyargs, *fn.args.args)]
-    bound = {p: a.id for p, a in zip(params, call.args) if isinstance(a, ast.Name)}
-    bound |= {k.arg: k.value.id for k in call.keywords if isinstance(k.value, ast.Name)}
     return Helper(fn, at, bound, frozenset(_local_names(fn))), step
 
 

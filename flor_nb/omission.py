@@ -6,7 +6,7 @@ import logging
 import math
 import pickle
 
-from . import liveness, state
+from . import liveness, runtime, state
 from .errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Omission:
         step-exit state, so a replay that skips the loop gives them back; an epoch where they cannot be kept is
         listed (``uncarried``) and runs its step loop in a replay: one whose variables are not plain values
         (:func:`_kept`) or pickle to more than ``_CARRY_BYTES``."""
-        values = {n: local[n] for n in names if n in local}
+        values = runtime.bound_names(names, local)
         snap = self._step_snap if self._step_exits == 1 else None
         if snap is not None:
             try:

@@ -58,8 +58,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     if cells:  # an edited helper may run inside the step loop
         touched["step"] = True
     carried = helper_reads_after_steps(next((c["source"] for c in deps if c["count"] == helper["cell"]), ""),
-                                       helper, code) if helper else []
-    if carried and not touched["step"]:
+                                       helper, code) if helper and not touched["step"] else []
+    if carried:
         if set(carried) <= set(helper.get("carry") or ()):  # kept with the step-exit states: skippable
             no_skip = set(no_skip) | set(run.state.get("uncarried") or ())  # but where they could not be kept
         else:  # its locals after a skipped step loop would be those from before it

@@ -116,7 +116,12 @@ def carry(names: tuple, local: dict) -> dict:
     the instrumented helper assigns them after the loop: the recording keeps them with the step loop's exit state;
     a replay that skipped the loop gives them back."""
     own = getattr(_session, "carry", None)
-    return own(names, local) if own is not None else {n: local[n] for n in names if n in local}
+    return own(names, local) if own is not None else bound_names(names, local)
+
+
+def bound_names(names, local: dict) -> dict:
+    """Those of ``names`` that ``local`` binds (a name the loop left unbound stays so)."""
+    return {n: local[n] for n in names if n in local}
 
 
 def fit(trainer, method: str, *args, **kwargs):

@@ -147,7 +147,7 @@ class Replayer:
         """The helper's variables after its step loop: as it left them, or where the loop was skipped, as the
         recording kept them with that state (see ``Omission.carry``)."""
         if self.mode != SKIP or self.setup:
-            return {n: local[n] for n in names if n in local}
+            return runtime.bound_names(names, local)
         if self._carried is None:
             raise ReplayError(f"The recording did not keep {', '.join(names)} of the helper at epoch {self.epoch}, "
                               "whose code after its step loop reads them; replay this epoch with its step loop "
