@@ -150,6 +150,8 @@ def find_unpicklable(value, refs, ns_name, ns, bad: set, path: str, found: dict,
 def _mergeable(t) -> bool:
     if t in (list, dict, set, defaultdict):
         return True
+    if issubclass(t, type):  # a class (its type a metaclass, e.g. ABCMeta): bound as itself, its dict is read-only
+        return False
     if t.__module__ in ("builtins", "collections") or not isinstance(getattr(t, "__dict__", None), types.MappingProxyType):
         return False
     if not t.__dictoffset__:  # its instances have no attributes to merge into (a weak reference)

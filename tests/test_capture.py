@@ -554,3 +554,21 @@ def test_a_run_recorded_before_weak_references_were_saved_still_replays_faithful
     out = flor.replay("old", epochs=[2], store=tmp_path)
     assert out.attrs["fidelity"]["faithful"], out.attrs["verdict"]
     assert "_flat_weight_refs" in out.attrs["verdict"], out.attrs["verdict"]  # listed, as it was recorded
+
+
+def test_a_class_with_a_metaclass_held_by_the_state_is_restored_as_itself(store):
+    """LightningCLI's argument parser keeps tuples of classes whose type is a metaclass (``ABCMeta``): restoring
+    the object that holds them must bind the classes, not walk into their ``__dict__`` (a read-only
+    mappingproxy: that failed the replay of Lightning's autoencoder example in its first epoch)."""
+    setup = SETUP + ("import abc, collections.abc, numbers\nclass Base(abc.ABC):\n    pass\nclass Chosen(Base):\n"
+                     "    pass\nclass Config:\n    def __init__(self):\n        self.model_class, self.seen = Chosen, 0\n"
+                     "        self.bases = (collections.abc.Sequence, numbers.Number, Base)\ncfg = Config()\n")
+    code = TRAIN.replace("    sched.step()\n", "    cfg.seen += 1\n    sched.step()\n")
+    record(store, code=code, setup=setup, name="meta")
+    probe = code.replace("    sched.step()\n", "    flor.log('cls', cfg.model_class.__name__)\n"
+                                                 "    flor.log('seen', cfg.seen)\n"
+                                                 "    flor.log('bases', len(cfg.bases))\n    sched.step()\n")
+    df = flor.replay("meta", code=probe, epochs="3", store=store)
+    assert "Faithful replay" in df.attrs["verdict"], df.attrs["verdict"]
+    rows = df[df["step"].isna() & (df["epoch"] == 3)]
+    assert list(rows["cls"]) == ["Chosen"] and list(rows["seen"]) == [4] and list(rows["bases"]) == [3]
