@@ -13,6 +13,9 @@ and is skipped without one (fetch the repositories and point the variables at th
   the model saved to a file when it improves, the batch loop in ``train()``. Also ``mnist/main.py``: the batch
   loop in ``train(args, model, device, train_loader, optimizer, epoch)``, ``scheduler.step()`` in the epoch loop;
   and ``vae/main.py``: ``train(epoch)`` sums ``train_loss`` in its batch loop and prints the average after it.
+* ``FLOR_LIGHTNING``: Lightning-AI/pytorch-lightning (``examples/pytorch/basics/autoencoder.py``). ``LightningCLI``
+  (needs ``jsonargparse``) builds the trainer with Lightning's defaults: a logger, ``ModelCheckpoint``, the
+  example's own ``ImageSampler`` callback saving images at every epoch end.
 """
 from __future__ import annotations
 
@@ -296,3 +299,49 @@ def test_vae_example_keeps_what_its_train_helper_reads_after_the_batch_loop(stor
             ("avg", loop, "truth_a", "2 epoch(s) in full", [helpers_probed])):  # the helper edited in the fresh kernel
         _replays_as_recorded_with_the_probe(store, tmp_path, "vae", probe, code, truth, plan, before)
 
+
+
+@pytest.mark.timeout(900)
+def test_lightning_autoencoder_example_through_its_cli(store, tmp_path):
+    """Lightning's ``examples/pytorch/basics/autoencoder.py``: the trainer comes from ``LightningCLI`` (its parser,
+    kept in the state, holds tuples of ABCMeta classes: the replay once failed restoring them), with Lightning's
+    default logger and checkpointing and a callback that writes images each epoch. A probe added in
+    ``_common_step`` in a fresh kernel reproduces the values of a run that had it from the start, and the verdict
+    names the image files the replay wrote again. Data: random images; torchvision (not installable here) is
+    replaced by stand-ins for ``transforms.ToTensor``, ``make_grid`` and ``save_image`` (``torch.save``)."""
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse")
+    root = _checkout("FLOR_LIGHTNING", "examples/pytorch/basics/autoencoder.py")
+    src = (root / "examples" / "pytorch" / "basics" / "autoencoder.py").read_text()
+    imports = _between(src, "from os import path", "DATASETS_PATH")
+    data = textwrap.dedent("""\
+        # data: random images instead of MNIST (no download); torchvision stand-ins
+        import types
+        DATASETS_PATH = "Datasets"
+        _TORCHVISION_AVAILABLE = True
+        transforms = types.SimpleNamespace(ToTensor=lambda: None)
+        torchvision = types.SimpleNamespace(utils=types.SimpleNamespace(make_grid=lambda tensor, **kw: tensor))
+        save_image = lambda t, f: torch.save(t, f)
+        def MNIST(root, train=True, download=False, transform=None):
+            g = torch.Generator().manual_seed(0 if train else 1)
+            n = 1200 if train else 200
+            return torch.utils.data.TensorDataset(torch.rand(n, 1, 28, 28, generator=g),
+                                                  torch.randint(0, 10, (n,), generator=g))
+        """)
+    sampler = _between(src, "class ImageSampler", "class LitAutoEncoder")
+    module = _between(src, "class LitAutoEncoder", "class MyDataModule")
+    datamodule = _between(src, "class MyDataModule", "def cli_main").replace("[55000, 5000]", "[1100, 100]")  # size
+    cli = textwrap.dedent(_between(src, "    cli = LightningCLI(", "    cli.trainer.fit")).replace(
+        'save_config_kwargs={"overwrite": True},',
+        'save_config_kwargs={"overwrite": True},\n    args=["--trainer.max_epochs=5"],  # size; not the kernel\'s argv')
+    fit = "cli.trainer.fit(cli.model, datamodule=cli.datamodule)\n"
+    step = "        loss = F.mse_loss(x, self(x))\n"
+    probed = module.replace(step, step + '        flor.log("zn", self.encoder(x).detach().norm().item())\n')
+    assert "[1100, 100]" in datamodule and "args=" in cli and probed != module
+    cells = ["%load_ext flor_nb", imports, data, sampler, module, datamodule, cli]
+    rec = text(execute([*cells, "%%flor record --name ae --no-progress\n" + fit,
+                        'print(cli.trainer.test(ckpt_path="best", datamodule=cli.datamodule))'], tmp_path).cells[7])
+    assert "finished ae@1: 5 epochs" in rec and "Not captured" not in rec, rec[-3000:]
+    execute([*cells[:4], probed, *cells[5:], "%%flor record --name truth --no-progress\n" + fit], tmp_path)
+    verdict = _replays_as_recorded_with_the_probe(store, tmp_path, "ae", "zn", fit, "truth", "in full",
+                                                  [*cells[1:4], probed])
+    assert f"wrote {tmp_path / 'grid_generated_1.png'}" in verdict, verdict[-3000:]
