@@ -205,6 +205,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         fidelity["state"]["next_check"] = min((int(e) for e in p["end_digests"] if int(e) >= max(unchecked)),
                                               default=None)
     fidelity["writes"] = sorted({w for r in results for w in r.get("writes", [])})
+    fidelity["removed"] = sorted({w for r in results for w in r.get("removed", [])} - set(fidelity["writes"]))
     fidelity["setup_output"] = next((r.get("setup_output") for r in results if r.get("setup_output")), "")
     probes = sorted({r[0] for r in rows} - recorded_names)
     keep = [r for r in rows if r[0] in probes]

@@ -427,6 +427,10 @@ def verdict_text(fidelity: dict) -> str:
         names = ", ".join(writes[:4]) + (f" and {len(writes) - 4} more" if len(writes) > 4 else "")
         out += (f". Note: the replayed code wrote {names}; {'it holds' if len(writes) == 1 else 'they hold'} what "
                 "the replay computed now, not what training left there")
+    removed = fidelity.get("removed") or []
+    if removed:
+        names = ", ".join(removed[:4]) + (f" and {len(removed) - 4} more" if len(removed) > 4 else "")
+        out += f". Note: the replayed code removed {names}, which existed before the replay"
     return out.rstrip(".") + "."
 
 

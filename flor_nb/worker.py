@@ -480,6 +480,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         "checks": rep.checks,
         "setup_output": rep.setup_output[-20000:],
         "writes": sorted(watch.files),
+        "removed": sorted(watch.removed),
         "roots": list(rep.capturer.order) if rep.capturer else [],
         "advanced": sorted(rep.capturer.advanced) if rep.capturer else [],
         "problems": rep.problems,

@@ -390,6 +390,31 @@ def test_files_the_replayed_code_writes_are_named(store, tmp_path):
     assert (tmp_path / "best.pt").read_bytes() != recorded  # it really was overwritten: hence the note
 
 
+def test_files_moved_into_place_or_removed_by_the_replayed_code_are_named(store, tmp_path):
+    """fsspec (Lightning's checkpoints) writes a temporary file and renames it into place, which no ``open`` of
+    the destination shows; a replay that removes a file or a folder (``shutil.rmtree``: names relative to an open
+    folder) that was there before says so too."""
+    setup = SETUP + ("import os, shutil, tempfile\n"
+                     "def save_best(m, path):\n"
+                     "    fd, tmp = tempfile.mkstemp()\n"
+                     "    os.close(fd)\n"
+                     "    torch.save(m.state_dict(), tmp)\n"
+                     "    os.replace(tmp, path)\n"
+                     "    if os.path.exists('stale.txt'):\n"
+                     "        os.remove('stale.txt')\n"
+                     "    shutil.rmtree('old-run', ignore_errors=True)\n")
+    code = TRAIN.replace("    if stopper.step(val):\n", "    save_best(model, 'best.pt')\n    if stopper.step(val):\n")
+    record(store, code=code, setup=setup, name="mover")
+    (tmp_path / "stale.txt").write_text("made after the recording")
+    (tmp_path / "old-run" / "ckpt").mkdir(parents=True)
+    (tmp_path / "old-run" / "ckpt" / "model.pt").write_text("made after the recording")
+    verdict = flor.replay("mover", code=code, epochs="2", store=store).attrs["verdict"]
+    assert f"the replayed code wrote {tmp_path / 'best.pt'}; it holds" in verdict, verdict
+    assert (f"the replayed code removed {tmp_path / 'old-run'}/, {tmp_path / 'stale.txt'}, which existed before the "
+            "replay") in verdict, verdict
+    assert "/tmp" not in verdict.replace(str(tmp_path), "")  # the temporary file is not the user's
+
+
 def test_tensors_sharing_storage_with_the_model_stay_views(store):
     """``best = model.state_dict()`` without a copy (nanoGPT's checkpoint dict) follows the model as it trains:
     after a restore it must again be a view of the parameters, not a frozen copy."""
