@@ -250,6 +250,53 @@ def test_lightning_defaults_logger_checkpoints_early_stopping(store, tmp_path):
         probes.preset(run, "grad_norm")
 
 
+PL_BEST = ('class Best(L.Callback):\n'
+           '    def on_train_epoch_start(self, trainer, pl_module):\n'
+           '        cb = trainer.checkpoint_callback\n'
+           '        flor.log("best", None if cb.best_model_score is None else float(cb.best_model_score))\n'
+           '        flor.log("top", repr(sorted((os.path.basename(p), float(v)) for p, v in cb.best_k_models.items())))\n'
+           'trainer.callbacks.append(Best())\n')
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dirpath", [None, "ckpts"])
+def test_lightning_model_checkpoint_knows_the_recorded_best_in_a_replay(store, tmp_path, dirpath):
+    """What a ModelCheckpoint knows at an epoch's start (best score, its best k files) is the recording's in a
+    replay of that epoch: a probe reading it gets the values of a run that had the probe from the start (it
+    got None and [] before, under a faithful verdict), the replay keeps and removes the same files in its own
+    folder, and never touches the recording's: with a ``dirpath`` both write to, the replay writes into a new
+    folder inside it. The verdict names the checkpoint files the replay wrote (moved into place by fsspec)."""
+    pytest.importorskip("lightning")
+    def trainer(folder):
+        where = "" if folder is None else f"dirpath={folder!r}, "
+        return ('import os\nmodel = Net()\n'
+                f'ckpt = L.pytorch.callbacks.ModelCheckpoint({where}monitor="val_acc", mode="max", save_top_k=2)\n'
+                'trainer = L.Trainer(max_epochs=4, accelerator="cpu", enable_progress_bar=False, num_sanity_val_steps=0,\n'
+                '                    enable_model_summary=False, callbacks=[ckpt])\n')
+    fit = "trainer.fit(model, train, val)\n"
+    cells = [PL_SETUP, PL_MODULE, trainer(dirpath)]
+    _record(cells, fit, "pl-best", store)
+    folder = tmp_path / (dirpath or "lightning_logs/version_0/checkpoints")
+    recorded = {p.name: p.read_bytes() for p in folder.glob("*.ckpt")}
+    assert len(recorded) == 2
+    _record([PL_SETUP, PL_MODULE, trainer(dirpath and dirpath + "-truth")], PL_BEST + fit, "pl-truth", store)
+    truth = {k: v for k, v in _truth(store, "pl-truth", "top", {2, 3}).items()}
+    assert truth[(2, -1, 0)].count(".ckpt") == 2  # the state the replay must start from: two files known
+
+    df = flor.replay("pl-best", epochs="2,3", code=PL_BEST + fit, store=store)
+    verdict = df.attrs["verdict"]
+    assert verdict.startswith("Faithful replay"), verdict
+    assert _values(df, "top", {2, 3}) == truth
+    assert _values(df, "best", {2, 3}) == _truth(store, "pl-truth", "best", {2, 3})
+    assert {p.name: p.read_bytes() for p in folder.glob("*.ckpt")} == recorded  # the recording's files, untouched
+    if dirpath is None:
+        replayed = tmp_path / "lightning_logs" / "version_2" / "checkpoints"
+    else:
+        [replayed] = folder.glob("flor-replay-*")
+    assert sorted(p.name for p in replayed.glob("*.ckpt")) == sorted(recorded)  # kept and removed as recorded
+    assert str(replayed / sorted(recorded)[0]) in verdict, verdict
+
+
 @pytest.mark.timeout(400)
 def test_hf_trainer_with_accumulation_early_stopping_and_checkpoints(store, tmp_path):
     """Gradient accumulation, HF's own checkpoints every epoch with the best model loaded at the end, an
@@ -274,8 +321,28 @@ def test_hf_trainer_with_accumulation_early_stopping_and_checkpoints(store, tmp_
     verdict = df.attrs["verdict"]
     assert verdict.startswith("Faithful replay"), verdict
     assert "train/train_loss exact (1 value)" in verdict  # the summary HF logs after the last epoch
-    assert "out/checkpoint-" in verdict or "hf-out/checkpoint-" in verdict  # HF's own checkpoints, named as written
+    assert "hf-out/flor-replay-" in verdict and "/checkpoint-" in verdict  # HF's own, in the replay's folder
 
+
+
+@pytest.mark.timeout(300)
+def test_hf_replay_never_rotates_away_the_recorded_checkpoints(store, tmp_path):
+    """``save_total_limit=1``: HF removes the oldest checkpoints of its output folder after each save. A replay
+    saving into the recording's folder removed the recording's last checkpoint, unsaid; the replay's Trainer
+    now saves into a folder of its own inside it, and the verdict names what it wrote."""
+    pytest.importorskip("transformers")
+    args = HF_ARGS.replace('save_strategy="no"', 'save_strategy="epoch", save_total_limit=1')
+    assert "save_total_limit=1" in args
+    _record([HF_DATA, HF_TRAINER, args], "trainer.train()\n", "rotating", store)
+    out = tmp_path / "hf-out"
+    recorded = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {p.split("/")[0] for p in recorded} == {"checkpoint-16"}
+    verdict = flor.replay("rotating", epochs="1", store=store).attrs["verdict"]
+    assert verdict.startswith("Faithful replay") and "removed" not in verdict, verdict
+    assert {k: v for k, v in ((str(p.relative_to(out)), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+            if not k.startswith("flor-replay-")} == recorded
+    [own] = out.glob("flor-replay-*")
+    assert [p.name for p in own.iterdir()] == ["checkpoint-8"] and f"wrote {own / 'checkpoint-8'}/" in verdict
 
 
 @pytest.mark.timeout(300)

@@ -12,7 +12,10 @@ it resumes through its public API, ``train(resume_from_checkpoint=DIR)``, where 
 recorded ``trainer_state.json`` of that epoch's start (so its loop starts at epoch ``first`` and
 its sampler is set to that epoch) and an empty weights file (the weights, optimizer, scheduler,
 scaler, RNGs and the Trainer's counters come from flor_nb's checkpoint, restored in
-``on_epoch_begin`` of epoch ``first``, the same hook where the recording took it).
+``on_epoch_begin`` of epoch ``first``, the same hook where the recording took it). Where the Trainer's
+``output_dir`` already holds files (the recording's checkpoints), the replay's Trainer saves into a new
+folder inside it for the call: HF's rotation (``save_total_limit``) removes the oldest checkpoints of its
+output folder, and the recording's are not the replay's to remove.
 
 Captured for a Trainer (see :func:`state_dict`, :func:`children`): ``trainer.state`` (global step,
 epoch, log history without wall-clock values, best metric, ...), ``trainer.control``, the loss
@@ -27,6 +30,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import tempfile
 import types
 from pathlib import Path
 
@@ -108,8 +112,10 @@ def state_dict(trainer) -> dict:
     st = trainer.state
     state = {f.name: getattr(st, f.name) for f in dataclasses.fields(st) if f.name not in _STATE_SKIP}
     state["log_history"] = [{k: v for k, v in entry.items() if not is_clock(k)} for entry in st.log_history]
+    state["best_model_checkpoint"] = _relative(trainer, st.best_model_checkpoint)
     out = {
         "framework": "transformers",
+        "relative_paths": True,  # best_model_checkpoint is named within the output folder
         "state": state,
         "control": dataclasses.asdict(trainer.control),
         "counters": {k: getattr(trainer, k) for k in _COUNTERS if hasattr(trainer, k)},
@@ -119,11 +125,35 @@ def state_dict(trainer) -> dict:
     return out
 
 
+def _outputs(trainer) -> list:
+    """The Trainer's output folder, then the recording's where a replay saves elsewhere (:func:`replay`)."""
+    return [p for p in (trainer.args.output_dir, getattr(trainer, "_flor_recorded_output", None)) if p]
+
+
+def _relative(trainer, path):
+    """A checkpoint folder named within the output folder: the replay's output folder is not the recording's."""
+    for base in _outputs(trainer) if path else ():
+        rel = os.path.relpath(path, base)
+        if not rel.startswith(".."):
+            return rel
+    return path
+
+
+def _absolute(trainer, rel):
+    """:func:`_relative` undone: in the output folder that holds it (the replay's own, else the recording's)."""
+    if not rel or os.path.isabs(rel):
+        return rel
+    places = [os.path.join(base, rel) for base in _outputs(trainer)]
+    return next((p for p in places if os.path.exists(p)), places[0] if places else rel)
+
+
 def load_state_dict(trainer, tree: dict):
     st = trainer.state
     for k, v in tree["state"].items():
         if k == "log_history":
             st.log_history[:] = [dict(e) for e in v]
+        elif k == "best_model_checkpoint" and tree.get("relative_paths"):
+            st.best_model_checkpoint = _absolute(trainer, v)
         else:
             setattr(st, k, v)
     for k, v in tree["control"].items():
@@ -253,10 +283,18 @@ def replay(rep, trainer, method, args, kwargs):
         log.setLevel(logging.ERROR)
     cb = _callback(units, rep)
     trainer.callback_handler.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch, step
+    output = trainer.args.output_dir
+    if output and os.path.isdir(output) and os.listdir(output):
+        trainer._flor_recorded_output = output
+        trainer.args.output_dir = tempfile.mkdtemp(prefix="flor-replay-", dir=output)
+        logging.getLogger(__name__).warning("The replay's Trainer saves to %s: %s holds the recording's files",
+                                            trainer.args.output_dir, output)
     try:
         getattr(trainer, method)(*args, **kwargs)
     finally:
         trainer.remove_callback(cb)
+        trainer.args.output_dir = output
+        trainer.__dict__.pop("_flor_recorded_output", None)
         log.setLevel(level)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

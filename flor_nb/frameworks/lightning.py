@@ -17,9 +17,16 @@ Captured for a Trainer (see :func:`state_dict`, :func:`children`): the fit loop'
 progress-bar metrics key by key (so a probe may ``self.log`` a new one); the LightningModule, optimizers, schedulers, precision scaler and datamodule
 on their own; callbacks by their ``state_dict`` where they declare one (``EarlyStopping``), else attribute
 by attribute. ``ModelCheckpoint``, loggers, model summaries and progress bars are outputs (where files go, what is shown):
-rebuilt by the recorded cells, not restored, so a replay writes its own checkpoint files, never the recording's.
+rebuilt by the recorded cells, so a replay writes its own checkpoint files, never the recording's. What a
+``ModelCheckpoint`` knows (best and k-th scores, its best k files) is state a probe may read, and decides
+which files it saves and removes: it is kept with each file named relative to the callback's folder, checked
+like any state, and put back with the names in the replay's folder (:func:`_load_checkpoint_callbacks`).
 """
 from __future__ import annotations
+
+import logging
+import os
+import tempfile
 
 import torch
 
@@ -67,16 +74,57 @@ def module_internal(cls) -> frozenset:
     return frozenset(vars(base())) | {"_trainer", "_hparams", "_hparams_initial", "_hparams_name"}
 
 
+log = logging.getLogger(__name__)
+_CKPT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
 # -- capture -------------------------------------------------------------------------------------
 def state_dict(trainer) -> dict:
     out = {
         "framework": "lightning",
         "fit_loop": trainer.fit_loop.state_dict(),
         "should_stop": bool(trainer.should_stop),
+        "checkpoint_callbacks": [_checkpoint_state(cb) for cb in _model_checkpoints(trainer)],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_rng"] = torch.cuda.get_rng_state_all()
     return out
+
+
+def _model_checkpoints(trainer) -> list:
+    cls = _mod(_pkg(type(trainer)), "callbacks.model_checkpoint").ModelCheckpoint
+    return [cb for cb in trainer.callbacks if isinstance(cb, cls)]
+
+
+def _checkpoint_state(cb) -> dict:
+    """A ModelCheckpoint's ``state_dict`` without its folder: files are named relative to it (a replay's
+    folder is another one: a logger's new version)."""
+    sd = dict(cb.state_dict())
+    folder = sd.pop("dirpath", None)
+
+    def rel(p):
+        return os.path.relpath(p, folder) if p and folder else p
+    sd["best_k_models"] = {rel(p): v for p, v in sd.get("best_k_models", {}).items()}
+    for key in _CKPT_PATHS:
+        sd[key] = rel(sd.get(key))
+    return sd
+
+
+def _load_checkpoint_callbacks(trainer, states: list):
+    """Put each ModelCheckpoint's recorded knowledge back, its files named in the replay's folder. Where that
+    folder already holds files (a ``dirpath`` the recording also wrote to), the replay's callback writes into a
+    new folder inside it instead, so it never overwrites or removes a file of the recording's."""
+    for cb, sd in zip(_model_checkpoints(trainer), states):
+        folder = cb.dirpath
+        if folder and os.path.isdir(folder) and os.listdir(folder):
+            cb.dirpath = folder = tempfile.mkdtemp(prefix="flor-replay-", dir=folder)
+            log.warning("The replay's ModelCheckpoint writes to %s: its folder holds the recording's files", folder)
+
+        def absolute(p):
+            return os.path.join(folder, p) if p and folder else p
+        full = dict(sd, dirpath=folder, best_k_models={absolute(p): v for p, v in sd["best_k_models"].items()})
+        full.update({key: absolute(sd[key]) for key in _CKPT_PATHS})
+        cb.load_state_dict(full)
 
 
 def _load_loop(loop, sd: dict, loop_cls, progress_cls, prefix: str = ""):
@@ -97,6 +145,8 @@ def load_state_dict(trainer, tree: dict):
     _load_loop(trainer.fit_loop, tree["fit_loop"], _mod(pkg, "loops.loop")._Loop,
                _mod(pkg, "loops.progress")._BaseProgress)
     trainer.should_stop = tree["should_stop"]
+    if "checkpoint_callbacks" in tree:  # runs recorded before it was kept have none
+        _load_checkpoint_callbacks(trainer, tree["checkpoint_callbacks"])
     if "cuda_rng" in tree and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(tree["cuda_rng"])
 
