@@ -316,7 +316,7 @@ def _state_attrs(obj) -> dict:
 def _nonpersistent_buffers(module) -> dict:
     out = {}
     for mname, m in module.named_modules():
-        for bname in m._non_persistent_buffers_set:
+        for bname in sorted(m._non_persistent_buffers_set):  # a set: its order changes with the hash seed
             b = m._buffers.get(bname)
             if b is not None:
                 out[f"{mname}.{bname}" if mname else bname] = b
