@@ -119,7 +119,7 @@ class _Names(ast.NodeVisitor):
             self.assigned.add(node.name)
             self.defs[node.name] = reads
         else:
-            self.immediate |= reads
+            self._immediate(reads)
         self.deferred |= reads
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
@@ -139,7 +139,13 @@ class _Names(ast.NodeVisitor):
     def _comprehension(self, node):
         reads = function_globals(node)
         self.deferred |= reads
-        self.immediate |= reads
+        self._immediate(reads)
+
+    def _immediate(self, reads):
+        """Globals a comprehension or lambda reads right here: a name bound above in this cell is not a read of
+        an earlier cell, but it is a load (a function of this cell called here reads its own globals now)."""
+        self.immediate |= reads - self.assigned
+        self.loads |= reads
 
     visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension
 

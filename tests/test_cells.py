@@ -97,6 +97,22 @@ def test_a_class_that_names_itself_is_bound_by_its_own_cell():
     assert [c.count for c in cells] == [1, 2] and missing == {"x"}
 
 
+def test_a_comprehension_reading_what_its_own_cell_bound_above_reads_no_earlier_cell():
+    """``raw = {k: pairs(n) for ...}`` after ``def pairs`` in the same cell (a data cell feeding the HF course's
+    Trainer): ``pairs`` was reported as missing, with a warning that replay could not rebuild it. A name the
+    comprehension reads that the cell binds only later, or never, is still read from earlier cells."""
+    from flor_nb.cells import resolve
+
+    history = [
+        Cell(1, "import random\nwords = ['a', 'b']\n"),
+        Cell(2, "def pairs(n):\n    return [random.choice(words) for _ in range(n)]\n"
+                "raw = {k: pairs(n) for k, n in (('train', 3),)}\nkeys = sorted(raw, key=lambda k: len(raw[k]))\n"
+                "late = [size(v) for v in raw]\nsize = len\n"),
+    ]
+    cells, missing = resolve(history, "for epoch in range(3):\n    print(raw, keys, late)\n")
+    assert [c.count for c in cells] == [1, 2] and missing == {"size"}
+
+
 def test_magic_cells_keep_their_body():
     timed = "get_ipython().run_cell_magic('time', '', 'model = torch.nn.Linear(2, 2)\\n')\n"
     captured = "get_ipython().run_cell_magic('capture', 'out --no-stderr', 'import torch\\nX = torch.ones(2)\\n')\n"
