@@ -266,6 +266,19 @@ def has_loop(source: str) -> bool:
     return any(isinstance(s, (ast.For, ast.AsyncFor, ast.While)) for s in ast.parse(source).body)
 
 
+def _trains(source: str, trainers) -> bool:
+    """The cell calls ``train()`` or ``fit()`` of one of ``trainers`` as a statement: an earlier training (the HF
+    course trains once before the run it records), which a replay must not run again."""
+    if not trainers:
+        return False
+    for stmt in ast.parse(source).body:
+        call = stmt.value if isinstance(stmt, ast.Expr) else None
+        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in ("train", "fit")
+                and isinstance(call.func.value, ast.Name) and call.func.value.id in trainers):
+            return True
+    return False
+
+
 # Cell magics that run their body once in the user namespace: the cell is its body. ``%%timeit`` is not
 # one (it runs the body many times inside a function, so it binds nothing), nor are ``%%bash``,
 # ``%%writefile`` and the like (their body is not Python): those cells are dropped like ``!shell`` lines.
@@ -314,26 +327,27 @@ def strip_shell(source: str, transform=None) -> str:
     return "\n".join(lines) + "\n" if changed else source
 
 
-def dependencies(history: list[Cell], target: str) -> list[Cell]:
+def dependencies(history: list[Cell], target: str, trainers=frozenset()) -> list[Cell]:
     """The cells of ``history`` (in execution order) that ``target`` needs, in execution order."""
-    return resolve(history, target)[0]
+    return resolve(history, target, trainers)[0]
 
 
-def resolve(history: list[Cell], target: str) -> tuple[list[Cell], set[str]]:
+def resolve(history: list[Cell], target: str, trainers=frozenset()) -> tuple[list[Cell], set[str]]:
     """(the cells of ``history`` that ``target`` needs, in execution order; names it needs that none binds).
 
     For each name read, the cell needed is the latest one before the read that binds it, and any
     cell after that one that changes the object without looping (``model.to(dev)``; a cell that
-    loops and only mutates is a training cell: never re-run). A cell's top-level reads happen when
-    it runs; the globals of a function or class it defines are read as of ``target`` (when the
-    training cell calls it). Cells that are empty once IPython syntax is stripped (``%%flor``
-    cells) bind nothing that replay could rebuild.
+    loops and only mutates is a training cell: never re-run, nor is one that calls ``train()`` or
+    ``fit()`` of a name in ``trainers``, the HF or Lightning trainers of the namespace). A cell's
+    top-level reads happen when it runs; the globals of a function or class it defines are read as of
+    ``target`` (when the training cell calls it). Cells that are empty once IPython syntax is stripped
+    (``%%flor`` cells) bind nothing that replay could rebuild.
     """
     infos = []
     for cell in history:
         source, parsed = _cell_info(cell.source)
         infos.append(None if parsed is None else (source, parsed[0], parsed[1], parsed[2] | cell.bound, parsed[3],
-                                                  parsed[4]))
+                                                  parsed[4] or _trains(source, trainers)))
     end = len(history)
     todo = [(name, end) for name in analyze(target)[0]]
     seen, chosen, missing = set(), set(), set()

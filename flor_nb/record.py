@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import devices, hash_seed, objstore, runtime, saver, state, thinning, validate
+from . import devices, frameworks, hash_seed, objstore, runtime, saver, state, thinning, validate
 from .cells import Cell, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError, NotCapturedWarning
@@ -111,7 +111,8 @@ def record(
     tree, loops = instrument(code, namespace=ns)
     since_last = runtime.IDLE.take_args()
     if history is not None:
-        deps, missing = resolve(history, code)
+        trainers = {n for n, v in list(ns.items()) if frameworks.framework_of(v)}
+        deps, missing = resolve(history, code, trainers)
         _warn_unrebuildable(missing, ns, name)
         args = {k: v for c in deps for k, v in c.args.items()}  # the run's args: its cells' (later cells win)
     else:

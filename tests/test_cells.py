@@ -113,6 +113,24 @@ def test_a_comprehension_reading_what_its_own_cell_bound_above_reads_no_earlier_
     assert [c.count for c in cells] == [1, 2] and missing == {"size"}
 
 
+def test_an_earlier_training_of_a_framework_trainer_is_never_rerun():
+    """The HF course trains once (``trainer.train()``), predicts, then builds a new Trainer whose ``train()`` it
+    records: the first training is a mutation of ``trainer`` the prediction reads, and was run again in every
+    replay's setup. Given the namespace's trainers, it is a training cell; ``model.train()`` still runs."""
+    from flor_nb.cells import resolve
+
+    history = [
+        Cell(1, "trainer = Trainer(model)\n"),
+        Cell(2, "trainer.train()\n"),
+        Cell(3, "model.train()\n"),
+        Cell(4, "predictions = trainer.predict(data)\nimport numpy as np\n"),
+        Cell(5, "trainer = Trainer(model, metrics=lambda p: np.mean(p))\n"),
+    ]
+    target = "trainer.train()\n"
+    assert [c.count for c in resolve(history, target)[0]] == [1, 2, 3, 4, 5]  # no namespace: as before
+    assert [c.count for c in resolve(history, target, {"trainer"})[0]] == [1, 3, 4, 5]
+
+
 def test_magic_cells_keep_their_body():
     timed = "get_ipython().run_cell_magic('time', '', 'model = torch.nn.Linear(2, 2)\\n')\n"
     captured = "get_ipython().run_cell_magic('capture', 'out --no-stderr', 'import torch\\nX = torch.ones(2)\\n')\n"
