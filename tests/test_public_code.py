@@ -16,6 +16,9 @@ and is skipped without one (fetch the repositories and point the variables at th
 * ``FLOR_LIGHTNING``: Lightning-AI/pytorch-lightning (``examples/pytorch/basics/autoencoder.py``). ``LightningCLI``
   (needs ``jsonargparse``) builds the trainer with Lightning's defaults: a logger, ``ModelCheckpoint``, the
   example's own ``ImageSampler`` callback saving images at every epoch end.
+* ``FLOR_HF_COURSE``: huggingface/course (``chapters/en/chapter3/3.mdx``, "Fine-tuning a model with the Trainer
+  API"): its code blocks in order as notebook cells, a first ``trainer.train()`` before the one recorded, then
+  ``compute_metrics`` and a new Trainer with ``eval_strategy="epoch"``. Needs ``datasets``.
 """
 from __future__ import annotations
 
@@ -345,3 +348,91 @@ def test_lightning_autoencoder_example_through_its_cli(store, tmp_path):
     verdict = _replays_as_recorded_with_the_probe(store, tmp_path, "ae", "zn", fit, "truth", "in full",
                                                   [*cells[1:4], probed])
     assert f"wrote {tmp_path / 'grid_generated_1.png'}" in verdict, verdict[-3000:]
+
+
+def _mdx_blocks(path: pathlib.Path) -> list[str]:
+    """The ``py`` code blocks of a course page, in order."""
+    blocks, block = [], None
+    for line in path.read_text().splitlines(keepends=True):
+        if block is None and line.strip() == "```py":
+            block = []
+        elif block is not None and line.startswith("```"):
+            blocks.append("".join(block))
+            block = None
+        elif block is not None:
+            block.append(line)
+    return blocks
+
+
+@pytest.mark.timeout(900)
+def test_hf_course_trainer_api_chapter(store, tmp_path):
+    """The HF course's Trainer chapter, block by block as a notebook runs it: a first ``trainer.train()``, a
+    prediction and a metric, then ``compute_metrics`` and a new Trainer evaluated every epoch, whose
+    ``trainer.train()`` is recorded. Probes: one added to ``compute_metrics`` by re-running its cell alone in a
+    fresh kernel, and a ``TrainerCallback`` added in the replayed cell; both equal a run that had them from the
+    start. Data: random sentence pairs and a word-level tokenizer; a small BERT from a config instead of
+    ``from_pretrained``; the GLUE metric (downloaded by ``evaluate``) computed in numpy."""
+    pytest.importorskip("datasets", reason="the course's data cell needs datasets")
+    root = _checkout("FLOR_HF_COURSE", "chapters/en/chapter3/3.mdx")
+    blocks = _mdx_blocks(root / "chapters" / "en" / "chapter3" / "3.mdx")[:11]
+    assert blocks[4] == blocks[10] == "trainer.train()\n" and "def compute_metrics" in blocks[8], blocks
+    stand_in = textwrap.dedent("""\
+        # data: random sentence pairs and a word-level vocabulary; a small BERT; GLUE's metric in numpy (no download)
+        import random, tempfile, types, datasets, numpy as np, torch
+        torch.manual_seed(0)  # the run with the probes from the start must train the same model
+        words = [f"w{i}" for i in range(100)]
+        rnd = random.Random(0)
+        def pairs(n):
+            s = lambda: " ".join(rnd.choice(words) for _ in range(rnd.randint(5, 15)))
+            return {"sentence1": [s() for _ in range(n)], "sentence2": [s() for _ in range(n)],
+                    "label": [rnd.randint(0, 1) for _ in range(n)], "idx": list(range(n))}
+        glue_mrpc = datasets.DatasetDict({k: datasets.Dataset.from_dict(pairs(n)) for k, n in
+                                          (("train", 96), ("validation", 32), ("test", 32))})
+        vocab = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+        vocab.write("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+        vocab.close()
+        from transformers import BertConfig, BertTokenizerFast
+        small_bert = BertConfig(vocab_size=105, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, num_labels=2)
+        evaluate = types.SimpleNamespace(load=lambda *a: types.SimpleNamespace(
+            compute=lambda predictions, references: {"accuracy": float((predictions == references).mean())}))
+        """)
+    swaps = {'raw_datasets = load_dataset("glue", "mrpc")': "raw_datasets = glue_mrpc",
+             "tokenizer = AutoTokenizer.from_pretrained(checkpoint)": "tokenizer = BertTokenizerFast(vocab.name)",
+             "AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2)":
+                 "AutoModelForSequenceClassification.from_config(small_bert)",
+             "import evaluate\n": ""}
+    cells = []
+    for block in blocks[:10]:
+        for old, new in swaps.items():
+            block = block.replace(old, new)
+        cells.append(block)
+    assert "glue_mrpc" in cells[0] and "small_bert" in cells[2] and "small_bert" in cells[9]
+    line = "    predictions = np.argmax(logits, axis=-1)\n"
+    metrics = cells[8].replace(line, line + "    flor.log('pos_rate', float((predictions == 1).mean()))\n")
+    callback = textwrap.dedent("""\
+        from transformers import TrainerCallback
+        class Norms(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                flor.log("wn", model.classifier.weight.norm().item())
+        trainer.add_callback(Norms())
+        """)
+    train = blocks[10]
+    assert metrics != cells[8]
+    rec = text(execute(["%load_ext flor_nb", stand_in, *cells, "%%flor record --name course --no-progress\n" + train],
+                       tmp_path).cells[12])
+    assert "finished course@1: 3 epochs" in rec and "Not captured" not in rec, rec[-3000:]
+    assert "will not be able to rebuild" not in rec, rec[-3000:]  # pairs, used by a comprehension of its own cell
+    deps = [c["source"] for c in store.find_run("course").deps]
+    assert any("trainer.predict(" in d for d in deps) and "trainer.train()\n" not in deps  # the first training
+    execute(["%load_ext flor_nb", stand_in, *cells[:8], metrics, cells[9],
+             "%%flor record --name truth --no-progress\n" + callback + train], tmp_path)
+    for probe, before, code in (("pos_rate", [metrics], train), ("wn", [], callback + train)):
+        pkl = tmp_path / f"{probe}.pkl"
+        fresh = execute(["%load_ext flor_nb", *before, f"%%flor replay course --epochs 1-2 --no-progress\n{code}",
+                         f"_.to_pickle({str(pkl)!r})"], tmp_path)
+        said = [ln for ln in text(fresh.cells[1 + len(before)]).splitlines() if "flor_nb" in ln or "eplay" in ln]
+        assert "Faithful replay" in "\n".join(said), "\n".join(said)
+        got = _values(pd.read_pickle(pkl), [probe])
+        want = _values(flor.dataframe(probe, run="truth", store=store), [probe], {1, 2})
+        assert got and got == want, (got, want)
