@@ -55,7 +55,8 @@ def limits() -> dict:
     return {"max_objects": int(os.environ.get("FLOR_NB_MAX_OBJECTS", 1_000_000)),  # Python objects per root
             "max_bytes": int(float(os.environ.get("FLOR_NB_MAX_VALUE_BYTES", 1 << 30))),  # per tensor or array
             "weak_refs": True,  # runs recorded before weak references were saved replay without them
-            "iterators": True}  # and before DataLoader iterators were saved as their position
+            "iterators": True,  # and before DataLoader iterators were saved as their position
+            "framework_paths": True}  # and before a trainer's checkpoint files were kept relative to their folder
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Graph:
     outputs: dict = field(default_factory=dict)  # path -> what it is: progress bars, log files, writers
     attr_owner: dict = field(default_factory=dict)  # module_attrs path -> the object whose attributes they are
     iterators: dict = field(default_factory=dict)  # path -> a DataLoader iterator kept across units (its position)
+    framework_paths: bool = False  # the walk's setting (see walk): how a trainer's state names its files
     weak: dict = field(default_factory=dict)  # path -> a weak reference to an object the state holds (pickled as one)
     keep: list = field(default_factory=list)  # every object visited, alive while ids are in use
 
@@ -95,20 +97,22 @@ def _atomic_seq(values) -> bool:
 
 
 def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_bytes: int | None = None,
-         weak_refs: bool = False, iterators: bool = False) -> Graph:
+         weak_refs: bool = False, iterators: bool = False, framework_paths: bool = False) -> Graph:
     """Find everything to capture from ``ns`` (see the module docstring).
 
     ``order``: root names to visit first (a replay passes the recording's order so that
     objects reachable by several paths get the same path as when they were recorded).
     ``max_objects``, ``max_bytes``, ``weak_refs``, ``iterators``: see :func:`limits` (the defaults; a run
     recorded before ``weak_refs`` left every weak reference out, and its replays do too, so their pickles
-    compare; one recorded before ``iterators`` has no iterator positions, so they stay "not captured").
+    compare; one recorded before ``iterators`` has no iterator positions, so they stay "not captured"; one
+    recorded before ``framework_paths`` kept neither a Lightning ModelCheckpoint's knowledge nor HF's best
+    checkpoint relative to its folder, and its replays capture trainers as it did).
     """
     lim = limits()
     max_objects = lim["max_objects"] if max_objects is None else max_objects
     max_bytes = lim["max_bytes"] if max_bytes is None else max_bytes
     names, excluded = root_names(ns, scope)
-    g = Graph()
+    g = Graph(framework_paths=framework_paths)
     for n in sorted(excluded):
         g.not_captured[n] = "left out by --state"
     first = [n for n in order if n in names]
@@ -324,7 +328,7 @@ def _framework(g: Graph, path, trainer, queue, root):
     """A framework's trainer: its progress state (a state_dict of the adapter's), attributes of a user's
     subclass, callbacks by attribute and metrics by key (one stream each: what a probe adds is new, not a
     difference), and what it owns (model, optimizers, schedulers) walked as usual under its path."""
-    g.states[path] = frameworks.state_dict(trainer)
+    g.states[path] = frameworks.state_dict(trainer, paths=g.framework_paths)
     attrs = frameworks.user_attrs(trainer)
     if attrs:
         g.module_attrs[path] = attrs

@@ -297,6 +297,33 @@ def test_lightning_model_checkpoint_knows_the_recorded_best_in_a_replay(store, t
     assert str(replayed / sorted(recorded)[0]) in verdict, verdict
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["lightning", "hf"])
+def test_trainer_runs_recorded_before_checkpoint_names_were_kept_still_replay(store, tmp_path, monkeypatch, kind):
+    """A run recorded before a trainer's checkpoint files were kept relative to their folder (no ModelCheckpoint
+    knowledge, HF's best checkpoint as it was) replays capturing its trainer the same way, so it still compares."""
+    pytest.importorskip("lightning" if kind == "lightning" else "transformers")
+    from flor_nb import capture, state
+    old = {k: v for k, v in capture.limits().items() if k != "framework_paths"}
+    monkeypatch.setattr(state, "capture_limits", lambda: dict(old))
+    if kind == "lightning":
+        trainer = ('model = Net()\n'
+                   'trainer = L.Trainer(max_epochs=3, accelerator="cpu", enable_progress_bar=False, num_sanity_val_steps=0,\n'
+                   '                    enable_model_summary=False)\n')
+        run = _record([PL_SETUP, PL_MODULE, trainer], "trainer.fit(model, train, val)\n", "old", store)
+    else:
+        args = HF_ARGS.replace('save_strategy="no"', 'save_strategy="epoch", load_best_model_at_end=True')
+        run = _record([HF_DATA, HF_TRAINER, args], "trainer.train()\n", "old", store)
+    monkeypatch.undo()
+    assert "framework_paths" not in run.state["limits"]
+    from flor_nb import checkpoint
+    ck = store.checkpoints(run.id)[-1]
+    tree = checkpoint.read(store.home, ck["path"])["tensors"]["obj/trainer"]
+    assert "checkpoint_callbacks" not in tree and "relative_paths" not in tree  # captured as it was then
+    verdict = flor.replay("old", epochs="1", store=store).attrs["verdict"]
+    assert verdict.startswith("Faithful replay"), verdict
+
+
 @pytest.mark.timeout(400)
 def test_hf_trainer_with_accumulation_early_stopping_and_checkpoints(store, tmp_path):
     """Gradient accumulation, HF's own checkpoints every epoch with the best model loaded at the end, an

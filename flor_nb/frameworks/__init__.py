@@ -82,9 +82,10 @@ def kind(obj) -> str | None:
     return out
 
 
-def state_dict(trainer) -> dict:
-    """The trainer's own training state (a tree of plain values and tensors; objects as leaves)."""
-    return adapter(framework_of(trainer)).state_dict(trainer)
+def state_dict(trainer, paths: bool = True) -> dict:
+    """The trainer's own training state (a tree of plain values and tensors; objects as leaves). ``paths``: its
+    checkpoint files named relative to their folder (runs recorded before that replay without)."""
+    return adapter(framework_of(trainer)).state_dict(trainer, paths)
 
 
 def load_state_dict(trainer, tree: dict):

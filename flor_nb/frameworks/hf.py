@@ -108,18 +108,19 @@ def _callbacks(trainer):
     return out
 
 
-def state_dict(trainer) -> dict:
+def state_dict(trainer, paths: bool = True) -> dict:
     st = trainer.state
     state = {f.name: getattr(st, f.name) for f in dataclasses.fields(st) if f.name not in _STATE_SKIP}
     state["log_history"] = [{k: v for k, v in entry.items() if not is_clock(k)} for entry in st.log_history]
-    state["best_model_checkpoint"] = _relative(trainer, st.best_model_checkpoint)
     out = {
         "framework": "transformers",
-        "relative_paths": True,  # best_model_checkpoint is named within the output folder
         "state": state,
         "control": dataclasses.asdict(trainer.control),
         "counters": {k: getattr(trainer, k) for k in _COUNTERS if hasattr(trainer, k)},
     }
+    if paths:
+        out["relative_paths"] = True  # best_model_checkpoint is named within the output folder
+        state["best_model_checkpoint"] = _relative(trainer, st.best_model_checkpoint)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_rng"] = torch.cuda.get_rng_state_all()
     return out
@@ -284,7 +285,8 @@ def replay(rep, trainer, method, args, kwargs):
     cb = _callback(units, rep)
     trainer.callback_handler.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch, step
     output = trainer.args.output_dir
-    if output and os.path.isdir(output) and os.listdir(output):
+    relative = (rep.capturer.limits if rep.capturer else {}).get("framework_paths")  # else recorded before it
+    if relative and output and os.path.isdir(output) and os.listdir(output):
         trainer._flor_recorded_output = output
         trainer.args.output_dir = tempfile.mkdtemp(prefix="flor-replay-", dir=output)
         logging.getLogger(__name__).warning("The replay's Trainer saves to %s: %s holds the recording's files",

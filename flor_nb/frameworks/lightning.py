@@ -79,13 +79,14 @@ _CKPT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
 
 
 # -- capture -------------------------------------------------------------------------------------
-def state_dict(trainer) -> dict:
+def state_dict(trainer, paths: bool = True) -> dict:
     out = {
         "framework": "lightning",
         "fit_loop": trainer.fit_loop.state_dict(),
         "should_stop": bool(trainer.should_stop),
-        "checkpoint_callbacks": [_checkpoint_state(cb) for cb in _model_checkpoints(trainer)],
     }
+    if paths:
+        out["checkpoint_callbacks"] = [_checkpoint_state(cb) for cb in _model_checkpoints(trainer)]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_rng"] = torch.cuda.get_rng_state_all()
     return out
