@@ -14,6 +14,9 @@ Both frameworks are optional: nothing here imports them unless a trainer of thei
 from __future__ import annotations
 
 import importlib
+import logging
+import os
+import tempfile
 
 from ..errors import FlorError
 
@@ -45,6 +48,18 @@ class FrameworkError(FlorError):
 
 def adapter(name: str):
     return importlib.import_module(_ADAPTERS[name])
+
+
+def replay_folder(folder, what: str):
+    """Where a replay's ``what`` saves checkpoints: ``folder`` itself when it is new or empty, else a new
+    ``flor-replay-*`` folder inside it, so the replay never overwrites or removes the recording's files there
+    (HF's ``save_total_limit`` rotation, Lightning's top-k bookkeeping)."""
+    if not (folder and os.path.isdir(folder) and os.listdir(folder)):
+        return folder
+    own = tempfile.mkdtemp(prefix="flor-replay-", dir=folder)
+    logging.getLogger(__name__).warning("The replay's %s saves to %s: %s holds the recording's files", what, own,
+                                        folder)
+    return own
 
 
 def framework_of(obj, is_class: bool = False) -> str | None:

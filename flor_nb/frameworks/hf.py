@@ -30,8 +30,8 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 import types
+import weakref
 from pathlib import Path
 
 import torch
@@ -126,9 +126,12 @@ def state_dict(trainer, paths: bool = True) -> dict:
     return out
 
 
+_RECORDED_OUTPUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> its output folder, in a replay
+
+
 def _outputs(trainer) -> list:
     """The Trainer's output folder, then the recording's where a replay saves elsewhere (:func:`replay`)."""
-    return [p for p in (trainer.args.output_dir, getattr(trainer, "_flor_recorded_output", None)) if p]
+    return [p for p in (trainer.args.output_dir, _RECORDED_OUTPUT.get(trainer)) if p]
 
 
 def _relative(trainer, path):
@@ -285,18 +288,18 @@ def replay(rep, trainer, method, args, kwargs):
     cb = _callback(units, rep)
     trainer.callback_handler.callbacks.insert(0, cb)  # first: a user's probe callback sees the new epoch, step
     output = trainer.args.output_dir
-    relative = (rep.capturer.limits if rep.capturer else {}).get("framework_paths")  # else recorded before it
-    if relative and output and os.path.isdir(output) and os.listdir(output):
-        trainer._flor_recorded_output = output
-        trainer.args.output_dir = tempfile.mkdtemp(prefix="flor-replay-", dir=output)
-        logging.getLogger(__name__).warning("The replay's Trainer saves to %s: %s holds the recording's files",
-                                            trainer.args.output_dir, output)
+    if (rep.capturer.limits if rep.capturer else {}).get("framework_paths"):  # else recorded before it: as then
+        from . import replay_folder
+
+        trainer.args.output_dir = replay_folder(output, "Trainer")
+        if trainer.args.output_dir != output:
+            _RECORDED_OUTPUT[trainer] = output
     try:
         getattr(trainer, method)(*args, **kwargs)
     finally:
         trainer.remove_callback(cb)
         trainer.args.output_dir = output
-        trainer.__dict__.pop("_flor_recorded_output", None)
+        _RECORDED_OUTPUT.pop(trainer, None)
         log.setLevel(level)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

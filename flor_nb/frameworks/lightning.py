@@ -24,9 +24,7 @@ like any state, and put back with the names in the replay's folder (:func:`_load
 """
 from __future__ import annotations
 
-import logging
 import os
-import tempfile
 
 import torch
 
@@ -74,7 +72,6 @@ def module_internal(cls) -> frozenset:
     return frozenset(vars(base())) | {"_trainer", "_hparams", "_hparams_initial", "_hparams_name"}
 
 
-log = logging.getLogger(__name__)
 _CKPT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
 
 
@@ -115,11 +112,10 @@ def _load_checkpoint_callbacks(trainer, states: list):
     """Put each ModelCheckpoint's recorded knowledge back, its files named in the replay's folder. Where that
     folder already holds files (a ``dirpath`` the recording also wrote to), the replay's callback writes into a
     new folder inside it instead, so it never overwrites or removes a file of the recording's."""
+    from . import replay_folder
+
     for cb, sd in zip(_model_checkpoints(trainer), states):
-        folder = cb.dirpath
-        if folder and os.path.isdir(folder) and os.listdir(folder):
-            cb.dirpath = folder = tempfile.mkdtemp(prefix="flor-replay-", dir=folder)
-            log.warning("The replay's ModelCheckpoint writes to %s: its folder holds the recording's files", folder)
+        cb.dirpath = folder = replay_folder(cb.dirpath, "ModelCheckpoint")
 
         def absolute(p):
             return os.path.join(folder, p) if p and folder else p
