@@ -266,17 +266,17 @@ def has_loop(source: str) -> bool:
     return any(isinstance(s, (ast.For, ast.AsyncFor, ast.While)) for s in ast.parse(source).body)
 
 
-def _trains(source: str, trainers) -> bool:
-    """The cell calls ``train()`` or ``fit()`` of one of ``trainers`` as a statement: an earlier training (the HF
-    course trains once before the run it records), which a replay must not run again."""
-    if not trainers:
-        return False
+def _trained(source: str) -> frozenset:
+    """Names whose ``train()`` or ``fit()`` the cell calls as a statement: if one is an HF or Lightning trainer,
+    an earlier training (the HF course trains once before the run it records), which a replay must not run
+    again."""
+    out = set()
     for stmt in ast.parse(source).body:
         call = stmt.value if isinstance(stmt, ast.Expr) else None
         if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in ("train", "fit")
-                and isinstance(call.func.value, ast.Name) and call.func.value.id in trainers):
-            return True
-    return False
+                and isinstance(call.func.value, ast.Name)):
+            out.add(call.func.value.id)
+    return frozenset(out)
 
 
 # Cell magics that run their body once in the user namespace: the cell is its body. ``%%timeit`` is not
@@ -327,9 +327,9 @@ def strip_shell(source: str, transform=None) -> str:
     return "\n".join(lines) + "\n" if changed else source
 
 
-def dependencies(history: list[Cell], target: str, trainers=frozenset()) -> list[Cell]:
+def dependencies(history: list[Cell], target: str) -> list[Cell]:
     """The cells of ``history`` (in execution order) that ``target`` needs, in execution order."""
-    return resolve(history, target, trainers)[0]
+    return resolve(history, target)[0]
 
 
 def resolve(history: list[Cell], target: str, trainers=frozenset()) -> tuple[list[Cell], set[str]]:
@@ -347,7 +347,7 @@ def resolve(history: list[Cell], target: str, trainers=frozenset()) -> tuple[lis
     for cell in history:
         source, parsed = _cell_info(cell.source)
         infos.append(None if parsed is None else (source, parsed[0], parsed[1], parsed[2] | cell.bound, parsed[3],
-                                                  parsed[4] or _trains(source, trainers)))
+                                                  parsed[4] or bool(parsed[5] & trainers)))
     end = len(history)
     todo = [(name, end) for name in analyze(target)[0]]
     seen, chosen, missing = set(), set(), set()
@@ -373,14 +373,15 @@ def resolve(history: list[Cell], target: str, trainers=frozenset()) -> tuple[lis
 
 @functools.lru_cache(maxsize=4096)
 def _cell_info(source: str):
-    """(the source without IPython syntax, (reads, function reads, bound, mutated, loops) or None), parsed
-    once per source: a kernel's history grows all day, and parsing every cell at each record made the
-    recorded cell's fixed cost grow with it (see bench/results-overhead-kernel.md)."""
+    """(the source without IPython syntax, (reads, function reads, bound, mutated, loops, names it trains) or
+    None), parsed once per source: a kernel's history grows all day, and parsing every cell at each record made
+    the recorded cell's fixed cost grow with it (see bench/results-overhead-kernel.md)."""
     source = strip_shell(source)
     if not source.strip():
         return source, None
     try:
-        return source, (*reads(source), analyze(source)[1], mutated_names(source), has_loop(source))
+        return source, (*reads(source), analyze(source)[1], mutated_names(source), has_loop(source),
+                        _trained(source))
     except SyntaxError:
         return source, None
 
