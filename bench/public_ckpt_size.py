@@ -32,14 +32,16 @@ def _between(src: str, start: str, end: str) -> str:
     return src[i:src.index(end, i)]
 
 
-def mnist(root: pathlib.Path, epochs: int):
+def mnist(root: pathlib.Path, epochs: int, images: int = 320, batch: int = 32):
+    """(cells: imports, Net, the helpers, the setup; the epoch loop; what to size) of ``mnist/main.py``, sized, with
+    ``images`` random training images instead of MNIST (also bench/public_overhead.py's cells)."""
     src = (root / "mnist" / "main.py").read_text()
     imports = _between(src, "import argparse", "class Net").replace("from torchvision import datasets, transforms\n", "")
     setup = textwrap.dedent(_between(src, "    # Training settings", "    for epoch in range(1, args.epochs + 1):"))
     setup = setup.replace("args = parser.parse_args()", f"args = parser.parse_args(['--epochs', '{epochs}', "
-                          "'--batch-size', '32', '--log-interval', '1000'])")
-    setup = setup.replace(_between(setup, "transform=transforms.Compose", "train_loader = torch"), textwrap.dedent("""\
-        dataset1 = torch.utils.data.TensorDataset(torch.randn(320, 1, 28, 28), torch.randint(0, 10, (320,)))
+                          f"'--batch-size', '{batch}', '--log-interval', '1000'])")
+    setup = setup.replace(_between(setup, "transform=transforms.Compose", "train_loader = torch"), textwrap.dedent(f"""\
+        dataset1 = torch.utils.data.TensorDataset(torch.randn({images}, 1, 28, 28), torch.randint(0, 10, ({images},)))
         dataset2 = torch.utils.data.TensorDataset(torch.randn(200, 1, 28, 28), torch.randint(0, 10, (200,)))
         """))
     cells = [imports, _between(src, "class Net", "def train("), _between(src, "def train(", "def main():"), setup]

@@ -1,9 +1,9 @@
 """Record overhead on public code as a user sees it: pytorch/examples' MNIST, one real kernel, with and without
 ``%%flor record``.
 
-The cells are ``mnist/main.py``'s, verbatim except for data and size (random images instead of MNIST, as in
-``tests/test_public_code.py``), from the checkout named by ``FLOR_PYTORCH_EXAMPLES``; the code stays out of this
-repository. One ipykernel with ``%load_ext flor_nb``; in each round the plain loop cell, the recorded one and the
+The cells are ``mnist/main.py``'s, verbatim except for data and size (``public_ckpt_size.mnist``: random images
+instead of MNIST, as in ``tests/test_public_code.py``), from the checkout named by ``FLOR_PYTORCH_EXAMPLES``; the
+code stays out of this repository. One ipykernel with ``%load_ext flor_nb``; in each round the plain loop cell, the recorded one and the
 plain one again (``bench/overhead.py``'s ``timed``: the setup cell re-run untimed before each, the kernel's CPU
 accounted per thread), order reversed every other round. Per round: wall and main-thread CPU of each cell,
 and the engine's accounting of the recorded one: its epochs summed, the run's duration, what lies outside its
@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import tempfile
-import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,30 +27,7 @@ sys.path.insert(0, HERE)
 
 from common import against_both  # noqa: E402
 from overhead import ACCOUNT, Kernel, describe, timed  # noqa: E402
-
-
-def _between(src: str, start: str, end: str) -> str:
-    i = src.index(start)
-    return src[i:src.index(end, i)]
-
-
-def mnist_cells(root: str, epochs: int, images: int) -> tuple[list[str], str, str]:
-    """(definition cells, setup cell, loop cell) of ``mnist/main.py``, sized."""
-    src = open(os.path.join(root, "mnist", "main.py")).read()
-    imports = _between(src, "import argparse", "class Net").replace(
-        "from torchvision import datasets, transforms\n", "")
-    net = _between(src, "class Net", "def train(")
-    helpers = _between(src, "def train(", "def main():")
-    setup = textwrap.dedent(_between(src, "    # Training settings", "    for epoch in range(1, args.epochs + 1):"))
-    setup = setup.replace("args = parser.parse_args()", f"args = parser.parse_args(['--epochs', '{epochs}', "
-                                                        "'--batch-size', '64', '--log-interval', '1000'])")
-    data = _between(setup, "transform=transforms.Compose", "train_loader = torch")
-    setup = setup.replace(data, f"dataset1 = torch.utils.data.TensorDataset(torch.randn({images}, 1, 28, 28), "
-                                f"torch.randint(0, 10, ({images},)))\n"
-                                "dataset2 = torch.utils.data.TensorDataset(torch.randn(200, 1, 28, 28), "
-                                "torch.randint(0, 10, (200,)))\n")
-    loop = textwrap.dedent(_between(src, "    for epoch in range(1, args.epochs + 1):", "\n    if args.save_model"))
-    return [imports, net, helpers], setup, loop
+from public_ckpt_size import mnist  # noqa: E402
 
 
 def main():
@@ -63,7 +40,8 @@ def main():
     root = os.environ.get("FLOR_PYTORCH_EXAMPLES")
     if not root or not os.path.exists(os.path.join(root, "mnist", "main.py")):
         sys.exit("set FLOR_PYTORCH_EXAMPLES to a checkout of pytorch/examples (mnist/main.py)")
-    defs, setup, loop = mnist_cells(root, a.epochs, a.images)
+    cells, loop, _ = mnist(pathlib.Path(root), a.epochs, a.images, batch=64)
+    defs, setup = cells[:3], cells[3]
     tmp = tempfile.mkdtemp(prefix="flor-public-overhead-")
     env = {**os.environ, "FLOR_NB_HOME": os.path.join(tmp, ".flor")}
     load0, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M %Z")
