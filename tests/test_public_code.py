@@ -67,16 +67,20 @@ def _same_as_from_the_start(pkl, names, store) -> dict:
     return got
 
 
-def _replays_as_recorded_with_the_probe(store, tmp_path, run, probe, code, truth, plan, before=()) -> str:
-    """Replay epochs 2-3 of ``run`` in a fresh kernel (``before``: cells run there first) with ``code``; its verdict
-    is faithful and names ``plan``, and ``probe``'s values equal those of run ``truth``. Returns the verdict."""
+def _replays_as_recorded_with_the_probe(store, tmp_path, run, probe, code, truth, plan, before=(),
+                                        epochs=(2, 3)) -> str:
+    """Replay ``epochs`` (first, last) of ``run`` in a fresh kernel (``before``: cells run there first) with ``code``;
+    its verdict is faithful and names ``plan`` (if given), and ``probe``'s values equal those of run ``truth``.
+    Returns the verdict."""
     pkl = tmp_path / f"{probe}.pkl"
-    fresh = execute(["%load_ext flor_nb", *before, f"%%flor replay {run} --epochs 2-3 --no-progress\n{code}",
+    fresh = execute(["%load_ext flor_nb", *before,
+                     f"%%flor replay {run} --epochs {epochs[0]}-{epochs[1]} --no-progress\n{code}",
                      f"_.to_pickle({str(pkl)!r})"], tmp_path)
     verdict = text(fresh.cells[1 + len(before)])
-    assert "Faithful replay" in verdict and plan in verdict, verdict[-3000:]
+    said = "\n".join(ln for ln in verdict.splitlines() if "flor_nb" in ln or "eplay" in ln)  # not the frame shown
+    assert "Faithful replay" in verdict and (plan is None or plan in verdict), said
     got = _values(pd.read_pickle(pkl), [probe])
-    want = _values(flor.dataframe(probe, run=truth, store=store), [probe], {2, 3})
+    want = _values(flor.dataframe(probe, run=truth, store=store), [probe], set(range(epochs[0], epochs[1] + 1)))
     assert got and got == want, (got, want)
     return verdict
 
@@ -428,11 +432,4 @@ def test_hf_course_trainer_api_chapter(store, tmp_path):
     execute(["%load_ext flor_nb", stand_in, *cells[:8], metrics, cells[9],
              "%%flor record --name truth --no-progress\n" + callback + train], tmp_path)
     for probe, before, code in (("pos_rate", [metrics], train), ("wn", [], callback + train)):
-        pkl = tmp_path / f"{probe}.pkl"
-        fresh = execute(["%load_ext flor_nb", *before, f"%%flor replay course --epochs 1-2 --no-progress\n{code}",
-                         f"_.to_pickle({str(pkl)!r})"], tmp_path)
-        said = [ln for ln in text(fresh.cells[1 + len(before)]).splitlines() if "flor_nb" in ln or "eplay" in ln]
-        assert "Faithful replay" in "\n".join(said), "\n".join(said)
-        got = _values(pd.read_pickle(pkl), [probe])
-        want = _values(flor.dataframe(probe, run="truth", store=store), [probe], {1, 2})
-        assert got and got == want, (got, want)
+        _replays_as_recorded_with_the_probe(store, tmp_path, "course", probe, code, "truth", None, before, (1, 2))
