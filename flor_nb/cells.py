@@ -371,6 +371,36 @@ def resolve(history: list[Cell], target: str, trainers=frozenset()) -> tuple[lis
     return cells, missing
 
 
+def after_training(history: list[Cell], deps: list[Cell], trainers=frozenset()) -> dict[str, tuple[int, int]]:
+    """{name: (In[n] of the dependency cell that binds it, In[t] of the training cell before it)}: names a replay
+    would rebuild from an untrained state.
+
+    Replay never re-runs a training cell that is not a dependency (a loop that only changes the model, an HF or
+    Lightning ``train()``/``fit()``). A dependency cell that ran after one and reads anything (``base =
+    evaluate(model)``, ``best = max(losses)``) may have seen what that training changed, even through an alias
+    (``opt.step()`` changes ``model``): re-run in a replay it sees the state from before that training, and what
+    it binds is not the recording's value. Such names are captured with the recorded cell's state.
+    """
+    chosen = {c.count for c in deps}
+    training = None  # In[t] of the latest training cell skipped so far
+    tainted: dict[str, tuple[int, int]] = {}
+    for cell in history:
+        source, parsed = _cell_info(cell.source)
+        if parsed is None:
+            continue
+        if cell.count not in chosen:
+            if parsed[4] or parsed[5] & trainers:
+                training = cell.count
+            continue
+        if training is not None and parsed[0]:  # a cell that reads nothing binds constants: no training in them
+            for name in parsed[2] | cell.bound:
+                tainted[name] = (cell.count, training)
+        else:
+            for name in parsed[2] | cell.bound:
+                tainted.pop(name, None)  # bound again, from scratch, by a cell no training precedes
+    return tainted
+
+
 @functools.lru_cache(maxsize=4096)
 def _cell_info(source: str):
     """(the source without IPython syntax, (reads, function reads, bound, mutated, loops, names it trains) or

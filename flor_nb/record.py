@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from . import devices, frameworks, hash_seed, objstore, runtime, saver, state, thinning, validate
-from .cells import Cell, analyze, resolve
+from .cells import Cell, after_training, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError, NotCapturedWarning
+from .kinds import CODE
 from .edits import find_helper, helper_code, helper_reads_after_steps
 from .instrument import RUNTIME, instrument
 from .recorder import Recorder, spec_of
@@ -110,10 +111,12 @@ def record(
     ns = {"__name__": "__main__"} if namespace is None else namespace
     tree, loops = instrument(code, namespace=ns)
     since_last = runtime.IDLE.take_args()
+    tainted = {}
     if history is not None:
         trainers = {n for n, v in list(ns.items()) if frameworks.framework_of(v)}
         deps, missing = resolve(history, code, trainers)
         _warn_unrebuildable(missing, ns, name)
+        tainted = after_training(history, deps, trainers)
         args = {k: v for c in deps for k, v in c.args.items()}  # the run's args: its cells' (later cells win)
     else:
         deps = [Cell(i, src) for i, src in enumerate(cells or [], start=1)]
@@ -128,6 +131,10 @@ def record(
     if unknown:
         raise FlorError(f"--state names {', '.join(unknown)}, which neither the namespace nor the cell defines. "
                         "Name variables that exist (--state a,b narrows what is saved, --state +a,+b adds).")
+    # Values an earlier training changed, which a replay's re-run cells would compute from an untrained state.
+    tainted = {n: c for n, c in tainted.items() if n in ns and n not in free | assigned and not isinstance(ns[n], CODE)}
+    if only is None:
+        extra = extra | set(tainted)
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
     choice = loops.choice()
     helper = find_helper(code, loops, [(c.count, c.source) for c in deps], ns)
@@ -146,12 +153,15 @@ def record(
     # What a replay (or a resume) of a run killed before finish() needs is stored now, not at the end.
     run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args,
                            env={**environment(), **({"blobs": blobs} if blobs else {})},
-                           state={"loops": choice, "capture": 2, "spec": spec_of(scope)})
+                           state={"loops": choice, "capture": 2, "spec": spec_of(scope),
+                                  "after_training": {n: list(c) for n, c in sorted(tainted.items())}})
     try:
         bar = bar_factory(progress, run)
         # Checkpoints kept elsewhere (s3://, a shared folder) are not thinned: the budget is this disk's.
         thinner = None if blobs else Thinner(store, run, budget, max_store is None)
         recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
+        if only is not None:
+            _warn_left_out_after_training(recorder, {n: c for n, c in tainted.items() if n not in only}, name)
         recorder.clock = clock_names(code)
         recorder.base_args = args
         if not loops.framework:  # values the next unit recomputes need not be stored
@@ -198,6 +208,20 @@ def _warn_unrebuildable(missing, ns, name):
         warnings.warn(f"flor_nb: replay of run {name!r} will not be able to rebuild {', '.join(lost)}: no earlier "
                       "cell that replay re-runs creates it (a %%flor cell or code outside the notebook did). "
                       "Create it in a cell of its own, run that cell, and record again.", stacklevel=3)
+
+
+def _warn_left_out_after_training(recorder, tainted: dict, name):
+    """``--state a,b`` left out names a replay would compute from an untrained state: say so now, and in the
+    verdict of a replay that reads them."""
+    why = {n: f"computed by In[{c}] after the training in In[{t}], which replay does not run again; left out by "
+              "--state" for n, (c, t) in tainted.items()}
+    if why:
+        recorder.not_captured.update(why)
+        listed = "; ".join(f"{n}: {w}" for n, w in why.items())
+        warnings.warn(f"flor_nb: not captured in run {name!r}: {listed}. A replay rebuilds "
+                      f"{'it' if len(why) == 1 else 'them'} from the model before that training. Add "
+                      f"--state +{',+'.join(why)} to keep {'it' if len(why) == 1 else 'them'}.",
+                      NotCapturedWarning, stacklevel=4)
 
 
 def bar_factory(progress, run):

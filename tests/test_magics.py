@@ -460,3 +460,35 @@ def test_the_progress_line_keeps_the_last_values_when_a_unit_logs_none(ip):
         run(ip, "%%flor record --name quiet\n" + quiet_end)
     last = captured.outputs[-1].data["text/plain"]
     assert re.match(r"quiet@1: 4/4 epochs \[00:\d\d, [\d.]+ epoch/s\] loss=\S+, last=\S+$", last), last
+
+
+def test_a_value_computed_after_an_earlier_training_is_the_recorded_one_in_a_replay(ip):
+    """A probe reads ``baseline``, which a cell computed from the model after a first training: a replay skips
+    that training, so re-running the cell gave the untrained model's loss under a "Faithful" verdict."""
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, TRAIN.replace("flor.log", "print").replace("range(4)", "range(3)"))  # pre-training, not recorded
+    run(ip, "baseline = F.cross_entropy(model(X), y).item()\nopt = torch.optim.SGD(model.parameters(), lr=0.05)\n")
+    baseline = ip.user_ns["baseline"]
+    run(ip, "%%flor record --name ft --no-progress\n" + TRAIN)
+    assert ip.user_ns["flor"].get_run("ft").state["after_training"]["baseline"][1] == 3  # In[3] trained
+    probe = TRAIN.replace("        flor.log(\"loss\"", "        flor.log(\"gain\", baseline - loss.item())\n"
+                          "        flor.log(\"loss\"")
+    df = run(ip, "%%flor replay ft --epochs 2-3 --no-progress\n" + probe)
+    assert df.attrs["fidelity"]["faithful"] and "Faithful replay" in df.attrs["verdict"], df.attrs["verdict"]
+    rows = df[df["gain"].notna()]
+    assert len(rows) == 6 and (rows["gain"] == baseline - rows["loss"]).all(), (baseline, rows)
+
+
+def test_names_left_out_by_state_after_an_earlier_training_are_said_and_flagged_when_read(ip, capsys):
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, TRAIN.replace("flor.log", "print").replace("range(4)", "range(3)"))
+    run(ip, "baseline = F.cross_entropy(model(X), y).item()\nopt = torch.optim.SGD(model.parameters(), lr=0.05)\n")
+    with pytest.warns(UserWarning, match=r"baseline: computed by In\[4\] after the training in In\[3\].*--state "
+                                         r"\+baseline"):
+        run(ip, "%%flor record --name nar --state model,opt,X,y,history --no-progress\n" + TRAIN)
+    probe = TRAIN.replace("    history.append", "    flor.log('gain', baseline - loss.item())\n    history.append")
+    df = run(ip, "%%flor replay nar --epochs 2 --no-progress\n" + probe)
+    assert not df.attrs["fidelity"]["faithful"] or df.attrs["fidelity"]["level"] != "faithful", df.attrs["verdict"]
+    assert "baseline (computed by In[4] after the training in In[3]" in df.attrs["verdict"], df.attrs["verdict"]
