@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import devices, frameworks, hash_seed, objstore, runtime, saver, state, thinning, validate
+from . import devices, frameworks, hash_seed, objstore, runtime, saver, setup_check, state, thinning, validate
 from .cells import Cell, after_training, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError, NotCapturedWarning
@@ -23,6 +23,7 @@ from .kinds import CODE
 from .edits import find_helper, helper_code, helper_reads_after_steps
 from .instrument import RUNTIME, instrument
 from .recorder import Recorder, spec_of
+from .roots import root_names
 from .store import Run, Store, get_store
 
 from .thinning import Thinner
@@ -136,6 +137,7 @@ def record(
     if only is None:
         extra = extra | set(tainted)
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
+    rebuilt = setup_check.record_digests(ns, deps, root_names(ns, scope)[0])  # what a replay re-runs cells for
     choice = loops.choice()
     helper = find_helper(code, loops, [(c.count, c.source) for c in deps], ns)
     swapped = None
@@ -154,7 +156,8 @@ def record(
     run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args,
                            env={**environment(), **({"blobs": blobs} if blobs else {})},
                            state={"loops": choice, "capture": 2, "spec": spec_of(scope),
-                                  "after_training": {n: list(c) for n, c in sorted(tainted.items())}})
+                                  "after_training": {n: list(c) for n, c in sorted(tainted.items())},
+                                  "setup_digests": rebuilt})
     try:
         bar = bar_factory(progress, run)
         # Checkpoints kept elsewhere (s3://, a shared folder) are not thinned: the budget is this disk's.

@@ -125,7 +125,8 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     metric_bad = [n for n, m in metrics.items() if m["verdict"] == "diverged"]
     faithful = not metric_bad and not diverged and not problems
     unchecked = set(modes) - covered
-    level = NOT_FAITHFUL if not faithful else (CAVEATS if read or unchecked or tol else FAITHFUL)
+    rebuilt = {n: why for res in results for n, why in (res.get("rebuilt_differs") or {}).items()}  # setup_check
+    level = NOT_FAITHFUL if not faithful else (CAVEATS if read or rebuilt or unchecked or tol else FAITHFUL)
     draws = probes_draw(recorded_code, code, edited_cells)
     advanced = sorted({p for r in results for p in r.get("advanced", ())})
     cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws,
@@ -159,6 +160,7 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
                                             for t, a in run_state["clock_attrs"].items()]}
                             if run_state.get("clock_attrs") else {})},
         "not_captured_read": read,
+        "rebuilt_differs": rebuilt,
         "cause": cause,
         "epochs": sorted(modes),
         "digest_errors": run_state.get("digest_errors") or [],
@@ -352,6 +354,8 @@ def verdict_text(fidelity: dict) -> str:
         out = _tolerance_text(fidelity, tol, parts, compared, epochs, unit_word)
     elif fidelity["level"] != NOT_FAITHFUL:
         head = "Faithful replay" if fidelity["level"] == FAITHFUL else "Replay reproduced the recording, with caveats"
+        if any(w.startswith("differs") for w in (fidelity.get("rebuilt_differs") or {}).values()):
+            head = "Replay reproduced the recorded training, but NOT every value the probes read (see the end)"
         metric_part = ("recorded metrics reproduced exactly: " + "; ".join(parts)) if compared else \
             f"no recorded metric in {unit_word}{'s' if len(fidelity['epochs']) > 1 else ''} {epochs}"
         unchecked = state.get("unchecked", [])
@@ -422,6 +426,20 @@ def verdict_text(fidelity: dict) -> str:
         listed = "; ".join(f"{p} ({why})" for p, why in list(read.items())[:4])
         out += (f". Not captured but read by the replayed code: {listed}. Values that depend on "
                 f"{'it' if len(read) == 1 else 'them'} may differ from the recording")
+    rebuilt = fidelity.get("rebuilt_differs") or {}
+    differs = {n: w.partition(": ")[2] for n, w in rebuilt.items() if w.startswith("differs")}
+    if differs:
+        listed = "; ".join(_grouped(differs))
+        one = len(differs) == 1
+        out += (f". NOT the recording's value, read by the replayed code: {listed}. Values computed from "
+                f"{'it' if one else 'them'} differ from what a run with these probes would have logged; seed the "
+                f"cell that makes {'it' if one else 'them'}, or keep {'it' if one else 'them'} with --state "
+                f"+{',+'.join(differs)}, in the next recording")
+    unsure = {n: w.partition(": ")[2] for n, w in rebuilt.items() if not w.startswith("differs")}
+    if unsure:
+        listed = "; ".join(_grouped(unsure))
+        out += (f". Not compared with the recording, read by the replayed code: {listed}. Values that depend on "
+                f"{'it' if len(unsure) == 1 else 'them'} may differ from the recording")
     writes = fidelity.get("writes") or []
     if writes:
         names = ", ".join(writes[:4]) + (f" and {len(writes) - 4} more" if len(writes) > 4 else "")
@@ -432,6 +450,14 @@ def verdict_text(fidelity: dict) -> str:
         names = ", ".join(removed[:4]) + (f" and {len(removed) - 4} more" if len(removed) > 4 else "")
         out += f". Note: the replayed code removed {names}, which existed before the replay"
     return out.rstrip(".") + "."
+
+
+def _grouped(why: dict, most=6) -> list[str]:
+    """["a, b (why)", ...]: names that share a reason, named together."""
+    by = defaultdict(list)
+    for name, w in why.items():
+        by[w].append(name)
+    return [f"{', '.join(names[:most])}{' ...' if len(names) > most else ''} ({w})" for w, names in by.items()]
 
 
 def tolerance_mode(results) -> dict | None:

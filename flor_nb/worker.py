@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, cpu_math, devices, freshness, lifeline, runtime, signing, state, validate
+from . import checkpoint, cpu_math, devices, freshness, lifeline, runtime, setup_check, signing, state, validate
 from .clock import ClockAttrs
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
@@ -429,6 +429,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
                     _user_traceback(),
                 ) from None
         rep.setup_output = output.getvalue()
+        rebuilt = setup_check.compare(ns, task["code"], task.get("setup_digests"), task.get("roots") or ())
         setup_seconds = time.perf_counter() - t0
         rep.setup = False
         tree, _ = instrument(task["code"], hint=task.get("loops"))
@@ -481,6 +482,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         "setup_output": rep.setup_output[-20000:],
         "writes": sorted(watch.files),
         "removed": sorted(watch.removed),
+        "rebuilt_differs": rebuilt,
         "roots": list(rep.capturer.order) if rep.capturer else [],
         "advanced": sorted(rep.capturer.advanced) if rep.capturer else [],
         "problems": rep.problems,

@@ -492,3 +492,29 @@ def test_names_left_out_by_state_after_an_earlier_training_are_said_and_flagged_
     df = run(ip, "%%flor replay nar --epochs 2 --no-progress\n" + probe)
     assert not df.attrs["fidelity"]["faithful"] or df.attrs["fidelity"]["level"] != "faithful", df.attrs["verdict"]
     assert "baseline (computed by In[4] after the training in In[3]" in df.attrs["verdict"], df.attrs["verdict"]
+
+
+def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(ip):
+    """``Xv`` comes from an unseeded draw (torch seeds itself at random in each process): only the probe reads it,
+    so the replay's re-run cell makes another one. The verdict says so, by name, instead of "Faithful"."""
+    run(ip, "import torch, torch.nn as nn, torch.nn.functional as F\n")
+    run(ip, "torch.rand(5)")  # an exploratory draw, in no cell a replay re-runs: whatever state the RNG had
+    run(ip, "X = torch.randn(96, 6); y = (X[:, 0] > 0).long()\nXv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n")
+    run(ip, MODEL)
+    run(ip, "%%flor record --name us --no-progress\n" + TRAIN)
+    probe = TRAIN.replace("    history.append", "    model.eval()\n    with torch.no_grad():\n"
+                                                 "        flor.log('val', F.cross_entropy(model(Xv), yv).item())\n"
+                                                 "    model.train()\n    history.append")
+    df = run(ip, "%%flor replay us --epochs 2 --no-progress\n" + probe)
+    fid = df.attrs["fidelity"]
+    assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
+    assert set(fid["rebuilt_differs"]) == {"Xv", "yv"}, fid["rebuilt_differs"]
+    assert "NOT the recording's value, read by the replayed code: Xv, yv (re-running In[" in df.attrs["verdict"]
+    # The same probe on a seeded cell: nothing to say.
+    run(ip, "torch.manual_seed(3)\nX = torch.randn(96, 6); y = (X[:, 0] > 0).long()\n"
+            "Xv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n")
+    run(ip, MODEL)
+    run(ip, "%%flor record --name se --no-progress\n" + TRAIN)
+    df = run(ip, "%%flor replay se --epochs 2 --no-progress\n" + probe)
+    assert df.attrs["fidelity"]["level"] == "faithful" and not df.attrs["fidelity"]["rebuilt_differs"], \
+        df.attrs["verdict"]

@@ -1,0 +1,89 @@
+"""Did a replay's re-run cells rebuild what the recording had, for the values its probes read?
+
+A replay restores the recorded cell's state (its roots) from a checkpoint. Every other value the
+dependency cells bind it rebuilds by running those cells again, in another process. That gives the
+recording's value only if the cells compute the same thing there: not when one draws from an unseeded
+RNG (torch seeds itself at random in each process: ``random_split`` without a generator, a held-out
+batch from ``torch.randn``), or reads a file that changed since. A probe reading such a value would be
+silently wrong. So record digests, by content, what the dependency cells bound beyond the state, and
+a replay whose code reads one of them digests it again after its setup and compares.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .cells import analyze
+from .fingerprint import fingerprint
+from .kinds import CODE
+from .roots import Scope, root_names
+from .tensor_bytes import content_hash
+
+logger = logging.getLogger(__name__)
+
+MAX_OBJECTS = 200_000  # objects walked per value: a longer walk is not worth its time at record; not compared
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def digest(value) -> str | None:
+    """A content digest of ``value``, equal in any process for equal values (tensors by their bytes); None when
+    it has more than :data:`MAX_OBJECTS` objects."""
+    count = [0]
+
+    def token(obj):
+        count[0] += 1
+        if count[0] > MAX_OBJECTS:
+            raise _TooLarge
+        if isinstance(obj, torch.Tensor):
+            return ("tensor", content_hash(obj))
+        return None
+
+    try:
+        return fingerprint(value, token)
+    except _TooLarge:
+        return None
+    except Exception as e:  # noqa: BLE001 - an object that cannot be walked is not compared, and says so
+        logger.info("flor_nb: not digested: %s: %s", type(value).__name__, e)
+        return None
+
+
+def record_digests(ns: dict, deps: list, roots: set) -> dict:
+    """{name: [In[n] that binds it, digest or None]}: what the dependency cells bound beyond the state."""
+    t0 = time.perf_counter()
+    out = {}
+    for cell in deps:
+        try:
+            bound = analyze(cell.source)[1] | set(cell.bound)
+        except SyntaxError:
+            continue
+        for name in bound:
+            if name in ns and name not in roots and not name.startswith("_") and not isinstance(ns[name], CODE):
+                out[name] = [cell.count, None]
+    for name in out:
+        out[name][1] = digest(ns[name])
+    logger.info("flor_nb: %d values of the dependency cells digested in %.3f s", len(out), time.perf_counter() - t0)
+    return out
+
+
+def compare(ns: dict, code: str, recorded: dict, roots) -> dict:
+    """{name: why} for each value the replayed ``code`` reads (itself or through the functions it calls) that
+    the re-run cells rebuilt differently from the recording (why starts "differs") or that could not be compared
+    (why starts "not compared")."""
+    if not recorded:
+        return {}
+    free, assigned = analyze(code)
+    reads = root_names(ns, Scope(assigned=assigned, free=free))[0] - set(roots)
+    out = {}
+    for name in sorted(reads & set(recorded)):
+        count, was = recorded[name]
+        if was is None:
+            out[name] = f"not compared: rebuilt by re-running In[{count}], too large to digest at record"
+        elif digest(ns[name]) != was:
+            out[name] = (f"differs: re-running In[{count}] gave another value than the recording's; an unseeded "
+                         "random draw or a file changed since does that")
+    return out
