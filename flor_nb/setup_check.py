@@ -19,28 +19,32 @@ from .cells import analyze
 from .fingerprint import fingerprint
 from .kinds import CODE
 from .roots import Scope, root_names
-from .tensor_bytes import content_hash
+from .hashing import new_hasher
+from .tensor_bytes import _raw as raw_bytes
 
 logger = logging.getLogger(__name__)
 
-MAX_OBJECTS = 200_000  # objects walked per value: a longer walk is not worth its time at record; not compared
+# Record spends at most this long digesting, once per recorded cell (a list of 50k tensors takes ~0.5 s; a
+# 200 MB tensor ~20 ms). Values left when it runs out are not digested: a replay reading one says it could not
+# compare it.
+BUDGET_S = 0.25
 
 
 class _TooLarge(Exception):
     pass
 
 
-def digest(value) -> str | None:
+def digest(value, deadline: float = float("inf")) -> str | None:
     """A content digest of ``value``, equal in any process for equal values (tensors by their bytes); None when
-    it has more than :data:`MAX_OBJECTS` objects."""
-    count = [0]
-
+    it is still walking at ``deadline`` (``time.perf_counter()``)."""
     def token(obj):
-        count[0] += 1
-        if count[0] > MAX_OBJECTS:
+        if time.perf_counter() > deadline:
             raise _TooLarge
         if isinstance(obj, torch.Tensor):
-            return ("tensor", content_hash(obj))
+            h = new_hasher()
+            h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
+            h.update(raw_bytes(obj))
+            return ("tensor", h.hexdigest())
         return None
 
     try:
@@ -64,8 +68,9 @@ def record_digests(ns: dict, deps: list, roots: set) -> dict:
         for name in bound:
             if name in ns and name not in roots and not name.startswith("_") and not isinstance(ns[name], CODE):
                 out[name] = [cell.count, None]
-    for name in out:
-        out[name][1] = digest(ns[name])
+    deadline = t0 + BUDGET_S
+    for name in sorted(out):
+        out[name][1] = digest(ns[name], deadline)
     logger.info("flor_nb: %d values of the dependency cells digested in %.3f s", len(out), time.perf_counter() - t0)
     return out
 
@@ -82,7 +87,8 @@ def compare(ns: dict, code: str, recorded: dict, roots) -> dict:
     for name in sorted(reads & set(recorded)):
         count, was = recorded[name]
         if was is None:
-            out[name] = f"not compared: rebuilt by re-running In[{count}], too large to digest at record"
+            out[name] = (f"not compared: rebuilt by re-running In[{count}]; too large to digest within record's "
+                         "time budget")
         elif digest(ns[name]) != was:
             out[name] = (f"differs: re-running In[{count}] gave another value than the recording's; an unseeded "
                          "random draw or a file changed since does that")

@@ -518,3 +518,18 @@ def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(i
     df = run(ip, "%%flor replay se --epochs 2 --no-progress\n" + probe)
     assert df.attrs["fidelity"]["level"] == "faithful" and not df.attrs["fidelity"]["rebuilt_differs"], \
         df.attrs["verdict"]
+
+
+def test_a_value_too_large_to_digest_at_record_is_named_as_not_compared_when_a_probe_reads_it(ip, monkeypatch):
+    import flor_nb.setup_check
+
+    monkeypatch.setattr(flor_nb.setup_check, "BUDGET_S", 0.0)  # as if Xv were too large for record's time budget
+    run(ip, SETUP + "Xv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n")
+    run(ip, MODEL)
+    run(ip, "%%flor record --name big --no-progress\n" + TRAIN)
+    probe = TRAIN.replace("    history.append", "    flor.log('xv', float(Xv.sum()))\n    history.append")
+    df = run(ip, "%%flor replay big --epochs 2 --no-progress\n" + probe)
+    assert df.attrs["fidelity"]["level"] == "caveats", df.attrs["verdict"]
+    assert "Not compared with the recording, read by the replayed code: Xv (not compared" not in df.attrs["verdict"]
+    assert "Not compared with the recording, read by the replayed code: Xv (rebuilt by re-running In[" in \
+        df.attrs["verdict"], df.attrs["verdict"]
