@@ -15,6 +15,7 @@ from . import checkpoint, devices, hash_seed, housekeeping, liveness, machine, r
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
 from .edits import changes, helper_reads_after_steps, helper_touched
+from .stand_in import stand_ins
 from .instrument import instrument, parse, recorded_loops
 from .plan import format_epochs, loop_values, parse_epochs, plan
 from .state import content_hash
@@ -48,6 +49,9 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
             raise FlorError(f"Cell In[{count}] is not a dependency of {run.label} (its cells: {known}).")
         parse(source, what=f"edited cell In[{count}]")
         match[0]["source"] = source
+    # An earlier training cell whose values the checkpoint holds: not trained again in every worker's setup.
+    stand = stand_ins(deps, code, run.state.get("roots") or (), run.state.get("not_captured") or {},
+                      run.state.get("setup_digests") or {}, edited={int(k) for k in (cells or {})})
     selected = parse_epochs(epochs, run.epochs_completed, run.label, run.state)
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
@@ -99,7 +103,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     return {
         "code": code,
         "loops": hint,  # the worker instruments with it, so it picks the same loops
-        "cells": deps,
+        "cells": [dict(c, source=stand[c["count"]]) if c["count"] in stand else c for c in deps],
         "edited_cells": {int(k): v for k, v in (cells or {}).items()},
         "epochs": selected,
         "segments": segments,
@@ -122,8 +126,15 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None,
                              _own_numbers(run, selected)) + (
             f". {thinning.plan_text(run, thinned)}" if thinned else "") + (
-            f". {left_why}" if left_why else ""),
+            f". {left_why}" if left_why else "") + (
+            f". {_cells_word(stand)} an earlier training: not run again (its values come from the checkpoint)"
+            if stand else ""),
     }
+
+
+def _cells_word(counts) -> str:
+    listed = ", ".join(f"In[{c}]" for c in sorted(counts))
+    return f"{listed} {'is' if len(counts) == 1 else 'are'}"
 
 
 def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on_event=None,

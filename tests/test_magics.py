@@ -533,3 +533,46 @@ def test_a_value_too_large_to_digest_at_record_is_named_as_not_compared_when_a_p
     assert "Not compared with the recording, read by the replayed code: Xv (not compared" not in df.attrs["verdict"]
     assert "Not compared with the recording, read by the replayed code: Xv (rebuilt by re-running In[" in \
         df.attrs["verdict"], df.attrs["verdict"]
+
+
+FIRST = """
+losses = []
+for epoch in range(4):
+    for i in range(0, 96, 32):
+        loss = F.cross_entropy(model(X[i:i + 32]), y[i:i + 32])
+        opt.zero_grad(); loss.backward(); opt.step()
+    losses.append(loss.item())
+    with open(MARK, "a") as f:
+        f.write("x")
+"""
+MORE = """
+for epoch in range(4, 7):
+    for i in range(0, 96, 32):
+        loss = F.cross_entropy(model(X[i:i + 32]), y[i:i + 32])
+        opt.zero_grad(); loss.backward(); opt.step()
+        flor.log("loss", loss.item())
+    losses.append(loss.item())
+"""
+
+
+@pytest.mark.parametrize("later", ["", "best = min(losses)\n"])
+def test_an_earlier_training_cell_is_not_trained_again_in_a_replay_unless_a_later_cell_needs_it(ip, tmp_path, later,
+                                                                                                capsys):
+    """Train, then train more in a %%flor record cell that appends to the first cell's ``losses``: the first cell
+    is a dependency, and every replay trained it again (hours, in a real notebook). Its values are in the
+    checkpoint: the replay runs only what precedes its loop, unless a later cell reads what it bound."""
+    mark = tmp_path / "epochs-trained.txt"
+    run(ip, SETUP + f"MARK = {str(mark)!r}\n")
+    run(ip, MODEL)
+    run(ip, FIRST)
+    run(ip, later + "opt = torch.optim.SGD(model.parameters(), lr=0.05)\n")
+    run(ip, "%%flor record --name more --no-progress\n" + MORE)
+    assert mark.read_text() == "xxxx"
+    want = list(ip.user_ns["losses"])
+    capsys.readouterr()
+    probe = MORE.replace("    losses.append", "    flor.log('seen', list(losses))\n    losses.append")
+    df = run(ip, "%%flor replay more --epochs 1-2 --no-progress\n" + probe)
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    assert df["seen"].dropna().tolist() == [want[:5], want[:6]]
+    said = "In[3] is an earlier training: not run again" in capsys.readouterr().out
+    assert (mark.read_text(), said) == (("xxxx", True) if not later else ("xxxxxxxx", False))
