@@ -16,6 +16,10 @@ and is skipped without one (fetch the repositories and point the variables at th
 * ``FLOR_LIGHTNING``: Lightning-AI/pytorch-lightning (``examples/pytorch/basics/autoencoder.py``). ``LightningCLI``
   (needs ``jsonargparse``) builds the trainer with Lightning's defaults: a logger, ``ModelCheckpoint``, the
   example's own ``ImageSampler`` callback saving images at every epoch end.
+* ``FLOR_ZERO_TO_HERO``: karpathy/nn-zero-to-hero (``lectures/makemore/makemore_part2_mlp.ipynb``), with
+  ``FLOR_MAKEMORE`` for its ``names.txt``. The lecture's notebook: a step-only loop over plain tensors, batches
+  from the global torch RNG (never seeded), a dev split read only by the probe, and the training cell run a
+  second time to train more, as in the lecture.
 * ``FLOR_HF_COURSE``: huggingface/course (``chapters/en/chapter3/3.mdx``, "Fine-tuning a model with the Trainer
   API"): its code blocks in order as notebook cells, a first ``trainer.train()`` before the one recorded, then
   ``compute_metrics`` and a new Trainer with ``eval_strategy="epoch"``. Needs ``datasets``.
@@ -68,13 +72,13 @@ def _same_as_from_the_start(pkl, names, store) -> dict:
 
 
 def _replays_as_recorded_with_the_probe(store, tmp_path, run, probe, code, truth, plan, before=(),
-                                        epochs=(2, 3)) -> str:
+                                        epochs=(2, 3), flag="--epochs") -> str:
     """Replay ``epochs`` (first, last) of ``run`` in a fresh kernel (``before``: cells run there first) with ``code``;
     its verdict is faithful and names ``plan`` (if given), and ``probe``'s values equal those of run ``truth``.
     Returns the verdict."""
     pkl = tmp_path / f"{probe}.pkl"
     fresh = execute(["%load_ext flor_nb", *before,
-                     f"%%flor replay {run} --epochs {epochs[0]}-{epochs[1]} --no-progress\n{code}",
+                     f"%%flor replay {run} {flag} {epochs[0]}-{epochs[1]} --no-progress\n{code}",
                      f"_.to_pickle({str(pkl)!r})"], tmp_path)
     verdict = text(fresh.cells[1 + len(before)])
     said = "\n".join(ln for ln in verdict.splitlines() if "flor_nb" in ln or "eplay" in ln)  # not the frame shown
@@ -110,6 +114,38 @@ def test_makemore_while_loop_with_an_infinite_dataloader(store, tmp_path):
     verdict = text(fresh.cells[1])
     assert "Faithful replay" in verdict, verdict[-3000:]
     assert len(_same_as_from_the_start(pkl, ["loss"], store)) == 21
+
+
+@pytest.mark.timeout(900)
+def test_zero_to_hero_mlp_notebook_trained_again(store, tmp_path):
+    """The lecture trains by running its training cell, then runs it again to train more; that second run is
+    recorded. A probe of the dev loss (``Xdev`` is rebuilt by the data cell and checked against the recording's
+    digest) replays as in a run that had it from the start."""
+    import json
+
+    root = _checkout("FLOR_ZERO_TO_HERO", "lectures/makemore/makemore_part2_mlp.ipynb")
+    shutil.copy(_checkout("FLOR_MAKEMORE", "names.txt") / "names.txt", tmp_path / "names.txt")
+    nb = json.loads((root / "lectures" / "makemore" / "makemore_part2_mlp.ipynb").read_text())
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    cells = [code[i] for i in (0, 1, 3, 6, 22, 24, 26)]
+    assert "random.seed(42)" in cells[3] and "lossi = []" in cells[6]
+    train = code[27].replace("range(200000)", "range(1200)")  # size
+    assert train != code[27] and "lossi.append(loss.log10().item())" in train
+    probed = train.replace("  lossi.append(loss.log10().item())\n", "  lossi.append(loss.log10().item())\n"
+                           "  flor.log('dev', F.cross_entropy(torch.tanh(C[Xdev].view(-1, 30) @ W1 + b1) @ W2 + b2, "
+                           "Ydev).item())\n")
+    assert probed != train
+    # The lecture never seeds torch's global RNG, which torch 2.13 seeds at random in each process: the run "with
+    # the probe from the start" is another kernel, so both seed it (the replay itself needs no seed).
+    first = ["%load_ext flor_nb\nimport torch\ntorch.manual_seed(1)", *cells, train, code[30]]
+    rec = text(execute([*first, "%%flor record --name mlp --no-progress\n" + train], tmp_path).cells[-1])
+    assert "flor_nb: finished mlp@1: 1200 iterations" in rec and "Not captured" not in rec, rec[-2000:]
+    recorded = store.find_run("mlp")
+    assert "Xdev" in recorded.state["setup_digests"] and "Xdev" not in recorded.state["roots"]
+    execute([*first, "%%flor record --name truth --no-progress\n" + probed], tmp_path)
+    verdict = _replays_as_recorded_with_the_probe(store, tmp_path, "mlp", "dev", probed, "truth", None,
+                                                  epochs=(900, 930), flag="--iters")
+    assert "NOT the recording" not in verdict and "Not compared with the recording" not in verdict, verdict[-2000:]
 
 
 @pytest.mark.timeout(900)
