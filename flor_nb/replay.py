@@ -308,7 +308,7 @@ def _tasks(store: Store, run: Run, p: dict, token: str, device=None) -> list[dic
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
         "roots": run.state.get("roots") or [],
-        "setup_digests": run.state.get("setup_digests") or {},
+        "setup_digests": run.state.get("setup_digests"),  # None: recorded before they were kept
         "limits": run.state.get("limits"),
         "clock_attrs": run.state.get("clock_attrs") or {},
         "cwd": run.env.get("cwd"),

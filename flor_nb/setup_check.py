@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .cells import analyze
+from .cells import analyze, strip_shell
 from .fingerprint import fingerprint
 from .kinds import CODE
 from .roots import Scope, root_names
@@ -75,10 +75,20 @@ def record_digests(ns: dict, deps: list, roots: set) -> dict:
     return out
 
 
-def compare(ns: dict, code: str, recorded: dict, roots) -> dict:
+def compare(ns: dict, code: str, recorded: dict | None, roots, cells=()) -> dict:
     """{name: why} for each value the replayed ``code`` reads (itself or through the functions it calls) that
     the re-run cells rebuilt differently from the recording (why starts "differs") or that could not be compared
-    (why starts "not compared")."""
+    (why starts "not compared"). ``recorded`` None: a run recorded before these digests were kept; what it reads
+    of what ``cells`` bound is named as not compared."""
+    if recorded is None:
+        recorded = {}
+        for cell in cells:
+            try:
+                names = analyze(strip_shell(cell["source"]))[1] | set(cell.get("bound") or ())
+            except SyntaxError:
+                continue
+            recorded.update({n: [cell["count"], "old"] for n in names
+                             if n in ns and not n.startswith("_") and not isinstance(ns[n], CODE)})
     if not recorded:
         return {}
     free, assigned = analyze(code)
@@ -86,7 +96,10 @@ def compare(ns: dict, code: str, recorded: dict, roots) -> dict:
     out = {}
     for name in sorted(reads & set(recorded)):
         count, was = recorded[name]
-        if was is None:
+        if was == "old":
+            out[name] = (f"not compared: rebuilt by re-running In[{count}]; this run was recorded before flor_nb "
+                         "kept what to compare it with")
+        elif was is None:
             out[name] = (f"not compared: rebuilt by re-running In[{count}]; too large to digest within record's "
                          "time budget")
         elif digest(ns[name]) != was:

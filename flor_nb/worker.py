@@ -429,7 +429,8 @@ def _run_segment(task: dict, flor_nb) -> dict:
                     _user_traceback(),
                 ) from None
         rep.setup_output = output.getvalue()
-        rebuilt = setup_check.compare(ns, task["code"], task.get("setup_digests"), task.get("roots") or ())
+        rebuilt = setup_check.compare(ns, task["code"], task.get("setup_digests"), task.get("roots") or (),
+                                      task["cells"])
         setup_seconds = time.perf_counter() - t0
         rep.setup = False
         tree, _ = instrument(task["code"], hint=task.get("loops"))

@@ -576,3 +576,18 @@ def test_an_earlier_training_cell_is_not_trained_again_in_a_replay_unless_a_late
     assert df["seen"].dropna().tolist() == [want[:5], want[:6]]
     said = "In[3] is an earlier training: not run again" in capsys.readouterr().out
     assert (mark.read_text(), said) == (("xxxx", True) if not later else ("xxxxxxxx", False))
+
+
+def test_a_run_recorded_before_rebuilt_values_were_digested_says_it_did_not_compare_them(ip, store):
+    run(ip, SETUP + "Xv = torch.randn(32, 6)\n")
+    run(ip, MODEL)
+    run(ip, "%%flor record --name old --no-progress\n" + TRAIN)
+    recorded = store.find_run("old")
+    store.update_run(recorded.id, state={k: v for k, v in recorded.state.items() if k != "setup_digests"})
+    probe = TRAIN.replace("    history.append", "    flor.log('xv', float(Xv.sum()))\n    history.append")
+    df = run(ip, "%%flor replay old --epochs 2 --no-progress\n" + probe)
+    assert df.attrs["fidelity"]["level"] == "caveats", df.attrs["verdict"]
+    assert "Not compared with the recording, read by the replayed code: Xv (rebuilt by re-running In[1]; this run " \
+           "was recorded before flor_nb kept what to compare it with)" in df.attrs["verdict"], df.attrs["verdict"]
+    df = run(ip, "%%flor replay old --epochs 2 --no-progress\n" + TRAIN)  # reading none of them: nothing to say
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
