@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 
 import torch
 
@@ -106,3 +107,28 @@ def compare(ns: dict, code: str, recorded: dict | None, roots, cells=()) -> dict
             out[name] = (f"differs: re-running In[{count}] gave another value than the recording's; an unseeded "
                          "random draw or a file changed since does that")
     return out
+
+
+def describe(rebuilt: dict) -> str:
+    """The verdict's sentences on what :func:`compare` found ("" when nothing)."""
+    out = ""
+    differs = {n: w.partition(": ")[2] for n, w in rebuilt.items() if w.startswith("differs")}
+    if differs:
+        one = len(differs) == 1
+        out += (f". NOT the recording's value, read by the replayed code: {'; '.join(_grouped(differs))}. Values "
+                f"computed from {'it' if one else 'them'} differ from what a run with these probes would have logged; "
+                f"seed the cell that makes {'it' if one else 'them'}, or keep {'it' if one else 'them'} with --state "
+                f"+{',+'.join(differs)}, in the next recording")
+    unsure = {n: w.partition(": ")[2] for n, w in rebuilt.items() if not w.startswith("differs")}
+    if unsure:
+        out += (f". Not compared with the recording, read by the replayed code: {'; '.join(_grouped(unsure))}. "
+                f"Values that depend on {'it' if len(unsure) == 1 else 'them'} may differ from the recording")
+    return out
+
+
+def _grouped(why: dict, most=6) -> list[str]:
+    """["a, b (why)", ...]: names that share a reason, named together."""
+    by = defaultdict(list)
+    for name, w in why.items():
+        by[w].append(name)
+    return [f"{', '.join(names[:most])}{' ...' if len(names) > most else ''} ({w})" for w, names in by.items()]

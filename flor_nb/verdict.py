@@ -16,6 +16,7 @@ from collections import defaultdict
 
 from . import runtime
 from .plan import format_epochs
+from .setup_check import describe as describe_rebuilt
 
 FAITHFUL, CAVEATS, NOT_FAITHFUL = "faithful", "caveats", "not faithful"
 
@@ -426,20 +427,7 @@ def verdict_text(fidelity: dict) -> str:
         listed = "; ".join(f"{p} ({why})" for p, why in list(read.items())[:4])
         out += (f". Not captured but read by the replayed code: {listed}. Values that depend on "
                 f"{'it' if len(read) == 1 else 'them'} may differ from the recording")
-    rebuilt = fidelity.get("rebuilt_differs") or {}
-    differs = {n: w.partition(": ")[2] for n, w in rebuilt.items() if w.startswith("differs")}
-    if differs:
-        listed = "; ".join(_grouped(differs))
-        one = len(differs) == 1
-        out += (f". NOT the recording's value, read by the replayed code: {listed}. Values computed from "
-                f"{'it' if one else 'them'} differ from what a run with these probes would have logged; seed the "
-                f"cell that makes {'it' if one else 'them'}, or keep {'it' if one else 'them'} with --state "
-                f"+{',+'.join(differs)}, in the next recording")
-    unsure = {n: w.partition(": ")[2] for n, w in rebuilt.items() if not w.startswith("differs")}
-    if unsure:
-        listed = "; ".join(_grouped(unsure))
-        out += (f". Not compared with the recording, read by the replayed code: {listed}. Values that depend on "
-                f"{'it' if len(unsure) == 1 else 'them'} may differ from the recording")
+    out += describe_rebuilt(fidelity.get("rebuilt_differs") or {})
     writes = fidelity.get("writes") or []
     if writes:
         names = ", ".join(writes[:4]) + (f" and {len(writes) - 4} more" if len(writes) > 4 else "")
@@ -450,14 +438,6 @@ def verdict_text(fidelity: dict) -> str:
         names = ", ".join(removed[:4]) + (f" and {len(removed) - 4} more" if len(removed) > 4 else "")
         out += f". Note: the replayed code removed {names}, which existed before the replay"
     return out.rstrip(".") + "."
-
-
-def _grouped(why: dict, most=6) -> list[str]:
-    """["a, b (why)", ...]: names that share a reason, named together."""
-    by = defaultdict(list)
-    for name, w in why.items():
-        by[w].append(name)
-    return [f"{', '.join(names[:most])}{' ...' if len(names) > most else ''} ({w})" for w, names in by.items()]
 
 
 def tolerance_mode(results) -> dict | None:
