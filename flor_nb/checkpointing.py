@@ -56,6 +56,11 @@ class Checkpointing:
             self._gpu_state = devices.on_cuda(snap["python"].get("devices") or {})
         if new:
             self.not_captured.update(new)
+            # Values captured only because an earlier training changed them (record.py): listed, and named by a
+            # replay that reads them, but the recorded cell never reads them, so not worth a warning.
+            quiet = getattr(self, "quiet_roots", ())
+            new = {p: why for p, why in new.items() if p.split(".")[0].split("[")[0] not in quiet}
+        if new:
             listed = "; ".join(f"{p}: {why}" for p, why in new.items())
             warnings.warn(f"flor_nb: not captured in {self.run.label}: {listed}. Replay rebuilds "
                           f"{'it' if len(new) == 1 else 'these'} from the recorded cells instead of restoring "

@@ -163,6 +163,7 @@ def record(
         # Checkpoints kept elsewhere (s3://, a shared folder) are not thinned: the budget is this disk's.
         thinner = None if blobs else Thinner(store, run, budget, max_store is None)
         recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
+        recorder.quiet_roots = set(tainted) - (only or set())
         if only is not None:
             _warn_left_out_after_training(recorder, {n: c for n, c in tainted.items() if n not in only}, name)
         recorder.clock = clock_names(code)

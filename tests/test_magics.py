@@ -591,3 +591,18 @@ def test_a_run_recorded_before_rebuilt_values_were_digested_says_it_did_not_comp
            "was recorded before flor_nb kept what to compare it with)" in df.attrs["verdict"], df.attrs["verdict"]
     df = run(ip, "%%flor replay old --epochs 2 --no-progress\n" + TRAIN)  # reading none of them: nothing to say
     assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+
+
+def test_an_uncapturable_value_made_after_an_earlier_training_is_listed_without_a_warning(ip, recwarn):
+    """Captured only because a probe may read it: the recorded cell never does, so no NotCapturedWarning; it is
+    still listed with the run, and a replay that reads it says so."""
+    run(ip, SETUP)
+    run(ip, MODEL + "import threading\n")
+    run(ip, TRAIN.replace("flor.log", "print").replace("range(4)", "range(2)"))
+    run(ip, "lock = threading.Lock()\nopt = torch.optim.SGD(model.parameters(), lr=0.05)\n")
+    run(ip, "%%flor record --name q --no-progress\n" + TRAIN)
+    assert not [w for w in recwarn if "not captured" in str(w.message)], [str(w.message) for w in recwarn]
+    assert "lock" in ip.user_ns["flor"].get_run("q").state["not_captured"]
+    probe = TRAIN.replace("    history.append", "    flor.log('locked', lock.locked())\n    history.append")
+    df = run(ip, "%%flor replay q --epochs 2 --no-progress\n" + probe)
+    assert "Not captured but read by the replayed code: lock (" in df.attrs["verdict"], df.attrs["verdict"]
