@@ -494,12 +494,13 @@ def test_names_left_out_by_state_after_an_earlier_training_are_said_and_flagged_
     assert "baseline (computed by In[4] after the training in In[3]" in df.attrs["verdict"], df.attrs["verdict"]
 
 
-def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(ip):
-    """``Xv`` comes from an unseeded draw (torch seeds itself at random in each process): only the probe reads it,
-    so the replay's re-run cell makes another one. The verdict says so, by name, instead of "Faithful"."""
-    run(ip, "import torch, torch.nn as nn, torch.nn.functional as F\n")
-    run(ip, "torch.rand(5)")  # an exploratory draw, in no cell a replay re-runs: whatever state the RNG had
-    run(ip, "X = torch.randn(96, 6); y = (X[:, 0] > 0).long()\nXv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n")
+def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(ip, tmp_path):
+    """``Xv`` comes from an unseeded draw (torch 2.13 seeds itself at random in each process; here the clock seeds
+    it, so the replay's draw differs for sure), or from a file rewritten since: only the probe reads it, so the
+    replay's re-run cell makes another one. The verdict says so, by name, instead of "Faithful"."""
+    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
+    run(ip, "torch.manual_seed(time.time_ns() % 2 ** 31)  # as torch seeds itself, differently in each process\n"
+            "X = torch.randn(96, 6); y = (X[:, 0] > 0).long()\nXv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n")
     run(ip, MODEL)
     run(ip, "%%flor record --name us --no-progress\n" + TRAIN)
     probe = TRAIN.replace("    history.append", "    model.eval()\n    with torch.no_grad():\n"
@@ -510,14 +511,19 @@ def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(i
     assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
     assert set(fid["rebuilt_differs"]) == {"Xv", "yv"}, fid["rebuilt_differs"]
     assert "NOT the recording's value, read by the replayed code: Xv, yv (re-running In[" in df.attrs["verdict"]
-    # The same probe on a seeded cell: nothing to say.
-    run(ip, "torch.manual_seed(3)\nX = torch.randn(96, 6); y = (X[:, 0] > 0).long()\n"
-            "Xv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n")
+    # A file rewritten since the recording.
+    held = tmp_path / "held-out.pt"
+    torch.save(torch.randn(32, 6), held)
+    run(ip, f"torch.manual_seed(3)\nX = torch.randn(96, 6); y = (X[:, 0] > 0).long()\nXv = torch.load({str(held)!r})\n"
+            "yv = (Xv[:, 0] > 0).long()\n")
     run(ip, MODEL)
-    run(ip, "%%flor record --name se --no-progress\n" + TRAIN)
-    df = run(ip, "%%flor replay se --epochs 2 --no-progress\n" + probe)
+    run(ip, "%%flor record --name fi --no-progress\n" + TRAIN)
+    df = run(ip, "%%flor replay fi --epochs 2 --no-progress\n" + probe)  # the same file: nothing to say
     assert df.attrs["fidelity"]["level"] == "faithful" and not df.attrs["fidelity"]["rebuilt_differs"], \
         df.attrs["verdict"]
+    torch.save(torch.randn(32, 6), held)
+    df = run(ip, "%%flor replay fi --epochs 2 --no-progress\n" + probe)
+    assert set(df.attrs["fidelity"]["rebuilt_differs"]) == {"Xv", "yv"}, df.attrs["verdict"]
 
 
 def test_a_value_too_large_to_digest_at_record_is_named_as_not_compared_when_a_probe_reads_it(ip, monkeypatch):
