@@ -15,6 +15,7 @@ import warnings
 
 from . import devices, disk, objstore, runtime, saver
 from .errors import NotCapturedWarning
+from .paths import root
 from .saver import SaverGone
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,7 @@ class Checkpointing:
             self.not_captured.update(new)
             # Values captured only because an earlier training changed them (record.py): listed, and named by a
             # replay that reads them, but the recorded cell never reads them, so not worth a warning.
-            quiet = getattr(self, "quiet_roots", ())
-            new = {p: why for p, why in new.items() if p.split(".")[0].split("[")[0] not in quiet}
+            new = {p: why for p, why in new.items() if root(p) not in self.quiet_roots}
         if new:
             listed = "; ".join(f"{p}: {why}" for p, why in new.items())
             warnings.warn(f"flor_nb: not captured in {self.run.label}: {listed}. Replay rebuilds "

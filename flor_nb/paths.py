@@ -5,6 +5,14 @@ import ast
 import re
 
 
+def root(path: str) -> str:
+    """The namespace name a path starts from: ``model`` for ``model.fc.weight``, ``log`` for ``log['hist']``."""
+    for i, ch in enumerate(path):
+        if ch in ".[":
+            return path[:i]
+    return path
+
+
 def child_path(path: str, key) -> str:
     """``path.key`` for an attribute (digits too: ``model.0`` in a Sequential), else ``path['key']``."""
     if isinstance(key, str) and _ATTR.fullmatch(key):

@@ -80,6 +80,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
         self.write_cpu_seconds: list[float] = []  # of it, CPU (the rest waits for the disk)
         self.checkpointed: list[int] = []
         self.not_captured: dict = {}  # path -> reason, announced once when first seen
+        self.quiet_roots: set = set()  # roots listed when not captured, but not warned about (record.py)
         self.notes: dict = {}
         self.data: dict = {}
         self.outputs: dict = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 
 from .cells import analyze, reads, strip_shell
+from .paths import root
 
 
 def _trains(loop) -> bool:
@@ -39,7 +40,7 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
     ``rebuilt``: values the dependency cells bound beyond the state (setup_check): one the replayed code reads
     and the training loop touches (``sched.step()`` on a scheduler the recorded cell never reads) keeps the cell
     whole, so it is rebuilt as trained."""
-    captured = set(roots) - {_root(p) for p in not_captured}
+    captured = set(roots) - {root(p) for p in not_captured}
     sources = [(c["count"], strip_shell(c["source"])) for c in deps]
     try:
         tree = ast.parse(code)
@@ -67,10 +68,3 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
             continue
         out[count] = (ast.unparse(ast.Module(body=kept, type_ignores=[])) + "\n") if kept else "pass\n"
     return out
-
-
-def _root(path: str) -> str:
-    for i, ch in enumerate(path):
-        if ch in ".[":
-            return path[:i]
-    return path

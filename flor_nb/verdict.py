@@ -15,6 +15,7 @@ import re
 from collections import defaultdict
 
 from . import runtime
+from .paths import root
 from .plan import format_epochs
 from .setup_check import describe as describe_rebuilt
 
@@ -122,7 +123,7 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
         covered |= {int(e) for e in res.get("modes", {}) if last is not None and int(e) <= last}
     diverged = [e for e in events if e["differ"] or e["missing"]]
     not_captured = run_state.get("not_captured") or {}
-    read = {p: why for p, why in not_captured.items() if _root_name(p) in set(reads)}
+    read = {p: why for p, why in not_captured.items() if root(p) in set(reads)}
     metric_bad = [n for n, m in metrics.items() if m["verdict"] == "diverged"]
     faithful = not metric_bad and not diverged and not problems
     unchecked = set(modes) - covered
@@ -189,13 +190,6 @@ def first_cause(event: dict, kinds: dict) -> str:
             return _CAUSES.index("rng/")
         return next((i for i, p in enumerate(_CAUSES) if s.startswith(p)), len(_CAUSES))
     return min(streams, key=lambda s: (rank(s), s))
-
-
-def _root_name(path: str) -> str:
-    for i, ch in enumerate(path):
-        if ch in ".[":
-            return path[:i]
-    return path
 
 
 def probes_draw(recorded_code: str, code: str, edited_cells=None) -> bool:
