@@ -137,7 +137,8 @@ def record(
     if only is None:
         extra = extra | set(tainted)
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
-    rebuilt = setup_check.record_digests(ns, deps, root_names(ns, scope)[0])  # what a replay re-runs cells for
+    dep_cells = [c.to_dict() for c in deps]
+    rebuilt = setup_check.record_digests(ns, dep_cells, root_names(ns, scope)[0])  # what a replay re-runs cells for
     choice = loops.choice()
     helper = find_helper(code, loops, [(c.count, c.source) for c in deps], ns)
     swapped = None
@@ -153,7 +154,7 @@ def record(
         except (SyntaxError, NoLoopError, StopIteration, ValueError) as e:
             logger.info("flor_nb: %s() not instrumented: %s", helper["name"], e)
     # What a replay (or a resume) of a run killed before finish() needs is stored now, not at the end.
-    run = store.create_run(name, code, deps=[c.to_dict() for c in deps], args=args,
+    run = store.create_run(name, code, deps=dep_cells, args=args,
                            env={**environment(), **({"blobs": blobs} if blobs else {})},
                            state={"loops": choice, "capture": 2, "spec": spec_of(scope),
                                   "after_training": {n: list(c) for n, c in sorted(tainted.items())},

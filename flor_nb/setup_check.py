@@ -20,8 +20,8 @@ from .cells import analyze, strip_shell
 from .fingerprint import fingerprint
 from .kinds import CODE
 from .roots import Scope, root_names
-from .hashing import new_hasher
-from .tensor_bytes import _raw as raw_bytes
+from .hashing import DEFAULT
+from .tensor_bytes import hash_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,7 @@ def digest(value, deadline: float = float("inf")) -> str | None:
         if time.perf_counter() > deadline:
             raise _TooLarge
         if isinstance(obj, torch.Tensor):
-            h = new_hasher()
-            h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
-            h.update(raw_bytes(obj))
-            return ("tensor", h.hexdigest())
+            return ("tensor", str(obj.dtype), tuple(obj.shape), hash_tensor(obj, DEFAULT))
         return None
 
     try:
@@ -57,21 +54,24 @@ def digest(value, deadline: float = float("inf")) -> str | None:
         return None
 
 
-def record_digests(ns: dict, deps: list, roots: set) -> dict:
-    """{name: [In[n] that binds it, digest or None]}: what the dependency cells bound beyond the state."""
-    t0 = time.perf_counter()
+def _rebuilt(ns: dict, cells: list[dict], roots=()) -> dict:
+    """{name: In[n] of the cell that binds it} for the values (not code) that ``cells`` bound beyond ``roots``."""
     out = {}
-    for cell in deps:
+    for cell in cells:
         try:
-            bound = analyze(cell.source)[1] | set(cell.bound)
+            bound = analyze(strip_shell(cell["source"]))[1] | set(cell.get("bound") or ())
         except SyntaxError:
             continue
-        for name in bound:
-            if name in ns and name not in roots and not name.startswith("_") and not isinstance(ns[name], CODE):
-                out[name] = [cell.count, None]
+        out.update({n: cell["count"] for n in bound if n in ns and n not in roots and not n.startswith("_")
+                    and not isinstance(ns[n], CODE)})
+    return out
+
+
+def record_digests(ns: dict, deps: list[dict], roots: set) -> dict:
+    """{name: [In[n] that binds it, digest or None]}: what the dependency cells bound beyond the state."""
+    t0 = time.perf_counter()
     deadline = t0 + BUDGET_S
-    for name in sorted(out):
-        out[name][1] = digest(ns[name], deadline)
+    out = {name: [count, digest(ns[name], deadline)] for name, count in sorted(_rebuilt(ns, deps, roots).items())}
     logger.info("flor_nb: %d values of the dependency cells digested in %.3f s", len(out), time.perf_counter() - t0)
     return out
 
@@ -82,14 +82,7 @@ def compare(ns: dict, code: str, recorded: dict | None, roots, cells=()) -> dict
     (why starts "not compared"). ``recorded`` None: a run recorded before these digests were kept; what it reads
     of what ``cells`` bound is named as not compared."""
     if recorded is None:
-        recorded = {}
-        for cell in cells:
-            try:
-                names = analyze(strip_shell(cell["source"]))[1] | set(cell.get("bound") or ())
-            except SyntaxError:
-                continue
-            recorded.update({n: [cell["count"], "old"] for n in names
-                             if n in ns and not n.startswith("_") and not isinstance(ns[n], CODE)})
+        recorded = {n: [count, "old"] for n, count in _rebuilt(ns, cells).items()}
     if not recorded:
         return {}
     free, assigned = analyze(code)
