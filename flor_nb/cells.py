@@ -347,7 +347,7 @@ def resolve(history: list[Cell], target: str, trainers=frozenset()) -> tuple[lis
     for cell in history:
         source, parsed = _cell_info(cell.source)
         infos.append(None if parsed is None else (source, parsed[0], parsed[1], parsed[2] | cell.bound, parsed[3],
-                                                  parsed[4] or bool(parsed[5] & trainers)))
+                                                  _training(parsed, trainers)))
     end = len(history)
     todo = [(name, end) for name in analyze(target)[0]]
     seen, chosen, missing = set(), set(), set()
@@ -389,7 +389,7 @@ def after_training(history: list[Cell], deps: list[Cell], trainers=frozenset()) 
         if parsed is None:
             continue
         if cell.count not in chosen:
-            if parsed[4] or parsed[5] & trainers:
+            if _training(parsed, trainers):
                 training = cell.count
             continue
         if training is not None and parsed[0]:  # a cell that reads nothing binds constants: no training in them
@@ -399,6 +399,12 @@ def after_training(history: list[Cell], deps: list[Cell], trainers=frozenset()) 
             for name in parsed[2] | cell.bound:
                 tainted.pop(name, None)  # bound again, from scratch, by a cell no training precedes
     return tainted
+
+
+def _training(parsed, trainers) -> bool:
+    """A training cell (replay never re-runs one that is not a dependency): a top-level loop, or ``train()`` /
+    ``fit()`` of one of ``trainers``; ``parsed`` as :func:`_cell_info` gives it."""
+    return parsed[4] or bool(parsed[5] & trainers)
 
 
 @functools.lru_cache(maxsize=4096)

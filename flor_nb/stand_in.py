@@ -50,8 +50,8 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
     preamble = next((tree.body[:i] for i, s in enumerate(tree.body) if isinstance(s, (ast.For, ast.While))),
                     tree.body)
     early = analyze(ast.unparse(ast.Module(body=preamble, type_ignores=[])))[0]
-    later_fn = set().union(*(set().union(*reads(s)[1].values()) for _, s, _ in parsed)) if parsed else set()
-    read_by_code = analyze(code)[0] | later_fn
+    fn_reads = set().union(*(set().union(*reads(s)[1].values()) for _, s, _ in parsed)) if parsed else set()
+    read_by_code = analyze(code)[0] | fn_reads
     out = {}
     for i, (count, source, mod) in enumerate(parsed):
         cut = _before_loop(mod.body)
