@@ -97,8 +97,8 @@ def compare(ns: dict, code: str, recorded: dict | None, roots, cells=()) -> dict
             out[name] = (f"not compared: rebuilt by re-running In[{count}]; too large to digest within record's "
                          "time budget")
         elif digest(ns[name]) != was:
-            out[name] = (f"differs: re-running In[{count}] gave another value than the recording's; an unseeded "
-                         "random draw or a file changed since does that")
+            out[name] = (f"differs: re-running In[{count}] gave another value than the recording's: an unseeded "
+                         "random draw, a file changed since, or a cell a replay does not run that changed it")
     return out
 
 

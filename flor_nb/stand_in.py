@@ -8,8 +8,9 @@ namespace. What the replay needs from it is already in the checkpoint: the recor
 training loop of such a cell (they bind names a replay restores anyway) and says so.
 
 Safe means: nothing the replay runs before the checkpoint is restored reads what the cell binds (later
-dependency cells, the replayed cell's statements before its epoch loop), and each of its names the replayed
-code or the dependency cells' functions read is captured state. Otherwise the cell runs in full, as before.
+dependency cells, the replayed cell's statements before its epoch loop); a later dependency cell that reads
+what its loop trained binds only captured state; and each of its names the replayed code or the dependency
+cells' functions read is captured state. Otherwise the cell runs in full, as before.
 """
 from __future__ import annotations
 
@@ -59,12 +60,17 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
                                                  for s in mod.body):
             continue
         bound = analyze(source)[1] | set(deps[i].get("bound") or ())
-        later = set().union(*(reads(s)[0] for _, s, _ in parsed[i + 1:]))
-        if bound & (later | early) or not (bound & read_by_code) <= captured:
+        later = [(reads(s)[0], analyze(s)[1] | set(deps[j].get("bound") or ()))
+                 for j, (_, s, _) in enumerate(parsed[i + 1:], start=i + 1)]
+        if bound & (set().union(*(r for r, _ in later)) | early) or not (bound & read_by_code) <= captured:
             continue
         kept, loop = cut
         touched = {n.id for n in ast.walk(loop) if isinstance(n, ast.Name)}
         if touched & read_by_code & set(rebuilt):
+            continue
+        # A later cell that reads what the loop trained (baseline = evaluate(model)) would compute from the
+        # untrained state: only where all it binds is restored from the checkpoint anyway.
+        if any(r & touched and not b <= captured for r, b in later):
             continue
         out[count] = (ast.unparse(ast.Module(body=kept, type_ignores=[])) + "\n") if kept else "pass\n"
     return out

@@ -612,3 +612,20 @@ def test_an_uncapturable_value_made_after_an_earlier_training_is_listed_without_
     probe = TRAIN.replace("    history.append", "    flor.log('locked', lock.locked())\n    history.append")
     df = run(ip, "%%flor replay q --epochs 2 --no-progress\n" + probe)
     assert "Not captured but read by the replayed code: lock (" in df.attrs["verdict"], df.attrs["verdict"]
+
+
+def test_a_cell_after_an_earlier_training_that_reads_its_model_keeps_that_training_whole(ip, tmp_path):
+    """``baseline = loss(model)`` after the first training, which the recorded cell continues: cutting that
+    training short would give ``baseline`` the untrained model's loss (named by the digest check, but wrong), so
+    the replay runs it in full and the probe gets the recorded value."""
+    mark = tmp_path / "epochs-trained.txt"
+    run(ip, SETUP + f"MARK = {str(mark)!r}\n")
+    run(ip, MODEL)
+    run(ip, FIRST)
+    run(ip, "baseline = F.cross_entropy(model(X), y).item()\nopt = torch.optim.SGD(model.parameters(), lr=0.05)\n")
+    run(ip, "%%flor record --name more --no-progress\n" + MORE)
+    baseline = ip.user_ns["baseline"]
+    probe = MORE.replace("    losses.append", "    flor.log('base', baseline)\n    losses.append")
+    df = run(ip, "%%flor replay more --epochs 1 --no-progress\n" + probe)
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    assert df["base"].dropna().tolist() == [baseline] and mark.read_text() == "xxxxxxxx"
