@@ -51,7 +51,8 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
     preamble = next((tree.body[:i] for i, s in enumerate(tree.body) if isinstance(s, (ast.For, ast.While))),
                     tree.body)
     early = analyze(ast.unparse(ast.Module(body=preamble, type_ignores=[])))[0]
-    fn_reads = set().union(*(set().union(*reads(s)[1].values()) for _, s, _ in parsed)) if parsed else set()
+    by_fn = {name: names for _, s, _ in parsed for name, names in reads(s)[1].items()}  # function -> its globals
+    fn_reads = set().union(*by_fn.values())
     read_by_code = analyze(code)[0] | fn_reads
     out = {}
     for i, (count, source, mod) in enumerate(parsed):
@@ -66,6 +67,12 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
             continue
         kept, loop = cut
         touched = {n.id for n in ast.walk(loop) if isinstance(n, ast.Name)}
+        todo = list(touched)
+        while todo:  # and what the functions it calls use: train_step() reading the global model
+            for name in by_fn.get(todo.pop(), ()):
+                if name not in touched:
+                    touched.add(name)
+                    todo.append(name)
         if touched & read_by_code & set(rebuilt):
             continue
         # A later cell that reads what the loop trained (baseline = evaluate(model)) would compute from the

@@ -629,3 +629,22 @@ def test_a_cell_after_an_earlier_training_that_reads_its_model_keeps_that_traini
     df = run(ip, "%%flor replay more --epochs 1 --no-progress\n" + probe)
     assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
     assert df["base"].dropna().tolist() == [baseline] and mark.read_text() == "xxxxxxxx"
+
+
+def test_a_training_loop_calling_a_helper_that_trains_the_global_model_is_kept_whole(ip, tmp_path):
+    """The same as above, with the model trained inside a helper that reads it as a global: the loop's own text
+    never names ``model``, the helper does."""
+    mark = tmp_path / "epochs-trained.txt"
+    run(ip, SETUP + f"MARK = {str(mark)!r}\n")
+    run(ip, MODEL + "sched = torch.optim.lr_scheduler.StepLR(opt, 10)\ndef step(i):\n    loss = F.cross_entropy(model(X[i:i + 32]), y[i:i + 32])\n"
+                    "    opt.zero_grad(); loss.backward(); opt.step()\n    return loss\n")
+    run(ip, FIRST.replace("        loss = F.cross_entropy(model(X[i:i + 32]), y[i:i + 32])\n"
+                          "        opt.zero_grad(); loss.backward(); opt.step()\n",
+                          "        loss = step(i)\n    sched.step()\n"))
+    run(ip, "baseline = F.cross_entropy(model(X), y).item()\nopt = torch.optim.SGD(model.parameters(), lr=0.05)\n")
+    run(ip, "%%flor record --name more --no-progress\n" + MORE)
+    baseline = ip.user_ns["baseline"]
+    probe = MORE.replace("    losses.append", "    flor.log('base', baseline)\n    losses.append")
+    df = run(ip, "%%flor replay more --epochs 1 --no-progress\n" + probe)
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    assert df["base"].dropna().tolist() == [baseline] and mark.read_text() == "xxxxxxxx"
