@@ -8,9 +8,9 @@ namespace. What the replay needs from it is already in the checkpoint: the recor
 training loop of such a cell (they bind names a replay restores anyway) and says so.
 
 Safe means: nothing the replay runs before the checkpoint is restored reads what the cell binds (later
-dependency cells, the replayed cell's statements before its epoch loop); a later dependency cell that reads
-what its loop trained binds only captured state; and each of its names the replayed code or the dependency
-cells' functions read is captured state. Otherwise the cell runs in full, as before.
+dependency cells, the replayed cell's statements before its epoch loop); every value a later dependency cell
+binds is captured state (it may have computed from what the training changed, through any alias); and each of
+its names the replayed code or the dependency cells' functions read is captured state. Otherwise the cell runs in full, as before.
 """
 from __future__ import annotations
 
@@ -61,9 +61,13 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
                                                  for s in mod.body):
             continue
         bound = analyze(source)[1] | set(deps[i].get("bound") or ())
-        later = [(reads(s)[0], analyze(s)[1] | set(deps[j].get("bound") or ()))
-                 for j, (_, s, _) in enumerate(parsed[i + 1:], start=i + 1)]
+        later = [(reads(s)[0], _values(m, analyze(s)[1] | set(deps[j].get("bound") or ())))
+                 for j, (_, s, m) in enumerate(parsed[i + 1:], start=i + 1)]
         if bound & (set().union(*(r for r, _ in later)) | early) or not (bound & read_by_code) <= captured:
+            continue
+        # A later cell may compute from what the loop trained, by any alias (baseline = evaluate(model)), and
+        # would see the untrained state: only where all the values it binds come from the checkpoint anyway.
+        if any(not b <= captured for _, b in later):
             continue
         kept, loop = cut
         touched = {n.id for n in ast.walk(loop) if isinstance(n, ast.Name)}
@@ -75,9 +79,13 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
                     todo.append(name)
         if touched & read_by_code & set(rebuilt):
             continue
-        # A later cell that reads what the loop trained (baseline = evaluate(model)) would compute from the
-        # untrained state: only where all it binds is restored from the checkpoint anyway.
-        if any(r & touched and not b <= captured for r, b in later):
-            continue
         out[count] = (ast.unparse(ast.Module(body=kept, type_ignores=[])) + "\n") if kept else "pass\n"
     return out
+
+
+def _values(mod, names: set) -> set:
+    """``names`` less those a cell binds to code (``def``, ``class``, ``import``): what it computes."""
+    code = {s.name for s in mod.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    code |= {(a.asname or a.name).split(".")[0] for s in mod.body if isinstance(s, (ast.Import, ast.ImportFrom))
+             for a in s.names}
+    return names - code
