@@ -4,8 +4,9 @@
   checkpoint) of the bench's model + Adam on the GPU, hashed through the pinned staging buffer and, as
   before it, through a fresh ``.cpu()`` copy; interleaved.
 * **record overhead**: a CNN with dropout trained with AMP on CUDA, plain (``flor`` a no-op) and recorded
-  (default budget; a checkpoint every epoch; the default budget with unstaged digests), the order
-  reversed every other repetition; median and range, and the engine's own accounting of each arm.
+  (default budget; a checkpoint every epoch, written by the saver process; the same, written by the
+  kernel's writer thread), the order reversed every other repetition; median and range, and the engine's
+  own accounting of each arm.
 * **snapshot blocking**: :meth:`Capturer.snapshot` of a model + Adam state of about ``--gb`` GB on the GPU
   into the pinned pool: the time the training thread is blocked (the copies themselves run on a side
   stream; the writer waits for them), per GB, the first snapshot (pinned buffers allocated) and later
@@ -99,7 +100,8 @@ def _spread(xs):
     return f"{statistics.median(xs):.3f} (range {min(xs):.3f}-{max(xs):.3f}, n={len(xs)})"
 
 
-ARMS = {"budget": 0.02, "every": float("inf"), "budget_unstaged": 0.02}
+ARMS = {"budget": 0.02, "every": float("inf"), "every_thread": float("inf"), "budget_unstaged": 0.02}
+ARM_NAMES = ("budget", "every", "every_thread")  # measured by default
 
 
 def _engine(run) -> dict:
@@ -108,12 +110,15 @@ def _engine(run) -> dict:
     return {"epochs_s": t.get("epoch_seconds"), "checkpoints": len(t.get("snapshot_seconds") or []),
             "snapshot_s": sum(t.get("snapshot_seconds") or []), "digests": len(t.get("digest_seconds") or []),
             "digest_s": sum(t.get("digest_seconds") or []), "writer_s": t.get("writer_seconds"),
-            "writer_cpu_s": t.get("writer_cpu_seconds"), "commit_s": sum(t.get("commit_seconds") or [])}
+            "writer_cpu_s": t.get("writer_cpu_seconds"), "commit_s": sum(t.get("commit_seconds") or []),
+            "saver": t.get("saver")}
 
 
-def record_overhead(reps, epochs, arms=("budget", "every", "budget_unstaged")):
-    """Plain vs recorded arms, their order reversed every other repetition. ``budget_unstaged``: the default
-    budget with GPU tensors digested through a fresh .cpu() copy (before the pinned staging buffer)."""
+def record_overhead(reps, epochs, arms=ARM_NAMES):
+    """Plain vs recorded arms, their order reversed every other repetition. ``every_thread``: a checkpoint every
+    epoch written by the kernel's writer thread (``FLOR_NB_SAVER=thread``) instead of the saver process.
+    ``budget_unstaged``: the default budget with GPU tensors digested through a fresh .cpu() copy (before the
+    pinned staging buffer)."""
     from flor_nb import tensor_bytes
 
     times = {a: [] for a in ("plain", *arms)}
@@ -123,11 +128,13 @@ def record_overhead(reps, epochs, arms=("budget", "every", "budget_unstaged")):
             times["plain"].append(_plain(epochs))
             continue
         tensor_bytes.STAGED = what != "budget_unstaged"
+        os.environ["FLOR_NB_SAVER"] = "thread" if what.endswith("_thread") else "process"
         try:
             with tempfile.TemporaryDirectory() as home:
                 s, run = _recorded(epochs, ARMS[what], home)
         finally:
             tensor_bytes.STAGED = True
+            os.environ.pop("FLOR_NB_SAVER")
         times[what].append(s)
         engine[what].append(_engine(run))
     p = statistics.median(times["plain"])
@@ -247,7 +254,8 @@ def main():
         e = runs[len(runs) // 2]
         print(f"  engine, {arm} (middle rep): {e['checkpoints']} checkpoints blocking {e['snapshot_s']*1e3:.0f} ms, "
               f"{e['digests']} digests blocking {e['digest_s']*1e3:.0f} ms, commits {e['commit_s']*1e3:.0f} ms, "
-              f"writer {e['writer_s']:.2f} s ({e['writer_cpu_s']:.2f} s CPU); epochs "
+              f"writer {e['writer_s']:.2f} s ({e['writer_cpu_s']:.2f} s CPU); saver process wrote "
+              f"{(e['saver'] or {}).get('process')} ({(e['saver'] or {}).get('why_not') or 'all it could'}); epochs "
               f"{[round(x, 3) for x in e['epochs_s'] or []]}")
     print(f"snapshot of {s['state_gb']:.2f} GB: blocking {_spread(s['blocking_ms_per_gb'])} ms/GB (first, pinned "
           f"buffers allocated: {s['first_blocking_ms_per_gb']:.1f} ms/GB); copies landed after "

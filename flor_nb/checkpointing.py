@@ -136,8 +136,9 @@ class Checkpointing:
         return out.get("cpu", 0.0)
 
     def _save(self, home, rel, snap, end_rel, end_snap) -> dict:
-        """:func:`flor_nb.saver.save_here`, by the saver process when it is up, else on this (writer) thread."""
-        if self.saver is not None and self.saver.usable():
+        """:func:`flor_nb.saver.save_here`, by the saver process when it is up, else on this (writer) thread
+        (also once CUDA snapshots went to private pinned buffers, which the saver could only get by copy)."""
+        if self.saver is not None and self.saver.usable() and not self.pool.shared.pin_failed:
             try:
                 out = self.saver.save(home, rel, snap, end_rel, end_snap)
                 self.saver_writes += 1

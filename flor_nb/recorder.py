@@ -67,7 +67,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
         self.pool = state.BufferPool()
         self.saver = None  # the process that writes checkpoints, where it can (saver.py)
         self.saver_writes, self.saver_cpu = 0, 0.0  # checkpoints of this run it wrote, and its CPU seconds
-        if not self.pool.pin_memory and saver.mode() == "process":
+        if saver.mode() == "process":
             self.saver = saver.current()
             self.pool.shared = self.saver.buffers
         self.thinner = thinner  # keeps the run's checkpoints under the store budget (see thinning.py)
@@ -484,8 +484,8 @@ class Recorder(RowCommits, Checkpointing, Omission):
 
     def _saver_summary(self) -> dict:
         """Who wrote the checkpoints: the saver process (how many, its CPU seconds) and, if it went away, why."""
-        why = "FLOR_NB_SAVER=thread, a GPU's pinned snapshots, or no memfd/forkserver here" if self.saver is None \
-            else self.saver.gone
+        why = ("FLOR_NB_SAVER=thread, or no memfd/forkserver here" if self.saver is None else
+               self.saver.gone or self.pool.shared.pin_failed)
         return {"process": self.saver_writes, "cpu_seconds": self.saver_cpu, "why_not": why}
 
 

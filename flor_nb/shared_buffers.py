@@ -7,6 +7,11 @@ same pages; nothing has a name, so nothing outlives both processes, even after a
 
 Buffers outlive a recording: the next recording of the kernel borrows them again (already mapped by the
 saver, their pages already touched), up to :data:`KEEP_BYTES` of them; the rest are unmapped.
+
+Buffers for CUDA tensors are page-locked with ``cudaHostRegister`` (as torch's own distributed checkpoint
+pins shared memory), so a device-to-host copy into one runs on a side stream without blocking, and the
+saver still reads it without a copy. Where registering fails, :attr:`SharedBuffers.pin_failed` says why and
+those tensors go to private pinned buffers, written by the kernel's thread as before.
 """
 from __future__ import annotations
 
@@ -35,16 +40,20 @@ class SharedBuffers:
         # its address never names another tensor (which the saver would read from the old mapping)
         self._by_ptr: dict[int, tuple[int, int, torch.Tensor]] = {}
         self._new: list[tuple[int, int]] = []  # (buffer id, fd) the saver has not been sent yet
-        self._free: dict = {}  # (dtype, shape) -> buffers a finished recording gave back
+        self._free: dict = {}  # (dtype, shape, pinned) -> buffers a finished recording gave back
         self._lock = threading.Lock()
         self._next = 0
         self.failed: str | None = None  # why the last allocation fell back to private memory
+        self.pin_failed: str | None = None  # why page-locking a buffer failed (then no buffer is pinned again)
 
-    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
-        """A contiguous CPU tensor in shared memory, or None (empty tensor, or no room: the caller allocates)."""
+    def empty(self, shape, dtype: torch.dtype, pinned: bool = False) -> torch.Tensor | None:
+        """A contiguous CPU tensor in shared memory, page-locked for CUDA copies when ``pinned``, or None (empty
+        tensor, no room, or it cannot be page-locked here: the caller allocates)."""
         shape = tuple(shape)
+        if pinned and self.pin_failed:
+            return None
         with self._lock:
-            free = self._free.get((dtype, shape))
+            free = self._free.get((dtype, shape, pinned))
             if free:
                 return free.pop()
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -62,9 +71,17 @@ class SharedBuffers:
                      "by copy", nbytes, e)
             return None
         t = torch.frombuffer(mm, dtype=torch.uint8).view(dtype).view(shape)
+        if pinned:
+            why = _cuda_call("cudaHostRegister", t.data_ptr(), nbytes, 1)  # 1: cudaHostRegisterPortable
+            if why:
+                os.close(fd)
+                self.pin_failed = why
+                log.info("flor_nb: shared snapshot buffers cannot be page-locked here (%s); snapshots of CUDA "
+                         "tensors go to private pinned buffers, written by the kernel's thread", why)
+                return None
         with self._lock:
             bid, self._next = self._next, self._next + 1
-            self._by_ptr[t.data_ptr()] = (bid, nbytes, t)
+            self._by_ptr[t.data_ptr()] = (bid, nbytes, t, pinned)
             self._new.append((bid, fd))
         return t
 
@@ -77,10 +94,13 @@ class SharedBuffers:
             kept = sum(t.nbytes for ts in self._free.values() for t in ts)
             for t in mine:
                 if kept + t.nbytes <= KEEP_BYTES:
-                    self._free.setdefault((t.dtype, tuple(t.shape)), []).append(t)
+                    self._free.setdefault((t.dtype, tuple(t.shape), self._by_ptr[t.data_ptr()][3]), []).append(t)
                     kept += t.nbytes
                 else:
-                    dropped.append(self._by_ptr.pop(t.data_ptr())[0])  # unmapped here once the tensor is freed
+                    bid, _, _, pinned = self._by_ptr.pop(t.data_ptr())
+                    if pinned:  # before its pages are unmapped (here, once the tensor is freed)
+                        _cuda_call("cudaHostUnregister", t.data_ptr())
+                    dropped.append(bid)
         return dropped
 
     def ref(self, t: torch.Tensor) -> int | None:
@@ -97,3 +117,24 @@ class SharedBuffers:
         with self._lock:
             new, self._new = self._new, []
         return new
+
+
+def _cuda_call(name: str, *args) -> str | None:
+    """Call the CUDA runtime's ``name`` on a thread of its own; None on success, else why it failed.
+
+    A failed runtime call leaves its error as the calling thread's "last error", which the next kernel launch
+    of that thread reports as its own: on a short-lived thread it never reaches training.
+    """
+    out: list = []
+
+    def call():
+        try:
+            code = int(getattr(torch.cuda.cudart(), name)(*args))
+            out.append(None if code == 0 else f"{name} returned CUDA error {code}")
+        except Exception as e:  # noqa: BLE001 - any failure means: not page-locked; said by the caller
+            out.append(f"{name} failed: {type(e).__name__}: {e}")
+
+    th = threading.Thread(target=call, name="flor_nb-cuda-register")
+    th.start()
+    th.join()
+    return out[0] if out else f"{name} did not return"

@@ -14,7 +14,8 @@ class BufferPool:
     ``copy_`` into memory already touched is several times faster than ``clone``
     into fresh pages (measured here: 18 vs 2.2 GB/s); buffers go back to the pool
     once the writer has persisted their snapshot. With ``shared`` (a
-    :class:`~flor_nb.shared_buffers.SharedBuffers`), CPU buffers live in shared memory for the saver process.
+    :class:`~flor_nb.shared_buffers.SharedBuffers`), buffers live in shared memory for the saver process,
+    page-locked there for CUDA tensors.
 
     CUDA tensors go to pinned host buffers (``pin_memory``; default: when CUDA is available),
     copied with ``non_blocking=True`` on a side stream of their device, never cloned on the GPU
@@ -49,8 +50,8 @@ class BufferPool:
         with self._lock:
             free = self._free.get(key)
             buf = free.pop() if free else None
-        if buf is None and self.shared is not None and not pinned:
-            buf = self.shared.empty(key[1], t.dtype)
+        if buf is None and self.shared is not None:
+            buf = self.shared.empty(key[1], t.dtype, pinned=pinned)
             if buf is not None:
                 self._borrowed.append(buf)
         if buf is None:

@@ -214,3 +214,26 @@ def test_notebook_record_on_gpu_then_replay_in_a_fresh_kernel_on_gpu_and_cpu(sto
     assert "Faithful replay: recorded metrics reproduced exactly: loss exact (8 values)" in on_gpu, on_gpu
     assert "w_grad" in on_gpu and "w_grad" in on_cpu
     assert "cuda:0 -> cpu" in on_cpu and "tolerance" in on_cpu and "a probe changed training" not in on_cpu, on_cpu
+
+
+def test_gpu_checkpoints_are_written_by_the_saver_process(recorded):
+    saver = recorded.timings["saver"]
+    assert saver["why_not"] is None and saver["process"] >= 4, saver
+
+
+def test_shared_snapshot_buffers_are_page_locked_for_cuda_copies(monkeypatch):
+    from flor_nb import shared_buffers
+
+    shared = shared_buffers.SharedBuffers()
+    pool = state.BufferPool(pin_memory=True, shared=shared)
+    src = torch.randn(1 << 20, device="cuda")
+    buf = pool.copy(src)
+    for event in pool.seal():
+        event.synchronize()
+    assert shared.pin_failed is None, shared.pin_failed
+    assert shared.ref(buf) is not None and buf.is_pinned()
+    assert torch.equal(buf, src.cpu())
+    monkeypatch.setattr(shared_buffers, "KEEP_BYTES", 0)
+    assert len(pool.close()) == 1  # dropped: unregistered before its pages go
+    del buf
+    assert float((src * 2).sum()) == float(src.sum()) * 2  # CUDA still fine after the unregister
