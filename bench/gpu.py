@@ -111,7 +111,7 @@ def _engine(run) -> dict:
             "snapshot_s": sum(t.get("snapshot_seconds") or []), "digests": len(t.get("digest_seconds") or []),
             "digest_s": sum(t.get("digest_seconds") or []), "writer_s": t.get("writer_seconds"),
             "writer_cpu_s": t.get("writer_cpu_seconds"), "commit_s": sum(t.get("commit_seconds") or []),
-            "saver": t.get("saver")}
+            "saver": t.get("saver"), "close_wait_s": t.get("close_wait"), "start_wait_s": t.get("start_checkpoint_wait")}
 
 
 def record_overhead(reps, epochs, arms=ARM_NAMES):
@@ -136,7 +136,7 @@ def record_overhead(reps, epochs, arms=ARM_NAMES):
             tensor_bytes.STAGED = True
             os.environ.pop("FLOR_NB_SAVER")
         times[what].append(s)
-        engine[what].append(_engine(run))
+        engine[what].append({**_engine(run), "outside_epochs_s": s - sum(run.timings.get("epoch_seconds") or [])})
     p = statistics.median(times["plain"])
     return {"seconds": times, "engine": engine,
             "overhead": {a: statistics.median(times[a]) / p - 1 for a in arms}}
@@ -232,6 +232,8 @@ def main():
     ap.add_argument("--n", type=int, default=N, help="examples per epoch (default %(default)s)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-deterministic", action="store_true", help="do not measure flor.deterministic()'s cost")
+    ap.add_argument("--long", type=int, default=0, metavar="EPOCHS",
+                    help="also: plain vs a checkpoint every epoch over this many epochs, 2 repetitions")
     a = ap.parse_args()
     globals()["N"] = a.n
     if not torch.cuda.is_available():
@@ -241,6 +243,8 @@ def main():
     _plain(1)  # warm up: CUDA context, cuDNN, allocator
     out["digest"] = digest_cost(max(3, a.reps))
     out["record"] = record_overhead(a.reps, a.epochs)
+    if a.long:
+        out["record_long"] = record_overhead(2, a.long, arms=("every",))
     out["snapshot"] = snapshot_cost(a.gb, a.reps)
     if not a.skip_deterministic:
         out["deterministic"] = deterministic_cost(a.reps, a.epochs)
@@ -255,8 +259,16 @@ def main():
         print(f"  engine, {arm} (middle rep): {e['checkpoints']} checkpoints blocking {e['snapshot_s']*1e3:.0f} ms, "
               f"{e['digests']} digests blocking {e['digest_s']*1e3:.0f} ms, commits {e['commit_s']*1e3:.0f} ms, "
               f"writer {e['writer_s']:.2f} s ({e['writer_cpu_s']:.2f} s CPU); saver process wrote "
-              f"{(e['saver'] or {}).get('process')} ({(e['saver'] or {}).get('why_not') or 'all it could'}); epochs "
+              f"{(e['saver'] or {}).get('process')} ({(e['saver'] or {}).get('why_not') or 'all it could'}); "
+              f"outside the epochs {e['outside_epochs_s']*1e3:.0f} ms, of it waiting for the first write "
+              f"{(e['start_wait_s'] or 0)*1e3:.0f} ms and for the last writes at the end {(e['close_wait_s'] or 0)*1e3:.0f} "
+              f"ms; epochs "
               f"{[round(x, 3) for x in e['epochs_s'] or []]}")
+    if "record_long" in out:
+        r = out["record_long"]
+        print(f"over {a.long} epochs: plain {_spread(r['seconds']['plain'])} s, a checkpoint every epoch "
+              f"{r['overhead']['every']:+.1%} ({_spread(r['seconds']['every'])} s); outside the epochs "
+              f"{[round(e['outside_epochs_s'], 3) for e in r['engine']['every']]} s")
     print(f"snapshot of {s['state_gb']:.2f} GB: blocking {_spread(s['blocking_ms_per_gb'])} ms/GB (first, pinned "
           f"buffers allocated: {s['first_blocking_ms_per_gb']:.1f} ms/GB); copies landed after "
           f"{_spread(s['landed_ms_per_gb'])} ms/GB; GPU memory overhead {s['gpu_memory_overhead_mb']:.1f} MB")

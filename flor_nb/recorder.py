@@ -113,6 +113,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
         self.resume_at = None  # resume.py: iterable -> (first epoch, iterable from it), restoring the state
         self.completed_floor = 0  # epochs stored before this session (a resumed run keeps them)
         self.start_wait = 0.0  # seconds the training thread waited for the first checkpoint's write
+        self.close_wait = 0.0  # seconds finish() waited for the writer (the last checkpoints' writes)
         self.liveness_input = None  # (code, loops choice, dependency sources): see _dead()
         self._dead = None  # liveness.Dead, judged once the first unit has bound the body's names
         self._total = None  # units the loop will run, when known
@@ -404,7 +405,9 @@ class Recorder(RowCommits, Checkpointing, Omission):
         digests, self._pending_digests = self._pending_digests, []
         self._commit(rows, self.completed or None, [(e, w, runtime.to_json(d)) for e, w, d in digests],
                      tuple(range(self._flushed_units, min(self.completed, self.replace_below))))
+        closing = time.perf_counter()
         self.writer.close()  # every checkpoint submitted is on disk before the run is closed
+        self.close_wait = time.perf_counter() - closing
         if self.saver is not None:  # the saver stays for the next recording, and so do the buffers it can keep
             self.saver.forget(self.pool.close())
         self._check_writer()
@@ -478,6 +481,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
                 "saver": self._saver_summary(),
                 "commit_seconds": self.commit_seconds,
                 "start_checkpoint_wait": self.start_wait,
+                "close_wait": self.close_wait,  # seconds the cell's end waited for the last checkpoints' writes
                 "overhead_budget": self.overhead,
             },
         )

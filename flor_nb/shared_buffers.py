@@ -25,6 +25,9 @@ import torch
 log = logging.getLogger(__name__)
 
 KEEP_BYTES = int(float(os.environ.get("FLOR_NB_SNAPSHOT_KEEP_BYTES", 256 << 20)))  # kept between recordings
+# Page-locked buffers (for CUDA tensors) cost a registration each (about 0.4 s per GB), which a recording would
+# otherwise pay again at its first checkpoints; torch keeps its own pinned memory for the process's life.
+KEEP_PINNED_BYTES = int(float(os.environ.get("FLOR_NB_PINNED_KEEP_BYTES", 2 << 30)))
 
 
 def available() -> bool:
@@ -86,16 +89,20 @@ class SharedBuffers:
         return t
 
     def give_back(self, buffers) -> list[int]:
-        """Buffers a recording is done with: kept for the next one up to :data:`KEEP_BYTES` (the smallest first,
-        so the most tensors are reused); returns the ids of the others, which the caller has the saver unmap."""
+        """Buffers a recording is done with: kept for the next one up to :data:`KEEP_BYTES`, page-locked ones up
+        to :data:`KEEP_PINNED_BYTES` (the smallest first, so the most tensors are reused); returns the ids of the
+        others, which the caller has the saver unmap."""
         mine = sorted((t for t in buffers if self.ref(t) is not None), key=lambda t: t.nbytes)
         dropped = []
         with self._lock:
-            kept = sum(t.nbytes for ts in self._free.values() for t in ts)
+            kept = {False: 0, True: 0}  # pageable, page-locked
+            for (_, _, pinned), ts in self._free.items():
+                kept[pinned] += sum(t.nbytes for t in ts)
             for t in mine:
-                if kept + t.nbytes <= KEEP_BYTES:
-                    self._free.setdefault((t.dtype, tuple(t.shape), self._by_ptr[t.data_ptr()][3]), []).append(t)
-                    kept += t.nbytes
+                pinned = self._by_ptr[t.data_ptr()][3]
+                if kept[pinned] + t.nbytes <= (KEEP_PINNED_BYTES if pinned else KEEP_BYTES):
+                    self._free.setdefault((t.dtype, tuple(t.shape), pinned), []).append(t)
+                    kept[pinned] += t.nbytes
                 else:
                     bid, _, _, pinned = self._by_ptr.pop(t.data_ptr())
                     if pinned:  # before its pages are unmapped (here, once the tensor is freed)
