@@ -74,6 +74,13 @@ def added_lines(recorded: str, edited: str) -> list[int]:
     return out
 
 
+def inserted_lines(recorded: str, edited: str) -> list[int]:
+    """1-based line numbers of ``edited`` inserted between lines of ``recorded`` (not ones that replace a
+    recorded line)."""
+    sm = difflib.SequenceMatcher(a=recorded.splitlines(), b=edited.splitlines(), autojunk=False)
+    return [j for op, _, _, j1, j2 in sm.get_opcodes() if op == "insert" for j in range(j1 + 1, j2 + 1)]
+
+
 # -- a step loop inside a helper function (the PyTorch quickstart: train(dataloader, model, ...)) ----------
 def _top_defs(source: str) -> dict:
     try:

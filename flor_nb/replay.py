@@ -303,7 +303,7 @@ def _plan_row(p) -> dict:
 def _tasks(store: Store, run: Run, p: dict, token: str, device=None) -> list[dict]:
     return [{
         "home": str(store.home), "blobs": _blobs(run), "run_id": run.id, "label": run.label, "replay_id": token,
-        "code": p["code"], "loops": p["loops"], "cells": p["cells"], "args": run.args,
+        "code": p["code"], "recorded_code": run.code, "loops": p["loops"], "cells": p["cells"], "args": run.args,
         "segment": seg.to_dict(), "threads": p["threads"],
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),

@@ -244,8 +244,10 @@ def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=
                       "(an in-process server, a Dask client, a background loader); record and replay with nothing "
                       "else running in the kernel")
     elif diverged and code != recorded_code and not remade:
-        causes.append("a probe changed training (make probes read-only: wrap them in torch.no_grad(), do not draw "
-                      "random numbers, switch back any mode they change, e.g. model.train() after model.eval())")
+        causes.append("a probe changed training (make probes read-only: wrap them in torch.no_grad(), switch back "
+                      "any mode they change, e.g. model.train() after model.eval(), and put them on lines of their "
+                      "own: draws from the global random generators in added lines are undone, not in a recorded "
+                      "line you changed, nor from a generator the cells made)")
     if hashes:  # the code depends on string hashes, which this process computes otherwise (hash_seed.py)
         causes.append(hashes)
     if not causes:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, cpu_math, devices, freshness, lifeline, runtime, setup_check, signing, state, validate
+from . import (checkpoint, cpu_math, devices, freshness, lifeline, probe_rng, runtime, setup_check, signing, state,
+               validate)
 from .clock import ClockAttrs
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
@@ -434,6 +435,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         setup_seconds = time.perf_counter() - t0
         rep.setup = False
         tree, _ = instrument(task["code"], hint=task.get("loops"))
+        probe_rng.guard(tree, task.get("recorded_code") or task["code"], task["code"])  # probes leave RNGs be
         helper = (task.get("loops") or {}).get("helper")
         if helper is not None:  # the step loop is in a function a cell defined: wrap it there, as recorded
             fn = ns.get(helper["name"])

@@ -78,7 +78,7 @@ def test_hindsight_values_join_the_run(recorded, store):
 
 
 def test_probe_that_changes_training_is_flagged(recorded, store):
-    mutating = TRAIN.replace("    sched.step()\n", "    sched.step()\n    flor.log('noise', float(torch.randn(1)))\n")
+    mutating = TRAIN.replace("    sched.step()\n", "    sched.step(); flor.log('noise', float(torch.randn(1)))\n")
     df = flor.replay("small", code=mutating, epochs="1-2", store=store)
     fid = df.attrs["fidelity"]
     assert not fid["faithful"]
@@ -190,8 +190,8 @@ def test_another_thread_drawing_from_random_is_not_blamed_on_a_read_only_probe(s
     assert "drew random numbers the recording did not" not in verdict, verdict
 
     # 1,000 draws: never the count the thread happened to draw in that epoch of the recording
-    drawing = code.replace("    sched.step()\n", "    flor.log('r', sum(random.random() for _ in range(1000)))\n"
-                                                  "    sched.step()\n")
+    drawing = code.replace("    sched.step()\n", "    flor.log('r', sum(random.random() for _ in range(1000))); "
+                                                  "sched.step()\n")  # a changed line: its draws stay
     df = flor.replay("noisy", code=drawing, epochs="1", store=store)
     assert "the replayed code drew random numbers the recording did not" in df.attrs["verdict"], df.attrs["verdict"]
 

@@ -233,7 +233,7 @@ def test_shared_snapshot_buffers_are_page_locked_for_cuda_copies(monkeypatch):
     assert shared.pin_failed is None, shared.pin_failed
     assert shared.ref(buf) is not None and buf.is_pinned()
     assert torch.equal(buf, src.cpu())
-    monkeypatch.setattr(shared_buffers, "KEEP_BYTES", 0)
+    monkeypatch.setattr(shared_buffers, "KEEP_PINNED_BYTES", 0)
     assert len(pool.close()) == 1  # dropped: unregistered before its pages go
     del buf
     assert float((src * 2).sum()) == float(src.sum()) * 2  # CUDA still fine after the unregister

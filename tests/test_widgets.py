@@ -386,16 +386,16 @@ def test_report_button_links_a_visible_report(recorded, store, tmp_path):
 
 
 def test_a_replay_that_is_not_faithful_is_shown_red(recorded):
-    """A probe drawing from numpy's global RNG changes training: the panel must not show it like a success."""
+    """A probe drawing from the loader's generator changes training: the panel must not show it like a success."""
     panel = flor.ui()
     panel.editor.code_lines.value = 13
-    panel.editor.code_box.value = 'flor.log("draw", float(np.random.rand()))'
+    panel.editor.code_box.value = 'flor.log("draw", float(torch.rand(1, generator=g)))'
     panel.editor.add_button.click()
     assert panel.editor.problems == []
     panel.epoch_text.value = "2"
     _replay(panel)
     verdict = panel.results.verdict.value
-    assert "Replay NOT faithful: numpy&#x27;s global RNG differs" in verdict, verdict  # HTML-escaped
+    assert "Replay NOT faithful: torch.Generator " in verdict, verdict
     assert "flor-verdict bad" in verdict and "flor-verdict ok" not in verdict
     assert "NOT faithful" in panel.outcome.value and "flor-badge bad" in panel.outcome.value
     assert "flor-status bad" in panel.status.value
