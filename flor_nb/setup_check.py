@@ -7,10 +7,16 @@ RNG (torch seeds itself at random in each process: ``random_split`` without a ge
 batch from ``torch.randn``), or reads a file that changed since. A probe reading such a value would be
 silently wrong. So record digests, by content, what the dependency cells bound beyond the state, and
 a replay whose code reads one of them digests it again after its setup and compares.
+
+DataLoaders and Datasets in the state are rebuilt the same way (their generators and samplers are state,
+restored from the checkpoint): their data is digested too, without their generators, and compared when
+the replayed code reads them. One too large to digest in time is not named: what training reads of it is
+checked by the verdict's state comparison.
 """
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import defaultdict
 
@@ -35,14 +41,17 @@ class _TooLarge(Exception):
     pass
 
 
-def digest(value, deadline: float = float("inf")) -> str | None:
+def digest(value, deadline: float = float("inf"), rngs: bool = True) -> str | None:
     """A content digest of ``value``, equal in any process for equal values (tensors by their bytes); None when
-    it is still walking at ``deadline`` (``time.perf_counter()``)."""
+    it is still walking at ``deadline`` (``time.perf_counter()``). ``rngs=False``: random generators inside it
+    are left out (their state is restored from a checkpoint, so a rebuilt one may differ)."""
     def token(obj):
         if time.perf_counter() > deadline:
             raise _TooLarge
         if isinstance(obj, torch.Tensor):
             return ("tensor", str(obj.dtype), tuple(obj.shape), hash_tensor(obj, DEFAULT))
+        if not rngs and isinstance(obj, _rng_types()):
+            return ("rng", type(obj).__name__)
         return None
 
     try:
@@ -52,6 +61,23 @@ def digest(value, deadline: float = float("inf")) -> str | None:
     except Exception as e:  # noqa: BLE001 - an object that cannot be walked is not compared, and says so
         logger.info("flor_nb: not digested: %s: %s", type(value).__name__, e)
         return None
+
+
+def _rng_types() -> tuple:
+    import random
+
+    np = sys.modules.get("numpy")
+    return (torch.Generator, random.Random) + ((np.random.RandomState, np.random.Generator) if np else ())
+
+
+def data_digest(value, deadline: float = float("inf")) -> str | None:
+    """The digest of what a DataLoader (its dataset) or a Dataset holds, generators left out; None for anything
+    else, or when it is too large to digest by ``deadline``."""
+    if isinstance(value, torch.utils.data.DataLoader):
+        value = value.dataset
+    elif not isinstance(value, torch.utils.data.Dataset):
+        return None
+    return digest(value, deadline, rngs=False)
 
 
 def _rebuilt(ns: dict, cells: list[dict], roots=()) -> dict:
@@ -72,6 +98,9 @@ def record_digests(ns: dict, deps: list[dict], roots: set) -> dict:
     t0 = time.perf_counter()
     deadline = t0 + BUDGET_S
     out = {name: [count, digest(ns[name], deadline)] for name, count in sorted(_rebuilt(ns, deps, roots).items())}
+    for name, count in sorted(_rebuilt(ns, deps).items()):  # the state's DataLoaders and Datasets: their data
+        if name in roots and isinstance(ns[name], (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
+            out[name] = [count, data_digest(ns[name], deadline), "data"]
     logger.info("flor_nb: %d values of the dependency cells digested in %.3f s", len(out), time.perf_counter() - t0)
     return out
 
@@ -86,10 +115,17 @@ def compare(ns: dict, code: str, recorded: dict | None, roots, cells=()) -> dict
     if not recorded:
         return {}
     free, assigned = analyze(code)
-    reads = root_names(ns, Scope(assigned=assigned, free=free))[0] - set(roots)
+    reads = root_names(ns, Scope(assigned=assigned, free=free))[0]
     out = {}
     for name in sorted(reads & set(recorded)):
-        count, was = recorded[name]
+        count, was, *data = recorded[name]
+        if data:
+            if was is not None and data_digest(ns[name]) != was:
+                out[name] = (f"differs: re-running In[{count}] made this data other than the recording's: an "
+                             "unseeded random split or draw, or a file changed since")
+            continue
+        if name in roots:
+            continue
         if was == "old":
             out[name] = (f"not compared: rebuilt by re-running In[{count}]; this run was recorded before flor_nb "
                          "kept what to compare it with")
@@ -108,10 +144,12 @@ def describe(rebuilt: dict) -> str:
     differs = {n: w.partition(": ")[2] for n, w in rebuilt.items() if w.startswith("differs")}
     if differs:
         one = len(differs) == 1
+        keep = [n for n, w in differs.items() if "this data" not in w]  # data is rebuilt, never kept
         out += (f". NOT the recording's value, read by the replayed code: {'; '.join(_grouped(differs))}. Values "
                 f"computed from {'it' if one else 'them'} differ from what a run with these probes would have logged; "
-                f"seed the cell that makes {'it' if one else 'them'}, or keep {'it' if one else 'them'} with --state "
-                f"+{',+'.join(differs)}, in the next recording")
+                f"seed the cell that makes {'it' if one else 'them'}" + (
+                    f", or keep {'it' if len(keep) == 1 else 'them'} with --state +{',+'.join(keep)}," if keep else
+                    " and keep the files it reads unchanged,") + " in the next recording")
     unsure = {n: w.partition(": ")[2] for n, w in rebuilt.items() if not w.startswith("differs")}
     if unsure:
         out += (f". Not compared with the recording, read by the replayed code: {'; '.join(_grouped(unsure))}. "

@@ -12,6 +12,8 @@ import torch
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
+import flor_nb as flor
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SETUP = """
@@ -154,7 +156,7 @@ def test_unfaithful_verdict_and_not_captured_state_go_to_stderr(ip, capsys):
     assert out.out.startswith("flor_nb: finished g@1")
     assert "flor_nb: Not captured in g@1: guard.lock (lock: a lock (threading) cannot be saved)" in out.err
     run(ip, "%%flor replay g --epochs 2 --no-progress\n" + train.replace(
-        "    history.append", "    flor.log('draw', float(np.random.rand()))\n    history.append"))
+        "    history.append", "    flor.log('draw', float(np.random.rand())); history.append"))
     out = capsys.readouterr()
     # Epoch 2 runs from the latest checkpoint before it (the default budget decides which): 1 or 2 epochs run.
     assert re.search(r"Replay NOT faithful: numpy's global RNG differs after epoch [12]:", out.err), out.err
@@ -325,6 +327,8 @@ def test_unknown_names_in_dataframe_say_what_was_logged(ip):
 
 QS_SETUP = """
 import torch
+
+import flor_nb as flor
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 torch.manual_seed(0)
@@ -524,6 +528,69 @@ def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(i
     torch.save(torch.randn(32, 6), held)
     df = run(ip, "%%flor replay fi --epochs 2 --no-progress\n" + probe)
     assert set(df.attrs["fidelity"]["rebuilt_differs"]) == {"Xv", "yv"}, df.attrs["verdict"]
+
+
+DATA = ("torch.manual_seed(3)\nX = torch.randn(96, 6); y = (X[:, 0] > 0).long()\n"
+        "from torch.utils.data import TensorDataset, DataLoader\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "train_dl = DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True, generator=g)\n"
+        "{seed}Xv = torch.randn(32, 6)\nval_dl = DataLoader(TensorDataset(Xv, (Xv[:, 0] > 0).long()), batch_size=16)\n")
+EVERY_TENTH = """
+for epoch in range(4):
+    for xb, yb in train_dl:
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(); loss.backward(); opt.step()
+        flor.log("loss", loss.item())
+    if epoch % 10 == 9:  # never in these 4 epochs: the recording's logs do not show the validation set
+        print(sum(F.cross_entropy(model(a), b).item() for a, b in val_dl))
+"""
+
+
+@pytest.mark.parametrize("seed", ["torch.manual_seed(time.time_ns() % 2 ** 31)\n", "torch.manual_seed(4)\n"])
+def test_a_dataset_the_recorded_cell_reads_is_compared_when_rebuilt(ip, seed):
+    """DataLoaders and Datasets are rebuilt by re-running their cells, not restored. A validation set from an
+    unseeded draw, which the recorded cell reads but never used in the epochs recorded, came back as another set
+    in a replay, and a probe evaluating it said "Faithful". Its contents are now compared (not the loader's
+    generator, whose state is restored: the training loader below was iterated by an earlier plain run, so its
+    generator moved on, and that is no difference)."""
+    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
+    run(ip, DATA.format(seed=seed))
+    run(ip, MODEL)
+    run(ip, EVERY_TENTH.replace("range(4)", "range(1)"))  # a first, plain run: train_dl's generator moves on
+    run(ip, "%%flor record --name dv --no-progress\n" + EVERY_TENTH)
+    probe = EVERY_TENTH.replace("    if epoch % 10", "    model.eval()\n    with torch.no_grad():\n"
+                                "        flor.log('val', sum(F.cross_entropy(model(a), b).item() for a, b in val_dl))\n"
+                                "    model.train()\n    if epoch % 10")
+    df = run(ip, "%%flor replay dv --epochs 2 --no-progress\n" + probe)
+    fid = df.attrs["fidelity"]
+    if "time_ns" in seed:
+        assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
+        assert set(fid["rebuilt_differs"]) == {"val_dl"}, df.attrs["verdict"]
+        assert "NOT the recording's value, read by the replayed code: val_dl (re-running In[" in df.attrs["verdict"]
+    else:
+        assert fid["level"] == "faithful" and not fid["rebuilt_differs"], df.attrs["verdict"]
+
+
+def test_a_probe_that_draws_random_numbers_leaves_training_as_recorded(ip, store):
+    """The model has dropout: a probe drawing from torch's global generator shifted every later mask, and the
+    replay said a probe changed training. Its draws are now undone after it (probe_rng), so training is the
+    recorded one and the probe's values are those of a run that had it from the start, its draws undone there
+    by hand with torch.random.fork_rng()."""
+    noise = '        flor.log("noise", torch.randn(1).item())\n'
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name draws --no-progress\n" + TRAIN)
+    probe = TRAIN.replace('        flor.log("loss", loss.item())\n', '        flor.log("loss", loss.item())\n' + noise)
+    df = run(ip, "%%flor replay draws --epochs 2-3 --no-progress\n" + probe)
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    run(ip, SETUP)
+    run(ip, MODEL)
+    truth = TRAIN.replace('        flor.log("loss", loss.item())\n', '        flor.log("loss", loss.item())\n'
+                          '        with torch.random.fork_rng():\n    ' + noise)
+    run(ip, "%%flor record --name truth --no-progress\n" + truth)
+    want = flor.dataframe("noise", run="truth", store=store)
+    want = want[want["epoch"].isin([2, 3])]["noise"].tolist()
+    assert len(want) == 6 and df["noise"].dropna().tolist() == want, (df["noise"].dropna().tolist(), want)
 
 
 def test_a_value_too_large_to_digest_at_record_is_named_as_not_compared_when_a_probe_reads_it(ip, monkeypatch):
