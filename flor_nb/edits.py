@@ -122,13 +122,18 @@ def find_helper(epoch_source: str, loops: "Loops", cells, ns=None) -> dict | Non
     return None
 
 
-def helper_code(source: str, helper: dict, filename: str):
+def helper_code(source: str, helper: dict, filename: str, recorded: str | None = None):
     """The helper's code object compiled from its cell ``source`` with its step loop wrapped in
-    ``__flor__.loop("step", ...)``, lines unchanged: swapped into the live function's ``__code__``."""
+    ``__flor__.loop("step", ...)``, lines unchanged: swapped into the live function's ``__code__``. With the
+    cell's ``recorded`` source, statements inserted since leave the global generators be (probe_rng)."""
     node = _top_defs(source).get(helper["name"])
     if node is None:
         raise NoLoopError(f"Cell In[{helper['cell']}] no longer defines {helper['name']}(), whose loop was the "
                           "recorded step loop. Keep its definition there.")
+    if recorded is not None and recorded != source:
+        from .probe_rng import guard  # probe_rng imports this module
+
+        guard(ast.Module(body=[node], type_ignores=[]), recorded, source)
     fors = list(_fors(node.body, into_loops=True))
     step = _hinted(fors, helper)
     if step is None:

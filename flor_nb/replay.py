@@ -48,7 +48,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
             known = ", ".join(f"In[{c['count']}]" for c in deps) or "none"
             raise FlorError(f"Cell In[{count}] is not a dependency of {run.label} (its cells: {known}).")
         parse(source, what=f"edited cell In[{count}]")
-        match[0]["source"] = source
+        match[0]["recorded_source"], match[0]["source"] = match[0]["source"], source  # probe_rng compares them
     # An earlier training cell whose values the checkpoint holds: not trained again in every worker's setup.
     stand = stand_ins(deps, code, run.state.get("roots") or (), run.state.get("not_captured") or {},
                       run.state.get("setup_digests") or {}, edited={int(k) for k in (cells or {})})

@@ -193,11 +193,13 @@ def first_cause(event: dict, kinds: dict) -> str:
 
 
 def probes_draw(recorded_code: str, code: str, edited_cells=None) -> bool:
-    """Whether a line the replay added (or an edited cell) calls something that draws random numbers."""
-    from .edits import added_lines
+    """Whether a line the replay changed (or an edited cell) calls something that draws random numbers. Lines it
+    inserted are left out: their draws from the global generators are undone (probe_rng)."""
+    from .edits import added_lines, inserted_lines
 
     lines = code.splitlines() if code else []
-    added = [lines[i - 1] for i in added_lines(recorded_code or "", code)] if code else []
+    guarded = set(inserted_lines(recorded_code or "", code)) if code else set()
+    added = [lines[i - 1] for i in added_lines(recorded_code or "", code) if i not in guarded] if code else []
     text = "\n".join(added + list((edited_cells or {}).values()))
     return bool(_DRAWS.search(text))
 

@@ -1,6 +1,7 @@
 """What runs inside a replay worker process: rebuild the namespace, restore, re-execute."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
@@ -402,6 +403,16 @@ def _cwd(path):
         os.chdir(before)
 
 
+def _guarded(src: str, cell: dict):
+    """A dependency cell's source, or, when the replay edited it, its tree with the statements inserted into its
+    functions guarded by probe_rng (their draws from the global generators undone)."""
+    if not cell.get("recorded_source"):
+        return src
+    tree = ast.parse(src)
+    probe_rng.guard(tree, strip_shell(cell["recorded_source"]), src, functions_only=True)
+    return tree
+
+
 def _run_segment(task: dict, flor_nb) -> dict:
     began_ns = time.time_ns()
     t0 = time.perf_counter()
@@ -420,7 +431,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
             linecache.cache[name] = (len(src), None, src.splitlines(keepends=True), name)
             try:
                 with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-                    exec(compile(src, name, "exec"), ns)
+                    exec(compile(_guarded(src, cell), name, "exec"), ns)
             except Exception as e:
                 printed = output.getvalue()[-4000:]
                 raise ReplayError(
@@ -439,9 +450,10 @@ def _run_segment(task: dict, flor_nb) -> dict:
         helper = (task.get("loops") or {}).get("helper")
         if helper is not None:  # the step loop is in a function a cell defined: wrap it there, as recorded
             fn = ns.get(helper["name"])
-            source = next(c["source"] for c in task["cells"] if c["count"] == helper["cell"])
+            cell = next(c for c in task["cells"] if c["count"] == helper["cell"])
             if isinstance(fn, types.FunctionType):
-                fn.__code__ = helper_code(strip_shell(source), helper, fn.__code__.co_filename)
+                fn.__code__ = helper_code(strip_shell(cell["source"]), helper, fn.__code__.co_filename,
+                                          recorded=strip_shell(cell.get("recorded_source") or cell["source"]))
         free, assigned = analyze(task["code"])
         rep.scope = state.Scope(assigned=assigned, free=free, **task.get("scope", {}))
         rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or (), limits=task.get("limits"))

@@ -176,10 +176,16 @@ def test_lightning_replays_epochs_with_a_probe_in_training_step(store):
     assert df.attrs["verdict"].startswith("Faithful replay"), df.attrs["verdict"]
     assert df[df.step.notna()]["logit_max"].notna().sum() == 12
 
-    # A probe that draws random numbers changes training: the replay says so, and where.
+    # A probe line of its own that draws random numbers has its draws undone (probe_rng): training is as recorded.
     noisy = PL_MODULE.replace("        self.log(\"train_loss\", loss)\n",
                               "        self.log(\"train_loss\", loss)\n        flor.log(\"noise\", torch.rand(1).item())\n")
-    bad = flor.replay("digits", epochs="1", cells={2: noisy}, store=store)
+    df = flor.replay("digits", epochs="1", cells={2: noisy}, store=store)
+    assert df.attrs["verdict"].startswith("Faithful replay"), df.attrs["verdict"]
+    assert df[df.step.notna()]["noise"].notna().sum() == 12
+    # Drawing on a recorded line it changed does change training: the replay says so, and where.
+    changed = PL_MODULE.replace("        self.log(\"train_loss\", loss)\n",
+                                "        self.log(\"train_loss\", loss); flor.log(\"noise\", torch.rand(1).item())\n")
+    bad = flor.replay("digits", epochs="1", cells={2: changed}, store=store)
     assert bad.attrs["verdict"].startswith("Replay NOT faithful: torch's global RNG differs after epoch 1"), \
         bad.attrs["verdict"]
 

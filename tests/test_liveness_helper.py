@@ -137,3 +137,19 @@ def test_a_helper_leaves_the_gradients_out_only_where_nothing_reads_them():
     assert _dead(TRAIN.replace("(model, loader, optimizer, epoch)", "(model, loader, opt=optimizer, epoch=epoch)"),
                  HELPERS).cleared == (("zero_grad", "optimizer"),)
 
+
+
+def test_a_probe_in_the_helper_that_draws_random_numbers_leaves_training_as_recorded(store):
+    """The loader shuffles with torch's global generator: a draw in the helper's step loop moved the next epoch's
+    order, and the replay said a probe changed training. Statements inserted into an edited cell's functions
+    have their draws undone (probe_rng), so the values are those of a run that had the probe from the start,
+    its draws undone there by hand with torch.random.fork_rng()."""
+    noise = '        flor.log("noise", float(torch.rand(1)))\n'
+    noisy = HELPERS.replace('        opt.step()\n', '        opt.step()\n' + noise)
+    truth = HELPERS.replace('        opt.step()\n', '        opt.step()\n        with torch.random.fork_rng():\n    ' + noise)
+    record(store, "run", TRAIN)
+    record(store, "truth", TRAIN, truth)
+    df = flor.replay("run", code=TRAIN, epochs="1-2", store=store, cells={2: noisy})
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    want = [v for v in values(flor.dataframe("noise", run="truth", store=store), "noise") if v[0] in (1, 2)]
+    assert len(want) == 12 and values(df, "noise") == want

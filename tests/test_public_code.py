@@ -306,7 +306,8 @@ def test_vae_example_keeps_what_its_train_helper_reads_after_the_batch_loop(stor
     """pytorch/examples' ``vae/main.py``: ``train(epoch)`` prints ``train_loss / len(...)`` after its batch loop. The
     recording keeps ``train_loss`` with the batch loop's exit state, so a probe outside the helper still skips the
     batch loop (which its code after the loop needs: tests/test_helper_locals.py checks the values), and leaves
-    out the gradients it clears first. Data: random images; ``save_image`` (torchvision, not installable here)
+    out the gradients it clears first. A test-loss probe, which draws from torch's global RNG, replays faithfully
+    with the values of a run that had it from the start inside ``torch.random.fork_rng()``. Data: random images; ``save_image`` (torchvision, not installable here)
     stands in as ``torch.save``."""
     root = _checkout("FLOR_PYTORCH_EXAMPLES", "vae/main.py")
     src = (root / "vae" / "main.py").read_text()
@@ -326,6 +327,12 @@ def test_vae_example_keeps_what_its_train_helper_reads_after_the_batch_loop(stor
     helpers = _between(src, "def train(epoch):", 'if __name__ == "__main__":')
     loop = textwrap.dedent(src[src.index("    for epoch in range(1, args.epochs + 1):"):])
     weight = loop + "    flor.log('fc4', float(model.fc4.weight.detach().norm()))\n"
+    # The probe users write most: the test loss, through the model's forward, which samples (reparameterize), over
+    # a DataLoader, whose iterator draws a seed: both from torch's global RNG, which the recorded training reads.
+    test_loss = ("    with torch.no_grad():\n"
+                 "        flor.log('test_bce', float(sum(loss_function(*model(x), x) for x, _ in test_loader)))\n")
+    sampled = loop + test_loss
+    sampled_truth = loop + "    with torch.random.fork_rng():\n" + textwrap.indent(test_loss, "    ")
     tail = "    print('====> Epoch: {} Average loss"
     helpers_probed = helpers.replace(tail, "    flor.log('avg', train_loss / len(train_loader.dataset))\n" + tail)
     assert helpers_probed != helpers
@@ -335,11 +342,13 @@ def test_vae_example_keeps_what_its_train_helper_reads_after_the_batch_loop(stor
     recorded = store.find_run("vae")
     assert recorded.state["loops"]["helper"]["carry"] == ["train_loss"]
     assert recorded.state["dead"]["cleared"] == [["zero_grad", "optimizer"]] and recorded.state["omitting_steps"]
-    for name, code, cells_run in (("truth_w", weight, cells), ("truth_a", loop, [*cells[:3], helpers_probed])):
+    for name, code, cells_run in (("truth_w", weight, cells), ("truth_a", loop, [*cells[:3], helpers_probed]),
+                                  ("truth_s", sampled_truth, cells)):
         execute([*cells_run, f"%%flor record --name {name} --no-progress\n" + code], tmp_path)
     for probe, code, truth, plan, before in (
             ("fc4", weight, "truth_w", "2 with the step loop skipped", []),
-            ("avg", loop, "truth_a", "2 epoch(s) in full", [helpers_probed])):  # the helper edited in the fresh kernel
+            ("avg", loop, "truth_a", "2 epoch(s) in full", [helpers_probed]),  # the helper edited in the fresh kernel
+            ("test_bce", sampled, "truth_s", None, [])):  # its draws undone after it, as fork_rng does in the truth
         _replays_as_recorded_with_the_probe(store, tmp_path, "vae", probe, code, truth, plan, before)
 
 
