@@ -330,7 +330,8 @@ def test_vae_example_keeps_what_its_train_helper_reads_after_the_batch_loop(stor
     # The probe users write most: the test loss, through the model's forward, which samples (reparameterize), over
     # a DataLoader, whose iterator draws a seed: both from torch's global RNG, which the recorded training reads.
     test_loss = ("    with torch.no_grad():\n"
-                 "        flor.log('test_bce', float(sum(loss_function(*model(x), x) for x, _ in test_loader)))\n")
+                 "        flor.log('test_bce', float(sum(loss_function(r, x, mu, lv) for x, _ in test_loader\n"
+                 "                                       for r, mu, lv in [model(x)])))\n")
     sampled = loop + test_loss
     sampled_truth = loop + "    with torch.random.fork_rng():\n" + textwrap.indent(test_loss, "    ")
     tail = "    print('====> Epoch: {} Average loss"
