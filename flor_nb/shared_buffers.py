@@ -39,9 +39,9 @@ class SharedBuffers:
     """Host tensors backed by memfds: ``empty`` makes (or lends again) one; ``ref`` names one for the saver."""
 
     def __init__(self):
-        # data pointer -> (buffer id, bytes, the tensor): held, so its memory is never freed while registered and
-        # its address never names another tensor (which the saver would read from the old mapping)
-        self._by_ptr: dict[int, tuple[int, int, torch.Tensor]] = {}
+        # data pointer -> (buffer id, bytes, the tensor, page-locked): held, so its memory is never freed while
+        # registered and its address never names another tensor (which the saver would read from the old mapping)
+        self._by_ptr: dict[int, tuple[int, int, torch.Tensor, bool]] = {}
         self._new: list[tuple[int, int]] = []  # (buffer id, fd) the saver has not been sent yet
         self._free: dict = {}  # (dtype, shape, pinned) -> buffers a finished recording gave back
         self._lock = threading.Lock()
