@@ -49,23 +49,56 @@ def kept():
 
 
 def guard(tree: ast.Module, recorded: str, edited: str, functions_only: bool = False) -> list[int]:
-    """Wrap each statement of ``tree`` (the edited cell's) whose lines were all inserted into ``recorded`` in
-    ``with __flor__.probe_rng.kept():`` (with ``functions_only``, only those inside a function or method);
-    returns the first lines of those wrapped."""
-    added = set(inserted_lines(recorded, edited))
-    wrapped: list[int] = []
+    """Wrap each run of consecutive statements of ``tree`` (the edited cell's) whose lines were all inserted into
+    ``recorded`` in one ``with __flor__.probe_rng.kept():`` (with ``functions_only``, only inside a function or
+    method); returns the lines guarded. Only where the edit inserted statements and changed none.
 
-    def visit(stmts: list, inside: bool = not functions_only) -> list:
-        out = []
-        for stmt in stmts:
-            lines = set(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1))
-            if inside and lines <= added and not isinstance(stmt, (ast.Global, ast.Nonlocal)):
+    A run is guarded as one block: ``torch.manual_seed(1)`` then ``flor.log("r", torch.rand(1))`` draw as they
+    would in a run that had them. Nothing is guarded when the cell without those runs is not the recorded one: a
+    recorded line was changed (its draws may be training's), or the line diff took a recorded statement for an
+    inserted one (a probe that copies the loop's lines can make it align them with the copy) and guarding it would
+    undo training's own draws; the diff is tried both ways (from the top, then from the bottom). The replay then
+    runs as before, and its verdict judges it.
+    """
+    n = len(edited.splitlines())
+    flipped = inserted_lines("\n".join(recorded.splitlines()[::-1]), "\n".join(edited.splitlines()[::-1]))
+    for added in (set(inserted_lines(recorded, edited)), {n + 1 - j for j in flipped}):
+        if added:
+            found = _guard(tree, recorded, edited, functions_only, added)
+            if found is not None:
+                return found
+    return []
+
+
+def _guard(tree, recorded, edited, functions_only, added) -> list[int] | None:
+    """:func:`guard` with ``added`` as the inserted lines; None (nothing done) when they do not fit."""
+    def inserted(stmt) -> bool:
+        lines = set(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1))
+        return lines <= added and not isinstance(stmt, (ast.Global, ast.Nonlocal))
+
+    try:
+        was = ast.dump(ast.parse(recorded))
+    except SyntaxError:
+        return None
+    runs: list[list] = []
+
+    def visit(stmts: list, inside: bool) -> list:
+        out, run = [], []
+        for stmt in stmts + [None]:
+            if stmt is not None and inside and inserted(stmt):
+                run.append(stmt)
+                continue
+            if run:
                 call = ast.Call(func=ast.Attribute(value=ast.Attribute(value=ast.Name(RUNTIME, ast.Load()),
                                                                        attr="probe_rng", ctx=ast.Load()),
                                                    attr="kept", ctx=ast.Load()), args=[], keywords=[])
-                out.append(ast.copy_location(ast.With(items=[ast.withitem(context_expr=call)], body=[stmt]), stmt))
-                wrapped.append(stmt.lineno)
-                continue
+                block = ast.copy_location(ast.With(items=[ast.withitem(context_expr=call)], body=run), run[0])
+                block.flor_guard = True
+                out.append(block)
+                runs.append(run)
+                run = []
+            if stmt is None:
+                break
             deeper = inside or isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef))
             for field in ("body", "orelse", "finalbody"):
                 inner = getattr(stmt, field, None)
@@ -78,6 +111,23 @@ def guard(tree: ast.Module, recorded: str, edited: str, functions_only: bool = F
             out.append(stmt)
         return out
 
-    tree.body = visit(tree.body)
+    # Checked on a copy first: without the runs it would guard, the edited cell must be the recorded one.
+    probe = ast.parse(edited)
+    probe.body = visit(probe.body, True)  # top-level statements inserted into a dependency cell are no change either
+    if ast.dump(_Unguard().visit(probe)) != was:
+        return None
+    runs.clear()
+    tree.body = visit(tree.body, not functions_only)
     ast.fix_missing_locations(tree)
-    return sorted(wrapped)
+    return sorted({line for run in runs for stmt in run for line in range(stmt.lineno, stmt.end_lineno + 1)})
+
+
+class _Unguard(ast.NodeTransformer):
+    """Drops the blocks :func:`guard` made (what is left is the cell without its probes)."""
+
+    def generic_visit(self, node):
+        for field in ("body", "orelse", "finalbody"):
+            inner = getattr(node, field, None)
+            if isinstance(inner, list):
+                setattr(node, field, [s for s in inner if not getattr(s, "flor_guard", False)])
+        return super().generic_visit(node)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import types
 from collections import defaultdict
 
 import torch
@@ -41,13 +42,16 @@ class _TooLarge(Exception):
     pass
 
 
-def digest(value, deadline: float = float("inf"), rngs: bool = True) -> str | None:
+def digest(value, deadline: float = float("inf"), rngs: bool = True, named=None) -> str | None:
     """A content digest of ``value``, equal in any process for equal values (tensors by their bytes); None when
     it is still walking at ``deadline`` (``time.perf_counter()``). ``rngs=False``: random generators inside it
-    are left out (their state is restored from a checkpoint, so a rebuilt one may differ)."""
+    are left out (their state is restored from a checkpoint, so a rebuilt one may differ). ``named``: {id: name}
+    of objects digested by their name only (the state's, restored from a checkpoint)."""
     def token(obj):
         if time.perf_counter() > deadline:
             raise _TooLarge
+        if named and id(obj) in named:
+            return ("state", named[id(obj)])
         if isinstance(obj, torch.Tensor):
             return ("tensor", str(obj.dtype), tuple(obj.shape), hash_tensor(obj, DEFAULT))
         if not rngs and isinstance(obj, _rng_types()):
@@ -80,6 +84,27 @@ def data_digest(value, deadline: float = float("inf")) -> str | None:
     return digest(value, deadline, rngs=False)
 
 
+def fn_digest(fn, named=None, deadline: float = float("inf")) -> str | None:
+    """The digest of the values a function holds (its defaults, the variables its closure captured: ``def
+    evaluate(m, data=Xv)``, ``make_eval(Xv)``), the state's objects by name; None when it holds none or is too
+    large to digest by ``deadline``."""
+    if not isinstance(fn, types.FunctionType):
+        return None
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # not bound yet
+            cells.append(None)
+    if not (fn.__defaults__ or fn.__kwdefaults__ or cells):
+        return None
+    return digest((fn.__defaults__, fn.__kwdefaults__, cells), deadline, rngs=False, named=named)
+
+
+def _state_ids(ns: dict, roots) -> dict:
+    return {id(ns[n]): n for n in roots if n in ns}
+
+
 def _rebuilt(ns: dict, cells: list[dict], roots=()) -> dict:
     """{name: In[n] of the cell that binds it} for the values (not code) that ``cells`` bound beyond ``roots``."""
     out = {}
@@ -93,14 +118,33 @@ def _rebuilt(ns: dict, cells: list[dict], roots=()) -> dict:
     return out
 
 
+def _functions(ns: dict, cells: list[dict]) -> dict:
+    """{name: In[n]} for the plain functions ``cells`` bound (a ``def``, a lambda, a closure a factory made)."""
+    out = {}
+    for cell in cells:
+        try:
+            bound = analyze(strip_shell(cell["source"]))[1] | set(cell.get("bound") or ())
+        except SyntaxError:
+            continue
+        out.update({n: cell["count"] for n in bound if isinstance(ns.get(n), types.FunctionType)
+                    and not n.startswith("_")})
+    return out
+
+
 def record_digests(ns: dict, deps: list[dict], roots: set) -> dict:
     """{name: [In[n] that binds it, digest or None]}: what the dependency cells bound beyond the state."""
     t0 = time.perf_counter()
     deadline = t0 + BUDGET_S
-    out = {name: [count, digest(ns[name], deadline)] for name, count in sorted(_rebuilt(ns, deps, roots).items())}
-    for name, count in sorted(_rebuilt(ns, deps).items()):  # the state's DataLoaders and Datasets: their data
+    out = {}
+    for name, count in sorted(_rebuilt(ns, deps).items()):  # first the state's DataLoaders and Datasets: their data
         if name in roots and isinstance(ns[name], (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
             out[name] = [count, data_digest(ns[name], deadline), "data"]
+    out.update({name: [count, digest(ns[name], deadline)] for name, count in sorted(_rebuilt(ns, deps, roots).items())})
+    state = _state_ids(ns, roots)
+    for name, count in sorted(_functions(ns, deps).items()):  # and what functions hold (defaults, closures)
+        held = fn_digest(ns[name], state, deadline)
+        if held is not None:
+            out[name] = [count, held, "fn"]
     logger.info("flor_nb: %d values of the dependency cells digested in %.3f s", len(out), time.perf_counter() - t0)
     return out
 
@@ -117,12 +161,19 @@ def compare(ns: dict, code: str, recorded: dict | None, roots, cells=()) -> dict
     free, assigned = analyze(code)
     reads = root_names(ns, Scope(assigned=assigned, free=free))[0]
     out = {}
+    state = _state_ids(ns, roots)
     for name in sorted(reads & set(recorded)):
-        count, was, *data = recorded[name]
-        if data:
+        count, was, *kind = recorded[name]
+        if kind == ["data"]:
             if was is not None and data_digest(ns[name]) != was:
                 out[name] = (f"differs: re-running In[{count}] made this data other than the recording's: an "
                              "unseeded random split or draw, or a file changed since")
+            continue
+        if kind == ["fn"]:
+            if was is not None and fn_digest(ns[name], state) != was:
+                out[name] = (f"differs: re-running In[{count}] made {name}() hold other values than the recording's "
+                             "(its defaults or the variables it closes over): an unseeded random draw, or a file "
+                             "changed since")
             continue
         if name in roots:
             continue
@@ -144,7 +195,7 @@ def describe(rebuilt: dict) -> str:
     differs = {n: w.partition(": ")[2] for n, w in rebuilt.items() if w.startswith("differs")}
     if differs:
         one = len(differs) == 1
-        keep = [n for n, w in differs.items() if "this data" not in w]  # data is rebuilt, never kept
+        keep = [n for n, w in differs.items() if "this data" not in w and "closes over" not in w]  # not state
         out += (f". NOT the recording's value, read by the replayed code: {'; '.join(_grouped(differs))}. Values "
                 f"computed from {'it' if one else 'them'} differ from what a run with these probes would have logged; "
                 f"seed the cell that makes {'it' if one else 'them'}" + (

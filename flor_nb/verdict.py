@@ -193,12 +193,18 @@ def first_cause(event: dict, kinds: dict) -> str:
 
 
 def probes_draw(recorded_code: str, code: str, edited_cells=None) -> bool:
-    """Whether a line the replay changed (or an edited cell) calls something that draws random numbers. Lines it
-    inserted are left out: their draws from the global generators are undone (probe_rng)."""
-    from .edits import added_lines, inserted_lines
+    """Whether a line the replay added or changed (or an edited cell) calls something that draws random numbers.
+    Lines whose draws from the global generators the replay undid (probe_rng) are left out."""
+    import ast
+
+    from .edits import added_lines
+    from .probe_rng import guard
 
     lines = code.splitlines() if code else []
-    guarded = set(inserted_lines(recorded_code or "", code)) if code else set()
+    try:
+        guarded = set(guard(ast.parse(code), recorded_code or "", code)) if code else set()
+    except SyntaxError:
+        guarded = set()
     added = [lines[i - 1] for i in added_lines(recorded_code or "", code) if i not in guarded] if code else []
     text = "\n".join(added + list((edited_cells or {}).values()))
     return bool(_DRAWS.search(text))

@@ -186,6 +186,48 @@ def test_probe_drawing_from_a_global_generator_is_undone(recorded, store, probe)
     assert df["draw"].notna().sum() == 2
 
 
+@pytest.mark.parametrize("probe", [
+    "torch.manual_seed(123)\n    flor.log('a', float(torch.rand(1)))\n",  # a seed, then a draw: one block
+    "np.random.seed(5); flor.log('a', float(np.random.rand()))\n",
+    "flor.log('a', float(torch.rand(1)))\n    flor.log('b', float(torch.rand(1)))\n",  # two draws, not the same one
+])
+def test_probe_statements_in_a_row_draw_as_one_block(store, probe):
+    """The statements a replay inserts in a row are guarded as one block: what they draw is what a run that had them
+    drew, with the block's draws undone there by hand (fork_rng, numpy's and Python's state put back)."""
+    at = "    model.eval()\n"
+    record(store)
+    undo = ("    _s = (np.random.get_state(), random.getstate())\n    with torch.random.fork_rng():\n"
+            + "".join("    " + ln + "\n" for ln in ("    " + probe).splitlines())
+            + "    np.random.set_state(_s[0]); random.setstate(_s[1])\n")
+    truth = record(store, code=TRAIN.replace(at, at + undo), name="truth")
+    df = flor.replay("t", code=TRAIN.replace(at, at + "    " + probe), epochs="2-3", store=store)
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    names = [n for n in ("a", "b") if n in df]
+    want = flor.dataframe(*names, run=truth.label, store=store)
+    assert epoch_values(df, names, {2, 3}) == epoch_values(want, names, {2, 3})
+    if "b" in names:
+        assert epoch_values(df, ["a"], {2}) != {(2, "a"): df[df.epoch == 2]["b"].dropna().iloc[0]}
+
+
+def test_only_inserted_statements_are_guarded_even_when_a_probe_copies_the_loops_lines():
+    """A diff from the top aligns a probe that copies the step loop's header and loss line with the recorded loop,
+    and takes the loop's own lines for inserted ones: guarding them would undo training's draws. The guard checks
+    that the cell without what it guards is the recorded one, and tries the diff from the bottom."""
+    import ast
+
+    from flor_nb import probe_rng
+
+    recorded = ("for epoch in range(5):\n    model.train()\n    for xb, yb in loader:\n"
+                "        loss = F.cross_entropy(model(xb), yb)\n        opt.zero_grad(); loss.backward(); opt.step()\n"
+                "    flor.log('loss', loss.item())\n")
+    probe = "    for xb, yb in loader:\n        loss = F.cross_entropy(model(xb), yb)\n        break\n" \
+            "    flor.log('pre', loss.item())\n"
+    edited = recorded.replace("    model.train()\n", "    model.train()\n" + probe)
+    assert probe_rng.guard(ast.parse(edited), recorded, edited) == [3, 4, 5, 6]  # the copy, not the loop
+    changed = edited.replace("opt.step()", "opt.step(); flor.log('x', 1)")  # a recorded line changed: no guard
+    assert probe_rng.guard(ast.parse(changed), recorded, changed) == []
+
+
 @pytest.mark.parametrize("probe, stream, words", [
     ("float(rng.normal())", "npgen/rng", "numpy Generator rng differs after epoch 2"),
     ("float(torch.rand(1, generator=loader.generator))", "obj/loader.generator",

@@ -571,6 +571,24 @@ def test_a_dataset_the_recorded_cell_reads_is_compared_when_rebuilt(ip, seed):
         assert fid["level"] == "faithful" and not fid["rebuilt_differs"], df.attrs["verdict"]
 
 
+def test_a_value_a_function_holds_is_compared_when_rebuilt(ip):
+    """A validation set only a function holds (a default argument; a factory's closure is the same): functions are
+    code, so it was never digested, and a probe calling it on an unseeded set said "Faithful"."""
+    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
+    run(ip, SETUP + "torch.manual_seed(time.time_ns() % 2 ** 31)\nXv = torch.randn(32, 6)\n"
+                    "def evaluate(m, data=(Xv, (Xv[:, 0] > 0).long())):\n"
+                    "    return F.cross_entropy(m(data[0]), data[1]).item()\ndel Xv\n")
+    run(ip, MODEL)
+    run(ip, "%%flor record --name fh --no-progress\n" + TRAIN)
+    probe = TRAIN.replace("    history.append", "    model.eval()\n    with torch.no_grad():\n"
+                                                 "        flor.log('val', evaluate(model))\n    model.train()\n"
+                                                 "    history.append")
+    df = run(ip, "%%flor replay fh --epochs 2 --no-progress\n" + probe)
+    fid = df.attrs["fidelity"]
+    assert fid["level"] == "caveats" and set(fid["rebuilt_differs"]) == {"evaluate"}, df.attrs["verdict"]
+    assert "made evaluate() hold other values than the recording's" in df.attrs["verdict"]
+
+
 def test_a_probe_that_draws_random_numbers_leaves_training_as_recorded(ip, store):
     """The model has dropout: a probe drawing from torch's global generator shifted every later mask, and the
     replay said a probe changed training. Its draws are now undone after it (probe_rng), so training is the
