@@ -15,7 +15,8 @@ import warnings
 import numpy as np
 import torch
 
-from . import devices, frameworks, hash_seed, objstore, runtime, saver, setup_check, state, thinning, validate
+from . import (data_watch, devices, frameworks, hash_seed, objstore, runtime, saver, setup_check, state, thinning,
+               validate)
 from .cells import Cell, after_training, analyze, resolve
 from .clock import clock_names
 from .errors import FlorError, NoLoopError, NotCapturedWarning
@@ -164,6 +165,7 @@ def record(
         # Checkpoints kept elsewhere (s3://, a shared folder) are not thinned: the budget is this disk's.
         thinner = None if blobs else Thinner(store, run, budget, max_store is None)
         recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
+        recorder.data_watch = data_watch.Watch(ns, root_names(ns, scope)[0])
         recorder.quiet_roots = set(tainted) - (only or set())
         if only is not None:
             _warn_left_out_after_training(recorder, {n: c for n, c in tainted.items() if n not in only}, name)

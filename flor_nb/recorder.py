@@ -80,6 +80,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
         self.write_cpu_seconds: list[float] = []  # of it, CPU (the rest waits for the disk)
         self.checkpointed: list[int] = []
         self.not_captured: dict = {}  # path -> reason, announced once when first seen
+        self.data_watch = None  # data_watch.Watch: DataLoaders/Datasets training changes (set by record.py)
         self.quiet_roots: set = set()  # roots listed when not captured, but not warned about (record.py)
         self.notes: dict = {}
         self.data: dict = {}
@@ -352,6 +353,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
         ``left``: (step snapshot, end snapshot, end digest) taken when a ``break`` left it.
         """
         self._flush(k)
+        self._watch_data(k)
         if left is None:
             step_snap = self._step_snap
             dead = self._dead_at(k)
@@ -376,6 +378,20 @@ class Recorder(RowCommits, Checkpointing, Omission):
             self._checkpoint(k, "end", end_snap)
         self._check_writer()
         self._tune()
+
+    def _watch_data(self, k):
+        """Name, when it happens, a DataLoader or Dataset training changed: a replay would read it unchanged."""
+        if self.data_watch is None:
+            return
+        unit = ((self.run.state or {}).get("loops") or {}).get("unit")
+        new = self.data_watch.changed(k, "iteration" if unit == "iterations" else "epoch")
+        new = {p: why for p, why in new.items() if p not in self.not_captured}
+        if new:
+            self.not_captured.update(new)
+            listed = "; ".join(f"{p}: {why}" for p, why in new.items())
+            warnings.warn(f"flor_nb: not captured in {self.run.label}: {listed}. A replay that reads "
+                          f"{'it' if len(new) == 1 else 'them'} says so in its verdict.", NotCapturedWarning,
+                          stacklevel=5)
 
     def _flush(self, k):
         """Store the logs of units up to k, their digests and the count of completed units, now, in one

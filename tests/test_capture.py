@@ -209,6 +209,29 @@ def test_probe_statements_in_a_row_draw_as_one_block(store, probe):
         assert epoch_values(df, ["a"], {2}) != {(2, "a"): df[df.epoch == 2]["b"].dropna().iloc[0]}
 
 
+@pytest.mark.parametrize("change, how", [
+    ("    buf.x.extend(range(16))\n", "its length went from 64 to 80"),  # a growing buffer
+    ("    labels[:4] = 1 - labels[:4]\n", "a tensor it holds was changed in place"),  # relabelled in place
+])
+def test_a_dataset_training_changes_is_named_when_it_changes_and_by_a_replay_that_reads_it(store, change, how):
+    """DataLoaders and Datasets are rebuilt by their cells in a replay, never restored: one that training changed
+    would be read unchanged by a replayed later epoch. Record names it at the end of the epoch that changed it, and a
+    replay whose code reads it says so (its verdict was a plain "Faithful")."""
+    setup = SETUP + ("class Buf(torch.utils.data.Dataset):\n    def __init__(self):\n        self.x = list(range(64))\n"
+                     "    def __len__(self):\n        return len(self.x)\n    def __getitem__(self, i):\n"
+                     "        return self.x[i]\nbuf = Buf()\nlabels = torch.zeros(64)\n"
+                     "held = TensorDataset(torch.ones(64, 2), labels)\n")
+    code = TRAIN.replace("    model.eval()\n", "    model.eval()\n" + change)
+    name = "buf" if "buf" in change else "held"
+    code = code.replace("    hist.append(val)\n", f"    hist.append(val + 0 * len({name}))\n")
+    with pytest.warns(NotCapturedWarning, match=rf"{name}: \w+ changed by training \({how} by the end of epoch 0\)"):
+        record(store, code=code, setup=setup, name="grow")
+    probe = code.replace("    flor.log(\"val\", val)\n", f"    flor.log(\"val\", val)\n    flor.log('n', float(len({name})))\n")
+    df = flor.replay("grow", code=probe, epochs="2", store=store)
+    assert df.attrs["fidelity"]["level"] == "caveats" and name in df.attrs["fidelity"]["not_captured_read"], \
+        df.attrs["verdict"]
+
+
 def test_only_inserted_statements_are_guarded_even_when_a_probe_copies_the_loops_lines():
     """A diff from the top aligns a probe that copies the step loop's header and loss line with the recorded loop,
     and takes the loop's own lines for inserted ones: guarding them would undo training's draws. The guard checks
