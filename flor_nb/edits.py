@@ -81,6 +81,28 @@ def inserted_lines(recorded: str, edited: str) -> list[int]:
     return [j for op, _, _, j1, j2 in sm.get_opcodes() if op == "insert" for j in range(j1 + 1, j2 + 1)]
 
 
+def probe_carried(recorded: str, edited: str, epoch_line: int) -> list[str]:
+    """Names statements inserted before the epoch loop bind and the loop reads (``vals = []`` before it, then
+    ``vals.append(v)`` and ``flor.log("mean", ...)`` in it): state the probes carry across epochs, which no
+    checkpoint holds, so a replay starting at a later epoch would lack the earlier ones' part."""
+    try:
+        tree = ast.parse(edited)
+    except SyntaxError:
+        return []
+    added = set(inserted_lines(recorded, edited))
+    bound: set = set()
+    for stmt in tree.body:
+        if stmt.lineno == epoch_line:
+            read = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            return sorted(bound & read)
+        if set(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)) <= added:
+            bound |= {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(stmt)
+                      if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+            bound |= {n.name for n in ast.walk(stmt) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    return []
+
+
 # -- a step loop inside a helper function (the PyTorch quickstart: train(dataloader, model, ...)) ----------
 def _top_defs(source: str) -> dict:
     try:

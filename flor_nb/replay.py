@@ -14,7 +14,7 @@ from . import executor as executors
 from . import checkpoint, devices, hash_seed, housekeeping, liveness, machine, runtime, signing, thinning, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
-from .edits import changes, helper_reads_after_steps, helper_touched
+from .edits import changes, helper_reads_after_steps, helper_touched, probe_carried
 from .stand_in import stand_ins
 from .instrument import instrument, parse, recorded_loops
 from .plan import format_epochs, loop_values, parse_epochs, plan
@@ -53,6 +53,14 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     stand = stand_ins(deps, code, run.state.get("roots") or (), run.state.get("not_captured") or {},
                       run.state.get("setup_digests") or {}, edited={int(k) for k in (cells or {})})
     selected = parse_epochs(epochs, run.epochs_completed, run.label, run.state)
+    carried = probe_carried(run.code, code, loops.epoch_line)
+    carried_why = ""
+    if carried and selected and min(selected) > 0:  # a probe's running total: built from the first unit on
+        selected = list(range(0, max(selected) + 1))
+        word = "iterations" if (hint or {}).get("unit") == "iterations" else "epochs"
+        carried_why = (f"The probes keep {', '.join(carried)} from one {word[:-1]} to the next (bound before the loop, "
+                       f"read in it), which no checkpoint holds: the replay starts at {word[:-1]} 0 to build "
+                       f"{'it' if len(carried) == 1 else 'them'}")
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     # Checkpoints lacking what the edited code reads first; step-exit states lacking what it reads after the steps.
@@ -127,6 +135,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
                              _own_numbers(run, selected)) + (
             f". {thinning.plan_text(run, thinned)}" if thinned else "") + (
             f". {left_why}" if left_why else "") + (
+            f". {carried_why}" if carried_why else "") + (
             f". {_cells_word(stand)} an earlier training: not run again (its values come from the checkpoint)"
             if stand else ""),
     }
