@@ -105,44 +105,36 @@ def _state_ids(ns: dict, roots) -> dict:
     return {id(ns[n]): n for n in roots if n in ns}
 
 
+def _bound(ns: dict, cells: list[dict]) -> dict:
+    """{name: In[n] of the last cell that binds it} for the public names ``cells`` bound that ``ns`` holds."""
+    out = {}
+    for cell in cells:
+        try:
+            bound = analyze(strip_shell(cell["source"]))[1] | set(cell.get("bound") or ())
+        except SyntaxError:
+            continue
+        out.update({n: cell["count"] for n in bound if n in ns and not n.startswith("_")})
+    return out
+
+
 def _rebuilt(ns: dict, cells: list[dict], roots=()) -> dict:
     """{name: In[n] of the cell that binds it} for the values (not code) that ``cells`` bound beyond ``roots``."""
-    out = {}
-    for cell in cells:
-        try:
-            bound = analyze(strip_shell(cell["source"]))[1] | set(cell.get("bound") or ())
-        except SyntaxError:
-            continue
-        out.update({n: cell["count"] for n in bound if n in ns and n not in roots and not n.startswith("_")
-                    and not isinstance(ns[n], CODE)})
-    return out
-
-
-def _functions(ns: dict, cells: list[dict]) -> dict:
-    """{name: In[n]} for the plain functions ``cells`` bound (a ``def``, a lambda, a closure a factory made)."""
-    out = {}
-    for cell in cells:
-        try:
-            bound = analyze(strip_shell(cell["source"]))[1] | set(cell.get("bound") or ())
-        except SyntaxError:
-            continue
-        out.update({n: cell["count"] for n in bound if isinstance(ns.get(n), types.FunctionType)
-                    and not n.startswith("_")})
-    return out
+    return {n: c for n, c in _bound(ns, cells).items() if n not in roots and not isinstance(ns[n], CODE)}
 
 
 def record_digests(ns: dict, deps: list[dict], roots: set) -> dict:
     """{name: [In[n] that binds it, digest or None]}: what the dependency cells bound beyond the state."""
     t0 = time.perf_counter()
     deadline = t0 + BUDGET_S
-    out = {}
-    for name, count in sorted(_rebuilt(ns, deps).items()):  # first the state's DataLoaders and Datasets: their data
-        if name in roots and isinstance(ns[name], (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
-            out[name] = [count, data_digest(ns[name], deadline), "data"]
-    out.update({name: [count, digest(ns[name], deadline)] for name, count in sorted(_rebuilt(ns, deps, roots).items())})
+    bound = sorted(_bound(ns, deps).items())
     state = _state_ids(ns, roots)
-    for name, count in sorted(_functions(ns, deps).items()):  # and what functions hold (defaults, closures)
-        held = fn_digest(ns[name], state, deadline)
+    # First the state's DataLoaders and Datasets (their data), then the other values, then what functions hold.
+    out = {name: [count, data_digest(ns[name], deadline), "data"] for name, count in bound
+           if name in roots and isinstance(ns[name], (torch.utils.data.DataLoader, torch.utils.data.Dataset))}
+    out.update({name: [count, digest(ns[name], deadline)] for name, count in bound
+                if name not in roots and not isinstance(ns[name], CODE)})
+    for name, count in bound:
+        held = fn_digest(ns[name], state, deadline)  # None for anything but a function holding values
         if held is not None:
             out[name] = [count, held, "fn"]
     logger.info("flor_nb: %d values of the dependency cells digested in %.3f s", len(out), time.perf_counter() - t0)

@@ -48,6 +48,13 @@ def ip(store):
     InteractiveShell.clear_instance()  # a shell left behind changes how widgets format output
 
 
+def _val_probe(code: str, before: str, expr: str) -> str:
+    """``code`` with a read-only probe logging ``expr`` as ``val`` (eval mode, no grad, train mode after) inserted
+    before the line starting with ``before``."""
+    return code.replace(before, "    model.eval()\n    with torch.no_grad():\n"
+                                f"        flor.log('val', {expr})\n    model.train()\n{before}")
+
+
 def run(ip, src):
     result = ip.run_cell(src, store_history=True)
     if result.error_before_exec:
@@ -507,9 +514,7 @@ def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(i
             "X = torch.randn(96, 6); y = (X[:, 0] > 0).long()\nXv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n")
     run(ip, MODEL)
     run(ip, "%%flor record --name us --no-progress\n" + TRAIN)
-    probe = TRAIN.replace("    history.append", "    model.eval()\n    with torch.no_grad():\n"
-                                                 "        flor.log('val', F.cross_entropy(model(Xv), yv).item())\n"
-                                                 "    model.train()\n    history.append")
+    probe = _val_probe(TRAIN, "    history.append", "F.cross_entropy(model(Xv), yv).item()")
     df = run(ip, "%%flor replay us --epochs 2 --no-progress\n" + probe)
     fid = df.attrs["fidelity"]
     assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
@@ -558,9 +563,7 @@ def test_a_dataset_the_recorded_cell_reads_is_compared_when_rebuilt(ip, seed):
     run(ip, MODEL)
     run(ip, EVERY_TENTH.replace("range(4)", "range(1)"))  # a first, plain run: train_dl's generator moves on
     run(ip, "%%flor record --name dv --no-progress\n" + EVERY_TENTH)
-    probe = EVERY_TENTH.replace("    if epoch % 10", "    model.eval()\n    with torch.no_grad():\n"
-                                "        flor.log('val', sum(F.cross_entropy(model(a), b).item() for a, b in val_dl))\n"
-                                "    model.train()\n    if epoch % 10")
+    probe = _val_probe(EVERY_TENTH, "    if epoch % 10", "sum(F.cross_entropy(model(a), b).item() for a, b in val_dl)")
     df = run(ip, "%%flor replay dv --epochs 2 --no-progress\n" + probe)
     fid = df.attrs["fidelity"]
     if "time_ns" in seed:
@@ -580,9 +583,7 @@ def test_a_value_a_function_holds_is_compared_when_rebuilt(ip):
                     "    return F.cross_entropy(m(data[0]), data[1]).item()\ndel Xv\n")
     run(ip, MODEL)
     run(ip, "%%flor record --name fh --no-progress\n" + TRAIN)
-    probe = TRAIN.replace("    history.append", "    model.eval()\n    with torch.no_grad():\n"
-                                                 "        flor.log('val', evaluate(model))\n    model.train()\n"
-                                                 "    history.append")
+    probe = _val_probe(TRAIN, "    history.append", "evaluate(model)")
     df = run(ip, "%%flor replay fh --epochs 2 --no-progress\n" + probe)
     fid = df.attrs["fidelity"]
     assert fid["level"] == "caveats" and set(fid["rebuilt_differs"]) == {"evaluate"}, df.attrs["verdict"]
