@@ -48,13 +48,17 @@ class Checkpointing:
 
     def _announce(self, snap):
         """Say once, when first seen, what cannot be captured: replay could not restore it."""
-        new = {p: why for p, why in snap["not_captured"].items() if p not in self.not_captured}
         self.notes.update(snap["notes"])
         self.data.update(snap["data"])
         self.outputs.update(snap["outputs"])
         self.roots = snap["roots"]
         if not self._gpu_state:
             self._gpu_state = devices.on_cuda(snap["python"].get("devices") or {})
+        self._tell_not_captured(snap["not_captured"])
+
+    def _tell_not_captured(self, found: dict):
+        """List what is not captured, and warn once, when first seen (a snapshot's walk; data training changed)."""
+        new = {p: why for p, why in found.items() if p not in self.not_captured}
         if new:
             self.not_captured.update(new)
             # Values captured only because an earlier training changed them (record.py): listed, and named by a
@@ -65,7 +69,7 @@ class Checkpointing:
             warnings.warn(f"flor_nb: not captured in {self.run.label}: {listed}. Replay rebuilds "
                           f"{'it' if len(new) == 1 else 'these'} from the recorded cells instead of restoring "
                           "the recorded state; a replay that reads them says so in its verdict.",
-                          NotCapturedWarning, stacklevel=4)
+                          NotCapturedWarning, stacklevel=5)
 
     def _checkpoint(self, epoch: int, kind: str, taken, end_taken=None):
         if taken is None or self.checkpoint_error:

@@ -139,7 +139,8 @@ def record(
         extra = extra | set(tainted)
     scope = state.Scope(assigned=assigned, free=free, extra=extra, only=only)
     dep_cells = [c.to_dict() for c in deps]
-    rebuilt = setup_check.record_digests(ns, dep_cells, root_names(ns, scope)[0])  # what a replay re-runs cells for
+    roots = root_names(ns, scope)[0]
+    rebuilt = setup_check.record_digests(ns, dep_cells, roots)  # what a replay re-runs cells for
     choice = loops.choice()
     helper = find_helper(code, loops, [(c.count, c.source) for c in deps], ns)
     swapped = None
@@ -165,7 +166,7 @@ def record(
         # Checkpoints kept elsewhere (s3://, a shared folder) are not thinned: the budget is this disk's.
         thinner = None if blobs else Thinner(store, run, budget, max_store is None)
         recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
-        recorder.data_watch = data_watch.Watch(ns, root_names(ns, scope)[0])
+        recorder.data_watch = data_watch.Watch(ns, roots)
         recorder.quiet_roots = set(tainted) - (only or set())
         if only is not None:
             _warn_left_out_after_training(recorder, {n: c for n, c in tainted.items() if n not in only}, name)

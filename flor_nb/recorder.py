@@ -384,14 +384,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
         if self.data_watch is None:
             return
         unit = ((self.run.state or {}).get("loops") or {}).get("unit")
-        new = self.data_watch.changed(k, "iteration" if unit == "iterations" else "epoch")
-        new = {p: why for p, why in new.items() if p not in self.not_captured}
-        if new:
-            self.not_captured.update(new)
-            listed = "; ".join(f"{p}: {why}" for p, why in new.items())
-            warnings.warn(f"flor_nb: not captured in {self.run.label}: {listed}. A replay that reads "
-                          f"{'it' if len(new) == 1 else 'them'} says so in its verdict.", NotCapturedWarning,
-                          stacklevel=5)
+        self._tell_not_captured(self.data_watch.changed(k, "iteration" if unit == "iterations" else "epoch"))
 
     def _flush(self, k):
         """Store the logs of units up to k, their digests and the count of completed units, now, in one
