@@ -53,14 +53,17 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     stand = stand_ins(deps, code, run.state.get("roots") or (), run.state.get("not_captured") or {},
                       run.state.get("setup_digests") or {}, edited={int(k) for k in (cells or {})})
     selected = parse_epochs(epochs, run.epochs_completed, run.label, run.state)
-    carried = probe_carried(run.code, code, loops.epoch_line)
+    # A probe's running total (bound before the loop, read in it): built from the first unit on, in one worker
+    # (a second segment would start it again, empty).
+    sequential = probe_carried(run.code, code, loops.epoch_line)
     carried_why = ""
-    if carried and selected and min(selected) > 0:  # a probe's running total: built from the first unit on
+    if sequential and selected:
+        word = "iteration" if (hint or {}).get("unit") == "iterations" else "epoch"
+        start = f"the replay starts at {word} 0 to build" if min(selected) > 0 else "the replay builds"
         selected = list(range(0, max(selected) + 1))
-        word = "iterations" if (hint or {}).get("unit") == "iterations" else "epochs"
-        carried_why = (f"The probes keep {', '.join(carried)} from one {word[:-1]} to the next (bound before the loop, "
-                       f"read in it), which no checkpoint holds: the replay starts at {word[:-1]} 0 to build "
-                       f"{'it' if len(carried) == 1 else 'them'}")
+        carried_why = (f"The probes keep {', '.join(sequential)} from one {word} to the next (bound before the loop, "
+                       f"read in it), which no checkpoint holds: {start} {'it' if len(sequential) == 1 else 'them'} "
+                       f"in one worker")
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     # Checkpoints lacking what the edited code reads first; step-exit states lacking what it reads after the steps.
@@ -95,6 +98,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     per_epoch = run.timings.get("epoch_seconds") or []
     unit_seconds = run.timings.get("unit_seconds_mean") or (sum(per_epoch) / len(per_epoch) if per_epoch else None)
     checks = [e for (e, k) in extra if k == "end"] + [e for e, r in ckpts.items() if r["end_digest"] or r["kind"] == "end"]
+    if sequential:
+        max_workers = 1
     segments = plan(selected, kinds, max_workers, touched["step"], touched["pre"], run.label, checks, unit_seconds)
     workers = min(max_workers, len(segments))
     mean = sum(per_epoch) / len(per_epoch) if per_epoch else None
