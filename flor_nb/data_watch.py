@@ -15,7 +15,7 @@ import torch
 _DATA = (torch.utils.data.DataLoader, torch.utils.data.Dataset)
 
 
-def _signature(obj) -> tuple:
+def signature(obj) -> tuple:
     """(length, tensor versions) of what a DataLoader (its dataset) or a Dataset holds."""
     ds = obj.dataset if isinstance(obj, torch.utils.data.DataLoader) else obj
     try:
@@ -44,7 +44,7 @@ class Watch:
 
     def __init__(self, ns: dict, roots):
         self._objects = {n: ns[n] for n in sorted(roots) if isinstance(ns.get(n), _DATA)}
-        self._start = {n: _signature(o) for n, o in self._objects.items()}
+        self._start = {n: signature(o) for n, o in self._objects.items()}
         self._told: set = set()
 
     def changed(self, unit: int, word: str = "epoch") -> dict:
@@ -53,7 +53,7 @@ class Watch:
         for name, obj in self._objects.items():
             if name in self._told:
                 continue
-            now = _signature(obj)
+            now = signature(obj)
             if now != self._start[name]:
                 self._told.add(name)
                 (n0, _), (n1, _) = self._start[name], now

@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from .cells import strip_shell
 from .edits import inserted_lines
 from .instrument import RUNTIME
 
@@ -46,6 +47,17 @@ def kept():
         if np_state is not None:
             np.random.set_state(np_state)
         random.setstate(py)
+
+
+def guarded_cell(src: str, cell: dict):
+    """A dependency cell's source (shell lines stripped), or, when the replay edited it (``cell["recorded_source"]``),
+    its tree with the statements inserted into its functions guarded (their draws from the global generators
+    undone)."""
+    if not cell.get("recorded_source"):
+        return src
+    tree = ast.parse(src)
+    guard(tree, strip_shell(cell["recorded_source"]), src, functions_only=True)
+    return tree
 
 
 def guard(tree: ast.Module, recorded: str, edited: str, functions_only: bool = False) -> list[int]:

@@ -21,6 +21,7 @@ import time
 import types
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from .cells import analyze, strip_shell
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 # 200 MB tensor ~20 ms). Values left when it runs out are not digested: a replay reading one says it could not
 # compare it.
 BUDGET_S = 0.25
+MAX_ARRAY_BYTES = 256 << 20  # a numpy array larger than this (a np.memmap of a whole corpus) is not hashed
 
 
 class _TooLarge(Exception):
@@ -54,7 +56,9 @@ def digest(value, deadline: float = float("inf"), rngs: bool = True, named=None)
             return ("state", named[id(obj)])
         if isinstance(obj, torch.Tensor):
             return ("tensor", str(obj.dtype), tuple(obj.shape), hash_tensor(obj, DEFAULT))
-        if not rngs and isinstance(obj, _rng_types()):
+        if isinstance(obj, np.ndarray) and obj.nbytes > MAX_ARRAY_BYTES:  # a memmap of a corpus: not read through
+            raise _TooLarge
+        if not rngs and isinstance(obj, rng_types()):
             return ("rng", type(obj).__name__)
         return None
 
@@ -67,7 +71,7 @@ def digest(value, deadline: float = float("inf"), rngs: bool = True, named=None)
         return None
 
 
-def _rng_types() -> tuple:
+def rng_types() -> tuple:
     import random
 
     np = sys.modules.get("numpy")

@@ -17,6 +17,7 @@ from collections import defaultdict
 from . import runtime
 from .paths import root
 from .plan import format_epochs
+from .probe_state import describe as describe_probe_changed
 from .setup_check import describe as describe_rebuilt
 
 FAITHFUL, CAVEATS, NOT_FAITHFUL = "faithful", "caveats", "not faithful"
@@ -128,7 +129,9 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
     faithful = not metric_bad and not diverged and not problems
     unchecked = set(modes) - covered
     rebuilt = {n: why for res in results for n, why in (res.get("rebuilt_differs") or {}).items()}  # setup_check
-    level = NOT_FAITHFUL if not faithful else (CAVEATS if read or rebuilt or unchecked or tol else FAITHFUL)
+    probe_changed = _probe_changed(results)
+    level = NOT_FAITHFUL if not faithful else (
+        CAVEATS if read or rebuilt or unchecked or tol or probe_changed["names"] else FAITHFUL)
     draws = probes_draw(recorded_code, code, edited_cells)
     advanced = sorted({p for r in results for p in r.get("advanced", ())})
     cause = _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws,
@@ -163,10 +166,26 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
                             if run_state.get("clock_attrs") else {})},
         "not_captured_read": read,
         "rebuilt_differs": rebuilt,
+        "probe_changed": probe_changed,
         "cause": cause,
         "epochs": sorted(modes),
         "digest_errors": run_state.get("digest_errors") or [],
     }
+
+
+def _probe_changed(results) -> dict:
+    """What the probes changed from one unit to the next in segments starting past unit 0 (probe_state):
+    {"names": {name: "changed"|"unwatched"}, "starts": [first units of those segments], "epochs": [their units
+    replayed for the user]}."""
+    names, starts, epochs = {}, set(), set()
+    for res in results:
+        found = (res.get("probe_changed") or {}).get("names") or {}
+        if found:
+            starts.add(res["probe_changed"]["start"])
+            epochs |= {int(e) for e in res.get("modes", {})}
+        for name, how in found.items():
+            names[name] = "changed" if "changed" in (how, names.get(name)) else how
+    return {"names": names, "starts": sorted(starts), "epochs": sorted(epochs)}
 
 
 def _by_epoch(events) -> dict:
@@ -359,7 +378,8 @@ def verdict_text(fidelity: dict) -> str:
         out = _tolerance_text(fidelity, tol, parts, compared, epochs, unit_word)
     elif fidelity["level"] != NOT_FAITHFUL:
         head = "Faithful replay" if fidelity["level"] == FAITHFUL else "Replay reproduced the recording, with caveats"
-        if any(w.startswith("differs") for w in (fidelity.get("rebuilt_differs") or {}).values()):
+        moved = "changed" in ((fidelity.get("probe_changed") or {}).get("names") or {}).values()
+        if moved or any(w.startswith("differs") for w in (fidelity.get("rebuilt_differs") or {}).values()):
             head = "Replay reproduced the recorded training, but NOT every value the probes read (see the end)"
         metric_part = ("recorded metrics reproduced exactly: " + "; ".join(parts)) if compared else \
             f"no recorded metric in {unit_word}{'s' if len(fidelity['epochs']) > 1 else ''} {epochs}"
@@ -432,6 +452,9 @@ def verdict_text(fidelity: dict) -> str:
         out += (f". Not captured but read by the replayed code: {listed}. Values that depend on "
                 f"{'it' if len(read) == 1 else 'them'} may differ from the recording")
     out += describe_rebuilt(fidelity.get("rebuilt_differs") or {})
+    changed = fidelity.get("probe_changed") or {}
+    out += describe_probe_changed(changed.get("names") or {}, changed.get("starts") or [], changed.get("epochs") or [],
+                                  unit_word)
     writes = fidelity.get("writes") or []
     if writes:
         names = ", ".join(writes[:4]) + (f" and {len(writes) - 4} more" if len(writes) > 4 else "")

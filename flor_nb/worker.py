@@ -1,7 +1,6 @@
 """What runs inside a replay worker process: rebuild the namespace, restore, re-execute."""
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import logging
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import (checkpoint, cpu_math, devices, freshness, lifeline, probe_rng, runtime, setup_check, signing, state,
-               validate)
+from . import (checkpoint, cpu_math, devices, freshness, lifeline, probe_rng, probe_state, runtime, setup_check,
+               signing, state, validate)
 from .clock import ClockAttrs
 from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
@@ -403,16 +402,6 @@ def _cwd(path):
         os.chdir(before)
 
 
-def _guarded(src: str, cell: dict):
-    """A dependency cell's source, or, when the replay edited it, its tree with the statements inserted into its
-    functions guarded by probe_rng (their draws from the global generators undone)."""
-    if not cell.get("recorded_source"):
-        return src
-    tree = ast.parse(src)
-    probe_rng.guard(tree, strip_shell(cell["recorded_source"]), src, functions_only=True)
-    return tree
-
-
 def _run_segment(task: dict, flor_nb) -> dict:
     began_ns = time.time_ns()
     t0 = time.perf_counter()
@@ -431,7 +420,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
             linecache.cache[name] = (len(src), None, src.splitlines(keepends=True), name)
             try:
                 with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-                    exec(compile(_guarded(src, cell), name, "exec"), ns)
+                    exec(compile(probe_rng.guarded_cell(src, cell), name, "exec"), ns)
             except Exception as e:
                 printed = output.getvalue()[-4000:]
                 raise ReplayError(
@@ -459,6 +448,8 @@ def _run_segment(task: dict, flor_nb) -> dict:
         rep.capturer = state.Capturer(ns, rep.scope, order=task.get("roots") or (), limits=task.get("limits"))
         rep.capturer.clock_attrs = ClockAttrs(task.get("clock_attrs"), analyze=False)  # the recording's, exactly
         rep.capturer.device_map = devices.DeviceMap(task.get("device"))
+        kept = probe_state.for_segment(ns, task.get("recorded_code") or task["code"], task["code"], task["cells"],
+                                       task.get("roots") or (), rep.capturer.limits) if rep.first > 0 else None
         filename = f"<flor replay {task['label']}>"
         linecache.cache[filename] = (len(task["code"]), None, task["code"].splitlines(keepends=True), filename)
         try:
@@ -498,6 +489,7 @@ def _run_segment(task: dict, flor_nb) -> dict:
         "writes": sorted(watch.files),
         "removed": sorted(watch.removed),
         "rebuilt_differs": rebuilt,
+        "probe_changed": {"start": rep.first, "names": kept.changed()} if kept else None,
         "roots": list(rep.capturer.order) if rep.capturer else [],
         "advanced": sorted(rep.capturer.advanced) if rep.capturer else [],
         "problems": rep.problems,

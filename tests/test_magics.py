@@ -574,6 +574,44 @@ def test_a_dataset_the_recorded_cell_reads_is_compared_when_rebuilt(ip, seed):
         assert fid["level"] == "faithful" and not fid["rebuilt_differs"], df.attrs["verdict"]
 
 
+OWN_GENERATOR = DATA.format(seed="") + "vg = torch.Generator().manual_seed(7)\n" + \
+    "val_dl = DataLoader(TensorDataset(Xv, (Xv[:, 0] > 0).long()), batch_size=8, shuffle=True, generator=vg)\n"
+FIRST_BATCH = """    a, b = next(iter(val_dl))  # a shuffled batch: val_dl's own generator moves on
+    model.eval()
+    with torch.no_grad():
+        flor.log("val1", F.cross_entropy(model(a), b).item())
+    model.train()
+"""
+
+
+def test_a_probe_advancing_a_generator_only_it_uses_is_told_when_the_replay_starts_past_epoch_0(ip, store):
+    """The probe draws one shuffled batch of a validation loader with a generator of its own, which training never
+    reads: no checkpoint holds it, and a replay of epoch 3 drew from it as the cells made it, where a run with the
+    probe from the start had drawn from it in epochs 0-2 too. It said "Faithful" with another value. It now says
+    which values may differ and how to get them; replayed from epoch 0 in one worker, they equal that run's."""
+    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
+    run(ip, OWN_GENERATOR)
+    run(ip, MODEL)
+    code = EVERY_TENTH.replace("range(4)", "range(5)").split("    if epoch % 10")[0]  # val_dl is not read
+    run(ip, "%%flor record --name og --no-progress\n" + code)
+    probe = code + FIRST_BATCH
+    df = run(ip, "%%flor replay og --epochs 3 --no-progress\n" + probe)
+    fid = df.attrs["fidelity"]
+    assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
+    assert fid["probe_changed"]["names"] == {"val_dl": "changed"}, fid["probe_changed"]
+    assert "NOT necessarily what a run with these probes from the start would have logged in epoch 3: the probes " \
+           "change val_dl" in df.attrs["verdict"] and "--epochs 0-3 --workers 1" in df.attrs["verdict"]
+    exact = run(ip, "%%flor replay og --epochs 0-3 --workers 1 --no-progress\n" + probe)
+    assert exact.attrs["fidelity"]["level"] == "faithful", exact.attrs["verdict"]
+    run(ip, OWN_GENERATOR)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name og_truth --no-progress\n" + probe)
+    want = flor.dataframe("val1", run="og_truth", store=store)
+    got = exact.dropna(subset=["val1"])
+    assert got["val1"].tolist() == want[want["epoch"] <= 3]["val1"].tolist() and len(got) == 4
+    assert df.dropna(subset=["val1"])["val1"].tolist() != want[want["epoch"] == 3]["val1"].tolist()
+
+
 def test_a_value_a_function_holds_is_compared_when_rebuilt(ip):
     """A validation set only a function holds (a default argument; a factory's closure is the same): functions are
     code, so it was never digested, and a probe calling it on an unseeded set said "Faithful"."""
