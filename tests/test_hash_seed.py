@@ -8,11 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
-import flor_nb as flor
-from flor_nb.errors import NotCapturedWarning
-
 SETUP = '''
 import torch, torch.nn as nn, torch.nn.functional as F
 torch.manual_seed(0)
@@ -33,32 +28,43 @@ PROBED = TRAIN.replace('    flor.log("loss", loss.item())\n',
                        '    flor.log("loss", loss.item())\n    flor.log("n", len(rows))\n')
 assert PROBED != TRAIN
 
-needs_random = pytest.mark.skipif(not sys.flags.hash_randomization or os.environ.get("PYTHONHASHSEED"),
-                                  reason="this process hashes with a fixed seed")
+def _run(script: str, **env) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python with the test's environment and ``env`` (a value None: unset), so each test gets
+    the hashing it needs whatever the test runner set (pytest-xdist sets PYTHONHASHSEED in its workers)."""
+    full = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    for k, v in env.items():
+        full.pop(k, None) if v is None else full.__setitem__(k, v)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=full, capture_output=True, text=True,
+                          timeout=300)
 
 
-def _record(store, name):
-    ns = {"flor": flor}
-    exec(SETUP, ns)
-    return flor.record(TRAIN, name=name, namespace=ns, cells=[SETUP], store=store, overhead=float("inf"),
-                       progress=False)
-
-
-@needs_random
-def test_code_that_calls_hash_is_told_before_training_and_named_when_its_replay_diverges(store):
-    with pytest.warns(NotCapturedWarning, match=r"In\[1\] line 8 calls hash\(\).*PYTHONHASHSEED=0"):
-        run = _record(store, "hashed")
-    assert run.env["hashseed"] == {"seed": None, "randomized": True}
-    out = flor.replay("hashed", code=PROBED, epochs=[1, 2], store=store)  # another process, another seed
-    v = out.attrs["verdict"]
-    assert not out.attrs["fidelity"]["faithful"], v
-    assert "calls hash() (In[1] line 8)" in v and "PYTHONHASHSEED was not set" in v, v
+def test_code_that_calls_hash_is_told_before_training_and_named_when_its_replay_diverges(tmp_path):
+    done = _run(f'''
+        import re, warnings, flor_nb as flor
+        from flor_nb.errors import NotCapturedWarning
+        from test_hash_seed import SETUP, TRAIN, PROBED
+        ns = {{"flor": flor}}
+        exec(SETUP, ns)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = flor.record(TRAIN, name="hashed", namespace=ns, cells=[SETUP], store={str(tmp_path)!r},
+                              overhead=float("inf"), progress=False)
+        told = [str(w.message) for w in caught if issubclass(w.category, NotCapturedWarning)]
+        assert any(re.search(r"In\\[1\\] line 8 calls hash\\(\\).*PYTHONHASHSEED=0", t, re.S) for t in told), told
+        assert run.env["hashseed"] == {{"seed": None, "randomized": True}}, run.env["hashseed"]
+        out = flor.replay("hashed", code=PROBED, epochs=[1, 2], store={str(tmp_path)!r})  # another process, seed
+        v = out.attrs["verdict"]
+        assert not out.attrs["fidelity"]["faithful"], v
+        assert "calls hash() (In[1] line 8)" in v and "PYTHONHASHSEED was not set" in v, v
+        print("OK")
+    ''', PYTHONHASHSEED=None)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 def test_with_pythonhashseed_set_the_same_code_replays_faithfully(tmp_path):
     """The advice works: a process started with PYTHONHASHSEED=0 records, and its replay (forked from a server
     that inherits the setting) is faithful with the probe's values equal to the recording's."""
-    script = textwrap.dedent(f'''
+    script = f'''
         import warnings, flor_nb as flor
         from test_hash_seed import SETUP, TRAIN, PROBED
         ns = {{"flor": flor}}
@@ -72,9 +78,8 @@ def test_with_pythonhashseed_set_the_same_code_replays_faithfully(tmp_path):
         rec = flor.dataframe("loss", run="seeded", store={str(tmp_path)!r}).dropna(subset=["loss"])
         assert out.dropna(subset=["loss"])["loss"].tolist() == rec[rec.epoch >= 1]["loss"].tolist()
         print("OK", out["n"].dropna().tolist())
-    ''')
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.path.dirname(__file__)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    '''
+    done = _run(script, PYTHONHASHSEED="0")
     assert done.returncode == 0 and "OK" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
 
 
