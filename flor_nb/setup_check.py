@@ -135,7 +135,9 @@ def record_digests(ns: dict, deps: list[dict], roots: set) -> dict:
     # First the state's DataLoaders and Datasets (their data), then the other values, then what functions hold.
     out = {name: [count, data_digest(ns[name], deadline), "data"] for name, count in bound
            if name in roots and isinstance(ns[name], (torch.utils.data.DataLoader, torch.utils.data.Dataset))}
-    out.update({name: [count, digest(ns[name], deadline)] for name, count in bound
+    # "v": the state's objects inside (or aliased by) a value are digested by their name, as in a replay they are
+    # the restored ones (``raw_model = model`` of a compiled model: dynamo's caches are no content)
+    out.update({name: [count, digest(ns[name], deadline, named=state), "v"] for name, count in bound
                 if name not in roots and not isinstance(ns[name], CODE)})
     for name, count in bound:
         held = fn_digest(ns[name], state, deadline)  # None for anything but a function holding values
@@ -179,7 +181,7 @@ def compare(ns: dict, code: str, recorded: dict | None, roots, cells=()) -> dict
         elif was is None:
             out[name] = (f"not compared: rebuilt by re-running In[{count}]; too large to digest within record's "
                          "time budget")
-        elif digest(ns[name]) != was:
+        elif digest(ns[name], named=state if kind == ["v"] else None) != was:  # a run recorded before "v": all
             out[name] = (f"differs: re-running In[{count}] gave another value than the recording's: an unseeded "
                          "random draw, a file changed since, or a cell a replay does not run that changed it")
     return out
