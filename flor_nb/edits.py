@@ -103,6 +103,30 @@ def probe_carried(recorded: str, edited: str, epoch_line: int) -> list[str]:
     return []
 
 
+def head_added(recorded: str, edited: str, epoch_line: int) -> list[int]:
+    """1-based lines of ``edited`` added at its top level before its epoch loop (a probe of the model before
+    training): they run on the state the cell starts with."""
+    try:
+        tree = ast.parse(edited)
+    except SyntaxError:
+        return []
+    loop = next((s for s in tree.body if s.lineno == epoch_line), None)
+    return [] if loop is None else [ln for ln in added_lines(recorded, edited) if ln < loop.lineno]
+
+
+def tail_added(recorded: str, edited: str, epoch_line: int) -> list[int]:
+    """1-based lines of ``edited`` added after its epoch loop (a final evaluation's probe): they run on the state
+    training left, after its last unit."""
+    try:
+        tree = ast.parse(edited)
+    except SyntaxError:
+        return []
+    loop = next((s for s in tree.body if s.lineno == epoch_line), None)
+    if loop is None:
+        return []
+    return [ln for ln in added_lines(recorded, edited) if ln > loop.end_lineno]
+
+
 # -- a step loop inside a helper function (the PyTorch quickstart: train(dataloader, model, ...)) ----------
 def _top_defs(source: str) -> dict:
     try:

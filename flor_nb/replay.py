@@ -14,7 +14,7 @@ from . import executor as executors
 from . import checkpoint, devices, hash_seed, housekeeping, liveness, machine, runtime, signing, thinning, validate
 from .checkpoint import CorruptCheckpointError
 from .errors import FlorError, NoCheckpointError
-from .edits import changes, helper_reads_after_steps, helper_touched, probe_carried
+from .edits import changes, head_added, helper_reads_after_steps, helper_touched, probe_carried, tail_added
 from .stand_in import stand_ins
 from .instrument import instrument, parse, recorded_loops
 from .plan import format_epochs, loop_values, parse_epochs, plan
@@ -64,6 +64,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         carried_why = (f"The probes keep {', '.join(sequential)} from one {word} to the next (bound before the loop, "
                        f"read in it), which no checkpoint holds: {start} {'it' if len(sequential) == 1 else 'them'} "
                        f"in one worker")
+    tail, selected, tail_why = _tail(run, code, loops, hint, selected)
+    head, selected, head_why = _head(run, code, loops, hint, selected)
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     # Checkpoints lacking what the edited code reads first; step-exit states lacking what it reads after the steps.
@@ -136,14 +138,54 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "epochs_skipping_steps": skipped,
         "estimate_seconds": None if mean is None else mean * max(load),
         "thinned": thinned,
+        "tail": tail,  # the last unit, after which the segment ending there runs the cell's lines after the loop
+        "tail_why": tail_why,
+        "head": head,  # lines added before the loop: the segment from unit 0 keeps what they log
+        "head_why": head_why,
+        "start_digest": runtime.from_json(ckpts[-1]["digest"]) if head and -1 in ckpts and ckpts[-1]["digest"] else None,
         "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None,
                              _own_numbers(run, selected)) + (
             f". {thinning.plan_text(run, thinned)}" if thinned else "") + (
             f". {left_why}" if left_why else "") + (
             f". {carried_why}" if carried_why else "") + (
+            f". {tail_why}" if tail_why else "") + (
+            f". {head_why}" if head_why else "") + (
             f". {_cells_word(stand)} an earlier training: not run again (its values come from the checkpoint)"
             if stand else ""),
     }
+
+
+def _head(run: Run, code: str, loops, hint, selected) -> tuple:
+    """(whether lines were added before the loop, the selection, from unit 0; why, for the plan)."""
+    added = [] if (hint or {}).get("framework") else head_added(run.code, code, loops.epoch_line)
+    if not added:
+        return False, selected, ""
+    word = "iteration" if (hint or {}).get("unit") == "iterations" else "epoch"
+    lines = f"line{'s' if len(added) > 1 else ''} {', '.join(map(str, added[:4]))}{' ...' if len(added) > 4 else ''}"
+    why = f"The lines added before the {word} loop ({lines}) log from the worker that starts at {word} 0"
+    if selected and 0 not in selected:
+        selected = sorted(set(selected) | {0})
+        why += f", so the replay runs {word} 0 too"
+    return True, selected, why
+
+
+def _tail(run: Run, code: str, loops, hint, selected) -> tuple:
+    """(the last unit, after which the lines added after the loop run, or None; the selection, through that unit;
+    why, for the plan)."""
+    added = [] if (hint or {}).get("framework") else tail_added(run.code, code, loops.epoch_line)
+    if not added:
+        return None, selected, ""
+    word = "iteration" if (hint or {}).get("unit") == "iterations" else "epoch"
+    lines = f"line{'s' if len(added) > 1 else ''} {', '.join(map(str, added[:4]))}{' ...' if len(added) > 4 else ''}"
+    if run.status != "finished" or not run.epochs_completed:
+        return None, selected, (f"The lines added after the {word} loop ({lines}) do not run: the recording did not "
+                                f"finish its loop (it is {run.status})")
+    last = run.epochs_completed - 1
+    why = f"The lines added after the {word} loop ({lines}) run after {word} {last}, on the state training left"
+    if last not in selected:
+        selected = sorted(set(selected) | {last})
+        why += f", so the replay runs {word} {last} too"
+    return last, selected, why
 
 
 def _cells_word(counts) -> str:
@@ -214,6 +256,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     duration = time.perf_counter() - started
     rows = [r for res in results for r in res["rows"]]
     modes = {int(e): m for res in results for e, m in res["modes"].items()}
+    tail_ran = any(res.get("tail_ran") or res.get("head_ran") for res in results)  # rows with no epoch
     recorded = store.logs([run.id], kind="recorded")
     recorded_names = {r["name"] for r in recorded}
     state = {**run.state, "clock_metrics": sorted(set(run.state.get("clock_metrics", ())) | clock_names(p["code"])[1]),
@@ -221,7 +264,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                  (f"In[{c['count']}]", c["source"]) for c in p["cells"]])}
     fidelity = check(_by_content(recorded, store.home), _by_content(rows, store.home), modes, results,
                      recorded_code=run.code, code=p["code"],
-                     edited_cells=p["edited_cells"], run_state=state,
+                     edited_cells=p["edited_cells"], run_state=state, tail=tail_ran,
                      reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
     fidelity["kinds"] = run.state.get("objects") or {}
     fidelity["unit"] = recorded_loops(run.state).get("unit", "epochs")
@@ -234,18 +277,26 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     fidelity["setup_output"] = next((r.get("setup_output") for r in results if r.get("setup_output")), "")
     probes = sorted({r[0] for r in rows} - recorded_names)
     keep = [r for r in rows if r[0] in probes]
-    store.replace_hindsight(run.id, probes, sorted(modes), keep, replay_id)
+    store.replace_hindsight(run.id, probes, sorted(modes) + ([None] if tail_ran else []), keep, replay_id)
     fidelity["seconds"] = duration
     fidelity["timings"] = [{k: res[k] for k in ("segment", "setup_seconds", "restore_seconds", "epoch_seconds", "pid")}
                            for res in results]
     fidelity["plan"] = p["summary"]
     fidelity["modes"] = modes
+    if p["tail_why"]:
+        fidelity["tail"] = {"last": p["tail"], "ran": any(r.get("tail_ran") for r in results), "why": p["tail_why"]}
+    if p["head"]:
+        fidelity["head"] = {"ran": any(r.get("head_ran") for r in results),
+                            "differs": sorted({k for r in results for k in r.get("head_differs") or ()})}
+    if ((fidelity.get("head") or {}).get("differs") or not (fidelity.get("tail") or {"ran": True})["ran"])             and fidelity["level"] == FAITHFUL:  # a probe's values that may differ, or that are missing
+        fidelity["level"] = CAVEATS
     if cancelled is not None:
         _mark_cancelled(fidelity, p["epochs"], sorted(modes))
     if damaged:
         fidelity["damaged_checkpoints"] = {str(e): why for e, why in damaged.items()}
     store.finish_replay(replay_id, "cancelled" if cancelled else "finished", duration, probes, fidelity)
-    frame = result_frame(run, recorded, rows, probes, sorted(modes) if cancelled else p["epochs"], fidelity, store)
+    frame = result_frame(run, recorded, rows, probes, sorted(modes) if cancelled else p["epochs"], fidelity, store,
+                         tail=tail_ran)
     if cancelled is not None:
         frame.attrs["cancelled"] = True
         cancelled.result = frame
@@ -319,6 +370,9 @@ def _tasks(store: Store, run: Run, p: dict, token: str, device=None) -> list[dic
         "home": str(store.home), "blobs": _blobs(run), "run_id": run.id, "label": run.label, "replay_id": token,
         "code": p["code"], "recorded_code": run.code, "loops": p["loops"], "cells": p["cells"], "args": run.args,
         "segment": seg.to_dict(), "threads": p["threads"],
+        "tail": p["tail"] is not None and seg.last == p["tail"],  # then run the cell's lines after its loop
+        "head": p["head"] and seg.first == 0,  # then keep what the lines before the loop log
+        "start_digest": p["start_digest"] if p["head"] and seg.first == 0 else None,
         **{k: p[k] for k in ("step_paths", "step_digests", "resume_paths", "end_digests")},
         "scope": _scope_spec(run),
         "roots": run.state.get("roots") or [],
@@ -459,14 +513,15 @@ def _scope_spec(run: Run) -> dict:
     return {"only": set(spec["only"]) if spec.get("only") else None, "extra": set(spec.get("extra") or ())}
 
 
-def result_frame(run, recorded, rows, probes, epochs, fidelity, store=None) -> pd.DataFrame:
+def result_frame(run, recorded, rows, probes, epochs, fidelity, store=None, tail=False) -> pd.DataFrame:
     """Wide frame: epoch, step, seq, each probe, and the recorded metrics of those epochs beside them.
 
     ``seq`` numbers the values logged under one name at one (epoch, step): a probe in a helper called
-    per micro-batch gives rows with seq 0, 1, ...; most rows have seq 0.
+    per micro-batch gives rows with seq 0, 1, ...; most rows have seq 0. ``tail``: the cell's lines after its
+    loop ran; what they logged is in rows with no epoch, last.
     """
     store = get_store(store)
-    selected = set(epochs)
+    selected = set(epochs) | ({None} if tail else set())
     records = defaultdict(dict)
     for n, e, s, q, v in rows:
         if n in probes and e in selected:
@@ -491,5 +546,5 @@ def result_frame(run, recorded, rows, probes, epochs, fidelity, store=None) -> p
 
 def _order(item):
     (e, s, q), _ = item
-    return (e, -1 if s is None else s, q)
+    return (e is None, -1 if e is None else e, -1 if s is None else s, q)  # after the loop: last
 

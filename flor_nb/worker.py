@@ -24,6 +24,7 @@ from .cells import analyze, strip_shell
 from .errors import FlorError, ReplayError
 from .edits import helper_code
 from .instrument import RUNTIME, instrument
+from .paths import root
 from .plan import FULL, SKIP
 from .rows import save_array
 from .sideeffects import WriteWatch
@@ -99,6 +100,11 @@ class Replayer:
         self.first, self.last, self.restore_at = seg["first"], seg["last"], seg["restore"]
         self.modes = {int(k): v for k, v in seg["modes"].items()}
         self.keep = set(seg["keep"])
+        self.tail = bool(task.get("tail"))  # after the last unit, run the cell's lines after its loop
+        self.in_tail = False
+        self.after_loop = False  # left by `break`: the lines after it are not the unit's
+        self.in_head = bool(task.get("head"))  # until the loop starts, keep what the lines before it log
+        self.head_differs: list = []
         self.args = task["args"]
         self.epoch = None
         self.step = None
@@ -133,12 +139,14 @@ class Replayer:
         self._cuda_rng_checked = False  # a check since the last restore found them unchanged
 
     def log(self, name, value):
-        if self.epoch in self.keep and not self.setup:
-            key = (name, self.epoch, self.step)
+        outside = self.in_tail or self.in_head  # the lines before or after the loop: no epoch
+        if (outside or (self.epoch in self.keep and not self.after_loop)) and not self.setup:
+            epoch = None if outside else self.epoch
+            key = (name, epoch, self.step)
             seq = self.seq.get(key, 0)
             self.seq[key] = seq + 1
             validate.log_name(name)
-            self.rows.append((name, self.epoch, self.step, seq, validate.log_value(name, runtime.scalarize(value))))
+            self.rows.append((name, epoch, self.step, seq, validate.log_value(name, runtime.scalarize(value))))
         return value
 
     def arg(self, name, default):
@@ -221,8 +229,23 @@ class Replayer:
             self.step = None
         self._verify(self.epoch, self.task["step_digests"], "step")
 
+    def _end_head(self):
+        """The loop starts: the lines before it ran on the state the start checkpoint holds, or say what differs."""
+        self.in_head = False
+        start = self.task.get("start_digest")
+        if start:
+            self.capturer.order = start.get(checkpoint.ROOTS) or self.capturer.order
+            live = self.capturer.digests()
+            reads = probe_state.probe_names(self.task.get("recorded_code") or self.task["code"], self.task["code"])
+            self.head_differs = sorted(k for k, v in start.items() if k != checkpoint.ROOTS and not self._excluded(k)
+                                       and root(k.partition("/")[2]) in reads and live.get(k) != v)
+
     def _epochs(self, iterable):
         self._in_loop = True
+        head_ran = self.in_head
+        if self.in_head:
+            self._end_head()
+        self.head_ran = head_ran
         if isinstance(iterable, runtime.While):
             # A while loop cannot be fast-forwarded without running its body: restore the state its
             # condition sees at the first replayed iteration, then let the loop go on from there.
@@ -247,6 +270,8 @@ class Replayer:
             except GeneratorExit:  # `break` in unit k (a while loop's last iteration): its state, as recorded
                 if str(k) in digests:
                     self._verify_quietly(k, digests)
+                # The lines after the loop run next (or an error in unit k unwinds: self.epoch still names it)
+                self.after_loop, self.in_tail = True, self.tail and k == self.last
                 raise
             seconds = time.perf_counter() - t
             done += 1
@@ -260,6 +285,9 @@ class Replayer:
                 # "done": units this segment has run so far (an iteration loop reports every 0.1 s, not each unit)
                 emit({"replay": self.task["replay_id"], "epoch": k, "mode": self.mode, "seconds": seconds,
                       "segment": self.first, "done": done})
+            if self.tail and k == self.last:  # the recording's loop ended here: on to the lines after it
+                self.epoch, self.in_tail = None, True
+                return
         self.epoch = None
         raise _ReplayDone
 
@@ -490,6 +518,9 @@ def _run_segment(task: dict, flor_nb) -> dict:
         "removed": sorted(watch.removed),
         "rebuilt_differs": rebuilt,
         "probe_changed": {"start": rep.first, "names": kept.changed()} if kept else None,
+        "tail_ran": rep.in_tail,
+        "head_ran": getattr(rep, "head_ran", False),
+        "head_differs": rep.head_differs,
         "roots": list(rep.capturer.order) if rep.capturer else [],
         "advanced": sorted(rep.capturer.advanced) if rep.capturer else [],
         "problems": rep.problems,

@@ -612,6 +612,71 @@ def test_a_probe_advancing_a_generator_only_it_uses_is_told_when_the_replay_star
     assert df.dropna(subset=["val1"])["val1"].tolist() != want[want["epoch"] == 3]["val1"].tolist()
 
 
+def test_probes_after_the_epoch_loop_run_on_the_state_training_left(ip, store):
+    """A probe added after the epoch loop (a final evaluation) never ran in a replay and logged nothing, without a
+    word. Now the segment ending at the recording's last epoch runs the cell's lines after the loop; what they log
+    has no epoch, a recorded final metric is compared, and a replay of earlier epochs runs the last one too."""
+    tail = "acc = (model(X).argmax(1) == y).float().mean().item()\nflor.log('final_acc', acc)\n"
+    probe = "flor.log('final_loss', F.cross_entropy(model(X), y).item())\n"
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name tl --no-progress\n" + TRAIN + tail)
+    df = run(ip, "%%flor replay tl --epochs 1 --no-progress\n" + TRAIN + tail + probe)
+    fid = df.attrs["fidelity"]
+    assert fid["level"] == "faithful" and fid["tail"]["ran"], df.attrs["verdict"]
+    assert "final_acc exact (1 value)" in df.attrs["verdict"], df.attrs["verdict"]
+    assert "run after epoch 3, on the state training left, so the replay runs epoch 3 too" in fid["plan"], fid["plan"]
+    last = df[df["epoch"].isna()]
+    assert len(last) == 1 and df.index[-1] == last.index[0] and set(df["epoch"].dropna()) == {1, 3}
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name tl_truth --no-progress\n" + TRAIN + tail + probe)
+    want = flor.dataframe("final_loss", run="tl_truth", store=store)
+    assert last["final_loss"].tolist() == want["final_loss"].dropna().tolist() and len(want["final_loss"].dropna()) == 1
+    # A recording that did not finish its loop has no state "after training": said, not silently skipped.
+    run(ip, SETUP)
+    run(ip, MODEL)
+    with pytest.raises(RuntimeError):
+        run(ip, "%%flor record --name tl_failed --no-progress\n" + TRAIN.replace(
+            "    history.append", "    if epoch == 2: raise RuntimeError('stop')\n    history.append") + tail)
+    df = run(ip, "%%flor replay tl_failed --epochs 1 --no-progress\n" + TRAIN.replace(
+        "    history.append", "    if epoch == 2: raise RuntimeError('stop')\n    history.append") + tail + probe)
+    assert "do not run: the recording did not finish its loop (it is failed)" in df.attrs["verdict"], \
+        df.attrs["verdict"]
+    assert "final_loss" not in df
+
+
+def test_probes_before_the_epoch_loop_log_from_the_worker_that_starts_at_epoch_0(ip, store):
+    """A probe added before the epoch loop (the model before training) logged nothing in a replay, without a word.
+    The worker starting at epoch 0 now keeps what such lines log (no epoch, as recorded) and checks that they ran
+    on the recording's state at the loop's start; a replay of later epochs runs epoch 0 too. Where an earlier
+    training the replay does not run again left the model trained, it says the values may differ."""
+    probe = "flor.log('w0', float(model[0].weight.sum()))\n"
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name hd --no-progress\n" + TRAIN)
+    df = run(ip, "%%flor replay hd --epochs 2 --no-progress\n" + probe + TRAIN)
+    fid = df.attrs["fidelity"]
+    assert fid["level"] == "faithful" and fid["head"] == {"ran": True, "differs": []}, df.attrs["verdict"]
+    assert "log from the worker that starts at epoch 0, so the replay runs epoch 0 too" in fid["plan"], fid["plan"]
+    first = df[df["epoch"].isna()]
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name hd_truth --no-progress\n" + probe + TRAIN)
+    want = flor.dataframe("w0", run="hd_truth", store=store)["w0"].dropna().tolist()
+    assert first["w0"].tolist() == want and len(want) == 1
+    # An earlier training, not run again in a replay (its values come from the checkpoint): the model the lines
+    # before the loop see in the worker is not the recording's.
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, TRAIN)
+    run(ip, "%%flor record --name hd_later --no-progress\n" + TRAIN)
+    df = run(ip, "%%flor replay hd_later --epochs 1 --no-progress\n" + probe + TRAIN)
+    fid = df.attrs["fidelity"]
+    assert fid["head"]["ran"] and "obj/model" in fid["head"]["differs"], df.attrs["verdict"]
+    assert "The lines added before the epoch loop ran on a state other than the recording's" in df.attrs["verdict"]
+
+
 def test_a_value_a_function_holds_is_compared_when_rebuilt(ip):
     """A validation set only a function holds (a default argument; a factory's closure is the same): functions are
     code, so it was never digested, and a probe calling it on an unseeded set said "Faithful"."""
