@@ -302,6 +302,47 @@ def test_mnist_example_leaves_the_gradients_its_train_helper_clears_out(store, t
 
 
 @pytest.mark.timeout(900)
+def test_mnist_example_with_probes_before_and_after_its_epoch_loop(store, tmp_path):
+    """pytorch/examples' ``mnist/main.py`` recorded with the code after its epoch loop (``if args.save_model:``),
+    verbatim. In a fresh kernel, a replay of epoch 1 with a probe before the loop (the initial weights) and one
+    after it (the final test loss) runs epoch 0 and the last epoch too, and both values equal those of a run that
+    had the probes from the start. Before, both probes logged nothing, without a word."""
+    root = _checkout("FLOR_PYTORCH_EXAMPLES", "mnist/main.py")
+    src = (root / "mnist" / "main.py").read_text()
+    imports = _between(src, "import argparse", "class Net").replace("from torchvision import datasets, transforms\n",
+                                                                   "")
+    setup = textwrap.dedent(_between(src, "    # Training settings", "    for epoch in range(1, args.epochs + 1):"))
+    setup = setup.replace("args = parser.parse_args()",  # size
+                          "args = parser.parse_args(['--epochs', '3', '--batch-size', '32', '--log-interval', '5'])")
+    setup = setup.replace(_between(setup, "transform=transforms.Compose", "train_loader = torch"), textwrap.dedent("""\
+        # data: random images instead of MNIST (no download)
+        dataset1 = torch.utils.data.TensorDataset(torch.randn(320, 1, 28, 28), torch.randint(0, 10, (320,)))
+        dataset2 = torch.utils.data.TensorDataset(torch.randn(200, 1, 28, 28), torch.randint(0, 10, (200,)))
+        """))
+    code = textwrap.dedent(_between(src, "    for epoch in range(1, args.epochs + 1):", "\n\nif __name__"))
+    assert "if args.save_model:" in code
+    probed = ("flor.log('fc2_init', float(model.fc2.weight.detach().norm()))\n" + code +
+              "with torch.no_grad():\n"
+              "    flor.log('final_nll', float(sum(F.nll_loss(model(x), t, reduction='sum') for x, t in test_loader)))\n")
+    cells = ["%load_ext flor_nb", imports, _between(src, "class Net", "def train("),
+             _between(src, "def train(", "def main():"), setup]
+    execute([*cells, "%%flor record --name mnist_ends --no-progress\n" + code], tmp_path)
+    execute([*cells, "%%flor record --name truth_ends --no-progress\n" + probed], tmp_path)
+    pkl = tmp_path / "ends.pkl"
+    fresh = execute(["%load_ext flor_nb", f"%%flor replay mnist_ends --epochs 1 --no-progress\n{probed}",
+                     f"_.to_pickle({str(pkl)!r})"], tmp_path)
+    verdict = text(fresh.cells[1])
+    assert "Faithful replay" in verdict and "so the replay runs epoch 0 too" in verdict \
+        and "so the replay runs epoch 2 too" in verdict, verdict[-3000:]
+    got = pd.read_pickle(pkl)
+    got = got[got["epoch"].isna()]
+    want = flor.dataframe("fc2_init", "final_nll", run="truth_ends", store=store)
+    want = want[want["epoch"].isna()]
+    for name in ("fc2_init", "final_nll"):
+        assert got[name].dropna().tolist() == want[name].dropna().tolist() and len(want[name].dropna()) == 1, name
+
+
+@pytest.mark.timeout(900)
 def test_vae_example_keeps_what_its_train_helper_reads_after_the_batch_loop(store, tmp_path):
     """pytorch/examples' ``vae/main.py``: ``train(epoch)`` prints ``train_loss / len(...)`` after its batch loop. The
     recording keeps ``train_loss`` with the batch loop's exit state, so a probe outside the helper still skips the
