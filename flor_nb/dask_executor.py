@@ -313,11 +313,11 @@ def _child_main(fd: int):
     import pickle
     from multiprocessing.connection import Connection
 
-    from . import worker
+    from . import replay_events, worker
 
     conn = Connection(fd)
     worker.init(None)
-    worker._events = _Events(conn)
+    replay_events.use(_Events(conn))
     while True:
         try:
             fn, task = conn.recv()

@@ -2,7 +2,7 @@
 
 Outside recording and replay the session is :class:`Idle`: ``log`` and ``arg``
 return their value (``arg`` also remembers it, for the run it belongs to). A
-:class:`~flor_nb.recorder.Recorder` or :class:`~flor_nb.worker.Replayer`
+:class:`~flor_nb.recorder.Recorder` or :class:`~flor_nb.replayer.Replayer`
 replaces it for the duration of one cell.
 """
 from __future__ import annotations

@@ -61,7 +61,7 @@ class RecordUnits:
 
 
 class ReplayUnits:
-    """Drives a :class:`~flor_nb.worker.Replayer`: restore at the first unit, verify at each unit's
+    """Drives a :class:`~flor_nb.replayer.Replayer`: restore at the first unit, verify at each unit's
     end, stop after the segment's last unit (``_ReplayDone`` out of the framework's call)."""
 
     def __init__(self, replayer, snap=None, on_enter=None):
