@@ -7,10 +7,22 @@ in place would leave later epochs reading other data in a replay. The recorder c
 what such an object holds against what it held when recording started: the dataset's length and, for
 tensors it holds (a ``TensorDataset``, a ``Subset``'s indices), their in-place version counters. One that
 changed is named as not captured, when it changes. Items of a Python list replaced in place are not seen.
+
+Functions the cell calls are code, rebuilt too; one whose closure holds a variable training changes (a warmup
+counter behind ``nonlocal n``, a dict it updates) would start it afresh in a replay. Their closure variables are
+digested the same way (the state's objects by name) and one that changed is named.
 """
 from __future__ import annotations
 
+import time
+import types
+
 import torch
+
+from .capture import walk
+from .kinds import CODE
+from .roots import Scope
+from .setup_check import digest
 
 _DATA = (torch.utils.data.DataLoader, torch.utils.data.Dataset)
 
@@ -46,6 +58,31 @@ class Watch:
         self._objects = {n: ns[n] for n in sorted(roots) if isinstance(ns.get(n), _DATA)}
         self._start = {n: signature(o) for n, o in self._objects.items()}
         self._told: set = set()
+        self._closures = {n: ns[n] for n in sorted(roots)
+                          if isinstance(ns.get(n), types.FunctionType) and ns[n].__closure__}
+        self._graph, self._named = None, {}
+        if self._closures:  # the state's objects (``params = list(model.parameters())`` too) by name: captured
+            values = {n for n in roots if n in ns and not isinstance(ns[n], CODE)}
+            self._graph = walk(ns, Scope(assigned=set(), free=set(), only=values), sorted(values))  # ids stay theirs
+            self._named = dict(self._graph.owners)
+            for path, (kind, obj) in self._graph.stateful.items():  # a module's tensors are its state's too
+                if kind == "module":
+                    self._named.update({id(t): path for t in [*obj.parameters(), *obj.buffers()]})
+        self._held = {n: self._cells(f) for n, f in self._closures.items()}
+
+    def _cells(self, fn) -> list | None:
+        """The digest of each closure variable of ``fn`` (None: too large to digest in 50 ms)."""
+        deadline = time.perf_counter() + 0.05
+        out = []
+        for cell in fn.__closure__:
+            try:
+                value = cell.cell_contents
+            except ValueError:  # not bound yet
+                value = None
+            out.append(digest(value, deadline, named=self._named))
+            if out[-1] is None:
+                return None
+        return out
 
     def changed(self, unit: int, word: str = "epoch") -> dict:
         """{name: why} for those first seen changed at the end of ``unit``."""
@@ -60,4 +97,17 @@ class Watch:
                 how = f"its length went from {n0} to {n1}" if n0 != n1 else "a tensor it holds was changed in place"
                 out[name] = (f"{type(obj).__name__} changed by training ({how} by the end of {word} {unit}); a replay "
                              f"rebuilds it as its cell made it, so replayed {word}s after {unit} read other data")
+        for name, fn in self._closures.items():
+            was = self._held[name]
+            if name in self._told or was is None:
+                continue
+            now = self._cells(fn)
+            moved = [v for v, a, b in zip(fn.__code__.co_freevars, was, now or was) if a != b]
+            if moved:
+                self._told.add(name)
+                out[name] = (f"function {name}() changed by training: its closure variable{'s' if len(moved) > 1 else ''}"
+                             f" {', '.join(moved)} (by the end of {word} {unit}) cannot be restored; a replay starts "
+                             f"{'it' if len(moved) == 1 else 'them'} as the cells made {'it' if len(moved) == 1 else 'them'}"
+                             f", so replayed {word}s after {unit} may differ. Keep such state in an object or a global "
+                             "the cell reads")
         return out

@@ -248,7 +248,7 @@ def _cause(diverged, metric_bad, recorded_code, code, edited_cells, read, draws=
         names = ", ".join(list(read)[:4])
         causes.append(f"the replayed code reads {names}, which could not be captured (see below), so replay "
                       f"started from a rebuilt {'copy' if len(read) == 1 else 'copies'} instead of the recorded "
-                      "state (e.g. create such an iterator inside the epoch loop)")
+                      "state (what is said about it below says how to make it capturable)")
     if edited_cells:
         causes.append("an edited dependency cell changed training (keep edits to helpers to added flor.log lines)")
     foreign = _only_global_rng(diverged) if not draws and not metric_bad else []

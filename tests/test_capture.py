@@ -232,6 +232,51 @@ def test_a_dataset_training_changes_is_named_when_it_changes_and_by_a_replay_tha
         df.attrs["verdict"]
 
 
+CLOSURES = """
+import torch, torch.nn as nn, torch.nn.functional as F
+torch.manual_seed(0)
+X = torch.randn(96, 6); y = (X[:, 0] > 0).long()
+model = nn.Linear(6, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+def make_warmup(opt, steps):  # a closure counter: a replay cannot put n back
+    n = 0
+    def step():
+        nonlocal n
+        n += 1
+        for g in opt.param_groups:
+            g["lr"] = 0.1 * min(1.0, n / steps)
+    return step
+def make_loss(weight, params):  # a closure over what training changes but the state holds: nothing to say
+    def loss_fn(a, b):
+        return F.cross_entropy(a, b) * weight + 0 * sum(p.sum() for p in params)
+    return loss_fn
+warmup, loss_fn = make_warmup(opt, 10), make_loss(2.0, list(model.parameters()))
+"""
+CLOSURE_TRAIN = """
+for epoch in range(EPOCHS):
+    for i in range(0, 96, 32):
+        warmup()
+        loss = loss_fn(model(X[i:i + 32]), y[i:i + 32])
+        opt.zero_grad(); loss.backward(); opt.step()
+        flor.log("loss", loss.item())
+"""
+
+
+def test_a_function_whose_closure_training_changes_is_named_as_not_captured(store):
+    """A warmup counter behind ``nonlocal n``: functions are rebuilt by their cells, so a replay started it at 0
+    and diverged, and the verdict blamed the probe. The recording now names it when training first changes it,
+    and the verdict names it as what the replayed code read but could not be captured."""
+    with pytest.warns(NotCapturedWarning, match=r"function warmup\(\) changed by training: its closure variable n "
+                                                r"\(by the end of epoch 0\)") as told:
+        run = record(store, code=CLOSURE_TRAIN, setup=CLOSURES, name="closure", epochs=4)
+    assert set(run.state["not_captured"]) == {"warmup"}, run.state["not_captured"]  # not loss_fn
+    assert not [w for w in told if "loss_fn" in str(w.message)]
+    probe = CLOSURE_TRAIN + "        flor.log('lr', opt.param_groups[0]['lr'])\n"  # in the step loop: it runs
+    df = flor.replay("closure", code=probe, epochs="2", store=store)
+    assert not df.attrs["fidelity"]["faithful"] and "warmup" in df.attrs["fidelity"]["not_captured_read"]
+    assert "the replayed code reads warmup, which could not be captured" in df.attrs["verdict"], df.attrs["verdict"]
+
+
 def test_a_probe_keeping_a_running_value_across_epochs_is_built_from_the_first_epoch(store):
     """``vals = []`` before the loop, ``vals.append(val)`` in it: a running mean no checkpoint holds. A replay of
     epochs 3-4 started from their checkpoints averaged those two alone under "Faithful"; it now runs the epochs
