@@ -120,9 +120,12 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         fidelity["tail"] = {"last": p["tail"], "ran": any(r.get("tail_ran") for r in results), "why": p["tail_why"]}
     if p["head"]:
         fidelity["head"] = {"ran": any(r.get("head_ran") for r in results),
+                            "checked": any(r.get("head_checked") for r in results),
                             "differs": sorted({k for r in results for k in r.get("head_differs") or ()})}
-    if ((fidelity.get("head") or {}).get("differs") or not (fidelity.get("tail") or {"ran": True})["ran"])             and fidelity["level"] == FAITHFUL:  # a probe's values that may differ, or that are missing
-        fidelity["level"] = CAVEATS
+    head = fidelity.get("head") or {}
+    unsure = head.get("differs") or (head.get("ran") and not head["checked"])
+    if (unsure or not (fidelity.get("tail") or {"ran": True})["ran"]) and fidelity["level"] == FAITHFUL:
+        fidelity["level"] = CAVEATS  # a probe's values that may differ, or that are missing
     if cancelled is not None:
         _mark_cancelled(fidelity, p["epochs"], sorted(modes))
     if damaged:

@@ -34,6 +34,7 @@ class Replayer:
         self.after_loop = False  # left by `break`: the lines after it are not the unit's
         self.in_head = bool(task.get("head"))  # until the loop starts, keep what the lines before it log
         self.head_differs: list = []
+        self.head_ran = self.head_checked = False
         self.args = task["args"]
         self.epoch = None
         self.step = None
@@ -162,6 +163,7 @@ class Replayer:
         """The loop starts: the lines before it ran on the state the start checkpoint holds, or say what differs."""
         self.in_head = False
         start = self.task.get("start_digest")
+        self.head_checked = bool(start)
         if start:
             self.capturer.order = start.get(checkpoint.ROOTS) or self.capturer.order
             live = self.capturer.digests()

@@ -657,7 +657,7 @@ def test_probes_before_the_epoch_loop_log_from_the_worker_that_starts_at_epoch_0
     run(ip, "%%flor record --name hd --no-progress\n" + TRAIN)
     df = run(ip, "%%flor replay hd --epochs 2 --no-progress\n" + probe + TRAIN)
     fid = df.attrs["fidelity"]
-    assert fid["level"] == "faithful" and fid["head"] == {"ran": True, "differs": []}, df.attrs["verdict"]
+    assert fid["level"] == "faithful" and fid["head"] == {"ran": True, "checked": True, "differs": []}, df.attrs["verdict"]
     assert "log from the worker that starts at epoch 0, so the replay runs epoch 0 too" in fid["plan"], fid["plan"]
     first = df[df["epoch"].isna()]
     run(ip, SETUP)
