@@ -111,7 +111,9 @@ def head_added(recorded: str, edited: str, epoch_line: int) -> list[int]:
     except SyntaxError:
         return []
     loop = next((s for s in tree.body if s.lineno == epoch_line), None)
-    return [] if loop is None else [ln for ln in added_lines(recorded, edited) if ln < loop.lineno]
+    lines = edited.splitlines()
+    return [] if loop is None else [ln for ln in added_lines(recorded, edited) if ln < loop.lineno
+                                    and lines[ln - 1].strip()]
 
 
 def tail_added(recorded: str, edited: str, epoch_line: int) -> list[int]:
@@ -124,7 +126,8 @@ def tail_added(recorded: str, edited: str, epoch_line: int) -> list[int]:
     loop = next((s for s in tree.body if s.lineno == epoch_line), None)
     if loop is None:
         return []
-    return [ln for ln in added_lines(recorded, edited) if ln > loop.end_lineno]
+    lines = edited.splitlines()
+    return [ln for ln in added_lines(recorded, edited) if ln > loop.end_lineno and lines[ln - 1].strip()]
 
 
 # -- a step loop inside a helper function (the PyTorch quickstart: train(dataloader, model, ...)) ----------

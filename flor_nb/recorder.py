@@ -182,6 +182,7 @@ class Recorder(RowCommits, Checkpointing, Omission):
                 yield item
             except GeneratorExit:  # break, or an exception in the body: finish() decides
                 self.leave_unit(k)
+                self.epoch = self.step = None  # what the lines after the loop log has no unit, as after its end
                 raise
             self.end_unit(k)
         else:

@@ -633,6 +633,18 @@ def test_probes_after_the_epoch_loop_run_on_the_state_training_left(ip, store):
     run(ip, "%%flor record --name tl_truth --no-progress\n" + TRAIN + tail + probe)
     want = flor.dataframe("final_loss", run="tl_truth", store=store)
     assert last["final_loss"].tolist() == want["final_loss"].dropna().tolist() and len(want["final_loss"].dropna()) == 1
+    # Left by `break` (early stopping): what the lines after the loop log has no epoch, when recorded as in a replay.
+    stop = TRAIN.replace('    flor.log("last", history[-1])\n', '    flor.log("last", history[-1])\n    if epoch == 2:\n'
+                         '        break\n')
+    run(ip, SETUP)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name tl_break --no-progress\n" + stop + tail)
+    rec = flor.dataframe("final_acc", run="tl_break", store=store).dropna(subset=["final_acc"])
+    assert len(rec) == 1 and rec["epoch"].isna().all(), rec  # it was stored as epoch 2's
+    df = run(ip, "%%flor replay tl_break --epochs 1 --no-progress\n" + stop + tail + probe)
+    assert "final_acc exact (1 value)" in df.attrs["verdict"] and df.attrs["fidelity"]["tail"]["ran"], \
+        df.attrs["verdict"]
+    assert df[df["epoch"].isna()]["final_loss"].notna().sum() == 1
     # A recording that did not finish its loop has no state "after training": said, not silently skipped.
     run(ip, SETUP)
     run(ip, MODEL)
