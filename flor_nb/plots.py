@@ -16,6 +16,14 @@ def probe_png(frame: pd.DataFrame) -> bytes | None:
     axes = fig.subplots(len(probes), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, probes):
         rows = frame.dropna(subset=[name])
+        outside = rows[rows["epoch"].isna()]  # logged before or after the loop: no place on an epoch axis
+        rows = rows[rows["epoch"].notna()]
+        if rows.empty:
+            ax.text(0.5, 0.5, ", ".join(f"{v:.6g}" for v in outside[name]), ha="center", va="center", fontsize=14,
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+            ax.set_title(f"{name} (hindsight, outside the loop, {frame.attrs.get('run', '')})")
+            continue
         frac = repeat_fraction(rows)
         if rows["step"].notna().any():
             for epoch, part in rows.groupby("epoch"):
@@ -27,7 +35,8 @@ def probe_png(frame: pd.DataFrame) -> bytes | None:
             ax.plot(rows["epoch"].astype(float) + frac, rows[name], marker="o")
             ax.set_xlabel("epoch")
         ax.set_ylabel(name)
-        ax.set_title(f"{name} (hindsight, {frame.attrs.get('run', '')})")
+        extra = f"; outside the loop: {', '.join(f'{v:.4g}' for v in outside[name])}" if len(outside) else ""
+        ax.set_title(f"{name} (hindsight, {frame.attrs.get('run', '')}{extra})")
         ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

@@ -3,6 +3,7 @@ plots and reports (a ``seq`` column numbers them)."""
 from __future__ import annotations
 
 import nbformat
+import pandas as pd
 import pytest
 from conftest import SETUP, TRAIN
 
@@ -59,6 +60,14 @@ def test_replay_result_keeps_every_value_and_plots_them(halves, store):
     table = results.table_html(df, ["half_max"])
     assert ">seq</th>" in table and "26 rows" in table  # 2 epoch-level rows and 24 step values
     assert engine_plots.probe_png(df)[:4] == b"\x89PNG"
+    # A probe before or after the loop gives rows with no epoch: in the table, beside (not on) the epoch axes.
+    outside = pd.concat([df, pd.DataFrame([{"epoch": None, "step": pd.NA, "seq": 0, "half_max": 7.0}])],
+                        ignore_index=True)
+    outside.attrs.update(df.attrs)
+    assert [lbl for lbl, *_ in plots.series(outside, "half_max")] == [lbl for lbl, *_ in plots.series(df, "half_max")]
+    assert [n for n, _ in plots.results(outside, ["half_max"])] == ["probes and recorded metrics"]
+    assert "27 rows" in results.table_html(outside, ["half_max"])
+    assert engine_plots.probe_png(outside)[:4] == b"\x89PNG"
     again = api.last_result(halves, store)
     assert again["half_max"].dropna().tolist() == steps["half_max"].tolist()
 

@@ -109,7 +109,9 @@ def _gapped(epochs, xs, ys):
 
 
 def series(frame: pd.DataFrame, column: str) -> list[tuple[str, list, list, bool]]:
-    """Plottable lines of one result column: (label, x, y, step_level). Dicts of numbers expand."""
+    """Plottable lines of one result column: (label, x, y, step_level). Dicts of numbers expand. Rows logged
+    before or after the loop (no epoch) have no place on the axis: the results table shows them."""
+    frame = frame[frame["epoch"].notna()]
     x = _positions(frame)
     out = []
     col = frame[column]
@@ -132,6 +134,7 @@ def series(frame: pd.DataFrame, column: str) -> list[tuple[str, list, list, bool
 
 def results(frame: pd.DataFrame, probes: list[str], max_panels: int = 12) -> list[tuple[str, bytes]]:
     """Figures for a replay result: each probe over the replayed epochs/steps, recorded metrics beside."""
+    frame = frame[frame["epoch"].notna()]  # before or after the loop: in the results table, not on an epoch axis
     if frame.empty:
         return []
     frame = frame.reset_index(drop=True)
