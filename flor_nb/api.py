@@ -189,10 +189,13 @@ def last_result(run, store=None):
     probes_ = list(last["probes"])
     metrics = sorted({r["name"] for r in st.logs([run.id], kind="recorded")})
     frame = dataframe(*probes_, *[m for m in metrics if m not in probes_], run=run.label, store=st)
-    frame = frame[frame["epoch"].isin(epochs)].drop(columns=["name", "version"])
+    # what lines before or after the loop logged (no epoch), when that replay ran them
+    outside = any((fidelity.get(k) or {}).get("ran") for k in ("head", "tail"))
+    frame = frame[frame["epoch"].isin(epochs) | (frame["epoch"].isna() & outside)].drop(columns=["name", "version"])
     frame = frame.dropna(how="all", subset=[c for c in frame.columns if c not in ("epoch", "step", "seq")])
     frame = frame.reset_index(drop=True)
-    frame["epoch"] = frame["epoch"].astype(int)
+    if frame["epoch"].notna().all():
+        frame["epoch"] = frame["epoch"].astype(int)
     frame.attrs.update({"run": run.label, "epochs": epochs, "probes": probes_, "fidelity": fidelity,
                         "verdict": verdict_text(fidelity), "code": last["code"], "replay": last["id"]})
     if last["status"] == "cancelled":

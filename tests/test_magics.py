@@ -633,6 +633,8 @@ def test_probes_after_the_epoch_loop_run_on_the_state_training_left(ip, store):
     run(ip, "%%flor record --name tl_truth --no-progress\n" + TRAIN + tail + probe)
     want = flor.dataframe("final_loss", run="tl_truth", store=store)
     assert last["final_loss"].tolist() == want["final_loss"].dropna().tolist() and len(want["final_loss"].dropna()) == 1
+    again = flor.api.last_result("tl", store)  # what the panel shows after a restart
+    assert again[again["epoch"].isna()]["final_loss"].tolist() == want["final_loss"].dropna().tolist()
     # Left by `break` (early stopping): what the lines after the loop log has no epoch, when recorded as in a replay.
     stop = TRAIN.replace('    flor.log("last", history[-1])\n', '    flor.log("last", history[-1])\n    if epoch == 2:\n'
                          '        break\n')
