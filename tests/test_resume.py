@@ -100,7 +100,18 @@ class _Kernel:
     def pid(self) -> int:
         return self.km.provisioner.process.pid
 
-    def run(self, code, timeout=240) -> str:
+    def run(self, code, timeout=240, after_error=False) -> str:
+        """``after_error``: the cell just before ended in an error (an interrupt), and the kernel aborts what
+        reaches it while it drops its queue: send it again until it runs."""
+        for _ in range(40 if after_error else 1):
+            text, status = self._run(code, timeout)
+            if status != "aborted":
+                break
+            time.sleep(0.25)
+        assert status == "ok", text
+        return text
+
+    def _run(self, code, timeout) -> tuple[str, str]:
         out = []
 
         def keep(msg):
@@ -113,9 +124,7 @@ class _Kernel:
                 out.append(content["data"].get("text/plain", ""))
 
         reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=keep)
-        text = "".join(out)
-        assert reply["content"]["status"] == "ok", text
-        return text
+        return "".join(out), reply["content"]["status"]
 
     def start(self, code):
         self.kc.execute(code)
