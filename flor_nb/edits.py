@@ -94,7 +94,7 @@ def probe_carried(recorded: str, edited: str, epoch_line: int) -> list[str]:
     for stmt in tree.body:
         if stmt.lineno == epoch_line:
             read = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-            return sorted(bound & read)
+            return sorted((bound & read) | _carried_in_loop(stmt, added, recorded))
         if set(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)) <= added:
             bound |= {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(stmt)
@@ -128,6 +128,53 @@ def tail_added(recorded: str, edited: str, epoch_line: int) -> list[int]:
         return []
     lines = edited.splitlines()
     return [ln for ln in added_lines(recorded, edited) if ln > loop.end_lineno and lines[ln - 1].strip()]
+
+
+def _carried_in_loop(loop, added: set, recorded: str) -> set:
+    """Names the inserted lines bind inside the epoch loop and read where no earlier binding in the same epoch
+    must have run: read before it (``flor.log("delta", val - prev)`` ... ``prev = val``), or after a binding
+    inside a block (``if epoch == 0: baseline = val``). A value from an earlier epoch, then. Not names the
+    recorded cell binds (training's: in the state)."""
+    try:
+        training = _walk_names(ast.parse(recorded), ast.Store)
+    except SyntaxError:
+        return set()
+    where: dict = {}  # statement -> (the list of statements holding it, its index there)
+    parent: dict = {}
+    for node in ast.walk(loop):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list):
+                for i, st in enumerate(block):
+                    where[st] = (id(block), i)
+        for child in ast.iter_child_nodes(node):
+            parent[child] = node
+
+    def chain(node):  # the statements around node, innermost first
+        while node is not loop and node in parent:
+            if node in where:
+                yield node
+            node = parent[node]
+
+    stores, reads = {}, {}
+    for n in ast.walk(loop):
+        if isinstance(n, ast.Name) and n.lineno in added:
+            if isinstance(n.ctx, ast.Store):
+                stores.setdefault(n.id, []).append(next(chain(n), None))
+            elif isinstance(n.ctx, ast.Load):
+                reads.setdefault(n.id, []).append(n)
+
+    def dominated(read, binders) -> bool:
+        around = [where[st] for st in chain(read)]
+        return any(st is not None and any(b == where[st][0] and i > where[st][1] for b, i in around)
+                   for st in binders)
+
+    return {name for name, rs in reads.items() if name in stores and name not in training
+            and not all(dominated(r, stores[name]) for r in rs)}
+
+
+def _walk_names(tree, ctx) -> set:
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)}
 
 
 # -- a step loop inside a helper function (the PyTorch quickstart: train(dataloader, model, ...)) ----------

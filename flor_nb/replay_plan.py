@@ -46,9 +46,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         word = "iteration" if (hint or {}).get("unit") == "iterations" else "epoch"
         start = f"the replay starts at {word} 0 to build" if min(selected) > 0 else "the replay builds"
         selected = list(range(0, max(selected) + 1))
-        carried_why = (f"The probes keep {', '.join(sequential)} from one {word} to the next (bound before the loop, "
-                       f"read in it), which no checkpoint holds: {start} {'it' if len(sequential) == 1 else 'them'} "
-                       f"in one worker")
+        carried_why = (f"The probes keep {', '.join(sequential)} from one {word} to the next, which no checkpoint "
+                       f"holds: {start} {'it' if len(sequential) == 1 else 'them'} in one worker")
     tail, selected, tail_why = _tail(run, code, loops, hint, selected)
     head, selected, head_why = _head(run, code, loops, hint, selected)
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}

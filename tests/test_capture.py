@@ -301,6 +301,25 @@ def test_a_probe_keeping_a_running_value_across_epochs_is_built_from_the_first_e
         assert epoch_values(df, ["mean_val"], {3, 4}) == epoch_values(want, ["mean_val"], {3, 4})
 
 
+def test_a_probe_reading_its_own_value_from_the_epoch_before_is_built_from_the_first_epoch(store):
+    """``flor.log("delta", val - prev)`` ... ``prev = val``, all inside the loop: a replay of epochs 3-4 raised a
+    NameError (or, had the cells bound a ``prev``, used theirs). Such names are carried like a running value."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        record(store)
+    finally:
+        torch.set_num_threads(threads)
+    probe = TRAIN.replace("    flor.log(\"val\", val)\n", "    flor.log(\"val\", val)\n    if epoch > 0:\n"
+                          "        flor.log(\"delta\", val - prev)\n    prev = val\n")
+    truth = record(store, code=probe, name="truth")
+    want = flor.dataframe("delta", run=truth.label, store=store)
+    df = flor.replay("t", code=probe, epochs="3-4", workers=2, store=store)
+    assert df.attrs["fidelity"]["faithful"], df.attrs["verdict"]
+    assert "The probes keep prev from one epoch to the next" in df.attrs["fidelity"]["plan"], df.attrs["fidelity"]["plan"]
+    assert epoch_values(df, ["delta"], {3, 4}) == epoch_values(want, ["delta"], {3, 4})
+
+
 def test_only_inserted_statements_are_guarded_even_when_a_probe_copies_the_loops_lines():
     """A diff from the top aligns a probe that copies the step loop's header and loss line with the recorded loop,
     and takes the loop's own lines for inserted ones: guarding them would undo training's draws. The guard checks
