@@ -156,18 +156,25 @@ def _carried_in_loop(loop, added: set, recorded: str) -> set:
                 yield node
             node = parent[node]
 
+    comprehended = {id(n) for c in ast.walk(loop) if isinstance(c, ast.comprehension) for n in ast.walk(c.target)}
     stores, reads = {}, {}
     for n in ast.walk(loop):
         if isinstance(n, ast.Name) and n.lineno in added:
-            if isinstance(n.ctx, ast.Store):
+            if isinstance(n.ctx, ast.Store) and id(n) not in comprehended:  # a comprehension's own variable
                 stores.setdefault(n.id, []).append(next(chain(n), None))
             elif isinstance(n.ctx, ast.Load):
                 reads.setdefault(n.id, []).append(n)
 
     def dominated(read, binders) -> bool:
-        around = [where[st] for st in chain(read)]
-        return any(st is not None and any(b == where[st][0] and i > where[st][1] for b, i in around)
-                   for st in binders)
+        around = list(chain(read))
+        for st in binders:
+            if st is None:
+                continue
+            if isinstance(st, (ast.For, ast.AsyncFor, ast.With, ast.AsyncWith, ast.Try)) and st in around:
+                return True  # the loop's or with's own variable, read in its body
+            if any(where[a][0] == where[st][0] and where[a][1] > where[st][1] for a in around):
+                return True
+        return False
 
     return {name for name, rs in reads.items() if name in stores and name not in training
             and not all(dominated(r, stores[name]) for r in rs)}
