@@ -208,6 +208,19 @@ def walk(ns: dict, scope: Scope, order=(), max_objects: int | None = None, max_b
     return g
 
 
+def state_objects(ns: dict, roots, **limits) -> tuple[Graph, dict]:
+    """The walk of the state from ``roots`` (names in ``ns``) and {id: root} of every object it holds, a module's
+    parameters and buffers too: what a replay restores and checks, so other digests name them, not read them.
+    Keep the graph while the ids are in use (it keeps the objects alive)."""
+    roots = sorted(n for n in roots if n in ns and not isinstance(ns[n], CODE))
+    g = walk(ns, Scope(assigned=set(), free=set(), only=set(roots)), roots, **limits)
+    ids = dict(g.owners)
+    for path, (kind, obj) in g.stateful.items():
+        if kind == "module":
+            ids.update({id(t): path for t in [*obj.parameters(), *obj.buffers()]})
+    return g, ids
+
+
 def _weak_refs(g: Graph):
     """A weak reference is saved as one to the same object when the captured state holds that object (an LSTM's
     ``_flat_weight_refs`` point at its own parameters): restore makes it point at the restored object. One to

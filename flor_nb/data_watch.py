@@ -19,10 +19,8 @@ import types
 
 import torch
 
-from .capture import walk
-from .kinds import CODE
-from .roots import Scope
-from .setup_check import digest
+from .capture import state_objects
+from .setup_check import closure_values, digest
 
 _DATA = (torch.utils.data.DataLoader, torch.utils.data.Dataset)
 
@@ -60,29 +58,15 @@ class Watch:
         self._told: set = set()
         self._closures = {n: ns[n] for n in sorted(roots)
                           if isinstance(ns.get(n), types.FunctionType) and ns[n].__closure__}
-        self._graph, self._named = None, {}
-        if self._closures:  # the state's objects (``params = list(model.parameters())`` too) by name: captured
-            values = {n for n in roots if n in ns and not isinstance(ns[n], CODE)}
-            self._graph = walk(ns, Scope(assigned=set(), free=set(), only=values), sorted(values))  # ids stay theirs
-            self._named = dict(self._graph.owners)
-            for path, (kind, obj) in self._graph.stateful.items():  # a module's tensors are its state's too
-                if kind == "module":
-                    self._named.update({id(t): path for t in [*obj.parameters(), *obj.buffers()]})
+        # the state's objects (``params = list(model.parameters())`` too) by name: captured on their own
+        self._graph, self._named = state_objects(ns, roots) if self._closures else (None, {})
         self._held = {n: self._cells(f) for n, f in self._closures.items()}
 
     def _cells(self, fn) -> list | None:
         """The digest of each closure variable of ``fn`` (None: too large to digest in 50 ms)."""
         deadline = time.perf_counter() + 0.05
-        out = []
-        for cell in fn.__closure__:
-            try:
-                value = cell.cell_contents
-            except ValueError:  # not bound yet
-                value = None
-            out.append(digest(value, deadline, named=self._named))
-            if out[-1] is None:
-                return None
-        return out
+        out = [digest(value, deadline, named=self._named) for value in closure_values(fn)]
+        return None if None in out else out
 
     def changed(self, unit: int, word: str = "epoch") -> dict:
         """{name: why} for those first seen changed at the end of ``unit``."""
@@ -105,9 +89,10 @@ class Watch:
             moved = [v for v, a, b in zip(fn.__code__.co_freevars, was, now or was) if a != b]
             if moved:
                 self._told.add(name)
-                out[name] = (f"function {name}() changed by training: its closure variable{'s' if len(moved) > 1 else ''}"
-                             f" {', '.join(moved)} (by the end of {word} {unit}) cannot be restored; a replay starts "
-                             f"{'it' if len(moved) == 1 else 'them'} as the cells made {'it' if len(moved) == 1 else 'them'}"
-                             f", so replayed {word}s after {unit} may differ. Keep such state in an object or a global "
-                             "the cell reads")
+                it = "it" if len(moved) == 1 else "them"
+                plural = "s" if len(moved) > 1 else ""
+                out[name] = (f"function {name}() changed by training: its closure variable{plural} {', '.join(moved)} "
+                             f"(by the end of {word} {unit}) cannot be restored; a replay starts {it} as the cells "
+                             f"made {it}, so replayed {word}s after {unit} may differ. Keep such state in an object "
+                             "or a global the cell reads")
         return out

@@ -103,31 +103,20 @@ def probe_carried(recorded: str, edited: str, epoch_line: int) -> list[str]:
     return []
 
 
-def head_added(recorded: str, edited: str, epoch_line: int) -> list[int]:
-    """1-based lines of ``edited`` added at its top level before its epoch loop (a probe of the model before
-    training): they run on the state the cell starts with."""
+def added_around(recorded: str, edited: str, epoch_line: int) -> tuple[list[int], list[int]]:
+    """1-based lines of ``edited`` added at its top level (blank ones left out) before its epoch loop (a probe of
+    the model before training: they run on the state the cell starts with) and after it (a final evaluation's
+    probe: they run on the state training left, after its last unit)."""
     try:
         tree = ast.parse(edited)
     except SyntaxError:
-        return []
-    loop = next((s for s in tree.body if s.lineno == epoch_line), None)
-    lines = edited.splitlines()
-    return [] if loop is None else [ln for ln in added_lines(recorded, edited) if ln < loop.lineno
-                                    and lines[ln - 1].strip()]
-
-
-def tail_added(recorded: str, edited: str, epoch_line: int) -> list[int]:
-    """1-based lines of ``edited`` added after its epoch loop (a final evaluation's probe): they run on the state
-    training left, after its last unit."""
-    try:
-        tree = ast.parse(edited)
-    except SyntaxError:
-        return []
+        return [], []
     loop = next((s for s in tree.body if s.lineno == epoch_line), None)
     if loop is None:
-        return []
+        return [], []
     lines = edited.splitlines()
-    return [ln for ln in added_lines(recorded, edited) if ln > loop.end_lineno and lines[ln - 1].strip()]
+    added = [ln for ln in added_lines(recorded, edited) if lines[ln - 1].strip()]
+    return [ln for ln in added if ln < loop.lineno], [ln for ln in added if ln > loop.end_lineno]
 
 
 def _carried_in_loop(loop, added: set, recorded: str) -> set:

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from .capture import walk
+from .capture import state_objects
 from .cells import analyze
 from .data_watch import signature
 from .edits import added_lines
@@ -30,7 +30,7 @@ from .roots import Scope, root_names
 from .tensor_bytes import hash_tensor
 from .hashing import DEFAULT
 from .instrument import RUNTIME
-from .setup_check import rng_types
+from .setup_check import held_values, rng_types
 
 logger = logging.getLogger(__name__)
 
@@ -109,24 +109,10 @@ def watched(ns: dict, names: set, exclude, state_ids=()) -> list[str]:
     out = []
     for name in sorted(reach - set(exclude)):
         value = ns[name]
-        if name.startswith("_") or id(value) in state_ids or (isinstance(value, CODE) and not _held(value)):
+        if name.startswith("_") or id(value) in state_ids or (isinstance(value, CODE) and not held_values(value)):
             continue
         out.append(name)
     return out
-
-
-def _held(value) -> tuple | None:
-    """What a function holds (its defaults, its closure), else None."""
-    if not callable(value) or not hasattr(value, "__code__"):
-        return None
-    cells = []
-    for cell in getattr(value, "__closure__", None) or ():
-        try:
-            cells.append(cell.cell_contents)
-        except ValueError:
-            cells.append(None)
-    held = (getattr(value, "__defaults__", None), getattr(value, "__kwdefaults__", None), cells)
-    return held if any(held) else None
 
 
 def digest(value, budget: float = BUDGET_S, state_ids=()) -> str | None:
@@ -156,7 +142,7 @@ def digest(value, budget: float = BUDGET_S, state_ids=()) -> str | None:
             return ("dataset", type(obj).__qualname__, signature(obj), tuple(own))  # a walk of every sample
         return None
 
-    held = _held(value)
+    held = held_values(value)
     try:
         return fingerprint(held if held is not None else value, token)
     except _TooLarge:
@@ -169,10 +155,11 @@ def digest(value, budget: float = BUDGET_S, state_ids=()) -> str | None:
 class Watch:
     """The probes' values, digested after the setup and compared after the segment."""
 
-    def __init__(self, ns: dict, names: list[str], graph=None):
-        """``graph``: the state's walk (capture.Graph), kept alive so the ids of its objects stay theirs."""
-        self.ns, self.graph = ns, graph
-        self.state_ids = state_ids = graph.owners if graph is not None else {}
+    def __init__(self, ns: dict, names: list[str], graph=None, state_ids=None):
+        """``graph``, ``state_ids``: the state's walk and objects (capture.state_objects); the graph is kept so
+        the ids stay those of its objects."""
+        state_ids = state_ids or {}
+        self.ns, self.graph, self.state_ids = ns, graph, state_ids
         self.start = {}
         for n in names:  # one whose digest moves by itself (a value made afresh at each walk) is not watched
             first = digest(ns[n], state_ids=state_ids)
@@ -197,9 +184,9 @@ def for_segment(ns: dict, recorded: str, code: str, cells, roots, limits: dict) 
     if not names:
         return None
     exclude = set(roots) | analyze(recorded)[1] | {"flor", RUNTIME}
-    graph = walk(ns, Scope(assigned=set(), free=set(), only=set(roots)), list(roots), **limits)
-    found = watched(ns, names, exclude, graph.owners)
-    return Watch(ns, found, graph) if found else None
+    graph, state_ids = state_objects(ns, roots, **limits)
+    found = watched(ns, names, exclude, state_ids)
+    return Watch(ns, found, graph, state_ids) if found else None
 
 
 def describe(changed: dict, starts: list[int], epochs: list[int], unit: str = "epoch") -> str:
@@ -214,8 +201,9 @@ def describe(changed: dict, starts: list[int], epochs: list[int], unit: str = "e
         one = len(moved) == 1
         out += (f". NOT necessarily what a run with these probes from the start would have logged in {units}: the "
                 f"probes change {', '.join(moved)} from one {unit} to the next (a generator they draw from, an "
-                f"iterator they advance, a list they append to), which training does not, so no checkpoint holds {'it' if one else 'them'}; "
-                f"the replay started at {unit}{'s' if len(starts) > 1 else ''} {', '.join(map(str, starts))} from "
+                f"iterator they advance, a list they append to), which training does not, so no checkpoint holds "
+                f"{'it' if one else 'them'}; the replay started at {unit}{'s' if len(starts) > 1 else ''} "
+                f"{', '.join(map(str, starts))} from "
                 f"{'its' if one else 'their'} value as the cells made {'it' if one else 'them'}, without the changes "
                 f"the probes would have made in the {unit}s before")
     unsure = sorted(n for n, w in changed.items() if w == "unwatched")

@@ -89,7 +89,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     duration = time.perf_counter() - started
     rows = [r for res in results for r in res["rows"]]
     modes = {int(e): m for res in results for e, m in res["modes"].items()}
-    tail_ran = any(res.get("tail_ran") or res.get("head_ran") for res in results)  # rows with no epoch
+    outside = any(res.get("tail_ran") or res.get("head_ran") for res in results)  # rows with no epoch
     recorded = store.logs([run.id], kind="recorded")
     recorded_names = {r["name"] for r in recorded}
     state = {**run.state, "clock_metrics": sorted(set(run.state.get("clock_metrics", ())) | clock_names(p["code"])[1]),
@@ -97,7 +97,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
                  (f"In[{c['count']}]", c["source"]) for c in p["cells"]])}
     fidelity = check(_by_content(recorded, store.home), _by_content(rows, store.home), modes, results,
                      recorded_code=run.code, code=p["code"],
-                     edited_cells=p["edited_cells"], run_state=state, tail=tail_ran,
+                     edited_cells=p["edited_cells"], run_state=state, outside=outside,
                      reads=sorted(set(_reads(p["code"])).union(*(r.get("roots", []) for r in results))))
     fidelity["kinds"] = run.state.get("objects") or {}
     fidelity["unit"] = recorded_loops(run.state).get("unit", "epochs")
@@ -110,7 +110,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
     fidelity["setup_output"] = next((r.get("setup_output") for r in results if r.get("setup_output")), "")
     probes = sorted({r[0] for r in rows} - recorded_names)
     keep = [r for r in rows if r[0] in probes]
-    store.replace_hindsight(run.id, probes, sorted(modes) + ([None] if tail_ran else []), keep, replay_id)
+    store.replace_hindsight(run.id, probes, sorted(modes) + ([None] if outside else []), keep, replay_id)
     fidelity["seconds"] = duration
     fidelity["timings"] = [{k: res[k] for k in ("segment", "setup_seconds", "restore_seconds", "epoch_seconds", "pid")}
                            for res in results]
@@ -132,7 +132,7 @@ def replay(run, code=None, epochs=None, cells=None, workers=None, store=None, on
         fidelity["damaged_checkpoints"] = {str(e): why for e, why in damaged.items()}
     store.finish_replay(replay_id, "cancelled" if cancelled else "finished", duration, probes, fidelity)
     frame = result_frame(run, recorded, rows, probes, sorted(modes) if cancelled else p["epochs"], fidelity, store,
-                         tail=tail_ran)
+                         outside=outside)
     if cancelled is not None:
         frame.attrs["cancelled"] = True
         cancelled.result = frame
@@ -246,15 +246,15 @@ def _scope_spec(run: Run) -> dict:
     return {"only": set(spec["only"]) if spec.get("only") else None, "extra": set(spec.get("extra") or ())}
 
 
-def result_frame(run, recorded, rows, probes, epochs, fidelity, store=None, tail=False) -> pd.DataFrame:
+def result_frame(run, recorded, rows, probes, epochs, fidelity, store=None, outside=False) -> pd.DataFrame:
     """Wide frame: epoch, step, seq, each probe, and the recorded metrics of those epochs beside them.
 
     ``seq`` numbers the values logged under one name at one (epoch, step): a probe in a helper called
-    per micro-batch gives rows with seq 0, 1, ...; most rows have seq 0. ``tail``: the cell's lines after its
-    loop ran; what they logged is in rows with no epoch, last.
+    per micro-batch gives rows with seq 0, 1, ...; most rows have seq 0. ``outside``: the cell's lines before or
+    after its loop ran; what they logged is in rows with no epoch, last.
     """
     store = get_store(store)
-    selected = set(epochs) | ({None} if tail else set())
+    selected = set(epochs) | ({None} if outside else set())
     records = defaultdict(dict)
     for n, e, s, q, v in rows:
         if n in probes and e in selected:

@@ -5,7 +5,7 @@ import warnings
 
 from . import checkpoint, liveness, machine, runtime, thinning, validate
 from .checkpoint import CorruptCheckpointError
-from .edits import changes, head_added, helper_reads_after_steps, helper_touched, probe_carried, tail_added
+from .edits import added_around, changes, helper_reads_after_steps, helper_touched, probe_carried
 from .errors import FlorError, NoCheckpointError
 from .instrument import instrument, parse, recorded_loops
 from .plan import format_epochs, loop_values, parse_epochs, plan
@@ -48,8 +48,7 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         selected = list(range(0, max(selected) + 1))
         carried_why = (f"The probes keep {', '.join(sequential)} from one {word} to the next, which no checkpoint "
                        f"holds: {start} {'it' if len(sequential) == 1 else 'them'} in one worker")
-    tail, selected, tail_why = _tail(run, code, loops, hint, selected)
-    head, selected, head_why = _head(run, code, loops, hint, selected)
+    head, tail, selected, head_why, tail_why = _around_loop(run, code, loops, hint, selected)
     ckpts = {e: r for e, r in store.checkpoints(run.id).items() if e not in (damaged or {})}
     extra = store.digests(run.id)  # the state at epochs without a checkpoint: replay still checks it
     # Checkpoints lacking what the edited code reads first; step-exit states lacking what it reads after the steps.
@@ -126,7 +125,8 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
         "tail_why": tail_why,
         "head": head,  # lines added before the loop: the segment from unit 0 keeps what they log
         "head_why": head_why,
-        "start_digest": runtime.from_json(ckpts[-1]["digest"]) if head and -1 in ckpts and ckpts[-1]["digest"] else None,
+        "start_digest": (runtime.from_json(ckpts[-1]["digest"]) if head and -1 in ckpts and ckpts[-1]["digest"]
+                         else None),
         "summary": _describe(selected, segments, workers, touched, hint.get("unit") if hint else None,
                              _own_numbers(run, selected)) + (
             f". {thinning.plan_text(run, thinned)}" if thinned else "") + (
@@ -139,37 +139,31 @@ def prepare(store: Store, run: Run, code=None, epochs=None, cells=None, workers=
     }
 
 
-def _head(run: Run, code: str, loops, hint, selected) -> tuple:
-    """(whether lines were added before the loop, the selection, from unit 0; why, for the plan)."""
-    added = [] if (hint or {}).get("framework") else head_added(run.code, code, loops.epoch_line)
-    if not added:
-        return False, selected, ""
+def _around_loop(run: Run, code: str, loops, hint, selected) -> tuple:
+    """Lines added before and after the loop: (whether there are lines before it; the last unit, after which the
+    lines after it run, or None; the selection, from unit 0 and through that unit as needed; why for each, for the
+    plan)."""
+    before, after = ([], []) if (hint or {}).get("framework") else added_around(run.code, code, loops.epoch_line)
     word = "iteration" if (hint or {}).get("unit") == "iterations" else "epoch"
-    lines = f"line{'s' if len(added) > 1 else ''} {', '.join(map(str, added[:4]))}{' ...' if len(added) > 4 else ''}"
-    why = f"The lines added before the {word} loop ({lines}) log from the worker that starts at {word} 0"
-    if selected and 0 not in selected:
-        selected = sorted(set(selected) | {0})
-        why += f", so the replay runs {word} 0 too"
-    return True, selected, why
+    head_why = tail_why = ""
+    last = None
 
+    def lines(added):
+        return f"line{'s' if len(added) > 1 else ''} {', '.join(map(str, added[:4]))}{' ...' if len(added) > 4 else ''}"
 
-def _tail(run: Run, code: str, loops, hint, selected) -> tuple:
-    """(the last unit, after which the lines added after the loop run, or None; the selection, through that unit;
-    why, for the plan)."""
-    added = [] if (hint or {}).get("framework") else tail_added(run.code, code, loops.epoch_line)
-    if not added:
-        return None, selected, ""
-    word = "iteration" if (hint or {}).get("unit") == "iterations" else "epoch"
-    lines = f"line{'s' if len(added) > 1 else ''} {', '.join(map(str, added[:4]))}{' ...' if len(added) > 4 else ''}"
-    if run.status != "finished" or not run.epochs_completed:
-        return None, selected, (f"The lines added after the {word} loop ({lines}) do not run: the recording did not "
-                                f"finish its loop (it is {run.status})")
-    last = run.epochs_completed - 1
-    why = f"The lines added after the {word} loop ({lines}) run after {word} {last}, on the state training left"
-    if last not in selected:
+    if after and (run.status != "finished" or not run.epochs_completed):
+        tail_why = (f"The lines added after the {word} loop ({lines(after)}) do not run: the recording did not finish "
+                    f"its loop (it is {run.status})")
+    elif after:
+        last = run.epochs_completed - 1
+        tail_why = (f"The lines added after the {word} loop ({lines(after)}) run after {word} {last}, on the state "
+                    "training left" + ("" if last in selected else f", so the replay runs {word} {last} too"))
         selected = sorted(set(selected) | {last})
-        why += f", so the replay runs {word} {last} too"
-    return last, selected, why
+    if before:
+        head_why = (f"The lines added before the {word} loop ({lines(before)}) log from the worker that starts at "
+                    f"{word} 0" + ("" if not selected or 0 in selected else f", so the replay runs {word} 0 too"))
+        selected = sorted(set(selected) | {0}) if selected else selected
+    return bool(before), last, selected, head_why, tail_why
 
 
 def _cells_word(counts) -> str:

@@ -88,21 +88,32 @@ def data_digest(value, deadline: float = float("inf")) -> str | None:
     return digest(value, deadline, rngs=False)
 
 
+def closure_values(fn) -> list:
+    """What each variable of ``fn``'s closure holds now (None: not bound yet)."""
+    out = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # not bound yet
+            out.append(None)
+    return out
+
+
+def held_values(fn) -> tuple | None:
+    """(defaults, keyword defaults, closure values) of a function (or a method's function) that holds any, else
+    None."""
+    if not callable(fn) or not hasattr(fn, "__code__"):
+        return None
+    held = (getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None), closure_values(fn))
+    return held if any(held) else None
+
+
 def fn_digest(fn, named=None, deadline: float = float("inf")) -> str | None:
     """The digest of the values a function holds (its defaults, the variables its closure captured: ``def
     evaluate(m, data=Xv)``, ``make_eval(Xv)``), the state's objects by name; None when it holds none or is too
     large to digest by ``deadline``."""
-    if not isinstance(fn, types.FunctionType):
-        return None
-    cells = []
-    for cell in fn.__closure__ or ():
-        try:
-            cells.append(cell.cell_contents)
-        except ValueError:  # not bound yet
-            cells.append(None)
-    if not (fn.__defaults__ or fn.__kwdefaults__ or cells):
-        return None
-    return digest((fn.__defaults__, fn.__kwdefaults__, cells), deadline, rngs=False, named=named)
+    held = held_values(fn) if isinstance(fn, types.FunctionType) else None
+    return None if held is None else digest(held, deadline, rngs=False, named=named)
 
 
 def _state_ids(ns: dict, roots) -> dict:

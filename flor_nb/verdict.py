@@ -31,18 +31,18 @@ _DRAWS = re.compile(r"\b(random|rand|randn|randint|randperm|rand_like|randn_like
 _GLOBAL_RNG = ("rng/random", "rng/numpy", "rng/torch")
 
 
-def compare_metrics(recorded, rows, modes: dict, clock_metrics=(), tolerance=None, tail=False) -> dict:
+def compare_metrics(recorded, rows, modes: dict, clock_metrics=(), tolerance=None, outside=False) -> dict:
     """Per recorded metric: how many values were compared, exact, missing; the first mismatch.
 
     ``tolerance``: ``(rtol, atol)``; values that differ within it count as ``close``, and a metric whose
-    values are all exact or close has the verdict ``close`` (never ``exact``). ``tail``: the cell's lines before
+    values are all exact or close has the verdict ``close`` (never ``exact``). ``outside``: the cell's lines before
     or after its loop ran, so what the recording logged there (no epoch) under the names they logged is compared
     too.
     """
     got_outside = {n for n, e, *_ in rows if e is None}  # before or after the loop: both are epoch None
     want = {(r["name"], r["epoch"], r["step"], r["seq"]): runtime.from_json(r["value"])
             for r in recorded if (r["epoch"] in modes and (r["step"] is None or modes[r["epoch"]] == "full"))
-            or (tail and r["epoch"] is None and r["name"] in got_outside)}
+            or (outside and r["epoch"] is None and r["name"] in got_outside)}
     got = {(n, e, s, q): runtime.from_json(v) for n, e, s, q, v in rows}
     by_name = defaultdict(list)
     for key in want:
@@ -99,12 +99,12 @@ def _stream_words(keys) -> str:
 
 
 def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", edited_cells=None,
-          run_state=None, reads=(), tail=False) -> dict:
+          run_state=None, reads=(), outside=False) -> dict:
     """The fidelity of a replay, as a JSON-able dict (see the module docstring)."""
     run_state = run_state or {}
     clock_vars, clock_metrics = set(run_state.get("clock_vars", ())), set(run_state.get("clock_metrics", ()))
     tol = tolerance_mode(results)
-    metrics = compare_metrics(recorded, rows, modes, clock_metrics, (RTOL, ATOL) if tol else None, tail)
+    metrics = compare_metrics(recorded, rows, modes, clock_metrics, (RTOL, ATOL) if tol else None, outside)
     events, checks, problems = [], [], []
     for res in results:
         events.extend(res.get("divergence", []))
