@@ -55,6 +55,15 @@ def _val_probe(code: str, before: str, expr: str) -> str:
                                 f"        flor.log('val', {expr})\n    model.train()\n{before}")
 
 
+def _replayed(ip, name, cells, code, probe, epochs="2"):
+    """Imports, then ``cells``; record ``code`` as ``name``; replay ``epochs`` with ``probe``: the replay's frame."""
+    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
+    for cell in cells:
+        run(ip, cell)
+    run(ip, f"%%flor record --name {name} --no-progress\n" + code)
+    return run(ip, f"%%flor replay {name} --epochs {epochs} --no-progress\n" + probe)
+
+
 def run(ip, src):
     result = ip.run_cell(src, store_history=True)
     if result.error_before_exec:
@@ -509,13 +518,10 @@ def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(i
     """``Xv`` comes from an unseeded draw (torch 2.13 seeds itself at random in each process; here the clock seeds
     it, so the replay's draw differs for sure), or from a file rewritten since: only the probe reads it, so the
     replay's re-run cell makes another one. The verdict says so, by name, instead of "Faithful"."""
-    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
-    run(ip, "torch.manual_seed(time.time_ns() % 2 ** 31)  # as torch seeds itself, differently in each process\n"
-            "X = torch.randn(96, 6); y = (X[:, 0] > 0).long()\nXv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n")
-    run(ip, MODEL)
-    run(ip, "%%flor record --name us --no-progress\n" + TRAIN)
     probe = _val_probe(TRAIN, "    history.append", "F.cross_entropy(model(Xv), yv).item()")
-    df = run(ip, "%%flor replay us --epochs 2 --no-progress\n" + probe)
+    df = _replayed(ip, "us", ["torch.manual_seed(time.time_ns() % 2 ** 31)  # as torch seeds itself, differently in "
+                              "each process\nX = torch.randn(96, 6); y = (X[:, 0] > 0).long()\n"
+                              "Xv = torch.randn(32, 6); yv = (Xv[:, 0] > 0).long()\n", MODEL], TRAIN, probe)
     fid = df.attrs["fidelity"]
     assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
     assert set(fid["rebuilt_differs"]) == {"Xv", "yv"}, fid["rebuilt_differs"]
@@ -558,13 +564,9 @@ def test_a_dataset_the_recorded_cell_reads_is_compared_when_rebuilt(ip, seed):
     in a replay, and a probe evaluating it said "Faithful". Its contents are now compared (not the loader's
     generator, whose state is restored: the training loader below was iterated by an earlier plain run, so its
     generator moved on, and that is no difference)."""
-    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
-    run(ip, DATA.format(seed=seed))
-    run(ip, MODEL)
-    run(ip, EVERY_TENTH.replace("range(4)", "range(1)"))  # a first, plain run: train_dl's generator moves on
-    run(ip, "%%flor record --name dv --no-progress\n" + EVERY_TENTH)
     probe = _val_probe(EVERY_TENTH, "    if epoch % 10", "sum(F.cross_entropy(model(a), b).item() for a, b in val_dl)")
-    df = run(ip, "%%flor replay dv --epochs 2 --no-progress\n" + probe)
+    plain = EVERY_TENTH.replace("range(4)", "range(1)")  # a first, plain run: train_dl's generator moves on
+    df = _replayed(ip, "dv", [DATA.format(seed=seed), MODEL, plain], EVERY_TENTH, probe)
     fid = df.attrs["fidelity"]
     if "time_ns" in seed:
         assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
@@ -589,13 +591,9 @@ def test_a_probe_advancing_a_generator_only_it_uses_is_told_when_the_replay_star
     reads: no checkpoint holds it, and a replay of epoch 3 drew from it as the cells made it, where a run with the
     probe from the start had drawn from it in epochs 0-2 too. It said "Faithful" with another value. It now says
     which values may differ and how to get them; replayed from epoch 0 in one worker, they equal that run's."""
-    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
-    run(ip, OWN_GENERATOR)
-    run(ip, MODEL)
     code = EVERY_TENTH.replace("range(4)", "range(5)").split("    if epoch % 10")[0]  # val_dl is not read
-    run(ip, "%%flor record --name og --no-progress\n" + code)
     probe = code + FIRST_BATCH
-    df = run(ip, "%%flor replay og --epochs 3 --no-progress\n" + probe)
+    df = _replayed(ip, "og", [OWN_GENERATOR, MODEL], code, probe, epochs="3")
     fid = df.attrs["fidelity"]
     assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
     assert fid["probe_changed"]["names"] == {"val_dl": "changed"}, fid["probe_changed"]
@@ -694,14 +692,10 @@ def test_probes_before_the_epoch_loop_log_from_the_worker_that_starts_at_epoch_0
 def test_a_value_a_function_holds_is_compared_when_rebuilt(ip):
     """A validation set only a function holds (a default argument; a factory's closure is the same): functions are
     code, so it was never digested, and a probe calling it on an unseeded set said "Faithful"."""
-    run(ip, "import time, torch, torch.nn as nn, torch.nn.functional as F\n")
-    run(ip, SETUP + "torch.manual_seed(time.time_ns() % 2 ** 31)\nXv = torch.randn(32, 6)\n"
-                    "def evaluate(m, data=(Xv, (Xv[:, 0] > 0).long())):\n"
-                    "    return F.cross_entropy(m(data[0]), data[1]).item()\ndel Xv\n")
-    run(ip, MODEL)
-    run(ip, "%%flor record --name fh --no-progress\n" + TRAIN)
-    probe = _val_probe(TRAIN, "    history.append", "evaluate(model)")
-    df = run(ip, "%%flor replay fh --epochs 2 --no-progress\n" + probe)
+    setup = SETUP + ("torch.manual_seed(time.time_ns() % 2 ** 31)\nXv = torch.randn(32, 6)\n"
+                     "def evaluate(m, data=(Xv, (Xv[:, 0] > 0).long())):\n"
+                     "    return F.cross_entropy(m(data[0]), data[1]).item()\ndel Xv\n")
+    df = _replayed(ip, "fh", [setup, MODEL], TRAIN, _val_probe(TRAIN, "    history.append", "evaluate(model)"))
     fid = df.attrs["fidelity"]
     assert fid["level"] == "caveats" and set(fid["rebuilt_differs"]) == {"evaluate"}, df.attrs["verdict"]
     assert "made evaluate() hold other values than the recording's" in df.attrs["verdict"]
