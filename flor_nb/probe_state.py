@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import logging
 import time
+import types
 
 import numpy as np
 import torch
@@ -40,6 +42,12 @@ _SMALL = 4096  # tensors up to this many elements are digested by their bytes (a
 
 class _TooLarge(Exception):
     pass
+
+
+class Digest(str):
+    """A digest; ``partial`` when it holds a generator or iterator whose place is not seen in full (a generator
+    frame's locals and instruction are seen, not the loop it is suspended in)."""
+    partial = False
 
 
 def probe_names(recorded: str, code: str, cells=()) -> set[str]:
@@ -115,10 +123,14 @@ def watched(ns: dict, names: set, exclude, state_ids=()) -> list[str]:
     return out
 
 
-def digest(value, budget: float = BUDGET_S, state_ids=()) -> str | None:
+def digest(value, budget: float = BUDGET_S, state_ids=()) -> Digest | None:
     """A digest that changes when the value does, cheap to take twice in one process; None when too large.
-    Objects of the state (``state_ids``: restored and checked on their own, changed by training) by a token."""
+    Objects of the state (``state_ids``: restored and checked on their own, changed by training) by a token.
+    A Python generator is digested by its frame (code, instruction, locals), which a ``next()`` usually moves but
+    not always (a loop over equal items): such a digest is marked ``partial``, as is an iterator that cannot be
+    reduced to its position (only its type is seen)."""
     deadline = time.perf_counter() + budget
+    partial = []
 
     def token(obj):
         if time.perf_counter() > deadline:
@@ -137,6 +149,19 @@ def digest(value, budget: float = BUDGET_S, state_ids=()) -> str | None:
             return ("array", obj.dtype.str, obj.shape, obj.ctypes.data)
         if isinstance(obj, torch.utils.data.dataloader._BaseDataLoaderIter):
             return ("loader-iterator", id(obj), obj._num_yielded)
+        if isinstance(obj, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
+            tok = _frame_token(obj, token)
+            if tok[2] != "done":
+                partial.append(obj)
+            return tok
+        if hasattr(type(obj), "__next__") and not _reducible(obj):
+            if isinstance(obj, io.IOBase) and not obj.closed and obj.seekable():
+                try:
+                    return ("file", getattr(obj, "name", None), obj.tell())
+                except OSError:  # a text file read by next(): its position is not told
+                    pass
+            partial.append(obj)
+            return ("iterator", type(obj).__qualname__, id(obj))
         if isinstance(obj, torch.utils.data.Dataset):  # its size and tensors' versions, its own generators: not
             own = sorted((k, fingerprint(v, token)) for k, v in vars(obj).items() if isinstance(v, rng_types()))
             return ("dataset", type(obj).__qualname__, signature(obj), tuple(own))  # a walk of every sample
@@ -144,12 +169,34 @@ def digest(value, budget: float = BUDGET_S, state_ids=()) -> str | None:
 
     held = held_values(value)
     try:
-        return fingerprint(held if held is not None else value, token)
+        out = Digest(fingerprint(held if held is not None else value, token))
+        out.partial = bool(partial)
+        return out
     except _TooLarge:
         return None
     except Exception as e:  # noqa: BLE001 - an object that cannot be walked is not watched, and says so
         logger.info("flor_nb: not watched: %s: %s", type(value).__name__, e)
         return None
+
+
+def _frame_token(gen, token) -> tuple:
+    """A generator (or coroutine) by its code, the instruction it is suspended at and its locals; what it
+    delegates to (``yield from``) by its own digest."""
+    frame = getattr(gen, "gi_frame", None) or getattr(gen, "cr_frame", None) or getattr(gen, "ag_frame", None)
+    code = getattr(gen, "__qualname__", type(gen).__qualname__)
+    if frame is None:
+        return ("generator", code, "done")
+    inner = getattr(gen, "gi_yieldfrom", None) or getattr(gen, "cr_await", None)
+    return ("generator", code, frame.f_lasti, fingerprint(dict(frame.f_locals), token),
+            fingerprint(inner, token) if inner is not None else None)
+
+
+def _reducible(obj) -> bool:
+    try:
+        obj.__reduce_ex__(4)
+        return True
+    except Exception:  # noqa: BLE001 - an iterator that cannot be reduced: its position is not seen
+        return False
 
 
 class Watch:
@@ -166,13 +213,16 @@ class Watch:
             self.start[n] = first if first is not None and digest(ns[n], state_ids=state_ids) == first else None
 
     def changed(self) -> dict:
-        """{name: "changed"} for values the segment changed, {name: "unwatched"} for those too large to watch."""
+        """{name: "changed"} for values the segment changed, {name: "unwatched"} for those too large to watch,
+        {name: "partial"} for unchanged ones holding a generator or iterator whose place is not seen in full."""
         out = {}
         for name, was in self.start.items():
             if was is None:
                 out[name] = "unwatched"
             elif name not in self.ns or digest(self.ns[name], state_ids=self.state_ids) != was:
                 out[name] = "changed"
+            elif was.partial:
+                out[name] = "partial"
         return out
 
 
@@ -190,7 +240,7 @@ def for_segment(ns: dict, recorded: str, code: str, cells, roots, limits: dict) 
 
 
 def describe(changed: dict, starts: list[int], epochs: list[int], unit: str = "epoch") -> str:
-    """The verdict's sentences: ``changed`` {name: "changed"|"unwatched"} in segments that started at ``starts``
+    """The verdict's sentences: ``changed`` {name: "changed"|"unwatched"|"partial"} in segments that started at ``starts``
     (units past 0) and replayed ``epochs``."""
     if not changed or not starts:
         return ""
@@ -211,5 +261,13 @@ def describe(changed: dict, starts: list[int], epochs: list[int], unit: str = "e
         out += (f". Not watched (too large to digest), read by the probes: {', '.join(unsure)}; if the probes change "
                 f"{'it' if len(unsure) == 1 else 'them'} from one {unit} to the next, the values of {units} may "
                 "differ from a run with the probes from the start")
+    part = sorted(n for n, w in changed.items() if w == "partial")
+    if part:
+        one = len(part) == 1
+        out += (f". Not seen in full, read by the probes: {', '.join(part)} (a generator or iterator: flor_nb sees "
+                f"{'its' if one else 'their'} local values, not where {'it is' if one else 'they are'} in a loop); "
+                f"if the probes advance {'it' if one else 'them'}, the values of {units} may differ from a run with "
+                f"the probes from the start, which had advanced {'it' if one else 'them'} in the earlier "
+                f"{unit}s too")
     flag = "--iters" if unit == "iteration" else "--epochs"
     return out + f". Replay {flag} 0-{max(epochs)} --workers 1 for exact values"

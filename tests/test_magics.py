@@ -610,6 +610,32 @@ def test_a_probe_advancing_a_generator_only_it_uses_is_told_when_the_replay_star
     assert df.dropna(subset=["val1"])["val1"].tolist() != want[want["epoch"] == 3]["val1"].tolist()
 
 
+FOREVER = DATA.format(seed="") + "def forever(dl):\n    while True:\n        yield from dl\n" + \
+    "val_dl.generator = torch.Generator().manual_seed(1)  # a new pass draws its seed here, not from the global RNG\n" + \
+    "val_batches = forever(val_dl)\n"
+
+
+def test_a_probe_advancing_a_python_generator_is_told_when_the_replay_starts_past_epoch_0(ip, store):
+    """A Python generator is opaque to pickle: it was digested by its type alone, so a probe drawing the next
+    validation batch from one (``next(val_batches)``) said "Faithful" for epoch 3 with the batch a fresh generator
+    gives first, where a run with the probe from the start had drawn three before. Its frame is digested now."""
+    code = EVERY_TENTH.replace("range(4)", "range(5)").split("    if epoch % 10")[0]
+    probe = code + FIRST_BATCH.replace("next(iter(val_dl))", "next(val_batches)")
+    df = _replayed(ip, "pg", [FOREVER, MODEL], code, probe, epochs="3")
+    fid = df.attrs["fidelity"]
+    assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
+    assert fid["probe_changed"]["names"] == {"val_batches": "changed"}, fid["probe_changed"]
+    assert "the probes change val_batches" in df.attrs["verdict"], df.attrs["verdict"]
+    exact = run(ip, "%%flor replay pg --epochs 0-3 --workers 1 --no-progress\n" + probe)
+    assert exact.attrs["fidelity"]["level"] == "faithful", exact.attrs["verdict"]
+    run(ip, FOREVER)
+    run(ip, MODEL)
+    run(ip, "%%flor record --name pg_truth --no-progress\n" + probe)
+    want = flor.dataframe("val1", run="pg_truth", store=store)
+    assert exact.dropna(subset=["val1"])["val1"].tolist() == want[want["epoch"] <= 3]["val1"].tolist()
+    assert df.dropna(subset=["val1"])["val1"].tolist() != want[want["epoch"] == 3]["val1"].tolist()
+
+
 def test_probes_after_the_epoch_loop_run_on_the_state_training_left(ip, store):
     """A probe added after the epoch loop (a final evaluation) never ran in a replay and logged nothing, without a
     word. Now the segment ending at the recording's last epoch runs the cell's lines after the loop; what they log
