@@ -218,9 +218,11 @@ class Recorder(RowCommits, Checkpointing, Omission):
         """Unit k ended normally. Boundary work only when due; otherwise O(1)."""
         seconds = time.perf_counter() - self._unit_start
         self._account(k, seconds)
-        if self._step_snap is None and k - self._last_ckpt < self._period_ckpt \
-                and k - self._last_digest < self._period_digest and seconds < _COMMIT_UNIT_SECONDS:
-            # The common case for iterations: no boundary work at all.
+        if self._step_snap is None and seconds < _COMMIT_UNIT_SECONDS and (
+                k - self._last_ckpt < self._period_ckpt and k - self._last_digest < self._period_digest
+                or self._start_pending and not self._start_written.is_set()):
+            # The common case for iterations: no boundary work at all. Nor while the start checkpoint is still
+            # being written: a boundary's commit would wait for it (10-15 ms); a later iteration takes it.
             if time.perf_counter() - self._flushed_at > _FLUSH_SECONDS:
                 self._flush(k)
             return

@@ -70,7 +70,7 @@ def stand_ins(deps: list[dict], code: str, roots, not_captured, rebuilt=(), edit
         if any(not b <= captured for _, b in later):
             continue
         kept, loop = cut
-        values = {n for n, v in dict(rebuilt).items() if v[2:] in ([], ["v"])}  # not loaders' data, functions
+        values = {n for n, v in dict(rebuilt).items() if v[2:] in ([], ["v"], ["v2"])}  # not loaders' data, functions
         touched = {n.id for n in ast.walk(loop) if isinstance(n, ast.Name)}
         todo = list(touched)
         while todo:  # and what the functions it calls use: train_step() reading the global model

@@ -541,6 +541,21 @@ def test_a_probe_reading_a_value_an_unseeded_cell_rebuilds_differently_is_told(i
     assert set(df.attrs["fidelity"]["rebuilt_differs"]) == {"Xv", "yv"}, df.attrs["verdict"]
 
 
+@pytest.mark.parametrize("seed", ["", "random.seed(1)\n"])
+def test_a_list_of_rows_an_unseeded_cell_rebuilds_differently_is_told(ip, seed):
+    """Rows built in Python (makemore's contexts) are digested packed, at C speed; a probe reading ones an unseeded
+    draw rebuilt differently is still told, and a seeded rebuild is no difference."""
+    probe = _val_probe(TRAIN, "    history.append", "float(sum(map(sum, rows)))")
+    cell = f"import random\n{seed}rows = [[random.randrange(9) for _ in range(3)] for _ in range(500)]\n"
+    df = _replayed(ip, "rw" + str(len(seed)), [SETUP + cell, MODEL], TRAIN, probe)  # a cell the replay re-runs
+    fid = df.attrs["fidelity"]
+    if seed:
+        assert fid["level"] == "faithful" and not fid["rebuilt_differs"], df.attrs["verdict"]
+    else:
+        assert fid["faithful"] and set(fid["rebuilt_differs"]) == {"rows"}, df.attrs["verdict"]
+    assert ip.user_ns["flor"].get_run("rw" + str(len(seed))).state["setup_digests"]["rows"][2] == "v2"
+
+
 DATA = ("torch.manual_seed(3)\nX = torch.randn(96, 6); y = (X[:, 0] > 0).long()\n"
         "from torch.utils.data import TensorDataset, DataLoader\n"
         "g = torch.Generator().manual_seed(5)\n"
