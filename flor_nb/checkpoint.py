@@ -3,7 +3,7 @@
 Every tensor, and every pickled group of Python values, is stored once by the
 hash of its bytes under ``blobs/``, so what did not change since the last
 checkpoint (a frozen backbone, a dataset held in memory, a config) costs
-nothing more. A pickled blob is stored zlib-compressed (``FLZ1 | 8-byte length | zlib``) where that
+nothing more. A pickled blob is stored zlib-compressed (``FLZ1 | 8-byte length | zlib``, blob_pack.py) where that
 saves a tenth or more; its name, and its HMAC, stay those of the uncompressed bytes. A torch generator's
 state (its 624 words are held in 8 bytes each) and a history of floats (``fchunks/``, a loss list kept
 as float32 or float64 tensors) are compressed with their bytes shuffled by value width
@@ -40,7 +40,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import pickletools
 import re
 import struct
 import zlib
@@ -50,6 +49,8 @@ import torch
 import xxhash
 
 from . import disk, objstore, signing
+from .blob_pack import inflate as _inflate, pack as _pack, unpack as _unpack
+from .pyblob_refs import pyblob_refs as _pyblob_refs
 from .errors import FlorError, UntrustedStoreError
 from .hashing import DEFAULT, hash_bytes, known
 from .state import _raw, wait_copies
@@ -67,8 +68,6 @@ _MAC_BYTES = 16  # a pickled blob's HMAC-SHA256, truncated to 128 bits
 ROOTS = "__roots__"  # not a stream: the roots' order, kept with the digests
 _TAG, _CHECK = 32, 16  # trailer: HMAC-SHA256, then xxh3-128 of everything before it
 _HEX = re.compile(r"[0-9a-f]{16,128}")
-_PACKED = b"FLZ1"  # a compressed pickled blob: FLZ1 | 8-byte little-endian uncompressed length | zlib data
-_SHUFFLED = b"FLZ2"  # a compressed tensor blob: FLZ2 | 8-byte length | 1-byte width | zlib(bytes shuffled)
 _NOT_STREAMS = ("fchunks/",)  # tensor entries that are storage only: their list is digested as chunks/<path>
 _MAX_HEADER = 64 << 20  # a compressed header inflating to more is refused (a damaged or hostile file)
 
@@ -241,49 +240,6 @@ def _put_remote(url, h: str, raw: bytes, pack: int | None) -> tuple[int, bool]:
     data = _pack(raw, pack) if pack else raw
     objstore.put(url, rel, data)
     return len(data), True
-
-
-def _pack(raw: bytes, width: int = 1) -> bytes:
-    """A blob as stored: compressed where that saves a tenth, else raw. ``FLZ1 | length | zlib(bytes)``,
-    or with ``width`` > 1 ``FLZ2 | length | width | zlib(bytes shuffled)``: byte k of every value first, for
-    each k, so the bytes that barely change (exponents, zero halves) sit together and compress."""
-    if width > 1 and len(raw) % width == 0:
-        data = bytes(raw)
-        shuffled = b"".join(data[k::width] for k in range(width))
-        packed = _SHUFFLED + struct.pack("<QB", len(raw), width) + zlib.compress(shuffled)
-    else:
-        packed = _PACKED + struct.pack("<Q", len(raw)) + zlib.compress(raw)
-    return raw if len(packed) > 0.9 * len(raw) else packed
-
-
-def _unpack(raw) -> bytes | None:
-    """A blob's bytes from their stored form (:func:`_pack`); None when it is not packed or is damaged."""
-    if raw.startswith(_PACKED) and len(raw) >= len(_PACKED) + 8:
-        (size,) = struct.unpack("<Q", raw[4:12])
-        out = _inflate(memoryview(raw)[12:], size)
-        return out if out is not None and len(out) == size else None
-    if raw.startswith(_SHUFFLED) and len(raw) >= len(_SHUFFLED) + 9:
-        size, width = struct.unpack("<QB", raw[4:13])
-        out = _inflate(memoryview(raw)[13:], size)
-        if out is None or len(out) != size or not width or size % width:
-            return None
-        n = size // width
-        whole = bytearray(size)
-        for k in range(width):
-            whole[k::width] = out[k * n:(k + 1) * n]
-        return bytes(whole)
-    return None
-
-
-def _inflate(data, most: int) -> bytes | None:
-    """The one zlib stream ``data`` holds, inflated; None when it is damaged, inflates to more than
-    ``most`` bytes, or is followed by anything."""
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(data, most + 1)
-    except (zlib.error, OverflowError):
-        return None
-    return out if d.eof and not d.unused_data and len(out) <= most else None
 
 
 def _home(home):
@@ -486,38 +442,6 @@ def resign(home: Path, rel: str) -> None:
               "macs": {h: signing.mac(_blob(Path(home), h, algorithm), "blob")[:_MAC_BYTES].hex()
                        for h in sorted(pyblobs)}}
     disk.write_atomic(path, _seal(rel, header, skel, py))
-
-
-def _pyblob_refs(py: bytes) -> set:
-    """The blob hashes an unsigned Python part refers to, read from its opcodes (nothing is executed)."""
-    memo: dict = {}
-    refs, last, key_seen, in_list = set(), None, False, False
-    for op, arg, _ in pickletools.genops(py):
-        if in_list:  # the hashes of a long list's chunks, after "__pyblobs__"
-            if op.name in ("APPENDS", "APPEND") or op.name.startswith("STOP"):
-                in_list = False
-            elif isinstance(arg, str) and "UNICODE" in op.name:
-                refs.add(arg)
-            continue
-        if op.name in ("MEMOIZE",):
-            memo[len(memo)] = last
-            continue
-        if op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
-            memo[int(arg)] = last
-            continue
-        if op.name in ("BINGET", "LONG_BINGET", "GET"):
-            value = memo.get(int(arg))
-        elif isinstance(arg, str) and "UNICODE" in op.name:
-            value = arg
-        else:
-            last, key_seen = None, False
-            continue
-        if key_seen and isinstance(value, str):
-            refs.add(value)
-        key_seen = value in ("__pyblob__", "__pyobj__")
-        in_list = value == "__pyblobs__"
-        last = value
-    return refs
 
 
 def _blob(home, h: str, algorithm: str) -> bytearray:
