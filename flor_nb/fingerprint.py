@@ -78,7 +78,7 @@ class _Encoder:
 
     def _sequence(self, x, tag, h):
         kinds = set(map(type, x))
-        if self.rows is not None and len(x) > _ROWS_MIN and (kinds == {list} or kinds == {tuple}) and self._rows(x, tag, h):
+        if self.rows is not None and len(x) > _ROWS_MIN and kinds in ({list}, {tuple}) and self._rows(x, tag, h):
             return
         if len(kinds) == 1 and len(x) > 8:
             (kind,) = kinds
