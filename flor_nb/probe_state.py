@@ -241,8 +241,7 @@ def for_segment(ns: dict, recorded: str, code: str, cells, roots, limits: dict) 
 
 def describe(changed: dict, starts: list[int], epochs: list[int], unit: str = "epoch") -> str:
     """The verdict's sentences: ``changed`` {name: "changed"|"unwatched"|"partial"} in segments that started at
-    ``starts``
-    (units past 0) and replayed ``epochs``."""
+    ``starts`` (units past 0) and replayed ``epochs``."""
     if not changed or not starts:
         return ""
     units = f"{unit}{'s' if len(epochs) > 1 else ''} {format_epochs(epochs)}"
