@@ -100,8 +100,8 @@ def _global_loads(tree: ast.AST, lines: set) -> set[str]:
 
 
 def _own_nodes(fn):
-    """The nodes of a function's body, not those of the functions and classes it defines."""
-    stack = list(fn.body)
+    """The nodes of a function's body (a lambda's expression), not those of the functions and classes it defines."""
+    stack = list(fn.body) if isinstance(fn.body, list) else [fn.body]
     while stack:
         n = stack.pop()
         yield n

@@ -320,6 +320,27 @@ def test_a_probe_reading_its_own_value_from_the_epoch_before_is_built_from_the_f
     assert epoch_values(df, ["delta"], {3, 4}) == epoch_values(want, ["delta"], {3, 4})
 
 
+@pytest.mark.parametrize("hook", [
+    # logs from inside the forward pass, registered before the loop
+    "model[1].register_forward_hook(lambda m, i, o: (flor.log('act', float(o.detach().mean())), None)[1])\n",
+    # keeps the activations in a list the loop reads: a value carried across epochs
+    "acts = []\nmodel[1].register_forward_hook(lambda m, i, o: acts.append(float(o.detach().mean())))\n",
+])
+def test_a_forward_hook_registered_before_the_loop_logs_what_a_run_with_it_logged(store, hook):
+    """A lambda among the added lines crashed every replay of later epochs ('Call' object is not iterable: a
+    lambda's body is one expression, not a list of statements) where a hook is the usual way to see activations."""
+    record(store)
+    probe = hook + (TRAIN if "acts" not in hook else TRAIN.replace(
+        "    sched.step()\n", "    flor.log('act', sum(acts) / len(acts)); acts.clear()\n    sched.step()\n"))
+    truth = record(store, code=probe, name="truth")
+    want = flor.dataframe("act", run=truth.label, store=store).dropna(subset=["act"])
+    df = flor.replay("t", code=probe, epochs="3", store=store)
+    assert df.attrs["fidelity"]["level"] == "faithful", df.attrs["verdict"]
+    got = df.dropna(subset=["act"])
+    assert got[got.epoch == 3]["act"].tolist() == want[want.epoch == 3]["act"].tolist()
+    assert len(want[want.epoch == 3]) == (9 if "acts" not in hook else 1)
+
+
 def test_only_inserted_statements_are_guarded_even_when_a_probe_copies_the_loops_lines():
     """A diff from the top aligns a probe that copies the step loop's header and loss line with the recorded loop,
     and takes the loop's own lines for inserted ones: guarding them would undo training's draws. The guard checks
