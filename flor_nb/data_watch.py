@@ -4,9 +4,11 @@ A replay rebuilds the state's DataLoaders and Datasets by running their cells ag
 samplers are restored; see ``capture._data``), so a replayed epoch reads the data as the cell made it. A
 training loop that appends samples (a growing replay buffer, pseudo-labels added to the set) or relabels them
 in place would leave later epochs reading other data in a replay. The recorder compares, at each unit's end,
-what such an object holds against what it held when recording started: the dataset's length and, for
-tensors it holds (a ``TensorDataset``, a ``Subset``'s indices), their in-place version counters. One that
-changed is named as not captured, when it changes. Items of a Python list replaced in place are not seen.
+what such an object holds against what it held when recording started: the dataset's length; for
+tensors it holds (a ``TensorDataset``, a ``Subset``'s indices), their in-place version counters; and, where that
+takes under a millisecond or two, the items of the Python lists and numpy arrays it holds (CIFAR10's ``targets``
+list, relabelled in place by a pseudo-labelling loop). One that changed is named as not captured, when it
+changes. Larger lists and arrays are watched by their length only, and the recording says so.
 
 Functions the cell calls are code, rebuilt too; one whose closure holds a variable training changes (a warmup
 counter behind ``nonlocal n``, a dict it updates) would start it afresh in a replay. Their closure variables are
@@ -17,7 +19,9 @@ from __future__ import annotations
 import time
 import types
 
+import numpy as np
 import torch
+import xxhash
 
 from .capture import state_objects
 from .setup_check import closure_values, digest
@@ -32,21 +36,49 @@ def signature(obj) -> tuple:
         n = len(ds)
     except Exception:  # noqa: BLE001 - an iterable dataset: no length to watch
         n = None
-    versions, seen, stack = [], set(), [ds]
-    while stack and len(seen) < 16:  # a Subset of a Subset of a TensorDataset: a few levels, not a walk
-        d = stack.pop()
-        if id(d) in seen:
-            continue
-        seen.add(id(d))
+    versions = []
+    for d in _levels(obj):  # a Subset of a Subset of a TensorDataset
         for v in (list(getattr(d, "tensors", None) or ()) + [getattr(d, "indices", None)]):
             if isinstance(v, torch.Tensor):
                 versions.append(v._version)
             elif isinstance(v, list):
                 versions.append(len(v))
+    return n, tuple(versions)
+
+
+CONTENT_BUDGET_S = 0.002  # per data object and unit boundary: the items of its lists and arrays, if this cheap
+
+
+def _levels(obj):
+    """A DataLoader's dataset, a Dataset, and the datasets they wrap (a few levels, not a walk)."""
+    ds = obj.dataset if isinstance(obj, torch.utils.data.DataLoader) else obj
+    seen, stack = set(), [ds]
+    while stack and len(seen) < 16:
+        d = stack.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        yield d
         inner = getattr(d, "dataset", None)
         if isinstance(inner, torch.utils.data.Dataset):
             stack.append(inner)
-    return n, tuple(versions)
+
+
+def content(obj) -> tuple:
+    """What the lists and numpy arrays a data object's datasets hold as attributes contain: a hash of their items
+    (within this process: Python's ``hash`` of a list of labels, paths or (path, label) pairs; xxh3 of an array's
+    bytes). A list of unhashable items (rows as lists) by its length."""
+    out = []
+    for d in _levels(obj):
+        for name, v in sorted(vars(d).items()) if hasattr(d, "__dict__") else ():
+            if isinstance(v, list):
+                try:
+                    out.append((name, len(v), hash(tuple(v))))
+                except TypeError:
+                    out.append((name, len(v)))
+            elif isinstance(v, np.ndarray) and not v.dtype.hasobject:
+                out.append((name, v.shape, xxhash.xxh3_64_intdigest(np.ascontiguousarray(v).data)))
+    return tuple(out)
 
 
 class Watch:
@@ -55,6 +87,17 @@ class Watch:
     def __init__(self, ns: dict, roots):
         self._objects = {n: ns[n] for n in sorted(roots) if isinstance(ns.get(n), _DATA)}
         self._start = {n: signature(o) for n, o in self._objects.items()}
+        self._content, self.too_large = {}, []  # names whose items are watched; those too large to watch
+        for n, o in self._objects.items():
+            t = time.perf_counter()
+            try:
+                was = content(o)
+            except Exception:  # noqa: BLE001 - a dataset whose attributes cannot be read: length and versions only
+                continue
+            if time.perf_counter() - t <= CONTENT_BUDGET_S:
+                self._content[n] = was
+            elif was:
+                self.too_large.append(n)
         self._told: set = set()
         self._closures = {n: ns[n] for n in sorted(roots)
                           if isinstance(ns.get(n), types.FunctionType) and ns[n].__closure__}
@@ -75,10 +118,13 @@ class Watch:
             if name in self._told:
                 continue
             now = signature(obj)
-            if now != self._start[name]:
+            items = name in self._content and content(obj) != self._content[name]
+            if now != self._start[name] or items:
                 self._told.add(name)
                 (n0, _), (n1, _) = self._start[name], now
-                how = f"its length went from {n0} to {n1}" if n0 != n1 else "a tensor it holds was changed in place"
+                how = f"its length went from {n0} to {n1}" if n0 != n1 else \
+                    "a tensor it holds was changed in place" if now != self._start[name] else \
+                    "items of a list or array it holds were replaced in place"
                 out[name] = (f"{type(obj).__name__} changed by training ({how} by the end of {word} {unit}); a replay "
                              f"rebuilds it as its cell made it, so replayed {word}s after {unit} read other data")
         for name, fn in self._closures.items():

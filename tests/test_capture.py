@@ -212,12 +212,16 @@ def test_probe_statements_in_a_row_draw_as_one_block(store, probe):
 @pytest.mark.parametrize("change, how", [
     ("    buf.x.extend(range(16))\n", "its length went from 64 to 80"),  # a growing buffer
     ("    labels[:4] = 1 - labels[:4]\n", "a tensor it holds was changed in place"),  # relabelled in place
+    # pseudo-labels written into a list of targets, as CIFAR10 keeps them (items were not seen)
+    ("    buf.targets[epoch] = 1 - buf.targets[epoch]\n", "items of a list or array it holds were replaced in place"),
+    ("    buf.feats[epoch] *= -1\n", "items of a list or array it holds were replaced in place"),  # a numpy array
 ])
 def test_a_dataset_training_changes_is_named_when_it_changes_and_by_a_replay_that_reads_it(store, change, how):
     """DataLoaders and Datasets are rebuilt by their cells in a replay, never restored: one that training changed
     would be read unchanged by a replayed later epoch. Record names it at the end of the epoch that changed it, and a
     replay whose code reads it says so (its verdict was a plain "Faithful")."""
     setup = SETUP + ("class Buf(torch.utils.data.Dataset):\n    def __init__(self):\n        self.x = list(range(64))\n"
+                     "        self.targets = [i % 2 for i in range(64)]\n        self.feats = np.ones((64, 3))\n"
                      "    def __len__(self):\n        return len(self.x)\n    def __getitem__(self, i):\n"
                      "        return self.x[i]\nbuf = Buf()\nlabels = torch.zeros(64)\n"
                      "held = TensorDataset(torch.ones(64, 2), labels)\n")
