@@ -8,7 +8,7 @@ what such an object holds against what it held when recording started: the datas
 tensors it holds (a ``TensorDataset``, a ``Subset``'s indices), their in-place version counters; and, where that
 takes under a millisecond or two, the items of the Python lists and numpy arrays it holds (CIFAR10's ``targets``
 list, relabelled in place by a pseudo-labelling loop). One that changed is named as not captured, when it
-changes. Larger lists and arrays are watched by their length only, and the recording says so.
+changes. Larger lists and arrays (CIFAR10's images) are watched by their length only, and the recording notes it.
 
 Functions the cell calls are code, rebuilt too; one whose closure holds a variable training changes (a warmup
 counter behind ``nonlocal n``, a dict it updates) would start it afresh in a replay. Their closure variables are
@@ -47,6 +47,8 @@ def signature(obj) -> tuple:
 
 
 CONTENT_BUDGET_S = 0.002  # per data object and unit boundary: the items of its lists and arrays, if this cheap
+_MAX_BYTES = 8 << 20  # a numpy array larger than this is watched by its shape only (xxh3: ~1 ms for 8 MB)
+_MAX_ITEMS = 200_000  # a list longer than this by its length only
 
 
 def _levels(obj):
@@ -64,21 +66,28 @@ def _levels(obj):
             stack.append(inner)
 
 
-def content(obj) -> tuple:
+def content(obj) -> tuple[tuple, list]:
     """What the lists and numpy arrays a data object's datasets hold as attributes contain: a hash of their items
     (within this process: Python's ``hash`` of a list of labels, paths or (path, label) pairs; xxh3 of an array's
-    bytes). A list of unhashable items (rows as lists) by its length."""
-    out = []
+    bytes), a list of unhashable items (rows as lists) by its length; and the attributes too large to hash at
+    every unit's end (CIFAR10's 150 MB of images: its ``targets`` are still watched)."""
+    out, skipped = [], []
     for d in _levels(obj):
         for name, v in sorted(vars(d).items()) if hasattr(d, "__dict__") else ():
             if isinstance(v, list):
+                if len(v) > _MAX_ITEMS:
+                    skipped.append(name)
+                    continue
                 try:
                     out.append((name, len(v), hash(tuple(v))))
                 except TypeError:
                     out.append((name, len(v)))
             elif isinstance(v, np.ndarray) and not v.dtype.hasobject:
+                if v.nbytes > _MAX_BYTES:
+                    skipped.append(name)
+                    continue
                 out.append((name, v.shape, xxhash.xxh3_64_intdigest(np.ascontiguousarray(v).data)))
-    return tuple(out)
+    return tuple(out), skipped
 
 
 class Watch:
@@ -91,12 +100,12 @@ class Watch:
         for n, o in self._objects.items():
             t = time.perf_counter()
             try:
-                was = content(o)
+                was, skipped = content(o)
             except Exception:  # noqa: BLE001 - a dataset whose attributes cannot be read: length and versions only
                 continue
             if time.perf_counter() - t <= CONTENT_BUDGET_S:
                 self._content[n] = was
-            elif was:
+            if skipped or n not in self._content and was:
                 self.too_large.append(n)
         self._told: set = set()
         self._closures = {n: ns[n] for n in sorted(roots)
@@ -118,7 +127,7 @@ class Watch:
             if name in self._told:
                 continue
             now = signature(obj)
-            items = name in self._content and content(obj) != self._content[name]
+            items = name in self._content and content(obj)[0] != self._content[name]
             if now != self._start[name] or items:
                 self._told.add(name)
                 (n0, _), (n1, _) = self._start[name], now

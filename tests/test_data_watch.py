@@ -41,5 +41,10 @@ def test_data_too_large_to_compare_in_time_is_watched_by_length_and_listed():
     assert watch.too_large == ["big"]
     big.data[0, 0, 0, 0] = 1
     assert watch.changed(0) == {}  # not seen, and the recording notes it (record.py)
+    big.targets[5] = 0  # its labels still are
+    assert "items of a list or array it holds were replaced in place" in watch.changed(1)["big"]
+    watch = data_watch.Watch({"big": big}, {"big"})
     big.targets.append(1)
     assert "its length went from 60000 to 60001" in watch.changed(1)["big"]
+    longer = Images(300_000, side=1)  # 300k labels: by their length
+    assert data_watch.Watch({"longer": longer}, {"longer"}).too_large == ["longer"]
