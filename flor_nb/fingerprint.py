@@ -24,6 +24,7 @@ from .hashing import new_hasher
 
 _PACK = {float: ("d", b"Lf"), int: ("q", b"Li")}
 _ROWS_MIN = 64  # with ``rows``: lists of at least this many rows of numbers are packed (see _Encoder._rows)
+_ROWS_MAX = 1 << 22  # and of at most this many numbers in all (a 32 MB copy, about 0.1 s)
 
 
 class _Encoder:
@@ -97,6 +98,8 @@ class _Encoder:
         """A long list of short rows of one kind of number (a dataset's 20k contexts, built in Python), at C speed:
         the rows' lengths and their numbers packed; rows shared or aliased are not told apart from copies. False
         (nothing written) for anything else."""
+        if sum(map(len, x)) > _ROWS_MAX:  # a tokenized corpus: not copied here; the walk's deadline decides
+            return False
         flat = list(chain.from_iterable(x))
         kinds = set(map(type, flat))
         if len(kinds) != 1 or next(iter(kinds)) not in _PACK or not self.rows.keys().isdisjoint(map(id, x)):

@@ -32,3 +32,13 @@ def test_packed_rows_tell_lengths_kinds_and_values_apart():
     for what, other in variants.items():
         assert setup_check.digest(other, rows=True) != base, what
     assert setup_check.digest([list(r) for r in rows], rows=True) == base  # copies: the same value
+
+
+def test_rows_too_many_to_pack_are_left_to_the_walk_and_its_deadline():
+    """A tokenized corpus as a list of lists (1.2M rows of 4) is not copied whole to be packed: the walk takes it
+    and stops at the record's deadline, as before packing existed."""
+    import time
+    rows = [[1, 2, 3, 4]] * 1_200_000
+    t = time.perf_counter()
+    assert setup_check.digest(rows, time.perf_counter() + 0.05, rows=True) is None
+    assert time.perf_counter() - t < 1.0
