@@ -224,9 +224,10 @@ class Recorder(RowCommits, Checkpointing, Omission, RunClose):
         self._account(k, seconds)
         if self._step_snap is None and seconds < _COMMIT_UNIT_SECONDS and (
                 k - self._last_ckpt < self._period_ckpt and k - self._last_digest < self._period_digest
-                or self._start_pending and not self._start_written.is_set()):
+                or self._start_pending and not self._start_written.is_set() and not math.isinf(self.overhead)):
             # The common case for iterations: no boundary work at all. Nor while the start checkpoint is still
-            # being written: a boundary's commit would wait for it (10-15 ms); a later iteration takes it.
+            # being written: a boundary's commit would wait for it (10-15 ms); a later iteration takes it (but
+            # for --overhead inf, every unit).
             if time.perf_counter() - self._flushed_at > _FLUSH_SECONDS:
                 self._flush(k)
             return

@@ -3,6 +3,7 @@ replay never restores from one that lacks what the replayed code reads."""
 from __future__ import annotations
 
 import ast
+import time
 
 import pandas as pd
 import pytest
@@ -126,3 +127,21 @@ def test_an_edited_helper_that_mentions_gradients_needs_them():
     assert liveness.for_replay(dead, TRAIN, TRAIN, {}, [SETUP]) == (set(), False, ())
     helper = "def batch():\n    flor.log('g', float(W1.grad.norm()))\n    return torch.randint(0, 27, (32,))\n"
     assert liveness.for_replay(dead, TRAIN, TRAIN, {}, [SETUP, helper], edited=[helper]).grads is True
+
+
+def test_a_slow_start_checkpoint_delays_no_boundary_under_overhead_inf(store, monkeypatch):
+    """Iterations do not wait for the start checkpoint's write: their first boundary waits for a later iteration.
+    With ``--overhead inf`` (every unit) none may be skipped: a start write slower than the whole loop (a busy
+    disk, CI) left 30 iterations with no checkpoint but the start one."""
+    from flor_nb import checkpointing
+
+    persist = checkpointing.Checkpointing._persist
+
+    def slow(self, epoch, *args, **kw):
+        if epoch == -1:
+            time.sleep(0.5)
+        return persist(self, epoch, *args, **kw)
+
+    monkeypatch.setattr(checkpointing.Checkpointing, "_persist", slow)
+    run = record(store, "slow", TRAIN)
+    assert len(store.checkpoints(run.id)) == 31 and "dead" in run.state
