@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import time
 
-import pandas as pd
 import pytest
 
 import flor_nb as flor
