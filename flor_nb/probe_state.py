@@ -258,16 +258,21 @@ def describe(changed: dict, starts: list[int], epochs: list[int], unit: str = "e
                 f"the probes would have made in the {unit}s before")
     unsure = sorted(n for n, w in changed.items() if w == "unwatched")
     if unsure:
-        out += (f". Not watched (too large to digest), read by the probes: {', '.join(unsure)}; if the probes change "
-                f"{'it' if len(unsure) == 1 else 'them'} from one {unit} to the next, the values of {units} may "
-                "differ from a run with the probes from the start")
+        out += _may_differ("Not watched (too large to digest)", unsure, "",
+                           f"change {{it}} from one {unit} to the next", units)
     part = sorted(n for n, w in changed.items() if w == "partial")
     if part:
-        one = len(part) == 1
-        out += (f". Not seen in full, read by the probes: {', '.join(part)} (a generator or iterator: flor_nb sees "
-                f"{'its' if one else 'their'} local values, not where {'it is' if one else 'they are'} in a loop); "
-                f"if the probes advance {'it' if one else 'them'}, the values of {units} may differ from a run with "
-                f"the probes from the start, which had advanced {'it' if one else 'them'} in the earlier "
-                f"{unit}s too")
+        its, they = ("its", "it is") if len(part) == 1 else ("their", "they are")
+        out += _may_differ("Not seen in full", part, f" (a generator or iterator: flor_nb sees {its} local values, not "
+                           f"where {they} in a loop)", "advance {it}", units,
+                           f", which had advanced {{it}} in the earlier {unit}s too")
     flag = "--iters" if unit == "iteration" else "--epochs"
     return out + f". Replay {flag} 0-{max(epochs)} --workers 1 for exact values"
+
+
+def _may_differ(lead: str, names: list, aside: str, act: str, units: str, since: str = "") -> str:
+    """One sentence of :func:`describe` for values the watch could not vouch for; ``{it}`` in ``act`` and
+    ``since`` becomes "it" or "them"."""
+    it = "it" if len(names) == 1 else "them"
+    return (f". {lead}, read by the probes: {', '.join(names)}{aside}; if the probes {act.format(it=it)}, the values "
+            f"of {units} may differ from a run with the probes from the start{since.format(it=it)}")

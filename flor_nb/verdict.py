@@ -176,8 +176,8 @@ def check(recorded, rows, modes: dict, results, *, recorded_code="", code="", ed
 
 def _probe_changed(results) -> dict:
     """What the probes changed from one unit to the next in segments starting past unit 0 (probe_state):
-    {"names": {name: "changed"|"unwatched"|"partial"}, "starts": [first units of those segments], "epochs": [their units
-    replayed for the user]}."""
+    {"names": {name: "changed"|"unwatched"|"partial"}, "starts": [first units of those segments], "epochs": [their
+    units replayed for the user]}."""
     names, starts, epochs = {}, set(), set()
     for res in results:
         found = (res.get("probe_changed") or {}).get("names") or {}
