@@ -120,6 +120,12 @@ class Watch:
         out = [digest(value, deadline, named=self._named) for value in closure_values(fn)]
         return None if None in out else out
 
+    def notes(self) -> dict:
+        """{name: how it is watched} for the data objects whose items are not compared (kept with the run)."""
+        return {n: "a DataLoader or Dataset whose lists and arrays are too large to compare item by item at each "
+                   "unit's end: a change of their items by training is not seen (their length and tensors' versions "
+                   "are)" for n in self.too_large}
+
     def changed(self, unit: int, word: str = "epoch") -> dict:
         """{name: why} for those first seen changed at the end of ``unit``."""
         out = {}

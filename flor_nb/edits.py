@@ -93,10 +93,9 @@ def probe_carried(recorded: str, edited: str, epoch_line: int) -> list[str]:
     bound: set = set()
     for stmt in tree.body:
         if stmt.lineno == epoch_line:
-            read = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-            return sorted((bound & read) | _carried_in_loop(stmt, added, recorded))
+            return sorted((bound & _walk_names(stmt, ast.Load)) | _carried_in_loop(stmt, added, recorded))
         if set(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)) <= added:
-            bound |= {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            bound |= _walk_names(stmt, ast.Store)
             bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(stmt)
                       if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
             bound |= {n.name for n in ast.walk(stmt) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}

@@ -23,7 +23,8 @@ from .errors import FlorError, NoLoopError, NotCapturedWarning
 from .kinds import CODE
 from .edits import find_helper, helper_code, helper_reads_after_steps
 from .instrument import RUNTIME, instrument
-from .recorder import Recorder, spec_of
+from .recorder import Recorder
+from .run_close import spec_of
 from .roots import root_names
 from .store import Run, Store, get_store
 
@@ -167,9 +168,7 @@ def record(
         thinner = None if blobs else Thinner(store, run, budget, max_store is None)
         recorder = Recorder(store, run, ns, scope, bar, overhead, thinner)
         recorder.data_watch = data_watch.Watch(ns, roots)
-        recorder.notes.update({n: "a DataLoader or Dataset whose lists and arrays are too large to compare item by "
-                                  "item at each unit's end: a change of their items by training is not seen (their "
-                                  "length and tensors' versions are)" for n in recorder.data_watch.too_large})
+        recorder.notes.update(recorder.data_watch.notes())
         recorder.quiet_roots = set(tainted) - (only or set())
         if only is not None:
             _warn_left_out_after_training(recorder, {n: c for n, c in tainted.items() if n not in only}, name)

@@ -14,7 +14,7 @@ from .omission import Omission
 from .errors import DiskFullError, NotCapturedWarning, StoreError
 from .plan import own_range
 from .rows import RowCommits
-from .run_close import RunClose, spec_of  # noqa: F401 - spec_of: record.py's import
+from .run_close import RunClose
 from .store import RECORDING, Run, Store
 from .writer import Writer
 
