@@ -602,53 +602,39 @@ FIRST_BATCH = """    a, b = next(iter(val_dl))  # a shuffled batch: val_dl's own
 """
 
 
-def test_a_probe_advancing_a_generator_only_it_uses_is_told_when_the_replay_starts_past_epoch_0(ip, store):
-    """The probe draws one shuffled batch of a validation loader with a generator of its own, which training never
-    reads: no checkpoint holds it, and a replay of epoch 3 drew from it as the cells made it, where a run with the
-    probe from the start had drawn from it in epochs 0-2 too. It said "Faithful" with another value. It now says
-    which values may differ and how to get them; replayed from epoch 0 in one worker, they equal that run's."""
-    code = EVERY_TENTH.replace("range(4)", "range(5)").split("    if epoch % 10")[0]  # val_dl is not read
-    probe = code + FIRST_BATCH
-    df = _replayed(ip, "og", [OWN_GENERATOR, MODEL], code, probe, epochs="3")
-    fid = df.attrs["fidelity"]
-    assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
-    assert fid["probe_changed"]["names"] == {"val_dl": "changed"}, fid["probe_changed"]
-    assert "NOT necessarily what a run with these probes from the start would have logged in epoch 3: the probes " \
-           "change val_dl" in df.attrs["verdict"] and "--epochs 0-3 --workers 1" in df.attrs["verdict"]
-    exact = run(ip, "%%flor replay og --epochs 0-3 --workers 1 --no-progress\n" + probe)
-    assert exact.attrs["fidelity"]["level"] == "faithful", exact.attrs["verdict"]
-    run(ip, OWN_GENERATOR)
-    run(ip, MODEL)
-    run(ip, "%%flor record --name og_truth --no-progress\n" + probe)
-    want = flor.dataframe("val1", run="og_truth", store=store)
-    got = exact.dropna(subset=["val1"])
-    assert got["val1"].tolist() == want[want["epoch"] <= 3]["val1"].tolist() and len(got) == 4
-    assert df.dropna(subset=["val1"])["val1"].tolist() != want[want["epoch"] == 3]["val1"].tolist()
-
-
 FOREVER = DATA.format(seed="") + "def forever(dl):\n    while True:\n        yield from dl\n" + \
     "val_dl.generator = torch.Generator().manual_seed(1)  # a new pass draws its seed here, not from the global RNG\n" + \
     "val_batches = forever(val_dl)\n"
 
 
-def test_a_probe_advancing_a_python_generator_is_told_when_the_replay_starts_past_epoch_0(ip, store):
-    """A Python generator is opaque to pickle: it was digested by its type alone, so a probe drawing the next
-    validation batch from one (``next(val_batches)``) said "Faithful" for epoch 3 with the batch a fresh generator
-    gives first, where a run with the probe from the start had drawn three before. Its frame is digested now."""
-    code = EVERY_TENTH.replace("range(4)", "range(5)").split("    if epoch % 10")[0]
-    probe = code + FIRST_BATCH.replace("next(iter(val_dl))", "next(val_batches)")
-    df = _replayed(ip, "pg", [FOREVER, MODEL], code, probe, epochs="3")
+@pytest.mark.parametrize("name, cells, draw, moved", [
+    # one shuffled batch of a validation loader with a generator of its own, which training never reads
+    ("og", OWN_GENERATOR, "next(iter(val_dl))", "val_dl"),
+    # the next batch of a Python generator over the loader: opaque to pickle, it was digested by its type alone
+    ("pg", FOREVER, "next(val_batches)", "val_batches"),
+])
+def test_a_probe_advancing_a_value_of_its_own_is_told_when_the_replay_starts_past_epoch_0(ip, store, name, cells,
+                                                                                            draw, moved):
+    """No checkpoint holds what only the probe moves: a replay of epoch 3 drew from it as the cells made it, where a
+    run with the probe from the start had drawn from it in epochs 0-2 too. It said "Faithful" with another value
+    (for a Python generator too, once a loader's generator was watched: its digest was its type). It now says
+    which values may differ and how to get them; replayed from epoch 0 in one worker, they equal that run's."""
+    code = EVERY_TENTH.replace("range(4)", "range(5)").split("    if epoch % 10")[0]  # val_dl is not read
+    probe = code + FIRST_BATCH.replace("next(iter(val_dl))", draw)
+    df = _replayed(ip, name, [cells, MODEL], code, probe, epochs="3")
     fid = df.attrs["fidelity"]
     assert fid["faithful"] and fid["level"] == "caveats", df.attrs["verdict"]
-    assert fid["probe_changed"]["names"] == {"val_batches": "changed"}, fid["probe_changed"]
-    assert "the probes change val_batches" in df.attrs["verdict"], df.attrs["verdict"]
-    exact = run(ip, "%%flor replay pg --epochs 0-3 --workers 1 --no-progress\n" + probe)
+    assert fid["probe_changed"]["names"] == {moved: "changed"}, fid["probe_changed"]
+    assert "NOT necessarily what a run with these probes from the start would have logged in epoch 3: the probes " \
+           f"change {moved}" in df.attrs["verdict"] and "--epochs 0-3 --workers 1" in df.attrs["verdict"]
+    exact = run(ip, f"%%flor replay {name} --epochs 0-3 --workers 1 --no-progress\n" + probe)
     assert exact.attrs["fidelity"]["level"] == "faithful", exact.attrs["verdict"]
-    run(ip, FOREVER)
+    run(ip, cells)
     run(ip, MODEL)
-    run(ip, "%%flor record --name pg_truth --no-progress\n" + probe)
-    want = flor.dataframe("val1", run="pg_truth", store=store)
-    assert exact.dropna(subset=["val1"])["val1"].tolist() == want[want["epoch"] <= 3]["val1"].tolist()
+    run(ip, f"%%flor record --name {name}_truth --no-progress\n" + probe)
+    want = flor.dataframe("val1", run=f"{name}_truth", store=store)
+    got = exact.dropna(subset=["val1"])
+    assert got["val1"].tolist() == want[want["epoch"] <= 3]["val1"].tolist() and len(got) == 4
     assert df.dropna(subset=["val1"])["val1"].tolist() != want[want["epoch"] == 3]["val1"].tolist()
 
 
