@@ -33,6 +33,8 @@ class ProgressLine:
         self.postfix = dict(values)
 
     def update(self, n: int = 1) -> None:
+        if not n:  # a flush with no new unit (the loop's end, then the cell's): close() shows the final line
+            return
         self.n += n
         now = time.monotonic()
         if now - self._shown >= _EVERY or (self.total is not None and self.n >= self.total):
